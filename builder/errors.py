@@ -1,0 +1,99 @@
+"""Errors of the builder: each names the exam, the series or file it concerns, and what to do.
+
+Every rejection of an exam is an :class:`ExamError` carrying the pipeline ``stage`` where it
+happened; ``failures.json`` records ``exam_id``, ``stage`` and ``str(error)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lymphatlas_ds.errors import LymphAtlasError
+
+
+class ExamError(LymphAtlasError):
+    """An exam cannot be turned into an aligned case.
+
+    Args:
+        message: what was expected, what was found, what to do.
+        exam_id: the source exam folder name.
+        stage: pipeline stage (discover, read, suv, align, labels, qc, deid, write).
+        series_uid: the series concerned, where there is one.
+        path: the file concerned, where there is one.
+    """
+
+    stage = "unknown"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exam_id: str | None = None,
+        series_uid: str | None = None,
+        path: str | Path | None = None,
+        stage: str | None = None,
+    ) -> None:
+        self.message = message
+        self.exam_id = exam_id
+        self.series_uid = series_uid
+        self.path = str(path) if path is not None else None
+        if stage is not None:
+            self.stage = stage
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = []
+        if self.exam_id:
+            where.append(f"exam {self.exam_id}")
+        if self.series_uid:
+            where.append(f"series {self.series_uid}")
+        if self.path:
+            where.append(f"file {self.path}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        return f"{prefix}{self.message}"
+
+
+class DiscoveryError(ExamError):
+    """Series selection failed: no PET, two candidate CTs, different frames of reference, ..."""
+
+    stage = "discover"
+
+
+class GeometryError(ExamError):
+    """A series' slices do not form one regular volume (gap, duplicate, tilt, mixed orientation)."""
+
+    stage = "read"
+
+
+class ReadError(ExamError):
+    """A DICOM file is corrupt, truncated or in a transfer syntax no installed decoder handles."""
+
+    stage = "read"
+
+
+class SUVError(ExamError):
+    """Body-weight SUV cannot be computed (DecayCorrection NONE, missing dose / half-life / weight / time)."""
+
+    stage = "suv"
+
+
+class AlignmentError(ExamError):
+    stage = "align"
+
+
+class LabelError(ExamError):
+    """The lesion mask is on another grid, not binary, or outside the body."""
+
+    stage = "labels"
+
+
+class QCError(ExamError):
+    """A per-case quality check failed; the message names the check, the value and the threshold."""
+
+    stage = "qc"
+
+
+class ClinicalError(ExamError):
+    """The clinical table lacks the exam or has an invalid value."""
+
+    stage = "clinical"

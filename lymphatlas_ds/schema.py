@@ -1,0 +1,119 @@
+"""The single source of truth for the dataset's names, dtypes and layout.
+
+Everything that writes or reads a LymphAtlas release (the builder, the shards, the card, the
+torch loader, the nnU-Net materializer) imports these names instead of restating them.
+
+Example:
+    >>> from lymphatlas_ds.schema import Config, Split, CHANNELS, LABELS
+    >>> [c.value for c in Config]
+    ['all', 'hl', 'nhl']
+    >>> CHANNELS
+    ('CT', 'PET')
+"""
+
+from __future__ import annotations
+
+import enum
+
+SCHEMA_VERSION = "1.0"
+"""Version of the release layout and column set; bumped on any incompatible change."""
+
+DATASET_NAME = "LymphAtlas"
+RELEASE_FOLDER_NAME = "lymphatlas"
+"""The demo release folder name, so that ``load_dataset("lymphatlas")`` works from its parent."""
+
+
+class Config(str, enum.Enum):
+    """Dataset configurations (Hugging Face ``configs:``): every case, Hodgkin, non-Hodgkin."""
+
+    ALL = "all"
+    HL = "hl"
+    NHL = "nhl"
+
+
+class Diagnosis(str, enum.Enum):
+    """Lymphoma type as written in the clinical table."""
+
+    HL = "HL"
+    NHL = "NHL"
+
+    @property
+    def config(self) -> Config:
+        return Config(self.value.lower())
+
+
+class Split(str, enum.Enum):
+    """Release splits. Cross-validation folds live inside ``train``."""
+
+    TRAIN = "train"
+    TEST = "test"
+
+
+class Subset(str, enum.Enum):
+    """Cross-validation subsets of the train split for a given fold."""
+
+    TRAIN = "train"
+    VAL = "val"
+
+
+class Sex(str, enum.Enum):
+    F = "F"
+    M = "M"
+    O = "O"  # noqa: E741 - DICOM's code for other / unknown
+
+
+N_FOLDS = 5
+TEST_FRACTION = 0.2
+"""Fraction of patients held out as the test split in a first release."""
+
+CHANNELS: tuple[str, ...] = ("CT", "PET")
+"""Channel order of every image tensor and of nnU-Net's ``_0000`` / ``_0001`` files."""
+
+LABELS: dict[str, int] = {"background": 0, "lesion": 1}
+"""Label map (nnU-Net ``dataset.json`` order)."""
+
+IMAGE_COLUMNS: tuple[str, ...] = ("ct", "pet", "label")
+"""Nifti columns of a shard row, and file stems of an aligned case (``ct.nii.gz`` ...)."""
+
+CT_DTYPE = "int16"  # Hounsfield units
+PET_DTYPE = "float32"  # SUVbw
+LABEL_DTYPE = "uint8"  # {0, 1}
+
+AGE_BAND_YEARS = 5
+"""Ages are published in bands of this many years (de-identification)."""
+
+SHARD_MAX_BYTES = 512 * 1024 * 1024
+"""Upper bound of one parquet shard's size; a single case larger than this gets a shard of its own."""
+
+# Metadata columns of a shard row and of metadata/cases.csv, with their arrow-ish types.
+# ("list<float64>[3]" means a fixed list of 3 float64.)
+METADATA_COLUMNS: dict[str, str] = {
+    "case_id": "string",
+    "subject_id": "string",
+    "diagnosis": "string",  # HL | NHL
+    "subtype": "string",
+    "sex": "string",  # F | M | O
+    "age_band": "string",  # e.g. "45-49"
+    "exam_index": "int32",  # 0 = the patient's first exam in the dataset
+    "days_from_first_exam": "int32",
+    "split": "string",  # train | test
+    "fold": "int32",  # 0..4 for train cases, -1 for test cases
+    "spacing": "list<float64>[3]",  # (x, y, z) mm, the CT grid
+    "shape": "list<int32>[3]",  # (z, y, x) voxels, array order of the volumes
+    "affine": "list<float64>[16]",  # 4x4 RAS affine (NIfTI convention), row-major
+    "ct_manufacturer": "string",
+    "ct_model": "string",
+    "pet_manufacturer": "string",
+    "pet_model": "string",
+    "suv_factor": "float64",  # activity (Bq/ml) * suv_factor = SUVbw
+    "registration": "string",  # scanner | rigid | rigid+bspline
+    "lesion_count": "int32",
+    "tmtv_ml": "float64",
+    "tlg": "float64",  # total lesion glycolysis, ml * SUV
+    "suv_max": "float64",
+    "dmax_mm": "float64",
+    "content_hash": "string",  # sha256 over the case's ct/pet/label voxels and geometry
+}
+
+CASE_FILES: dict[str, str] = {name: f"{name}.nii.gz" for name in IMAGE_COLUMNS}
+CASE_JSON = "case.json"

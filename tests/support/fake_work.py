@@ -1,0 +1,166 @@
+"""A small WORK folder that follows the aligned-case contract (docs/contracts.md section 3).
+
+For tests of the release, the client, the nnU-Net materializer and the report that should not
+need the DICOM pipeline. Volumes are tiny, seeded, and carry a known truth: the arrays written
+are returned, so a test compares what it reads back with what was written here.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+@dataclass
+class FakeCase:
+    case_id: str
+    subject_id: str
+    diagnosis: str
+    ct: np.ndarray  # int16 [z, y, x]
+    pet: np.ndarray  # float32 [z, y, x]
+    label: np.ndarray  # uint8 [z, y, x]
+    affine: np.ndarray  # RAS 4x4
+    case_json: dict = field(default_factory=dict)
+
+
+def _affine_ras(spacing_xyz, origin_lps) -> np.ndarray:
+    # Axial LPS grid with identity direction: index (i, j, k) -> LPS = origin + spacing * index.
+    lps = np.eye(4)
+    lps[:3, :3] = np.diag(spacing_xyz)
+    lps[:3, 3] = origin_lps
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _save(array_zyx: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, path)
+
+
+def make_fake_work(
+    work: Path,
+    *,
+    n_patients: int = 12,
+    seed: int = 0,
+    shape_zyx: tuple[int, int, int] = (20, 24, 28),
+    spacing_xyz: tuple[float, float, float] = (2.0, 2.0, 3.0),
+    case_prefix: str = "LA",
+    first_patient: int = 0,
+) -> list[FakeCase]:
+    """Write ``n_patients`` patients (some with two exams) as aligned cases under ``work``.
+
+    Example:
+        >>> cases = make_fake_work(tmp_path / "work", n_patients=4)  # doctest: +SKIP
+    """
+    rng = np.random.default_rng(seed)
+    work = Path(work)
+    (work / "cases").mkdir(parents=True, exist_ok=True)
+    (work / "private").mkdir(parents=True, exist_ok=True)
+    cases: list[FakeCase] = []
+    id_rows = []
+    z, y, x = shape_zyx
+    zz, yy, xx = np.mgrid[0:z, 0:y, 0:x]
+    body = ((yy - y / 2) / (y * 0.45)) ** 2 + ((xx - x / 2) / (x * 0.45)) ** 2 <= 1.0
+    for p in range(first_patient, first_patient + n_patients):
+        subject_id = f"LP-{p:04d}{seed:02d}"
+        diagnosis = "HL" if p % 2 == 0 else "NHL"
+        n_exams = 2 if p % 3 == 0 else 1
+        sex = "F" if p % 2 else "M"
+        age_band = f"{20 + 5 * (p % 10)}-{24 + 5 * (p % 10)}"
+        for e in range(n_exams):
+            case_id = f"{case_prefix}-{p:04d}{e}{seed:02d}"
+            ct = np.where(body, rng.normal(40, 15, shape_zyx), -1000).astype(np.int16)
+            pet = np.where(body, rng.gamma(4.0, 0.2, shape_zyx), 0).astype(np.float32)
+            label = np.zeros(shape_zyx, np.uint8)
+            n_lesions = int(rng.integers(0 if e else 1, 4))
+            centres = []
+            for _ in range(n_lesions):
+                c = rng.integers([3, 6, 6], [z - 3, y - 6, x - 6])
+                r = float(rng.uniform(1.5, 3.0))
+                ball = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
+                label[ball] = 1
+                pet[ball] = float(rng.uniform(4, 20))
+                centres.append(c)
+            affine = _affine_ras(spacing_xyz, (-x * spacing_xyz[0] / 2, -y * spacing_xyz[1] / 2, -400.0 - 50 * e))
+            folder = work / "cases" / case_id
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, arr in (("ct", ct), ("pet", pet), ("label", label)):
+                _save(arr, affine, folder / f"{name}.nii.gz")
+            voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
+            tmtv = float(label.sum()) * voxel_ml
+            content = hashlib.sha256()
+            for arr in (ct, pet, label, affine):
+                content.update(np.ascontiguousarray(arr).tobytes())
+            case_json = {
+                "schema_version": "1.0",
+                "builder_version": "0.1.0",
+                "case_id": case_id,
+                "subject_id": subject_id,
+                "clinical": {
+                    "diagnosis": diagnosis,
+                    "subtype": "nodular sclerosis" if diagnosis == "HL" else "DLBCL",
+                    "sex": sex,
+                    "age_band": age_band,
+                    "exam_index": e,
+                    "days_from_first_exam": 120 * e,
+                },
+                "geometry": {
+                    "shape_zyx": list(shape_zyx),
+                    "spacing_xyz": list(spacing_xyz),
+                    "origin_lps": [float(v) for v in (np.diag([-1, -1, 1]) @ affine[:3, 3])],
+                    "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+                    "affine_ras": affine.tolist(),
+                },
+                "ct": {"manufacturer": "SIEMENS", "model": "Biograph mCT", "kvp": 120.0},
+                "pet": {
+                    "manufacturer": "SIEMENS",
+                    "model": "Biograph mCT",
+                    "suv": {"factor": 1.1e-4, "time_reference": "series", "units": "BQML"},
+                },
+                "alignment": {
+                    "method": "rigid",
+                    "metric": "mattes_mi",
+                    "metric_before": -0.40,
+                    "metric_after": -0.50,
+                    "improved": True,
+                    "decision": "rigid registration applied",
+                    "transform": {
+                        "type": "Euler3DTransform",
+                        "parameters": [0, 0, 0, 1.0, 0.5, 0.0],
+                        "center_mm": [0, 0, 0],
+                        "matrix": np.eye(4).tolist(),
+                    },
+                    "shift_mm": 1.1,
+                    "seed": 0,
+                },
+                "lesions": {
+                    "count": n_lesions,
+                    "tmtv_ml": tmtv,
+                    "tlg": float((pet * label).sum()) * voxel_ml,
+                    "suv_max": float(pet[label > 0].max()) if n_lesions else 0.0,
+                    "dmax_mm": 0.0,
+                    "items": [],
+                },
+                "qc": {"passed": True, "checks": []},
+                "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti"},
+                "content_hash": content.hexdigest(),
+            }
+            (folder / "case.json").write_text(json.dumps(case_json, indent=2, sort_keys=True))
+            cases.append(FakeCase(case_id, subject_id, diagnosis, ct, pet, label, affine, case_json))
+            id_rows.append((f"EXAM{p:04d}{e}", f"PAT{p:04d}", case_id, subject_id))
+    with open(work / "private" / "id_map.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        if f.tell() == 0:
+            w.writerow(["exam_id", "patient_id", "case_id", "subject_id"])
+        w.writerows(id_rows)
+    failures = work / "failures.json"
+    if not failures.exists():
+        failures.write_text("[]\n")
+    return cases
