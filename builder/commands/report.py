@@ -1,0 +1,26 @@
+"""`python -m builder report WORK [--out WORK/qc]`: the static HTML QC report of a WORK folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("work", type=Path, help="WORK folder written by `python -m builder convert`")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: WORK/qc)")
+    parser.add_argument("--force", action="store_true", help="redraw every picture, even the up-to-date ones")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from builder.report import write_report
+
+    def progress(cases):
+        return tqdm(cases, desc="QC pictures", unit="case", disable=args.quiet)
+
+    index = write_report(args.work, args.out, force=args.force, progress=progress)
+    print(index)
+    return 0

@@ -1,0 +1,512 @@
+"""Pictures of one PET/CT case: orthogonal views, fusion, label outlines, PET MIP, registration check.
+
+Shared by the maintainers' QC report (``python -m builder report``) and the users' ``lymphatlas
+show``; it imports nothing from ``builder``.
+
+Orientation is taken from the RAS affine, never from the array order: the volumes are reoriented
+to the closest canonical (RAS+) orientation with nibabel's orientation tools, so head-first,
+feet-first and flipped-row exams all display the same way, in the radiological convention:
+
+* axial: seen from the feet, anterior up, the patient's right on the image left;
+* coronal: seen from the front, head up, the patient's right on the image left;
+* sagittal: seen from the patient's left, head up, anterior on the image left.
+
+Pixels are drawn in millimetres (``imshow`` extent from the voxel spacing, equal aspect), so a
+5 mm slice looks 5 mm thick. Oblique acquisitions are shown in the closest canonical orientation
+(no resampling), which tilts the picture by the obliquity, as most viewers' "native" mode does.
+
+Example:
+    >>> fig = render_case(ct, pet, label, affine, title="LA-3f9c2a1b")   # doctest: +SKIP
+    >>> fig.save("LA-3f9c2a1b.png")                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FIGURES_VERSION = "1"
+"""Bumped whenever the pictures change, so cached report images are redrawn."""
+
+LABEL_COLOR = "red"
+"""Lesion outlines are red (the paper's Figure 2); nothing else in the label panels is red."""
+
+_EDGE_COLOR = "deepskyblue"
+_LETTER_COLOR = "gold"
+
+
+class View(str, enum.Enum):
+    """The three orthogonal planes."""
+
+    AXIAL = "axial"
+    CORONAL = "coronal"
+    SAGITTAL = "sagittal"
+
+
+class Layer(str, enum.Enum):
+    """The columns of the case figure (the paper's Figures 1-2)."""
+
+    CT = "ct"
+    PET = "pet"
+    FUSION = "fusion"
+    CT_LABEL = "ct_label"
+    PET_LABEL = "pet_label"
+
+
+# For each view, in canonical RAS+ index order (0 = towards Right, 1 = Anterior, 2 = Superior):
+# the axis the plane is fixed on, the axis running down the rows, the axis running along the
+# columns. Every displayed axis is reversed: rows start at the anterior / superior end, columns
+# at the patient's right (axial, coronal) or anterior end (sagittal).
+_PLANES: dict[View, tuple[int, int, int]] = {
+    View.AXIAL: (2, 1, 0),
+    View.CORONAL: (1, 2, 0),
+    View.SAGITTAL: (0, 2, 1),
+}
+
+# Orientation letters (top, bottom, left, right) of each displayed plane.
+_LETTERS: dict[View, tuple[str, str, str, str]] = {
+    View.AXIAL: ("A", "P", "R", "L"),
+    View.CORONAL: ("S", "I", "R", "L"),
+    View.SAGITTAL: ("S", "I", "A", "P"),
+}
+
+
+@dataclass(frozen=True)
+class Display:
+    """Grey-level and layout settings of the pictures.
+
+    Args:
+        ct_window: CT window width in HU (400: soft tissue).
+        ct_level: CT window centre in HU (40: soft tissue).
+        suv_max: top of the PET scale (SUVbw); PET is inverted grey from 0 to this.
+        mip_suv_max: top of the MIP's scale.
+        fusion_suv_max: SUV at which the fusion colour saturates.
+        dpi: resolution of the saved PNGs.
+    """
+
+    ct_window: float = 400.0
+    ct_level: float = 40.0
+    suv_max: float = 10.0
+    mip_suv_max: float = 10.0
+    fusion_suv_max: float = 10.0
+    dpi: int = 100
+
+    @property
+    def ct_range(self) -> tuple[float, float]:
+        return self.ct_level - self.ct_window / 2, self.ct_level + self.ct_window / 2
+
+
+DEFAULT_DISPLAY = Display()
+
+
+@dataclass(frozen=True)
+class CanonicalCase:
+    """A case's volumes in closest-canonical RAS+ index order ``[R, A, S]`` (index 0 grows to the right).
+
+    Build it with :meth:`from_arrays`; the arrays are views of the inputs where no flip needs a copy.
+    """
+
+    ct: np.ndarray
+    pet: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray  # canonical RAS affine: index [i, j, k] -> RAS mm
+    spacing: tuple[float, float, float]  # mm along the canonical axes
+
+    @classmethod
+    def from_arrays(
+        cls, ct: np.ndarray, pet: np.ndarray, label: np.ndarray | None, affine_ras: np.ndarray
+    ) -> CanonicalCase:
+        """Reorient ``[z, y, x]`` arrays (SimpleITK order) with their RAS affine.
+
+        Example:
+            >>> c = CanonicalCase.from_arrays(ct, pet, label, affine)  # doctest: +SKIP
+            >>> c.ct.shape   # (n_right_left, n_anterior_posterior, n_superior_inferior)  # doctest: +SKIP
+        """
+        import nibabel.orientations as nio
+
+        affine_ras = np.asarray(affine_ras, dtype=float)
+        if affine_ras.shape != (4, 4):
+            raise ValueError(f"expected a 4x4 RAS affine, got shape {affine_ras.shape}")
+        shapes = {a.shape for a in (ct, pet, label) if a is not None}
+        if len(shapes) != 1 or len(ct.shape) != 3:
+            raise ValueError(
+                f"CT, PET and label must be 3-D arrays on one grid, got shapes {sorted(shapes)}; "
+                "resample the PET and label onto the CT grid first (python -m builder convert does)"
+            )
+        ornt = nio.io_orientation(affine_ras)
+        xyz_shape = ct.shape[::-1]
+
+        def canon(a: np.ndarray | None) -> np.ndarray | None:
+            # [z, y, x] -> index order [x, y, z] of the affine, then flip/permute to RAS+.
+            return None if a is None else nio.apply_orientation(np.asarray(a).transpose(2, 1, 0), ornt)
+
+        affine = affine_ras @ nio.inv_ornt_aff(ornt, xyz_shape)
+        spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        return cls(canon(ct), canon(pet), canon(label), affine, spacing)  # type: ignore[arg-type]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.ct.shape  # type: ignore[return-value]
+
+    def ras(self, index: tuple[float, float, float]) -> np.ndarray:
+        """RAS position (mm) of a canonical voxel index."""
+        return (self.affine @ np.array([*index, 1.0]))[:3]
+
+
+def plane(volume: np.ndarray, view: View, index: int) -> np.ndarray:
+    """The 2-D picture of a canonical volume at ``index`` along the view's fixed axis.
+
+    Row 0 is the anterior (axial) or superior (coronal, sagittal) end; column 0 the patient's
+    right (axial, coronal) or anterior end (sagittal).
+    """
+    fixed, row_axis, col_axis = _PLANES[view]
+    return _orient(np.take(volume, index, axis=fixed), fixed, row_axis, col_axis)
+
+
+def projection(volume: np.ndarray, view: View) -> np.ndarray:
+    """Maximum-intensity projection through the view's fixed axis, laid out like :func:`plane`."""
+    fixed, row_axis, col_axis = _PLANES[view]
+    return _orient(volume.max(axis=fixed), fixed, row_axis, col_axis)
+
+
+def _orient(slab: np.ndarray, fixed: int, row_axis: int, col_axis: int) -> np.ndarray:
+    remaining = [a for a in range(3) if a != fixed]
+    slab = slab.transpose(remaining.index(row_axis), remaining.index(col_axis))
+    return slab[::-1, ::-1]
+
+
+def pixel_spacing(case: CanonicalCase, view: View) -> tuple[float, float]:
+    """(row height, column width) in mm of the pictures of ``view``."""
+    _, row_axis, col_axis = _PLANES[view]
+    return case.spacing[row_axis], case.spacing[col_axis]
+
+
+def focus_index(label: np.ndarray | None, pet: np.ndarray | None = None) -> tuple[tuple[int, int, int], bool]:
+    """The canonical voxel the views cut through, and whether it lies in a lesion.
+
+    The largest lesion (26-connected component of the label) gives the point: its voxel nearest
+    to its centre of mass, so a curved lesion still shows in all three planes. Without lesions the
+    centre of the volume is used.
+    """
+    from scipy import ndimage
+
+    shape = (label if label is not None else pet).shape  # type: ignore[union-attr]
+    centre = tuple(int(s // 2) for s in shape)
+    if label is None:
+        return centre, False  # type: ignore[return-value]
+    # Crop to the label's bounding box first: labelling a whole-body grid costs memory for nothing.
+    spans = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(label, axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return centre, False  # type: ignore[return-value]
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    box = np.asarray(label[tuple(spans)]) > 0
+    components, n = ndimage.label(box, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    biggest = np.argwhere(components == int(np.argmax(sizes)))
+    nearest = biggest[np.argmin(((biggest - biggest.mean(axis=0)) ** 2).sum(axis=1))]
+    return tuple(int(v + s.start) for v, s in zip(nearest, spans)), True  # type: ignore[return-value]
+
+
+@dataclass
+class CaseFigure:
+    """A rendered figure and its panels, keyed ``"<view>/<layer>"``, ``"mip"`` or ``"<before|after>/<view>"``.
+
+    ``focus`` is the canonical voxel index the planes cut through.
+    """
+
+    figure: object  # matplotlib.figure.Figure
+    axes: dict[str, object] = field(default_factory=dict)
+    focus: tuple[int, int, int] = (0, 0, 0)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def png_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        # No bbox_inches="tight": figure pixels stay where the axes say they are.
+        self.figure.savefig(buf, format="png", dpi=self.figure.dpi, metadata={"Software": None})
+        return buf.getvalue()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the PNG through a temporary file renamed into place."""
+        return write_bytes_atomic(Path(path), self.png_bytes())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _new_figure(width_in: float, height_in: float, dpi: int):
+    # The object-oriented API with an Agg canvas: no pyplot global state, no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _extent(image: np.ndarray, spacing_rc: tuple[float, float]) -> tuple[float, float, float, float]:
+    # (left, right, bottom, top) in mm with the first row at the top.
+    rows, cols = image.shape[:2]
+    return (0.0, cols * spacing_rc[1], rows * spacing_rc[0], 0.0)
+
+
+def _show(ax, image: np.ndarray, spacing_rc, **kwargs) -> None:
+    ax.imshow(image, extent=_extent(image, spacing_rc), aspect="equal", interpolation="antialiased", **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _outline(ax, mask: np.ndarray, spacing_rc, *, color: str = LABEL_COLOR, linewidth: float = 1.0) -> None:
+    """Draw the boundary of a binary 2-D mask; the 0.5 iso-line at voxel centres runs along voxel edges."""
+    if not mask.any():
+        return
+    rows, cols = mask.shape
+    x = (np.arange(cols) + 0.5) * spacing_rc[1]
+    y = (np.arange(rows) + 0.5) * spacing_rc[0]
+    # Pad by one voxel so a lesion touching the border is closed.
+    padded = np.pad(mask.astype(np.float32), 1)
+    xp = np.concatenate([[x[0] - spacing_rc[1]], x, [x[-1] + spacing_rc[1]]])
+    yp = np.concatenate([[y[0] - spacing_rc[0]], y, [y[-1] + spacing_rc[0]]])
+    ax.contour(xp, yp, padded, levels=[0.5], colors=[color], linewidths=linewidth, antialiased=True)
+    rng = _extent(mask, spacing_rc)
+    ax.set_xlim(rng[0], rng[1])
+    ax.set_ylim(rng[2], rng[3])
+
+
+def _letters(ax, view: View, *, color: str = _LETTER_COLOR) -> None:
+    top, bottom, left, right = _LETTERS[view]
+    kw = dict(transform=ax.transAxes, color=color, fontsize=7, fontweight="bold")
+    ax.text(0.5, 0.99, top, ha="center", va="top", **kw)
+    ax.text(0.5, 0.01, bottom, ha="center", va="bottom", **kw)
+    ax.text(0.01, 0.5, left, ha="left", va="center", **kw)
+    ax.text(0.99, 0.5, right, ha="right", va="center", **kw)
+
+
+def _ct_grey(ct2d: np.ndarray, display: Display) -> np.ndarray:
+    lo, hi = display.ct_range
+    return np.clip((ct2d.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def fusion_rgb(ct2d: np.ndarray, pet2d: np.ndarray, display: Display = DEFAULT_DISPLAY) -> np.ndarray:
+    """PET/CT fusion: windowed CT in grey under PET in the "hot" colour map.
+
+    PET opacity grows with SUV (0 at SUV 0, 0.8 at ``fusion_suv_max / 3`` and above), so the
+    anatomy stays visible where there is little uptake.
+    """
+    from matplotlib import colormaps
+
+    grey = _ct_grey(ct2d, display)[..., None].repeat(3, axis=2)
+    suv = np.clip(pet2d.astype(np.float32) / display.fusion_suv_max, 0.0, 1.0)
+    hot = colormaps["hot"](suv)[..., :3]
+    alpha = np.clip(suv * 3.0, 0.0, 1.0)[..., None] * 0.8
+    return (1.0 - alpha) * grey + alpha * hot
+
+
+def _focus_mm(case: CanonicalCase, focus: tuple[int, int, int]) -> np.ndarray:
+    return case.ras(focus)
+
+
+def _plane_title(view: View, case: CanonicalCase, focus: tuple[int, int, int]) -> str:
+    r, a, s = _focus_mm(case, focus)
+    pos = {
+        View.AXIAL: f"{'S' if s >= 0 else 'I'} {abs(s):.0f} mm",
+        View.CORONAL: f"{'A' if a >= 0 else 'P'} {abs(a):.0f} mm",
+        View.SAGITTAL: f"{'R' if r >= 0 else 'L'} {abs(r):.0f} mm",
+    }[view]
+    return f"{view.value} ({pos})"
+
+
+def render_case(
+    ct: np.ndarray,
+    pet: np.ndarray,
+    label: np.ndarray | None,
+    affine_ras: np.ndarray,
+    *,
+    title: str = "",
+    display: Display = DEFAULT_DISPLAY,
+    focus: tuple[int, int, int] | None = None,
+) -> CaseFigure:
+    """The case figure: axial, coronal and sagittal planes through the largest lesion of CT, PET,
+    fusion, CT + label outline and PET + label outline, beside a coronal PET MIP with the label's
+    projection outlined.
+
+    Args:
+        ct, pet, label: ``[z, y, x]`` arrays on one grid (HU, SUVbw, {0, 1}); ``label`` may be None.
+        affine_ras: the grid's 4x4 RAS affine (NIfTI convention).
+        title: shown above the figure; case ids only, never identifying data.
+        display: windows and scales.
+        focus: canonical RAS+ voxel index to cut through (default: the largest lesion).
+
+    Example:
+        >>> fig = render_case(ct, pet, label, affine, title="LA-3f9c2a1b")  # doctest: +SKIP
+        >>> fig.save("LA-3f9c2a1b.png")                                      # doctest: +SKIP
+    """
+    case = CanonicalCase.from_arrays(ct, pet, label, affine_ras)
+    in_lesion = True
+    if focus is None:
+        focus, in_lesion = focus_index(case.label, case.pet)
+    layers = list(Layer)
+    fig = _new_figure(16.0, 9.0, display.dpi)
+    grid = fig.add_gridspec(3, len(layers) + 1, width_ratios=[1.0] * len(layers) + [1.15],
+                            left=0.035, right=0.995, bottom=0.01, top=0.9, wspace=0.04, hspace=0.12)
+    heading = f"{title}  -  " if title else ""
+    heading += "planes through the largest lesion" if in_lesion else "no lesion: planes through the volume centre"
+    fig.suptitle(heading, fontsize=12, x=0.01, ha="left")
+    column_titles = {
+        Layer.CT: f"CT (W{display.ct_window:.0f} / L{display.ct_level:.0f})",
+        Layer.PET: f"PET (SUV 0-{display.suv_max:g}, inverted)",
+        Layer.FUSION: "PET/CT fusion",
+        Layer.CT_LABEL: "CT + label (red)",
+        Layer.PET_LABEL: "PET + label (red)",
+    }
+    lo, hi = display.ct_range
+    out = CaseFigure(figure=fig, focus=focus, spacing=case.spacing)
+    for row, view in enumerate(View):
+        idx = focus[_PLANES[view][0]]
+        spacing_rc = pixel_spacing(case, view)
+        ct2d = plane(case.ct, view, idx)
+        pet2d = plane(case.pet, view, idx)
+        lab2d = plane(case.label, view, idx) > 0 if case.label is not None else None
+        for col, layer in enumerate(layers):
+            ax = fig.add_subplot(grid[row, col])
+            ax.set_facecolor("white")
+            if layer in (Layer.CT, Layer.CT_LABEL):
+                _show(ax, ct2d, spacing_rc, cmap="gray", vmin=lo, vmax=hi)
+            elif layer in (Layer.PET, Layer.PET_LABEL):
+                _show(ax, pet2d, spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.suv_max)
+            else:
+                _show(ax, fusion_rgb(ct2d, pet2d, display), spacing_rc)
+            if layer in (Layer.CT_LABEL, Layer.PET_LABEL) and lab2d is not None:
+                _outline(ax, lab2d, spacing_rc)
+            if layer is Layer.CT:
+                _letters(ax, view)
+                ax.set_ylabel(_plane_title(view, case, focus), fontsize=9)
+            if row == 0:
+                ax.set_title(column_titles[layer], fontsize=9)
+            out.axes[f"{view.value}/{layer.value}"] = ax
+    ax = fig.add_subplot(grid[:, -1])
+    spacing_rc = pixel_spacing(case, View.CORONAL)
+    _show(ax, projection(case.pet, View.CORONAL), spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.mip_suv_max)
+    if case.label is not None:
+        _outline(ax, projection(case.label, View.CORONAL) > 0, spacing_rc, linewidth=0.8)
+    _letters(ax, View.CORONAL, color=_EDGE_COLOR)
+    ax.set_title(f"PET MIP, coronal (SUV 0-{display.mip_suv_max:g})", fontsize=9)
+    out.axes["mip"] = ax
+    return out
+
+
+def before_registration(
+    pet_aligned: CanonicalCase | np.ndarray,
+    case: CanonicalCase,
+    transform_lps: np.ndarray,
+    view: View,
+    index: int,
+) -> np.ndarray:
+    """The PET plane as it lay on the CT grid before registration (scanner geometry only).
+
+    The case folder keeps only the registered PET: ``aligned(p) = pet(T p)`` with ``T`` the
+    ``alignment.transform.matrix`` of case.json (CT point -> PET point, LPS). The unregistered
+    picture is ``pet(p) = aligned(T^-1 p)``, so the plane's points are mapped through ``T^-1`` and
+    the registered PET is sampled there (trilinear; 0 outside the volume). Only the rigid part
+    is undone: a B-spline refinement, where one was applied, is not in the matrix.
+    """
+    from scipy import ndimage
+
+    volume = pet_aligned.pet if isinstance(pet_aligned, CanonicalCase) else pet_aligned
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS, its own inverse
+    to_before = np.linalg.inv(case.affine) @ flip @ np.linalg.inv(np.asarray(transform_lps, float)) @ flip @ case.affine
+    fixed, row_axis, col_axis = _PLANES[view]
+    shape = volume.shape
+    rows = np.arange(shape[row_axis])[::-1]
+    cols = np.arange(shape[col_axis])[::-1]
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    idx = np.zeros((4, rr.size))
+    idx[fixed] = index
+    idx[row_axis] = rr.ravel()
+    idx[col_axis] = cc.ravel()
+    idx[3] = 1.0
+    src = (to_before @ idx)[:3]
+    values = ndimage.map_coordinates(np.asarray(volume, np.float32), src, order=1, mode="constant", cval=0.0)
+    return values.reshape(rr.shape)
+
+
+def render_registration(
+    ct: np.ndarray,
+    pet: np.ndarray,
+    affine_ras: np.ndarray,
+    transform_lps: np.ndarray,
+    *,
+    label: np.ndarray | None = None,
+    title: str = "",
+    display: Display = DEFAULT_DISPLAY,
+    focus: tuple[int, int, int] | None = None,
+    ct_edges_hu: tuple[float, ...] = (-400.0, 250.0),
+) -> CaseFigure:
+    """Before/after registration check: PET (inverted grey) with CT edges drawn over it.
+
+    Top row: the PET as placed by the scanner geometry alone (recomputed from the registered PET,
+    see :func:`before_registration`); bottom row: the registered PET. The blue lines are CT
+    iso-contours (skin/lung at -400 HU, bone at 250 HU): PET uptake should sit inside them in the
+    bottom row.
+
+    Example:
+        >>> fig = render_registration(ct, pet, affine, case_json["alignment"]["transform"]["matrix"])  # doctest: +SKIP
+    """
+    case = CanonicalCase.from_arrays(ct, pet, label, affine_ras)
+    if focus is None:
+        focus, _ = focus_index(case.label, case.pet)
+    fig = _new_figure(12.0, 7.5, display.dpi)
+    grid = fig.add_gridspec(2, 3, left=0.07, right=0.995, bottom=0.01, top=0.9, wspace=0.04, hspace=0.1)
+    fig.suptitle(f"{title}  -  registration check: PET with CT edges (blue)" if title else
+                 "registration check: PET with CT edges (blue)", fontsize=12, x=0.01, ha="left")
+    out = CaseFigure(figure=fig, focus=focus, spacing=case.spacing)
+    for col, view in enumerate(View):
+        idx = focus[_PLANES[view][0]]
+        spacing_rc = pixel_spacing(case, view)
+        ct2d = plane(case.ct, view, idx).astype(np.float32)
+        pictures = {
+            "before": before_registration(case, case, transform_lps, view, idx),
+            "after": plane(case.pet, view, idx),
+        }
+        for row, (when, pet2d) in enumerate(pictures.items()):
+            ax = fig.add_subplot(grid[row, col])
+            _show(ax, pet2d, spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.suv_max)
+            rows, cols = ct2d.shape
+            x = (np.arange(cols) + 0.5) * spacing_rc[1]
+            y = (np.arange(rows) + 0.5) * spacing_rc[0]
+            levels = [h for h in ct_edges_hu if ct2d.min() < h < ct2d.max()]
+            if levels:
+                ax.contour(x, y, ct2d, levels=levels, colors=[_EDGE_COLOR], linewidths=0.6)
+            rng = _extent(ct2d, spacing_rc)
+            ax.set_xlim(rng[0], rng[1])
+            ax.set_ylim(rng[2], rng[3])
+            if row == 0:
+                ax.set_title(_plane_title(view, case, focus), fontsize=9)
+            if col == 0:
+                ax.set_ylabel("before (scanner geometry)" if when == "before" else "after registration", fontsize=9)
+            out.axes[f"{when}/{view.value}"] = ax
+    return out
