@@ -103,7 +103,10 @@ def _read_json(path: Path, *, default):
 
 def load_case_volumes(case_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The CT, PET and label arrays ``[z, y, x]`` of an aligned case and its RAS affine."""
+    import zlib
+
     import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
 
     arrays = {}
     affine = None
@@ -113,7 +116,7 @@ def load_case_volumes(case_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
             img = nib.load(path)
             # asanyarray(dataobj) keeps the stored dtype (int16 HU, uint8 label) instead of float64.
             arrays[name] = np.asanyarray(img.dataobj).transpose(2, 1, 0)
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, ImageFileError, zlib.error) as e:
             raise LymphAtlasError(f"cannot read {path}: {e}; re-run convert for this case") from e
         if affine is None:
             affine = img.affine

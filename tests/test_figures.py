@@ -32,8 +32,8 @@ GRIDS = {
 # The same physical field of view for every grid: RAS centre (mm).
 FOV_CENTRE_RAS = np.array([5.0, -20.0, -300.0])
 
-BIG_BOX_RAS = (np.array([-30.0, -30.0, -330.0]), np.array([-8.0, 0.0, -290.0]))  # patient's right, anterior
-SMALL_BOX_RAS = (np.array([25.0, -50.0, -260.0]), np.array([33.0, -43.0, -250.0]))  # left, posterior, higher
+BIG_BOX_RAS = (np.array([-30.0, -30.0, -330.0]), np.array([-8.0, 0.0, -290.0]))  # patient's left (RAS x < 0)
+SMALL_BOX_RAS = (np.array([25.0, -50.0, -260.0]), np.array([33.0, -43.0, -250.0]))  # right, posterior, higher
 
 
 def _grid(name: str):
