@@ -1,0 +1,65 @@
+"""`lymphatlas show SOURCE CASE_ID [--out case.png] [--version X.Y.Z]`: one case of a release as a PNG.
+
+The same case figure as the maintainers' QC report (:func:`lymphatlas_ds.figures.render_case`):
+axial, coronal and sagittal planes through the largest lesion of CT, PET, fusion and the label
+outlined in red, beside a coronal PET MIP. The case is read from the release through
+:class:`lymphatlas_ds.release.Release` (folder, mirror or Hub repo id, any published version).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="release folder, local mirror or Hub repo id (org/name)")
+    parser.add_argument("case_id", help="a case id of the release (metadata/cases.csv lists them), e.g. LA-3f9c2a1b")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: CASE_ID.png)")
+    parser.add_argument("--version", default=None, help="release version (default: the newest)")
+    parser.add_argument("--cache-dir", default=None, help="Hugging Face Hub cache (Hub sources only)")
+
+
+def find_case(source: str, case_id: str, *, version: str | None = None, cache_dir: str | None = None):
+    """The ``CaseRecord`` of ``case_id`` in a release, and the release's version.
+
+    splits.json says which configuration and split hold the case, so only that part of the
+    release is read.
+
+    Example:
+        >>> record, version = find_case("lymphatlas", "LA-3f9c2a1b")  # doctest: +SKIP
+    """
+    from lymphatlas_ds.errors import SourceError
+    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.schema import Diagnosis, Split
+    from lymphatlas_ds.source import resolve_release
+
+    resolved = resolve_release(source, version=version, cache_dir=cache_dir)
+    release = Release(resolved.path)
+    entry = release.splits.get("cases", {}).get(case_id)
+    if entry is None:
+        raise SourceError(
+            f"case {case_id} is not in release {resolved.version} of {source}; "
+            "its metadata/cases.csv lists the case ids (`lymphatlas info` shows the versions)"
+        )
+    config = Diagnosis(entry["diagnosis"]).config
+    for record in release.iter_cases(config, Split(entry["split"])):
+        if record.case_id == case_id:
+            return record, resolved.version
+    raise SourceError(
+        f"splits.json of release {resolved.version} lists case {case_id} in {config.value}/{entry['split']} "
+        f"but its shards do not hold it; run `lymphatlas verify {source}` and re-download"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from lymphatlas_ds.figures import render_case
+
+    record, version = find_case(args.source, args.case_id, version=args.version, cache_dir=args.cache_dir)
+    diagnosis = record.meta.get("diagnosis", "")
+    figure = render_case(
+        record.ct, record.pet, record.label, record.affine, title=f"{record.case_id} ({diagnosis}, release {version})"
+    )
+    out = figure.save(args.out if args.out is not None else Path(f"{record.case_id}.png"))
+    print(out)
+    return 0
