@@ -1,0 +1,135 @@
+"""Render the dataset card (the release's README.md) from the ``dataset_card.md`` template.
+
+The YAML front matter is built with ``huggingface_hub.DatasetCardData`` (license, task
+categories, tags, the ``configs:`` that ``datasets`` resolves, ``dataset_info`` with the features
+and split sizes); the prose is a jinja2 template filled with statistics computed from the release
+itself, so the card can never disagree with the data it describes.
+
+Example:
+    >>> text = render_card(version="1.0.0", statistics=stats, shards=infos, changelog="")  # doctest: +SKIP
+    >>> DatasetCard(text).data.configs[0]["config_name"]
+    'all'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from lymphatlas_ds import schema
+from lymphatlas_ds.schema import Config, Split
+
+from builder.shards import ShardInfo, features
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "dataset_card.md"
+LICENSE = "other"
+LICENSE_NAME = "lymphatlas-data-use"
+"""The paper states no licence: the card says ``other`` and points to the data use terms in the prose."""
+
+
+def data_files(config: Config, split: Split) -> str:
+    """The ``data_files`` glob of a config's split: ``data/nhl/train-*.parquet``, ``data/*/test-*.parquet``."""
+    folder = "*" if config is Config.ALL else config.value
+    return f"data/{folder}/{split.value}-*.parquet"
+
+
+def configs_yaml() -> list[dict[str, Any]]:
+    """The ``configs:`` entries of the card: all (default), hl, nhl, each with a train and a test split."""
+    out = []
+    for config in Config:
+        entry: dict[str, Any] = {
+            "config_name": config.value,
+            "data_files": [{"split": s.value, "path": data_files(config, s)} for s in Split],
+        }
+        if config is Config.ALL:
+            entry["default"] = True
+        out.append(entry)
+    return out
+
+
+def _in_config(path: str, config: Config) -> bool:
+    return config is Config.ALL or path.startswith(f"data/{config.value}/")
+
+
+def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
+    """``dataset_info`` per config: the features, and per split the number of cases and shard bytes."""
+    out = []
+    for config in Config:
+        split_dict = datasets.SplitDict()
+        for split in Split:
+            chosen = [s for s in shards if _in_config(s.path, config) and Path(s.path).name.startswith(split.value + "-")]
+            split_dict.add(
+                datasets.SplitInfo(
+                    name=split.value,
+                    num_bytes=sum(s.size for s in chosen),
+                    num_examples=sum(len(s.case_ids) for s in chosen),
+                )
+            )
+        size = sum(s.size for s in shards if _in_config(s.path, config))
+        info = datasets.DatasetInfo(
+            features=features(), splits=split_dict, config_name=config.value, download_size=size, dataset_size=size
+        )
+        out.append(info._to_yaml_dict())
+    return out
+
+
+def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> DatasetCardData:
+    """The card's YAML front matter as ``DatasetCardData``."""
+    n = int(statistics.get("cases", 0))
+    size_category = "n<1K" if n < 1000 else "1K<n<10K"
+    return DatasetCardData(
+        license=LICENSE,
+        license_name=LICENSE_NAME,
+        task_categories=["image-segmentation"],
+        tags=["medical", "pet-ct", "fdg-pet", "lymphoma", "3d", "nifti", "nnunet", "segmentation"],
+        pretty_name=f"{schema.DATASET_NAME}: whole-body FDG PET/CT lymphoma segmentation",
+        size_categories=[size_category],
+        configs=configs_yaml(),
+        dataset_info=dataset_info_yaml(statistics, shards),
+    )
+
+
+def _versions(changelog: str) -> list[str]:
+    return [line[3:].strip() for line in changelog.splitlines() if line.startswith("## ")]
+
+
+def render_card(
+    *,
+    version: str,
+    statistics: Mapping[str, Any],
+    shards: Sequence[ShardInfo],
+    changelog: str,
+    seed: int = 0,
+    template_path: str | Path = TEMPLATE_PATH,
+) -> str:
+    """The README.md text of a release: front matter + the template's prose with this release's figures.
+
+    Deterministic: nothing depends on the clock (the citation year comes from the template).
+    """
+    data = card_data(statistics, shards)
+    card = DatasetCard.from_template(
+        data,
+        template_path=str(template_path),
+        version=version,
+        tag=f"v{version}",
+        stats=statistics,
+        seed=seed,
+        n_folds=schema.N_FOLDS,
+        test_percent=round(100 * schema.TEST_FRACTION),
+        shard_max_mib=schema.SHARD_MAX_BYTES // (1024 * 1024),
+        schema_version=schema.SCHEMA_VERSION,
+        channels=schema.CHANNELS,
+        age_band_years=schema.AGE_BAND_YEARS,
+        versions=_versions(changelog),
+        n_shards=len(shards),
+        dataset_name=schema.DATASET_NAME,
+        folder=schema.RELEASE_FOLDER_NAME,
+        metadata_columns=list(schema.METADATA_COLUMNS),
+    )
+    text = str(card)
+    return text if text.endswith("\n") else text + "\n"
+

@@ -1,0 +1,547 @@
+"""WORK (aligned cases) -> a versioned, split-aware release folder that is also a Hugging Face dataset repo.
+
+``build_release(work, release_dir, version=...)`` writes (docs/contracts.md section 4)::
+
+    README.md            the dataset card, rendered from dataset_card.md with statistics of this release
+    CHANGELOG.md         one section per version: cases added / removed / changed, statistics before and after
+    manifest.json        every file with sha256 and size, each case's content hash (written last)
+    splits.json          case -> split and fold (builder/splits.py)
+    metadata/cases.csv   one row per case, no images
+    data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/shards.py)
+
+The release is assembled in a hidden sibling folder and renamed into place, so an interrupted run
+never leaves a half release under the final name. Nothing depends on the clock or on file system
+order: the same WORK and version give byte-identical files.
+
+Example:
+    >>> summary = build_release("work", "lymphatlas", version="1.0.0")  # doctest: +SKIP
+    >>> summary.n_cases
+    483
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lymphatlas_ds import __version__ as BUILDER_VERSION
+from lymphatlas_ds import codec, manifest as manifest_mod, schema
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Config, Diagnosis, Split
+
+from builder import card, shards, splits
+
+log = logging.getLogger(__name__)
+
+CHANGELOG_NAME = "CHANGELOG.md"
+CASES_CSV = "metadata/cases.csv"
+CSV_EXTRA_COLUMNS = ("shard",)
+"""Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case."""
+
+_SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
+_DTYPES = {"ct": schema.CT_DTYPE, "pet": schema.PET_DTYPE, "label": schema.LABEL_DTYPE}
+
+
+class ReleaseError(SchemaError):
+    """A release cannot be built: a bad version, an inconsistent case, an existing target."""
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    """``"1.2.0" -> (1, 2, 0)``; raises :class:`ReleaseError` for anything but X.Y.Z."""
+    match = _SEMVER.fullmatch(version)
+    if not match:
+        raise ReleaseError(f"version {version!r} is not semantic X.Y.Z (e.g. 1.0.0); tags are v<version>")
+    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write a file under a temporary name next to it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- reading WORK ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkCase:
+    """One aligned case of WORK: its folder and its parsed case.json."""
+
+    case_id: str
+    folder: Path
+    info: Mapping[str, Any]
+
+    @property
+    def subject_id(self) -> str:
+        return self.info["subject_id"]
+
+    @property
+    def diagnosis(self) -> str:
+        return self.info["clinical"]["diagnosis"]
+
+
+def list_work_cases(work: str | Path) -> list[WorkCase]:
+    """Every case folder of ``WORK/cases`` with a case.json, sorted by case id."""
+    root = Path(work) / "cases"
+    if not root.is_dir():
+        raise ReleaseError(f"{root} not found: run `python -m builder convert SOURCE {work}` first")
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        path = folder / schema.CASE_JSON
+        try:
+            info = json.loads(path.read_text())
+        except FileNotFoundError:
+            log.warning("skipping %s: no %s (an interrupted convert?)", folder, schema.CASE_JSON)
+            continue
+        except json.JSONDecodeError as e:
+            raise ReleaseError(f"case {folder.name}: {path} is not valid JSON ({e}); re-run convert for it") from e
+        for key in ("case_id", "subject_id", "clinical", "geometry"):
+            if key not in info:
+                raise ReleaseError(f"case {folder.name}: {path} lacks {key!r}; re-run convert for it")
+        if info["case_id"] != folder.name:
+            raise ReleaseError(f"case folder {folder} holds case.json of {info['case_id']!r}; folder and id must agree")
+        major = str(info.get("schema_version", schema.SCHEMA_VERSION)).split(".")[0]
+        if major != schema.SCHEMA_VERSION.split(".")[0]:
+            raise ReleaseError(
+                f"case {folder.name}: schema_version {info.get('schema_version')} is incompatible with "
+                f"{schema.SCHEMA_VERSION}; re-run convert with this builder"
+            )
+        out.append(WorkCase(folder.name, folder, info))
+    if not out:
+        raise ReleaseError(f"{root} holds no case: nothing to release")
+    return out
+
+
+def _as_dtype(array: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    target = np.dtype(dtype)
+    if array.dtype == target:
+        return array
+    converted = array.astype(target)
+    if not np.array_equal(converted, array):
+        raise ReleaseError(f"{where}: voxels of type {array.dtype} do not fit {dtype} without loss; fix convert's output")
+    return converted
+
+
+def read_case_volumes(case: WorkCase) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read ct / pet / label of a case as ``[z, y, x]`` arrays in the schema dtypes, and the RAS affine.
+
+    Checks that the three share one grid and that it matches case.json's geometry.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    affine = None
+    for name in IMAGE_COLUMNS:
+        path = case.folder / schema.CASE_FILES[name]
+        try:
+            image = nib.load(path)
+            data = np.asanyarray(image.dataobj)
+        except FileNotFoundError as e:
+            raise ReleaseError(f"case {case.case_id}: {path} is missing; re-run convert for this case") from e
+        except Exception as e:  # nibabel / zlib raise several types on a corrupt file
+            raise ReleaseError(f"case {case.case_id}: cannot read {path} ({e}); re-run convert for this case") from e
+        if data.ndim != 3:
+            raise ReleaseError(f"case {case.case_id}: {path} is {data.ndim}-D, expected a 3-D volume")
+        arrays[name] = np.ascontiguousarray(_as_dtype(data, _DTYPES[name], f"case {case.case_id} {path.name}").transpose(2, 1, 0))
+        if affine is None:
+            affine = image.affine
+        elif not np.allclose(image.affine, affine, atol=1e-4):
+            raise ReleaseError(f"case {case.case_id}: {path.name} is not on the CT grid (affines differ)")
+    shapes = {n: a.shape for n, a in arrays.items()}
+    if len(set(shapes.values())) != 1:
+        raise ReleaseError(f"case {case.case_id}: volumes have different shapes {shapes}; they must share the CT grid")
+    expected = tuple(case.info["geometry"].get("shape_zyx", arrays["ct"].shape))
+    if tuple(arrays["ct"].shape) != expected:
+        raise ReleaseError(f"case {case.case_id}: volumes are {arrays['ct'].shape}, case.json says {expected}")
+    if not np.isin(np.unique(arrays["label"]), (0, 1)).all():
+        raise ReleaseError(f"case {case.case_id}: label.nii.gz holds values other than 0 and 1")
+    return arrays, np.asarray(affine, dtype=np.float64)  # type: ignore[arg-type]
+
+
+def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str) -> dict[str, Any]:
+    """The metadata columns of a shard row (schema.METADATA_COLUMNS) from case.json and the split."""
+    info = case.info
+    clinical = info.get("clinical", {})
+    geometry = info["geometry"]
+    ct = info.get("ct", {}) or {}
+    pet = info.get("pet", {}) or {}
+    lesions = info.get("lesions", {}) or {}
+    affine = np.asarray(geometry["affine_ras"], dtype=np.float64).reshape(4, 4)
+    row = {
+        "case_id": case.case_id,
+        "subject_id": info["subject_id"],
+        "diagnosis": clinical.get("diagnosis"),
+        "subtype": clinical.get("subtype"),
+        "sex": clinical.get("sex"),
+        "age_band": clinical.get("age_band"),
+        "exam_index": clinical.get("exam_index"),
+        "days_from_first_exam": clinical.get("days_from_first_exam"),
+        "split": placement.split.value,
+        "fold": placement.fold,
+        "spacing": [float(v) for v in geometry["spacing_xyz"]],
+        "shape": [int(v) for v in geometry["shape_zyx"]],
+        "affine": [float(v) for v in affine.ravel()],
+        "ct_manufacturer": ct.get("manufacturer"),
+        "ct_model": ct.get("model"),
+        "pet_manufacturer": pet.get("manufacturer"),
+        "pet_model": pet.get("model"),
+        "suv_factor": (pet.get("suv") or {}).get("factor"),
+        "registration": (info.get("alignment") or {}).get("method"),
+        "lesion_count": lesions.get("count"),
+        "tmtv_ml": lesions.get("tmtv_ml"),
+        "tlg": lesions.get("tlg"),
+        "suv_max": lesions.get("suv_max"),
+        "dmax_mm": lesions.get("dmax_mm"),
+        "content_hash": content_hash,
+    }
+    missing = set(METADATA_COLUMNS) - set(row)
+    if missing:  # schema.py gained a column this function does not fill yet
+        raise ReleaseError(f"metadata columns {sorted(missing)} are not filled by builder.release.metadata_row")
+    return row
+
+
+# --- statistics, CSV, changelog ---------------------------------------------------------------
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def cases_csv(rows: list[dict[str, Any]]) -> str:
+    """metadata/cases.csv text: METADATA_COLUMNS + the shard, rows sorted by case id; lists as JSON."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    columns = [*METADATA_COLUMNS, *CSV_EXTRA_COLUMNS]
+    writer.writerow(columns)
+    for row in sorted(rows, key=lambda r: r["case_id"]):
+        writer.writerow([_csv_value(row.get(c)) for c in columns])
+    return out.getvalue()
+
+
+def read_cases_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Read metadata/cases.csv back into typed rows (numbers as numbers, lists as lists)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for key, text in raw.items():
+                kind = METADATA_COLUMNS.get(key, "string")
+                if text == "":
+                    row[key] = None
+                elif kind.startswith("list"):
+                    row[key] = json.loads(text)
+                elif kind.startswith("int"):
+                    row[key] = int(text)
+                elif kind.startswith("float"):
+                    row[key] = float(text)
+                else:
+                    row[key] = text
+            rows.append(row)
+    return rows
+
+
+def release_statistics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics of a release computed from its metadata rows (the card and the changelog show them)."""
+    def num(key: str) -> list[float]:
+        return [float(r[key]) for r in rows if r.get(key) is not None]
+
+    def summary(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"min": 0.0, "median": 0.0, "mean": 0.0, "max": 0.0, "total": 0.0}
+        return {
+            "min": round(min(values), 2),
+            "median": round(statistics.median(values), 2),
+            "mean": round(statistics.fmean(values), 2),
+            "max": round(max(values), 2),
+            "total": round(sum(values), 2),
+        }
+
+    per_split: dict[str, dict[str, int]] = {}
+    patients: dict[str, dict[str, set[str]]] = {}
+    for r in rows:
+        per_split.setdefault(r["split"], Counter())[r["diagnosis"]] += 1  # type: ignore[index]
+        patients.setdefault(r["split"], {}).setdefault(r["diagnosis"], set()).add(r["subject_id"])
+    first_exams = {}
+    for r in sorted(rows, key=lambda r: (r["subject_id"], r.get("exam_index") or 0)):
+        first_exams.setdefault(r["subject_id"], r)
+    scanners = Counter(f"{r.get('pet_manufacturer') or '?'} {r.get('pet_model') or ''}".strip() for r in rows)
+    folds = Counter(r["fold"] for r in rows if r["split"] == Split.TRAIN.value)
+    return {
+        "cases": len(rows),
+        "patients": len({r["subject_id"] for r in rows}),
+        "cases_by_split": {s: dict(sorted(c.items())) for s, c in sorted(per_split.items())},
+        "patients_by_split": {s: {d: len(v) for d, v in sorted(p.items())} for s, p in sorted(patients.items())},
+        "cases_by_fold": {str(k): v for k, v in sorted(folds.items())},
+        "sex": dict(sorted(Counter(r.get("sex") or "unknown" for r in first_exams.values()).items())),
+        "age_band": dict(sorted(Counter(r.get("age_band") or "unknown" for r in first_exams.values()).items())),
+        "lesion_count": summary(num("lesion_count")),
+        "tmtv_ml": summary(num("tmtv_ml")),
+        "suv_max": summary([float(r["suv_max"]) for r in rows if (r.get("lesion_count") or 0) > 0 and r.get("suv_max") is not None]),
+        "cases_without_lesion": sum(1 for r in rows if (r.get("lesion_count") or 0) == 0),
+        "scanners": dict(sorted(scanners.items())),
+        "registration": dict(sorted(Counter(r.get("registration") or "unknown" for r in rows).items())),
+    }
+
+
+@dataclass(frozen=True)
+class CaseChanges:
+    """Cases added, removed and changed (content hash differs) relative to the previous release."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+
+def compare_cases(previous: Mapping[str, str], current: Mapping[str, str]) -> CaseChanges:
+    """Compare two ``manifest["cases"]`` mappings (case id -> content hash)."""
+    return CaseChanges(
+        added=tuple(sorted(set(current) - set(previous))),
+        removed=tuple(sorted(set(previous) - set(current))),
+        changed=tuple(sorted(c for c in set(current) & set(previous) if current[c] != previous[c])),
+    )
+
+
+_STAT_LINES = (
+    ("cases", lambda s: s["cases"]),
+    ("patients", lambda s: s["patients"]),
+    *(
+        (f"{split} cases ({diag})", (lambda s, sp=split, d=diag: s["cases_by_split"].get(sp, {}).get(d, 0)))
+        for split in ("train", "test")
+        for diag in ("HL", "NHL")
+    ),
+    ("lesions (total)", lambda s: s["lesion_count"]["total"]),
+    ("TMTV median (ml)", lambda s: s["tmtv_ml"]["median"]),
+    ("cases without lesion", lambda s: s["cases_without_lesion"]),
+)
+
+
+def changelog_section(
+    version: str,
+    changes: CaseChanges,
+    after: Mapping[str, Any],
+    *,
+    before: Mapping[str, Any] | None = None,
+    previous_version: str | None = None,
+) -> str:
+    """The ``## <version>`` section of CHANGELOG.md."""
+
+    def listing(ids: tuple[str, ...]) -> str:
+        return ", ".join(ids) if ids else "none"
+
+    lines = [f"## {version}", ""]
+    if previous_version is None:
+        lines.append(f"First release: {after['cases']} cases of {after['patients']} patients.")
+    else:
+        lines.append(
+            f"Update of {previous_version}: {len(changes.added)} added, {len(changes.removed)} removed, "
+            f"{len(changes.changed)} changed. No published case changed split or fold."
+        )
+    lines += [
+        "",
+        f"- added ({len(changes.added)}): {listing(changes.added)}",
+        f"- removed ({len(changes.removed)}): {listing(changes.removed)}",
+        f"- changed ({len(changes.changed)}): {listing(changes.changed)}",
+        "",
+    ]
+    if before is not None:
+        lines += [f"| statistic | {previous_version} | {version} |", "|---|---:|---:|"]
+        lines += [f"| {name} | {get(before)} | {get(after)} |" for name, get in _STAT_LINES]
+    else:
+        lines += [f"| statistic | {version} |", "|---|---:|"]
+        lines += [f"| {name} | {get(after)} |" for name, get in _STAT_LINES]
+    return "\n".join(lines) + "\n"
+
+
+CHANGELOG_HEADER = (
+    "# Changelog\n\n"
+    "Every version of the LymphAtlas release, newest first. A published version never changes; an\n"
+    "update adds or corrects cases without moving any published case between splits or folds.\n"
+)
+
+
+def merge_changelog(previous_text: str | None, section: str) -> str:
+    """Put ``section`` on top of the previous changelog's sections."""
+    older = ""
+    if previous_text:
+        start = previous_text.find("\n## ")
+        older = previous_text[start + 1 :] if start >= 0 else ""
+    return CHANGELOG_HEADER + "\n" + section + ("\n" + older if older else "")
+
+
+# --- the release --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseSummary:
+    """What :func:`build_release` wrote."""
+
+    path: Path
+    version: str
+    n_cases: int
+    shards: tuple[shards.ShardInfo, ...]
+    changes: CaseChanges
+    statistics: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _previous_release(previous: str | Path | None, version: str) -> dict[str, Any] | None:
+    if previous is None:
+        return None
+    prev = Path(previous)
+    prev_manifest = manifest_mod.verify_release(prev, check_sha256=False)
+    if parse_version(version) <= parse_version(prev_manifest["version"]):
+        raise ReleaseError(f"version {version} must be newer than the previous release's {prev_manifest['version']}")
+    changelog = prev / CHANGELOG_NAME
+    return {
+        "path": prev,
+        "manifest": prev_manifest,
+        "splits": splits.read_splits(prev),
+        "rows": read_cases_csv(prev / CASES_CSV),
+        "changelog": changelog.read_text() if changelog.exists() else None,
+    }
+
+
+def build_release(
+    work: str | Path,
+    release_dir: str | Path,
+    *,
+    version: str,
+    previous: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    shard_max_bytes: int = schema.SHARD_MAX_BYTES,
+    on_case: Callable[[str], None] | None = None,
+) -> ReleaseSummary:
+    """Build the release folder ``release_dir`` from the aligned cases of ``work``.
+
+    ``previous`` is the folder of the last published release: its cases keep their split and
+    fold, its seed is reused and its changelog is extended. ``on_case`` is called with each case
+    id as it is written (the CLI's progress bar).
+
+    Example:
+        >>> build_release("work", "lymphatlas", version="1.1.0", previous="mirror/1.0.0")  # doctest: +SKIP
+    """
+    parse_version(version)
+    work, release_dir = Path(work), Path(release_dir)
+    if release_dir.exists() and any(release_dir.iterdir()) and not overwrite:
+        raise ReleaseError(f"{release_dir} exists and is not empty; choose another folder or pass overwrite")
+    prev = _previous_release(previous, version)
+    if prev is not None and prev["splits"].get("seed") not in (None, seed):
+        log.info("reusing the previous release's split seed %s", prev["splits"]["seed"])
+        seed = int(prev["splits"]["seed"])
+
+    cases = list_work_cases(work)
+    by_id = {c.case_id: c for c in cases}
+    split_cases = [
+        splits.SplitCase(c.case_id, c.subject_id, c.diagnosis, float((c.info.get("lesions") or {}).get("tmtv_ml") or 0.0))
+        for c in cases
+    ]
+    placements = splits.assign_splits(split_cases, seed=seed, previous=prev["splits"]["cases"] if prev else None)
+
+    staging = release_dir.parent / f".{release_dir.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted run
+    staging.mkdir(parents=True)
+    try:
+        rows: list[dict[str, Any]] = []
+        hashes: dict[str, str] = {}
+        written: list[shards.ShardInfo] = []
+
+        def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
+            for case_id in ids:
+                case = by_id[case_id]
+                arrays, affine = read_case_volumes(case)
+                digest = manifest_mod.content_hash(arrays["ct"], arrays["pet"], arrays["label"], affine)
+                recorded = case.info.get("content_hash")
+                if recorded and recorded != digest:
+                    log.warning("case %s: case.json content_hash differs from the voxels' hash; using the voxels'", case_id)
+                hashes[case_id] = digest
+                row = metadata_row(case, placements[case_id], digest)
+                rows.append(row)
+                cells = {name: codec.encode_volume(arrays[name], affine, codec.cell_path(case_id, name)) for name in IMAGE_COLUMNS}
+                yield {**row, **cells}
+                if on_case is not None:
+                    on_case(case_id)
+
+        for diagnosis in Diagnosis:
+            for split in Split:
+                ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
+                before = len(rows)
+                infos = shards.write_shards(
+                    shard_rows(ids),
+                    staging / "data" / diagnosis.config.value,
+                    split=split.value,
+                    release_root=staging,
+                    max_bytes=shard_max_bytes,
+                )
+                for info in infos:
+                    for row in rows[before:]:
+                        if row["case_id"] in info.case_ids:
+                            row["shard"] = info.path
+                written.extend(infos)
+
+        write_atomic(staging / CASES_CSV, cases_csv(rows))
+        doc = splits.splits_document(placements, version=version, seed=seed)
+        write_atomic(staging / splits.SPLITS_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+        stats = release_statistics(rows)
+        changes = compare_cases(prev["manifest"]["cases"] if prev else {}, hashes)
+        section = changelog_section(
+            version,
+            changes,
+            stats,
+            before=release_statistics(prev["rows"]) if prev else None,
+            previous_version=prev["manifest"]["version"] if prev else None,
+        )
+        changelog_text = merge_changelog(prev["changelog"] if prev else None, section)
+        write_atomic(staging / CHANGELOG_NAME, changelog_text)
+        readme = card.render_card(
+            version=version,
+            statistics=stats,
+            shards=written,
+            changelog=changelog_text,
+            seed=seed,
+        )
+        write_atomic(staging / "README.md", readme)
+
+        manifest = manifest_mod.build_manifest(staging, version=version, builder_version=BUILDER_VERSION, cases=hashes)
+        write_atomic(staging / manifest_mod.MANIFEST_NAME, manifest_mod.dumps(manifest))
+
+        if release_dir.exists():
+            trash = release_dir.parent / f".{release_dir.name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(release_dir, trash)
+            os.replace(staging, release_dir)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, release_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
+    return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats)
+
+
+__all__ = ["ReleaseError", "ReleaseSummary", "build_release", "Config"]

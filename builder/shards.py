@@ -1,0 +1,166 @@
+"""Parquet shards laid out as a Hugging Face dataset repo: ``data/<hl|nhl>/<split>-0000i-of-0000N.parquet``.
+
+One row per case: the metadata columns of ``schema.METADATA_COLUMNS`` and the ``datasets.Nifti``
+columns ``ct``, ``pet``, ``label`` (cells made by :mod:`lymphatlas_ds.codec`). Files are written
+with pyarrow, not ``Dataset.to_parquet`` (which cannot set the codec), using the features' arrow
+schema and its ``huggingface`` metadata, so plain ``datasets.load_dataset`` decodes the Nifti
+columns. Choices, measured in ``benchmarks/bench_shards.py``:
+
+- zstd over raw NIfTI bytes (not gzip cells): about the same size as ``.nii.gz``, decodes several
+  times faster;
+- one case per row group, so a reader (or ``streaming=True``) touches one case at a time;
+- no dictionary encoding and no statistics on the image columns (useless on blobs);
+- a shard holds at most ``schema.SHARD_MAX_BYTES`` of uncompressed NIfTI bytes, hence is smaller
+  than that on disk; a case larger than the bound gets a shard of its own.
+
+Example:
+    >>> feats = features()
+    >>> type(feats["ct"]).__name__, feats["spacing"].length
+    ('Nifti', 3)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, SHARD_MAX_BYTES
+
+log = logging.getLogger(__name__)
+
+ZSTD_LEVEL = 3
+"""zstd level of the shards: measured in benchmarks/bench_shards.py (higher levels barely shrink noisy volumes)."""
+
+_LIST_TYPE = re.compile(r"list<(\w+)>\[(\d+)\]")
+
+
+def _feature(type_name: str) -> Any:
+    match = _LIST_TYPE.fullmatch(type_name)
+    if match:
+        return datasets.List(datasets.Value(match.group(1)), length=int(match.group(2)))
+    return datasets.Value(type_name)
+
+
+def features() -> datasets.Features:
+    """The ``datasets.Features`` of a shard row: metadata columns, then the Nifti columns."""
+    spec = {name: _feature(type_name) for name, type_name in METADATA_COLUMNS.items()}
+    spec.update({name: datasets.Nifti() for name in IMAGE_COLUMNS})
+    return datasets.Features(spec)
+
+
+def arrow_schema() -> pa.Schema:
+    """The arrow schema of a shard, with the ``huggingface`` features metadata that datasets reads."""
+    return features().arrow_schema
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """``train-00000-of-00002.parquet``: the Hub's shard naming, which its configs' globs match."""
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def _row_bytes(row: Mapping[str, Any]) -> int:
+    return sum(len(row[name]["bytes"]) for name in IMAGE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A written shard: its path relative to the release and the cases it holds, in order."""
+
+    path: str
+    case_ids: tuple[str, ...]
+    size: int
+
+
+def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    meta_cols = list(METADATA_COLUMNS)
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression="zstd",
+        compression_level=ZSTD_LEVEL,
+        use_dictionary=[c for c in meta_cols if METADATA_COLUMNS[c] == "string"],
+        write_statistics=meta_cols,
+        # A page index / bloom filters on blobs would cost space for nothing.
+        write_page_index=False,
+    )
+
+
+def write_shards(
+    rows: Iterable[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    split: str,
+    release_root: str | Path,
+    max_bytes: int = SHARD_MAX_BYTES,
+) -> list[ShardInfo]:
+    """Write ``rows`` (one dict per case, in the order given) as ``<split>-i-of-N`` shards in ``out_dir``.
+
+    Rows are consumed one at a time, so only one case is in memory. Files are first written under
+    hidden temporary names and renamed once ``N`` is known. With no rows, one empty shard is
+    written so that every config keeps both splits. Returns the shards in order.
+
+    Example:
+        >>> write_shards([], tmp / "data" / "hl", split="test", release_root=tmp)  # doctest: +SKIP
+        [ShardInfo(path='data/hl/test-00000-of-00001.parquet', case_ids=(), size=...)]
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = arrow_schema()
+    temp_paths: list[Path] = []
+    shard_cases: list[list[str]] = []
+    writer: pq.ParquetWriter | None = None
+    current_bytes = 0
+
+    def open_new() -> pq.ParquetWriter:
+        temp = out_dir / f".{split}-{len(temp_paths):05d}.parquet.partial"
+        temp_paths.append(temp)
+        shard_cases.append([])
+        return _writer(temp, schema)
+
+    try:
+        for row in rows:
+            size = _row_bytes(row)
+            if writer is None or (shard_cases[-1] and current_bytes + size > max_bytes):
+                if writer is not None:
+                    writer.close()
+                writer = open_new()
+                current_bytes = 0
+            try:
+                table = pa.Table.from_pylist([dict(row)], schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+                raise SchemaError(
+                    f"case {row.get('case_id')!r}: its row does not fit the shard schema ({e}); "
+                    "check lymphatlas_ds.schema.METADATA_COLUMNS and the case.json it came from"
+                ) from e
+            writer.write_table(table, row_group_size=1)
+            shard_cases[-1].append(row["case_id"])
+            current_bytes += size
+        if writer is None:
+            writer = open_new()
+        writer.close()
+        writer = None
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        for temp in temp_paths:
+            temp.unlink(missing_ok=True)
+        raise
+
+    root = Path(release_root)
+    infos = []
+    for i, (temp, ids) in enumerate(zip(temp_paths, shard_cases)):
+        final = out_dir / shard_name(split, i, len(temp_paths))
+        os.replace(temp, final)
+        infos.append(ShardInfo(final.relative_to(root).as_posix(), tuple(ids), final.stat().st_size))
+    log.info("wrote %d shard(s) of %s in %s", len(infos), split, out_dir)
+    return infos

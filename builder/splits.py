@@ -1,0 +1,202 @@
+"""Patient-grouped, diagnosis-stratified, burden-balanced splits that never move a published case.
+
+A release has a held-out ``test`` split of patients and ``N_FOLDS`` cross-validation folds on
+the rest (``train``). Every exam of a patient lands in the same split and fold, so no patient is
+on both sides of a fold or of the test boundary (nnU-Net's own random per-case split would do
+that). Within each diagnosis (HL / NHL) patients are placed one by one, heaviest lesion burden
+first, into the bin (test or a fold) that is least filled relative to its target share
+(``TEST_FRACTION`` for test, the rest shared by the folds), ties broken by the bin with the least
+burden so far, then by a seeded hash of the patient, so the result is deterministic and
+independent of input order.
+
+An update release (``previous=``) keeps every published case where it was, puts a known patient's
+new exams in that patient's bin, and places only new patients, with the same rule, so the
+balance is kept as the dataset grows.
+
+Example:
+    >>> cases = [SplitCase("LA-1", "LP-1", "HL", 12.0), SplitCase("LA-2", "LP-2", "HL", 3.0)]
+    >>> placed = assign_splits(cases, seed=0)
+    >>> sorted(placed) == ["LA-1", "LA-2"]
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Diagnosis, Split
+
+log = logging.getLogger(__name__)
+
+SPLITS_NAME = "splits.json"
+TEST_FOLD = -1
+
+
+@dataclass(frozen=True)
+class SplitCase:
+    """What the split needs to know about one case (exam)."""
+
+    case_id: str
+    subject_id: str
+    diagnosis: str
+    burden: float  # lesion burden, e.g. total metabolic tumour volume in ml
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a case goes: ``split`` test with fold -1, or train with fold 0..n_folds-1."""
+
+    subject_id: str
+    diagnosis: str
+    split: Split
+    fold: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"subject_id": self.subject_id, "diagnosis": self.diagnosis, "split": self.split.value, "fold": self.fold}
+
+
+def _bin_of(split: Split, fold: int) -> int:
+    # Bin 0 is test, bins 1..n are folds 0..n-1.
+    return 0 if split is Split.TEST else fold + 1
+
+
+def _placement_of(bin_index: int) -> tuple[Split, int]:
+    return (Split.TEST, TEST_FOLD) if bin_index == 0 else (Split.TRAIN, bin_index - 1)
+
+
+def _tie_key(seed: int, subject_id: str, bin_index: int = -1) -> str:
+    return hashlib.sha256(f"{seed}:{subject_id}:{bin_index}".encode()).hexdigest()
+
+
+def assign_splits(
+    cases: Iterable[SplitCase],
+    *,
+    seed: int = 0,
+    n_folds: int = N_FOLDS,
+    test_fraction: float = TEST_FRACTION,
+    previous: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Placement]:
+    """Place every case in test or a train fold; returns ``{case_id: Placement}``.
+
+    ``previous`` is the ``"cases"`` mapping of an earlier release's ``splits.json``: those cases
+    keep their split and fold, and a known patient's new exams join that patient's bin.
+
+    Example:
+        >>> a = assign_splits([SplitCase("LA-1", "LP-1", "NHL", 1.0)], seed=3)
+        >>> a["LA-1"].split.value in ("train", "test")
+        True
+    """
+    cases = sorted(cases, key=lambda c: c.case_id)
+    if not 0 < test_fraction < 1 or n_folds < 2:
+        raise ValueError(f"need 0 < test_fraction < 1 and n_folds >= 2, got {test_fraction}, {n_folds}")
+    weights = [test_fraction] + [(1 - test_fraction) / n_folds] * n_folds
+    previous = previous or {}
+
+    by_subject: dict[str, list[SplitCase]] = defaultdict(list)
+    for case in cases:
+        try:
+            Diagnosis(case.diagnosis)
+        except ValueError as e:
+            raise SchemaError(f"case {case.case_id}: diagnosis {case.diagnosis!r} is not one of HL, NHL") from e
+        by_subject[case.subject_id].append(case)
+
+    # Bins already taken by published cases (patients of the previous release).
+    subject_bin: dict[str, int] = {}
+    subject_diagnosis: dict[str, str] = {}
+    for case_id, entry in sorted(previous.items()):
+        subject, fold = entry["subject_id"], int(entry["fold"])
+        split = Split(entry["split"])
+        if split is Split.TRAIN and not 0 <= fold < n_folds:
+            raise SchemaError(f"previous splits: case {case_id} is in train with fold {fold}, outside 0..{n_folds - 1}")
+        b = _bin_of(split, fold)
+        if subject_bin.setdefault(subject, b) != b:
+            raise SchemaError(
+                f"previous splits put patient {subject} in two places (case {case_id}); "
+                "the previous release is inconsistent and cannot be extended"
+            )
+        subject_diagnosis.setdefault(subject, entry["diagnosis"])
+    for case in cases:
+        if case.case_id in previous and previous[case.case_id]["subject_id"] != case.subject_id:
+            raise SchemaError(
+                f"case {case.case_id} belonged to patient {previous[case.case_id]['subject_id']} in the previous "
+                f"release and to {case.subject_id} now; case and subject ids must be stable across releases"
+            )
+
+    # Per-diagnosis fill of each bin, counting every patient of this release (kept or new).
+    counts: dict[str, list[int]] = defaultdict(lambda: [0] * (n_folds + 1))
+    burdens: dict[str, list[float]] = defaultdict(lambda: [0.0] * (n_folds + 1))
+
+    def stratum(subject: str) -> str:
+        return subject_diagnosis.get(subject) or by_subject[subject][0].diagnosis
+
+    def burden(subject: str) -> float:
+        return sum(max(c.burden, 0.0) for c in by_subject[subject])
+
+    for subject in sorted(by_subject):
+        if subject in subject_bin:
+            counts[stratum(subject)][subject_bin[subject]] += 1
+            burdens[stratum(subject)][subject_bin[subject]] += burden(subject)
+
+    new_subjects = [s for s in by_subject if s not in subject_bin]
+    new_subjects.sort(key=lambda s: (-burden(s), _tie_key(seed, s)))
+    for subject in new_subjects:
+        key = stratum(subject)
+        fill = counts[key]
+        load = burdens[key]
+        best = min(
+            range(n_folds + 1),
+            key=lambda b: (
+                round((fill[b] + 1) / weights[b], 9),
+                round(load[b] / weights[b], 9),
+                _tie_key(seed, subject, b),
+            ),
+        )
+        subject_bin[subject] = best
+        fill[best] += 1
+        load[best] += burden(subject)
+
+    placements = {}
+    for case in cases:
+        split, fold = _placement_of(subject_bin[case.subject_id])
+        placements[case.case_id] = Placement(case.subject_id, case.diagnosis, split, fold)
+    moved = [c for c in previous if c in placements and placements[c].to_dict()["fold"] != int(previous[c]["fold"])]
+    if moved:  # cannot happen by construction; a guard for future edits
+        raise RuntimeError(f"published cases would move folds: {moved[:5]}")
+    log.info(
+        "placed %d cases of %d patients (%d new patients)", len(placements), len(by_subject), len(new_subjects)
+    )
+    return placements
+
+
+def splits_document(
+    placements: Mapping[str, Placement], *, version: str, seed: int, n_folds: int = N_FOLDS
+) -> dict[str, Any]:
+    """The ``splits.json`` content (docs/contracts.md section 4), cases sorted by id."""
+    return {
+        "version": version,
+        "seed": seed,
+        "n_folds": n_folds,
+        "cases": {case_id: placements[case_id].to_dict() for case_id in sorted(placements)},
+    }
+
+
+def read_splits(release_dir: str | Path) -> dict[str, Any]:
+    """Read ``<release_dir>/splits.json`` (the previous release of an update)."""
+    path = Path(release_dir) / SPLITS_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise SchemaError(f"{path} not found: {release_dir} is not a LymphAtlas release folder") from e
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(doc.get("cases"), dict):
+        raise SchemaError(f"{path} has no 'cases' mapping; it was not written by the LymphAtlas builder")
+    return doc

@@ -1,0 +1,202 @@
+"""A release's ``manifest.json``: every file with its sha256 and size, and each case's content hash.
+
+The builder writes it last (:func:`build_manifest`); the client checks a downloaded or mirrored
+release against it (:func:`verify_files`, :func:`verify_release`) and a decoded case against its
+content hash (:func:`content_hash`).
+
+Layout (docs/contracts.md section 4)::
+
+    {"version": "1.0.0", "schema_version": "1.0", "builder_version": "0.1.0",
+     "files": {"data/hl/train-00000-of-00001.parquet": {"sha256": "...", "size": 123}, ...},
+     "cases": {"LA-3f9c2a1b": "<content hash>", ...}}
+
+Example:
+    >>> import numpy as np
+    >>> z = np.zeros((2, 2, 2))
+    >>> len(content_hash(z, z, z, np.eye(4)))
+    64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lymphatlas_ds import schema
+from lymphatlas_ds.errors import IntegrityError, SchemaError
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (shards are hundreds of MiB).
+
+    Example:
+        >>> sha256_file(__file__) == sha256_file(__file__)
+        True
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine_ras: np.ndarray) -> str:
+    """The content hash of a case: sha256 over its voxels and its geometry.
+
+    Hashes the C-order little-endian bytes of ``ct`` (int16), ``pet`` (float32), ``label``
+    (uint8), all ``[z, y, x]``, then the 4x4 RAS affine as float64, as a NIfTI reader returns it.
+    The same case hashes the same whether read from the WORK ``.nii.gz`` files or from a shard,
+    so a client can check each decoded case against ``manifest["cases"]``.
+
+    Example:
+        >>> a = np.ones((2, 3, 4))
+        >>> content_hash(a, a, a, np.eye(4)) == content_hash(a, a, a, np.eye(4))
+        True
+    """
+    digest = hashlib.sha256()
+    for array, dtype in (
+        (ct, schema.CT_DTYPE),
+        (pet, schema.PET_DTYPE),
+        (label, schema.LABEL_DTYPE),
+        (affine_ras, "float64"),
+    ):
+        digest.update(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def release_files(release_dir: str | Path) -> list[str]:
+    """Every file of a release folder as sorted POSIX relative paths, the manifest itself excluded.
+
+    Hidden files and folders (``.cache``, ``.git``, ``.huggingface``) are not part of a release.
+    """
+    root = Path(release_dir)
+    out = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.as_posix() != MANIFEST_NAME and not any(p.startswith(".") for p in rel.parts):
+            out.append(rel.as_posix())
+    return sorted(out)
+
+
+def build_manifest(
+    release_dir: str | Path,
+    *,
+    version: str,
+    builder_version: str,
+    cases: dict[str, str],
+    schema_version: str = schema.SCHEMA_VERSION,
+) -> dict[str, Any]:
+    """Describe every file now in ``release_dir`` (sha256, size) and each case's content hash.
+
+    Example:
+        >>> m = build_manifest(".", version="1.0.0", builder_version="0.1.0", cases={})  # doctest: +SKIP
+    """
+    root = Path(release_dir)
+    files = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in release_files(root)}
+    return {
+        "version": version,
+        "schema_version": schema_version,
+        "builder_version": builder_version,
+        "files": files,
+        "cases": dict(sorted(cases.items())),
+    }
+
+
+def dumps(manifest: dict[str, Any]) -> str:
+    """The canonical text of a manifest (sorted keys, two-space indent, final newline): deterministic."""
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
+def read_manifest(release_dir: str | Path) -> dict[str, Any]:
+    """Read and check the shape of ``<release_dir>/manifest.json``.
+
+    Example:
+        >>> read_manifest("lymphatlas")["version"]  # doctest: +SKIP
+        '1.0.0'
+    """
+    path = Path(release_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise SchemaError(f"{path} not found: {release_dir} is not a LymphAtlas release folder") from e
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path} is not valid JSON ({e}); re-download the release") from e
+    missing = [k for k in ("version", "schema_version", "builder_version", "files", "cases") if k not in manifest]
+    if missing:
+        raise SchemaError(f"{path} lacks the keys {missing}; it was not written by the LymphAtlas builder")
+    return manifest
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """One file of a release that does not match its manifest."""
+
+    path: str
+    problem: str  # "missing" | "size" | "sha256" | "unlisted"
+    expected: str | int | None = None
+    found: str | int | None = None
+
+    def __str__(self) -> str:
+        if self.problem == "missing":
+            return f"{self.path}: listed in the manifest but missing"
+        if self.problem == "unlisted":
+            return f"{self.path}: present but not listed in the manifest"
+        return f"{self.path}: {self.problem} {self.found} != manifest {self.expected}"
+
+
+def verify_files(
+    release_dir: str | Path, manifest: dict[str, Any] | None = None, *, check_sha256: bool = True
+) -> list[FileProblem]:
+    """Compare the files of ``release_dir`` with the manifest; an empty list means all match.
+
+    Sizes are always compared; sha256 too unless ``check_sha256=False`` (a quick check).
+
+    Example:
+        >>> problems = verify_files("lymphatlas")  # doctest: +SKIP
+        >>> problems
+        []
+    """
+    root = Path(release_dir)
+    manifest = manifest if manifest is not None else read_manifest(root)
+    problems = []
+    for rel, entry in sorted(manifest["files"].items()):
+        path = root / rel
+        if not path.is_file():
+            problems.append(FileProblem(rel, "missing"))
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(FileProblem(rel, "size", entry["size"], size))
+        elif check_sha256 and (found := sha256_file(path)) != entry["sha256"]:
+            problems.append(FileProblem(rel, "sha256", entry["sha256"], found))
+    for rel in release_files(root):
+        if rel not in manifest["files"]:
+            problems.append(FileProblem(rel, "unlisted"))
+    return problems
+
+
+def verify_release(release_dir: str | Path, *, check_sha256: bool = True) -> dict[str, Any]:
+    """Raise :class:`IntegrityError` naming every bad file, else return the manifest.
+
+    Example:
+        >>> verify_release("lymphatlas")["version"]  # doctest: +SKIP
+        '1.0.0'
+    """
+    manifest = read_manifest(release_dir)
+    problems = verify_files(release_dir, manifest, check_sha256=check_sha256)
+    if problems:
+        listing = "; ".join(str(p) for p in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise IntegrityError(
+            f"release {release_dir} (version {manifest['version']}) does not match its manifest: {listing}{more}. "
+            "Re-download or re-copy the release; a published version never changes."
+        )
+    return manifest
