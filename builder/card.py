@@ -37,22 +37,30 @@ def data_files(config: Config, split: Split) -> str:
     return f"data/{folder}/{split.value}-*.parquet"
 
 
-def configs_yaml() -> list[dict[str, Any]]:
-    """The ``configs:`` entries of the card: all (default), hl, nhl, each with a train and a test split."""
+def _in_config(path: str, config: Config) -> bool:
+    return config is Config.ALL or path.startswith(f"data/{config.value}/")
+
+
+def _shards_of(shards: Sequence[ShardInfo], config: Config, split: Split) -> list[ShardInfo]:
+    return [s for s in shards if _in_config(s.path, config) and Path(s.path).name.startswith(split.value + "-")]
+
+
+def configs_yaml(shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
+    """The ``configs:`` entries of the card: all (default), hl, nhl, each with its train and test split.
+
+    A split with no case (possible in a small release) is left out: ``datasets`` cannot resolve a
+    pattern that matches no file.
+    """
     out = []
     for config in Config:
-        entry: dict[str, Any] = {
-            "config_name": config.value,
-            "data_files": [{"split": s.value, "path": data_files(config, s)} for s in Split],
-        }
+        files = [{"split": s.value, "path": data_files(config, s)} for s in Split if _shards_of(shards, config, s)]
+        if not files:
+            continue
+        entry: dict[str, Any] = {"config_name": config.value, "data_files": files}
         if config is Config.ALL:
             entry["default"] = True
         out.append(entry)
     return out
-
-
-def _in_config(path: str, config: Config) -> bool:
-    return config is Config.ALL or path.startswith(f"data/{config.value}/")
 
 
 def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
@@ -61,7 +69,9 @@ def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]
     for config in Config:
         split_dict = datasets.SplitDict()
         for split in Split:
-            chosen = [s for s in shards if _in_config(s.path, config) and Path(s.path).name.startswith(split.value + "-")]
+            chosen = _shards_of(shards, config, split)
+            if not chosen:
+                continue
             split_dict.add(
                 datasets.SplitInfo(
                     name=split.value,
@@ -70,6 +80,8 @@ def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]
                 )
             )
         size = sum(s.size for s in shards if _in_config(s.path, config))
+        if not size:
+            continue
         info = datasets.DatasetInfo(
             features=features(), splits=split_dict, config_name=config.value, download_size=size, dataset_size=size
         )
@@ -88,7 +100,7 @@ def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> Dat
         tags=["medical", "pet-ct", "fdg-pet", "lymphoma", "3d", "nifti", "nnunet", "segmentation"],
         pretty_name=f"{schema.DATASET_NAME}: whole-body FDG PET/CT lymphoma segmentation",
         size_categories=[size_category],
-        configs=configs_yaml(),
+        configs=configs_yaml(shards),
         dataset_info=dataset_info_yaml(statistics, shards),
     )
 

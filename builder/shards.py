@@ -10,8 +10,9 @@ columns. Choices, measured in ``benchmarks/bench_shards.py``:
   times faster;
 - one case per row group, so a reader (or ``streaming=True``) touches one case at a time;
 - no dictionary encoding and no statistics on the image columns (useless on blobs);
-- a shard holds at most ``schema.SHARD_MAX_BYTES`` of uncompressed NIfTI bytes, hence is smaller
-  than that on disk; a case larger than the bound gets a shard of its own.
+- a shard holds at most ``schema.SHARD_MAX_BYTES`` of uncompressed NIfTI bytes, so on disk it is
+  at most that plus its footer (schema and features, a few KiB); a case larger than the bound
+  gets a shard of its own.
 
 Example:
     >>> feats = features()
@@ -106,12 +107,13 @@ def write_shards(
     """Write ``rows`` (one dict per case, in the order given) as ``<split>-i-of-N`` shards in ``out_dir``.
 
     Rows are consumed one at a time, so only one case is in memory. Files are first written under
-    hidden temporary names and renamed once ``N`` is known. With no rows, one empty shard is
-    written so that every config keeps both splits. Returns the shards in order.
+    hidden temporary names and renamed once ``N`` is known. With no rows nothing is written
+    (``datasets`` refuses a split made of empty files: the card then omits that split).
+    Returns the shards in order.
 
     Example:
-        >>> write_shards([], tmp / "data" / "hl", split="test", release_root=tmp)  # doctest: +SKIP
-        [ShardInfo(path='data/hl/test-00000-of-00001.parquet', case_ids=(), size=...)]
+        >>> [s.path for s in write_shards(rows, tmp / "data" / "hl", split="test", release_root=tmp)]  # doctest: +SKIP
+        ['data/hl/test-00000-of-00001.parquet']
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,10 +147,9 @@ def write_shards(
             writer.write_table(table, row_group_size=1)
             shard_cases[-1].append(row["case_id"])
             current_bytes += size
-        if writer is None:
-            writer = open_new()
-        writer.close()
-        writer = None
+        if writer is not None:
+            writer.close()
+            writer = None
     except BaseException:
         if writer is not None:
             writer.close()

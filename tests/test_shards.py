@@ -1,0 +1,173 @@
+"""Codec and parquet shards: round trips against the arrays written, nibabel and datasets as peers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import datasets
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from builder.shards import arrow_schema, features, shard_name, write_shards
+from lymphatlas_ds import codec
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS
+
+OBLIQUE = np.array(
+    [
+        [-0.97, 0.05, 0.0, 251.3],
+        [-0.05, -0.97, 0.1, 180.25],
+        [0.0, 0.1, 2.99, -612.7],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def _volumes(rng: np.random.Generator, shape=(7, 9, 11)):
+    return {
+        "ct": rng.integers(-1024, 3000, shape).astype(np.int16),
+        "pet": rng.gamma(2.0, 1.5, shape).astype(np.float32),
+        "label": (rng.random(shape) > 0.9).astype(np.uint8),
+    }
+
+
+@pytest.mark.parametrize("name", IMAGE_COLUMNS)
+def test_codec_round_trip_and_nibabel_reads_the_same_voxels(name):
+    array = _volumes(np.random.default_rng(1))[name]
+    cell = codec.encode_volume(array, OBLIQUE, codec.cell_path("LA-1", name))
+    assert cell["path"] == f"LA-1_{name}.nii"
+    assert cell["bytes"][:2] != b"\x1f\x8b"  # raw NIfTI, the parquet codec compresses
+    decoded, affine = codec.decode_volume(cell)
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
+    np.testing.assert_allclose(affine, OBLIQUE, atol=1e-4)  # sform is float32 in NIfTI-1
+    # The peer: nibabel reading the cell as a NIfTI file ([x, y, z] order) sees the same voxels.
+    image = nib.Nifti1Image.from_bytes(cell["bytes"])
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj), array.transpose(2, 1, 0))
+    np.testing.assert_array_equal(image.affine, affine)
+    assert image.header["sform_code"] == 1 and image.header["qform_code"] == 1
+
+
+def test_codec_view_is_read_only_and_copy_is_writable():
+    array = _volumes(np.random.default_rng(2))["pet"]
+    cell = codec.encode_volume(array, np.eye(4), "x")
+    view, _ = codec.decode_volume(cell, copy=False)
+    assert not view.flags.writeable and view.flags.c_contiguous
+    copied, _ = codec.decode_volume(cell)
+    copied[0, 0, 0] = -1.0  # must not raise
+
+
+def test_codec_accepts_gzipped_cells_and_scaled_files():
+    array = _volumes(np.random.default_rng(3))["ct"]
+    cell = codec.encode_volume(array, np.eye(4), "x")
+    np.testing.assert_array_equal(codec.decode_volume({"bytes": gzip.compress(cell["bytes"]), "path": "x.nii.gz"})[0], array)
+    # A file written by another tool with slope/intercept (as dcm2niix does): values as nibabel scales them.
+    image = nib.Nifti1Image(array.transpose(2, 1, 0), np.eye(4))
+    image.header.set_slope_inter(2.0, -1024.0)
+    decoded, _ = codec.decode_volume(image.to_bytes())
+    peer = nib.Nifti1Image.from_bytes(image.to_bytes())
+    np.testing.assert_allclose(decoded, np.asanyarray(peer.dataobj).transpose(2, 1, 0))
+    np.testing.assert_allclose(decoded, array * 2.0 - 1024.0)
+
+
+def test_codec_errors_name_the_cell():
+    cell = codec.encode_volume(np.zeros((4, 4, 4), np.int16), np.eye(4), "LA-9_ct")
+    with pytest.raises(SchemaError, match="LA-9_ct.nii.*truncated"):
+        codec.decode_volume({"bytes": cell["bytes"][:-10], "path": cell["path"]})
+    with pytest.raises(SchemaError, match="not a NIfTI-1"):
+        codec.decode_volume({"bytes": b"x" * 400, "path": "bad.nii"})
+    with pytest.raises(SchemaError, match="no bytes"):
+        codec.decode_volume({"bytes": None, "path": "LA-9_ct.nii"})
+    with pytest.raises(SchemaError, match="3-D"):
+        codec.encode_volume(np.zeros((4, 4)), np.eye(4), "flat")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6)),
+    dtype=st.sampled_from(["int16", "float32", "uint8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_codec_round_trip_property(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    array = (rng.normal(0, 100, shape)).astype(dtype)
+    affine = np.diag([*rng.uniform(0.5, 5, 3), 1.0])
+    affine[:3, 3] = rng.uniform(-500, 500, 3)
+    decoded, back = codec.decode_volume(codec.encode_volume(array, affine, "p"))
+    np.testing.assert_array_equal(decoded, array)
+    np.testing.assert_allclose(back, affine, rtol=1e-6, atol=1e-4)
+
+
+def test_encoding_is_deterministic():
+    vols = _volumes(np.random.default_rng(4))
+    assert codec.encode_volume(vols["pet"], OBLIQUE, "a")["bytes"] == codec.encode_volume(vols["pet"], OBLIQUE, "a")["bytes"]
+
+
+def _row(case_id: str, rng: np.random.Generator, shape=(5, 6, 7)) -> dict:
+    row = {name: None for name in METADATA_COLUMNS}
+    row.update(case_id=case_id, subject_id="LP-" + case_id, diagnosis="HL", split="train", fold=0, exam_index=0)
+    row.update(spacing=[2.0, 2.0, 3.0], shape=list(shape), affine=list(np.eye(4).ravel()), lesion_count=1, tmtv_ml=1.5)
+    vols = _volumes(rng, shape)
+    row.update({n: codec.encode_volume(vols[n], np.eye(4), codec.cell_path(case_id, n)) for n in IMAGE_COLUMNS})
+    return row, vols
+
+
+def test_shards_are_bounded_one_case_per_row_group_and_load_with_datasets(tmp_path):
+    rng = np.random.default_rng(5)
+    made = [_row(f"LA-{i}", rng) for i in range(5)]
+    raw_per_case = sum(len(made[0][0][n]["bytes"]) for n in IMAGE_COLUMNS)
+    bound = 2 * raw_per_case + 10  # room for two cases per shard
+    infos = write_shards((r for r, _ in made), tmp_path / "data" / "hl", split="train", release_root=tmp_path, max_bytes=bound)
+    assert [i.path for i in infos] == [f"data/hl/{shard_name('train', k, 3)}" for k in range(3)]
+    assert [i.case_ids for i in infos] == [("LA-0", "LA-1"), ("LA-2", "LA-3"), ("LA-4",)]
+    assert not list((tmp_path / "data" / "hl").glob(".*"))  # no temporary file left
+    for info in infos:
+        path = tmp_path / info.path
+        # The bound is on NIfTI bytes; on disk a shard adds only its footer (schema, features: a few KiB).
+        assert info.size == path.stat().st_size < bound + 32 * 1024
+        meta = pq.ParquetFile(path).metadata
+        assert meta.num_row_groups == meta.num_rows == len(info.case_ids)
+        assert all(meta.row_group(0).column(c).compression == "ZSTD" for c in range(meta.num_columns))
+        hf = json.loads(pq.read_schema(path).metadata[b"huggingface"])
+        assert hf["info"]["features"]["ct"]["_type"] == "Nifti"
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "data/hl/*.parquet"), split="train")
+    assert ds.features == features()
+    assert ds["case_id"] == [f"LA-{i}" for i in range(5)]
+    for k, (_, vols) in enumerate(made):
+        for name in IMAGE_COLUMNS:
+            image = ds[k][name]
+            np.testing.assert_array_equal(np.asanyarray(image.dataobj).transpose(2, 1, 0), vols[name])
+
+
+def test_a_case_larger_than_the_bound_gets_its_own_shard(tmp_path):
+    rng = np.random.default_rng(6)
+    rows = [_row(f"LA-{i}", rng)[0] for i in range(2)]
+    infos = write_shards(rows, tmp_path / "d", split="test", release_root=tmp_path, max_bytes=10)
+    assert [len(i.case_ids) for i in infos] == [1, 1]
+
+
+def test_empty_split_writes_nothing(tmp_path):
+    # datasets refuses a split made only of empty files ("corresponds to no data"): write none.
+    assert write_shards([], tmp_path / "data" / "nhl", split="test", release_root=tmp_path) == []
+    assert not list((tmp_path / "data" / "nhl").iterdir())
+
+
+def test_written_schema_is_the_features_schema(tmp_path):
+    row, _ = _row("LA-1", np.random.default_rng(8))
+    (info,) = write_shards([row], tmp_path / "d", split="train", release_root=tmp_path)
+    written = pq.read_schema(tmp_path / info.path)
+    assert written.metadata == arrow_schema().metadata
+    assert datasets.Features.from_arrow_schema(written) == features()
+
+
+def test_a_bad_row_names_the_case_and_leaves_no_file(tmp_path):
+    row, _ = _row("LA-bad", np.random.default_rng(7))
+    row["fold"] = "zero"
+    with pytest.raises(SchemaError, match="LA-bad"):
+        write_shards([row], tmp_path / "d", split="train", release_root=tmp_path)
+    assert not list((tmp_path / "d").iterdir())

@@ -1,0 +1,139 @@
+"""Splits: patient grouping, stratification, burden balance, determinism, updates that move nothing."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter, defaultdict
+
+import pytest
+
+from builder.splits import SplitCase, assign_splits, splits_document
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Split
+
+
+def cohort(n_patients: int, *, seed: int = 0, prefix: str = "P", start: int = 0) -> list[SplitCase]:
+    """A cohort like the paper's: about 30 % HL, 1-4 exams per patient, skewed lesion burden."""
+    rng = random.Random(seed)
+    cases = []
+    for p in range(start, start + n_patients):
+        subject = f"{prefix}{p:04d}"
+        diagnosis = "HL" if rng.random() < 0.3 else "NHL"
+        for e in range(rng.choice([1, 1, 2, 3, 4])):
+            cases.append(SplitCase(f"C-{subject}-{e}", subject, diagnosis, rng.lognormvariate(3.0, 1.2)))
+    return cases
+
+
+def bins_by_subject(cases, placed):
+    out = defaultdict(set)
+    for c in cases:
+        out[c.subject_id].add((placed[c.case_id].split, placed[c.case_id].fold))
+    return out
+
+
+def test_every_patient_is_on_one_side_only():
+    cases = cohort(220)
+    placed = assign_splits(cases, seed=0)
+    assert set(placed) == {c.case_id for c in cases}
+    for subject, bins in bins_by_subject(cases, placed).items():
+        assert len(bins) == 1, f"patient {subject} spans {bins}"
+    for p in placed.values():
+        assert (p.split is Split.TEST) == (p.fold == -1)
+        assert p.fold in range(-1, N_FOLDS)
+
+
+def test_stratified_by_diagnosis_with_the_test_fraction():
+    cases = cohort(220)
+    placed = assign_splits(cases, seed=0)
+    subjects = {c.subject_id: c.diagnosis for c in cases}
+    for diagnosis in ("HL", "NHL"):
+        members = [s for s, d in subjects.items() if d == diagnosis]
+        bin_of = {c.subject_id: (placed[c.case_id].split, placed[c.case_id].fold) for c in cases}
+        counts = Counter(bin_of[s] for s in members)
+        n_test = counts[(Split.TEST, -1)]
+        assert abs(n_test - TEST_FRACTION * len(members)) <= 1
+        folds = [counts[(Split.TRAIN, k)] for k in range(N_FOLDS)]
+        assert max(folds) - min(folds) <= 1, folds
+
+
+def _fold_burden_spread(cases, fold_of_subject):
+    burden = defaultdict(float)
+    for c in cases:
+        if fold_of_subject.get(c.subject_id, -1) >= 0:
+            burden[fold_of_subject[c.subject_id]] += c.burden
+    values = [burden[k] for k in range(N_FOLDS)]
+    return (max(values) - min(values)) / statistics.fmean(values)
+
+
+def test_lesion_burden_is_balanced_better_than_random_grouped_folds():
+    cases = cohort(220, seed=3)
+    placed = assign_splits(cases, seed=0)
+    ours = _fold_burden_spread(cases, {c.subject_id: placed[c.case_id].fold for c in cases})
+    # Baseline: random patient-grouped folds of the same train patients.
+    train_subjects = sorted({c.subject_id for c in cases if placed[c.case_id].split is Split.TRAIN})
+    rng = random.Random(0)
+    spreads = []
+    for _ in range(200):
+        rng.shuffle(train_subjects)
+        spreads.append(_fold_burden_spread(cases, {s: i % N_FOLDS for i, s in enumerate(train_subjects)}))
+    assert ours < statistics.median(spreads) / 2, (ours, statistics.median(spreads))
+
+
+def test_deterministic_independent_of_input_order_and_seeded():
+    cases = cohort(80)
+    first = assign_splits(cases, seed=7)
+    shuffled = list(cases)
+    random.Random(1).shuffle(shuffled)
+    assert assign_splits(shuffled, seed=7) == first
+    assert assign_splits(cases, seed=8) != first
+
+
+def test_update_keeps_published_cases_and_places_new_patients_in_balance():
+    old = cohort(150, seed=1)
+    placed_old = assign_splits(old, seed=0)
+    previous = splits_document(placed_old, version="1.0.0", seed=0)["cases"]
+    # 1.1.0: every old case, a new exam for ten known patients, 70 new patients.
+    known = sorted({c.subject_id for c in old})[:10]
+    extra = [SplitCase(f"C-{s}-new", s, next(c.diagnosis for c in old if c.subject_id == s), 5.0) for s in known]
+    new = cohort(70, seed=2, prefix="N")
+    cases = old + extra + new
+    placed = assign_splits(cases, seed=0, previous=previous)
+    for case_id, entry in previous.items():
+        assert (placed[case_id].split.value, placed[case_id].fold) == (entry["split"], entry["fold"])
+    for c in extra:
+        first = next(o for o in old if o.subject_id == c.subject_id)
+        assert placed[c.case_id].fold == placed_old[first.case_id].fold
+    for bins in bins_by_subject(cases, placed).values():
+        assert len(bins) == 1
+    # Balance kept over the grown cohort: per diagnosis, the test share and fold sizes stay even.
+    subjects = {c.subject_id: c.diagnosis for c in cases}
+    bin_of = {c.subject_id: (placed[c.case_id].split, placed[c.case_id].fold) for c in cases}
+    for diagnosis in ("HL", "NHL"):
+        members = [s for s, d in subjects.items() if d == diagnosis]
+        counts = Counter(bin_of[s] for s in members)
+        assert abs(counts[(Split.TEST, -1)] - TEST_FRACTION * len(members)) <= 2
+        folds = [counts[(Split.TRAIN, k)] for k in range(N_FOLDS)]
+        assert max(folds) - min(folds) <= 2, folds
+
+
+def test_update_rejects_a_case_that_changed_patient():
+    old = cohort(10)
+    previous = splits_document(assign_splits(old), version="1.0.0", seed=0)["cases"]
+    moved = [SplitCase(c.case_id, "SOMEONE-ELSE" if i == 0 else c.subject_id, c.diagnosis, c.burden) for i, c in enumerate(old)]
+    with pytest.raises(SchemaError, match=old[0].case_id):
+        assign_splits(moved, previous=previous)
+
+
+def test_inconsistent_previous_splits_are_refused():
+    previous = {
+        "A": {"subject_id": "S1", "diagnosis": "HL", "split": "train", "fold": 0},
+        "B": {"subject_id": "S1", "diagnosis": "HL", "split": "train", "fold": 3},
+    }
+    with pytest.raises(SchemaError, match="S1"):
+        assign_splits([SplitCase("A", "S1", "HL", 1.0)], previous=previous)
+
+
+def test_unknown_diagnosis_names_the_case():
+    with pytest.raises(SchemaError, match="C-1.*DLBCL"):
+        assign_splits([SplitCase("C-1", "S", "DLBCL", 1.0)])
