@@ -26,6 +26,7 @@ import html
 import json
 import logging
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def write_report(
     *,
     force: bool = False,
     display: figures.Display = figures.DEFAULT_DISPLAY,
+    workers: int = 1,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Path:
     """Render the QC report of ``work`` into ``out`` (default ``work/qc``) and return its index.html.
@@ -71,6 +73,7 @@ def write_report(
         out: report folder; created if missing.
         force: redraw every picture even where the cached one is up to date.
         display: CT window, PET scales and resolution of the pictures.
+        workers: processes drawing pictures in parallel (a whole-body case takes a few seconds).
         progress: wraps the iteration over cases (the CLI passes tqdm).
 
     Example:
@@ -83,8 +86,16 @@ def write_report(
     case_dirs = sorted(p.parent for p in (work / "cases").glob(f"*/{CASE_JSON}"))
     failures = _read_json(work / "failures.json", default=[])
     build = _read_json(work / "build.json", default=None)
-    iterator: Iterable[Path] = progress(case_dirs) if progress is not None else case_dirs
-    shown = [render_case_images(d, out / "cases" / d.name, force=force, display=display) for d in iterator]
+    if workers > 1 and len(case_dirs) > 1:
+        # Processes, not threads: drawing is CPU-bound Python (matplotlib) and holds the GIL.
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(render_case_images, d, out / "cases" / d.name, force=force, display=display)
+                       for d in case_dirs]
+            done: Iterable = progress(futures) if progress is not None else futures
+            shown = [f.result() for f in done]
+    else:
+        iterator: Iterable[Path] = progress(case_dirs) if progress is not None else case_dirs
+        shown = [render_case_images(d, out / "cases" / d.name, force=force, display=display) for d in iterator]
     index = out / "index.html"
     page = render_html(shown, failures=failures, build=build, display=display)
     figures.write_bytes_atomic(index, page.encode("utf-8"))

@@ -169,7 +169,9 @@ def plane(volume: np.ndarray, view: View, index: int) -> np.ndarray:
     right (axial, coronal) or anterior end (sagittal).
     """
     fixed, row_axis, col_axis = _PLANES[view]
-    return _orient(np.take(volume, index, axis=fixed), fixed, row_axis, col_axis)
+    cut: list[slice | int] = [slice(None)] * 3
+    cut[fixed] = int(index)  # basic indexing: a view, where np.take would copy through the flips
+    return _orient(volume[tuple(cut)], fixed, row_axis, col_axis)
 
 
 def projection(volume: np.ndarray, view: View) -> np.ndarray:
@@ -370,9 +372,18 @@ def render_case(
     if focus is None:
         focus, in_lesion = focus_index(case.label, case.pet)
     layers = list(Layer)
-    fig = _new_figure(16.0, 9.0, display.dpi)
-    grid = fig.add_gridspec(3, len(layers) + 1, width_ratios=[1.0] * len(layers) + [1.15],
-                            left=0.035, right=0.995, bottom=0.01, top=0.9, wspace=0.04, hspace=0.12)
+    # Rows as tall as their anatomy: a whole-body coronal plane (1-2 m) gets more height than an
+    # axial one (0.5 m), every panel at the same mm-per-inch scale.
+    extent = np.array(case.shape) * np.array(case.spacing)  # mm along R, A, S
+    width_in, title_in, gap = 16.0, 0.75, 0.1
+    column_in = width_in * 0.96 / (len(layers) + 1.15 + (len(layers) + 1) * 0.04)
+    scale = column_in / max(extent[0], extent[1])
+    heights = [extent[1], extent[2], extent[2]]
+    height_in = min(sum(heights) * scale * (1 + gap) + title_in + 0.1, 30.0)
+    fig = _new_figure(width_in, height_in, display.dpi)
+    grid = fig.add_gridspec(3, len(layers) + 1, width_ratios=[1.0] * len(layers) + [1.15], height_ratios=heights,
+                            left=0.035, right=0.995, bottom=0.1 / height_in, top=1 - title_in / height_in,
+                            wspace=0.04, hspace=gap)
     heading = f"{title}  -  " if title else ""
     heading += "planes through the largest lesion" if in_lesion else "no lesion: planes through the volume centre"
     fig.suptitle(heading, fontsize=12, x=0.01, ha="left")
@@ -450,7 +461,14 @@ def before_registration(
     idx[col_axis] = cc.ravel()
     idx[3] = 1.0
     src = (to_before @ idx)[:3]
-    values = ndimage.map_coordinates(np.asarray(volume, np.float32), src, order=1, mode="constant", cval=0.0)
+    # Sample from the slab the plane's points fall in, not the whole (possibly 100M-voxel) volume:
+    # map_coordinates would first copy all of it to a contiguous float array.
+    lo = np.clip(np.floor(src.min(axis=1)).astype(int) - 1, 0, np.array(shape) - 1)
+    hi = np.clip(np.ceil(src.max(axis=1)).astype(int) + 2, 1, np.array(shape))
+    if np.any(hi <= lo):
+        return np.zeros(rr.shape, np.float32)
+    slab = np.asarray(volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], np.float32)
+    values = ndimage.map_coordinates(slab, src - lo[:, None], order=1, mode="constant", cval=0.0)
     return values.reshape(rr.shape)
 
 
@@ -479,8 +497,15 @@ def render_registration(
     case = CanonicalCase.from_arrays(ct, pet, label, affine_ras)
     if focus is None:
         focus, _ = focus_index(case.label, case.pet)
-    fig = _new_figure(12.0, 7.5, display.dpi)
-    grid = fig.add_gridspec(2, 3, left=0.07, right=0.995, bottom=0.01, top=0.9, wspace=0.04, hspace=0.1)
+    extent = np.array(case.shape) * np.array(case.spacing)  # mm along R, A, S
+    widths = [extent[0], extent[0], extent[1]]
+    row_mm = max(extent[1], extent[2])
+    title_in = 0.6
+    scale = min(12.0 * 0.9 / sum(widths), 5.5 / row_mm)  # inches per mm: 12 in wide, rows at most 5.5 in
+    width_in, height_in = sum(widths) * scale / 0.9 + 0.2, 2 * row_mm * scale * 1.08 + title_in + 0.1
+    fig = _new_figure(max(width_in, 6.0), height_in, display.dpi)
+    grid = fig.add_gridspec(2, 3, width_ratios=widths, left=0.07, right=0.995, bottom=0.1 / height_in,
+                            top=1 - title_in / height_in, wspace=0.04, hspace=0.08)
     fig.suptitle(f"{title}  -  registration check: PET with CT edges (blue)" if title else
                  "registration check: PET with CT edges (blue)", fontsize=12, x=0.01, ha="left")
     out = CaseFigure(figure=fig, focus=focus, spacing=case.spacing)

@@ -149,6 +149,18 @@ def test_pictures_are_reused_until_the_case_changes(report, tmp_path):
         case_json.write_text(original)
 
 
+def test_parallel_drawing_gives_the_same_bytes(report, tmp_path):
+    work, cases, index = report
+    out = tmp_path / "qc"
+    write_report(work, out, workers=2)
+    assert (out / "index.html").read_bytes() == index.read_bytes()
+    for c in cases:
+        for name in ("views.png", "registration.png"):
+            a = (out / "cases" / c.case_id / name).read_bytes()
+            b = (index.parent / "cases" / c.case_id / name).read_bytes()
+            assert a == b, f"{c.case_id}/{name} differs between a parallel and a serial run"
+
+
 def test_an_unreadable_case_is_reported_not_fatal(tmp_path):
     work = tmp_path / "work"
     cases = make_fake_work(work, n_patients=2, shape_zyx=(12, 16, 16))

@@ -10,6 +10,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("work", type=Path, help="WORK folder written by `python -m builder convert`")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: WORK/qc)")
     parser.add_argument("--force", action="store_true", help="redraw every picture, even the up-to-date ones")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing pictures in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -21,6 +22,6 @@ def run(args: argparse.Namespace) -> int:
     def progress(cases):
         return tqdm(cases, desc="QC pictures", unit="case", disable=args.quiet)
 
-    index = write_report(args.work, args.out, force=args.force, progress=progress)
+    index = write_report(args.work, args.out, force=args.force, workers=args.workers, progress=progress)
     print(index)
     return 0
