@@ -1,0 +1,363 @@
+"""A local decoded cache of release cases: chunked, compressed volumes a patch reads piecewise.
+
+A release shard stores each volume as one NIfTI blob, so reading any voxel means reading and
+decoding the whole volume. For training, each case is decoded once into this cache: one blosc2
+``NDArray`` file per volume (``ct``, ``pet``, ``label``), cut into 3-D chunks and compressed, so
+reading a 128^3 patch decompresses only the chunks (and blocks inside them) that it touches and a
+whole-case read decompresses with several threads. Beside them, ``case.json`` (geometry, metadata)
+and ``foreground.npy`` (a seeded sample of foreground voxel positions for patch sampling, as
+nnU-Net keeps its ``class_locations``).
+
+Layout: ``<cache>/<version>/<case_id>-<content hash[:16]>/``. The key holds the release version
+and the case's content hash from ``manifest.json``, so a case whose content changes gets a new
+entry and a stale one is never read; :meth:`DecodedCache.prune` removes entries no release uses.
+
+Safety: an entry is built in a temporary folder and renamed into place (a rename is atomic), so a
+reader never sees half an entry; a file lock per entry makes concurrent DataLoader workers or
+processes wait for the one that builds it instead of decoding the same case twice. The decoded
+voxels are checked against the manifest's content hash before the entry is published.
+
+The cache folder is ``$LYMPHATLAS_CACHE``, else ``$XDG_CACHE_HOME/lymphatlas``, else
+``~/.cache/lymphatlas`` (:func:`default_cache_dir`; the only place the client reads that variable).
+
+Example:
+    >>> from lymphatlas_ds.release import Release
+    >>> cache = DecodedCache(tmp_path / "cache")  # doctest: +SKIP
+    >>> entry = cache.ensure(Release("lymphatlas"), "LA-0000000")  # doctest: +SKIP
+    >>> entry.read_patch("ct", (slice(0, 64), slice(0, 64), slice(0, 64))).shape  # doctest: +SKIP
+    (64, 64, 64)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lymphatlas_ds import codec
+from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError
+from lymphatlas_ds.schema import CT_DTYPE, IMAGE_COLUMNS, LABEL_DTYPE, PET_DTYPE
+
+if TYPE_CHECKING:
+    from lymphatlas_ds.release import Release
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "LYMPHATLAS_CACHE"
+CACHE_FORMAT = 1
+"""Bumped when the entry layout changes; entries of another format are rebuilt."""
+
+CHUNKS = (64, 64, 64)
+"""Chunk shape ``[z, y, x]``: a 128^3 patch touches at most 3x3x3 chunks (benchmarks/bench_loader.py)."""
+BLOCKS = (16, 32, 32)
+"""Block shape inside a chunk: the unit blosc2 decompresses when only part of a chunk is read."""
+CLEVEL = 1
+MAX_FOREGROUND_SAMPLES = 10_000
+"""Foreground positions kept per case, as nnU-Net keeps at most 10,000 per class."""
+
+_DTYPES = {"ct": CT_DTYPE, "pet": PET_DTYPE, "label": LABEL_DTYPE}
+_ENTRY_JSON = "case.json"
+_FOREGROUND = "foreground.npy"
+
+
+def default_cache_dir() -> Path:
+    """The client's cache folder: ``$LYMPHATLAS_CACHE``, ``$XDG_CACHE_HOME/lymphatlas`` or ``~/.cache/lymphatlas``.
+
+    Example:
+        >>> default_cache_dir().name in ("lymphatlas",) or True
+        True
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lymphatlas"
+
+
+class CacheError(LymphAtlasError):
+    """The decoded cache cannot be written or an entry is unreadable."""
+
+
+@dataclass
+class CachedCase:
+    """One case in the decoded cache: geometry, metadata and lazily opened chunked volumes.
+
+    ``shape`` is ``(z, y, x)``; ``affine`` the RAS 4x4; ``meta`` the release's metadata row.
+    Reads return new numpy arrays (never views of the cache files).
+    """
+
+    case_id: str
+    path: Path
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    meta: dict[str, Any]
+    foreground_count: int
+
+    def __post_init__(self) -> None:
+        self._arrays: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # blosc2 handles are per process: a DataLoader worker reopens them.
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    def _array(self, name: str) -> Any:
+        import blosc2
+
+        if name not in _DTYPES:
+            raise SchemaError(f"unknown volume {name!r}; expected one of {IMAGE_COLUMNS}")
+        array = self._arrays.get(name)
+        if array is None:
+            file = self.path / f"{name}.b2nd"
+            try:
+                array = blosc2.open(str(file), mode="r")
+            except Exception as e:  # blosc2 raises RuntimeError / ValueError for bad files
+                raise CacheError(
+                    f"decoded cache file {file} of case {self.case_id} is unreadable ({e}); "
+                    f"delete {self.path} and it is rebuilt on next use"
+                ) from e
+            self._arrays[name] = array
+        return array
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole volume ``name`` (``ct``, ``pet`` or ``label``) as a numpy ``[z, y, x]`` array."""
+        return np.asarray(self._array(name)[...])
+
+    def read_patch(self, name: str, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """The voxels of ``name`` inside ``box`` (three slices within the volume, step 1): only the chunks it touches are read."""
+        return np.asarray(self._array(name)[box])
+
+    def foreground(self) -> np.ndarray:
+        """A seeded sample (at most ``MAX_FOREGROUND_SAMPLES``) of foreground voxel indices, int32 ``[n, 3]`` (z, y, x)."""
+        return np.load(self.path / _FOREGROUND)
+
+
+def _entry_name(case_id: str, content_hash: str) -> str:
+    return f"{case_id}-{content_hash[:16]}"
+
+
+def _safe_version(version: str) -> str:
+    if not version or any(c in version for c in "/\\") or version.startswith("."):
+        raise SchemaError(f"release version {version!r} cannot name a cache folder")
+    return version
+
+
+class _ContentHasher:
+    """Incremental form of :func:`lymphatlas_ds.manifest.content_hash`, fed one volume at a time.
+
+    ``manifest.content_hash(ct, pet, label, affine)`` hashes the little-endian C-order bytes of
+    the three volumes then of the affine; feeding them here in that order gives the same digest
+    without holding the three volumes at once (tests check both agree).
+    """
+
+    ORDER = ("ct", "pet", "label")
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._next = 0
+
+    def update(self, name: str, array: np.ndarray) -> None:
+        if self.ORDER[self._next] != name:
+            raise RuntimeError(f"volumes must be hashed in the order {self.ORDER}")
+        self._next += 1
+        dtype = np.dtype(_DTYPES[name]).newbyteorder("<")
+        self._digest.update(np.ascontiguousarray(array, dtype=dtype).data)
+
+    def hexdigest(self, affine: np.ndarray) -> str:
+        self._digest.update(np.ascontiguousarray(affine, dtype=np.dtype("float64").newbyteorder("<")).tobytes())
+        return self._digest.hexdigest()
+
+
+class DecodedCache:
+    """The decoded cache under ``root`` (default :func:`default_cache_dir`).
+
+    Example:
+        >>> cache = DecodedCache(tmp_path / "cache")  # doctest: +SKIP
+        >>> cache.ensure(release, case_id).shape  # doctest: +SKIP
+        (300, 512, 512)
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        *,
+        chunks: tuple[int, int, int] = CHUNKS,
+        blocks: tuple[int, int, int] = BLOCKS,
+        clevel: int = CLEVEL,
+        foreground_seed: int = 0,
+    ) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.chunks = tuple(chunks)
+        self.blocks = tuple(blocks)
+        self.clevel = clevel
+        self.foreground_seed = foreground_seed
+
+    def __repr__(self) -> str:
+        return f"DecodedCache({str(self.root)!r})"
+
+    def entry_path(self, version: str, case_id: str, content_hash: str) -> Path:
+        """The folder of one case's entry (it may not exist yet)."""
+        return self.root / _safe_version(version) / _entry_name(case_id, content_hash)
+
+    def open(self, version: str, case_id: str, content_hash: str) -> CachedCase | None:
+        """The entry of a case if it is complete and of this cache format, else ``None``."""
+        return self._load(self.entry_path(version, case_id, content_hash))
+
+    @staticmethod
+    def _load(path: Path) -> CachedCase | None:
+        try:
+            info = json.loads((path / _ENTRY_JSON).read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("format") != CACHE_FORMAT:
+            return None
+        return CachedCase(
+            case_id=info["case_id"],
+            path=path,
+            shape=tuple(info["shape_zyx"]),
+            affine=np.asarray(info["affine_ras"], dtype=np.float64),
+            meta=info["meta"],
+            foreground_count=int(info["foreground_count"]),
+        )
+
+    def ensure(self, release: Release, case_id: str) -> CachedCase:
+        """The entry of ``case_id`` of ``release``, decoding the case into the cache first if needed.
+
+        Safe to call from several threads, DataLoader workers or processes at once: one builds,
+        the others wait on the entry's file lock and then open it.
+        """
+        from filelock import FileLock
+
+        version = release.version
+        content_hash = release.manifest["cases"].get(case_id)
+        if content_hash is None:
+            raise IntegrityError(
+                f"case {case_id} has no content hash in the manifest of release {version} at {release.path}; "
+                "the release is incomplete: re-download it"
+            )
+        path = self.entry_path(version, case_id, content_hash)
+        entry = self._load(path)
+        if entry is not None:
+            return entry
+        locks = path.parent / ".locks"
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create the decoded cache folder {locks} ({e}); pass another cache_dir") from e
+        with FileLock(str(locks / f"{path.name}.lock")):
+            entry = self._load(path)  # built by another worker while this one waited
+            if entry is not None:
+                return entry
+            if path.exists():  # an entry of another cache format or a broken one
+                shutil.rmtree(path)
+            self._build(release, case_id, content_hash, path)
+        entry = self._load(path)
+        if entry is None:
+            raise CacheError(f"decoded cache entry {path} of case {case_id} could not be read back after building it")
+        return entry
+
+    def _build(self, release: Release, case_id: str, content_hash: str, path: Path) -> None:
+        import blosc2
+
+        log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        try:
+            hasher = _ContentHasher()
+            affine = None
+            shape = None
+            foreground = np.zeros((0, 3), np.int32)
+            count = 0
+            for name in _ContentHasher.ORDER:
+                # One volume at a time: the arrow buffer holds the NIfTI bytes, the array views them in place.
+                table = release.read_volume_table(case_id, name)
+                buffer = table.column(name).chunk(0).field("bytes")[0].as_buffer()
+                if buffer is None:
+                    raise SchemaError(f"case {case_id}: its {name} cell has no bytes")
+                array, vol_affine = codec.decode_volume(buffer, copy=False)
+                if array.dtype != np.dtype(_DTYPES[name]):
+                    raise SchemaError(
+                        f"case {case_id}: {name} is {array.dtype}, the schema says {_DTYPES[name]}; "
+                        "the release was not written by a matching builder"
+                    )
+                if shape is None:
+                    shape, affine = array.shape, vol_affine
+                elif array.shape != shape or not np.allclose(vol_affine, affine):
+                    raise SchemaError(f"case {case_id}: {name} is not on the CT grid (shape {array.shape} vs {shape})")
+                hasher.update(name, array)
+                cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=self.clevel, filters=[blosc2.Filter.SHUFFLE])
+                chunks = tuple(min(c, s) for c, s in zip(self.chunks, array.shape))
+                blocks = tuple(min(b, c) for b, c in zip(self.blocks, chunks))
+                blosc2.asarray(
+                    np.ascontiguousarray(array), urlpath=str(tmp / f"{name}.b2nd"), mode="w",
+                    chunks=chunks, blocks=blocks, cparams=cparams,
+                )
+                if name == "label":
+                    foreground, count = self._foreground(array, case_id)
+                del array, buffer, table
+            assert affine is not None and shape is not None  # noqa: S101 - set in the loop above
+            found = hasher.hexdigest(affine)
+            if found != content_hash:
+                raise IntegrityError(
+                    f"case {case_id} decoded from {release.locate(case_id).shard} does not match its content hash in "
+                    f"the manifest of release {release.version}: the shard is corrupt. Re-download the release, "
+                    "then run `lymphatlas verify`"
+                )
+            np.save(tmp / _FOREGROUND, foreground)
+            meta = release.read_meta(case_id)
+            info = {
+                "format": CACHE_FORMAT,
+                "case_id": case_id,
+                "version": release.version,
+                "content_hash": content_hash,
+                "shape_zyx": list(shape),
+                "affine_ras": np.asarray(affine).tolist(),
+                "foreground_count": count,
+                "meta": meta,
+            }
+            # case.json last: an entry without it is never opened.
+            (tmp / _ENTRY_JSON).write_text(json.dumps(info, sort_keys=True))
+            # Under the entry's lock nobody else publishes it; the check guards a process without the lock.
+            if path.exists():
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _foreground(self, label: np.ndarray, case_id: str) -> tuple[np.ndarray, int]:
+        positions = np.argwhere(label > 0)
+        count = len(positions)
+        if count > MAX_FOREGROUND_SAMPLES:
+            # Seeded by the case so the sample is the same in every process and on every rebuild.
+            seed = int.from_bytes(hashlib.sha256(f"{self.foreground_seed}:{case_id}".encode()).digest()[:8], "little")
+            keep = np.sort(np.random.default_rng(seed).choice(count, MAX_FOREGROUND_SAMPLES, replace=False))
+            positions = positions[keep]
+        return positions.astype(np.int32), count
+
+    def prune(self, keep: dict[str, set[str]] | None = None) -> list[Path]:
+        """Delete entries not in ``keep`` (version -> entry folder names); ``None`` deletes every entry.
+
+        Returns the removed folders. Use :meth:`entry_path` names to build ``keep``.
+        """
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for version_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if version_dir.name == "verified":
+                continue
+            wanted = (keep or {}).get(version_dir.name, set())
+            for entry in sorted(p for p in version_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if entry.name not in wanted:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed

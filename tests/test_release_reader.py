@@ -1,0 +1,179 @@
+"""lymphatlas_ds.release.Release against releases built from fake WORK folders with known arrays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.release import build_release
+from lymphatlas_ds import manifest as manifest_mod
+from lymphatlas_ds.errors import IntegrityError, SchemaError
+from lymphatlas_ds.release import Release
+from tests.support.fake_work import make_fake_work
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release_reader")
+    cases = make_fake_work(root / "work", n_patients=14, seed=3)
+    build_release(root / "work", root / "release", version="1.0.0")
+    return root / "release", {c.case_id: c for c in cases}
+
+
+@pytest.fixture
+def release_copy(built, tmp_path):
+    """A private copy of the release that a test may damage."""
+    src, truth = built
+    dst = tmp_path / "release"
+    shutil.copytree(src, dst)
+    return dst, truth
+
+
+def open_release(path: Path, tmp_path: Path, **kw) -> Release:
+    return Release(path, state_dir=tmp_path / "state", **kw)
+
+
+def test_every_case_decodes_to_the_work_arrays(built, tmp_path):
+    path, truth = built
+    release = open_release(path, tmp_path)
+    seen = []
+    for split in ("train", "test"):
+        for case in release.iter_cases("all", split, check_content=True):
+            want = truth[case.case_id]
+            seen.append(case.case_id)
+            assert case.ct.dtype == np.int16 and case.pet.dtype == np.float32 and case.label.dtype == np.uint8
+            np.testing.assert_array_equal(case.ct, want.ct)
+            np.testing.assert_array_equal(case.pet, want.pet)
+            np.testing.assert_array_equal(case.label, want.label)
+            np.testing.assert_allclose(case.affine, want.affine, atol=1e-5)
+            assert case.meta["subject_id"] == want.subject_id
+            assert case.meta["diagnosis"] == want.diagnosis
+            assert case.meta["split"] == split
+    assert sorted(seen) == sorted(truth)
+
+
+def test_configs_select_by_diagnosis_and_splits_follow_splits_json(built, tmp_path):
+    path, truth = built
+    release = open_release(path, tmp_path)
+    table = json.loads((path / "splits.json").read_text())["cases"]
+    for config, diagnoses in (("hl", {"HL"}), ("nhl", {"NHL"}), ("all", {"HL", "NHL"})):
+        for split in ("train", "test"):
+            ids = release.case_ids(config, split)
+            expected = {c for c, t in truth.items() if t.diagnosis in diagnoses and table[c]["split"] == split}
+            assert set(ids) == expected
+            meta = release.cases_table(config, split).to_pylist()
+            assert {row["case_id"] for row in meta} == expected
+            assert all(row["diagnosis"] in diagnoses for row in meta)
+    assert release.cases_table("all").num_rows == len(truth)
+
+
+def test_folds_are_disjoint_cover_train_and_match_splits_json(built, tmp_path):
+    path, truth = built
+    release = open_release(path, tmp_path)
+    table = json.loads((path / "splits.json").read_text())["cases"]
+    train = set(release.case_ids("all", "train"))
+    vals = []
+    for k in range(5):
+        val = set(release.fold_case_ids(k, "val"))
+        tr = set(release.fold_case_ids(k, "train"))
+        assert val == {c for c in train if table[c]["fold"] == k}
+        assert val.isdisjoint(tr) and val | tr == train
+        # patient-grouped: no subject on both sides of a fold
+        assert {truth[c].subject_id for c in val}.isdisjoint({truth[c].subject_id for c in tr})
+        vals.append(val)
+    assert set().union(*vals) == train and sum(len(v) for v in vals) == len(train)
+    with pytest.raises(SchemaError, match="fold"):
+        release.fold_case_ids(5, "val")
+    with pytest.raises(SchemaError, match="subset"):
+        release.fold_case_ids(0, "holdout")
+
+
+def test_read_one_volume_and_meta(built, tmp_path):
+    path, truth = built
+    release = open_release(path, tmp_path)
+    case_id = sorted(truth)[0]
+    label, affine = release.read_volume(case_id, "label")
+    np.testing.assert_array_equal(label, truth[case_id].label)
+    meta = release.read_meta(case_id)
+    assert meta["shape"] == list(truth[case_id].ct.shape)
+    assert meta["content_hash"] == release.manifest["cases"][case_id]
+    with pytest.raises(SchemaError, match="LA-nope"):
+        release.read_case("LA-nope")
+
+
+def test_modified_shard_is_detected_naming_the_file(release_copy, tmp_path):
+    path, _ = release_copy
+    release = open_release(path, tmp_path)
+    shard = path / release.shards("nhl", "train")[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as e:
+        list(release.iter_cases("nhl", "train"))
+    assert shard.name in str(e.value) and "lymphatlas verify" in str(e.value)
+
+
+def test_truncated_shard_is_detected_with_and_without_verification(release_copy, tmp_path):
+    path, _ = release_copy
+    rel = open_release(path, tmp_path).shards("hl", "train")[0]
+    shard = path / rel
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(IntegrityError, match="truncated"):
+        open_release(path, tmp_path).case_ids("hl", "train")
+    with pytest.raises(IntegrityError, match="not a readable parquet") as e:
+        open_release(path, tmp_path, verify=False).case_ids("hl", "train")
+    assert rel.split("/")[-1] in str(e.value)
+
+
+def test_corrupt_voxels_without_file_verification_fail_the_content_hash(release_copy, tmp_path):
+    """verify=False skips the sha256, but a decoded case still never comes back silently wrong."""
+    path, truth = release_copy
+    release = open_release(path, tmp_path, verify=False)
+    rel = release.shards("all", "train")[0]
+    shard = path / rel
+    data = bytearray(shard.read_bytes())
+    # Damage the middle of the file (inside a volume's compressed pages).
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        for case in Release(path, verify=False, remember=False).iter_cases("all", "train", check_content=True):
+            pass
+
+
+def test_missing_file_is_an_integrity_error(release_copy, tmp_path):
+    path, _ = release_copy
+    (path / "splits.json").unlink()
+    with pytest.raises(IntegrityError, match="splits.json is missing"):
+        open_release(path, tmp_path).splits
+
+
+def test_verification_is_remembered_until_the_file_changes(release_copy, tmp_path, monkeypatch):
+    path, _ = release_copy
+    calls = []
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    first = open_release(path, tmp_path)
+    ids = first.case_ids("all", "train")
+    first.read_case(ids[0])
+    n_first = len(calls)
+    assert n_first >= 2  # the train shards
+    second = open_release(path, tmp_path)  # a new process would see the same record
+    second.read_case(second.case_ids("all", "train")[0])
+    assert len(calls) == n_first
+    # A same-size modification changes the mtime: checked again and caught.
+    shard = path / first.shards("all", "train")[0]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=shard.name):
+        open_release(path, tmp_path).case_ids("all", "train")
+
+
+def test_not_a_release_folder(tmp_path):
+    with pytest.raises(SchemaError, match="not a LymphAtlas release"):
+        Release(tmp_path, remember=False)

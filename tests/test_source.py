@@ -1,0 +1,139 @@
+"""lymphatlas_ds.source: release folders, local mirrors and Hub repo ids (offline, from a Hub cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.release import build_release
+from lymphatlas_ds.errors import SourceError
+from lymphatlas_ds.source import SourceKind, list_versions, resolve_release, version_key
+from tests.support.fake_work import make_fake_work
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """Two versions of a release: 1.0.0, then 1.1.0 with new patients."""
+    root = tmp_path_factory.mktemp("source")
+    make_fake_work(root / "work", n_patients=4, seed=1, shape_zyx=(8, 14, 14))
+    build_release(root / "work", root / "r100", version="1.0.0")
+    make_fake_work(root / "work", n_patients=2, seed=1, shape_zyx=(8, 14, 14), first_patient=4)
+    build_release(root / "work", root / "r110", version="1.1.0", previous=root / "r100")
+    return {"1.0.0": root / "r100", "1.1.0": root / "r110"}
+
+
+@pytest.fixture
+def mirror(releases, tmp_path):
+    """A local mirror laid out as docs/contracts.md section 4 says: DIR/<version>/ + versions.json."""
+    out = tmp_path / "mirror"
+    for version, folder in releases.items():
+        shutil.copytree(folder, out / version)
+    (out / "versions.json").write_text(json.dumps({"latest": "1.1.0", "versions": ["1.1.0", "1.0.0"]}))
+    return out
+
+
+def hub_cache(releases, root: Path, repo_id: str, versions=("1.0.0", "1.1.0")) -> Path:
+    """A Hub cache laid out as huggingface_hub writes it: refs/<tag> -> commit, snapshots/<commit>/files."""
+    repo = root / ("datasets--" + repo_id.replace("/", "--"))
+    for i, version in enumerate(versions):
+        commit = f"{i + 1:040x}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / f"v{version}").write_text(commit)
+        shutil.copytree(releases[version], repo / "snapshots" / commit)
+    return root
+
+
+def test_release_folder(releases):
+    resolved = resolve_release(releases["1.0.0"])
+    assert resolved.path == releases["1.0.0"] and resolved.version == "1.0.0"
+    assert resolved.kind is SourceKind.FOLDER
+    assert resolve_release(str(releases["1.1.0"]), version="v1.1.0").version == "1.1.0"
+    with pytest.raises(SourceError, match="version 1.0.0, not 1.1.0"):
+        resolve_release(releases["1.0.0"], version="1.1.0")
+
+
+def test_mirror_defaults_to_newest_and_picks_a_version(mirror):
+    newest = resolve_release(mirror)
+    assert newest.kind is SourceKind.MIRROR and newest.version == "1.1.0"
+    assert newest.path == mirror / "1.1.0"
+    assert newest.versions == ("1.0.0", "1.1.0")
+    old = resolve_release(mirror, version="1.0.0")
+    assert old.path == mirror / "1.0.0" and old.version == "1.0.0"
+    assert list_versions(mirror) == ["1.0.0", "1.1.0"]
+    with pytest.raises(SourceError, match="no version 2.0.0; it has 1.0.0, 1.1.0"):
+        resolve_release(mirror, version="2.0.0")
+
+
+def test_mirror_listing_a_missing_folder(mirror):
+    shutil.rmtree(mirror / "1.0.0")
+    with pytest.raises(SourceError, match="incomplete"):
+        resolve_release(mirror, version="1.0.0")
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(SourceError, match="neither a release"):
+        resolve_release(tmp_path)
+    with pytest.raises(SourceError, match="does not exist"):
+        resolve_release(tmp_path / "nothing" / "here")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(SourceError, match="is a file"):
+        resolve_release(tmp_path / "f.txt")
+    with pytest.raises(SourceError, match="semantic"):
+        resolve_release(tmp_path, version="latest")
+
+
+def test_version_order():
+    assert sorted(["1.10.0", "1.2.0", "1.9.9", "0.9.0"], key=version_key) == ["0.9.0", "1.2.0", "1.9.9", "1.10.0"]
+
+
+def test_hub_call_arguments(monkeypatch, releases, tmp_path):
+    """Up to the network: snapshot_download gets the dataset repo type and the v<version> tag."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(releases["1.0.0"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    resolved = resolve_release("org/lymphatlas", version="1.0.0", cache_dir=tmp_path / "hub")
+    assert calls == [("org/lymphatlas", {"repo_type": "dataset", "revision": "v1.0.0", "cache_dir": tmp_path / "hub"})]
+    assert resolved.kind is SourceKind.HUB and resolved.version == "1.0.0"
+    # A tag whose content is another version is refused.
+    with pytest.raises(SourceError, match="manifest says version 1.0.0"):
+        resolve_release("org/lymphatlas", version="1.1.0", cache_dir=tmp_path / "hub")
+
+
+def _offline(code: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_hub_offline_from_the_local_cache(releases, tmp_path):
+    """HF_HUB_OFFLINE=1 (no network at all): the cached tags resolve through huggingface_hub itself."""
+    cache = hub_cache(releases, tmp_path / "hub", "org/lymphatlas")
+    code = (
+        "from lymphatlas_ds.source import resolve_release as r, list_versions as l\n"
+        "a = r('org/lymphatlas', version='1.0.0'); b = r('org/lymphatlas')\n"
+        "print(a.version, a.kind.value, a.path.parent.name, b.version, ','.join(l('org/lymphatlas')))\n"
+        "r('org/lymphatlas', version='3.0.0')\n"
+    )
+    result = _offline(code, cache)
+    lines = result.stdout.split()
+    assert lines == ["1.0.0", "hub", "snapshots", "1.1.0", "1.0.0,1.1.0"], result.stderr
+    assert result.returncode == 1
+    assert "SourceError" in result.stderr and "v3.0.0" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_hub_offline_unknown_repo(tmp_path):
+    result = _offline("from lymphatlas_ds.source import resolve_release as r\nr('org/absent')\n", tmp_path / "empty")
+    assert result.returncode == 1 and "no version of the Hub dataset org/absent is known" in result.stderr
