@@ -1,0 +1,227 @@
+"""Release folders: loaded with plain `datasets`, compared voxel for voxel with the WORK truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import nibabel as nib
+import numpy as np
+import pytest
+from huggingface_hub import DatasetCard
+
+from builder.__main__ import main as builder_main
+from builder.release import ReleaseError, build_release, read_cases_csv
+from lymphatlas_ds.manifest import read_manifest, verify_files, verify_release
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, RELEASE_FOLDER_NAME
+from tests.support.fake_work import make_fake_work
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    cases = make_fake_work(root / "work", n_patients=14, seed=0)
+    summary = build_release(root / "work", root / RELEASE_FOLDER_NAME, version="1.0.0")
+    return root, {c.case_id: c for c in cases}, summary
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_every_config_and_split_loads_with_datasets(released):
+    root, truth, _ = released
+    release = root / RELEASE_FOLDER_NAME
+    splits = json.loads((release / "splits.json").read_text())
+    assert set(splits["cases"]) == set(truth) and splits["n_folds"] == 5
+    assert datasets.get_dataset_config_names(str(release)) == ["all", "hl", "nhl"]
+    seen = []
+    for config in ("all", "hl", "nhl"):
+        for split in ("train", "test"):
+            ds = datasets.load_dataset(str(release), config, split=split)
+            expected = sorted(
+                c for c, e in splits["cases"].items() if e["split"] == split and config in ("all", e["diagnosis"].lower())
+            )
+            assert sorted(ds["case_id"]) == expected
+            if config != "all":
+                seen += ds["case_id"]
+    assert sorted(seen) == sorted(truth)  # hl + nhl partition the cases
+
+
+def test_decoded_volumes_equal_the_work_files_voxel_for_voxel(released):
+    root, truth, _ = released
+    ds = datasets.load_dataset(str(root / RELEASE_FOLDER_NAME), "all", split="train")
+    test = datasets.load_dataset(str(root / RELEASE_FOLDER_NAME), "all", split="test")
+    assert len(ds) + len(test) == len(truth)
+    for row in [*ds, *test]:
+        case = truth[row["case_id"]]
+        for name in IMAGE_COLUMNS:
+            image = row[name]  # decoded by datasets.Nifti with nibabel
+            voxels = np.asanyarray(image.dataobj).transpose(2, 1, 0)
+            assert voxels.dtype == getattr(case, name).dtype
+            np.testing.assert_array_equal(voxels, getattr(case, name))
+            np.testing.assert_allclose(image.affine, case.affine, atol=1e-4)
+        assert row["subject_id"] == case.subject_id and row["diagnosis"] == case.diagnosis
+        assert row["shape"] == list(case.ct.shape)
+        np.testing.assert_allclose(np.reshape(row["affine"], (4, 4)), case.affine)
+        assert row["lesion_count"] == case.case_json["lesions"]["count"]
+
+
+def test_streaming_yields_the_same_cases(released):
+    root, truth, _ = released
+    stream = datasets.load_dataset(str(root / RELEASE_FOLDER_NAME), "nhl", split="train", streaming=True)
+    n = 0
+    for row in stream:
+        for name in IMAGE_COLUMNS:
+            voxels = np.asanyarray(row[name].dataobj).transpose(2, 1, 0)
+            np.testing.assert_array_equal(voxels, getattr(truth[row["case_id"]], name))
+        n += 1
+    assert n == len(datasets.load_dataset(str(root / RELEASE_FOLDER_NAME), "nhl", split="train"))
+
+
+def test_manifest_verifies_and_hashes_match_the_work_truth(released):
+    root, truth, _ = released
+    release = root / RELEASE_FOLDER_NAME
+    manifest = verify_release(release)
+    assert manifest["version"] == "1.0.0"
+    # fake_work hashed its own arrays independently; the release hashed what it read back.
+    assert manifest["cases"] == {c: truth[c].case_json["content_hash"] for c in truth}
+    assert set(manifest["files"]) == set(_files(release)) - {"manifest.json"}
+    for rel, entry in manifest["files"].items():
+        assert entry["size"] == (release / rel).stat().st_size
+
+
+def test_verify_names_a_tampered_file(released, tmp_path):
+    root, _, _ = released
+    copy = tmp_path / "copy"
+    shutil.copytree(root / RELEASE_FOLDER_NAME, copy)
+    csv_path = copy / "metadata" / "cases.csv"
+    data = bytearray(csv_path.read_bytes())
+    data[-3] ^= 1  # same size, other content
+    csv_path.write_bytes(bytes(data))
+    (copy / "stray.txt").write_text("x")
+    problems = {(p.path, p.problem) for p in verify_files(copy)}
+    assert problems == {("metadata/cases.csv", "sha256"), ("stray.txt", "unlisted")}
+
+
+def test_cases_csv_matches_the_truth(released):
+    root, truth, _ = released
+    rows = read_cases_csv(root / RELEASE_FOLDER_NAME / "metadata" / "cases.csv")
+    assert [r["case_id"] for r in rows] == sorted(truth)
+    for row in rows:
+        case = truth[row["case_id"]]
+        assert set(METADATA_COLUMNS) <= set(row)
+        assert row["tmtv_ml"] == pytest.approx(case.case_json["lesions"]["tmtv_ml"])
+        assert row["spacing"] == case.case_json["geometry"]["spacing_xyz"]
+        assert (root / RELEASE_FOLDER_NAME / row["shard"]).is_file()
+
+
+def test_card_front_matter_parses_and_statistics_come_from_the_data(released):
+    root, truth, _ = released
+    card = DatasetCard.load(root / RELEASE_FOLDER_NAME / "README.md")
+    assert card.data.license == "other"
+    assert [c["config_name"] for c in card.data.configs] == ["all", "hl", "nhl"]
+    infos = {i["config_name"]: i for i in card.data.dataset_info}
+    splits = json.loads((root / RELEASE_FOLDER_NAME / "splits.json").read_text())["cases"]
+    for config, info in infos.items():
+        for split in info["splits"]:
+            expected = sum(
+                1 for e in splits.values() if e["split"] == split["name"] and config in ("all", e["diagnosis"].lower())
+            )
+            assert split["num_examples"] == expected
+    n_patients = len({c.subject_id for c in truth.values()})
+    assert f"{len(truth)} examinations of {n_patients} patients" in card.text
+    lesions = sum(c.case_json["lesions"]["count"] for c in truth.values())
+    assert f"| {float(lesions)} |" in card.text
+    assert "PHI" not in card.text and "/tmp" not in card.text
+
+
+def test_release_is_byte_identical_when_rebuilt(released, tmp_path):
+    root, _, _ = released
+    build_release(root / "work", tmp_path / "again", version="1.0.0")
+    assert _files(tmp_path / "again") == _files(root / RELEASE_FOLDER_NAME)
+
+
+def _add_exam(work: Path, from_case: str, new_case: str) -> None:
+    """A known patient's new exam: a copy of an earlier exam under a new case id, exam index 2."""
+    src, dst = work / "cases" / from_case, work / "cases" / new_case
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "case.json").read_text())
+    info["case_id"] = new_case
+    info["clinical"]["exam_index"] = 2
+    (dst / "case.json").write_text(json.dumps(info))
+
+
+def test_update_release_moves_no_published_case_and_logs_changes(released, tmp_path):
+    root, truth, _ = released
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    old_release = root / RELEASE_FOLDER_NAME
+    old_files = _files(old_release)
+    old_splits = json.loads((old_release / "splits.json").read_text())["cases"]
+    new_cases = make_fake_work(work, n_patients=6, seed=0, first_patient=100)
+    known = sorted(truth)[0]
+    _add_exam(work, known, "LA-NEWEXAM")
+    removed = sorted(truth)[-1]
+    shutil.rmtree(work / "cases" / removed)
+    changed = sorted(truth)[1]
+    image = nib.load(work / "cases" / changed / "ct.nii.gz")
+    data = np.asanyarray(image.dataobj).copy()
+    data[0, 0, 0] += 7
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), work / "cases" / changed / "ct.nii.gz")
+
+    summary = build_release(work, tmp_path / "v110", version="1.1.0", previous=old_release)
+    new_splits = json.loads((tmp_path / "v110" / "splits.json").read_text())["cases"]
+    for case_id, entry in old_splits.items():
+        if case_id != removed:
+            assert (new_splits[case_id]["split"], new_splits[case_id]["fold"]) == (entry["split"], entry["fold"])
+    assert (new_splits["LA-NEWEXAM"]["split"], new_splits["LA-NEWEXAM"]["fold"]) == (
+        old_splits[known]["split"],
+        old_splits[known]["fold"],
+    )
+    assert summary.changes.added == tuple(sorted([c.case_id for c in new_cases] + ["LA-NEWEXAM"]))
+    assert summary.changes.removed == (removed,)
+    assert summary.changes.changed == (changed,)
+    changelog = (tmp_path / "v110" / "CHANGELOG.md").read_text()
+    assert changelog.index("## 1.1.0") < changelog.index("## 1.0.0")
+    assert f"- removed (1): {removed}" in changelog and f"- changed (1): {changed}" in changelog
+    assert f"| cases | {len(truth)} | {len(truth) + len(new_cases)} |" in changelog
+    # The old version is untouched and still verifies and loads.
+    assert _files(old_release) == old_files
+    verify_release(old_release)
+    assert read_manifest(tmp_path / "v110")["cases"]["LA-NEWEXAM"] == truth[known].case_json["content_hash"]
+    ds = datasets.load_dataset(str(tmp_path / "v110"), "all", split="train")
+    assert "LA-NEWEXAM" in ds["case_id"] or new_splits["LA-NEWEXAM"]["split"] == "test"
+    with pytest.raises(ReleaseError, match="newer"):
+        build_release(work, tmp_path / "older", version="1.0.0", previous=old_release)
+
+
+def test_inputs_are_checked_with_messages_that_say_what_to_do(released, tmp_path):
+    root, truth, _ = released
+    with pytest.raises(ReleaseError, match="semantic"):
+        build_release(root / "work", tmp_path / "r", version="v1")
+    with pytest.raises(ReleaseError, match="convert"):
+        build_release(tmp_path / "nowork", tmp_path / "r", version="1.0.0")
+    with pytest.raises(ReleaseError, match="not empty"):
+        build_release(root / "work", root / RELEASE_FOLDER_NAME, version="1.0.0")
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    bad = sorted(truth)[0]
+    label = nib.load(work / "cases" / bad / "label.nii.gz")
+    arr = np.asanyarray(label.dataobj).copy()
+    arr[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(arr, label.affine, label.header), work / "cases" / bad / "label.nii.gz")
+    with pytest.raises(ReleaseError, match=f"{bad}.*label"):
+        build_release(work, tmp_path / "r", version="1.0.0")
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*"))  # nothing half-written
+
+
+def test_cli_release(released, tmp_path, capsys):
+    root, truth, _ = released
+    rc = builder_main(["release", str(root / "work"), str(tmp_path / "cli"), "--version", "1.0.0", "--quiet"])
+    assert rc == 0
+    assert f"{len(truth)} cases" in capsys.readouterr().out
+    assert _files(tmp_path / "cli") == _files(root / RELEASE_FOLDER_NAME)
+    assert builder_main(["release", str(root / "work"), str(tmp_path / "x"), "--version", "bad"]) == 2
