@@ -6,8 +6,9 @@ when its slices do not form one regular volume: mixed orientations or matrix siz
 missing slice, named by its position), two slices at one position, non-uniform spacing, or a
 gantry tilt. RescaleSlope / RescaleIntercept are applied per slice (PET slopes differ per slice).
 
-Spacing tolerance: consecutive slice distances may differ from their median by at most
-``max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * median)`` (IPP values are rounded decimal
+Spacing tolerance: consecutive slice distances may differ from the grid step (the smallest
+distance) by at most
+``max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * step)`` (IPP values are rounded decimal
 strings); a missing slice doubles one distance, far beyond that.
 
 Pixel data is read with pydicom (native and, through the pylibjpeg plugins, RLE, JPEG, JPEG-LS and
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 SPACING_TOLERANCE_MM = 0.02
 """Absolute tolerance (mm) on the distance between consecutive slices."""
 SPACING_TOLERANCE_REL = 0.01
-"""Relative tolerance on the distance between consecutive slices (fraction of the median distance)."""
+"""Relative tolerance on the distance between consecutive slices (fraction of the grid step)."""
 ORIENTATION_TOLERANCE = 1e-4
 """Largest difference of an ImageOrientationPatient component between slices of one series."""
 TILT_TOLERANCE = 1e-3
@@ -123,7 +124,7 @@ def slice_geometry(
     diffs = np.diff(proj_sorted)
     spacing = float(np.median(diffs))
     tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
-    # Duplicates first: two slices at one position make the median meaningless only when most are.
+    # Duplicates first (judged against the median distance, which one duplicate cannot move).
     dup = np.flatnonzero(diffs <= tol if spacing > tol else diffs <= SPACING_TOLERANCE_MM)
     if dup.size:
         i = int(dup[0])
@@ -134,6 +135,10 @@ def slice_geometry(
             "remove the extra file or re-export the series",
             **where,
         )
+    # With duplicates ruled out, the smallest distance is the grid step even when a gap makes the
+    # median ambiguous (3 slices left of 4).
+    spacing = float(diffs.min())
+    tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
     off = np.flatnonzero(np.abs(diffs - spacing) > tol)
     if off.size:
         i = int(off[0])
@@ -153,7 +158,8 @@ def slice_geometry(
             )
         raise GeometryError(
             f"non-uniform slice spacing: {diffs[i]:.3f} mm between positions {proj_sorted[i]:.2f} and "
-            f"{proj_sorted[i + 1]:.2f} mm along the slice normal, median {spacing:.3f} mm (tolerance {tol:.3f} mm); "
+            f"{proj_sorted[i + 1]:.2f} mm along the slice normal, smallest distance {spacing:.3f} mm "
+            f"(tolerance {tol:.3f} mm); "
             "variable-spacing series are not supported: resample or re-export with uniform spacing",
             **where,
         )
@@ -304,8 +310,11 @@ def _required(ds: Dataset, keyword: str, path: Path, exam_id: str, series_uid: s
 
 
 def _kernel(ds: Dataset) -> str | None:
-    values = multi(ds, "ConvolutionKernel")
-    return "\\".join(values) if values else None
+    value = ds.get("ConvolutionKernel")
+    if value in (None, ""):
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    return "\\".join(str(v).strip() for v in values)
 
 
 def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, SeriesMetadata]:

@@ -93,6 +93,7 @@ def write_series(
     per_slice: list[dict] | None = None,
     unsigned: bool = False,
     names: list[str] | None = None,
+    random_instance_numbers: bool = True,
 ) -> SeriesTruth:
     """Write one series of ``n`` single-frame slices; returns the truth it must read back as.
 
@@ -116,7 +117,8 @@ def write_series(
                           description=description)
         ds.SOPInstanceUID = generate_uid()
         ds.ImageType = list(image_type)
-        ds.InstanceNumber = int(rng.integers(1, 1000))  # deliberately useless for sorting
+        # Random by default: deliberately useless for sorting. Peers like dcm2niix rely on it, so they get k + 1.
+        ds.InstanceNumber = int(rng.integers(1, 1000)) if random_instance_numbers else k + 1
         ds.ImagePositionPatient = [f"{v:.6f}" for v in positions[k]]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
         ds.PixelSpacing = [f"{v}" for v in pixel_spacing]
