@@ -425,6 +425,12 @@ def render_case(
     if case.label is not None:
         _outline(ax, projection(case.label, View.CORONAL) > 0, spacing_rc, linewidth=0.8)
     _letters(ax, View.CORONAL, color=_EDGE_COLOR)
+    # Where the axial plane cuts: ticks at both edges, as viewers mark the slice on a MIP.
+    axial_mm = (case.shape[2] - 1 - focus[2] + 0.5) * spacing_rc[0]
+    width_mm = case.shape[0] * spacing_rc[1]
+    for x0, x1 in ((0.0, 0.06 * width_mm), (0.94 * width_mm, width_mm)):
+        ax.plot([x0, x1], [axial_mm, axial_mm], color=_EDGE_COLOR, linewidth=1.5, solid_capstyle="butt",
+                scalex=False, scaley=False)
     ax.set_title(f"PET MIP, coronal (SUV 0-{display.mip_suv_max:g})", fontsize=9)
     out.axes["mip"] = ax
     return out
