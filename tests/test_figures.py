@@ -242,3 +242,24 @@ def test_fusion_keeps_ct_where_there_is_no_uptake():
     rgb = figures.fusion_rgb(ct, pet)
     assert np.allclose(rgb[0, 0], 0.5, atol=0.01)  # W400/L40: 40 HU is mid grey, untouched by PET
     assert rgb[0, 1, 0] > rgb[0, 1, 2] + 0.3  # hot: uptake is warm (red-orange) over black air
+
+
+def test_lymphatlas_show_draws_the_release_case(tmp_path, monkeypatch, capsys):
+    """`lymphatlas show` on a built release draws the same picture as the arrays written into WORK."""
+    from builder.release import build_release
+    from lymphatlas_ds.cli import main
+    from tests.support.fake_work import make_fake_work
+
+    monkeypatch.setenv("LYMPHATLAS_CACHE", str(tmp_path / "cache"))
+    cases = make_fake_work(tmp_path / "work", n_patients=3, shape_zyx=(16, 20, 24))
+    build_release(tmp_path / "work", tmp_path / "release", version="1.0.0")
+    case = max(cases, key=lambda c: int(c.label.sum()))
+    out = tmp_path / "show.png"
+    assert main(["show", str(tmp_path / "release"), case.case_id, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    truth = render_case(case.ct, case.pet, case.label, case.affine, title=f"{case.case_id} ({case.diagnosis}, release 1.0.0)")
+    assert out.read_bytes() == truth.png_bytes(), "the release case is drawn differently from the arrays written"
+
+    assert main(["show", str(tmp_path / "release"), "LA-nope", "--out", str(tmp_path / "x.png")]) == 2
+    assert "LA-nope" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -21,35 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def find_case(source: str, case_id: str, *, version: str | None = None, cache_dir: str | None = None):
-    """The ``CaseRecord`` of ``case_id`` in a release, and the release's version.
+    """The ``CaseRecord`` of ``case_id`` in a release (folder, mirror or Hub repo id) and the release's version.
 
-    splits.json says which configuration and split hold the case, so only that part of the
-    release is read.
+    Only the shard row group that holds the case is read (splits.json says where it is).
 
     Example:
         >>> record, version = find_case("lymphatlas", "LA-3f9c2a1b")  # doctest: +SKIP
     """
-    from lymphatlas_ds.errors import SourceError
     from lymphatlas_ds.release import Release
-    from lymphatlas_ds.schema import Diagnosis, Split
-    from lymphatlas_ds.source import resolve_release
 
-    resolved = resolve_release(source, version=version, cache_dir=cache_dir)
-    release = Release(resolved.path)
-    entry = release.splits.get("cases", {}).get(case_id)
-    if entry is None:
-        raise SourceError(
-            f"case {case_id} is not in release {resolved.version} of {source}; "
-            "its metadata/cases.csv lists the case ids (`lymphatlas info` shows the versions)"
-        )
-    config = Diagnosis(entry["diagnosis"]).config
-    for record in release.iter_cases(config, Split(entry["split"])):
-        if record.case_id == case_id:
-            return record, resolved.version
-    raise SourceError(
-        f"splits.json of release {resolved.version} lists case {case_id} in {config.value}/{entry['split']} "
-        f"but its shards do not hold it; run `lymphatlas verify {source}` and re-download"
-    )
+    release = Release.from_source(source, version=version, hub_cache_dir=cache_dir)
+    return release.read_case(case_id), release.version
 
 
 def run(args: argparse.Namespace) -> int:
