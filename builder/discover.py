@@ -45,6 +45,7 @@ _DISCOVERY_TAGS = [
 
 # Storage SOP classes of localizer-like or non-volume objects that share Modality CT / PT.
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _NAC_WORDS = ("NAC", "NOAC", "NON AC", "NON-AC", "UNCORR", "NO AC", "NOATTN")
 
 
@@ -187,10 +188,18 @@ def scan_series(exam_dir: Path, exam_id: str) -> tuple[list[SeriesInfo], list[Pa
             ) from e
         series_uid = text(ds, "SeriesInstanceUID")
         if series_uid is None:
-            logger.info("exam %s: %s is a DICOM file without a SeriesInstanceUID (e.g. DICOMDIR); ignored",
-                        exam_id, path)
-            skipped.append(path)
-            continue
+            media_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
+            if media_class == _DICOMDIR_CLASS or text(ds, "SOPClassUID") is not None:
+                logger.info("exam %s: %s is a DICOM object without a series (e.g. DICOMDIR); ignored", exam_id, path)
+                skipped.append(path)
+                continue
+            # No SOP class and no series: pydicom stopped early because the file ends inside its header.
+            raise ReadError(
+                "the file is corrupt or truncated: its DICOM header ends before the SOP class and series UIDs; "
+                "re-export it from the PACS or remove it from the exam folder",
+                exam_id=exam_id,
+                path=path,
+            )
         sop = text(ds, "SOPInstanceUID")
         if sop is not None:
             if sop in seen_sop:
