@@ -1,0 +1,196 @@
+"""Publish a release folder: to a local mirror (every version side by side) and to the Hugging Face Hub.
+
+Local mirror::
+
+    MIRROR/versions.json        {"latest": "1.1.0", "versions": ["1.0.0", "1.1.0"]}
+    MIRROR/1.0.0/...            a complete release folder, loadable with load_dataset(MIRROR/1.0.0, ...)
+    MIRROR/1.1.0/...
+
+Plain ``datasets`` ignores ``revision=`` on a local folder, so each version is its own folder.
+A published version is never modified: publishing the same version again is a no-op when its
+manifest is identical and an error otherwise. The release is verified against its manifest,
+copied to a hidden temporary folder in the mirror, verified again and renamed into place; then
+``versions.json`` is replaced atomically. An interrupted publish leaves the previous state.
+
+Hub: one commit with every release file (and deletions of release files of the previous version
+that this one no longer has, e.g. renumbered shards), then the tag ``v<version>``; the README.md
+of the release is the dataset card. ``dry_run`` returns (and the CLI prints) the planned
+operations without contacting the Hub.
+
+Example:
+    >>> publish_mirror("lymphatlas", "mirror")  # doctest: +SKIP
+    PosixPath('mirror/1.0.0')
+    >>> plan = publish_hub("lymphatlas", "org/lymphatlas", dry_run=True)  # doctest: +SKIP
+    >>> plan.tag
+    'v1.0.0'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+from lymphatlas_ds import manifest as manifest_mod
+from lymphatlas_ds.errors import LymphAtlasError
+
+from builder.release import parse_version, write_atomic
+
+log = logging.getLogger(__name__)
+
+VERSIONS_NAME = "versions.json"
+RELEASE_TOP_FILES = ("README.md", "CHANGELOG.md", "manifest.json", "splits.json")
+RELEASE_DIRS = ("data/", "metadata/")
+"""Paths of a Hub repo that belong to a release; files there that a new version lacks are deleted."""
+
+
+class PublishError(LymphAtlasError):
+    """A release cannot be published: it does not verify, or the version is already published differently."""
+
+
+def _ignore_hidden(_dir: str, names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith(".")]
+
+
+def read_versions(mirror: str | Path) -> dict[str, Any]:
+    """``MIRROR/versions.json``, or an empty listing for a new mirror."""
+    path = Path(mirror) / VERSIONS_NAME
+    if not path.exists():
+        return {"latest": None, "versions": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PublishError(f"{path} is not valid JSON ({e}); rebuild it from the version folders") from e
+
+
+def publish_mirror(release: str | Path, mirror: str | Path) -> Path:
+    """Add ``release`` to the local mirror as ``MIRROR/<version>/``; returns that folder.
+
+    Example:
+        >>> publish_mirror("lymphatlas", "mirror")  # doctest: +SKIP
+        PosixPath('mirror/1.0.0')
+    """
+    release, mirror = Path(release), Path(mirror)
+    try:
+        manifest = manifest_mod.verify_release(release)
+    except LymphAtlasError as e:
+        raise PublishError(f"release {release} cannot be published: {e}") from e
+    version = manifest["version"]
+    parse_version(version)
+    mirror.mkdir(parents=True, exist_ok=True)
+    target = mirror / version
+    if target.exists():
+        published = manifest_mod.read_manifest(target)
+        if published != manifest:
+            raise PublishError(
+                f"version {version} is already published in {mirror} with other content; a published version "
+                "never changes: build the release with a new --version"
+            )
+        log.info("version %s is already in %s with the same manifest: nothing to copy", version, mirror)
+    else:
+        staging = mirror / f".{version}.partial"
+        if staging.exists():
+            shutil.rmtree(staging)  # left by an interrupted publish
+        try:
+            shutil.copytree(release, staging, ignore=_ignore_hidden, copy_function=shutil.copy2)
+            problems = manifest_mod.verify_files(staging, manifest)
+            if problems:
+                raise PublishError(f"copy of {release} to {staging} does not verify: {'; '.join(map(str, problems))}")
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    listing = read_versions(mirror)
+    versions = sorted({*listing.get("versions", []), version}, key=parse_version)
+    versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
+    write_atomic(mirror / VERSIONS_NAME, json.dumps({"latest": versions[-1], "versions": versions}, indent=2) + "\n")
+    log.info("published %s to %s", version, target)
+    return target
+
+
+@dataclass
+class HubPlan:
+    """What a Hub publish does: one commit of ``operations`` on ``repo_id``, then the tag."""
+
+    repo_id: str
+    version: str
+    tag: str
+    commit_message: str
+    operations: list[CommitOperationAdd | CommitOperationDelete] = field(default_factory=list)
+    commit_oid: str | None = None
+
+    def describe(self) -> str:
+        """Human-readable listing of the planned operations (what ``--dry-run`` prints)."""
+        lines = [f"repo {self.repo_id} (dataset): commit {self.commit_message!r}, then tag {self.tag}"]
+        for op in self.operations:
+            if isinstance(op, CommitOperationAdd):
+                lines.append(f"  add    {op.path_in_repo} ({op.upload_info.size} bytes, sha256 {op.upload_info.sha256.hex()})")
+            else:
+                lines.append(f"  delete {op.path_in_repo}")
+        return "\n".join(lines)
+
+
+def plan_hub_operations(release: str | Path, repo_id: str, *, existing_files: Iterable[str] = ()) -> HubPlan:
+    """Plan the commit that makes ``repo_id`` hold exactly this release's files.
+
+    ``existing_files`` are the repo's current files: release files of an older version that this
+    one lacks are deleted (other files, such as ``.gitattributes``, are left alone).
+    """
+    release = Path(release)
+    manifest = manifest_mod.verify_release(release)
+    version = manifest["version"]
+    files = sorted([*manifest["files"], manifest_mod.MANIFEST_NAME])
+    operations: list[CommitOperationAdd | CommitOperationDelete] = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(release / rel)) for rel in files
+    ]
+    wanted = set(files)
+    for rel in sorted(existing_files):
+        if rel not in wanted and (rel in RELEASE_TOP_FILES or rel.startswith(RELEASE_DIRS)):
+            operations.append(CommitOperationDelete(path_in_repo=rel))
+    return HubPlan(repo_id, version, f"v{version}", f"LymphAtlas release {version}", operations)
+
+
+def publish_hub(
+    release: str | Path,
+    repo_id: str,
+    *,
+    dry_run: bool = False,
+    api: HfApi | None = None,
+    private: bool = True,
+) -> HubPlan:
+    """Commit the release to the Hub dataset repo ``repo_id`` and tag it ``v<version>``.
+
+    Refuses when the tag exists already (a published version never changes). With ``dry_run``
+    nothing is sent: the returned plan lists the files to add (deletions of stale release files
+    are only known once the repo can be listed). Authentication is huggingface_hub's (``HF_TOKEN``
+    or ``huggingface-cli login``).
+
+    Example:
+        >>> print(publish_hub("lymphatlas", "org/lymphatlas", dry_run=True).describe())  # doctest: +SKIP
+    """
+    if dry_run:
+        return plan_hub_operations(release, repo_id)
+    api = api or HfApi()
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
+    plan = plan_hub_operations(release, repo_id, existing_files=api.list_repo_files(repo_id, repo_type="dataset"))
+    tags = {ref.name for ref in api.list_repo_refs(repo_id, repo_type="dataset").tags}
+    if plan.tag in tags:
+        raise PublishError(
+            f"{repo_id} already has tag {plan.tag}: a published version never changes; build a new --version"
+        )
+    info = api.create_commit(
+        repo_id, operations=plan.operations, commit_message=plan.commit_message, repo_type="dataset"
+    )
+    plan.commit_oid = info.oid
+    api.create_tag(
+        repo_id, tag=plan.tag, revision=info.oid, tag_message=plan.commit_message, repo_type="dataset"
+    )
+    log.info("published %s to %s at %s (tag %s)", plan.version, repo_id, info.oid, plan.tag)
+    return plan

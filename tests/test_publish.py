@@ -1,0 +1,186 @@
+"""Publishing: the local mirror keeps every version intact and loadable; the Hub plan up to the network."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+import builder.publish as publish_mod
+from builder.__main__ import main as builder_main
+from builder.publish import PublishError, plan_hub_operations, publish_hub, publish_mirror, read_versions
+from builder.release import build_release
+from lymphatlas_ds.manifest import read_manifest, sha256_file, verify_release
+from tests.support.fake_work import make_fake_work
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pub")
+    make_fake_work(root / "work", n_patients=8, seed=0)
+    build_release(root / "work", root / "r100", version="1.0.0")
+    make_fake_work(root / "work", n_patients=4, seed=0, first_patient=50)
+    build_release(root / "work", root / "r110", version="1.1.0", previous=root / "r100")
+    return root
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_mirror_keeps_every_version_loadable_and_untouched(releases, tmp_path):
+    mirror = tmp_path / "mirror"
+    assert publish_mirror(releases / "r100", mirror) == mirror / "1.0.0"
+    assert read_versions(mirror) == {"latest": "1.0.0", "versions": ["1.0.0"]}
+    first = _snapshot(mirror / "1.0.0")
+    publish_mirror(releases / "r110", mirror)
+    assert read_versions(mirror) == {"latest": "1.1.0", "versions": ["1.0.0", "1.1.0"]}
+    assert _snapshot(mirror / "1.0.0") == first  # bytes and modification times
+    verify_release(mirror / "1.0.0")
+    verify_release(mirror / "1.1.0")
+    old = datasets.load_dataset(str(mirror / "1.0.0"), "all", split="train")
+    new = datasets.load_dataset(str(mirror / "1.1.0"), "all", split="train")
+    assert set(old["case_id"]) < set(new["case_id"])  # the update only added cases here
+    assert sorted(p.name for p in mirror.iterdir()) == ["1.0.0", "1.1.0", "versions.json"]
+
+
+def test_republishing_a_version_is_a_no_op_or_refused(releases, tmp_path):
+    mirror = tmp_path / "mirror"
+    publish_mirror(releases / "r100", mirror)
+    before = _snapshot(mirror)
+    publish_mirror(releases / "r100", mirror)
+    assert {k: v for k, v in _snapshot(mirror).items() if k != "versions.json"} == {
+        k: v for k, v in before.items() if k != "versions.json"
+    }
+    # Same version, other content (rebuilt from a grown WORK): refused, mirror unchanged.
+    other = tmp_path / "other"
+    make_fake_work(tmp_path / "w2", n_patients=3, seed=1)
+    build_release(tmp_path / "w2", other, version="1.0.0")
+    with pytest.raises(PublishError, match="already published.*never changes"):
+        publish_mirror(other, mirror)
+    assert _snapshot(mirror / "1.0.0") == {k[len("1.0.0/") :]: v for k, v in before.items() if k.startswith("1.0.0/")}
+
+
+def test_an_interrupted_publish_leaves_the_previous_state(releases, tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    publish_mirror(releases / "r100", mirror)
+    before = _snapshot(mirror)
+    real_copy2 = shutil.copy2
+    calls = {"n": 0}
+
+    def failing_copy2(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("power cut")
+        return real_copy2(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copy2", failing_copy2)
+    with pytest.raises(KeyboardInterrupt):
+        publish_mirror(releases / "r110", mirror)
+    monkeypatch.undo()
+    assert _snapshot(mirror) == before
+    assert sorted(p.name for p in mirror.iterdir()) == ["1.0.0", "versions.json"]
+
+
+def test_a_release_that_does_not_verify_is_not_published(releases, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(releases / "r100", bad)
+    shard = next((bad / "data").rglob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PublishError, match=shard.name):
+        publish_mirror(bad, tmp_path / "mirror")
+    assert not (tmp_path / "mirror" / "1.0.0").exists()
+
+
+def test_hub_plan_adds_every_file_with_the_manifest_hashes_and_deletes_stale_shards(releases):
+    release = releases / "r110"
+    manifest = read_manifest(release)
+    existing = [".gitattributes", "README.md", "data/hl/train-00000-of-00002.parquet", "data/hl/train-00001-of-00002.parquet", "notes/keep.txt"]
+    plan = plan_hub_operations(release, "org/lymphatlas", existing_files=existing)
+    adds = {op.path_in_repo: op for op in plan.operations if isinstance(op, CommitOperationAdd)}
+    deletes = [op.path_in_repo for op in plan.operations if isinstance(op, CommitOperationDelete)]
+    assert set(adds) == set(manifest["files"]) | {"manifest.json"}
+    for rel, entry in manifest["files"].items():
+        # huggingface_hub hashes the file itself: it must agree with the manifest.
+        assert adds[rel].upload_info.sha256.hex() == entry["sha256"]
+        assert adds[rel].upload_info.size == entry["size"]
+    assert adds["manifest.json"].upload_info.sha256.hex() == sha256_file(release / "manifest.json")
+    assert deletes == ["data/hl/train-00000-of-00002.parquet", "data/hl/train-00001-of-00002.parquet"]
+    assert plan.tag == "v1.1.0"
+
+
+class RecordingApi:
+    """Stands in for HfApi at the network boundary: records the calls publish_hub makes."""
+
+    def __init__(self, files=(), tags=()):
+        self.calls: list[tuple[str, dict]] = []
+        self.files, self.tags = list(files), list(tags)
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+
+    def list_repo_files(self, repo_id, **kw):
+        self.calls.append(("list_repo_files", {"repo_id": repo_id, **kw}))
+        return self.files
+
+    def list_repo_refs(self, repo_id, **kw):
+        self.calls.append(("list_repo_refs", {"repo_id": repo_id, **kw}))
+        return SimpleNamespace(tags=[SimpleNamespace(name=t) for t in self.tags])
+
+    def create_commit(self, repo_id, **kw):
+        self.calls.append(("create_commit", {"repo_id": repo_id, **kw}))
+        return SimpleNamespace(oid="c0ffee")
+
+    def create_tag(self, repo_id, **kw):
+        self.calls.append(("create_tag", {"repo_id": repo_id, **kw}))
+
+
+def test_publish_hub_commits_then_tags_that_commit(releases):
+    api = RecordingApi(files=[".gitattributes", "data/nhl/test-00000-of-00009.parquet"], tags=["v1.0.0"])
+    plan = publish_hub(releases / "r110", "org/lymphatlas", api=api)
+    names = [name for name, _ in api.calls]
+    assert names == ["create_repo", "list_repo_files", "list_repo_refs", "create_commit", "create_tag"]
+    commit = api.calls[3][1]
+    assert commit["repo_type"] == "dataset" and commit["operations"] is plan.operations
+    assert "data/nhl/test-00000-of-00009.parquet" in [
+        op.path_in_repo for op in commit["operations"] if isinstance(op, CommitOperationDelete)
+    ]
+    assert api.calls[4][1] == {
+        "repo_id": "org/lymphatlas",
+        "tag": "v1.1.0",
+        "revision": "c0ffee",
+        "tag_message": plan.commit_message,
+        "repo_type": "dataset",
+    }
+
+
+def test_publish_hub_refuses_an_existing_tag_and_dry_run_sends_nothing(releases, monkeypatch):
+    api = RecordingApi(tags=["v1.0.0"])
+    with pytest.raises(PublishError, match="v1.0.0"):
+        publish_hub(releases / "r100", "org/lymphatlas", api=api)
+    assert "create_commit" not in [name for name, _ in api.calls]
+
+    def no_network(*a, **k):
+        raise AssertionError("dry run must not build an HfApi")
+
+    monkeypatch.setattr(publish_mod, "HfApi", no_network)
+    plan = publish_hub(releases / "r100", "org/lymphatlas", dry_run=True)
+    assert {op.path_in_repo for op in plan.operations} == set(read_manifest(releases / "r100")["files"]) | {"manifest.json"}
+
+
+def test_cli_publish(releases, tmp_path, capsys):
+    assert builder_main(["publish", str(releases / "r100"), "--mirror", str(tmp_path / "m"), "--repo-id", "org/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tag v1.0.0" in out and "add    metadata/cases.csv" in out
+    assert not (tmp_path / "m").exists()
+    assert builder_main(["publish", str(releases / "r100"), "--mirror", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "versions.json").read_text())["latest"] == "1.0.0"
