@@ -1,0 +1,76 @@
+"""`lymphatlas materialize --nnunet RAW_DIR`: write an nnU-Net v2 raw dataset from a release.
+
+Thin wrapper around :func:`lymphatlas_ds.nnunet.materialize_nnunet`; see that module for the
+layout. ``--preprocessed`` defaults to ``$nnUNet_preprocessed`` so that the patient-grouped
+``splits_final.json`` lands where nnU-Net's trainer looks for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lymphatlas_ds.schema import Config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nnunet", metavar="RAW_DIR", required=True,
+                        help="nnU-Net raw folder (nnUNet_raw); the dataset goes to RAW_DIR/Dataset<ID>_<Name>/")
+    parser.add_argument("--source", required=True,
+                        help="release folder, local mirror (with --version), or Hugging Face repo id")
+    parser.add_argument("--version", default=None, help="release version X.Y.Z (default: the latest)")
+    parser.add_argument("--config", choices=[c.value for c in Config], default=Config.ALL.value,
+                        help="all cases, Hodgkin (hl) or non-Hodgkin (nhl); the paper trains hl and nhl apart")
+    parser.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id, 1-999 (default 501)")
+    parser.add_argument("--name", default=None,
+                        help="dataset name after the id (default LymphAtlas, LymphAtlasHL or LymphAtlasNHL)")
+    parser.add_argument("--preprocessed", metavar="DIR", default=os.environ.get("nnUNet_preprocessed"),
+                        help="also write splits_final.json into DIR/Dataset<ID>_<Name>/ "
+                             "(default: $nnUNet_preprocessed when set)")
+    parser.add_argument("--pet-channel-name", default="PET",
+                        help="name of channel 1 in dataset.json; it selects nnU-Net's PET normalization: any name "
+                             "but the reserved ones gives per-image z-score (default PET); 'noNorm', "
+                             "'rescale_to_0_1' and 'zscore' are nnU-Net's other schemes; 'CT' would apply CT "
+                             "normalization to SUV. Channel 0 is always 'CT' (CT normalization)")
+    parser.add_argument("--file-ending", choices=[".nii.gz", ".nii"], default=".nii.gz")
+    parser.add_argument("--include-test", action="store_true", help="also write the test split to imagesTs/")
+    parser.add_argument("--test-labels", action="store_true",
+                        help="also write the test labels, apart in labelsTs/ (implies --include-test)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a different dataset that already uses this id / folder")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel writers")
+    parser.add_argument("--gzip-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
+                        help="gzip level of .nii.gz files (default 1: fast, slightly larger)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lymphatlas_ds.nnunet import materialize_nnunet
+    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.source import resolve_release
+
+    release = Release(resolve_release(args.source, version=args.version).path)
+    with tqdm(desc="materialize", unit="case", disable=args.quiet, file=sys.stderr) as bar:
+        result = materialize_nnunet(
+            release, args.nnunet, config=args.config, dataset_id=args.dataset_id, name=args.name,
+            preprocessed_dir=args.preprocessed, pet_channel_name=args.pet_channel_name,
+            file_ending=args.file_ending, include_test=args.include_test, test_labels=args.test_labels,
+            force=args.force, workers=args.workers, gzip_level=args.gzip_level,
+            progress=lambda n: bar.update(n - bar.n),
+        )
+    print(result.describe())
+    raw_splits = result.dataset_dir / "splits_final.json"
+    if args.preprocessed:
+        print(f"patient-grouped folds: {result.splits_files[-1]} (nnU-Net's trainer reads this one)")
+    else:
+        print(
+            f"patient-grouped folds: {raw_splits}\n"
+            f"  copy it to $nnUNet_preprocessed/{result.dataset_name}/splits_final.json before training "
+            "(or rerun with --preprocessed DIR): without it nnU-Net draws random per-case folds that put one "
+            "patient's exams on both sides"
+        )
+    print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} --verify_dataset_integrity -c 3d_fullres")
+    return 0
