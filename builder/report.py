@@ -85,6 +85,11 @@ def write_report(
         raise LymphAtlasError(f"WORK folder {work} does not exist; run `python -m builder convert SOURCE {work}` first")
     case_dirs = sorted(p.parent for p in (work / "cases").glob(f"*/{CASE_JSON}"))
     failures = _read_json(work / "failures.json", default=[])
+    if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
+        raise LymphAtlasError(
+            f"{work / 'failures.json'} must be a list of {{exam_id, stage, reason}} objects; "
+            "re-run convert to rewrite it"
+        )
     build = _read_json(work / "build.json", default=None)
     if workers > 1 and len(case_dirs) > 1:
         # Processes, not threads: drawing is CPU-bound Python (matplotlib) and holds the GIL.
