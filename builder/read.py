@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,64 +230,23 @@ _NATIVE_SYNTAXES = {
     pydicom.uid.ImplicitVRLittleEndian,
     pydicom.uid.ExplicitVRLittleEndian,
 }
+_PIXEL_DATA_TAG = (0x7FE0, 0x0010)
 
 
-def _pixels(ds: Dataset, path: Path, exam_id: str, series_uid: str) -> np.ndarray:
-    """The stored values of one single-frame slice as a 2-D array."""
-    ts = UID(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian))
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    bits_alloc, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    if ts in _NATIVE_SYNTAXES and bits_alloc == 16 and int(ds.get("SamplesPerPixel", 1)) == 1:
-        # Fast path for the common case; sign extension / masking below mirrors pydicom's own.
-        data = ds.PixelData
-        expected = rows * cols * 2
-        if len(data) < expected:
-            raise ReadError(
-                f"the pixel data is truncated ({len(data)} of {expected} bytes); the file is corrupt: "
-                "re-export the series",
-                exam_id=exam_id,
-                series_uid=series_uid,
-                path=path,
-            )
-        arr = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
-        if bits_stored < 16:
-            # Bits above BitsStored may hold garbage (old overlays); keep only the stored bits.
-            arr = (arr.view("<u2") & np.uint16((1 << bits_stored) - 1)).astype(np.int32)
-            if signed:
-                arr = np.where(arr >= 1 << (bits_stored - 1), arr - (1 << bits_stored), arr)
-        return arr
+@dataclass
+class _Slice:
+    """One file's header (no pixel data) and where its pixel data element starts."""
+
+    path: Path
+    ds: Dataset
+    pixel_offset: int
+
+
+def _read_slice_header(path: Path, exam_id: str, series_uid: str) -> _Slice:
     try:
-        arr = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ImportError) as e:
-        if "truncat" in str(e).lower() or "less than" in str(e).lower():
-            raise ReadError(f"the pixel data is truncated or corrupt ({e}); re-export the series",
-                            exam_id=exam_id, series_uid=series_uid, path=path) from e
-        raise ReadError(
-            f"transfer syntax {ts} ({ts.name}) cannot be decoded by the installed decoders ({e}); install the "
-            "pylibjpeg plugins (builder extra) or re-export the series uncompressed",
-            exam_id=exam_id,
-            series_uid=series_uid,
-            path=path,
-        ) from e
-    except Exception as e:
-        raise ReadError(
-            f"the pixel data cannot be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated: "
-            "re-export the series",
-            exam_id=exam_id,
-            series_uid=series_uid,
-            path=path,
-        ) from e
-    if arr.ndim != 2:
-        raise ReadError(f"expected one 2-D frame, got pixel array of shape {arr.shape}",
-                        exam_id=exam_id, series_uid=series_uid, path=path)
-    return arr
-
-
-def _read_file(path: Path, exam_id: str, series_uid: str) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path)
-        _ = ds.PixelData  # a file cut inside the header raises here rather than later
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            offset = fp.tell()  # pydicom leaves the file at the pixel data element's tag
     except Exception as e:  # pydicom raises many types for damaged files
         raise ReadError(
             f"the file is corrupt or truncated ({type(e).__name__}: {e}); re-export the series",
@@ -294,7 +254,98 @@ def _read_file(path: Path, exam_id: str, series_uid: str) -> Dataset:
             series_uid=series_uid,
             path=path,
         ) from e
-    return ds
+    return _Slice(path=path, ds=ds, pixel_offset=offset)
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    file_meta = ds.get("file_meta")
+    return UID(file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian) if file_meta is not None
+               else pydicom.uid.ImplicitVRLittleEndian)
+
+
+def _native_16bit(s: _Slice) -> bool:
+    ds = s.ds
+    return (
+        _transfer_syntax(ds) in _NATIVE_SYNTAXES
+        and int(ds.get("BitsAllocated", 0)) == 16
+        and int(ds.get("SamplesPerPixel", 1)) == 1
+    )
+
+
+def _read_native_into(s: _Slice, out: np.ndarray, exam_id: str, series_uid: str) -> bool:
+    """Read a native 16-bit frame straight into ``out`` (no intermediate copies); False if the layout is unusual.
+
+    Reading ~400 CT slices this way is what keeps ``read_series`` near SimpleITK's speed
+    (benchmarks/bench_read.py); anything unusual goes through pydicom's full decoder instead.
+    """
+    implicit = _transfer_syntax(s.ds) == pydicom.uid.ImplicitVRLittleEndian
+    with open(s.path, "rb") as fp:
+        fp.seek(s.pixel_offset)
+        head = fp.read(8 if implicit else 12)
+        if len(head) < (8 if implicit else 12):
+            return False
+        if struct.unpack("<HH", head[:4]) != _PIXEL_DATA_TAG:
+            return False
+        length = struct.unpack("<I", head[4:8] if implicit else head[8:12])[0]
+        if length == 0xFFFFFFFF or length < out.nbytes:
+            if length != 0xFFFFFFFF:
+                raise ReadError(
+                    f"the pixel data is too short ({length} of {out.nbytes} bytes); the file is corrupt: "
+                    "re-export the series",
+                    exam_id=exam_id,
+                    series_uid=series_uid,
+                    path=s.path,
+                )
+            return False
+        got = fp.readinto(memoryview(out).cast("B"))
+    if got < out.nbytes:
+        raise ReadError(
+            f"the pixel data is truncated ({got} of {out.nbytes} bytes); the file is corrupt: re-export the series",
+            exam_id=exam_id,
+            series_uid=series_uid,
+            path=s.path,
+        )
+    return True
+
+
+def _mask_bits(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Keep only the stored bits (the high bits may hold old overlays) and sign-extend them."""
+    arr = (arr.view("<u2") & np.uint16((1 << bits_stored) - 1)).astype(np.int32)
+    if signed:
+        arr = np.where(arr >= 1 << (bits_stored - 1), arr - (1 << bits_stored), arr)
+    return arr
+
+
+def _decode(s: _Slice, exam_id: str, series_uid: str) -> np.ndarray:
+    """The stored values of a slice through pydicom's decoders (compressed or unusual layouts)."""
+    try:
+        ds = pydicom.dcmread(s.path)
+    except Exception as e:
+        raise ReadError(f"the file is corrupt or truncated ({type(e).__name__}: {e}); re-export the series",
+                        exam_id=exam_id, series_uid=series_uid, path=s.path) from e
+    ts = _transfer_syntax(ds)
+    try:
+        arr = ds.pixel_array
+    except (NotImplementedError, ImportError) as e:
+        raise ReadError(
+            f"transfer syntax {ts} ({ts.name}) cannot be decoded by the installed decoders ({e}); install the "
+            "pylibjpeg plugins (builder extra) or re-export the series uncompressed",
+            exam_id=exam_id,
+            series_uid=series_uid,
+            path=s.path,
+        ) from e
+    except Exception as e:
+        raise ReadError(
+            f"the pixel data cannot be decoded ({type(e).__name__}: {e}); the file is corrupt or truncated: "
+            "re-export the series",
+            exam_id=exam_id,
+            series_uid=series_uid,
+            path=s.path,
+        ) from e
+    if arr.ndim != 2:
+        raise ReadError(f"expected one 2-D frame, got pixel array of shape {arr.shape}",
+                        exam_id=exam_id, series_uid=series_uid, path=s.path)
+    return arr
 
 
 def _required(ds: Dataset, keyword: str, path: Path, exam_id: str, series_uid: str):
@@ -339,12 +390,12 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
                         series_uid=uid)
     is_ct = series.modality == "CT"
     files = list(series.files)
-    datasets: list[Dataset] = []
-    arrays: list[np.ndarray] = []
+    # Pass 1: headers only, so that geometry is checked before any pixel is read.
+    slices = [_read_slice_header(Path(p), exam_id, uid) for p in files]
     positions, orientations, slopes, intercepts = [], [], [], []
     shape = spacing_yx = None
-    for path in files:
-        ds = _read_file(path, exam_id, uid)
+    for s in slices:
+        ds, path = s.ds, s.path
         if int(ds.get("NumberOfFrames") or 1) > 1:
             raise ReadError(
                 "multi-frame (enhanced) image objects are not supported; export the series as single-frame "
@@ -356,7 +407,7 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
         positions.append([float(v) for v in _required(ds, "ImagePositionPatient", path, exam_id, uid)])
         orientations.append([float(v) for v in _required(ds, "ImageOrientationPatient", path, exam_id, uid)])
         ps = [float(v) for v in _required(ds, "PixelSpacing", path, exam_id, uid)]
-        this_shape = (int(ds.Rows), int(ds.Columns))
+        this_shape = (int(_required(ds, "Rows", path, exam_id, uid)), int(_required(ds, "Columns", path, exam_id, uid)))
         if shape is None:
             shape, spacing_yx = this_shape, ps
         elif this_shape != shape or max(abs(a - b) for a, b in zip(ps, spacing_yx)) > 1e-4:
@@ -369,11 +420,8 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
         slope, intercept = number(ds, "RescaleSlope"), number(ds, "RescaleIntercept")
         slopes.append(1.0 if slope is None else slope)
         intercepts.append(0.0 if intercept is None else intercept)
-        arrays.append(_pixels(ds, path, exam_id, uid))
-        del ds.PixelData  # the array holds the values; keep only the header
-        datasets.append(ds)
     if is_ct:
-        tilt = number(datasets[0], "GantryDetectorTilt")
+        tilt = number(slices[0].ds, "GantryDetectorTilt")
         if tilt is not None and abs(tilt) > 1e-3:
             raise GeometryError(
                 f"gantry tilt of {tilt} deg (GantryDetectorTilt); tilted CT must be resampled "
@@ -382,42 +430,58 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
                 series_uid=uid,
             )
     geom = slice_geometry(positions, orientations, files=files, exam_id=exam_id, series_uid=uid)
+    # Pass 2: pixels, straight into their sorted place.
     n = len(files)
     rows, cols = shape
-    slopes_a = np.asarray(slopes)
-    intercepts_a = np.asarray(intercepts)
-    if is_ct:
-        volume = np.empty((n, rows, cols), dtype=np.int16)
-        integral = np.all(slopes_a == np.round(slopes_a)) and np.all(intercepts_a == np.round(intercepts_a))
-        clipped = 0
-        for k, i in enumerate(geom.order):
-            a = arrays[i]
-            if integral and slopes_a[i] == 1:
-                hu = a.astype(np.int32) + int(intercepts_a[i])
-            elif integral:
-                hu = a.astype(np.int32) * int(slopes_a[i]) + int(intercepts_a[i])
+    volume = np.empty((n, rows, cols), dtype=np.int16 if is_ct else np.float32)
+    scratch = np.empty((rows, cols), dtype=np.uint16)
+    non_integral = clipped = 0
+    for k, i in enumerate(geom.order):
+        s = slices[i]
+        slope, intercept = slopes[i], intercepts[i]
+        signed = int(s.ds.get("PixelRepresentation", 0)) == 1
+        bits_stored = int(s.ds.get("BitsStored") or s.ds.get("BitsAllocated") or 16)
+        stored: np.ndarray | None = None
+        if _native_16bit(s):
+            if is_ct and signed and bits_stored == 16 and slope == 1 and intercept == 0:
+                if _read_native_into(s, volume[k], exam_id, uid):
+                    continue  # already HU, in place
+            elif _read_native_into(s, scratch, exam_id, uid):
+                stored = scratch.view(np.int16) if signed else scratch
+                if bits_stored < 16:
+                    stored = _mask_bits(stored, bits_stored, signed)
+        if stored is None:
+            stored = _decode(s, exam_id, uid)
+        if is_ct:
+            if slope == round(slope) and intercept == round(intercept):
+                lo = int(stored.min()) * int(slope) + int(intercept)
+                hi = int(stored.max()) * int(slope) + int(intercept)
+                if slope == 1 and -32768 <= lo and hi <= 32767:
+                    np.add(stored, int(intercept), out=volume[k], casting="unsafe", dtype=np.int32)
+                    continue
+                hu = stored.astype(np.int32) * int(slope) + int(intercept)
             else:
-                hu = np.rint(a * slopes_a[i] + intercepts_a[i])
-            lo, hi = hu.min(), hu.max()
-            if lo < -32768 or hi > 32767:
+                non_integral += 1
+                hu = np.rint(stored * slope + intercept)
+            if hu.min() < -32768 or hu.max() > 32767:
                 clipped += int(np.count_nonzero((hu < -32768) | (hu > 32767)))
                 hu = np.clip(hu, -32768, 32767)
             volume[k] = hu
-        if not integral:
-            logger.warning("exam %s: CT series %s has non-integer rescale; HU rounded to integers", exam_id, uid)
-        if clipped:
-            logger.warning("exam %s: CT series %s: %d voxels outside int16 clipped", exam_id, uid, clipped)
-    else:
-        volume = np.empty((n, rows, cols), dtype=np.float32)
-        for k, i in enumerate(geom.order):
-            volume[k] = arrays[i] * slopes_a[i] + intercepts_a[i]
-    del arrays
+        else:
+            volume[k] = stored * slope + intercept
+    if non_integral:
+        logger.warning("exam %s: CT series %s: %d slices with non-integer rescale; HU rounded to integers",
+                       exam_id, uid, non_integral)
+    if clipped:
+        logger.warning("exam %s: CT series %s: %d voxels outside int16 clipped", exam_id, uid, clipped)
     image = sitk.GetImageFromArray(volume)
-    spacing = (float(spacing_yx[1]), float(spacing_yx[0]), geom.slice_spacing)
-    image.SetSpacing(spacing)
+    del volume
+    image.SetSpacing((float(spacing_yx[1]), float(spacing_yx[0]), geom.slice_spacing))
     image.SetOrigin(geom.origin)
     image.SetDirection(geom.direction)
-    meta = _metadata(series, datasets[geom.order[0]], datasets, image, geom, slopes_a, intercepts_a)
+    datasets = [s.ds for s in slices]
+    meta = _metadata(series, datasets[geom.order[0]], datasets, image, geom, np.asarray(slopes),
+                     np.asarray(intercepts))
     return image, meta
 
 
