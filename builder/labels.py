@@ -1,0 +1,298 @@
+"""Lesion masks onto the CT grid, the body mask, and lesion statistics (paper 2.4).
+
+A mask arrives either as NIfTI on the exam's CT grid (what ITK-SNAP saves) or as a DICOM SEG that
+references the CT series. Both become ``uint8 {0, 1}`` on the CT grid; a NIfTI mask on another
+grid, with values other than 0/1, or lying outside the patient's body is rejected with the reason
+(:class:`builder.errors.LabelError`). A SEG is placed through physical space (its plane positions
+and orientation), so it does not depend on the source instances being available.
+
+Lesion statistics follow the usual PET conventions: lesions are 26-connected components;
+SUVpeak is the highest mean SUV in a 1 ml sphere centred on a lesion voxel (PERCIST); TMTV is
+the total lesion volume, TLG the sum of volume x SUVmean, Dmax the largest distance between two
+lesion centroids (the lymphoma dissemination marker).
+
+Example:
+    >>> label = load_mask(Path("masks/EX0001.nii.gz"), ct, exam_id="EX0001")  # doctest: +SKIP
+    >>> stats = lesion_statistics(label, pet_on_ct_array, ct)  # doctest: +SKIP
+    >>> stats["count"], round(stats["tmtv_ml"], 1)  # doctest: +SKIP
+    (3, 41.2)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from builder.errors import LabelError
+
+logger = logging.getLogger(__name__)
+
+# A NIfTI mask's grid must match the CT grid within these tolerances (NIfTI stores the affine in
+# float32, so a few micrometres of rounding are normal; a different grid is off by far more).
+GRID_ORIGIN_TOL_MM = 0.05
+GRID_SPACING_REL_TOL = 1e-4
+GRID_DIRECTION_TOL = 1e-4
+# HU threshold separating the patient from the surrounding air (lungs are filled per slice).
+BODY_HU = -500.0
+# At most this fraction of the lesion voxels may lie outside the body (partial-volume voxels at
+# the skin of a superficial node); beyond it the mask belongs to another exam or grid.
+MAX_OUTSIDE_BODY_FRACTION = 0.02
+# SUVpeak sphere: 1 ml -> radius (3 / (4 pi))^(1/3) cm.
+SUV_PEAK_VOLUME_ML = 1.0
+
+
+class MaskFormat(str, enum.Enum):
+    NIFTI = "nifti"
+    SEG = "seg"
+
+
+def find_mask(masks_dir: Path, exam_id: str) -> tuple[Path, MaskFormat]:
+    """The exam's mask file in ``SOURCE/masks`` and its format; LabelError when there is none or two."""
+    found = []
+    for name, fmt in ((f"{exam_id}.nii.gz", MaskFormat.NIFTI), (f"{exam_id}.nii", MaskFormat.NIFTI),
+                      (f"{exam_id}.seg.dcm", MaskFormat.SEG)):
+        if (masks_dir / name).is_file():
+            found.append((masks_dir / name, fmt))
+    if not found:
+        raise LabelError(
+            f"no lesion mask: expected masks/{exam_id}.nii.gz or masks/{exam_id}.seg.dcm in the source folder; "
+            "add the mask or leave the exam out with --exams",
+            exam_id=exam_id,
+        )
+    if len(found) > 1:
+        raise LabelError(
+            f"two lesion masks for one exam ({', '.join(p.name for p, _ in found)}): keep exactly one",
+            exam_id=exam_id,
+        )
+    return found[0]
+
+
+def _grid_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
+    """A description of how ``image``'s grid differs from ``reference``'s, or None."""
+    if image.GetSize() != reference.GetSize():
+        return f"size {image.GetSize()} != CT size {reference.GetSize()}"
+    sp, rsp = np.asarray(image.GetSpacing()), np.asarray(reference.GetSpacing())
+    if np.any(np.abs(sp - rsp) > GRID_SPACING_REL_TOL * rsp):
+        return f"spacing {tuple(np.round(sp, 4))} != CT spacing {tuple(np.round(rsp, 4))}"
+    d, rd = np.asarray(image.GetDirection()), np.asarray(reference.GetDirection())
+    if np.any(np.abs(d - rd) > GRID_DIRECTION_TOL):
+        return f"direction {tuple(np.round(d, 4))} != CT direction {tuple(np.round(rd, 4))}"
+    o, ro = np.asarray(image.GetOrigin()), np.asarray(reference.GetOrigin())
+    if np.any(np.abs(o - ro) > GRID_ORIGIN_TOL_MM):
+        return f"origin {tuple(np.round(o, 3))} != CT origin {tuple(np.round(ro, 3))} (LPS mm)"
+    return None
+
+
+def _binary(array: np.ndarray, *, exam_id: str, path: Path) -> np.ndarray:
+    """``array`` as uint8 {0, 1}; LabelError for any other value."""
+    values = np.unique(array)
+    extra = [v for v in values.tolist() if v not in (0, 1)]
+    if extra:
+        shown = ", ".join(f"{v:g}" for v in extra[:5])
+        raise LabelError(
+            f"mask is not binary: values {shown} besides 0/1 (a multi-label or probability map?); "
+            "export a single 0/1 lesion mask",
+            exam_id=exam_id,
+            path=path,
+        )
+    return (array == 1).astype(np.uint8)
+
+
+def load_nifti_mask(path: Path, ct: sitk.Image, *, exam_id: str) -> np.ndarray:
+    """A NIfTI lesion mask that must lie on the CT grid -> uint8 [z, y, x] {0, 1}."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise LabelError(f"cannot read the NIfTI mask ({e}); re-export it", exam_id=exam_id, path=path) from e
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise LabelError("mask is not a single-channel 3-D image", exam_id=exam_id, path=path)
+    mismatch = _grid_mismatch(image, ct)
+    if mismatch:
+        raise LabelError(
+            f"mask is on another grid than the CT: {mismatch}; save the mask on the exam's CT series",
+            exam_id=exam_id,
+            path=path,
+        )
+    return _binary(sitk.GetArrayFromImage(image), exam_id=exam_id, path=path)
+
+
+def load_seg_mask(path: Path, ct: sitk.Image, *, exam_id: str) -> np.ndarray:
+    """A DICOM SEG (every segment united) placed on the CT grid through physical space -> uint8 {0, 1}."""
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(str(path))
+        volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
+    except Exception as e:  # noqa: BLE001 - highdicom raises many types for malformed SEGs
+        raise LabelError(
+            f"cannot read the DICOM SEG as a volume ({type(e).__name__}: {e}); re-export it referencing the CT series",
+            exam_id=exam_id,
+            path=path,
+        ) from e
+    array = np.asarray(volume.array)
+    affine = np.asarray(volume.affine, float)  # array index (a0, a1, a2) -> LPS mm
+    # SimpleITK's x/y/z index axes are the array's last/middle/first axes.
+    columns = affine[:3, [2, 1, 0]]
+    spacing = np.linalg.norm(columns, axis=0)
+    image = sitk.GetImageFromArray((array > 0).astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (columns / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in affine[:3, 3]))
+    on_ct = sitk.Resample(image, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(on_ct)
+
+
+def load_mask(path: Path, ct: sitk.Image, *, exam_id: str, fmt: MaskFormat | None = None) -> np.ndarray:
+    """The exam's lesion mask on the CT grid, uint8 [z, y, x] {0, 1}.
+
+    Example:
+        >>> label = load_mask(Path("masks/EX0001.seg.dcm"), ct, exam_id="EX0001")  # doctest: +SKIP
+    """
+    if fmt is None:
+        fmt = MaskFormat.SEG if path.name.endswith(".dcm") else MaskFormat.NIFTI
+    if fmt is MaskFormat.SEG:
+        return load_seg_mask(path, ct, exam_id=exam_id)
+    return load_nifti_mask(path, ct, exam_id=exam_id)
+
+
+def body_mask(ct: sitk.Image) -> np.ndarray:
+    """bool [z, y, x]: the patient (largest connected tissue region, each axial slice filled).
+
+    Computed on a copy averaged down to about 4 mm in-plane (a whole-body CT is ~100 M voxels)
+    and expanded back, which is exact to a few millimetres at the skin: enough for sampling
+    the registration metric and for the "label inside the body" check.
+
+    Example:
+        >>> body = body_mask(ct)  # doctest: +SKIP
+    """
+    factors = [max(1, int(round(4.0 / s))) for s in ct.GetSpacing()[:2]] + [1]
+    small = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors)) > BODY_HU
+    labels, n = ndimage.label(small)
+    if n == 0:
+        return np.zeros(ct.GetSize()[::-1], bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = labels == int(np.argmax(sizes))
+    for z in range(keep.shape[0]):
+        if keep[z].any():
+            keep[z] = ndimage.binary_fill_holes(keep[z])
+    # back to the CT grid: each small voxel covers factors[1] x factors[0] CT voxels
+    full = np.repeat(np.repeat(keep, factors[1], axis=1), factors[0], axis=2)
+    nz, ny, nx = ct.GetSize()[::-1]
+    out = np.zeros((nz, ny, nx), bool)
+    out[:, : min(ny, full.shape[1]), : min(nx, full.shape[2])] = full[:, :ny, :nx]
+    if full.shape[1] < ny:  # BinShrink drops the remainder voxels: extend the last row/column
+        out[:, full.shape[1]:, :] = out[:, full.shape[1] - 1: full.shape[1], :]
+    if full.shape[2] < nx:
+        out[:, :, full.shape[2]:] = out[:, :, full.shape[2] - 1: full.shape[2]]
+    return out
+
+
+def outside_body_fraction(label: np.ndarray, body: np.ndarray) -> float:
+    """Fraction of lesion voxels outside ``body`` (0 for an empty label)."""
+    n = int(np.count_nonzero(label))
+    if n == 0:
+        return 0.0
+    return float(np.count_nonzero(label.astype(bool) & ~body)) / n
+
+
+def check_inside_body(label: np.ndarray, body: np.ndarray, *, exam_id: str, path: Path | None = None) -> float:
+    """LabelError when more than MAX_OUTSIDE_BODY_FRACTION of the lesion voxels lie outside the body."""
+    fraction = outside_body_fraction(label, body)
+    if fraction > MAX_OUTSIDE_BODY_FRACTION:
+        raise LabelError(
+            f"mask lies outside the body: {fraction:.1%} of its voxels are in air "
+            f"(at most {MAX_OUTSIDE_BODY_FRACTION:.0%} allowed); is it the mask of another exam or flipped?",
+            exam_id=exam_id,
+            path=path,
+        )
+    return fraction
+
+
+# --------------------------------------------------------------------------------------------
+# lesion statistics
+
+
+def _sphere_kernel(spacing_xyz: tuple[float, float, float], volume_ml: float) -> np.ndarray:
+    """Normalised spherical averaging kernel [z, y, x] of ``volume_ml`` on the given spacing."""
+    radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm
+    half = [int(math.floor(radius / s)) for s in spacing_xyz[::-1]]
+    zz, yy, xx = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing_xyz[::-1])], indexing="ij")
+    kernel = (zz**2 + yy**2 + xx**2 <= radius**2).astype(np.float64)
+    return kernel / kernel.sum()
+
+
+def lesion_statistics(label: np.ndarray, pet: np.ndarray, reference: sitk.Image) -> dict:
+    """Per-lesion and whole-body statistics of ``label`` (uint8 [z, y, x]) on SUV ``pet``.
+
+    ``reference`` gives the grid (spacing, and the physical centroids in LPS mm).
+    Returns the ``case.json`` "lesions" block: count, tmtv_ml, tlg, suv_max, dmax_mm, items.
+
+    Example:
+        >>> s = lesion_statistics(label, pet, ct)  # doctest: +SKIP
+        >>> sorted(s["items"][0])  # doctest: +SKIP
+        ['centroid_mm', 'suv_max', 'suv_mean', 'suv_peak', 'volume_ml', 'voxels']
+    """
+    spacing = tuple(float(s) for s in reference.GetSpacing())
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    kernel = _sphere_kernel(spacing, SUV_PEAK_VOLUME_ML)
+    margin = np.asarray(kernel.shape) // 2
+    items = []
+    if np.any(label):
+        # work inside the label's bounding box only: whole-body arrays are ~100 M voxels
+        nz = np.nonzero(np.any(label, axis=(1, 2)))[0]
+        ny = np.nonzero(np.any(label, axis=(0, 2)))[0]
+        nx = np.nonzero(np.any(label, axis=(0, 1)))[0]
+        lo = np.array([nz[0], ny[0], nx[0]])
+        hi = np.array([nz[-1], ny[-1], nx[-1]]) + 1
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        components, n = ndimage.label(label[box] > 0, structure=np.ones((3, 3, 3), bool))
+        objects = ndimage.find_objects(components)
+        for index, sl in enumerate(objects, start=1):
+            if sl is None:
+                continue
+            comp = components[sl] == index
+            pet_comp = pet[box][sl]
+            values = pet_comp[comp].astype(np.float64)
+            # SUVpeak: mean in a 1 ml sphere centred on a lesion voxel, computed on a crop that
+            # includes the sphere's reach around the lesion.
+            glo = np.maximum(lo + np.array([s.start for s in sl]) - margin, 0)
+            ghi = np.minimum(lo + np.array([s.stop for s in sl]) + margin, np.asarray(pet.shape))
+            crop = pet[tuple(slice(a, b) for a, b in zip(glo, ghi))].astype(np.float64)
+            means = ndimage.convolve(crop, kernel, mode="constant", cval=0.0)
+            inner = tuple(
+                slice(lo[d] + sl[d].start - glo[d], lo[d] + sl[d].stop - glo[d]) for d in range(3)
+            )
+            suv_peak = float(means[inner][comp].max())
+            idx = np.argwhere(comp).mean(0) + lo + np.array([s.start for s in sl])  # z, y, x
+            centroid = reference.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in idx[::-1]))
+            items.append(
+                {
+                    "voxels": int(comp.sum()),
+                    "volume_ml": float(comp.sum()) * voxel_ml,
+                    "suv_max": float(values.max()),
+                    "suv_mean": float(values.mean()),
+                    "suv_peak": suv_peak,
+                    "centroid_mm": [round(float(c), 3) for c in centroid],
+                }
+            )
+    items.sort(key=lambda it: (-it["volume_ml"], it["centroid_mm"]))
+    centroids = np.array([it["centroid_mm"] for it in items]) if items else np.zeros((0, 3))
+    dmax = 0.0
+    if len(items) > 1:
+        diff = centroids[:, None, :] - centroids[None, :, :]
+        dmax = float(np.sqrt((diff**2).sum(-1)).max())
+    return {
+        "count": len(items),
+        "tmtv_ml": float(sum(it["volume_ml"] for it in items)),
+        "tlg": float(sum(it["volume_ml"] * it["suv_mean"] for it in items)),
+        "suv_max": float(max((it["suv_max"] for it in items), default=0.0)),
+        "dmax_mm": dmax,
+        "items": items,
+    }
