@@ -1,0 +1,123 @@
+"""CPU smoke run of the baseline: materialize -> plan/preprocess -> train (tiny) -> predict -> report.
+
+The slow test runs ``tools/train_baseline.py`` as a user would (about 1-3 minutes on 2 cores) and
+checks its outputs against the fake cohort's truth and against nnU-Net's own logs and metrics.
+The fast tests cover the trainer lookup that makes prediction with a project trainer possible.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from tools.trainers import nnUNetTrainer_LymphAtlasTiny, resolve_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_resolve_trainer_names():
+    assert resolve_trainer("tiny") is nnUNetTrainer_LymphAtlasTiny
+    assert resolve_trainer("paper").__name__ == "nnUNetTrainer_500epochs"
+    assert resolve_trainer("tools.trainers:nnUNetTrainer_LymphAtlasTiny") is nnUNetTrainer_LymphAtlasTiny
+    with pytest.raises(ValueError, match="module:Class"):
+        resolve_trainer("nnUNetTrainer_NoSuchThing")
+
+
+def test_nnunets_own_lookup_cannot_find_a_project_trainer(monkeypatch):
+    """Why tools/nnunet_run.load_predictor exists: nnU-Net searches its own package only (and the
+    walk imports every trainer module, one of which needs timm)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    with pytest.raises((RuntimeError, ImportError)):
+        recursive_find_trainer_class_by_name("nnUNetTrainer_LymphAtlasTiny")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from builder.release import build_release
+    from tests.support.fake_work import make_fake_work
+
+    root = tmp_path_factory.mktemp("smoke")
+    cases = make_fake_work(root / "work", n_patients=12, seed=5, shape_zyx=(24, 32, 32))
+    build_release(root / "work", root / "lymphatlas", version="1.0.0")
+    env = {**os.environ, "LYMPHATLAS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "2"}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env.pop(var, None)  # the script points them into --work itself
+    cmd = [sys.executable, str(REPO / "tools" / "train_baseline.py"), "--source", str(root / "lymphatlas"),
+           "--work", str(root / "nn"), "--configs", "all", "--folds", "0", "--trainer", "tiny", "--device", "cpu",
+           "--np", "1", "--da-workers", "1", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    splits = json.loads((root / "lymphatlas" / "splits.json").read_text())["cases"]
+    return root, {c.case_id: c for c in cases}, splits
+
+
+@pytest.mark.slow
+def test_training_used_the_patient_grouped_split(smoke_run):
+    root, truth, splits = smoke_run
+    fold_dir = root / "nn" / "nnUNet_results" / "Dataset501_LymphAtlas" / \
+        "nnUNetTrainer_LymphAtlasTiny__nnUNetPlans__3d_fullres" / "fold_0"
+    log = "".join(p.read_text() for p in fold_dir.glob("training_log_*.txt"))
+    pre_splits = root / "nn" / "nnUNet_preprocessed" / "Dataset501_LymphAtlas" / "splits_final.json"
+    assert f"Using splits from existing split file: {pre_splits}" in log
+    assert "Creating new 5-fold cross-validation split" not in log
+    val = sorted(c for c, e in splits.items() if e["split"] == "train" and e["fold"] == 0)
+    train = sorted(c for c, e in splits.items() if e["split"] == "train" and e["fold"] != 0)
+    assert f"This split has {len(train)} training and {len(val)} validation cases" in log
+    predicted = sorted(p.name.removesuffix(".nii.gz") for p in (fold_dir / "validation").glob("*.nii.gz"))
+    assert predicted == val
+    assert not {truth[c].subject_id for c in val} & {truth[c].subject_id for c in train}
+
+
+@pytest.mark.slow
+def test_summary_and_tables_agree_with_the_voxels(smoke_run):
+    root, truth, _ = smoke_run
+    fold_dir = next((root / "nn" / "nnUNet_results").glob("*/*/fold_0"))
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    for entry in summary["metric_per_case"]:
+        case = Path(entry["prediction_file"]).name.removesuffix(".nii.gz")
+        pred = np.asanyarray(nib.load(entry["prediction_file"]).dataobj).transpose(2, 1, 0) > 0
+        ref = truth[case].label > 0  # the generator's label, not the materialized copy
+        assert pred.shape == ref.shape  # exported back on the CT grid
+        tp, fp, fn = int((pred & ref).sum()), int((pred & ~ref).sum()), int((~pred & ref).sum())
+        assert (entry["metrics"]["1"]["TP"], entry["metrics"]["1"]["FP"], entry["metrics"]["1"]["FN"]) == (tp, fp, fn)
+    results = root / "nn" / "results"
+    rows = list(csv.DictReader((results / "all_cv.csv").open()))
+    assert [r["fold"] for r in rows] == ["Fold 0", "Mean", "All cases"]
+    for m in ("Dice", "IoU", "FN", "FP", "TP", "n_pred", "n_ref"):
+        assert float(rows[0][m]) == pytest.approx(summary["foreground_mean"][m])
+    assert (results / "all_HL_cv.md").is_file() and (results / "all_NHL_cv.md").is_file()
+    # lesion counts per case against the generator's masks (18-connected components)
+    structure = ndimage.generate_binary_structure(3, 2)
+    for row in csv.DictReader((results / "all_lesions.csv").open()):
+        n_true = ndimage.label(truth[row["case"]].label, structure=structure)[1]
+        assert int(row["n_ref_lesions"]) == n_true
+        assert 0 <= int(row["n_detected"]) <= n_true
+        assert row["diagnosis"] == truth[row["case"]].diagnosis
+    png = results / "all_fold0_curves.png"
+    assert png.stat().st_size > 10_000
+    run = json.loads((results / "run.json").read_text())
+    assert run["trainer"] == "nnUNetTrainer_LymphAtlasTiny" and run["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_test_split_predicted_on_the_ct_grid(smoke_run):
+    root, truth, splits = smoke_run
+    test_ids = sorted(c for c, e in splits.items() if e["split"] == "test")
+    pred_dir = root / "nn" / "predictions" / "Dataset501_LymphAtlas" / "imagesTs"
+    assert sorted(p.name.removesuffix(".nii.gz") for p in pred_dir.glob("*.nii.gz")) == test_ids
+    for case in test_ids:
+        img = nib.load(str(pred_dir / f"{case}.nii.gz"))
+        assert img.shape[::-1] == truth[case].label.shape
+        np.testing.assert_allclose(img.affine, truth[case].affine, atol=1e-4)
+    assert "held-out test split" in (root / "nn" / "results" / "all_test.md").read_text()

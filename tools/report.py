@@ -1,0 +1,210 @@
+"""Write ``results/``: Tables 2-3, lesion-level metrics and training curves of a cross-validation run.
+
+For one trained dataset (one config) :func:`write_results` writes::
+
+    results/<config>_cv.md, .csv            Fold 0-4, Mean, All cases (tools/report_tables.py)
+    results/<config>_<HL|NHL>_cv.md, .csv   the same per diagnosis, for a model trained on config "all"
+    results/<config>_lesions.csv            per validation case: FP / FN volume (ml), lesions, detected
+    results/<config>_lesions.md             per fold and pooled: mean FP / FN volume, detection sensitivity
+    results/<config>_test.md                the held-out test split, when predicted (nnU-Net's metrics + lesions)
+    results/<config>_fold<k>_curves.png     loss and pseudo Dice, epoch time, learning rate (paper Figure 4)
+    results/README.md                       every table above, one page
+
+Example:
+    >>> write_results("results", "hl", raw_dataset_dir="nnUNet_raw/Dataset501_LymphAtlasHL",
+    ...               trainer_dir="nnUNet_results/Dataset501_LymphAtlasHL/nnUNetTrainer__nnUNetPlans__3d_fullres")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tools import lesion_metrics as lm
+from tools import report_tables as rt
+
+logger = logging.getLogger(__name__)
+
+LESION_COLUMNS = ("fold", "case", "diagnosis", "fp_volume_ml", "fn_volume_ml", "n_ref_lesions", "n_detected",
+                  "n_fp_components", "sensitivity")
+
+
+def plot_training_curves(log: dict, out_png: Path, *, title: str = "") -> Path:
+    """Figure 4 of the paper from nnU-Net's per-epoch log: (a) losses + pseudo Dice, (b) epoch time, (c) lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # nnU-Net's logger calls seaborn.set(font_scale=2.5), which changes matplotlib's global style
+    with plt.style.context("default"):
+        return _plot_curves(plt, log, out_png, title)
+
+
+def _plot_curves(plt, log: dict, out_png: Path, title: str) -> Path:
+    n = min(len(log.get(k, [])) for k in ("train_losses", "val_losses", "lrs", "epoch_start_timestamps",
+                                           "epoch_end_timestamps"))
+    epochs = np.arange(n)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    ax = axes[0]
+    ax.plot(epochs, log["train_losses"][:n], color="tab:blue", label="train loss")
+    ax.plot(epochs, log["val_losses"][:n], color="tab:red", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, np.asarray(log.get("mean_fg_dice", [])[:n], dtype=float), ":", color="tab:green",
+             label="pseudo Dice")
+    ax2.plot(epochs, np.asarray(log.get("ema_fg_dice", [])[:n], dtype=float), color="tab:green",
+             label="pseudo Dice (moving avg.)")
+    ax2.set_ylabel("pseudo Dice")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="center right", fontsize=8)
+    ax.set_title("(a) loss and pseudo Dice")
+    durations = np.subtract(log["epoch_end_timestamps"][:n], log["epoch_start_timestamps"][:n])
+    axes[1].plot(epochs, durations, color="tab:blue")
+    axes[1].set_ylim(0, max(1.0, float(durations.max(initial=0)) * 1.1))
+    axes[1].set(xlabel="epoch", ylabel="time per epoch [s]", title="(b) epoch duration")
+    axes[2].plot(epochs, log["lrs"][:n], color="tab:blue")
+    axes[2].set(xlabel="epoch", ylabel="learning rate", title="(c) learning rate")
+    if title:
+        fig.suptitle(title)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "NaN" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def lesion_table_markdown(rows: list[tuple[str, dict]], *, title: str) -> str:
+    """Per-fold lesion-level summary (tools/lesion_metrics.summarize) as markdown."""
+    lines = [f"### {title}", "",
+             "| Fold | cases | FP volume (ml/case) | FN volume (ml/case) | lesions | detected | sensitivity | FP components |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in rows:
+        lines.append(f"| {name} | {s['n_cases']} | {_fmt(s['fp_volume_ml'])} | {_fmt(s['fn_volume_ml'])} | "
+                     f"{s['n_ref_lesions']} | {s['n_detected']} | {_fmt(s['sensitivity'])} | {s['n_fp_components']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _lesions_of_folder(pred_dir: Path, labels_dir: Path, file_ending: str) -> dict[str, lm.LesionMetrics]:
+    out = {}
+    for pred in sorted(pred_dir.glob(f"*{file_ending}")):
+        case = pred.name[: -len(file_ending)]
+        ref = labels_dir / pred.name
+        if not ref.is_file():
+            raise FileNotFoundError(f"{pred}: no reference {ref}; was the dataset re-materialized after training?")
+        out[case] = lm.lesion_metrics_files(ref, pred)
+    return out
+
+
+def write_results(
+    out_dir: str | os.PathLike, config: str, *, raw_dataset_dir: str | os.PathLike, trainer_dir: str | os.PathLike,
+    test_predictions: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Write the tables, lesion metrics and curves of one trained dataset; returns the files written."""
+    out_dir, raw, trainer_dir = Path(out_dir), Path(raw_dataset_dir), Path(trainer_dir)
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    diagnosis = dataset_json.get("lymphatlas", {}).get("diagnosis", {})
+    written: list[Path] = []
+
+    def put(name: str, text: str) -> None:
+        rt.write_text_atomic(out_dir / name, text)
+        written.append(out_dir / name)
+
+    summary_paths = rt.find_fold_summaries(trainer_dir)
+    if not summary_paths:
+        raise FileNotFoundError(f"{trainer_dir}: no fold_k/validation/summary.json; train and validate a fold first")
+    summaries = {k: rt.load_summary(p) for k, p in summary_paths.items()}
+    sections = []
+    table = rt.cv_table(summaries, file_ending=ending)
+    md = rt.to_markdown(table, title=f"{config}: {len(summaries)}-fold cross-validation, foreground (nnU-Net summary.json)")
+    put(f"{config}_cv.md", md)
+    put(f"{config}_cv.csv", rt.to_csv(table))
+    sections.append(md)
+    groups = sorted({d for d in diagnosis.values() if d})
+    if len(groups) > 1:  # a model trained on both: report each diagnosis apart, as Tables 2 (HL) and 3 (NHL)
+        for dx in groups:
+            cases = {c for c, d in diagnosis.items() if d == dx}
+            sub = rt.cv_table(summaries, cases=cases, file_ending=ending)
+            md = rt.to_markdown(sub, title=f"{config} model, {dx} cases only")
+            put(f"{config}_{dx}_cv.md", md)
+            put(f"{config}_{dx}_cv.csv", rt.to_csv(sub))
+            sections.append(md)
+
+    per_case: list[dict] = []
+    fold_rows = []
+    all_metrics = []
+    for k in sorted(summary_paths):
+        metrics = _lesions_of_folder(summary_paths[k].parent, raw / "labelsTr", ending)
+        for case, m in metrics.items():
+            per_case.append({"fold": k, "case": case, "diagnosis": diagnosis.get(case, ""), **m.to_dict()})
+        fold_rows.append((f"Fold {k}", lm.summarize(metrics.values())))
+        all_metrics.extend(metrics.values())
+    fold_rows.append(("All cases", lm.summarize(all_metrics)))
+    md = lesion_table_markdown(fold_rows, title=f"{config}: lesion-level metrics of the validation folds "
+                                                 "(18-connected components, autoPET definitions)")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LESION_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(per_case)
+    put(f"{config}_lesions.csv", buf.getvalue())
+    put(f"{config}_lesions.md", md)
+    sections.append(md)
+
+    if test_predictions is not None and (raw / "labelsTs").is_dir():
+        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        test_predictions = Path(test_predictions)
+        summary_file = test_predictions / "summary.json"
+        # nnU-Net's own evaluation, so the test row means exactly what the fold rows mean
+        compute_metrics_on_folder(str(raw / "labelsTs"), str(test_predictions), str(summary_file), SimpleITKIO(),
+                                  ending, [1], num_processes=1)
+        test_row = rt.fold_row(rt.load_summary(summary_file))
+        test_table = rt.CVTable([("Test", test_row)])
+        lesions = lm.summarize(_lesions_of_folder(test_predictions, raw / "labelsTs", ending).values())
+        md = (rt.to_markdown(test_table, title=f"{config}: held-out test split (ensemble of the trained folds)")
+              + "\n" + lesion_table_markdown([("Test", lesions)], title=f"{config}: test split, lesion level"))
+        put(f"{config}_test.md", md)
+        sections.append(md)
+
+    from tools.nnunet_run import training_log
+
+    for k in sorted(summary_paths):
+        ckpt = summary_paths[k].parent.parent / "checkpoint_final.pth"
+        if ckpt.is_file():
+            png = plot_training_curves(training_log(ckpt), out_dir / f"{config}_fold{k}_curves.png",
+                                       title=f"{config}, fold {k}")
+            written.append(png)
+            sections.append(f"![{config} fold {k} training curves]({png.name})\n")
+    put(f"{config}_README.md", "\n".join(sections))
+    return written
+
+
+def write_index(out_dir: str | os.PathLike, configs: list[str], *, run_info: dict | None = None) -> Path:
+    """``results/README.md``: the per-config pages one after the other, plus the run's settings."""
+    out_dir = Path(out_dir)
+    parts = ["# LymphAtlas nnU-Net baseline results", ""]
+    if run_info:
+        parts += ["```json", json.dumps(run_info, indent=2, sort_keys=True), "```", ""]
+    for config in configs:
+        page = out_dir / f"{config}_README.md"
+        if page.is_file():
+            parts += [f"## {config}", "", page.read_text()]
+    path = out_dir / "README.md"
+    rt.write_text_atomic(path, "\n".join(parts))
+    return path
