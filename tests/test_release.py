@@ -225,3 +225,13 @@ def test_cli_release(released, tmp_path, capsys):
     assert f"{len(truth)} cases" in capsys.readouterr().out
     assert _files(tmp_path / "cli") == _files(root / RELEASE_FOLDER_NAME)
     assert builder_main(["release", str(root / "work"), str(tmp_path / "x"), "--version", "bad"]) == 2
+
+
+def test_load_dataset_by_the_folder_name_from_its_parent(released, monkeypatch):
+    root, truth, _ = released
+    monkeypatch.chdir(root)
+    ds = datasets.load_dataset(RELEASE_FOLDER_NAME, "nhl", split="train")  # literally as in the card
+    splits = json.loads((root / RELEASE_FOLDER_NAME / "splits.json").read_text())["cases"]
+    assert sorted(ds["case_id"]) == sorted(c for c, e in splits.items() if e["diagnosis"] == "NHL" and e["split"] == "train")
+    default = datasets.load_dataset(RELEASE_FOLDER_NAME)  # the default config is "all"
+    assert sum(len(d) for d in default.values()) == len(truth)

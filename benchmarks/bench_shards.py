@@ -1,0 +1,192 @@
+"""Byte layout of a shard cell: gzip NIfTI cells vs raw NIfTI cells under parquet zstd.
+
+Baseline, measured in the same run: nibabel reading the case's three volumes as ``.nii.gz``
+(gzip level 6), the way the paper's nnU-Net folders ship them. For each layout it prints bytes on
+disk, encode time and the time to decode one case (ct, pet, label) from a shard of two cases,
+and the ratios to the baseline. Acceptance (issue 5): decode >= 3x faster than the baseline, no
+more bytes on disk.
+
+Volumes are synthesised with numpy to look like an aligned whole-body case: a 512 x 512 x Z CT
+in HU (air with noise, body, lungs, bone, soft-tissue noise), a PET made at PET resolution
+(~4 mm, noisy SUV with hot lesions) and resampled onto the CT grid with cubic interpolation, as
+the builder does, and the lesion label.
+
+    python benchmarks/bench_shards.py --size full        # 512 x 512 x 300
+    python benchmarks/bench_shards.py --size small       # 128 x 128 x 80, a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from builder.shards import arrow_schema  # noqa: E402
+from lymphatlas_ds import codec  # noqa: E402
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS  # noqa: E402
+
+SIZES = {"full": (300, 512, 512), "small": (80, 128, 128)}
+
+
+def synth_case(shape_zyx: tuple[int, int, int], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z, y, x = shape_zyx
+    yy, xx = np.mgrid[0:y, 0:x].astype(np.float32)
+    cy, cx = y / 2, x / 2
+    fov = ((yy - cy) ** 2 + (xx - cx) ** 2) <= (0.49 * x) ** 2
+    ct = np.empty(shape_zyx, np.int16)
+    label = np.zeros(shape_zyx, np.uint8)
+    for k in range(z):
+        a = 0.36 * x * (1 + 0.08 * np.sin(k / 25)) ; b = 0.24 * y
+        body = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+        lung = (((np.abs(xx - cx) - 0.17 * x) / (0.1 * x)) ** 2 + ((yy - cy) / (0.13 * y)) ** 2 <= 1) & (z * 0.45 < k < z * 0.75)
+        bone = ((xx - cx) ** 2 + (yy - (cy + 0.16 * y)) ** 2) <= (0.03 * x) ** 2
+        sl = np.full((y, x), -1000.0, np.float32)
+        sl[body] = 40.0
+        sl[lung] = -850.0
+        sl[bone] = 700.0
+        sl += rng.normal(0, 12, (y, x)).astype(np.float32) * np.where(body, 1.5, 0.8)
+        sl[~fov] = -1024
+        ct[k] = np.round(sl).astype(np.int16)
+    # PET at PET resolution (about 4 mm in-plane vs 1 mm CT at full size), then cubic onto the CT grid.
+    pz, py, px = max(z // 1, 1), max(y // 3, 8), max(x // 3, 8)
+    body_low = ndimage.zoom((ct > -300).astype(np.float32), (pz / z, py / y, px / x), order=1) > 0.5
+    pet_low = np.where(body_low, rng.gamma(8.0, 0.15, (pz, py, px)), 0.0).astype(np.float32)
+    for _ in range(12):
+        c = rng.integers([pz // 8, py // 3, px // 3], [pz * 7 // 8, py * 2 // 3, px * 2 // 3])
+        r = rng.uniform(1.5, 4.0)
+        zz, yy2, xx2 = np.ogrid[0:pz, 0:py, 0:px]
+        ball = (zz - c[0]) ** 2 + (yy2 - c[1]) ** 2 + (xx2 - c[2]) ** 2 <= r * r
+        pet_low[ball] = rng.uniform(5, 25)
+    pet = ndimage.zoom(pet_low, (z / pz, y / py, x / px), order=3)[:z, :y, :x]
+    pet = np.clip(pet, 0, None).astype(np.float32)
+    label[pet > 4.0] = 1
+    return {"ct": ct, "pet": pet, "label": label}
+
+
+def affine_of(shape_zyx) -> np.ndarray:
+    a = np.diag([-0.98, -0.98, 3.0, 1.0])
+    a[:3, 3] = [250.0, 250.0, -900.0]
+    return a
+
+
+def row_of(case_id: str, cells: dict) -> dict:
+    row = {name: None for name in METADATA_COLUMNS}
+    row.update(case_id=case_id, subject_id="LP-" + case_id, diagnosis="NHL", split="train", fold=0)
+    row.update(cells)
+    return row
+
+
+def write_shard(path: Path, rows: list[dict], *, compression: str, level: int | None) -> float:
+    schema = arrow_schema()
+    t = time.perf_counter()
+    with pq.ParquetWriter(
+        path, schema, compression=compression, compression_level=level,
+        use_dictionary=False, write_statistics=list(METADATA_COLUMNS),
+    ) as writer:
+        for row in rows:
+            writer.write_table(pa.Table.from_pylist([row], schema=schema), row_group_size=1)
+    return time.perf_counter() - t
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="full")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    shape = SIZES[args.size]
+    t = time.perf_counter()
+    cases = [synth_case(shape, seed) for seed in (0, 1)]
+    affine = affine_of(shape)
+    print(f"synthesised 2 cases {shape} (z, y, x) in {time.perf_counter() - t:.1f} s")
+    raw_bytes = sum(a.nbytes for a in cases[1].values())
+    print(f"raw voxels of one case: {raw_bytes / 2**20:.1f} MiB (ct int16 + pet float32 + label uint8)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Baseline: three .nii.gz files, gzip level 6, read back with nibabel.
+        t = time.perf_counter()
+        gz_cells = []
+        for i, case in enumerate(cases):
+            cells = {}
+            for name in IMAGE_COLUMNS:
+                raw = codec.encode_volume(case[name], affine, f"c{i}_{name}")["bytes"]
+                cells[name] = {"bytes": gzip.compress(raw, compresslevel=6), "path": f"c{i}_{name}.nii.gz"}
+                if i == 1:
+                    (tmp / f"{name}.nii.gz").write_bytes(cells[name]["bytes"])
+            gz_cells.append(cells)
+        gzip_encode = (time.perf_counter() - t) / 2
+        base_size = sum((tmp / f"{n}.nii.gz").stat().st_size for n in IMAGE_COLUMNS)
+
+        def read_niigz():
+            for name in IMAGE_COLUMNS:
+                np.asanyarray(nib.load(tmp / f"{name}.nii.gz").dataobj)
+
+        base = best_of(read_niigz, args.repeat)
+        print(f"\nbaseline  3 x .nii.gz (gzip 6) via nibabel: {base_size / 2**20:8.1f} MiB, "
+              f"encode {gzip_encode:6.2f} s, decode {base:6.3f} s")
+
+        raw_cells = [
+            {name: codec.encode_volume(case[name], affine, f"c{i}_{name}") for name in IMAGE_COLUMNS}
+            for i, case in enumerate(cases)
+        ]
+        layouts = [("gzip-6 cells, parquet uncompressed", gz_cells, "none", None)]
+        layouts += [(f"raw cells, parquet zstd-{lv}", raw_cells, "zstd", lv) for lv in (1, 3, 9)]
+        print(f"{'layout':38s} {'MiB/case':>9s} {'size/base':>9s} {'encode s':>9s} {'decode s':>9s} {'speed-up':>9s}")
+        for label, cells, compression, level in layouts:
+            path = tmp / "shard.parquet"
+            enc = write_shard(path, [row_of(f"c{i}", c) for i, c in enumerate(cells)], compression=compression, level=level)
+            if compression == "none":
+                enc += 2 * gzip_encode  # the gzip cells were compressed before the parquet write
+            meta = pq.ParquetFile(path).metadata
+            size = sum(meta.row_group(1).column(c).total_compressed_size for c in range(meta.num_columns))
+
+            def decode_one():
+                table = pq.ParquetFile(path).read_row_group(1, columns=list(IMAGE_COLUMNS))
+                for name in IMAGE_COLUMNS:
+                    cell = table.column(name)[0]
+                    codec.decode_volume(cell["bytes"].as_buffer())
+
+            dec = best_of(decode_one, args.repeat)
+            print(f"{label:38s} {size / 2**20:9.1f} {size / base_size:9.3f} {enc / 2:9.2f} {dec:9.3f} {base / dec:8.1f}x")
+            path.unlink()
+
+        # What plain `datasets` users get on the chosen layout: nibabel through datasets.Nifti.
+        from datasets import Dataset  # noqa: PLC0415
+
+        path = tmp / "shard.parquet"
+        write_shard(path, [row_of(f"c{i}", c) for i, c in enumerate(raw_cells)], compression="zstd", level=3)
+        ds = Dataset.from_parquet(str(path), cache_dir=str(tmp / "cache"))
+
+        def via_datasets():
+            row = ds[1]
+            for name in IMAGE_COLUMNS:
+                np.asanyarray(row[name].dataobj)
+
+        dec = best_of(via_datasets, args.repeat)
+        # Dataset.from_parquet decompresses into its arrow cache at load time: this is the per-row cost after that.
+        print(f"{'zstd-3, datasets.Nifti from arrow cache':38s} {'':9s} {'':9s} {'':9s} {dec:9.3f} {base / dec:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
