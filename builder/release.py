@@ -44,6 +44,7 @@ from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Config, Diagnosis, Split
 
 from builder import card, shards, splits
+from builder.case import load_case
 
 log = logging.getLogger(__name__)
 
@@ -106,26 +107,12 @@ def list_work_cases(work: str | Path) -> list[WorkCase]:
     if not root.is_dir():
         raise ReleaseError(f"{root} not found: run `python -m builder convert SOURCE {work}` first")
     out = []
+    # Hidden folders are convert's temporary / replaced cases (builder.case TMP_PREFIX, OLD_PREFIX).
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        path = folder / schema.CASE_JSON
-        try:
-            info = json.loads(path.read_text())
-        except FileNotFoundError:
-            log.warning("skipping %s: no %s (an interrupted convert?)", folder, schema.CASE_JSON)
-            continue
-        except json.JSONDecodeError as e:
-            raise ReleaseError(f"case {folder.name}: {path} is not valid JSON ({e}); re-run convert for it") from e
-        for key in ("case_id", "subject_id", "clinical", "geometry"):
-            if key not in info:
-                raise ReleaseError(f"case {folder.name}: {path} lacks {key!r}; re-run convert for it")
+        info = load_case(folder)  # validates case.json (keys, schema version) and the three files
+        info.pop("folder", None)
         if info["case_id"] != folder.name:
             raise ReleaseError(f"case folder {folder} holds case.json of {info['case_id']!r}; folder and id must agree")
-        major = str(info.get("schema_version", schema.SCHEMA_VERSION)).split(".")[0]
-        if major != schema.SCHEMA_VERSION.split(".")[0]:
-            raise ReleaseError(
-                f"case {folder.name}: schema_version {info.get('schema_version')} is incompatible with "
-                f"{schema.SCHEMA_VERSION}; re-run convert with this builder"
-            )
         out.append(WorkCase(folder.name, folder, info))
     if not out:
         raise ReleaseError(f"{root} holds no case: nothing to release")
@@ -142,13 +129,23 @@ def _as_dtype(array: np.ndarray, dtype: str, where: str) -> np.ndarray:
     return converted
 
 
+def case_affine(case: WorkCase) -> np.ndarray:
+    """The case's float64 RAS affine from case.json (the NIfTI headers hold it only as float32)."""
+    try:
+        affine = np.asarray(case.info["geometry"]["affine_ras"], dtype=np.float64).reshape(4, 4)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ReleaseError(f"case {case.case_id}: case.json geometry.affine_ras is not a 4x4 matrix ({e})") from e
+    return affine
+
+
 def read_case_volumes(case: WorkCase) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Read ct / pet / label of a case as ``[z, y, x]`` arrays in the schema dtypes, and the RAS affine.
 
-    Checks that the three share one grid and that it matches case.json's geometry.
+    Checks that the three share one grid and that it matches case.json's geometry; the affine
+    returned is case.json's float64 one (what the content hash and the ``affine`` column use).
     """
     arrays: dict[str, np.ndarray] = {}
-    affine = None
+    affine_ras = case_affine(case)
     for name in IMAGE_COLUMNS:
         path = case.folder / schema.CASE_FILES[name]
         try:
@@ -161,10 +158,12 @@ def read_case_volumes(case: WorkCase) -> tuple[dict[str, np.ndarray], np.ndarray
         if data.ndim != 3:
             raise ReleaseError(f"case {case.case_id}: {path} is {data.ndim}-D, expected a 3-D volume")
         arrays[name] = np.ascontiguousarray(_as_dtype(data, _DTYPES[name], f"case {case.case_id} {path.name}").transpose(2, 1, 0))
-        if affine is None:
-            affine = image.affine
-        elif not np.allclose(image.affine, affine, atol=1e-4):
-            raise ReleaseError(f"case {case.case_id}: {path.name} is not on the CT grid (affines differ)")
+        # The header's sform is float32: compare with case.json's float64 affine to that precision.
+        if not np.allclose(image.affine, affine_ras, rtol=1e-6, atol=1e-3):
+            raise ReleaseError(
+                f"case {case.case_id}: the affine of {path.name} differs from case.json geometry.affine_ras; "
+                "the files are not on the case's CT grid: re-run convert for this case"
+            )
     shapes = {n: a.shape for n, a in arrays.items()}
     if len(set(shapes.values())) != 1:
         raise ReleaseError(f"case {case.case_id}: volumes have different shapes {shapes}; they must share the CT grid")
@@ -173,7 +172,7 @@ def read_case_volumes(case: WorkCase) -> tuple[dict[str, np.ndarray], np.ndarray
         raise ReleaseError(f"case {case.case_id}: volumes are {arrays['ct'].shape}, case.json says {expected}")
     if not np.isin(np.unique(arrays["label"]), (0, 1)).all():
         raise ReleaseError(f"case {case.case_id}: label.nii.gz holds values other than 0 and 1")
-    return arrays, np.asarray(affine, dtype=np.float64)  # type: ignore[arg-type]
+    return arrays, affine_ras
 
 
 def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str) -> dict[str, Any]:
@@ -184,7 +183,7 @@ def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str)
     ct = info.get("ct", {}) or {}
     pet = info.get("pet", {}) or {}
     lesions = info.get("lesions", {}) or {}
-    affine = np.asarray(geometry["affine_ras"], dtype=np.float64).reshape(4, 4)
+    affine = case_affine(case)
     row = {
         "case_id": case.case_id,
         "subject_id": info["subject_id"],
@@ -474,8 +473,11 @@ def build_release(
                 arrays, affine = read_case_volumes(case)
                 digest = manifest_mod.content_hash(arrays["ct"], arrays["pet"], arrays["label"], affine)
                 recorded = case.info.get("content_hash")
-                if recorded and recorded != digest:
-                    log.warning("case %s: case.json content_hash differs from the voxels' hash; using the voxels'", case_id)
+                if recorded != digest:
+                    raise ReleaseError(
+                        f"case {case_id}: the voxels of {case.folder} do not match case.json content_hash "
+                        "(a file changed after convert, or a corrupt copy): re-run convert for this case"
+                    )
                 hashes[case_id] = digest
                 row = metadata_row(case, placements[case_id], digest)
                 rows.append(row)

@@ -52,9 +52,11 @@ def content_hash(ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine_ras:
     """The content hash of a case: sha256 over its voxels and its geometry.
 
     Hashes the C-order little-endian bytes of ``ct`` (int16), ``pet`` (float32), ``label``
-    (uint8), all ``[z, y, x]``, then the 4x4 RAS affine as float64, as a NIfTI reader returns it.
-    The same case hashes the same whether read from the WORK ``.nii.gz`` files or from a shard,
-    so a client can check each decoded case against ``manifest["cases"]``.
+    (uint8), all ``[z, y, x]``, then the 4x4 RAS affine as float64: case.json's
+    ``geometry.affine_ras``, which is a shard row's ``affine`` column (not the NIfTI header's
+    float32 sform). It equals the ``content_hash`` that convert writes (``builder.case``), so a
+    client checks a decoded case with
+    ``content_hash(ct, pet, label, np.reshape(row["affine"], (4, 4))) == manifest["cases"][case_id]``.
 
     Example:
         >>> a = np.ones((2, 3, 4))

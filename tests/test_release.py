@@ -14,7 +14,7 @@ from huggingface_hub import DatasetCard
 
 from builder.__main__ import main as builder_main
 from builder.release import ReleaseError, build_release, read_cases_csv
-from lymphatlas_ds.manifest import read_manifest, verify_files, verify_release
+from lymphatlas_ds.manifest import content_hash, read_manifest, verify_files, verify_release
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, RELEASE_FOLDER_NAME
 from tests.support.fake_work import make_fake_work
 
@@ -144,6 +144,13 @@ def test_release_is_byte_identical_when_rebuilt(released, tmp_path):
     assert _files(tmp_path / "again") == _files(root / RELEASE_FOLDER_NAME)
 
 
+def _rehash(folder: Path) -> None:
+    info = json.loads((folder / "case.json").read_text())
+    arrays = [np.asanyarray(nib.load(folder / f"{n}.nii.gz").dataobj).transpose(2, 1, 0) for n in IMAGE_COLUMNS]
+    info["content_hash"] = content_hash(*arrays, np.asarray(info["geometry"]["affine_ras"]))
+    (folder / "case.json").write_text(json.dumps(info))
+
+
 def _add_exam(work: Path, from_case: str, new_case: str) -> None:
     """A known patient's new exam: a copy of an earlier exam under a new case id, exam index 2."""
     src, dst = work / "cases" / from_case, work / "cases" / new_case
@@ -171,6 +178,7 @@ def test_update_release_moves_no_published_case_and_logs_changes(released, tmp_p
     data = np.asanyarray(image.dataobj).copy()
     data[0, 0, 0] += 7
     nib.save(nib.Nifti1Image(data, image.affine, image.header), work / "cases" / changed / "ct.nii.gz")
+    _rehash(work / "cases" / changed)  # as a re-convert would
 
     summary = build_release(work, tmp_path / "v110", version="1.1.0", previous=old_release)
     new_splits = json.loads((tmp_path / "v110" / "splits.json").read_text())["cases"]
@@ -235,3 +243,54 @@ def test_load_dataset_by_the_folder_name_from_its_parent(released, monkeypatch):
     assert sorted(ds["case_id"]) == sorted(c for c, e in splits.items() if e["diagnosis"] == "NHL" and e["split"] == "train")
     default = datasets.load_dataset(RELEASE_FOLDER_NAME)  # the default config is "all"
     assert sum(len(d) for d in default.values()) == len(truth)
+
+
+def test_a_voxel_changed_after_convert_is_refused(released, tmp_path):
+    root, truth, _ = released
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    victim = sorted(truth)[2]
+    image = nib.load(work / "cases" / victim / "pet.nii.gz")
+    data = np.asanyarray(image.dataobj).copy()
+    data[1, 1, 1] += 1.0
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), work / "cases" / victim / "pet.nii.gz")
+    with pytest.raises(ReleaseError, match=f"{victim}.*content_hash"):
+        build_release(work, tmp_path / "r", version="1.0.0")
+
+
+def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
+    """A case written by builder.case.write_case (convert's writer) with an oblique, non-float32 affine."""
+    from builder.case import write_case
+
+    work = tmp_path / "work"
+    make_fake_work(work, n_patients=3)
+    base = json.loads(next((work / "cases").glob("*/case.json")).read_text())
+    rng = np.random.default_rng(9)
+    shape = (6, 7, 8)
+    theta = 0.1
+    affine = np.array(
+        [
+            [-0.9765625 * np.cos(theta), 0.9765625 * np.sin(theta), 0.0, 249.51171875 + 1e-7],
+            [-0.9765625 * np.sin(theta), -0.9765625 * np.cos(theta), 0.0, 180.3330078],
+            [0.0, 0.0, 3.27, -612.123456789],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    ct = rng.integers(-1024, 2000, shape).astype(np.int16)
+    pet = rng.gamma(2.0, 1.0, shape).astype(np.float32)
+    label = (pet > 3).astype(np.uint8)
+    info = dict(base, case_id="LA-OBLIQUE", subject_id="LP-OBLIQUE")
+    info["geometry"] = dict(base["geometry"], shape_zyx=list(shape), affine_ras=affine.tolist())
+    write_case(work / "cases", info, ct=ct, pet=pet, label=label, affine_ras=affine)
+    build_release(work, tmp_path / "r", version="1.0.0")
+    ds = datasets.load_dataset(str(tmp_path / "r"), "all")
+    row = next(r for split in ds.values() for r in split if r["case_id"] == "LA-OBLIQUE")
+    np.testing.assert_array_equal(np.reshape(row["affine"], (4, 4)), affine)  # float64 kept exactly
+    np.testing.assert_allclose(row["ct"].affine, affine, atol=1e-4)  # the header's float32 sform
+    voxels = [np.asanyarray(row[n].dataobj).transpose(2, 1, 0) for n in IMAGE_COLUMNS]
+    for got, want in zip(voxels, (ct, pet, label)):
+        np.testing.assert_array_equal(got, want)
+    # The client's check, with convert's own hash as the truth.
+    written = json.loads((work / "cases" / "LA-OBLIQUE" / "case.json").read_text())["content_hash"]
+    assert content_hash(*voxels, np.reshape(row["affine"], (4, 4))) == written
+    assert read_manifest(tmp_path / "r")["cases"]["LA-OBLIQUE"] == written
