@@ -408,8 +408,23 @@ def _flatten(value, prefix: str = "") -> list[tuple[str, str]]:
 def _build(build) -> str:
     if build is None:
         return "<p>No build.json in this WORK folder (written by <code>python -m builder convert</code>).</p>"
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _flatten(build))
-    return f'<table id="build"><thead><tr><th>setting</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>'
+    if not isinstance(build, dict):
+        return "<p>build.json is not a JSON object; re-run convert to rewrite it.</p>"
+    settings = dict(build)
+    # Per-exam entries are keyed by source exam id (identifying, and thousands of rows): count them.
+    exams = settings.pop("exams", None)
+    rows = _flatten(settings)
+    if isinstance(exams, dict):
+        counts: dict[str, int] = {}
+        for entry in exams.values():
+            status = entry.get("status", "?") if isinstance(entry, dict) else str(entry)
+            counts[status] = counts.get(status, 0) + 1
+        rows.append(("exams", ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))))
+    body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
+    return (
+        f"<details><summary>{len(rows)} settings and versions of the last convert run (build.json)</summary>"
+        f'<table id="build"><thead><tr><th>setting</th><th>value</th></tr></thead><tbody>{body}</tbody></table></details>'
+    )
 
 
 def render_html(

@@ -26,7 +26,12 @@ FAILURES = [
     {"exam_id": "EXAM9001", "stage": "read", "reason": "missing slice at z=-312.5 mm <b>not bold</b>"},
     {"exam_id": "EXAM9002", "stage": "suv", "reason": "no injected dose (0018,1074) in the PET series"},
 ]
-BUILD = {"builder_version": "0.1.0", "settings": {"registration": "rigid", "seed": 0}, "versions": {"SimpleITK": "2.x"}}
+BUILD = {
+    "builder_version": "0.1.0",
+    "settings": {"registration": "rigid", "seed": 0},
+    "versions": {"SimpleITK": "2.x"},
+    "exams": {"EXAM00000": {"status": "converted"}, "EXAM00010": {"status": "converted"}, "EXAM9001": {"status": "rejected"}},
+}
 
 
 class _Page(HTMLParser):
@@ -113,6 +118,7 @@ def test_rejected_exams_and_build_are_listed_and_escaped(report):
     settings = dict((r[0], r[1]) for r in page.tables["build"][1:])
     assert settings["settings.registration"] == "rigid"
     assert settings["versions.SimpleITK"] == "2.x"
+    assert settings["exams"] == "2 converted, 1 rejected"  # counted, not listed by exam id
 
 
 def test_every_image_is_a_real_picture_and_no_identifier_leaks(report):
