@@ -3,11 +3,11 @@
 A release has a held-out ``test`` split of patients and ``N_FOLDS`` cross-validation folds on
 the rest (``train``). Every exam of a patient lands in the same split and fold, so no patient is
 on both sides of a fold or of the test boundary (nnU-Net's own random per-case split would do
-that). Within each diagnosis (HL / NHL) patients are placed one by one, heaviest lesion burden
-first, into the bin (test or a fold) that is least filled relative to its target share
-(``TEST_FRACTION`` for test, the rest shared by the folds), ties broken by the bin with the least
-burden so far, then by a seeded hash of the patient, so the result is deterministic and
-independent of input order.
+that). Within each diagnosis (HL / NHL) the test split takes ``round(TEST_FRACTION * patients)``
+(at least one patient once there are two), sampled systematically along the lesion-burden order
+from a seeded offset, so it spans light to heavy cases; the other patients go, heaviest first,
+into the fold with the fewest patients, ties broken by the least burden so far, then by a seeded
+hash of the patient. The result is deterministic and independent of input order.
 
 An update release (``previous=``) keeps every published case where it was, puts a known patient's
 new exams in that patient's bin, and places only new patients, with the same rule, so the
@@ -97,7 +97,6 @@ def assign_splits(
     cases = sorted(cases, key=lambda c: c.case_id)
     if not 0 < test_fraction < 1 or n_folds < 2:
         raise ValueError(f"need 0 < test_fraction < 1 and n_folds >= 2, got {test_fraction}, {n_folds}")
-    weights = [test_fraction] + [(1 - test_fraction) / n_folds] * n_folds
     previous = previous or {}
 
     by_subject: dict[str, list[SplitCase]] = defaultdict(list)
@@ -147,21 +146,34 @@ def assign_splits(
 
     new_subjects = [s for s in by_subject if s not in subject_bin]
     new_subjects.sort(key=lambda s: (-burden(s), _tie_key(seed, s)))
-    for subject in new_subjects:
-        key = stratum(subject)
-        fill = counts[key]
-        load = burdens[key]
-        best = min(
-            range(n_folds + 1),
-            key=lambda b: (
-                round((fill[b] + 1) / weights[b], 9),
-                round(load[b] / weights[b], 9),
-                _tie_key(seed, subject, b),
-            ),
-        )
-        subject_bin[subject] = best
-        fill[best] += 1
-        load[best] += burden(subject)
+    for key in sorted({stratum(s) for s in by_subject}):
+        fresh = [s for s in new_subjects if stratum(s) == key]
+        if not fresh:
+            continue
+        fill, load = counts[key], burdens[key]
+        n_total = sum(1 for s in by_subject if stratum(s) == key)
+        # The test split takes round(fraction * patients) of each diagnosis, at least one patient
+        # once there are two, so that a small first release already has both splits.
+        target = 0 if n_total < 2 else max(1, round(test_fraction * n_total))
+        need = min(max(0, target - fill[0]), len(fresh))
+        test_positions: set[int] = set()
+        if need:
+            # Systematic sampling along the burden order: the test split spans light to heavy cases.
+            step = len(fresh) / need
+            offset = int(_tie_key(seed, key)[:8], 16) / 16**8 * step
+            test_positions = {min(int(offset + i * step), len(fresh) - 1) for i in range(need)}
+        for position, subject in enumerate(fresh):
+            if position in test_positions:
+                best = 0
+            else:
+                # Heaviest first into the fold with fewest patients, then least burden: a balanced snake.
+                best = min(
+                    range(1, n_folds + 1),
+                    key=lambda b: (fill[b], round(load[b], 9), _tie_key(seed, subject, b)),
+                )
+            subject_bin[subject] = best
+            fill[best] += 1
+            load[best] += burden(subject)
 
     placements = {}
     for case in cases:

@@ -137,3 +137,21 @@ def test_inconsistent_previous_splits_are_refused():
 def test_unknown_diagnosis_names_the_case():
     with pytest.raises(SchemaError, match="C-1.*DLBCL"):
         assign_splits([SplitCase("C-1", "S", "DLBCL", 1.0)])
+
+
+@pytest.mark.parametrize(("n_patients", "n_test"), [(1, 0), (2, 1), (3, 1), (5, 1), (8, 2), (10, 2), (13, 3)])
+def test_small_releases_keep_train_and_get_a_test_split_from_two_patients(n_patients, n_test):
+    cases = [SplitCase(f"C{p}", f"S{p}", "NHL", float(p)) for p in range(n_patients)]
+    placed = assign_splits(cases, seed=0)
+    tests = sum(1 for p in placed.values() if p.split is Split.TEST)
+    assert tests == n_test
+    assert n_patients - tests >= 1  # the train split always exists
+
+
+def test_test_split_spans_the_burden_range():
+    # 100 patients with burden 0..99: a systematic sample of 20 covers every fifth of the range.
+    cases = [SplitCase(f"C{p:03d}", f"S{p:03d}", "HL", float(p)) for p in range(100)]
+    placed = assign_splits(cases, seed=4)
+    test_burdens = sorted(c.burden for c in cases if placed[c.case_id].split is Split.TEST)
+    assert len(test_burdens) == 20
+    assert [sum(1 for b in test_burdens if 20 * q <= b < 20 * (q + 1)) for q in range(5)] == [4] * 5
