@@ -23,3 +23,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """(source folder, list[ExamTruth]) of 12 small exams covering every variant (3 bad); read-only.
+
+    Built once per session by ``tests/support/cohort.py``; the truth folder is ``source / "truth"``.
+    """
+    from tests.support.cohort import cohort
+
+    return cohort(tmp_path_factory, n_exams=12, seed=7, variants="all")
+
+
+@pytest.fixture(scope="session")
+def synthetic_good_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """(source folder, list[ExamTruth]) of 3 small default (Siemens-like, HFS, accepted) exams; read-only."""
+    from tests.support.cohort import cohort
+
+    return cohort(tmp_path_factory, n_exams=3, seed=11, variants=None)
