@@ -141,3 +141,20 @@ def test_mip_and_secondary_capture_are_other(tmp_path):
                        for_uid=truths["ct"].for_uid, image_type=("DERIVED", "SECONDARY", "MIP"))
     series, _ = scan_series(tmp_path, "EX1")
     assert {s.series_uid: s.kind for s in series}[mip.series_uid] is SeriesKind.OTHER
+
+
+# --- acceptance over the generated all-variants cohort (tests/conftest.py: synthetic_cohort) -------------
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_cohort_series_choice(synthetic_cohort, index):
+    src, truths = synthetic_cohort
+    t = truths[index].truth
+    found = discover_exam(src / "dicom" / t["exam_id"], t["exam_id"])
+    assert found.ct.series_uid == t["ct"]["series_uid"]
+    assert found.pet.series_uid == t["pet"]["series_uid"]
+    assert {s.series_uid for s in found.ignored} == set(t["ignored_series_uids"])
+    if t["variant"]["extra_series"]:
+        assert {s.kind for s in found.ignored} >= {SeriesKind.CT_LOCALIZER, SeriesKind.PET_NAC}
+    n_ct = t["ct"]["size"][2] - (1 if t["variant"]["bad"] == "missing_slice" else 0)
+    assert found.ct.n_files == n_ct and found.pet.n_files == t["pet"]["size"][2]

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from builder.discover import SeriesInfo, SeriesKind
+from builder.discover import SeriesInfo, SeriesKind, discover_exam
 from builder.errors import GeometryError, ReadError
 from builder.read import read_series
 from tests.support.dicom_series import SeriesTruth, rotation, write_series
@@ -187,3 +187,105 @@ def to_nifti(image: sitk.Image) -> nib.Nifti1Image:
     lps[:3, 3] = image.GetOrigin()
     array_xyz = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
     return nib.Nifti1Image(array_xyz, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+
+
+# --- acceptance over the generated all-variants cohort (tests/conftest.py: synthetic_cohort) -------------
+
+ACCEPTED = range(9)  # builder.synthetic.ALL_VARIANTS: the first 9 are good exams, the last 3 bad
+
+
+def assert_truth_geometry(image: sitk.Image, g: dict) -> None:
+    assert list(image.GetSize()) == g["size"]
+    np.testing.assert_allclose(image.GetSpacing(), g["spacing"], atol=1e-3)
+    np.testing.assert_allclose(image.GetOrigin(), g["origin"], atol=1e-3)
+    np.testing.assert_allclose(image.GetDirection(), g["direction"], atol=1e-6)
+    # The far corner too: spacing errors add up over the field of view.
+    far = np.asarray(g["direction"]).reshape(3, 3) @ ((np.asarray(g["size"]) - 1) * g["spacing"]) + g["origin"]
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint([s - 1 for s in g["size"]]), far, atol=1e-3)
+
+
+@pytest.mark.parametrize("index", ACCEPTED)
+def test_cohort_ct_exact_and_geometry(synthetic_cohort, index):
+    src, truths = synthetic_cohort
+    t = truths[index].truth
+    exam = discover_exam(src / "dicom" / t["exam_id"], t["exam_id"])
+    ct, meta = read_series(exam.ct, exam_id=t["exam_id"])
+    assert_truth_geometry(ct, t["ct"])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct), np.load(src / "truth" / t["exam_id"] / "ct_hu.npy"))
+    assert meta.transfer_syntax == t["variant"]["ct_transfer_syntax"]
+    assert meta.patient_position == t["variant"]["patient_position"]
+    assert meta.manufacturer and meta.manufacturer.lower().startswith(t["variant"]["vendor"][:2])
+
+
+@pytest.mark.parametrize("index", ACCEPTED)
+def test_cohort_pet_values_and_geometry(synthetic_cohort, index):
+    src, truths = synthetic_cohort
+    t = truths[index].truth
+    exam = discover_exam(src / "dicom" / t["exam_id"], t["exam_id"])
+    pet, meta = read_series(exam.pet, exam_id=t["exam_id"])
+    assert_truth_geometry(pet, t["pet"])
+    assert meta.units == t["suv"]["units"]
+    # Values in the series' units times the truth factor are the truth SUV (SUV factor tested in test_suv).
+    suv = sitk.GetArrayFromImage(pet).astype(np.float64) * t["suv_factor"]
+    truth = np.load(src / "truth" / t["exam_id"] / "pet_suv.npy")
+    np.testing.assert_allclose(suv, truth, rtol=1e-5, atol=1e-6 * truth.max())
+
+
+def dcm2niix_image(files: list, tmp_path) -> nib.Nifti1Image:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, f in enumerate(files):
+        (folder / f"{i:05d}.dcm").symlink_to(f)
+    subprocess.run(["dcm2niix", "-z", "n", "-f", "peer", "-o", str(tmp_path), str(folder)], check=True,
+                   capture_output=True)
+    return nib.load(tmp_path / "peer.nii")
+
+
+@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
+@pytest.mark.parametrize("index", ACCEPTED)
+@pytest.mark.parametrize("modality", ["ct", "pet"])
+def test_cohort_geometry_and_values_match_dcm2niix(synthetic_cohort, index, modality, tmp_path):
+    src, truths = synthetic_cohort
+    t = truths[index].truth
+    exam = discover_exam(src / "dicom" / t["exam_id"], t["exam_id"])
+    series = exam.ct if modality == "ct" else exam.pet
+    image, _ = read_series(series, exam_id=t["exam_id"])
+    peer = nib.as_closest_canonical(dcm2niix_image(series.files, tmp_path))
+    ours = nib.as_closest_canonical(to_nifti(image))
+    assert ours.shape == peer.shape
+    np.testing.assert_allclose(ours.affine, peer.affine, atol=1e-3)
+    peer_values = np.asarray(peer.dataobj, dtype=np.float64)  # dcm2niix: stored values + scl_slope/inter
+    if modality == "ct":
+        np.testing.assert_array_equal(np.asarray(ours.dataobj), peer_values)
+    else:
+        np.testing.assert_allclose(np.asarray(ours.dataobj), peer_values, rtol=1e-5,
+                                   atol=1e-5 * np.abs(peer_values).max())
+
+
+def ingest(src, exam_id):
+    """discover -> read CT -> read PET -> SUV, as convert runs them."""
+    from builder.suv import suv_conversion
+
+    exam = discover_exam(src / "dicom" / exam_id, exam_id)
+    read_series(exam.ct, exam_id=exam_id)
+    read_series(exam.pet, exam_id=exam_id)
+    return suv_conversion(exam.pet, exam_id=exam_id)
+
+
+@pytest.mark.parametrize("index", [9, 10, 11])
+def test_cohort_bad_exams_rejected_with_cause(synthetic_cohort, index):
+    from builder.errors import ExamError
+
+    src, truths = synthetic_cohort
+    t = truths[index].truth
+    assert t["expected"] == "reject"
+    with pytest.raises(ExamError) as err:
+        ingest(src, t["exam_id"])
+    message = str(err.value)
+    assert err.value.stage == t["reject_stage"]
+    assert t["reject_reason"] in message.lower()
+    assert t["exam_id"] in message
+    if t["bad_file"]:
+        assert t["bad_file"] in message  # the corrupt file, by path
+    if t["missing_slice_position_mm"] is not None:
+        assert f"{t['missing_slice_position_mm']:.2f}" in message  # the missing slice, by position

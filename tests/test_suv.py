@@ -179,3 +179,33 @@ def test_from_files_and_to_dict(tmp_path):
     d = c.to_dict()
     assert d["time_reference"] == "series" and d["units"] == "BQML" and d["decay_correction"] == "START"
     assert d["factor"] == c.factor
+
+
+# --- acceptance over the generated all-variants cohort (tests/conftest.py: synthetic_cohort) -------------
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_cohort_suv_factor_within_0_1_percent(synthetic_cohort, index):
+    from builder.discover import discover_exam
+
+    src, truths = synthetic_cohort
+    t = truths[index].truth
+    exam = discover_exam(src / "dicom" / t["exam_id"], t["exam_id"])
+    c = suv_conversion(exam.pet, exam_id=t["exam_id"])
+    assert c.factor == pytest.approx(t["suv_factor"], rel=1e-3)
+    assert c.units.value == t["suv"]["units"]
+    assert c.time_reference.value == t["suv"]["time_reference"]
+    assert c.decay_correction.value == t["suv"]["decay_correction"]
+    assert c.decay_time_s == pytest.approx(t["suv"]["decay_time_s"], abs=1.0)
+    assert c.dose_bq == pytest.approx(t["suv"]["dose_bq"]) and c.weight_kg == pytest.approx(t["suv"]["weight_kg"])
+
+
+def test_cohort_missing_dose_rejected(synthetic_cohort):
+    from builder.discover import discover_exam
+
+    src, truths = synthetic_cohort
+    t = next(et.truth for et in truths if et.truth["variant"]["bad"] == "missing_dose")
+    exam = discover_exam(src / "dicom" / t["exam_id"], t["exam_id"])
+    with pytest.raises(SUVError, match="dose") as err:
+        suv_conversion(exam.pet, exam_id=t["exam_id"])
+    assert err.value.stage == t["reject_stage"] == "suv"
