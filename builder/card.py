@@ -28,7 +28,9 @@ from builder.shards import ShardInfo, features
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "dataset_card.md"
 LICENSE = "other"
 LICENSE_NAME = "lymphatlas-data-use"
-"""The paper states no licence: the card says ``other`` and points to the data use terms in the prose."""
+LICENSE_LINK = "README.md#licence-and-terms-of-use"
+"""The paper states no licence: the card says ``other`` (the Hub then wants a name and a link) and
+points to the terms of use in its own prose."""
 
 
 def data_files(config: Config, split: Split) -> str:
@@ -96,6 +98,7 @@ def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> Dat
     return DatasetCardData(
         license=LICENSE,
         license_name=LICENSE_NAME,
+        license_link=LICENSE_LINK,
         task_categories=["image-segmentation"],
         tags=["medical", "pet-ct", "fdg-pet", "lymphoma", "3d", "nifti", "nnunet", "segmentation"],
         pretty_name=f"{schema.DATASET_NAME}: whole-body FDG PET/CT lymphoma segmentation",

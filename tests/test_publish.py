@@ -29,6 +29,14 @@ def releases(tmp_path_factory):
     return root
 
 
+def test_previous_may_be_a_mirror_meaning_its_latest_version(releases, tmp_path):
+    mirror = tmp_path / "mirror"
+    publish_mirror(releases / "r100", mirror)
+    build_release(releases / "work", tmp_path / "via_mirror", version="1.1.0", previous=mirror)
+    assert (tmp_path / "via_mirror" / "splits.json").read_bytes() == (releases / "r110" / "splits.json").read_bytes()
+    assert (tmp_path / "via_mirror" / "CHANGELOG.md").read_bytes() == (releases / "r110" / "CHANGELOG.md").read_bytes()
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {
         p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
