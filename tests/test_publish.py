@@ -19,6 +19,16 @@ from lymphatlas_ds.manifest import read_manifest, sha256_file, verify_release
 from tests.support.fake_work import make_fake_work
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _datasets_cache_in_tmp(tmp_path_factory):
+    """Keep datasets' arrow cache of these small releases out of the user's cache folder."""
+    old = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = old
+
+
+
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory):
     root = tmp_path_factory.mktemp("pub")

@@ -28,6 +28,16 @@ OBLIQUE = np.array(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _datasets_cache_in_tmp(tmp_path_factory):
+    """Keep datasets' arrow cache of these small releases out of the user's cache folder."""
+    old = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = old
+
+
+
 def _volumes(rng: np.random.Generator, shape=(7, 9, 11)):
     return {
         "ct": rng.integers(-1024, 3000, shape).astype(np.int16),
