@@ -114,3 +114,23 @@ def test_rounded_positions_within_tolerance_are_accepted():
 def test_single_slice_is_rejected():
     with pytest.raises(GeometryError, match="at least 2"):
         slice_geometry([[0, 0, 0]], [[1, 0, 0, 0, 1, 0]])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(angles, st.floats(0.5, 5.0), st.integers(2, 7), st.integers(0, 2**16), st.booleans())
+def test_files_in_any_orientation_and_order_read_back_exactly(tmp_path_factory, ang, spacing, n, seed, unsigned):
+    from builder.discover import SeriesInfo, SeriesKind
+    from builder.read import read_series
+    import SimpleITK as sitk
+    from tests.support.dicom_series import write_series
+
+    folder = tmp_path_factory.mktemp("prop")
+    t = write_series(folder, n=n, rows=5, cols=6, slice_spacing=spacing, rot=rotation(*ang), seed=seed,
+                     unsigned=unsigned)
+    info = SeriesInfo(series_uid=t.series_uid, study_uid=t.study_uid, frame_of_reference_uid=t.for_uid,
+                      modality="CT", kind=SeriesKind.CT_VOLUME, files=t.files)
+    image, _ = read_series(info, exam_id="EX1")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), t.volume)
+    np.testing.assert_allclose(image.GetOrigin(), t.origin, atol=1e-4)
+    np.testing.assert_allclose(image.GetSpacing(), t.spacing, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(image.GetDirection()).reshape(3, 3), t.direction, atol=1e-6)

@@ -289,3 +289,14 @@ def test_cohort_bad_exams_rejected_with_cause(synthetic_cohort, index):
         assert t["bad_file"] in message  # the corrupt file, by path
     if t["missing_slice_position_mm"] is not None:
         assert f"{t['missing_slice_position_mm']:.2f}" in message  # the missing slice, by position
+
+
+def test_undecodable_transfer_syntax_named(tmp_path):
+    t = write_series(tmp_path, n=3, rows=32, cols=32, transfer_syntax=RLELossless)
+    victim = t.files[0]
+    ds = pydicom.dcmread(victim)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no installed image decoder
+    ds.save_as(victim)
+    with pytest.raises(ReadError, match="1.2.840.10008.1.2.4.100") as err:
+        read_series(info(t), exam_id="EX1")
+    assert str(victim) in str(err.value) and "decoder" in str(err.value)

@@ -122,7 +122,7 @@ def write_series(
         ds.ImagePositionPatient = [f"{v:.6f}" for v in positions[k]]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
         ds.PixelSpacing = [f"{v}" for v in pixel_spacing]
-        ds.SliceThickness = f"{slice_spacing}"
+        ds.SliceThickness = f"{slice_spacing:.6g}"
         ds.Rows, ds.Columns = rows, cols
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
