@@ -218,6 +218,8 @@ tr.bad td, span.bad { background: #f8d7da; }
 section.case { border-top: 2px solid #889; margin-top: 2em; padding-top: 0.5em; }
 img.views { width: 100%; max-width: 1600px; display: block; }
 img.registration { width: 75%; max-width: 1200px; display: block; }
+div.meta { display: flex; flex-wrap: wrap; gap: 0 3em; align-items: flex-start; }
+details > summary { cursor: pointer; font-size: 0.9em; margin: 0.3em 0; }
 dl.facts { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 0.85em; }
 dl.facts dt { font-weight: 600; }
 dl.facts dd { margin: 0; }
@@ -358,7 +360,15 @@ def _checks(c: dict) -> str:
         f"<td>{_e(_fmt(k.get('threshold')))}</td></tr>"
         for k in checks
     )
-    return f"<table><thead><tr><th>check</th><th>result</th><th>value</th><th>threshold</th></tr></thead><tbody>{rows}</tbody></table>"
+    n_failed = sum(1 for k in checks if not k.get("passed", True))
+    # Collapsed when all passed (hundreds of cases), open when one failed.
+    state = " open" if n_failed else ""
+    summary = f"{len(checks)} QC checks, {n_failed} failed" if n_failed else f"{len(checks)} QC checks passed"
+    return (
+        f"<details{state}><summary>{_e(summary)}</summary>"
+        "<table><thead><tr><th>check</th><th>result</th><th>value</th><th>threshold</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table></details>"
+    )
 
 
 def _case_section(shown: CaseImages, position: int) -> str:
@@ -366,8 +376,7 @@ def _case_section(shown: CaseImages, position: int) -> str:
     parts = [f'<section class="case" id="{_e(shown.case_id)}"><h2>{_e(shown.case_id)}</h2>']
     if shown.error:
         parts.append(f'<p><span class="bad">no pictures: {_e(shown.error)}</span></p>')
-    parts.append(_facts(shown.case))
-    parts.append(_checks(shown.case))
+    parts.append(f'<div class="meta">{_facts(shown.case)}<div>{_checks(shown.case)}</div></div>')
     if shown.views:
         parts.append(
             f'<img class="views" src="{_e(shown.views)}" loading="{loading}" '
