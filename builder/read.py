@@ -140,28 +140,31 @@ def slice_geometry(
     # median ambiguous (3 slices left of 4).
     spacing = float(diffs.min())
     tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
-    off = np.flatnonzero(np.abs(diffs - spacing) > tol)
-    if off.size:
-        i = int(off[0])
-        ratio = diffs[i] / spacing
-        k = round(ratio)
-        if k >= 2 and abs(diffs[i] - k * spacing) <= tol * k:
-            a = int(order[i])
-            missing = [proj_sorted[i] + j * spacing for j in range(1, k)]
-            points = [pos[a] + j * spacing * normal for j in range(1, k)]
-            where_txt = ", ".join(
-                f"{m:.2f} mm along the slice normal (LPS point {_fmt_point(p)})" for m, p in zip(missing, points)
-            )
-            raise GeometryError(
-                f"missing slice: {k - 1} slice(s) missing at {where_txt}, between {names[a]} and "
-                f"{names[int(order[i + 1])]} (slice spacing {spacing:.3f} mm); re-export the complete series",
-                **where,
-            )
+    steps = np.rint(diffs / spacing)
+    on_grid = np.abs(diffs - steps * spacing) <= tol * steps
+    if not on_grid.all():
+        # Some distance is no whole number of steps: the spacing varies (not a gap).
+        i = int(np.flatnonzero(~on_grid)[0])
         raise GeometryError(
             f"non-uniform slice spacing: {diffs[i]:.3f} mm between positions {proj_sorted[i]:.2f} and "
             f"{proj_sorted[i + 1]:.2f} mm along the slice normal, smallest distance {spacing:.3f} mm "
             f"(tolerance {tol:.3f} mm); "
             "variable-spacing series are not supported: resample or re-export with uniform spacing",
+            **where,
+        )
+    if (steps > 1).any():
+        # Every slice sits on one grid and some grid positions are empty: missing slices.
+        i = int(np.flatnonzero(steps > 1)[0])
+        a = int(order[i])
+        missing = [proj_sorted[i] + j * spacing for j in range(1, int(steps[i]))]
+        points = [pos[a] + j * spacing * normal for j in range(1, int(steps[i]))]
+        where_txt = ", ".join(
+            f"{m:.2f} mm along the slice normal (LPS point {_fmt_point(p)})" for m, p in zip(missing, points)
+        )
+        raise GeometryError(
+            f"missing slice: {int((steps - 1).sum())} slice(s) missing, the first at {where_txt}, between "
+            f"{names[a]} and {names[int(order[i + 1])]} (slice spacing {spacing:.3f} mm); re-export the "
+            "complete series",
             **where,
         )
     # Gantry tilt: positions drift sideways of the normal as they move along it.
