@@ -1,9 +1,22 @@
-"""LymphAtlas-DS: the LymphAtlas whole-body FDG PET/CT lymphoma dataset for torch, Hugging Face and nnU-Net."""
+"""LymphAtlas-DS: the LymphAtlas whole-body FDG PET/CT lymphoma dataset for torch, Hugging Face and nnU-Net.
+
+Example:
+    >>> from lymphatlas_ds import load_lymphatlas
+    >>> train = load_lymphatlas("lymphatlas", config="nhl", split="train", fold=0, subset="train")  # doctest: +SKIP
+    >>> train[0]["image"].shape  # doctest: +SKIP
+    torch.Size([2, 300, 512, 512])
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError, SourceError
 from lymphatlas_ds.schema import CHANNELS, LABELS, Config, Split
+
+if TYPE_CHECKING:
+    from lymphatlas_ds.loader import load_lymphatlas
+    from lymphatlas_ds.release import Release
 
 __version__ = "0.1.0"
 
@@ -13,8 +26,23 @@ __all__ = [
     "Config",
     "IntegrityError",
     "LymphAtlasError",
+    "Release",
     "SchemaError",
     "SourceError",
     "Split",
     "__version__",
+    "load_lymphatlas",
 ]
+
+# Imported on first use: `import lymphatlas_ds` (the CLI, the builder) should not pay for torch.
+_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.release"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lymphatlas_ds' has no attribute {name!r}")

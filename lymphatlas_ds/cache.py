@@ -64,6 +64,34 @@ MAX_FOREGROUND_SAMPLES = 10_000
 """Foreground positions kept per case, as nnU-Net keeps at most 10,000 per class."""
 
 _DTYPES = {"ct": CT_DTYPE, "pet": PET_DTYPE, "label": LABEL_DTYPE}
+
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+# blosc2's worker threads do not survive fork(): a forked child (a DataLoader worker on Linux)
+# that decompresses with more than one thread waits forever. Such children use one thread each,
+# which is also what parallel workers want.
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _nthreads() -> int:
+    import blosc2
+
+    if _forked:
+        return 1
+    try:
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            return 1
+    except ImportError:
+        pass
+    return int(blosc2.nthreads)
 _ENTRY_JSON = "case.json"
 _FOREGROUND = "foreground.npy"
 
@@ -103,6 +131,7 @@ class CachedCase:
 
     def __post_init__(self) -> None:
         self._arrays: dict[str, Any] = {}
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         # blosc2 handles are per process: a DataLoader worker reopens them.
@@ -115,11 +144,13 @@ class CachedCase:
 
         if name not in _DTYPES:
             raise SchemaError(f"unknown volume {name!r}; expected one of {IMAGE_COLUMNS}")
+        if self._pid != os.getpid():  # handles opened before a fork: reopen with this process's threads
+            self._arrays, self._pid = {}, os.getpid()
         array = self._arrays.get(name)
         if array is None:
             file = self.path / f"{name}.b2nd"
             try:
-                array = blosc2.open(str(file), mode="r")
+                array = blosc2.open(str(file), mode="r", dparams=blosc2.DParams(nthreads=_nthreads()))
             except Exception as e:  # blosc2 raises RuntimeError / ValueError for bad files
                 raise CacheError(
                     f"decoded cache file {file} of case {self.case_id} is unreadable ({e}); "
@@ -293,7 +324,9 @@ class DecodedCache:
                 elif array.shape != shape or not np.allclose(vol_affine, affine):
                     raise SchemaError(f"case {case_id}: {name} is not on the CT grid (shape {array.shape} vs {shape})")
                 hasher.update(name, array)
-                cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=self.clevel, filters=[blosc2.Filter.SHUFFLE])
+                cparams = blosc2.CParams(
+                    codec=blosc2.Codec.ZSTD, clevel=self.clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=_nthreads()
+                )
                 chunks = tuple(min(c, s) for c, s in zip(self.chunks, array.shape))
                 blocks = tuple(min(b, c) for b, c in zip(self.blocks, chunks))
                 blosc2.asarray(

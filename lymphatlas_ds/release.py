@@ -133,6 +133,7 @@ class Release:
         self.state_dir = Path(state_dir) if remember and state_dir is not None else None
         self._verified = _Verified()
         self._files: dict[str, pq.ParquetFile] = {}
+        self._shard_rows: dict[str, dict[str, int]] = {}
         if not (self.path / manifest_mod.MANIFEST_NAME).is_file():
             raise SchemaError(
                 f"{self.path} has no {manifest_mod.MANIFEST_NAME}: it is not a LymphAtlas release folder "
@@ -293,41 +294,46 @@ class Release:
                 "The shard is corrupt; re-download or re-copy the release, then run `lymphatlas verify`"
             ) from e
 
-    @cached_property
-    def _index(self) -> dict[str, CaseLocation]:
-        index: dict[str, CaseLocation] = {}
-        for config in (c for c in Config if c is not Config.ALL):
-            for split in Split:
-                for relpath in self.shards(config, split):
-                    pf = self._parquet(relpath)
-                    ids = self._read(relpath, None, ["case_id"]).column("case_id").to_pylist()
-                    # One case per row group is the layout; index by row counts so any grouping reads right.
-                    row_group, rows_before = 0, 0
-                    for i, case_id in enumerate(ids):
-                        while i >= rows_before + pf.metadata.row_group(row_group).num_rows:
-                            rows_before += pf.metadata.row_group(row_group).num_rows
-                            row_group += 1
-                        if pf.metadata.row_group(row_group).num_rows != 1:
-                            raise SchemaError(
-                                f"{relpath}: row group {row_group} holds {pf.metadata.row_group(row_group).num_rows} "
-                                "rows; a LymphAtlas shard holds one case per row group"
-                            )
-                        if case_id in index:
-                            raise SchemaError(f"case {case_id} appears twice ({index[case_id].shard} and {relpath})")
-                        index[case_id] = CaseLocation(case_id, relpath, row_group, Diagnosis(config.value.upper()), split)
+    def _shard_index(self, relpath: str) -> dict[str, int]:
+        """case_id -> row group of one shard (read once per shard; only its case_id column)."""
+        index = self._shard_rows.get(relpath)
+        if index is not None:
+            return index
+        pf = self._parquet(relpath)
+        ids = self._read(relpath, None, ["case_id"]).column("case_id").to_pylist()
+        counts = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        if len(counts) != len(ids) or any(n != 1 for n in counts):
+            raise SchemaError(
+                f"{self.path / relpath}: {len(ids)} rows in {len(counts)} row groups; a LymphAtlas shard holds "
+                "one case per row group. It was not written by the LymphAtlas builder"
+            )
+        index = {case_id: i for i, case_id in enumerate(ids)}
+        if len(index) != len(ids):
+            raise SchemaError(f"{self.path / relpath} holds a case twice")
+        self._shard_rows[relpath] = index
         return index
 
     def case_ids(self, config: Config | str = Config.ALL, split: Split | str = Split.TRAIN) -> list[str]:
-        """Case ids of a config and split, in shard order."""
-        shards = set(self.shards(config, split))
-        return [c for c, loc in self._index.items() if loc.shard in shards]
+        """Case ids of a config and split, in shard order. Reads (and verifies) only those shards."""
+        return [c for relpath in self.shards(config, split) for c in self._shard_index(relpath)]
 
     def locate(self, case_id: str) -> CaseLocation:
         """Where a case is stored; :class:`SchemaError` naming the release when it is not there."""
+        entry = self.splits["cases"].get(case_id)
+        if entry is None:
+            raise SchemaError(f"case {case_id!r} is not in release {self.version} at {self.path}")
         try:
-            return self._index[case_id]
-        except KeyError:
-            raise SchemaError(f"case {case_id!r} is not in release {self.version} at {self.path}") from None
+            diagnosis, split = Diagnosis(entry["diagnosis"]), Split(entry["split"])
+        except (KeyError, ValueError) as e:
+            raise SchemaError(f"{SPLITS_NAME} entry of case {case_id} is malformed ({entry!r})") from e
+        for relpath in self.shards(diagnosis.config, split):
+            row_group = self._shard_index(relpath).get(case_id)
+            if row_group is not None:
+                return CaseLocation(case_id, relpath, row_group, diagnosis, split)
+        raise SchemaError(
+            f"case {case_id} is in {SPLITS_NAME} ({diagnosis.value}, {split.value}) but in none of its shards; "
+            "the release is inconsistent: re-download it"
+        )
 
     def cases_table(self, config: Config | str = Config.ALL, split: Split | str | None = None) -> pa.Table:
         """The metadata columns (``schema.METADATA_COLUMNS``, no images) of a config, one row per case.

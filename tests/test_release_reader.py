@@ -177,3 +177,14 @@ def test_verification_is_remembered_until_the_file_changes(release_copy, tmp_pat
 def test_not_a_release_folder(tmp_path):
     with pytest.raises(SchemaError, match="not a LymphAtlas release"):
         Release(tmp_path, remember=False)
+
+
+def test_only_the_shards_used_are_hashed(built, tmp_path, monkeypatch):
+    path, _ = built
+    hashed = []
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: hashed.append(Path(p).as_posix()) or real(p))
+    release = open_release(path, tmp_path)
+    release.case_ids("hl", "test")
+    shards = [h for h in hashed if h.endswith(".parquet")]
+    assert len(shards) == 1 and "/data/hl/test-" in shards[0]

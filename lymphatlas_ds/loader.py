@@ -1,0 +1,389 @@
+"""``load_lymphatlas()``: a LymphAtlas release as a torch ``Dataset`` of whole cases or random patches.
+
+An item is a dict::
+
+    {"image": float32 [2, Z, Y, X]   channels schema.CHANNELS: CT in HU, PET in SUVbw (no rescaling),
+     "label": uint8 [1, Z, Y, X]     schema.LABELS: 0 background, 1 lesion,
+     "case_id": str,
+     "affine": float64 [4, 4]        RAS, maps (x, y, z, 1) voxel indices of *this* array to mm,
+     "spacing": float64 [3]          (x, y, z) mm,
+     "meta": dict                    the release's metadata columns (ids, diagnosis, sex, age band, stats...)}
+
+Patch mode (``patch_size=(z, y, x)``) adds ``"patch_start"`` (int64 [3], the patch's first voxel
+in the case, z y x) and ``"foreground_centred"`` (bool). Patches are drawn as nnU-Net draws
+them: a fraction ``foreground_ratio`` (default 0.33, nnU-Net's ``oversample_foreground_percent``)
+is centred on a random lesion voxel, the rest lie uniformly in the volume; a patch reaching past
+the volume (a volume smaller than the patch) is padded with air (-1024 HU), SUV 0 and background.
+
+Randomness: patch ``i`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, e, i])``,
+so a patch depends only on the seed, the epoch and its index, never on which DataLoader worker
+draws it or in what order: ``DataLoader(num_workers=k)`` gives the same epoch for any ``k``. Call
+:meth:`PatchDataset.set_epoch` before each epoch (with ``persistent_workers=False``, the
+default, workers get the new epoch).
+
+Volumes come from the decoded cache (:mod:`lymphatlas_ds.cache`): each case is decoded once,
+then a patch reads only the compressed chunks it touches, so a worker never holds a whole decoded
+case in patch mode (building an entry holds one volume's bytes; :meth:`prepare` builds them all
+up front, in the main process). ``cache=False`` decodes from the shards each time (whole-case mode).
+
+Intensity presets (CT window, SUV clip) are transforms (:mod:`lymphatlas_ds.transforms`), never
+silent defaults.
+
+Example:
+    >>> from lymphatlas_ds import load_lymphatlas
+    >>> train = load_lymphatlas("org/lymphatlas", config="nhl", split="train", fold=0, subset="train",
+    ...                         version="1.0.0", patch_size=(128, 128, 128), samples_per_case=4)  # doctest: +SKIP
+    >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=4)  # doctest: +SKIP
+    >>> batch = next(iter(loader))  # doctest: +SKIP
+    >>> batch["image"].shape
+    torch.Size([2, 2, 128, 128, 128])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lymphatlas_ds import codec
+from lymphatlas_ds.cache import CachedCase, DecodedCache
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.release import Release, _as_config, _as_split
+from lymphatlas_ds.schema import CHANNELS, IMAGE_COLUMNS, METADATA_COLUMNS, Config, Split, Subset
+
+log = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+Transform = Callable[[Item], Item]
+
+DEFAULT_FOREGROUND_RATIO = 1 / 3
+"""nnU-Net's ``oversample_foreground_percent`` (0.33)."""
+PAD_VALUES = {"ct": -1024, "pet": 0.0, "label": 0}
+"""Values of voxels a patch reaches outside the volume: air, no uptake, background."""
+
+_GEOMETRY_COLUMNS = ("spacing", "shape", "affine")  # returned as tensors, not in "meta"
+
+
+def _meta(row: dict[str, Any]) -> dict[str, Any]:
+    """Metadata for an item: the scalar columns, with missing values made collatable."""
+    out: dict[str, Any] = {}
+    for name, kind in METADATA_COLUMNS.items():
+        if name in _GEOMETRY_COLUMNS:
+            continue
+        value = row.get(name)
+        if value is None:
+            # default_collate refuses None: a missing string is "", a missing number NaN.
+            value = "" if kind == "string" else math.nan
+        out[name] = value
+    return out
+
+
+def _spacing(row: dict[str, Any], affine: np.ndarray) -> torch.Tensor:
+    spacing = row.get("spacing")
+    if spacing is None:
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return torch.tensor(np.asarray(spacing, dtype=np.float64))
+
+
+def _image(ct: np.ndarray, pet: np.ndarray) -> torch.Tensor:
+    order = {"CT": ct, "PET": pet}
+    image = np.empty((len(CHANNELS), *ct.shape), np.float32)
+    for i, name in enumerate(CHANNELS):
+        image[i] = order[name]
+    return torch.from_numpy(image)
+
+
+class _Base(Dataset):
+    """Shared state: the release, the case list and the decoded cache."""
+
+    def __init__(
+        self,
+        release: Release,
+        case_ids: Sequence[str],
+        *,
+        transform: Transform | None,
+        cache: DecodedCache | None,
+    ) -> None:
+        self.release = release
+        self.case_ids = list(case_ids)
+        self.transform = transform
+        self.cache = cache
+        self._entries: dict[str, CachedCase] = {}
+
+    def entry(self, case_id: str) -> CachedCase:
+        """The decoded-cache entry of a case (built on first use)."""
+        if self.cache is None:
+            raise SchemaError("this dataset was made with cache=False; patch mode needs the decoded cache")
+        entry = self._entries.get(case_id)
+        if entry is None:
+            entry = self.cache.ensure(self.release, case_id)
+            self._entries[case_id] = entry
+        return entry
+
+    def prepare(self, *, progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> None:
+        """Decode every case of this dataset into the cache now (it is otherwise built on first use).
+
+        ``progress`` wraps the case ids (e.g. ``tqdm``) for a progress display.
+        """
+        if self.cache is None:
+            return
+        for case_id in progress(self.case_ids) if progress is not None else self.case_ids:
+            self.entry(case_id)
+
+    def _finish(self, item: Item) -> Item:
+        return self.transform(item) if self.transform is not None else item
+
+
+class CaseDataset(_Base):
+    """Whole cases: item ``i`` is case ``case_ids[i]`` (see the module doc for the item)."""
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __getitem__(self, index: int) -> Item:
+        case_id = self.case_ids[index]
+        if self.cache is not None:
+            entry = self.entry(case_id)
+            ct, pet, label = entry.read("ct"), entry.read("pet"), entry.read("label")
+            affine, row = entry.affine, entry.meta
+        else:
+            record = self.release.read_case(case_id)
+            ct, pet, label, affine, row = record.ct, record.pet, record.label, record.affine, record.meta
+        item = {
+            "image": _image(ct, pet),
+            "label": torch.from_numpy(np.ascontiguousarray(label)[None]),
+            "case_id": case_id,
+            "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
+            "spacing": _spacing(row, affine),
+            "meta": _meta(row),
+        }
+        return self._finish(item)
+
+
+class PatchDataset(_Base):
+    """Random patches: item ``i`` is patch ``i % samples_per_case`` of case ``case_ids[i // samples_per_case]``."""
+
+    def __init__(
+        self,
+        release: Release,
+        case_ids: Sequence[str],
+        *,
+        patch_size: tuple[int, int, int],
+        samples_per_case: int,
+        foreground_ratio: float,
+        seed: int,
+        transform: Transform | None,
+        cache: DecodedCache,
+    ) -> None:
+        super().__init__(release, case_ids, transform=transform, cache=cache)
+        patch = tuple(int(p) for p in patch_size)
+        if len(patch) != 3 or min(patch) < 1:
+            raise SchemaError(f"patch_size must be three positive voxel counts (z, y, x), got {patch_size!r}")
+        if samples_per_case < 1:
+            raise SchemaError(f"samples_per_case must be >= 1, got {samples_per_case}")
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise SchemaError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+        self.patch_size = patch
+        self.samples_per_case = int(samples_per_case)
+        self.foreground_ratio = float(foreground_ratio)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the patches of epoch ``epoch`` (each epoch draws new ones, reproducibly)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.case_ids) * self.samples_per_case
+
+    def _start(self, entry: CachedCase, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+        shape = np.asarray(entry.shape)
+        patch = np.asarray(self.patch_size)
+        room = np.maximum(shape - patch, 0)
+        # Decide first, so the stream of draws does not depend on the case having foreground.
+        want_foreground = rng.random() < self.foreground_ratio
+        if want_foreground and entry.foreground_count > 0:
+            locations = entry.foreground()
+            centre = locations[rng.integers(len(locations))]
+            start = np.clip(centre - patch // 2, 0, room)
+            return start.astype(np.int64), True
+        return rng.integers(0, room + 1).astype(np.int64), False
+
+    def __getitem__(self, index: int) -> Item:
+        if not 0 <= index < len(self):
+            raise IndexError(f"patch index {index} out of range for {len(self)} patches")
+        case_id = self.case_ids[index // self.samples_per_case]
+        entry = self.entry(case_id)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start, centred = self._start(entry, rng)
+        stop = np.minimum(start + np.asarray(self.patch_size), entry.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        inner = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))
+        volumes = {}
+        for name in IMAGE_COLUMNS:
+            part = entry.read_patch(name, box)
+            if part.shape == self.patch_size:
+                volumes[name] = part
+            else:  # the volume is smaller than the patch along some axis
+                full = np.full(self.patch_size, PAD_VALUES[name], dtype=part.dtype)
+                full[inner] = part
+                volumes[name] = full
+        affine = np.array(entry.affine, dtype=np.float64)
+        # Shift the origin to the patch's first voxel: the affine indexes (x, y, z), start is (z, y, x).
+        affine[:3, 3] = affine[:3, :3] @ start[::-1].astype(np.float64) + affine[:3, 3]
+        item = {
+            "image": _image(volumes["ct"], volumes["pet"]),
+            "label": torch.from_numpy(volumes["label"][None]),
+            "case_id": case_id,
+            "affine": torch.from_numpy(affine),
+            "spacing": _spacing(entry.meta, entry.affine),
+            "meta": _meta(entry.meta),
+            "patch_start": torch.from_numpy(start),
+            "foreground_centred": centred,
+        }
+        return self._finish(item)
+
+
+def select_cases(
+    release: Release,
+    *,
+    config: Config | str = Config.ALL,
+    split: Split | str = Split.TRAIN,
+    fold: int | None = None,
+    subset: Subset | str | None = None,
+) -> list[str]:
+    """The case ids ``load_lymphatlas`` would use (see its arguments)."""
+    config, split = _as_config(config), _as_split(split)
+    if (fold is None) != (subset is None):
+        raise SchemaError("fold and subset go together: fold=k, subset='train' or 'val' (or neither)")
+    if fold is None:
+        return release.case_ids(config, split)
+    if split is not Split.TRAIN:
+        raise SchemaError(f"folds subdivide the train split; split={split.value!r} has no folds (use split='train')")
+    return release.fold_case_ids(fold, subset, config=config)  # type: ignore[arg-type]
+
+
+def load_lymphatlas(
+    source: str | Path,
+    *,
+    config: Config | str = Config.ALL,
+    split: Split | str = Split.TRAIN,
+    fold: int | None = None,
+    subset: Subset | str | None = None,
+    version: str | None = None,
+    transform: Transform | None = None,
+    patch_size: tuple[int, int, int] | None = None,
+    samples_per_case: int = 1,
+    foreground_ratio: float = DEFAULT_FOREGROUND_RATIO,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    cache: bool = True,
+    hub_cache_dir: str | Path | None = None,
+    verify: bool = True,
+) -> CaseDataset | PatchDataset:
+    """A LymphAtlas release as a torch ``Dataset`` (see the module doc for items and sampling).
+
+    ``source``: a release folder, a local mirror (``version`` picks one, default the newest) or a
+    Hub repo id (downloaded at tag ``v<version>``; ``HF_HUB_OFFLINE=1`` works from the Hub cache).
+    ``config``: ``all`` / ``hl`` / ``nhl``. ``split``: ``train`` / ``test``. ``fold=k`` with
+    ``subset="train"|"val"``: the cross-validation subsets of the train split, patient-grouped,
+    from the release's ``splits.json``. ``patch_size=(z, y, x)`` switches to patch mode, with
+    ``samples_per_case`` patches per case per epoch. ``cache_dir``: the decoded cache (default
+    :func:`lymphatlas_ds.cache.default_cache_dir`). ``verify``: check release files against the
+    manifest on first use.
+
+    Example:
+        >>> val = load_lymphatlas("lymphatlas", config="hl", fold=0, subset="val")  # doctest: +SKIP
+        >>> item = val[0]
+        >>> item["image"].shape[0], item["label"].dtype
+        (2, torch.uint8)
+    """
+    release = Release.from_source(
+        source, version=version, hub_cache_dir=hub_cache_dir, verify=verify, state_dir=cache_dir
+    )
+    case_ids = select_cases(release, config=config, split=split, fold=fold, subset=subset)
+    if not case_ids:
+        log.warning("no case in config %s, split %s, fold %s, subset %s of release %s", config, split, fold, subset, release.version)
+    decoded = DecodedCache(cache_dir) if cache else None
+    if patch_size is None:
+        return CaseDataset(release, case_ids, transform=transform, cache=decoded)
+    if decoded is None:
+        raise SchemaError("patch mode reads patches from the decoded cache; use cache=True")
+    return PatchDataset(
+        release,
+        case_ids,
+        patch_size=patch_size,
+        samples_per_case=samples_per_case,
+        foreground_ratio=foreground_ratio,
+        seed=seed,
+        transform=transform,
+        cache=decoded,
+    )
+
+
+# ---------------------------------------------------------------------- Hugging Face datasets
+
+
+def _volume(value: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A Nifti column value as ``(array_zyx, affine)``: a decoded nibabel image or a raw ``{"bytes"}`` cell."""
+    if isinstance(value, dict):
+        return codec.decode_volume(value)
+    if hasattr(value, "dataobj") and hasattr(value, "affine"):
+        # nibabel's array is (x, y, z); the project's is (z, y, x).
+        return np.asanyarray(value.dataobj).transpose(2, 1, 0), np.asarray(value.affine, dtype=np.float64)
+    raise SchemaError(f"cannot read a volume from a {type(value).__name__}; expected a datasets Nifti value")
+
+
+def hf_torch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A ``datasets`` ``with_transform`` function giving items shaped like ``load_lymphatlas``'s.
+
+    ``datasets``' ``with_format("torch")`` fails on Nifti columns (``TypeError: object of type
+    'Nifti1ImageWrapper' has no len()``); this builds ``image`` [2, Z, Y, X] float32 (CT, PET),
+    ``label`` [1, Z, Y, X] uint8, ``affine`` and ``spacing`` tensors from the ``ct`` / ``pet`` /
+    ``label`` columns (decoded or, faster, ``Nifti(decode=False)`` raw cells: see
+    :func:`hf_torch`), and keeps the other columns as they are.
+
+    Example:
+        >>> ds = datasets.load_dataset("lymphatlas", "nhl", split="train")  # doctest: +SKIP
+        >>> item = ds.with_transform(hf_torch_transform)[0]  # doctest: +SKIP
+        >>> item["image"].shape[0]
+        2
+    """
+    missing = [name for name in IMAGE_COLUMNS if name not in batch]
+    if missing:
+        raise SchemaError(f"the dataset lacks the Nifti columns {missing}; is it a LymphAtlas release?")
+    n = len(batch[IMAGE_COLUMNS[0]])
+    out: dict[str, list[Any]] = {k: v for k, v in batch.items() if k not in (*IMAGE_COLUMNS, *_GEOMETRY_COLUMNS)}
+    out.update(image=[], label=[], affine=[], spacing=[])
+    for i in range(n):
+        ct, affine = _volume(batch["ct"][i])
+        pet, _ = _volume(batch["pet"][i])
+        label, _ = _volume(batch["label"][i])
+        out["image"].append(_image(np.asarray(ct), np.asarray(pet)))
+        out["label"].append(torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)[None]))
+        out["affine"].append(torch.from_numpy(np.array(affine, dtype=np.float64)))
+        row = {"spacing": batch["spacing"][i]} if "spacing" in batch else {}
+        out["spacing"].append(_spacing(row, affine))
+    return out
+
+
+def hf_torch(dataset: Any) -> Any:
+    """A ``datasets.Dataset`` of a LymphAtlas release made to return torch items (see :func:`hf_torch_transform`).
+
+    The Nifti columns are switched to raw cells (``Nifti(decode=False)``) first, so the project's
+    codec reads the voxels in place instead of nibabel parsing a file object per volume.
+
+    Example:
+        >>> item = hf_torch(datasets.load_dataset("lymphatlas", "hl", split="test"))[0]  # doctest: +SKIP
+    """
+    import datasets
+
+    for name in IMAGE_COLUMNS:
+        dataset = dataset.cast_column(name, datasets.Nifti(decode=False))
+    return dataset.with_transform(hf_torch_transform)

@@ -1,0 +1,196 @@
+"""load_lymphatlas(): items against the fake WORK truth, folds, patches, DataLoader determinism, datasets interop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from builder.release import build_release
+from lymphatlas_ds import load_lymphatlas
+from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.loader import PAD_VALUES, CaseDataset, PatchDataset, hf_torch, hf_torch_transform
+from lymphatlas_ds.transforms import Compose, CTWindow, PETClip
+from tests.support.fake_work import make_fake_work
+
+SPACING = (2.0, 2.0, 3.0)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    cases = make_fake_work(root / "work", n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING)
+    build_release(root / "work", root / "release", version="1.0.0")
+    return root / "release", {c.case_id: c for c in cases}, root / "cache"
+
+
+def load(built, **kw):
+    path, _, cache = built
+    return load_lymphatlas(path, cache_dir=cache, **kw)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_whole_cases_equal_the_work_files(built, cache):
+    _, truth, _ = built
+    seen = []
+    for split in ("train", "test"):
+        ds = load(built, split=split, cache=cache)
+        assert isinstance(ds, CaseDataset)
+        for i in range(len(ds)):
+            item = ds[i]
+            want = truth[item["case_id"]]
+            seen.append(item["case_id"])
+            assert item["image"].dtype == torch.float32 and item["image"].shape == (2, *want.ct.shape)
+            np.testing.assert_array_equal(item["image"][0].numpy(), want.ct.astype(np.float32))
+            np.testing.assert_array_equal(item["image"][1].numpy(), want.pet)
+            assert item["label"].dtype == torch.uint8 and item["label"].shape == (1, *want.ct.shape)
+            np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
+            np.testing.assert_allclose(item["affine"].numpy(), want.affine, atol=1e-5)
+            np.testing.assert_allclose(item["spacing"].numpy(), SPACING)
+            assert item["meta"]["subject_id"] == want.subject_id
+            assert item["meta"]["diagnosis"] == want.diagnosis
+            assert item["meta"]["split"] == split
+    assert sorted(seen) == sorted(truth)
+
+
+def test_configs_and_folds_follow_splits_json(built):
+    path, truth, _ = built
+    table = json.loads((path / "splits.json").read_text())["cases"]
+    hl_test = load(built, config="hl", split="test")
+    assert set(hl_test.case_ids) == {c for c, t in table.items() if t["split"] == "test" and t["diagnosis"] == "HL"}
+    train = set(load(built, config="nhl").case_ids)
+    vals = []
+    for k in range(5):
+        val = set(load(built, config="nhl", fold=k, subset="val").case_ids)
+        tr = set(load(built, config="nhl", fold=k, subset="train").case_ids)
+        assert val == {c for c in train if table[c]["fold"] == k}
+        assert val.isdisjoint(tr) and val | tr == train
+        assert {truth[c].subject_id for c in val}.isdisjoint({truth[c].subject_id for c in tr})
+        vals.append(val)
+    assert set().union(*vals) == train
+    with pytest.raises(SchemaError, match="go together"):
+        load(built, fold=0)
+    with pytest.raises(SchemaError, match="subdivide the train split"):
+        load(built, split="test", fold=0, subset="val")
+
+
+def _check_patch(item, truth):
+    want = truth[item["case_id"]]
+    start = item["patch_start"].numpy()
+    size = item["image"].shape[1:]
+    box = tuple(slice(a, a + s) for a, s in zip(start, size))
+    np.testing.assert_array_equal(item["image"][0].numpy(), want.ct[box].astype(np.float32))
+    np.testing.assert_array_equal(item["image"][1].numpy(), want.pet[box])
+    np.testing.assert_array_equal(item["label"][0].numpy(), want.label[box])
+    # The patch affine maps the patch's voxel (0, 0, 0) where the case affine maps the start voxel.
+    corner = want.affine @ np.array([*start[::-1], 1.0])
+    np.testing.assert_allclose(item["affine"].numpy() @ np.array([0, 0, 0, 1.0]), corner, atol=1e-4)
+    np.testing.assert_allclose(item["affine"].numpy()[:3, :3], want.affine[:3, :3], atol=1e-6)
+
+
+def test_patches_are_crops_of_the_case_and_foreground_centred_ones_hold_lesion(built):
+    _, truth, _ = built
+    ds = load(built, patch_size=(8, 10, 12), samples_per_case=6, foreground_ratio=0.5, seed=3)
+    assert isinstance(ds, PatchDataset) and len(ds) == 6 * len(ds.case_ids)
+    centred = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (2, 8, 10, 12) and item["label"].shape == (1, 8, 10, 12)
+        _check_patch(item, truth)
+        if item["foreground_centred"]:
+            centred += 1
+            assert item["label"].sum() > 0
+            # centred: the patch centre (up to clipping at the border) is a lesion voxel's neighbourhood
+    # 50% requested; cases without lesions fall back to uniform patches
+    with_fg = sum(truth[c].label.any() for c in ds.case_ids) * 6
+    assert 0.25 * with_fg <= centred <= 0.75 * with_fg
+
+
+def test_foreground_ratio_bounds(built):
+    _, truth, _ = built
+    all_fg = load(built, patch_size=(4, 4, 4), samples_per_case=3, foreground_ratio=1.0)
+    for i in range(len(all_fg)):
+        item = all_fg[i]
+        has_lesion = truth[item["case_id"]].label.any()
+        assert item["foreground_centred"] == has_lesion
+        if has_lesion:
+            assert item["label"].sum() > 0
+    none_fg = load(built, patch_size=(4, 4, 4), samples_per_case=3, foreground_ratio=0.0)
+    assert not any(none_fg[i]["foreground_centred"] for i in range(len(none_fg)))
+
+
+def test_patch_larger_than_the_volume_is_padded(built):
+    _, truth, _ = built
+    ds = load(built, patch_size=(26, 24, 32), foreground_ratio=0.0)
+    item = ds[0]
+    want = truth[item["case_id"]]
+    assert item["patch_start"].tolist() == [0, 0, 0]
+    z, y, x = want.ct.shape
+    np.testing.assert_array_equal(item["image"][0, :z, :y, :x].numpy(), want.ct)
+    assert (item["image"][0, z:] == PAD_VALUES["ct"]).all() and (item["image"][0, :, :, x:] == PAD_VALUES["ct"]).all()
+    assert (item["image"][1, z:] == 0).all() and (item["label"][0, z:] == 0).all()
+
+
+def _epoch(ds, workers, epoch=0):
+    ds.set_epoch(epoch)
+    loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(7))
+    return [(b["case_id"], b["patch_start"].clone(), b["image"].clone(), b["label"].clone()) for b in loader]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) for x, y in zip(a, b)
+    )
+
+
+def test_dataloader_with_two_workers_is_deterministic(built):
+    ds = load(built, patch_size=(8, 8, 8), samples_per_case=2, seed=11)
+    ds.prepare()
+    first = _epoch(ds, workers=2)
+    assert sum(len(b[0]) for b in first) == len(ds)
+    assert _same(first, _epoch(ds, workers=2))
+    assert _same(first, _epoch(ds, workers=0))  # independent of the number of workers
+    assert not _same(first, _epoch(ds, workers=2, epoch=1))  # a new epoch draws new patches
+    other_seed = load(built, patch_size=(8, 8, 8), samples_per_case=2, seed=12)
+    assert not _same(first, _epoch(other_seed, workers=0))
+
+
+def test_transforms_are_applied_and_documented_presets_hold(built):
+    _, truth, _ = built
+    ds = load(built, split="test", transform=Compose([CTWindow.soft_tissue(), PETClip(max_suv=10.0)]))
+    item = ds[0]
+    want = truth[item["case_id"]]
+    np.testing.assert_allclose(item["image"][0].numpy(), (np.clip(want.ct, -160, 240) + 160) / 400.0, rtol=1e-6)
+    np.testing.assert_allclose(item["image"][1].numpy(), np.clip(want.pet, 0, 10) / 10.0, rtol=1e-6)
+    np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_datasets_load_dataset_with_the_torch_transform(built, raw):
+    datasets = pytest.importorskip("datasets")
+    path, truth, _ = built
+    ds = datasets.load_dataset(str(path), "nhl", split="train")
+    ds = hf_torch(ds) if raw else ds.with_transform(hf_torch_transform)
+    assert len(ds) == sum(1 for t in truth.values() if t.diagnosis == "NHL") - len(load(built, config="nhl", split="test"))
+    for i in range(len(ds)):
+        item = ds[i]
+        want = truth[item["case_id"]]
+        np.testing.assert_array_equal(item["image"][0].numpy(), want.ct.astype(np.float32))
+        np.testing.assert_array_equal(item["image"][1].numpy(), want.pet)
+        np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
+        np.testing.assert_allclose(item["affine"].numpy(), want.affine, atol=1e-5)
+        assert item["subject_id"] == want.subject_id
+    batch = DataLoader(ds, batch_size=2)
+    assert next(iter(batch))["image"].shape[:2] == (2, 2)
+
+
+def test_bad_patch_arguments(built):
+    with pytest.raises(SchemaError, match="patch_size"):
+        load(built, patch_size=(8, 8))
+    with pytest.raises(SchemaError, match="foreground_ratio"):
+        load(built, patch_size=(8, 8, 8), foreground_ratio=1.5)
+    with pytest.raises(SchemaError, match="cache=True"):
+        load(built, patch_size=(8, 8, 8), cache=False)
