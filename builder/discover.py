@@ -8,7 +8,7 @@ frame of reference, the axial CT volume with the most slices.
 
 Example:
     >>> exam = discover_exam(Path("source/dicom/EX0001"), "EX0001")  # doctest: +SKIP
-    >>> exam.ct.kind, len(exam.ct.files), exam.pet.kind
+    >>> exam.ct.kind, len(exam.ct.files), exam.pet.kind  # doctest: +SKIP
     (<SeriesKind.CT_VOLUME: 'ct_volume'>, 312, <SeriesKind.PET_AC: 'pet_ac'>)
 """
 
@@ -260,7 +260,7 @@ def discover_exam(exam_dir: Path, exam_id: str) -> ExamSeries:
 
     Example:
         >>> exam = discover_exam(Path("source/dicom/EX0001"), "EX0001")  # doctest: +SKIP
-        >>> [s.kind.value for s in exam.ignored]
+        >>> [s.kind.value for s in exam.ignored]  # doctest: +SKIP
         ['ct_localizer', 'pet_nac']
 
     Raises:

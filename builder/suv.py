@@ -22,7 +22,7 @@ Follows the QIBA vendor-neutral SUV pseudo-code and docs/design.md "SUV":
 
 Example:
     >>> conv = suv_conversion(exam.pet, exam_id="EX0001")  # doctest: +SKIP
-    >>> round(conv.factor, 8), conv.time_reference
+    >>> round(conv.factor, 8), conv.time_reference  # doctest: +SKIP
     (0.00021313, <TimeReference.SERIES: 'series'>)
 """
 
