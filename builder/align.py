@@ -168,6 +168,26 @@ def _max_displacement_mm(transform: sitk.Transform, corners: np.ndarray) -> floa
     return float(np.max(np.linalg.norm(moved - corners, axis=1)))
 
 
+def _body_points(image: sitk.Image, mask: np.ndarray | None, n: int = 4000) -> np.ndarray:
+    """About ``n`` physical points (N x 3, LPS) spread over the mask (the whole image without one)."""
+    if mask is not None and mask.any():
+        idx = np.argwhere(mask)
+        idx = idx[:: max(1, len(idx) // n)]
+    else:
+        size = np.asarray(image.GetSize()[::-1])
+        grids = np.meshgrid(*[np.linspace(0, s - 1, 16) for s in size], indexing="ij")
+        idx = np.stack([g.ravel() for g in grids], 1)
+    a = affine_lps(image)
+    return idx[:, ::-1] @ a[:3, :3].T + a[:3, 3]
+
+
+def _displacement_mm(transform: sitk.Transform, points: np.ndarray) -> tuple[float, float]:
+    """Mean and largest distance that ``points`` move under ``transform``."""
+    moved = np.array([transform.TransformPoint(tuple(map(float, p))) for p in points])
+    d = np.linalg.norm(moved - points, axis=1)
+    return float(d.mean()), float(d.max())
+
+
 def _bbox_corners(image: sitk.Image, mask: np.ndarray | None) -> np.ndarray:
     """Physical corners (8 x 3, LPS) of the mask's bounding box (whole image without a mask)."""
     if mask is not None and mask.any():
@@ -504,7 +524,10 @@ def align_pet(
             "n_parameters": len(bs.GetParameters()),
         }
     body_arr = sitk.GetArrayViewFromImage(body) if body is not None else None
-    record["shift_mm"] = round(_max_displacement_mm(transform, _bbox_corners(ct, body_arr)), 3)
+    mean_shift, max_shift = _displacement_mm(transform, _body_points(ct, body_arr))
+    record["shift_mm"] = round(mean_shift, 3)
+    record["max_shift_mm"] = round(max(max_shift, _max_displacement_mm(transform, _bbox_corners(ct, body_arr))), 3)
+    record["rotation_deg"] = round(float(np.degrees(np.linalg.norm(rigid_part.GetParameters()[:3]))), 4)
     t0 = time.perf_counter()
     pet_on_ct = resample_to_reference(
         pet_suv,

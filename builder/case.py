@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -44,11 +43,10 @@ _DTYPES = {"ct": CT_DTYPE, "pet": PET_DTYPE, "label": LABEL_DTYPE}
 
 
 def content_hash(ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine_ras: np.ndarray) -> str:
-    """sha256 over the voxels of ct, pet, label (C order, their dtypes) and the float64 affine."""
-    h = hashlib.sha256()
-    for arr in (ct, pet, label, np.asarray(affine_ras, np.float64)):
-        h.update(np.ascontiguousarray(arr).data)
-    return h.hexdigest()
+    """sha256 over the voxels of ct, pet, label and the float64 RAS affine (the release's recipe)."""
+    from lymphatlas_ds.manifest import content_hash as _release_hash
+
+    return _release_hash(ct, pet, label, np.asarray(affine_ras, np.float64))
 
 
 def nifti_image(array_zyx: np.ndarray, affine_ras: np.ndarray) -> nib.Nifti1Image:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from builder.errors import QCError
+from builder.labels import MAX_OUTSIDE_BODY_FRACTION
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ SUV_BODY_MEDIAN = (0.05, 5.0)
 SUV_MAX_RANGE = (1.0, 150.0)
 # Lesion voxels that fall outside the PET field of view have no SUV to learn from.
 MIN_LESION_FOV_FRACTION = 0.99
-# At most this fraction of lesion voxels outside the body (see builder.labels as well).
-MAX_LABEL_OUTSIDE_BODY = 0.02
-# A registration that moves the body by more than this is more likely wrong than a patient
-# moving between CT and PET on one table (typical motion 0-15 mm).
-MAX_REGISTRATION_SHIFT_MM = 25.0
+# At most this fraction of lesion voxels outside the body (the same bound as builder.labels).
+MAX_LABEL_OUTSIDE_BODY = MAX_OUTSIDE_BODY_FRACTION
+# A registration that moves the body (mean over its voxels) by more than this, or turns it by
+# more than this angle, is more likely wrong than a patient moving between CT and PET on one
+# table (typical motion 0-15 mm, a few degrees).
+MAX_REGISTRATION_SHIFT_MM = 20.0
+MAX_REGISTRATION_ROTATION_DEG = 5.0
 # Registration must never make the metric worse (Mattes MI: lower is better).
 MAX_METRIC_WORSENING = 0.0
 
@@ -104,6 +107,9 @@ def run_checks(
     shift = float(alignment.get("shift_mm") or 0.0)
     checks.append(Check("registration_shift_mm", shift <= MAX_REGISTRATION_SHIFT_MM, round(shift, 3),
                         f"<= {MAX_REGISTRATION_SHIFT_MM:g}"))
+    rotation = float(alignment.get("rotation_deg") or 0.0)
+    checks.append(Check("registration_rotation_deg", rotation <= MAX_REGISTRATION_ROTATION_DEG, round(rotation, 3),
+                        f"<= {MAX_REGISTRATION_ROTATION_DEG:g}"))
     before, after = alignment.get("metric_before"), alignment.get("metric_after")
     if before is not None and after is not None:
         worse = float(after) - float(before)
