@@ -43,7 +43,7 @@ import numpy as np
 from lymphatlas_ds import __version__ as BUILDER_VERSION
 from lymphatlas_ds import codec, manifest as manifest_mod, schema
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Config, Diagnosis, Split
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split
 
 from builder import card, shards, splits
 from builder.case import load_case
@@ -577,4 +577,4 @@ def build_release(
     return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats)
 
 
-__all__ = ["ReleaseError", "ReleaseSummary", "build_release", "Config"]
+__all__ = ["ReleaseError", "ReleaseSummary", "build_release", "list_work_cases", "read_cases_csv"]
