@@ -338,7 +338,8 @@ def _facts(c: dict) -> str:
         ("diagnosis", " / ".join(str(v) for v in (clinical.get("diagnosis"), clinical.get("subtype")) if v)),
         ("sex, age band", f"{clinical.get('sex', '')}, {clinical.get('age_band', '')}"),
         ("exam", f"#{clinical.get('exam_index', '?')}, day {clinical.get('days_from_first_exam', '?')}"),
-        ("grid", f"shape (z, y, x) {_fmt(geometry.get('shape_zyx'))}, spacing (x, y, z) {_fmt(geometry.get('spacing_xyz'))} mm"),
+        ("grid", f"shape (z, y, x) {_fmt(geometry.get('shape_zyx'))}, "
+                 f"spacing (x, y, z) {_fmt(geometry.get('spacing_xyz'))} mm"),
         ("CT", " ".join(_fmt(v) for v in (ct.get("manufacturer"), ct.get("model")) if v)
          + (f", {_fmt(ct.get('kvp'))} kVp" if ct.get("kvp") else "")),
         ("PET", " ".join(_fmt(v) for v in (pet.get("manufacturer"), pet.get("model")) if v)),
@@ -432,7 +433,8 @@ def _build(build) -> str:
     body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
     return (
         f"<details><summary>{len(rows)} settings and versions of the last convert run (build.json)</summary>"
-        f'<table id="build"><thead><tr><th>setting</th><th>value</th></tr></thead><tbody>{body}</tbody></table></details>'
+        '<table id="build"><thead><tr><th>setting</th><th>value</th></tr></thead>'
+        f"<tbody>{body}</tbody></table></details>"
     )
 
 
@@ -458,7 +460,8 @@ Pictures: radiological convention (patient's right on the image left; axial ante
 sagittal head up), pixels to scale; CT window {lo:.0f} to {hi:.0f} HU; PET inverted grey SUV 0-{display.suv_max:g};
 lesion label outlined in red. Registration check: PET before (scanner geometry, the rigid transform undone)
 and after registration, with CT edges in blue.</p>
-<p><a href="#summary">summary</a> &middot; <a href="#rejected">rejected exams</a> &middot; <a href="#build-settings">build</a></p>
+<p><a href="#summary">summary</a> &middot; <a href="#rejected">rejected exams</a> &middot;
+<a href="#build-settings">build</a></p>
 <h2 id="summary">Summary</h2>
 <p class="note">Click a column header to sort. MI: Mattes mutual information (lower is better).</p>
 <table class="sortable" id="cases"><thead><tr>{head}</tr></thead>

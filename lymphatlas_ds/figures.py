@@ -373,6 +373,8 @@ def render_case(
     in_lesion = True
     if focus is None:
         focus, in_lesion = focus_index(case.label, case.pet)
+    logger.debug("%s: planes through RAS %s mm (%s)", title or "case", np.round(case.ras(focus), 1).tolist(),
+                 "largest lesion" if in_lesion else "volume centre")
     layers = list(Layer)
     # Rows as tall as their anatomy: a whole-body coronal plane (1-2 m) gets more height than an
     # axial one (0.5 m), every panel at the same mm-per-inch scale.

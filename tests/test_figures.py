@@ -257,7 +257,8 @@ def test_lymphatlas_show_draws_the_release_case(tmp_path, monkeypatch, capsys):
     out = tmp_path / "show.png"
     assert main(["show", str(tmp_path / "release"), case.case_id, "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    truth = render_case(case.ct, case.pet, case.label, case.affine, title=f"{case.case_id} ({case.diagnosis}, release 1.0.0)")
+    title = f"{case.case_id} ({case.diagnosis}, release 1.0.0)"
+    truth = render_case(case.ct, case.pet, case.label, case.affine, title=title)
     assert out.read_bytes() == truth.png_bytes(), "the release case is drawn differently from the arrays written"
 
     assert main(["show", str(tmp_path / "release"), "LA-nope", "--out", str(tmp_path / "x.png")]) == 2

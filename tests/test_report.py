@@ -30,7 +30,11 @@ BUILD = {
     "builder_version": "0.1.0",
     "settings": {"registration": "rigid", "seed": 0},
     "versions": {"SimpleITK": "2.x"},
-    "exams": {"EXAM00000": {"status": "converted"}, "EXAM00010": {"status": "converted"}, "EXAM9001": {"status": "rejected"}},
+    "exams": {
+        "EXAM00000": {"status": "converted"},
+        "EXAM00010": {"status": "converted"},
+        "EXAM9001": {"status": "rejected"},
+    },
 }
 
 
@@ -217,7 +221,8 @@ window.addEventListener('load', function () {
   var heads = Array.prototype.slice.call(document.querySelectorAll('#cases thead th'));
   var th = heads.filter(function (h) { return h.textContent.indexOf('TMTV') === 0; })[0];
   function order() {
-    return Array.prototype.map.call(document.querySelectorAll('#cases tbody tr'), function (r) { return r.dataset.case; });
+    var rows = document.querySelectorAll('#cases tbody tr');
+    return Array.prototype.map.call(rows, function (r) { return r.dataset.case; });
   }
   th.click(); var asc = order();
   th.click(); var desc = order();
