@@ -262,9 +262,15 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     shapes.append(Shape(Tissue.BLADDER, "ellipsoid", center=P(0, -40, -842), radii=R(42, 35, 32)))
     # Skeleton: spine (vertebrae between discs), ribs (elliptic shell cut into bands), sternum,
     # clavicles, pelvis (iliac wings as ellipsoidal shells).
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, 72, 0), radii=R(18, 16, 0), z_range=(-205 * s, -840 * s), z_period=30 * s, z_duty=0.8))
-    shapes.append(Shape(Tissue.MARROW, "cylinder", center=P(0, 72, 0), radii=R(13, 11, 0), z_range=(-205 * s, -840 * s), z_period=30 * s, z_duty=0.8))
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, 96, 0), radii=R(9, 9, 0), z_range=(-205 * s, -840 * s), z_period=30 * s, z_duty=0.6))
+    # Cervical spine sits in the back half of the neck; thoracic and lumbar spine further back.
+    for y_body, y_spinous, (z_hi, z_lo), r_body, period in (
+        (18, 38, (-205, -272), (12, 11), 20),
+        (72, 96, (-272, -840), (18, 16), 30),
+    ):
+        zr = (z_hi * s, z_lo * s)
+        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, y_body, 0), radii=R(*r_body, 0), z_range=zr, z_period=period * s, z_duty=0.8))
+        shapes.append(Shape(Tissue.MARROW, "cylinder", center=P(0, y_body, 0), radii=R(r_body[0] - 5, r_body[1] - 5, 0), z_range=zr, z_period=period * s, z_duty=0.8))
+        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, y_spinous, 0), radii=R(7, 8, 0), z_range=zr, z_period=period * s, z_duty=0.6))
     rib_knots = tuple((z, rx - 14 * w, ry - 12 * w) for z, rx, ry in torso if -640 * s <= z <= -290 * s)
     shapes.append(Shape(Tissue.CORTICAL_BONE, "profile", knots=rib_knots, shell=7 * w, z_period=24 * s, z_duty=0.38))
     shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, -98, 0), radii=R(14, 6, 0), z_range=(-320 * s, -480 * s)))

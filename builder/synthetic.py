@@ -77,10 +77,12 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from builder import _synth_anatomy as anat
+from lymphatlas_ds.errors import LymphAtlasError
 from builder import _synth_dicom as sd
 
 __all__ = [
     "Size",
+    "CohortExistsError",
     "ExamTruth",
     "DEFAULT_VARIANT",
     "ALL_VARIANTS",
@@ -93,6 +95,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1.0.0"
+
+
+class CohortExistsError(LymphAtlasError, FileExistsError):
+    """The output folder already holds files and ``overwrite`` was not asked for."""
 
 
 class Size(str, enum.Enum):
@@ -300,7 +306,7 @@ def generate_cohort(
     truth_dir = Path(truth_dir) if truth_dir is not None else out / "truth"
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty; choose a new folder or pass overwrite=True (--overwrite)")
+            raise CohortExistsError(f"{out} is not empty; choose a new folder or pass overwrite=True (--overwrite)")
         for sub in ("dicom", "masks", "clinical.csv"):
             target = out / sub
             if target.is_dir():
