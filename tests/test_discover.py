@@ -61,6 +61,22 @@ def test_preamble_less_files_are_read(tmp_path):
     assert found.pet.series_uid == truths["pet"].series_uid and found.pet.n_files == 4
 
 
+def test_dicomdir_is_skipped(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    truths = exam(tmp_path, nac=False, localizer=False, junk=False)
+    ds = Dataset()
+    ds.FileSetID = "EXPORT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
+    found = discover_exam(tmp_path, "EX1")
+    assert found.ct.series_uid == truths["ct"].series_uid
+    assert tmp_path / "DICOMDIR" in found.skipped_files
+
+
 def test_most_slices_ct_wins(tmp_path):
     truths = exam(tmp_path)
     small = write_series(tmp_path / "ct2", n=3, study_uid=truths["ct"].study_uid, for_uid=truths["ct"].for_uid)
