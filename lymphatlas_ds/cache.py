@@ -161,11 +161,21 @@ class CachedCase:
 
     def read(self, name: str) -> np.ndarray:
         """The whole volume ``name`` (``ct``, ``pet`` or ``label``) as a numpy ``[z, y, x]`` array."""
-        return np.asarray(self._array(name)[...])
+        return self.read_patch(name, (slice(None),) * 3)
 
     def read_patch(self, name: str, box: tuple[slice, slice, slice]) -> np.ndarray:
         """The voxels of ``name`` inside ``box`` (three slices within the volume, step 1): only the chunks it touches are read."""
-        return np.asarray(self._array(name)[box])
+        array = self._array(name)
+        try:
+            out = np.asarray(array[box])
+        except Exception as e:  # a damaged chunk: blosc2 raises RuntimeError / ValueError
+            raise CacheError(
+                f"decoded cache file {self.path / (name + '.b2nd')} of case {self.case_id} is damaged ({e}); "
+                f"delete {self.path} and it is rebuilt on next use"
+            ) from e
+        if out.dtype != np.dtype(_DTYPES[name]):
+            raise CacheError(f"decoded cache file {self.path / (name + '.b2nd')} holds {out.dtype}, expected {_DTYPES[name]}")
+        return out
 
     def foreground(self) -> np.ndarray:
         """A seeded sample (at most ``MAX_FOREGROUND_SAMPLES``) of foreground voxel indices, int32 ``[n, 3]`` (z, y, x)."""
