@@ -6,10 +6,10 @@ when its slices do not form one regular volume: mixed orientations or matrix siz
 missing slice, named by its position), two slices at one position, non-uniform spacing, or a
 gantry tilt. RescaleSlope / RescaleIntercept are applied per slice (PET slopes differ per slice).
 
-Spacing tolerance: consecutive slice distances may differ from the grid step (the smallest
-distance) by at most
-``max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * step)`` (IPP values are rounded decimal
-strings); a missing slice doubles one distance, far beyond that.
+Spacing tolerance: each distance between consecutive slices must be a whole number of grid steps
+(the smallest distance) within ``max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * step)`` per step
+(IPP values are rounded decimal strings). One step everywhere is a regular volume; two or more
+somewhere, with every slice on the grid, is a missing slice; anything else is non-uniform spacing.
 
 Pixel data is read with pydicom (native and, through the pylibjpeg plugins, RLE, JPEG, JPEG-LS and
 JPEG 2000 transfer syntaxes), chosen by measurement: ``benchmarks/bench_read.py`` on a 512 x 512 x 400
