@@ -11,7 +11,9 @@ path that views the voxels in place instead of copying them through a file objec
 Arrays are numpy ``[z, y, x]`` (SimpleITK order); the NIfTI data block is ``[x, y, z]`` in
 Fortran order, which is the same memory seen through the reversed axes, so neither direction
 copies voxels. Affines are RAS (NIfTI convention), written as sform and qform with code 1
-("scanner").
+("scanner"); since NIfTI-1 stores them as float32, the exact float64 affine also travels in a
+JSON comment extension (``{"lymphatlas_affine_ras": [16 numbers]}``) that :func:`decode_volume`
+returns, so the decoded affine equals the case's ``affine`` column bit for bit.
 
 Example:
     >>> import numpy as np
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 from typing import Any
 
 import nibabel as nib
@@ -37,6 +40,9 @@ from lymphatlas_ds.errors import SchemaError
 
 NIFTI_SUFFIX = ".nii"
 _GZIP_MAGIC = b"\x1f\x8b"
+AFFINE_KEY = "lymphatlas_affine_ras"
+"""Key of the JSON comment extension that carries the float64 affine (NIfTI-1's sform is float32)."""
+_COMMENT_CODE = 6  # NIFTI_ECODE_COMMENT
 
 
 def cell_path(case_id: str, name: str) -> str:
@@ -71,6 +77,10 @@ def encode_volume(array_zyx: np.ndarray, affine_ras: np.ndarray, name: str) -> d
     image.set_qform(affine, code=1)
     # No scaling: the stored values are the values (HU, SUV, label).
     header.set_slope_inter(np.nan, np.nan)
+    # NIfTI-1 keeps the affine as float32; the exact float64 one travels in a comment extension
+    # (ignored by other readers) so that decoding returns the affine the case was built with.
+    exact = json.dumps({AFFINE_KEY: [float(v) for v in affine.ravel()]})
+    header.extensions.append(nib.nifti1.Nifti1Extension(_COMMENT_CODE, exact.encode()))
     path = name if name.endswith(NIFTI_SUFFIX) else name + NIFTI_SUFFIX
     return {"bytes": image.to_bytes(), "path": path}
 
@@ -104,6 +114,7 @@ def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = Tru
         raise SchemaError(f"Nifti cell {where!r}: expected a 3-D volume, header says shape {shape_xyz}")
     dtype = header.get_data_dtype()
     offset = int(header["vox_offset"])
+    affine = _exact_affine(buffer, offset, header.get_best_affine())
     count = int(np.prod(shape_xyz))
     if offset + count * dtype.itemsize > len(buffer):
         raise SchemaError(
@@ -118,4 +129,26 @@ def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = Tru
         array = array * slope + (inter or 0)
     elif copy or not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="), copy=True)
-    return array, header.get_best_affine()
+    return array, affine
+
+
+def _exact_affine(buffer: memoryview, offset: int, sform: np.ndarray) -> np.ndarray:
+    """The float64 affine of the comment extension when present and consistent with the sform."""
+    if offset <= 352:
+        return sform
+    try:
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(buffer[:offset]), check=False)
+    except Exception:  # extensions unreadable: the sform is still right to float32 precision
+        return sform
+    for extension in header.extensions:
+        if extension.get_code() != _COMMENT_CODE:
+            continue
+        try:
+            values = json.loads(extension.get_content())[AFFINE_KEY]
+            exact = np.asarray(values, dtype=np.float64).reshape(4, 4)
+        except (ValueError, KeyError, TypeError):
+            continue
+        # A header edited after writing (new sform, stale comment) must not win.
+        if np.allclose(exact, sform, rtol=1e-6, atol=1e-3):
+            return exact
+    return sform

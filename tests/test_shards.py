@@ -55,11 +55,11 @@ def test_codec_round_trip_and_nibabel_reads_the_same_voxels(name):
     decoded, affine = codec.decode_volume(cell)
     assert decoded.dtype == array.dtype and decoded.shape == array.shape
     np.testing.assert_array_equal(decoded, array)
-    np.testing.assert_allclose(affine, OBLIQUE, atol=1e-4)  # sform is float32 in NIfTI-1
+    np.testing.assert_array_equal(affine, OBLIQUE)  # exact, from the float64 comment extension
     # The peer: nibabel reading the cell as a NIfTI file ([x, y, z] order) sees the same voxels.
     image = nib.Nifti1Image.from_bytes(cell["bytes"])
     np.testing.assert_array_equal(np.asanyarray(image.dataobj), array.transpose(2, 1, 0))
-    np.testing.assert_array_equal(image.affine, affine)
+    np.testing.assert_allclose(image.affine, OBLIQUE, atol=1e-4)  # other readers: the float32 sform
     assert image.header["sform_code"] == 1 and image.header["qform_code"] == 1
 
 
@@ -110,7 +110,7 @@ def test_codec_round_trip_property(shape, dtype, seed):
     affine[:3, 3] = rng.uniform(-500, 500, 3)
     decoded, back = codec.decode_volume(codec.encode_volume(array, affine, "p"))
     np.testing.assert_array_equal(decoded, array)
-    np.testing.assert_allclose(back, affine, rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(back, affine)
 
 
 def test_encoding_is_deterministic():
@@ -181,3 +181,13 @@ def test_a_bad_row_names_the_case_and_leaves_no_file(tmp_path):
     with pytest.raises(SchemaError, match="LA-bad"):
         write_shards([row], tmp_path / "d", split="train", release_root=tmp_path)
     assert not list((tmp_path / "d").iterdir())
+
+
+def test_a_stale_affine_extension_loses_to_an_edited_sform():
+    cell = codec.encode_volume(np.zeros((2, 3, 4), np.int16), OBLIQUE, "x")
+    image = nib.Nifti1Image.from_bytes(cell["bytes"])
+    moved = OBLIQUE.copy()
+    moved[:3, 3] += 10.0
+    image.set_sform(moved, code=1)
+    _, affine = codec.decode_volume(image.to_bytes())
+    np.testing.assert_allclose(affine, moved, atol=1e-4)
