@@ -5,7 +5,8 @@ as PNG files under ``WORK/qc/cases/<case_id>/``). It holds a summary table of ev
 sortable by column; one section per case with the case figure (three planes through the largest
 lesion of CT, PET, fusion and label outlines, and a coronal PET MIP) and the registration check
 (PET before and after registration with CT edges over it); the rejected exams with stage and
-reason from ``failures.json``; the build's parameters and versions from ``build.json``.
+reason from ``failures.json`` (with the picture of an exam rejected at QC where the pipeline kept
+one through :func:`write_rejected_figure`); the build's parameters and versions from ``build.json``.
 
 The pictures of a case are redrawn only when its ``case.json`` or the figure code changed, so
 calling :func:`write_report` after every converted exam is cheap. Case pages carry case ids
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 VIEWS_PNG = "views.png"
 REGISTRATION_PNG = "registration.png"
+REJECTED_DIR = "rejected"
 _STAMP = "render.json"
 _EAGER_IMAGES = 10
 """Cases whose pictures load at once; later ones load as they scroll into view (large cohorts)."""
@@ -102,7 +104,7 @@ def write_report(
         iterator: Iterable[Path] = progress(case_dirs) if progress is not None else case_dirs
         shown = [render_case_images(d, out / "cases" / d.name, force=force, display=display) for d in iterator]
     index = out / "index.html"
-    page = render_html(shown, failures=failures, build=build, display=display)
+    page = render_html(shown, failures=failures, build=build, display=display, out=out)
     figures.write_bytes_atomic(index, page.encode("utf-8"))
     logger.info("QC report of %d cases and %d rejected exams: %s", len(shown), len(failures), index)
     return index
@@ -392,18 +394,59 @@ def _case_section(shown: CaseImages, position: int) -> str:
     return "\n".join(parts)
 
 
-def _failures(failures: list) -> str:
+def _failures(failures: list, out: Path) -> str:
     if not failures:
         return "<p>No exam was rejected.</p>"
-    rows = "".join(
-        f"<tr><td>{_e(f.get('exam_id'))}</td><td>{_e(f.get('stage'))}</td><td>{_e(f.get('reason'))}</td></tr>"
-        for f in sorted(failures, key=lambda f: (str(f.get("stage")), str(f.get("exam_id"))))
-    )
+    rows, figures_html = [], []
+    for f in sorted(failures, key=lambda f: (str(f.get("stage")), str(f.get("exam_id")))):
+        exam_id = str(f.get("exam_id"))
+        rel = f"{REJECTED_DIR}/{exam_id}/{VIEWS_PNG}"
+        has_figure = _safe_name(exam_id) and (out / rel).is_file()
+        link = f' (<a href="#rejected-{_e(exam_id)}">figure</a>)' if has_figure else ""
+        rows.append(f"<tr><td>{_e(exam_id)}{link}</td><td>{_e(f.get('stage'))}</td><td>{_e(f.get('reason'))}</td></tr>")
+        if has_figure:
+            figures_html.append(
+                f'<details id="rejected-{_e(exam_id)}"><summary>{_e(exam_id)}: the rejected volumes</summary>'
+                f'<img class="views" src="{_e(rel)}" loading="lazy" alt="{_e(exam_id)}: rejected at '
+                f'{_e(f.get("stage"))}"></details>'
+            )
     return (
         '<table class="sortable" id="failures"><thead><tr><th data-type="text">exam</th>'
         '<th data-type="text">stage</th><th data-type="text">reason</th></tr></thead>'
-        f"<tbody>{rows}</tbody></table>"
+        f"<tbody>{''.join(rows)}</tbody></table>" + "\n".join(figures_html)
     )
+
+
+def _safe_name(name: str) -> bool:
+    # An exam id becomes a folder name: no separators, no "..", nothing hidden.
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def write_rejected_figure(
+    work: Path,
+    exam_id: str,
+    ct: np.ndarray,
+    pet: np.ndarray,
+    label: np.ndarray | None,
+    affine_ras: np.ndarray,
+    *,
+    out: Path | None = None,
+    display: figures.Display = figures.DEFAULT_DISPLAY,
+) -> Path:
+    """Keep the picture of an exam rejected at QC, whose volumes are not written as a case.
+
+    The pipeline calls it before dropping the volumes; the report shows the picture under the
+    rejected exam (``<out>/rejected/<exam_id>/views.png``, ``out`` defaulting to ``work/qc``),
+    so the maintainer can see what the failed check saw.
+
+    Example:
+        >>> write_rejected_figure(work, "EX0002", ct, pet, label, affine)  # doctest: +SKIP
+    """
+    if not _safe_name(exam_id):
+        raise LymphAtlasError(f"exam id {exam_id!r} cannot name a folder; rename the source exam folder")
+    out = Path(out) if out is not None else Path(work) / "qc"
+    fig = figures.render_case(ct, pet, label, affine_ras, title=f"rejected exam {exam_id}", display=display)
+    return fig.save(out / REJECTED_DIR / exam_id / VIEWS_PNG)
 
 
 def _flatten(value, prefix: str = "") -> list[tuple[str, str]]:
@@ -439,9 +482,14 @@ def _build(build) -> str:
 
 
 def render_html(
-    shown: list[CaseImages], *, failures: list, build: dict | None, display: figures.Display = figures.DEFAULT_DISPLAY
+    shown: list[CaseImages],
+    *,
+    failures: list,
+    build: dict | None,
+    display: figures.Display = figures.DEFAULT_DISPLAY,
+    out: Path | None = None,
 ) -> str:
-    """The report page (inline CSS and JS, relative image links)."""
+    """The report page (inline CSS and JS, relative image links); ``out`` is where it will be written."""
     head = "".join(f'<th data-type="{t}">{_e(name)}</th>' for name, t in _SUMMARY_COLUMNS)
     rows = "\n".join(_summary_row(s) for s in shown)
     n_bad = sum(1 for s in shown if _qc_status(s)[1] == "bad")
@@ -469,7 +517,7 @@ and after registration, with CT edges in blue.</p>
 {rows}
 </tbody></table>
 <h2 id="rejected">Rejected exams</h2>
-{_failures(failures)}
+{_failures(failures, Path(out) if out is not None else Path("."))}
 <h2 id="build-settings">Build parameters and versions</h2>
 {_build(build)}
 <h2>Cases</h2>

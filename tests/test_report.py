@@ -184,6 +184,22 @@ def test_an_unreadable_case_is_reported_not_fatal(tmp_path):
     assert rows[cases[1].case_id][-1] == "passed"
 
 
+def test_a_qc_rejected_exam_keeps_its_picture(tmp_path):
+    from builder.report import write_rejected_figure
+
+    work = tmp_path / "work"
+    cases = make_fake_work(work, n_patients=1, shape_zyx=(12, 16, 16))
+    (work / "failures.json").write_text(json.dumps(FAILURES))
+    c = cases[0]
+    png = write_rejected_figure(work, "EXAM9001", c.ct, c.pet, c.label, c.affine)
+    assert png == work / "qc" / "rejected" / "EXAM9001" / "views.png"
+    page = _parse(write_report(work))
+    assert "rejected/EXAM9001/views.png" in page.images
+    assert "rejected/EXAM9002/views.png" not in page.images  # no picture kept for that one: no broken link
+    with pytest.raises(Exception, match="cannot name a folder"):
+        write_rejected_figure(work, "../escape", c.ct, c.pet, c.label, c.affine)
+
+
 def test_cli_writes_the_report(tmp_path, capsys):
     from builder.__main__ import main
 
