@@ -474,3 +474,56 @@ def _write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    clean = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))], dtype=np.float64)
+    if clean.size == 0:
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(np.median(clean)), "min": float(clean.min()), "max": float(clean.max())}
+
+
+def summarize(release: Release) -> dict[str, Any]:
+    """Counts and statistics of a release, per config and split (what ``lymphatlas info`` prints).
+
+    Reads only the metadata columns of the shards. Returns a JSON-able dict::
+
+        {"version", "schema_version", "builder_version", "n_cases", "n_subjects", "n_folds",
+         "configs": {config: {split: {"cases", "subjects", "sex": {F: n, ...}, "folds": {k: n},
+                                      "lesion_count": {median, min, max}, "tmtv_ml": {...}, "suv_max": {...}}}}}
+
+    Example:
+        >>> summarize(Release("lymphatlas"))["configs"]["nhl"]["test"]["cases"]  # doctest: +SKIP
+        24
+    """
+    manifest = release.manifest
+    out: dict[str, Any] = {
+        "version": release.version,
+        "schema_version": manifest.get("schema_version"),
+        "builder_version": manifest.get("builder_version"),
+        "n_folds": int(release.splits.get("n_folds", N_FOLDS)),
+        "configs": {},
+    }
+    all_rows = release.cases_table(Config.ALL).to_pylist()
+    out["n_cases"] = len(all_rows)
+    out["n_subjects"] = len({r["subject_id"] for r in all_rows})
+    for config in Config:
+        wanted = {d.value for d in _diagnoses(config)}
+        per_split = {}
+        for split in Split:
+            rows = [r for r in all_rows if r["diagnosis"] in wanted and r["split"] == split.value]
+            sex: dict[str, int] = {}
+            folds: dict[str, int] = {}
+            for r in rows:
+                sex[str(r["sex"])] = sex.get(str(r["sex"]), 0) + 1
+                if split is Split.TRAIN:
+                    folds[str(r["fold"])] = folds.get(str(r["fold"]), 0) + 1
+            per_split[split.value] = {
+                "cases": len(rows),
+                "subjects": len({r["subject_id"] for r in rows}),
+                "sex": dict(sorted(sex.items())),
+                "folds": dict(sorted(folds.items())),
+                **{k: _stats([r[k] for r in rows]) for k in ("lesion_count", "tmtv_ml", "suv_max")},
+            }
+        out["configs"][config.value] = per_split
+    return out

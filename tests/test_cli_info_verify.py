@@ -1,0 +1,115 @@
+"""`lymphatlas info` and `lymphatlas verify` on releases built from fake WORK folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from builder.release import build_release
+from lymphatlas_ds.cli import main
+from tests.support.fake_work import make_fake_work
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cases = make_fake_work(root / "work", n_patients=12, seed=4, shape_zyx=(10, 14, 14))
+    build_release(root / "work", root / "release", version="1.0.0")
+    return root / "release", {c.case_id: c for c in cases}
+
+
+@pytest.fixture
+def damaged(built, tmp_path):
+    src, _ = built
+    dst = tmp_path / "release"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_info_counts_and_statistics_match_the_work_truth(built, capsys, monkeypatch, tmp_path):
+    path, truth = built
+    monkeypatch.setenv("LYMPHATLAS_CACHE", str(tmp_path / "cache"))
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    table = json.loads((path / "splits.json").read_text())["cases"]
+    assert info["version"] == "1.0.0" and info["n_cases"] == len(truth)
+    assert info["n_subjects"] == len({c.subject_id for c in truth.values()})
+    for config, diagnoses in (("all", {"HL", "NHL"}), ("hl", {"HL"}), ("nhl", {"NHL"})):
+        for split in ("train", "test"):
+            ids = [c for c in truth if truth[c].diagnosis in diagnoses and table[c]["split"] == split]
+            got = info["configs"][config][split]
+            assert got["cases"] == len(ids)
+            assert got["subjects"] == len({truth[c].subject_id for c in ids})
+            assert got["sex"] == dict(sorted(Counter(truth[c].case_json["clinical"]["sex"] for c in ids).items()))
+            tmtv = [truth[c].case_json["lesions"]["tmtv_ml"] for c in ids]
+            if tmtv:
+                assert got["tmtv_ml"]["median"] == pytest.approx(statistics.median(tmtv))
+                assert got["tmtv_ml"]["max"] == pytest.approx(max(tmtv))
+            if split == "train":
+                assert got["folds"] == dict(sorted(Counter(str(table[c]["fold"]) for c in ids).items()))
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "LymphAtlas release 1.0.0" in text and f"{len(truth)} cases" in text
+
+
+def test_info_on_a_mirror_lists_its_versions(built, tmp_path, capsys, monkeypatch):
+    path, _ = built
+    monkeypatch.setenv("LYMPHATLAS_CACHE", str(tmp_path / "cache"))
+    mirror = tmp_path / "mirror"
+    shutil.copytree(path, mirror / "1.0.0")
+    (mirror / "versions.json").write_text(json.dumps({"latest": "1.0.0", "versions": ["1.0.0"]}))
+    assert main(["info", str(mirror), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["source"]["kind"] == "mirror" and info["source"]["versions"] == ["1.0.0"]
+
+
+def test_verify_ok(built, capsys):
+    path, _ = built
+    assert main(["verify", str(path)]) == 0
+    assert "files OK" in capsys.readouterr().out
+
+
+def test_verify_finds_a_same_size_modification_only_with_sha256(damaged, capsys):
+    rel = sorted(p.relative_to(damaged).as_posix() for p in (damaged / "data").rglob("*.parquet"))[0]
+    data = bytearray((damaged / rel).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (damaged / rel).write_bytes(bytes(data))
+    assert main(["verify", str(damaged)]) == 1
+    out = capsys.readouterr().out
+    assert f"{rel}: sha256" in out
+    assert main(["verify", str(damaged), "--quick"]) == 0  # sizes only: documented as a quick check
+
+
+def test_verify_truncated_missing_and_unlisted_files(damaged, capsys):
+    shard = sorted((damaged / "data").rglob("*.parquet"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    (damaged / "splits.json").unlink()
+    (damaged / "data" / "extra.parquet").write_bytes(b"x")
+    assert main(["verify", str(damaged), "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard.relative_to(damaged).as_posix()}: size 1000" in out
+    assert "splits.json: listed in the manifest but missing" in out
+    assert "data/extra.parquet: present but not listed" in out
+
+
+def test_cli_entry_point_exit_codes(damaged, tmp_path):
+    def cli(*argv):
+        return subprocess.run(
+            [sys.executable, "-m", "lymphatlas_ds.cli", *argv], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+        )
+
+    assert cli("verify", str(damaged)).returncode == 0
+    (damaged / "README.md").write_text("changed")
+    bad = cli("verify", str(damaged))
+    assert bad.returncode == 1 and "README.md" in bad.stdout
+    missing = cli("verify", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
