@@ -150,8 +150,8 @@ def test_card_front_matter_parses_and_statistics_come_from_the_data(released):
 
 def test_release_is_byte_identical_when_rebuilt(released, tmp_path):
     root, _, _ = released
-    build_release(root / "work", tmp_path / "again", version="1.0.0")
-    assert _files(tmp_path / "again") == _files(root / RELEASE_FOLDER_NAME)
+    build_release(root / "work", tmp_path / "again", version="1.0.0", workers=1)
+    assert _files(tmp_path / "again") == _files(root / RELEASE_FOLDER_NAME)  # and independent of read-ahead
 
 
 def _rehash(folder: Path) -> None:
@@ -304,3 +304,16 @@ def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
     written = json.loads((work / "cases" / "LA-OBLIQUE" / "case.json").read_text())["content_hash"]
     assert content_hash(*voxels, np.reshape(row["affine"], (4, 4))) == written
     assert read_manifest(tmp_path / "r")["cases"]["LA-OBLIQUE"] == written
+
+
+def test_small_shard_bound_gives_several_shards_that_load_as_one_split(released, tmp_path):
+    root, truth, _ = released
+    summary = build_release(root / "work", tmp_path / "r", version="1.0.0", shard_max_bytes=1)
+    assert all(len(s.case_ids) == 1 for s in summary.shards)  # each case alone: it exceeds the bound
+    hl_train = [s.path for s in summary.shards if s.path.startswith("data/hl/train-")]
+    n = len(hl_train)
+    assert hl_train == [f"data/hl/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    ds = datasets.load_dataset(str(tmp_path / "r"), "hl", split="train")
+    assert sorted(ds["case_id"]) == sorted(c for s in summary.shards if s.path in hl_train for c in s.case_ids)
+    rows = read_cases_csv(tmp_path / "r" / "metadata" / "cases.csv")
+    assert {r["case_id"]: r["shard"] for r in rows} == {c: s.path for s in summary.shards for c in s.case_ids}
