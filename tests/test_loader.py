@@ -194,3 +194,63 @@ def test_bad_patch_arguments(built):
         load(built, patch_size=(8, 8, 8), foreground_ratio=1.5)
     with pytest.raises(SchemaError, match="cache=True"):
         load(built, patch_size=(8, 8, 8), cache=False)
+
+
+def test_xyz_items_equal_what_nibabel_reads_from_the_work_files(built):
+    """MONAI and TorchIO read NIfTI through nibabel as [X, Y, Z] + affine: to_xyz gives exactly that."""
+    import nibabel as nib
+
+    from lymphatlas_ds.interop import to_xyz, to_zyx
+
+    path, truth, _ = built
+    item = load(built, split="test")[0]
+    work = path.parent / "work" / "cases" / item["case_id"]
+    xyz = to_xyz(item)
+    for channel, name in enumerate(("ct", "pet")):
+        img = nib.load(work / f"{name}.nii.gz")
+        np.testing.assert_array_equal(xyz["image"][channel].numpy(), np.asanyarray(img.dataobj).astype(np.float32))
+        np.testing.assert_allclose(item["affine"].numpy(), img.affine, atol=1e-5)
+    np.testing.assert_array_equal(xyz["label"][0].numpy(), np.asanyarray(nib.load(work / "label.nii.gz").dataobj))
+    back = to_zyx(xyz)
+    assert torch.equal(back["image"], item["image"]) and torch.equal(back["label"], item["label"])
+
+
+def test_monai_dictionary_transforms():
+    monai = pytest.importorskip("monai", reason="MONAI is not installed (pip install lymphatlas-ds[monai])")
+    from monai import transforms as mt
+
+    from lymphatlas_ds.interop import to_monai
+
+    item = {"image": torch.rand(2, 4, 5, 6), "label": torch.zeros(1, 4, 5, 6, dtype=torch.uint8), "affine": torch.eye(4) * 2}
+    item["affine"][3, 3] = 1
+    out = mt.Flipd(keys=("image", "label"), spatial_axis=0)(to_monai(item))
+    assert isinstance(out["image"], monai.data.MetaTensor) and tuple(out["image"].shape) == (2, 6, 5, 4)
+    np.testing.assert_allclose(out["image"].pixdim.numpy()[:3], [2, 2, 2])
+
+
+def test_torchio_subject():
+    tio = pytest.importorskip("torchio", reason="TorchIO is not installed (pip install lymphatlas-ds[torchio])")
+    from lymphatlas_ds.interop import to_torchio_subject
+
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    item = {"image": torch.rand(2, 4, 5, 6), "label": torch.zeros(1, 4, 5, 6, dtype=torch.uint8), "affine": affine, "case_id": "x"}
+    subject = to_torchio_subject(item)
+    assert isinstance(subject, tio.Subject) and subject["ct"].spatial_shape == (6, 5, 4)
+    assert subject["pet"].spacing == (2.0, 2.0, 3.0)
+    np.testing.assert_array_equal(subject["pet"].data[0].numpy(), item["image"][1].permute(2, 1, 0).numpy())
+
+
+def test_missing_interop_package_says_how_to_install():
+    import importlib.util
+
+    from lymphatlas_ds.interop import to_monai, to_torchio_subject
+
+    item = {"image": torch.zeros(2, 2, 2, 2), "label": torch.zeros(1, 2, 2, 2), "affine": torch.eye(4)}
+    checked = 0
+    for module, extra, fn in (("monai", "monai", to_monai), ("torchio", "torchio", to_torchio_subject)):
+        if importlib.util.find_spec(module) is None:
+            with pytest.raises(ImportError, match=rf"pip install lymphatlas-ds\[{extra}\]"):
+                fn(item)
+            checked += 1
+    if not checked:
+        pytest.skip("MONAI and TorchIO are both installed")

@@ -1,0 +1,122 @@
+"""Use LymphAtlas items with MONAI dictionary transforms and TorchIO subjects.
+
+LymphAtlas items keep arrays in ``[C, Z, Y, X]`` order (SimpleITK / numpy order) with an affine
+that maps ``(x, y, z)`` voxel indices to RAS millimetres (the NIfTI convention). MONAI and TorchIO
+read NIfTI through nibabel and work on ``[C, X, Y, Z]`` tensors with that same affine. So the
+only conversion is reversing the spatial axes; the affine is unchanged. :func:`to_xyz` does that
+(no MONAI or TorchIO needed) and :func:`to_zyx` undoes it.
+
+MONAI (``pip install lymphatlas-ds[monai]``)::
+
+    from monai import transforms as mt
+    pipeline = mt.Compose([
+        mt.Lambdad(keys="image", func=lambda x: x),          # any MONAI dictionary transform...
+        mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
+    ])
+    out = pipeline(to_monai(item))                           # MetaTensors with the affine attached
+
+TorchIO (``pip install lymphatlas-ds[torchio]``)::
+
+    subject = to_torchio_subject(item)                       # tio.Subject(ct=, pet=, label=)
+    subject = tio.RandomAffine()(subject)
+
+Example:
+    >>> import torch
+    >>> item = {"image": torch.zeros(2, 3, 4, 5), "label": torch.zeros(1, 3, 4, 5, dtype=torch.uint8), "affine": torch.eye(4)}
+    >>> tuple(to_xyz(item)["image"].shape)
+    (2, 5, 4, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lymphatlas_ds.schema import CHANNELS
+
+Item = dict[str, Any]
+SPATIAL_KEYS = ("image", "label")
+
+
+def _flip_axes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.permute(0, 3, 2, 1)
+    return np.asarray(value).transpose(0, 3, 2, 1)
+
+
+def to_xyz(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
+    """A copy of ``item`` with ``keys`` reordered from ``[C, Z, Y, X]`` to ``[C, X, Y, Z]`` (views, no copy of voxels).
+
+    Example:
+        >>> to_xyz({"image": np.zeros((2, 3, 4, 5))})["image"].shape
+        (2, 5, 4, 3)
+    """
+    return {k: (_flip_axes(v) if k in keys else v) for k, v in item.items()}
+
+
+def to_zyx(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
+    """The inverse of :func:`to_xyz` (the same axis reversal), e.g. after MONAI or TorchIO transforms.
+
+    Example:
+        >>> to_zyx(to_xyz({"image": np.zeros((2, 3, 4, 5))}))["image"].shape
+        (2, 3, 4, 5)
+    """
+    out = {k: (_flip_axes(v) if k in keys else v) for k, v in item.items()}
+    for k in keys:  # MONAI MetaTensors: back to plain tensors so the item is a LymphAtlas item again
+        if isinstance(out.get(k), torch.Tensor) and type(out[k]) is not torch.Tensor:
+            out[k] = out[k].as_tensor() if hasattr(out[k], "as_tensor") else torch.Tensor(out[k])
+    return out
+
+
+def _require(module: str, extra: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{module} is not installed; install it with `pip install lymphatlas-ds[{extra}]` (or `pip install {extra}`)"
+        ) from e
+
+
+def to_monai(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
+    """``item`` for MONAI dictionary transforms: ``keys`` become ``[C, X, Y, Z]`` MetaTensors carrying the affine.
+
+    The RAS affine goes into each MetaTensor's ``affine`` (MONAI's convention for images it loads
+    from NIfTI), so MONAI's spatial transforms (``Spacingd``, ``Orientationd``, crops) keep the
+    geometry right. Other keys pass through.
+
+    Example:
+        >>> out = to_monai(item)  # doctest: +SKIP
+        >>> out["image"].affine  # doctest: +SKIP
+    """
+    monai_data = _require("monai.data", "monai")
+    affine = torch.as_tensor(np.asarray(item["affine"], dtype=np.float64))
+    out = to_xyz(item, keys=keys)
+    for k in keys:
+        out[k] = monai_data.MetaTensor(torch.as_tensor(out[k]), affine=affine)
+    return out
+
+
+def to_torchio_subject(item: Item) -> Any:
+    """A TorchIO ``Subject`` with ``ct`` and ``pet`` ``ScalarImage`` and a ``label`` ``LabelMap``, plus ``case_id`` and ``meta``.
+
+    Example:
+        >>> subject = to_torchio_subject(item)  # doctest: +SKIP
+        >>> subject["ct"].spacing  # doctest: +SKIP
+        (2.0, 2.0, 3.0)
+    """
+    tio = _require("torchio", "torchio")
+    affine = np.asarray(item["affine"], dtype=np.float64)
+    xyz = to_xyz(item)
+    image = torch.as_tensor(xyz["image"])
+    channels = {name.lower(): image[i : i + 1] for i, name in enumerate(CHANNELS)}
+    return tio.Subject(
+        ct=tio.ScalarImage(tensor=channels["ct"].contiguous(), affine=affine),
+        pet=tio.ScalarImage(tensor=channels["pet"].contiguous(), affine=affine),
+        label=tio.LabelMap(tensor=torch.as_tensor(xyz["label"]).contiguous(), affine=affine),
+        case_id=item.get("case_id"),
+        meta=item.get("meta", {}),
+    )
