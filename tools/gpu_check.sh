@@ -44,7 +44,7 @@ if [ -n "$missing" ]; then
   echo "missing here: $missing"
   files=()
   for dist in $missing; do
-    f=$(ls "$WHEELS"/*.whl 2>/dev/null | while read -r w; do b=$(basename "$w" | tr 'A-Z-' 'a-z_'); case "$b" in "$dist"-*) echo "$w";; esac; done | head -1)
+    f=$(ls "$WHEELS"/*.whl 2>/dev/null | while read -r w; do b=$(basename "$w" | tr 'A-Z' 'a-z'); case "$b" in "$dist"-*) echo "$w";; esac; done | head -1)
     [ -n "$f" ] || { echo "error: no wheel for '$dist' in $WHEELS; prepare the folder as tools/README.md says" >&2; exit 4; }
     files+=("$f")
   done
