@@ -368,30 +368,51 @@ def materialize_nnunet(
         subdirs["labelsTs"] = folder / "labelsTs"
     for d in subdirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    state = {"identity": identity, "complete": False}
     try:
-        same = json.loads((folder / STATE_FILE).read_text()).get("identity") == identity
+        previous_state = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError):
-        same = False
-    if not same:  # a rerun of the same dataset leaves the file (and its mtime) alone
+        previous_state = {}
+    same = previous_state.get("identity") == identity
+    # what an earlier run of this same dataset wrote: {case_id: {"content_hash", "files": {relpath: sha256}}}
+    recorded: dict[str, Any] = previous_state.get("cases", {}) if same else {}
+    state: dict[str, Any] = {"identity": identity, "complete": False, "cases": dict(recorded)}
+    if not same:  # a rerun of the same dataset leaves the file (and its mtime) alone until it changes
         _write_json(folder / STATE_FILE, state)
+    content_hashes = release.manifest.get("cases", {})
 
     result = MaterializeResult(folder, folder_name, 0, 0)
     expected: dict[str, set[str]] = {k: set() for k in subdirs}
 
-    def write_case(record_arrays: tuple, images: str, labels: str | None, case_id: str) -> list[tuple[bool, int]]:
-        ct, pet, label, affine = record_arrays
-        targets = [(subdirs[images] / f"{case_id}_{CT_CHANNEL:04d}{file_ending}", ct),
-                   (subdirs[images] / f"{case_id}_{PET_CHANNEL:04d}{file_ending}", pet)]
-        if labels is not None:
-            targets.append((subdirs[labels] / f"{case_id}{file_ending}", label))
-        out = []
-        for path, arr in targets:
-            data = _nifti_bytes(arr, affine, gzip_level=gz)
-            out.append((_write_if_changed(path, data), len(data)))
-        return out
+    def targets(case_id: str, images: str, labels: str | None) -> list[tuple[str, str]]:
+        out = [(images, f"{case_id}_{CT_CHANNEL:04d}{file_ending}"), (images, f"{case_id}_{PET_CHANNEL:04d}{file_ending}")]
+        return out + ([(labels, f"{case_id}{file_ending}")] if labels is not None else [])
 
-    subject_of: dict[str, str] = {}
+    def unchanged(case_id: str, images: str, labels: str | None) -> bool:
+        # Skipping a case without decoding it needs the same release content *and* the same bytes on disk.
+        entry = recorded.get(case_id)
+        if not entry or content_hashes.get(case_id) is None or entry.get("content_hash") != content_hashes[case_id]:
+            return False
+        files = {f"{key}/{name}" for key, name in targets(case_id, images, labels)}
+        if set(entry.get("files", {})) != files:
+            return False
+        for rel in files:
+            try:
+                if hashlib.sha256((folder / rel).read_bytes()).hexdigest() != entry["files"][rel]:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def write_case(record_arrays: tuple, images: str, labels: str | None, case_id: str) -> tuple[str, list]:
+        ct, pet, label, affine = record_arrays
+        arrays = {CT_CHANNEL: ct, PET_CHANNEL: pet}
+        out = []
+        for i, (key, name) in enumerate(targets(case_id, images, labels)):
+            data = _nifti_bytes(arrays.get(i, label), affine, gzip_level=gz)
+            written = _write_if_changed(subdirs[key] / name, data)
+            out.append((f"{key}/{name}", written, len(data), hashlib.sha256(data).hexdigest()))
+        return case_id, out
+
     train_ids: list[str] = []
     test_ids: list[str] = []
     passes = [(Split.TRAIN, "imagesTr", "labelsTr")]
@@ -406,27 +427,44 @@ def materialize_nnunet(
             while len(pending) > limit:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    for written, size in fut.result():
+                    case_id, files = fut.result()
+                    for _, written, size, _ in files:
                         result.files_written += written
                         result.files_skipped += not written
                         result.bytes_written += size if written else 0
+                    state["cases"][case_id] = {"content_hash": content_hashes.get(case_id),
+                                               "files": {rel: sha for rel, _, _, sha in files}}
+
+        def note(case_id: str, split: Split, images: str, labels: str | None) -> None:
+            nonlocal n_done
+            (train_ids if split is Split.TRAIN else test_ids).append(case_id)
+            for key, name in targets(case_id, images, labels):
+                expected[key].add(name)
+            n_done += 1
+            if progress is not None:
+                progress(n_done)
 
         for split, images, labels in passes:
-            for record in release.iter_cases(config, split):
+            todo = None
+            if hasattr(release, "case_ids"):  # lymphatlas_ds.release.Release: skip unchanged cases undecoded
+                todo = []
+                for case_id in release.case_ids(config, split):
+                    if unchanged(case_id, images, labels):
+                        result.files_skipped += len(targets(case_id, images, labels))
+                        note(case_id, split, images, labels)
+                    else:
+                        todo.append(case_id)
+                records = release.iter_cases(config, split, case_ids=todo) if todo else iter(())
+            else:
+                records = release.iter_cases(config, split)
+            for record in records:
                 arrays = _checked_case(record)
                 case_id = record.case_id
                 result.voxel_bytes += sum(a.nbytes for a in arrays[:3])
-                (train_ids if split is Split.TRAIN else test_ids).append(case_id)
-                expected[images].update({f"{case_id}_{CT_CHANNEL:04d}{file_ending}",
-                                         f"{case_id}_{PET_CHANNEL:04d}{file_ending}"})
-                if labels is not None:
-                    expected[labels].add(f"{case_id}{file_ending}")
                 pending.add(pool.submit(write_case, arrays, images, labels, case_id))
                 # bound the decoded cases held in memory: whole-body volumes are 0.5-1 GB each
                 drain(max(1, workers))
-                n_done += 1
-                if progress is not None:
-                    progress(n_done)
+                note(case_id, split, images, labels)
         drain(0)
     if not train_ids:
         raise MaterializeError(

@@ -147,6 +147,41 @@ def test_rerun_is_idempotent_and_a_different_dataset_is_refused(tmp_path, releas
         materialize_nnunet(release, raw, dataset_id=504, name="Other")
 
 
+class _Counting:
+    """The real release, counting the cases it decodes."""
+
+    def __init__(self, release):
+        self.manifest, self.splits, self._release, self.decoded = release.manifest, release.splits, release, []
+
+    def case_ids(self, config, split):
+        return self._release.case_ids(config, split)
+
+    def iter_cases(self, config, split, *, case_ids=None):
+        for record in self._release.iter_cases(config, split, case_ids=case_ids):
+            self.decoded.append(record.case_id)
+            yield record
+
+
+def test_rerun_skips_unchanged_cases_undecoded_and_repairs_damaged_files(tmp_path, release, release_dir):
+    _, truth = release_dir
+    raw = tmp_path / "raw"
+    first = _Counting(release)
+    materialize_nnunet(first, raw, dataset_id=510, include_test=True)
+    assert sorted(first.decoded) == sorted(truth)
+    again = _Counting(release)
+    result = materialize_nnunet(again, raw, dataset_id=510, include_test=True)
+    assert again.decoded == [] and result.files_written == 0 and result.files_skipped == 2 * len(truth) + result.n_training
+    # a damaged file (an interrupted copy, a disk error) is noticed and only its case is redone
+    victim = sorted((raw / "Dataset510_LymphAtlas" / "imagesTr").glob("*_0001.nii.gz"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    repair = _Counting(release)
+    result = materialize_nnunet(repair, raw, dataset_id=510, include_test=True)
+    case = victim.name.removesuffix("_0001.nii.gz")
+    assert repair.decoded == [case] and result.files_written == 1
+    pet, _ = _read(victim)
+    np.testing.assert_array_equal(pet, truth[case].pet)
+
+
 def test_pet_channel_name_selects_nnunets_normalization(tmp_path, release):
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import (
         CTNormalization,
