@@ -209,8 +209,8 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     torso = tuple(
         (z * s, rx * w, ry * w)
         for z, rx, ry in [
-            (-205, 55, 58),
-            (-255, 62, 62),
+            (-205, 60, 62),
+            (-255, 68, 66),
             (-275, 150, 95),
             (-300, 172, 108),
             (-420, 165, 112),
@@ -229,10 +229,10 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     shapes.append(Shape(Tissue.SOFT, "profile", knots=inner, scale_in=fat + 18.0 * w))
     # Thighs.
     for side in (-1, 1):
-        shapes.append(Shape(Tissue.FAT, "cylinder", center=P(side * 88, 0, 0), radii=R(78, 82, 0), z_range=(-880 * s, -1010 * s)))
-        shapes.append(Shape(Tissue.MUSCLE, "cylinder", center=P(side * 88, 0, 0), radii=(78 * w - fat, 82 * w - fat, 0), z_range=(-880 * s, -1010 * s)))
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(side * 92, 5, 0), radii=R(14, 14, 0), z_range=(-870 * s, -1010 * s)))
-        shapes.append(Shape(Tissue.MARROW, "cylinder", center=P(side * 92, 5, 0), radii=R(8, 8, 0), z_range=(-885 * s, -1010 * s)))
+        shapes.append(Shape(Tissue.FAT, "cylinder", center=P(side * 88, 0, 0), radii=R(78, 82, 0), z_range=(-880 * s, -1080 * s)))
+        shapes.append(Shape(Tissue.MUSCLE, "cylinder", center=P(side * 88, 0, 0), radii=(78 * w - fat, 82 * w - fat, 0), z_range=(-880 * s, -1080 * s)))
+        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(side * 92, 5, 0), radii=R(14, 14, 0), z_range=(-870 * s, -1080 * s)))
+        shapes.append(Shape(Tissue.MARROW, "cylinder", center=P(side * 92, 5, 0), radii=R(8, 8, 0), z_range=(-885 * s, -1080 * s)))
         shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=P(side * 90, 0, -865), radii=R(24, 24, 24)))
         shapes.append(Shape(Tissue.MARROW, "ellipsoid", center=P(side * 90, 0, -865), radii=R(18, 18, 18)))
     # Head: scalp (soft), skull, brain; neck.
@@ -260,6 +260,16 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     for side in (-1, 1):
         shapes.append(Shape(Tissue.KIDNEY, "ellipsoid", center=P(side * 62, 55, -650), radii=R(28, 28, 55)))
     shapes.append(Shape(Tissue.BLADDER, "ellipsoid", center=P(0, -40, -842), radii=R(42, 35, 32)))
+    # Stomach (fluid with an air cap, left upper quadrant) and a gas-filled colon frame with haustra.
+    shapes.append(Shape(Tissue.SOFT, "ellipsoid", center=P(45, -45, -575), radii=R(42, 32, 45)))
+    shapes.append(Shape(Tissue.AIRWAY, "ellipsoid", center=P(45, -55, -548), radii=R(30, 18, 16)))
+    # Colon gas: bubbles of random size along the ascending, transverse and descending colon.
+    path = [(-100, -5, z) for z in range(-790, -660, 24)] + [(x, -55, -650) for x in range(-90, 91, 30)]
+    path += [(100, -5, z) for z in range(-670, -800, -24)]
+    for x, y, z in path:
+        r = float(rng.uniform(6, 15))
+        c = (x + rng.normal(0, 5), y + rng.normal(0, 5), z + rng.normal(0, 5))
+        shapes.append(Shape(Tissue.AIRWAY, "ellipsoid", center=P(*c), radii=R(r, r * 0.8, r * 0.9)))
     # Skeleton: spine (vertebrae between discs), ribs (elliptic shell cut into bands), sternum,
     # clavicles, pelvis (iliac wings as ellipsoidal shells).
     # Cervical spine sits in the back half of the neck; thoracic and lumbar spine further back.
@@ -285,7 +295,7 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
         scale=scale,
         width=width,
         z_top=8.0 * s,
-        z_bottom=-945.0 * s,
+        z_bottom=-1000.0 * s,
         center_mm=(0.0, 0.0, -470.0 * s),
         weight_kg=round(float(weight), 1),
     )
