@@ -7,7 +7,7 @@ itself, so the card can never disagree with the data it describes.
 
 Example:
     >>> text = render_card(version="1.0.0", statistics=stats, shards=infos, changelog="")  # doctest: +SKIP
-    >>> DatasetCard(text).data.configs[0]["config_name"]
+    >>> DatasetCard(text).data.configs[0]["config_name"]  # doctest: +SKIP
     'all'
 """
 

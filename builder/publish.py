@@ -21,7 +21,7 @@ Example:
     >>> publish_mirror("lymphatlas", "mirror")  # doctest: +SKIP
     PosixPath('mirror/1.0.0')
     >>> plan = publish_hub("lymphatlas", "org/lymphatlas", dry_run=True)  # doctest: +SKIP
-    >>> plan.tag
+    >>> plan.tag  # doctest: +SKIP
     'v1.0.0'
 """
 

@@ -15,7 +15,7 @@ order: the same WORK and version give byte-identical files.
 
 Example:
     >>> summary = build_release("work", "lymphatlas", version="1.0.0")  # doctest: +SKIP
-    >>> summary.n_cases
+    >>> summary.n_cases  # doctest: +SKIP
     483
 """
 

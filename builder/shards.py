@@ -166,5 +166,6 @@ def write_shards(
         final = out_dir / shard_name(split, i, len(temp_paths))
         os.replace(temp, final)
         infos.append(ShardInfo(final.relative_to(root).as_posix(), tuple(ids), final.stat().st_size))
-    log.info("wrote %d shard(s) of %s in %s", len(infos), split, out_dir)
+    if infos:
+        log.info("wrote %d shard(s) of %s in %s", len(infos), split, out_dir)
     return infos

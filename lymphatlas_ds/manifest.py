@@ -163,7 +163,7 @@ def verify_files(
 
     Example:
         >>> problems = verify_files("lymphatlas")  # doctest: +SKIP
-        >>> problems
+        >>> problems  # doctest: +SKIP
         []
     """
     root = Path(release_dir)
