@@ -112,6 +112,16 @@ def _versions(changelog: str) -> list[str]:
     return [line[3:].strip() for line in changelog.splitlines() if line.startswith("## ")]
 
 
+def _latest_section(changelog: str) -> str:
+    """The newest ``## <version>`` section of the changelog, its heading dropped."""
+    start = changelog.find("\n## ")
+    if start < 0:
+        return ""
+    body = changelog[start + 1 :].split("\n", 1)[1] if "\n" in changelog[start + 1 :] else ""
+    end = body.find("\n## ")
+    return (body if end < 0 else body[:end]).strip()
+
+
 def render_card(
     *,
     version: str,
@@ -140,6 +150,7 @@ def render_card(
         channels=schema.CHANNELS,
         age_band_years=schema.AGE_BAND_YEARS,
         versions=_versions(changelog),
+        latest_changes=_latest_section(changelog),
         n_shards=len(shards),
         dataset_name=schema.DATASET_NAME,
         folder=schema.RELEASE_FOLDER_NAME,

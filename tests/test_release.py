@@ -206,6 +206,8 @@ def test_update_release_moves_no_published_case_and_logs_changes(released, tmp_p
     assert changelog.index("## 1.1.0") < changelog.index("## 1.0.0")
     assert f"- removed (1): {removed}" in changelog and f"- changed (1): {changed}" in changelog
     assert f"| cases | {len(truth)} | {len(truth) + len(new_cases)} |" in changelog
+    readme = (tmp_path / "v110" / "README.md").read_text()
+    assert "`1.1.0`, `1.0.0`" in readme and f"- removed (1): {removed}" in readme.split("Changes in 1.1.0:")[1]
     # The old version is untouched and still verifies and loads.
     assert _files(old_release) == old_files
     verify_release(old_release)
