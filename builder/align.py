@@ -95,10 +95,16 @@ class AlignSettings:
     register: bool = True
     deformable: Deformable = Deformable.AUTO
     seed: int = 0
-    sampling_fraction: float = 0.02
+    sampling_points: int = 20000
+    """Metric samples per resolution level (random, inside the body): a count, not a fraction,
+    so the cost does not grow with the CT matrix (measured: 1 % of a full-size CT recovers a
+    6/4/-3 mm + 1 degree shift to 0.64 mm; 20 k samples per level recover it to ~0.3 mm in a few seconds)."""
+    evaluation_points: int = 200000
+    """Samples for the before/after metric values that decide whether registration is kept."""
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
     iterations: int = 200
+    min_step: float = 0.005
     histogram_bins: int = 32
     registration_spacing_mm: float = REGISTRATION_SPACING_MM
     interpolation: Interpolation = Interpolation.CUBIC
@@ -108,10 +114,12 @@ class AlignSettings:
             "register": self.register,
             "deformable": self.deformable.value,
             "seed": self.seed,
-            "sampling_fraction": self.sampling_fraction,
+            "sampling_points": self.sampling_points,
+            "evaluation_points": self.evaluation_points,
             "shrink_factors": list(self.shrink_factors),
             "smoothing_sigmas": list(self.smoothing_sigmas),
             "iterations": self.iterations,
+            "min_step": self.min_step,
             "histogram_bins": self.histogram_bins,
             "registration_spacing_mm": self.registration_spacing_mm,
             "interpolation": self.interpolation.value,
@@ -347,7 +355,21 @@ def _registration_images(
     return fixed, moving, mask
 
 
-def _method(settings: AlignSettings, fixed_mask: sitk.Image | None, *, evaluate: bool = False) -> sitk.ImageRegistrationMethod:
+def _n_sampled(fixed: sitk.Image, mask: sitk.Image | None) -> int:
+    """Voxels the metric samples from: the mask's, or the whole fixed image's."""
+    if mask is None:
+        return int(np.prod(fixed.GetSize()))
+    return max(1, int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))))
+
+
+def _method(
+    settings: AlignSettings,
+    fixed_mask: sitk.Image | None,
+    *,
+    n_voxels: int,
+    evaluate: bool = False,
+    shrink_factors: tuple[int, ...] | None = None,
+) -> sitk.ImageRegistrationMethod:
     r = sitk.ImageRegistrationMethod()
     # A fixed split of the metric's work makes the result independent of the thread count and
     # of scheduling: each work unit accumulates its own joint histogram, merged in order.
@@ -355,14 +377,22 @@ def _method(settings: AlignSettings, fixed_mask: sitk.Image | None, *, evaluate:
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     r.SetMetricSamplingStrategy(r.RANDOM)
     # seed + 1: SimpleITK reads seed 0 as "seed from the wall clock" (sitkWallClock)
-    r.SetMetricSamplingPercentage(settings.sampling_fraction if not evaluate else 0.2, settings.seed + 1)
+    shrinks = (1,) if evaluate else tuple(shrink_factors or settings.shrink_factors)
+    points = settings.evaluation_points if evaluate else settings.sampling_points
+    # the same number of samples at every level: coarse levels have shrink^3 fewer voxels
+    fractions = [min(1.0, points * f**3 / n_voxels) for f in shrinks]
+    r.SetMetricSamplingPercentagePerLevel(fractions, settings.seed + 1)
     if fixed_mask is not None:
         r.SetMetricFixedMask(fixed_mask)
+    # Gradients at the sampled points only, not gradient images of the whole volumes at every
+    # level (measured on a full-size exam: 5 s -> 1 s per metric evaluation).
+    r.MetricUseFixedImageGradientFilterOff()
+    r.MetricUseMovingImageGradientFilterOff()
     r.SetInterpolator(sitk.sitkLinear)
     if evaluate:
         r.SetShrinkFactorsPerLevel([1])
         r.SetSmoothingSigmasPerLevel([0])
-    else:
+    elif shrink_factors is None:
         r.SetShrinkFactorsPerLevel(list(settings.shrink_factors))
         r.SetSmoothingSigmasPerLevel(list(settings.smoothing_sigmas))
         r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
@@ -370,7 +400,7 @@ def _method(settings: AlignSettings, fixed_mask: sitk.Image | None, *, evaluate:
 
 
 def _metric(settings, fixed, moving, mask, transform) -> float:
-    r = _method(settings, mask, evaluate=True)
+    r = _method(settings, mask, n_voxels=_n_sampled(fixed, mask), evaluate=True)
     r.SetInitialTransform(transform, inPlace=False)
     return float(r.MetricEvaluate(fixed, moving))
 
@@ -393,17 +423,21 @@ def register_rigid(
         center = center_src.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2))
     initial = sitk.Euler3DTransform()
     initial.SetCenter(center)
-    r = _method(settings, mask)
+    r = _method(settings, mask, n_voxels=_n_sampled(fixed, mask))
     r.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0,
-        minStep=1e-3,
+        minStep=settings.min_step,
         numberOfIterations=settings.iterations,
         relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-8,
     )
     r.SetOptimizerScalesFromPhysicalShift()
     r.SetInitialTransform(initial, inPlace=False)
+    r.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: _iterations.append(r.GetOptimizerIteration()))
+    _iterations: list[int] = []
     out = r.Execute(fixed, moving)
+    _iterations.append(r.GetOptimizerIteration())
+    logger.debug("rigid registration iterations per level: %s", _iterations[1:])
     logger.debug("rigid registration: %s after %d iterations", r.GetOptimizerStopConditionDescription(), r.GetOptimizerIteration())
     # Execute returns a CompositeTransform wrapping the Euler transform.
     if isinstance(out, sitk.CompositeTransform):
@@ -429,7 +463,7 @@ def register_bspline(
     physical = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
     mesh = [max(1, int(round(p / mesh_mm))) for p in physical]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    r = _method(settings, mask)
+    r = _method(settings, mask, n_voxels=_n_sampled(fixed, mask), shrink_factors=(2, 1))
     r.SetShrinkFactorsPerLevel([2, 1])
     r.SetSmoothingSigmasPerLevel([1.0, 0.0])
     r.SetOptimizerAsLBFGSB(

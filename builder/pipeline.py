@@ -303,7 +303,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     stages.start("statistics")
     stats = labels.lesion_statistics(label, pet_arr, ct)
     stages.start("qc")
-    ct_arr = sitk.GetArrayFromImage(ct)
+    ct_arr = sitk.GetArrayViewFromImage(ct)  # a view: `ct` stays alive until the case is written
     checks = qc.run_checks(
         ct=ct_arr, pet=pet_arr, label=label, body=body, lesion_fov_fraction=fov_fraction,
         grids_identical=ct_arr.shape == pet_arr.shape == label.shape, alignment=aligned.record,
