@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -419,6 +418,3 @@ def seg_dataset(study: StudyInfo, ct: list[Dataset], mask: np.ndarray, *, series
         item.DimensionOrganizationUID = dim_uid
     return seg
 
-
-def read_back(path: Path) -> pydicom.Dataset:
-    return pydicom.dcmread(path)

@@ -38,7 +38,8 @@ default exams only). Missing keys take :data:`DEFAULT_VARIANT`:
 * ``mask_format``: ``nifti`` (``masks/<exam_id>.nii.gz`` on the CT grid) or ``seg`` (DICOM SEG).
 * ``ct_transfer_syntax`` / ``pet_transfer_syntax``: a transfer syntax UID (explicit VR little
   endian, RLE Lossless, JPEG-LS Lossless or JPEG 2000 Lossless, encoded by pydicom's encoders).
-* ``lesions``: ``auto`` (1-6 lesions) or ``none`` (complete-response follow-up).
+* ``lesions``: ``auto`` (1-4 lesions for HL, 1-6 for NHL; a follow-up exam is a complete response
+  without lesions one time in four), ``always`` (at least one lesion) or ``none`` (a complete response).
 * ``bad``: None, ``missing_slice`` (one CT file removed), ``missing_dose`` (no
   RadionuclideTotalDose), ``corrupt_file`` (a CT file truncated in its pixel data).
 
@@ -160,14 +161,16 @@ _RLE, _J2K, _JLS = str(RLELossless), str(JPEG2000Lossless), str(JPEGLSLossless)
 ALL_VARIANTS: list[dict[str, Any]] = [
     {},
     {"vendor": "ge", "patient_position": "FFS", "ct_unsigned": True, "extra_series": True, "nested_shuffled": True},
-    {"vendor": "philips", "mask_format": "seg", "pet_transfer_syntax": _RLE, "pet_fov": "short"},
+    {"vendor": "philips", "mask_format": "seg", "pet_transfer_syntax": _RLE, "pet_fov": "short", "lesions": "always"},
     {"patient_position": "FFS", "decay_correction": "ADMIN", "after_midnight": True, "ct_transfer_syntax": _JLS,
      "extra_series": True},
-    {"vendor": "ge", "after_midnight": True, "ct_transfer_syntax": _RLE, "mask_format": "seg", "nested_shuffled": True},
+    {"vendor": "ge", "after_midnight": True, "ct_transfer_syntax": _RLE, "mask_format": "seg", "nested_shuffled": True,
+     "lesions": "always"},
     {"vendor": "philips", "patient_position": "FFS", "decay_correction": "ADMIN", "after_midnight": True,
      "ct_transfer_syntax": _J2K, "pet_fov": "short", "ct_unsigned": True},
     {"pet_transfer_syntax": _J2K, "pet_fov": "short", "nested_shuffled": True, "lesions": "none"},
-    {"vendor": "ge", "patient_position": "FFS", "decay_correction": "ADMIN", "extra_series": True, "mask_format": "seg"},
+    {"vendor": "ge", "patient_position": "FFS", "decay_correction": "ADMIN", "extra_series": True, "mask_format": "seg",
+     "lesions": "always"},
     {"vendor": "philips", "extra_series": True, "nested_shuffled": True},
     {"bad": "missing_slice"},
     {"vendor": "ge", "bad": "missing_dose"},
@@ -262,7 +265,6 @@ def _resolve_variants(variants: str | dict | Sequence[dict] | None, n: int) -> l
 def _patients(rng: np.random.Generator, n_exams: int) -> list[tuple[_Patient, int]]:
     """Assign exams to patients (1-3 exams each): [(patient, exam_index_of_patient)] per exam."""
     out: list[tuple[_Patient, int]] = []
-    p = 0
     while len(out) < n_exams:
         sex = "F" if rng.random() < 0.45 else "M"
         diagnosis = "HL" if rng.random() < 0.45 else "NHL"
@@ -275,7 +277,6 @@ def _patients(rng: np.random.Generator, n_exams: int) -> list[tuple[_Patient, in
         patient = _Patient(pid, name, sex, diagnosis, subtype, birth, age0, first, (pid, *name.split("^")))
         for e in range(int(rng.choice([1, 1, 2, 2, 3]))):
             out.append((patient, e))
-        p += 1
     return out[:n_exams]
 
 
@@ -430,7 +431,11 @@ def generate_exam(
 
     # --- the body and its lesions -----------------------------------------------------------
     body = anat.make_body(r_body, sex=patient.sex)
-    if variant["lesions"] == "none":
+    # Follow-up exams are sometimes a complete response (no lesion left), as in real cohorts.
+    complete_response = exam_index > 0 and r_lesion.random() < 0.25
+    if variant["lesions"] not in ("auto", "always", "none"):
+        raise ValueError(f"variant lesions must be auto, always or none, got {variant['lesions']!r}")
+    if variant["lesions"] == "none" or (variant["lesions"] == "auto" and complete_response):
         lesions: list[anat.Lesion] = []
     else:
         n_les = int(r_lesion.integers(1, 7 if patient.diagnosis == "NHL" else 5))
@@ -585,7 +590,7 @@ def generate_exam(
         injection_dt=injection, scan_start_dt=scan_start, series_dt=series_dt, bed_seconds=150.0, dose_bq=dose_bq,
         decay_correction=variant["decay_correction"], write_dose=variant["bad"] != BadExam.MISSING_DOSE.value,
     )
-    pet_written_activity = _to_scanner_pet(activity)
+    pet_written_activity = activity  # sampled directly on the scanner-oriented PET grid
     pet_ds, pet_values = sd.pet_datasets(
         study, pet_spec, pet_geom, pet_written_activity, timing, units=units, counts_per_bqml=counts_per_bqml,
         suv_per_bqml=bqml_to_suv,
@@ -693,10 +698,6 @@ def generate_exam(
     }
     log.info("wrote %s (%s, %s, %d lesions, %s)", exam_id, vendor, position, len(lesions), truth["expected"])
     return ExamTruth(exam_id=exam_id, expected=truth["expected"], truth_path=truth_dir / f"{exam_id}.json", truth=truth)
-
-
-def _to_scanner_pet(activity: np.ndarray) -> np.ndarray:
-    return activity  # sampled directly on the scanner-oriented PET grid
 
 
 def _sample_pet(suv_anat: np.ndarray, grid: anat.Grid1D, pet: sd.SeriesGeometry, m_inv: np.ndarray) -> np.ndarray:
