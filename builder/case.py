@@ -100,18 +100,19 @@ def write_case(
         if arr.shape != ct.shape:
             raise SchemaError(f"{name} shape {arr.shape} != ct shape {ct.shape} (case {case_json.get('case_id')})")
     case_id = case_json["case_id"]
-    case_json = dict(case_json, content_hash=content_hash(ct, pet, label, affine_ras))
     cases_dir.mkdir(parents=True, exist_ok=True)
     final = cases_dir / case_id
     tmp = cases_dir / f"{TMP_PREFIX}{case_id}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        # zlib releases the GIL: the three files compress in parallel
-        with ThreadPoolExecutor(max_workers=3) as pool:
+        # zlib and sha256 release the GIL: the three files compress while the hash runs
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            digest = pool.submit(content_hash, ct, pet, label, affine_ras)
             futures = [pool.submit(write_nifti, tmp / CASE_FILES[name], arr, affine_ras, level=level)
                        for name, arr in arrays.items()]
             for fut in futures:
                 fut.result()
+            case_json = dict(case_json, content_hash=digest.result())
         (tmp / CASE_JSON).write_text(json.dumps(case_json, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
