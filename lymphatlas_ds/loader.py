@@ -55,7 +55,7 @@ from lymphatlas_ds import codec
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.release import Release, _as_config, _as_split
-from lymphatlas_ds.schema import CHANNELS, IMAGE_COLUMNS, METADATA_COLUMNS, Config, Split, Subset
+from lymphatlas_ds.schema import CHANNELS, CT_DTYPE, IMAGE_COLUMNS, LABEL_DTYPE, METADATA_COLUMNS, PET_DTYPE, Config, Split, Subset
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ DEFAULT_FOREGROUND_RATIO = 1 / 3
 PAD_VALUES = {"ct": -1024, "pet": 0.0, "label": 0}
 """Values of voxels a patch reaches outside the volume: air, no uptake, background."""
 
+_DTYPES = {"ct": CT_DTYPE, "pet": PET_DTYPE, "label": LABEL_DTYPE}
 _GEOMETRY_COLUMNS = ("spacing", "shape", "affine")  # returned as tensors, not in "meta"
 
 
@@ -91,11 +92,21 @@ def _spacing(row: dict[str, Any], affine: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.asarray(spacing, dtype=np.float64))
 
 
+_CT, _PET = CHANNELS.index("CT"), CHANNELS.index("PET")
+
+
 def _image(ct: np.ndarray, pet: np.ndarray) -> torch.Tensor:
-    order = {"CT": ct, "PET": pet}
     image = np.empty((len(CHANNELS), *ct.shape), np.float32)
-    for i, name in enumerate(CHANNELS):
-        image[i] = order[name]
+    image[_CT] = ct
+    image[_PET] = pet
+    return torch.from_numpy(image)
+
+
+def _cached_image(entry: CachedCase, box: tuple[slice, slice, slice], shape: tuple[int, ...]) -> torch.Tensor:
+    """CT and PET of ``box`` as one float32 ``[2, ...]`` tensor; PET is decompressed in place (no extra copy)."""
+    image = np.empty((len(CHANNELS), *shape), np.float32)
+    entry.read_into("pet", box, image[_PET])
+    image[_CT] = entry.read_patch("ct", box)
     return torch.from_numpy(image)
 
 
@@ -150,13 +161,14 @@ class CaseDataset(_Base):
         case_id = self.case_ids[index]
         if self.cache is not None:
             entry = self.entry(case_id)
-            ct, pet, label = entry.read("ct"), entry.read("pet"), entry.read("label")
-            affine, row = entry.affine, entry.meta
+            image = _cached_image(entry, (slice(None),) * 3, entry.shape)
+            label, affine, row = entry.read("label"), entry.affine, entry.meta
         else:
             record = self.release.read_case(case_id)
-            ct, pet, label, affine, row = record.ct, record.pet, record.label, record.affine, record.meta
+            image = _image(record.ct, record.pet)
+            label, affine, row = record.label, record.affine, record.meta
         item = {
-            "image": _image(ct, pet),
+            "image": image,
             "label": torch.from_numpy(np.ascontiguousarray(label)[None]),
             "case_id": case_id,
             "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
@@ -225,21 +237,21 @@ class PatchDataset(_Base):
         stop = np.minimum(start + np.asarray(self.patch_size), entry.shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
         inner = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))
-        volumes = {}
-        for name in IMAGE_COLUMNS:
-            part = entry.read_patch(name, box)
-            if part.shape == self.patch_size:
-                volumes[name] = part
-            else:  # the volume is smaller than the patch along some axis
-                full = np.full(self.patch_size, PAD_VALUES[name], dtype=part.dtype)
-                full[inner] = part
-                volumes[name] = full
+        if tuple(int(b - a) for a, b in zip(start, stop)) == self.patch_size:
+            image = _cached_image(entry, box, self.patch_size)
+            label = entry.read_patch("label", box)
+        else:  # the volume is smaller than the patch along some axis: pad
+            volumes = {}
+            for name in IMAGE_COLUMNS:
+                volumes[name] = np.full(self.patch_size, PAD_VALUES[name], dtype=_DTYPES[name])
+                volumes[name][inner] = entry.read_patch(name, box)
+            image, label = _image(volumes["ct"], volumes["pet"]), volumes["label"]
         affine = np.array(entry.affine, dtype=np.float64)
         # Shift the origin to the patch's first voxel: the affine indexes (x, y, z), start is (z, y, x).
         affine[:3, 3] = affine[:3, :3] @ start[::-1].astype(np.float64) + affine[:3, 3]
         item = {
-            "image": _image(volumes["ct"], volumes["pet"]),
-            "label": torch.from_numpy(volumes["label"][None]),
+            "image": image,
+            "label": torch.from_numpy(label[None]),
             "case_id": case_id,
             "affine": torch.from_numpy(affine),
             "spacing": _spacing(entry.meta, entry.affine),
@@ -309,7 +321,7 @@ def load_lymphatlas(
     )
     case_ids = select_cases(release, config=config, split=split, fold=fold, subset=subset)
     if not case_ids:
-        log.warning("no case in config %s, split %s, fold %s, subset %s of release %s", config, split, fold, subset, release.version)
+        log.warning("no case in config %s, split %s (fold %s, subset %s) of release %s", _as_config(config).value, _as_split(split).value, fold, subset, release.version)
     decoded = DecodedCache(cache_dir) if cache else None
     if patch_size is None:
         return CaseDataset(release, case_ids, transform=transform, cache=decoded)

@@ -183,3 +183,19 @@ def test_corrupt_shard_never_reaches_the_cache(built, tmp_path):
             np.testing.assert_array_equal(entry.read("pet"), truth[case_id].pet)
     assert failed
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_read_into_fills_the_given_buffer(built, tmp_path):
+    path, truth = built
+    release = release_of(path, tmp_path)
+    case_id = release.case_ids("all", "train")[0]
+    entry = DecodedCache(tmp_path / "cache").ensure(release, case_id)
+    image = np.zeros((2, 7, 9, 11), np.float32)
+    box = (slice(3, 10), slice(1, 10), slice(12, 23))
+    entry.read_into("pet", box, image[1])
+    np.testing.assert_array_equal(image[1], truth[case_id].pet[box])
+    assert not image[0].any()
+    whole = np.empty(entry.shape, np.float32)
+    np.testing.assert_array_equal(entry.read_into("pet", (slice(None),) * 3, whole), truth[case_id].pet)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        entry.read_into("pet", box, np.zeros((7, 9, 11), np.float64))

@@ -1,0 +1,188 @@
+"""Benchmark the torch client against the naive baseline of reading the cases' ``.nii.gz`` files.
+
+Builds a WORK folder of whole-body-sized cases (``--size full``: 320 x 512 x 512 voxels, the CT
+grid of a real PET/CT exam; ``small`` for a quick check), a release from it, then measures in
+one run:
+
+1. whole-case load: ``load_lymphatlas(...)[i]`` (decoded cache warm) vs nibabel reading the
+   case's ``ct/pet/label.nii.gz`` (target: >= 5x);
+2. random 128^3 patches (CT + PET + label, a third centred on foreground) vs decoding the three
+   ``.nii.gz`` files and cropping, as a naive loader over nnU-Net raw files does (target: >= 50x);
+   also through a ``DataLoader`` with 2 workers;
+3. the first-epoch cost: decoding each case into the cache, and the sizes on disk;
+4. memory: peak RSS growth of a process drawing patches vs the size of one decoded case
+   (target: patch mode never holds a whole decoded case).
+
+Prints one line per figure and the ratios; exits 1 if a target is missed.
+
+    python benchmarks/bench_loader.py --size full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from builder.release import build_release  # noqa: E402
+from lymphatlas_ds.loader import load_lymphatlas  # noqa: E402
+from tests.support.fake_work import make_fake_work  # noqa: E402
+
+SIZES = {"small": ((96, 160, 160), (64, 64, 64)), "full": ((320, 512, 512), (128, 128, 128))}
+
+
+def nifti_case(folder: Path) -> dict[str, np.ndarray]:
+    """The baseline: nibabel reads the three .nii.gz files in their stored dtype (no float64 scaling)."""
+    return {name: np.asanyarray(nib.load(folder / f"{name}.nii.gz").dataobj) for name in ("ct", "pet", "label")}
+
+
+def timed(fn, repeat: int) -> float:
+    """The fastest of ``repeat`` runs: on a shared machine the minimum is the least disturbed figure."""
+    best = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best.append(time.perf_counter() - t)
+    return float(min(best))
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+MEMORY_PROBE = r"""
+import json, sys
+
+def hwm():
+    # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's peak from before exec).
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+import numpy as np, torch
+from lymphatlas_ds.loader import load_lymphatlas
+after_import = hwm()
+ds = load_lymphatlas(sys.argv[1], cache_dir=sys.argv[2], patch_size=tuple(json.loads(sys.argv[3])), samples_per_case=40)
+ds[0]
+before = hwm()
+for i in range(len(ds)):
+    ds[i]
+print(json.dumps({"import": after_import, "before": before, "after": hwm(), "patches": len(ds)}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--patients", type=int, default=2, help="patients of the fake WORK (every third has 2 exams)")
+    parser.add_argument("--patches", type=int, default=200, help="patches timed for the cached path")
+    parser.add_argument("--baseline-patches", type=int, default=3, help="patches timed for the .nii.gz baseline")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    args = parser.parse_args(argv)
+    shape, patch = SIZES[args.size]
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    failed = []
+    try:
+        work, release, cache = tmp / "work", tmp / "release", tmp / "cache"
+        if not (release / "manifest.json").exists():
+            t = time.perf_counter()
+            make_fake_work(work, n_patients=args.patients, seed=0, shape_zyx=shape, spacing_xyz=(0.98, 0.98, 3.0))
+            build_release(work, release, version="1.0.0")
+            print(f"setup: fake WORK + release of {shape} cases in {time.perf_counter() - t:.0f} s")
+        shutil.rmtree(cache, ignore_errors=True)
+        case_dirs = sorted((work / "cases").iterdir())
+        n_voxels = int(np.prod(shape))
+        decoded_bytes = n_voxels * (2 + 4 + 1)
+        print(f"cases: {len(case_dirs)} of {shape} voxels, decoded {decoded_bytes / 2**20:.0f} MiB each (ct+pet+label)")
+
+        # 3. first epoch: decode every case into the cache (also checks each against its content hash)
+        ds = load_lymphatlas(release, split="train", cache_dir=cache)
+        test = load_lymphatlas(release, split="test", cache_dir=cache)
+        t = time.perf_counter()
+        ds.prepare()
+        test.prepare()
+        build = (time.perf_counter() - t) / len(case_dirs)
+        print(f"first-epoch cache build: {build:.2f} s per case")
+        nii = sum(dir_size(d) - (d / "case.json").stat().st_size for d in case_dirs) / len(case_dirs)
+        shards = dir_size(release / "data") / len(case_dirs)
+        cached = dir_size(cache / "1.0.0") / len(case_dirs)
+        print(f"size per case: .nii.gz {nii / 2**20:.0f} MiB, shard {shards / 2**20:.0f} MiB, decoded cache {cached / 2**20:.0f} MiB")
+
+        # 1. whole-case load
+        case_id = ds.case_ids[0]
+        folder = work / "cases" / case_id
+        base_whole = timed(lambda: nifti_case(folder), 3)
+        ours_whole = timed(lambda: ds[0], 5)
+        item = ds[0]
+        truth = nifti_case(folder)
+        assert np.array_equal(item["image"][1].numpy(), truth["pet"].transpose(2, 1, 0)), "whole-case PET differs"
+        shard_whole = timed(lambda: load_lymphatlas(release, split="train", cache=False, cache_dir=cache)[0], 2)
+        ratio = base_whole / ours_whole
+        print(f"whole case: nibabel .nii.gz {base_whole:.2f} s, load_lymphatlas (cache) {ours_whole:.3f} s, "
+              f"(no cache, from the shard) {shard_whole:.2f} s -> {ratio:.1f}x (target >= 5x)")
+        if ratio < 5:
+            failed.append("whole-case")
+
+        # 2. random patches
+        patches = load_lymphatlas(release, split="train", cache_dir=cache, patch_size=patch,
+                                  samples_per_case=max(1, args.patches // len(ds.case_ids)), seed=0)
+        rng = np.random.default_rng(0)
+
+        def baseline_patch() -> None:
+            vols = nifti_case(work / "cases" / ds.case_ids[int(rng.integers(len(ds.case_ids)))])
+            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch)]
+            box = tuple(slice(a, a + p) for a, p in zip(start, patch))
+            for name in ("ct", "pet", "label"):
+                np.ascontiguousarray(vols[name].transpose(2, 1, 0)[box])
+
+        base_rate = args.baseline_patches / timed(lambda: [baseline_patch() for _ in range(args.baseline_patches)], 1)
+        n = len(patches)
+        t = time.perf_counter()
+        centred = sum(bool(patches[i]["foreground_centred"]) for i in range(n))
+        ours_rate = n / (time.perf_counter() - t)
+        ratio = ours_rate / base_rate
+        print(f"{patch} patches: .nii.gz decode+crop {base_rate:.2f}/s, load_lymphatlas {ours_rate:.1f}/s "
+              f"({centred}/{n} foreground-centred) -> {ratio:.0f}x (target >= 50x)")
+        if ratio < 50:
+            failed.append("patches")
+        import torch
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(patches, batch_size=2, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+        t = time.perf_counter()
+        count = sum(len(b["case_id"]) for b in loader)
+        print(f"DataLoader(batch_size=2, num_workers=2): {count / (time.perf_counter() - t):.1f} patches/s (incl. worker start)")
+
+        # 4. memory of patch sampling, in a fresh process
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(release), str(cache), json.dumps(list(patch))],
+                             capture_output=True, text=True, env=env, check=True)
+        mem = json.loads(out.stdout.strip().splitlines()[-1])
+        grow = mem["after"] - mem["before"]
+        patch_bytes = int(np.prod(patch)) * (4 * 2 + 1)
+        above_import = mem["after"] - mem["import"]
+        print(f"patch-mode memory: peak RSS {mem['after'] / 2**20:.0f} MiB, {above_import / 2**20:.0f} MiB above the imports, "
+              f"grew {grow / 2**20:.0f} MiB over {mem['patches']} patches (one item {patch_bytes / 2**20:.0f} MiB; "
+              f"one decoded case {decoded_bytes / 2**20:.0f} MiB)")
+        if above_import >= decoded_bytes / 2:
+            failed.append("memory")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print("targets missed: " + ", ".join(failed) if failed else "all targets met")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
