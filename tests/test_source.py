@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from builder.release import build_release
 from lymphatlas_ds.errors import SourceError
+from lymphatlas_ds.manifest import sha256_file
 from lymphatlas_ds.source import SourceKind, list_versions, resolve_release, version_key
 from tests.support.fake_work import make_fake_work
 
@@ -23,11 +25,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def releases(tmp_path_factory):
     """Two versions of a release: 1.0.0, then 1.1.0 with new patients."""
     root = tmp_path_factory.mktemp("source")
-    make_fake_work(root / "work", n_patients=4, seed=1, shape_zyx=(8, 14, 14))
+    cases = make_fake_work(root / "work", n_patients=4, seed=1, shape_zyx=(8, 14, 14))
     build_release(root / "work", root / "r100", version="1.0.0")
     make_fake_work(root / "work", n_patients=2, seed=1, shape_zyx=(8, 14, 14), first_patient=4)
     build_release(root / "work", root / "r110", version="1.1.0", previous=root / "r100")
-    return {"1.0.0": root / "r100", "1.1.0": root / "r110"}
+    return _Releases({"1.0.0": root / "r100", "1.1.0": root / "r110"}, truth={c.case_id: c for c in cases})
+
+
+class _Releases(dict):
+    """version -> release folder, with the WORK truth of the first version's cases."""
+
+    def __init__(self, folders, *, truth):
+        super().__init__(folders)
+        self.truth = truth
 
 
 @pytest.fixture
@@ -41,13 +51,20 @@ def mirror(releases, tmp_path):
 
 
 def hub_cache(releases, root: Path, repo_id: str, versions=("1.0.0", "1.1.0")) -> Path:
-    """A Hub cache laid out as huggingface_hub writes it: refs/<tag> -> commit, snapshots/<commit>/files."""
+    """A Hub cache laid out as huggingface_hub writes it: refs/<tag> -> commit, snapshots/<commit>/ symlinks to blobs/."""
     repo = root / ("datasets--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
     for i, version in enumerate(versions):
         commit = f"{i + 1:040x}"
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / f"v{version}").write_text(commit)
-        shutil.copytree(releases[version], repo / "snapshots" / commit)
+        for file in sorted(p for p in releases[version].rglob("*") if p.is_file()):
+            blob = repo / "blobs" / sha256_file(file)
+            if not blob.exists():
+                shutil.copyfile(file, blob)
+            link = repo / "snapshots" / commit / file.relative_to(releases[version])
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
     return root
 
 
@@ -132,6 +149,25 @@ def test_hub_offline_from_the_local_cache(releases, tmp_path):
     assert lines == ["1.0.0", "hub", "snapshots", "1.1.0", "1.0.0,1.1.0"], result.stderr
     assert result.returncode == 1
     assert "SourceError" in result.stderr and "v3.0.0" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_load_lymphatlas_from_the_hub_cache_offline(releases, tmp_path):
+    """The whole path offline: Hub cache (symlinked snapshot) -> verified release -> torch items equal to the WORK."""
+    cache = hub_cache(releases, tmp_path / "hub", "org/lymphatlas")
+    code = (
+        "import json, sys\n"
+        "from lymphatlas_ds import load_lymphatlas\n"
+        f"ds = load_lymphatlas('org/lymphatlas', version='1.0.0', split='test', cache_dir={str(tmp_path / 'cache')!r})\n"
+        "print(json.dumps({ds[i]['case_id']: float(ds[i]['image'][1].sum()) for i in range(len(ds))}))\n"
+    )
+    result = _offline(code, cache)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    table = json.loads((releases["1.0.0"] / "splits.json").read_text())["cases"]
+    assert set(got) == {c for c, t in table.items() if t["split"] == "test"} and got
+    truth = releases.truth
+    for case_id, pet_sum in got.items():
+        assert pet_sum == pytest.approx(float(truth[case_id].pet.sum(dtype=np.float64)), rel=1e-5)
 
 
 def test_hub_offline_unknown_repo(tmp_path):
