@@ -317,7 +317,7 @@ HL_CHAIN = ["cervical", "supraclavicular", "mediastinal", "hilar", "axillary"]
 
 
 def place_lesions(rng: np.random.Generator, body: Body, *, diagnosis: str, n: int, small_one: bool = True) -> list[Lesion]:
-    """Plant ``n`` non-overlapping lesions: HL contiguous and above the diaphragm, NHL scattered,
+    """Plant up to ``n`` lesions at least 10 mm apart: HL contiguous and above the diaphragm, NHL scattered,
     bulky and sometimes extranodal (spleen, bone). With ``small_one`` and n >= 2 one lesion is < 1 ml.
 
     Example:
@@ -335,13 +335,13 @@ def place_lesions(rng: np.random.Generator, body: Body, *, diagnosis: str, n: in
     for i, name in enumerate(names):
         for _attempt in range(40):
             small = small_one and n >= 2 and i == n - 1
-            if small:
-                r = float(rng.uniform(4.0, 5.5))
+            if small:  # 0.3-0.9 ml whatever the jitter below
+                r = float(rng.uniform(4.5, 5.5))
             elif diagnosis == "HL":
                 r = float(rng.uniform(7.0, 20.0))
             else:
                 r = float(rng.uniform(8.0, 32.0))
-            radii = tuple(float(r * rng.uniform(0.8, 1.2)) for _ in range(3))
+            radii = tuple(float(r * rng.uniform(*((0.9, 1.1) if small else (0.8, 1.2)))) for _ in range(3))
             extranodal = name in ("spleen", "bone")
             if name == "spleen":
                 c = (92, 45, -575)
@@ -356,10 +356,12 @@ def place_lesions(rng: np.random.Generator, body: Body, *, diagnosis: str, n: in
             jitter = rng.normal(0, 5.0, 3)
             center = tuple(float(v) for v in np.add(body.p(*c), jitter))
             ok = all(
-                np.linalg.norm(np.subtract(center, o.center)) > max(radii) + max(o.radii) + 4.0 for o in lesions
+                np.linalg.norm(np.subtract(center, o.center)) > max(radii) + max(o.radii) + 10.0 for o in lesions
             )
             if ok:
                 break
+        else:  # no room left at this station: fewer lesions rather than two that touch
+            continue
         suv = float(rng.uniform(3.0, 25.0)) if not small else float(rng.uniform(4.0, 12.0))
         lesions.append(Lesion(center=center, radii=radii, suv_max=round(suv, 2), station=name, extranodal=extranodal))
     return lesions

@@ -459,13 +459,19 @@ def generate_exam(
     xs_anat = _axis_positions(0.0, spec.ct_n, spec.ct_px, 1.0)
     grid = anat.Grid1D(xs_anat, xs_anat.copy(), zs_anat)
     shape_anat = (len(zs_anat), spec.ct_n, spec.ct_n)
+    ct_slab = slice(margin, margin + n_ct_z)
+    lesion_id = np.zeros(shape_anat, dtype=np.uint8)
+    anat.paint(grid, [les.shape() for les in lesions], lesion_id, values=np.arange(1, len(lesions) + 1))
+    # A lesion smaller than a CT voxel that falls between voxel centres is not in the mask: drop it,
+    # so the truth lists exactly the lesions a reader can find.
+    counts = np.bincount(lesion_id[ct_slab].ravel(), minlength=len(lesions) + 1)
+    if (counts[1:] == 0).any():
+        lesions = [les for n, les in enumerate(lesions, start=1) if counts[n] > 0]
+        lesion_id[:] = 0
+        anat.paint(grid, [les.shape() for les in lesions], lesion_id, values=np.arange(1, len(lesions) + 1))
     tissue = np.zeros(shape_anat, dtype=np.uint8)
     anat.paint(grid, body.shapes, tissue)
-    lesion_shapes = [les.shape() for les in lesions]
-    anat.paint(grid, lesion_shapes, tissue)
-    lesion_id = np.zeros(shape_anat, dtype=np.uint8)
-    anat.paint(grid, lesion_shapes, lesion_id, values=np.arange(1, len(lesions) + 1))
-    ct_slab = slice(margin, margin + n_ct_z)
+    anat.paint(grid, [les.shape() for les in lesions], tissue)
 
     # --- CT in HU (truth grid order), noise correlated over ~1 voxel like a soft kernel -------
     hu_anat = np.empty(shape_anat, dtype=np.int16)

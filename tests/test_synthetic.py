@@ -331,6 +331,12 @@ def test_lesions_sit_in_the_body_at_their_stations(synthetic_cohort):
             assert 3.0 <= les["suv_max"] <= 25.0
             if t["diagnosis"] == "HL":
                 assert les["station"] in {"cervical", "supraclavicular", "mediastinal", "hilar", "axillary"}
+        # Lesions are apart: one connected component (26-connectivity) per truth lesion, same voxel counts.
+        from scipy import ndimage
+
+        components, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        assert n == len(t["lesions"])
+        assert sorted(np.bincount(components.ravel())[1:].tolist()) == sorted(les["n_voxels"] for les in t["lesions"])
         if t["variant"]["lesions"] == "none":
             assert t["lesions"] == [] and not mask.any() and t["tmtv_ml"] == 0
     volumes = [les["volume_ml"] for et in truths for les in et.truth["lesions"]]
