@@ -8,9 +8,10 @@ columns. Choices, measured in ``benchmarks/bench_shards.py``:
 
 - zstd level 3 over raw NIfTI bytes (not gzip cells). On a synthetic 512x512x300 case (CT int16,
   PET float32 resampled from PET resolution, label; 525 MiB of voxels) versus the three
-  ``.nii.gz`` files (gzip 6) read by nibabel: 236 MiB vs 239 MiB on disk (0.99x), encode 3.6 s
-  vs 16 s, decode one case 0.58 s vs 2.05 s (3.5x faster). gzip cells in parquet: same size,
-  decode 4.0 s. zstd-1: 1.00x size, 3.2x; zstd-9: 0.97x size, encode 12.5 s;
+  ``.nii.gz`` files (gzip 6) read by nibabel: 236 MiB vs 239 MiB on disk (0.99x), encode 3.6-3.9 s
+  vs 16-27 s, decode one case 0.58-0.61 s vs 2.03-2.05 s (3.3-3.5x faster, two runs on a shared
+  2-core machine). gzip cells in parquet: same size, no faster than the files. zstd-1: 1.00x size,
+  not faster to decode; zstd-9: 0.97x size, but encode 12-25 s;
 - one case per row group, so a reader (or ``streaming=True``) touches one case at a time;
 - no dictionary encoding and no statistics on the image columns (useless on blobs);
 - a shard holds at most ``schema.SHARD_MAX_BYTES`` of uncompressed NIfTI bytes, so on disk it is
