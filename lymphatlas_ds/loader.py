@@ -55,7 +55,17 @@ from lymphatlas_ds import codec
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.release import Release, _as_config, _as_split
-from lymphatlas_ds.schema import CHANNELS, CT_DTYPE, IMAGE_COLUMNS, LABEL_DTYPE, METADATA_COLUMNS, PET_DTYPE, Config, Split, Subset
+from lymphatlas_ds.schema import (
+    CHANNELS,
+    CT_DTYPE,
+    IMAGE_COLUMNS,
+    LABEL_DTYPE,
+    METADATA_COLUMNS,
+    PET_DTYPE,
+    Config,
+    Split,
+    Subset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +331,10 @@ def load_lymphatlas(
     )
     case_ids = select_cases(release, config=config, split=split, fold=fold, subset=subset)
     if not case_ids:
-        log.warning("no case in config %s, split %s (fold %s, subset %s) of release %s", _as_config(config).value, _as_split(split).value, fold, subset, release.version)
+        log.warning(
+            "no case in config %s, split %s (fold %s, subset %s) of release %s",
+            _as_config(config).value, _as_split(split).value, fold, subset, release.version,
+        )
     decoded = DecodedCache(cache_dir) if cache else None
     if patch_size is None:
         return CaseDataset(release, case_ids, transform=transform, cache=decoded)

@@ -477,7 +477,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
-    clean = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))], dtype=np.float64)
+    clean = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    clean = clean[~np.isnan(clean)]
     if clean.size == 0:
         return {"median": None, "min": None, "max": None}
     return {"median": float(np.median(clean)), "min": float(clean.min()), "max": float(clean.max())}
