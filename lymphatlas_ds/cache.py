@@ -78,7 +78,8 @@ def _mark_forked() -> None:
 # blosc2's worker threads do not survive fork(): a forked child (a DataLoader worker on Linux)
 # that decompresses with more than one thread waits forever. Such children use one thread each,
 # which is also what parallel workers want.
-os.register_at_fork(after_in_child=_mark_forked)
+if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere workers are spawned, not forked
+    os.register_at_fork(after_in_child=_mark_forked)
 
 
 def _nthreads() -> int:
@@ -340,7 +341,10 @@ class DecodedCache:
         import blosc2
 
         log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        except OSError as e:
+            raise CacheError(f"cannot write the decoded cache under {path.parent} ({e}); pass another cache_dir") from e
         try:
             hasher = _ContentHasher()
             affine = None

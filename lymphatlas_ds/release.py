@@ -246,7 +246,10 @@ class Release:
                 )
             self._verified.seen.add(key)
         if record is not None:
-            _write_text_atomic(record, stamp)
+            try:
+                _write_text_atomic(record, stamp)
+            except OSError as e:  # a read-only cache folder only costs a re-check next time
+                log.debug("could not record the check of %s in %s: %s", relpath, record, e)
 
     def verify_all(self, *, check_sha256: bool = True) -> list[manifest_mod.FileProblem]:
         """Check every file against the manifest now; an empty list means the release is intact."""

@@ -188,3 +188,12 @@ def test_only_the_shards_used_are_hashed(built, tmp_path, monkeypatch):
     release.case_ids("hl", "test")
     shards = [h for h in hashed if h.endswith(".parquet")]
     assert len(shards) == 1 and "/data/hl/test-" in shards[0]
+
+
+def test_unwritable_state_folder_only_costs_a_recheck(built, tmp_path):
+    path, truth = built
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")  # a file where the state folder should be: nothing can be written under it
+    release = Release(path, state_dir=blocker)
+    case = next(release.iter_cases("all", "test"))
+    np.testing.assert_array_equal(case.pet, truth[case.case_id].pet)
