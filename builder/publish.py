@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds.errors import LymphAtlasError
@@ -44,6 +45,13 @@ from lymphatlas_ds.errors import LymphAtlasError
 from builder.release import parse_version, write_atomic
 
 log = logging.getLogger(__name__)
+
+try:  # the HTTP client of the installed huggingface_hub: its transport errors are not OSErrors
+    from huggingface_hub.utils._http import httpx2 as _http_client  # type: ignore[attr-defined]
+
+    _HTTP_CLIENT_ERROR: type[Exception] = _http_client.HTTPError
+except ImportError:  # older huggingface_hub (requests): connection errors are OSErrors
+    _HTTP_CLIENT_ERROR = OSError
 
 VERSIONS_NAME = "versions.json"
 RELEASE_TOP_FILES = ("README.md", "CHANGELOG.md", "manifest.json", "splits.json")
@@ -178,9 +186,16 @@ def publish_hub(
     if dry_run:
         return plan_hub_operations(release, repo_id)
     api = api or HfApi()
-    api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
-    plan = plan_hub_operations(release, repo_id, existing_files=api.list_repo_files(repo_id, repo_type="dataset"))
-    tags = {ref.name for ref in api.list_repo_refs(repo_id, repo_type="dataset").tags}
+    try:
+        api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
+        existing = api.list_repo_files(repo_id, repo_type="dataset")
+        tags = {ref.name for ref in api.list_repo_refs(repo_id, repo_type="dataset").tags}
+    except (OSError, HfHubHTTPError, _HTTP_CLIENT_ERROR) as e:
+        raise PublishError(
+            f"cannot reach or create the Hub dataset repo {repo_id} ({e}); check the network and the token "
+            "(HF_TOKEN or `huggingface-cli login`); --dry-run shows the plan without the Hub"
+        ) from e
+    plan = plan_hub_operations(release, repo_id, existing_files=existing)
     if plan.tag in tags:
         raise PublishError(
             f"{repo_id} already has tag {plan.tag}: a published version never changes; build a new --version"

@@ -202,3 +202,11 @@ def test_cli_publish(releases, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
     assert builder_main(["publish", str(releases / "r100"), "--mirror", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "versions.json").read_text())["latest"] == "1.0.0"
+
+
+def test_an_unreachable_hub_is_a_clear_error_before_any_commit(releases):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint="http://127.0.0.1:9", token="hf_test")  # the real client, nothing listens there
+    with pytest.raises(PublishError, match="org/lymphatlas.*dry-run"):
+        publish_hub(releases / "r100", "org/lymphatlas", api=api)
