@@ -35,7 +35,7 @@ Example:
     ...                         version="1.0.0", patch_size=(128, 128, 128), samples_per_case=4)  # doctest: +SKIP
     >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=4)  # doctest: +SKIP
     >>> batch = next(iter(loader))  # doctest: +SKIP
-    >>> batch["image"].shape
+    >>> batch["image"].shape  # doctest: +SKIP
     torch.Size([2, 2, 128, 128, 128])
 """
 
@@ -322,8 +322,8 @@ def load_lymphatlas(
 
     Example:
         >>> val = load_lymphatlas("lymphatlas", config="hl", fold=0, subset="val")  # doctest: +SKIP
-        >>> item = val[0]
-        >>> item["image"].shape[0], item["label"].dtype
+        >>> item = val[0]  # doctest: +SKIP
+        >>> item["image"].shape[0], item["label"].dtype  # doctest: +SKIP
         (2, torch.uint8)
     """
     release = Release.from_source(
@@ -377,7 +377,7 @@ def hf_torch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
     Example:
         >>> ds = datasets.load_dataset("lymphatlas", "nhl", split="train")  # doctest: +SKIP
         >>> item = ds.with_transform(hf_torch_transform)[0]  # doctest: +SKIP
-        >>> item["image"].shape[0]
+        >>> item["image"].shape[0]  # doctest: +SKIP
         2
     """
     missing = [name for name in IMAGE_COLUMNS if name not in batch]

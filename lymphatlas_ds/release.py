@@ -13,7 +13,7 @@ again. A mismatch raises :class:`~lymphatlas_ds.errors.IntegrityError` naming th
 
 Example:
     >>> release = Release("lymphatlas")  # doctest: +SKIP
-    >>> release.version, len(release.case_ids("nhl", "train"))
+    >>> release.version, len(release.case_ids("nhl", "train"))  # doctest: +SKIP
     ('1.0.0', 12)
     >>> for case in release.iter_cases("hl", "test"):  # doctest: +SKIP
     ...     print(case.case_id, case.ct.shape, case.pet.dtype)
@@ -419,7 +419,7 @@ class Release:
 
         Example:
             >>> case = Release("lymphatlas").read_case("LA-0000000")  # doctest: +SKIP
-            >>> case.ct.dtype, case.label.max()
+            >>> case.ct.dtype, case.label.max()  # doctest: +SKIP
             (dtype('int16'), 1)
         """
         columns = list(columns)

@@ -14,7 +14,7 @@ takes a ``source`` and calls :func:`resolve_release` to get a local release fold
 
 Example:
     >>> resolved = resolve_release("releases/mirror", version="1.0.0")  # doctest: +SKIP
-    >>> resolved.path.name, resolved.version, resolved.kind.value
+    >>> resolved.path.name, resolved.version, resolved.kind.value  # doctest: +SKIP
     ('1.0.0', '1.0.0', 'mirror')
 """
 
