@@ -18,8 +18,8 @@ the volume (a volume smaller than the patch) is padded with air (-1024 HU), SUV 
 Randomness: patch ``i`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, e, i])``,
 so a patch depends only on the seed, the epoch and its index, never on which DataLoader worker
 draws it or in what order: ``DataLoader(num_workers=k)`` gives the same epoch for any ``k``. Call
-:meth:`PatchDataset.set_epoch` before each epoch (with ``persistent_workers=False``, the
-default, workers get the new epoch).
+:meth:`PatchDataset.set_epoch` before each epoch; the epoch lives in shared memory, so workers,
+persistent ones included, see it.
 
 Volumes come from the decoded cache (:mod:`lymphatlas_ds.cache`): each case is decoded once,
 then a patch reads only the compressed chunks it touches, so a worker never holds a whole decoded
@@ -215,11 +215,16 @@ class PatchDataset(_Base):
         self.samples_per_case = int(samples_per_case)
         self.foreground_ratio = float(foreground_ratio)
         self.seed = int(seed)
-        self.epoch = 0
+        # In shared memory, so DataLoader workers (persistent ones too) see set_epoch() of the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the patches of epoch ``epoch`` (each epoch draws new ones, reproducibly)."""
-        self.epoch = int(epoch)
+        """Draw the patches of epoch ``epoch`` (each epoch draws new ones, reproducibly); call it before iterating."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.case_ids) * self.samples_per_case

@@ -134,9 +134,10 @@ def test_patch_larger_than_the_volume_is_padded(built):
     assert (item["image"][1, z:] == 0).all() and (item["label"][0, z:] == 0).all()
 
 
-def _epoch(ds, workers, epoch=0):
+def _epoch(ds, workers, epoch=0, loader=None):
     ds.set_epoch(epoch)
-    loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(7))
+    if loader is None:
+        loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(7))
     return [(b["case_id"], b["patch_start"].clone(), b["image"].clone(), b["label"].clone()) for b in loader]
 
 
@@ -156,6 +157,16 @@ def test_dataloader_with_two_workers_is_deterministic(built):
     assert not _same(first, _epoch(ds, workers=2, epoch=1))  # a new epoch draws new patches
     other_seed = load(built, patch_size=(8, 8, 8), samples_per_case=2, seed=12)
     assert not _same(first, _epoch(other_seed, workers=0))
+
+
+def test_persistent_workers_follow_set_epoch(built):
+    ds = load(built, patch_size=(8, 8, 8), samples_per_case=2, seed=11)
+    ds.prepare()
+    expected = [_epoch(ds, 0, e, DataLoader(ds, batch_size=3)) for e in (0, 1)]
+    assert not _same(expected[0], expected[1])
+    persistent = DataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True)
+    for e in (0, 1, 0):
+        assert _same(expected[e], _epoch(ds, 2, e, persistent)), f"epoch {e}"
 
 
 def test_transforms_are_applied_and_documented_presets_hold(built):
