@@ -213,8 +213,8 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def _write_json(path: Path, obj: Any) -> bool:
-    return _write_if_changed(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def _write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> bool:
+    return _write_if_changed(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 def _checked_case(record: _CaseRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -377,7 +377,7 @@ def materialize_nnunet(
     recorded: dict[str, Any] = previous_state.get("cases", {}) if same else {}
     state: dict[str, Any] = {"identity": identity, "complete": False, "cases": dict(recorded)}
     if not same:  # a rerun of the same dataset leaves the file (and its mtime) alone until it changes
-        _write_json(folder / STATE_FILE, state)
+        _write_json(folder / STATE_FILE, state, sort_keys=True)
     content_hashes = release.manifest.get("cases", {})
 
     result = MaterializeResult(folder, folder_name, 0, 0)
@@ -403,15 +403,10 @@ def materialize_nnunet(
                 return False
         return True
 
-    def write_case(record_arrays: tuple, images: str, labels: str | None, case_id: str) -> tuple[str, list]:
-        ct, pet, label, affine = record_arrays
-        arrays = {CT_CHANNEL: ct, PET_CHANNEL: pet}
-        out = []
-        for i, (key, name) in enumerate(targets(case_id, images, labels)):
-            data = _nifti_bytes(arrays.get(i, label), affine, gzip_level=gz)
-            written = _write_if_changed(subdirs[key] / name, data)
-            out.append((f"{key}/{name}", written, len(data), hashlib.sha256(data).hexdigest()))
-        return case_id, out
+    def write_file(array: np.ndarray, affine: np.ndarray, case_id: str, key: str, name: str) -> tuple:
+        data = _nifti_bytes(array, affine, gzip_level=gz)
+        written = _write_if_changed(subdirs[key] / name, data)
+        return case_id, f"{key}/{name}", written, len(data), hashlib.sha256(data).hexdigest()
 
     train_ids: list[str] = []
     test_ids: list[str] = []
@@ -427,19 +422,17 @@ def materialize_nnunet(
             while len(pending) > limit:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    case_id, files = fut.result()
-                    for _, written, size, _ in files:
-                        result.files_written += written
-                        result.files_skipped += not written
-                        result.bytes_written += size if written else 0
-                    state["cases"][case_id] = {"content_hash": content_hashes.get(case_id),
-                                               "files": {rel: sha for rel, _, _, sha in files}}
+                    case_id, rel, written, size, sha = fut.result()
+                    result.files_written += written
+                    result.files_skipped += not written
+                    result.bytes_written += size if written else 0
+                    state["cases"][case_id]["files"][rel] = sha
 
         def note(case_id: str, split: Split, images: str, labels: str | None) -> None:
             nonlocal n_done
             (train_ids if split is Split.TRAIN else test_ids).append(case_id)
-            for key, name in targets(case_id, images, labels):
-                expected[key].add(name)
+            for key, file_name in targets(case_id, images, labels):
+                expected[key].add(file_name)
             n_done += 1
             if progress is not None:
                 progress(n_done)
@@ -461,9 +454,12 @@ def materialize_nnunet(
                 arrays = _checked_case(record)
                 case_id = record.case_id
                 result.voxel_bytes += sum(a.nbytes for a in arrays[:3])
-                pending.add(pool.submit(write_case, arrays, images, labels, case_id))
+                state["cases"][case_id] = {"content_hash": content_hashes.get(case_id), "files": {}}
+                # one task per file: the PET file alone is half of a case's work
+                for array, (key, file_name) in zip(arrays[:3], targets(case_id, images, labels)):
+                    pending.add(pool.submit(write_file, array, arrays[3], case_id, key, file_name))
                 # bound the decoded cases held in memory: whole-body volumes are 0.5-1 GB each
-                drain(max(1, workers))
+                drain(max(3, 3 * workers))
                 note(case_id, split, images, labels)
         drain(0)
     if not train_ids:
@@ -518,7 +514,7 @@ def materialize_nnunet(
         _write_json(target / SPLITS_FILE, folds)
         result.splits_files.append(target / SPLITS_FILE)
     state["complete"] = True
-    _write_json(folder / STATE_FILE, state)
+    _write_json(folder / STATE_FILE, state, sort_keys=True)
     result.seconds = time.perf_counter() - start
     logger.info("%s", result.describe())
     return result

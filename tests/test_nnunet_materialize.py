@@ -83,7 +83,7 @@ def test_layout_voxels_and_dataset_json(tmp_path, release, release_dir):
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT", "1": "PET"}
     assert meta["labels"] == {"background": 0, "lesion": 1}
-    assert meta["numTraining"] == len(train) and meta["file_ending"] == ".nii.gz"
+    assert meta["numTraining"] == len(train) and meta["file_ending"] == ".nii.gz" and meta["name"] == "LymphAtlas"
     assert meta["release"] == "1.0.0" and "LymphAtlas" in meta["citation"]
     assert {c: d for c, d in meta["lymphatlas"]["diagnosis"].items()} == {c: truth[c].diagnosis for c in truth}
     assert result.n_training == len(train) and result.n_test == len(test)
