@@ -188,11 +188,13 @@ def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
     assert _node_errors(res.transform, m).mean() < 2.0
 
 
-def test_resample_outside_fov_is_zero_and_never_negative(ct) -> None:
+@pytest.mark.parametrize("interpolation", [Interpolation.CUBIC, Interpolation.CUBIC_TWO_STEP])
+def test_resample_outside_fov_is_zero_and_never_negative(ct, interpolation) -> None:
     pet = make_pet(np.eye(4), size=(84, 60, 30), z0=0.0)  # PET covers z 0..116 mm; CT reaches 237 mm
-    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct))
+    fine_ct = make_ct(size=(224, 160, 80), spacing=(1.5, 1.5, 3.0))  # finer than the PET: two-step upsamples
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, fine_ct, interpolation=interpolation))
     z_mm = np.arange(out.shape[0]) * ct.GetSpacing()[2]
-    assert np.all(out[z_mm > 116.0 + 1e-6] == 0)
+    assert np.all(out[z_mm > 116.0 + 2.0 + 1e-6] == 0)  # the last PET voxel reaches half a voxel (2 mm) past its centre
     assert out.min() >= 0.0
     assert out[z_mm < 100].max() > 5.0
 
@@ -203,7 +205,7 @@ def test_two_step_cubic_is_closer_to_direct_cubic_than_linear_is() -> None:
     pet = make_pet(np.eye(4), noise=0.0)
     t = euler((0.0, 0.0, 1.5), (2.0, -1.0, 0.0))
     ref = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, t, interpolation=Interpolation.CUBIC_DIRECT))
-    two = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, t, interpolation=Interpolation.CUBIC))
+    two = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, t, interpolation=Interpolation.CUBIC_TWO_STEP))
     lin = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, t, interpolation=Interpolation.LINEAR))
     inside = ref > 0.05
     err_two = np.abs(two - ref)[inside].mean()
