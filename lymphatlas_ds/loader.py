@@ -147,14 +147,30 @@ class _Base(Dataset):
             self._entries[case_id] = entry
         return entry
 
-    def prepare(self, *, progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> None:
+    def prepare(
+        self, *, workers: int = 1, progress: Callable[[Iterable[str]], Iterable[str]] | None = None
+    ) -> None:
         """Decode every case of this dataset into the cache now (it is otherwise built on first use).
 
-        ``progress`` wraps the case ids (e.g. ``tqdm``) for a progress display.
+        ``workers`` threads build entries side by side (decoding, hashing and compressing release
+        the GIL); ``progress`` wraps the stream of finished case ids (e.g. ``tqdm``).
+
+        Example:
+            >>> train.prepare(workers=4, progress=tqdm)  # doctest: +SKIP
         """
         if self.cache is None:
             return
-        for case_id in progress(self.case_ids) if progress is not None else self.case_ids:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def build(case_id: str) -> str:
+            self.cache.ensure(self.release, case_id)
+            return case_id
+
+        with ThreadPoolExecutor(max(1, int(workers))) as pool:
+            done = pool.map(build, self.case_ids)
+            for _ in progress(done) if progress is not None else done:
+                pass
+        for case_id in self.case_ids:
             self.entry(case_id)
 
     def _finish(self, item: Item) -> Item:

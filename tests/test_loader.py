@@ -147,9 +147,11 @@ def _same(a, b) -> bool:
     )
 
 
-def test_dataloader_with_two_workers_is_deterministic(built):
-    ds = load(built, patch_size=(8, 8, 8), samples_per_case=2, seed=11)
-    ds.prepare()
+def test_dataloader_with_two_workers_is_deterministic(built, tmp_path):
+    ds = load_lymphatlas(built[0], cache_dir=tmp_path / "fresh", patch_size=(8, 8, 8), samples_per_case=2, seed=11)
+    seen = []
+    ds.prepare(workers=2, progress=lambda ids: (seen.append(i) or i for i in ids))
+    assert sorted(seen) == sorted(ds.case_ids)
     first = _epoch(ds, workers=2)
     assert sum(len(b[0]) for b in first) == len(ds)
     assert _same(first, _epoch(ds, workers=2))
