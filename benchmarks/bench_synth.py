@@ -5,7 +5,7 @@
 Prints seconds per full-size exam (CT 512 x 512 x 300+ slices, PET 200 x 200), what it writes,
 and ratios to two baselines measured here: one small exam, and writing the same number of bytes
 as plain files (the disk's floor). With --images it saves the axial / coronal / sagittal CT and
-PET pictures and the PET coronal MIP of the first exam (docs/images/synthetic_*.png).
+PET pictures and the PET coronal MIP of the first exam (docs/images/synthetic_*.png come from --seed 8).
 """
 
 from __future__ import annotations

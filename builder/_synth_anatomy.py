@@ -227,68 +227,77 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     # Visceral soft tissue inside the muscular wall of the thorax/abdomen/pelvis.
     inner = tuple((z, rx, ry) for z, rx, ry in torso if z <= -300 * s)
     shapes.append(Shape(Tissue.SOFT, "profile", knots=inner, scale_in=fat + 18.0 * w))
-    # Thighs.
+    def ell(tissue, center, radii, **kw):
+        shapes.append(Shape(tissue, "ellipsoid", center=P(*center), radii=R(*radii), **kw))
+
+    def cyl(tissue, center_xy, radii_xy, z_hi, z_lo, **kw):
+        shapes.append(Shape(tissue, "cylinder", center=P(*center_xy, 0), radii=R(*radii_xy, 0),
+                            z_range=(z_hi * s, z_lo * s), **kw))
+
+    B, M = Tissue.CORTICAL_BONE, Tissue.MARROW
+    # Thighs: fat, muscle, femur (cortex and marrow), femoral heads.
     for side in (-1, 1):
-        shapes.append(Shape(Tissue.FAT, "cylinder", center=P(side * 88, 0, 0), radii=R(78, 82, 0), z_range=(-880 * s, -1080 * s)))
-        shapes.append(Shape(Tissue.MUSCLE, "cylinder", center=P(side * 88, 0, 0), radii=(78 * w - fat, 82 * w - fat, 0), z_range=(-880 * s, -1080 * s)))
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(side * 92, 5, 0), radii=R(14, 14, 0), z_range=(-870 * s, -1080 * s)))
-        shapes.append(Shape(Tissue.MARROW, "cylinder", center=P(side * 92, 5, 0), radii=R(8, 8, 0), z_range=(-885 * s, -1080 * s)))
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=P(side * 90, 0, -865), radii=R(24, 24, 24)))
-        shapes.append(Shape(Tissue.MARROW, "ellipsoid", center=P(side * 90, 0, -865), radii=R(18, 18, 18)))
-    # Head: scalp (soft), skull, brain; neck.
+        cyl(Tissue.FAT, (side * 88, 0), (78, 82), -880, -1080)
+        cyl(Tissue.MUSCLE, (side * 88, 0), (78 - fat / w, 82 - fat / w), -880, -1080)
+        cyl(B, (side * 92, 5), (14, 14), -870, -1080)
+        cyl(M, (side * 92, 5), (8, 8), -885, -1080)
+        ell(B, (side * 90, 0, -865), (24, 24, 24))
+        ell(M, (side * 90, 0, -865), (18, 18, 18))
+    # Head: scalp (soft), skull, brain; face and mandible.
     head_c, head_r = P(0, 5, -112), R(76, 96, 112)
     shapes.append(Shape(Tissue.MUSCLE, "ellipsoid", center=head_c, radii=head_r))
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=head_c, radii=tuple(r - 5 for r in head_r)))
+    shapes.append(Shape(B, "ellipsoid", center=head_c, radii=tuple(r - 5 for r in head_r)))
     shapes.append(Shape(Tissue.BRAIN, "ellipsoid", center=head_c, radii=tuple(r - 12 for r in head_r)))
-    shapes.append(Shape(Tissue.SOFT, "ellipsoid", center=P(0, -35, -190), radii=R(45, 40, 35)))  # face / jaw
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=P(0, -45, -200), radii=R(42, 30, 14), shell=5))  # mandible
+    ell(Tissue.SOFT, (0, -35, -190), (45, 40, 35))
+    ell(B, (0, -45, -200), (42, 30, 14), shell=5)
+    # Fat where the nodes live (mediastinum, axillae, supraclavicular fossae), so that nodes show on CT.
+    ell(Tissue.FAT, (0, -35, -400), (38, 45, 70))
+    for side in (-1, 1):
+        ell(Tissue.FAT, (side * 148, 15, -330), (22, 35, 40))
+        ell(Tissue.FAT, (side * 60, -10, -272), (26, 26, 18))
     # Airway: trachea from the larynx to the carina, then the main bronchi.
-    shapes.append(Shape(Tissue.AIRWAY, "cylinder", center=P(0, -25, 0), radii=R(8, 8, 0), z_range=(-205 * s, -395 * s)))
+    cyl(Tissue.AIRWAY, (0, -25), (8, 8), -205, -395)
     for side in (-1, 1):
-        shapes.append(Shape(Tissue.AIRWAY, "ellipsoid", center=P(side * 22, -18, -405), radii=R(20, 6, 14)))
-    # Lungs.
+        ell(Tissue.AIRWAY, (side * 22, -18, -405), (20, 6, 14))
     for side in (-1, 1):
-        shapes.append(Shape(Tissue.LUNG, "ellipsoid", center=P(side * 80, 8, -420), radii=R(62, 88, 135)))
-    # Heart (blood pool inside a myocardial shell), aorta.
-    shapes.append(Shape(Tissue.MYOCARDIUM, "ellipsoid", center=P(22, -30, -470), radii=R(58, 50, 55)))
-    shapes.append(Shape(Tissue.BLOOD, "ellipsoid", center=P(22, -30, -470), radii=R(46, 38, 43)))
-    shapes.append(Shape(Tissue.BLOOD, "cylinder", center=P(18, 38, 0), radii=R(12, 12, 0), z_range=(-385 * s, -790 * s)))
-    shapes.append(Shape(Tissue.BLOOD, "ellipsoid", center=P(5, 0, -385), radii=R(30, 42, 13), shell=9 * w))  # arch
-    # Abdomen: liver (right = -x), spleen, kidneys, bladder.
-    shapes.append(Shape(Tissue.LIVER, "ellipsoid", center=P(-62, 0, -575), radii=R(95, 82, 78)))
-    shapes.append(Shape(Tissue.SPLEEN, "ellipsoid", center=P(92, 45, -575), radii=R(38, 50, 55)))
+        ell(Tissue.LUNG, (side * 76, 8, -420), (58, 88, 135))
+    # Heart (blood pool inside a myocardial shell), descending aorta, aortic arch.
+    ell(Tissue.MYOCARDIUM, (22, -30, -470), (58, 50, 55))
+    ell(Tissue.BLOOD, (22, -30, -470), (46, 38, 43))
+    cyl(Tissue.BLOOD, (18, 38), (12, 12), -385, -790)
+    ell(Tissue.BLOOD, (5, 0, -385), (30, 42, 13), shell=9 * w)
+    # Abdomen: liver (patient's right = -x), spleen, kidneys, bladder, stomach with an air cap.
+    ell(Tissue.LIVER, (-62, 0, -575), (95, 82, 78))
+    ell(Tissue.SPLEEN, (92, 45, -575), (38, 50, 55))
     for side in (-1, 1):
-        shapes.append(Shape(Tissue.KIDNEY, "ellipsoid", center=P(side * 62, 55, -650), radii=R(28, 28, 55)))
-    shapes.append(Shape(Tissue.BLADDER, "ellipsoid", center=P(0, -40, -842), radii=R(42, 35, 32)))
-    # Stomach (fluid with an air cap, left upper quadrant) and a gas-filled colon frame with haustra.
-    shapes.append(Shape(Tissue.SOFT, "ellipsoid", center=P(45, -45, -575), radii=R(42, 32, 45)))
-    shapes.append(Shape(Tissue.AIRWAY, "ellipsoid", center=P(45, -55, -548), radii=R(30, 18, 16)))
+        ell(Tissue.KIDNEY, (side * 62, 55, -650), (28, 28, 55))
+    ell(Tissue.BLADDER, (0, -40, -842), (42, 35, 32))
+    ell(Tissue.SOFT, (45, -45, -575), (42, 32, 45))
+    ell(Tissue.AIRWAY, (45, -55, -548), (30, 18, 16))
     # Colon gas: bubbles of random size along the ascending, transverse and descending colon.
     path = [(-100, -5, z) for z in range(-790, -660, 24)] + [(x, -55, -650) for x in range(-90, 91, 30)]
     path += [(100, -5, z) for z in range(-670, -800, -24)]
     for x, y, z in path:
         r = float(rng.uniform(6, 15))
-        c = (x + rng.normal(0, 5), y + rng.normal(0, 5), z + rng.normal(0, 5))
-        shapes.append(Shape(Tissue.AIRWAY, "ellipsoid", center=P(*c), radii=R(r, r * 0.8, r * 0.9)))
-    # Skeleton: spine (vertebrae between discs), ribs (elliptic shell cut into bands), sternum,
-    # clavicles, pelvis (iliac wings as ellipsoidal shells).
-    # Cervical spine sits in the back half of the neck; thoracic and lumbar spine further back.
-    for y_body, y_spinous, (z_hi, z_lo), r_body, period in (
+        ell(Tissue.AIRWAY, (x + rng.normal(0, 5), y + rng.normal(0, 5), z + rng.normal(0, 5)), (r, r * 0.8, r * 0.9))
+    # Spine: vertebral bodies between discs (z_period), marrow inside, spinous processes. The
+    # cervical spine sits in the back half of the neck; thoracic and lumbar spine further back.
+    for y_body, y_spinous, (z_hi, z_lo), (rx, ry), period in (
         (18, 38, (-205, -272), (12, 11), 20),
         (72, 96, (-272, -840), (18, 16), 30),
     ):
-        zr = (z_hi * s, z_lo * s)
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, y_body, 0), radii=R(*r_body, 0), z_range=zr, z_period=period * s, z_duty=0.8))
-        shapes.append(Shape(Tissue.MARROW, "cylinder", center=P(0, y_body, 0), radii=R(r_body[0] - 5, r_body[1] - 5, 0), z_range=zr, z_period=period * s, z_duty=0.8))
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, y_spinous, 0), radii=R(7, 8, 0), z_range=zr, z_period=period * s, z_duty=0.6))
+        cyl(B, (0, y_body), (rx, ry), z_hi, z_lo, z_period=period * s, z_duty=0.8)
+        cyl(M, (0, y_body), (rx - 5, ry - 5), z_hi, z_lo, z_period=period * s, z_duty=0.8)
+        cyl(B, (0, y_spinous), (7, 8), z_hi, z_lo, z_period=period * s, z_duty=0.6)
+    # Ribs (an elliptic shell cut into bands), sternum, clavicles, iliac wings, sacrum.
     rib_knots = tuple((z, rx - 14 * w, ry - 12 * w) for z, rx, ry in torso if -640 * s <= z <= -290 * s)
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "profile", knots=rib_knots, shell=7 * w, z_period=24 * s, z_duty=0.38))
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "cylinder", center=P(0, -98, 0), radii=R(14, 6, 0), z_range=(-320 * s, -480 * s)))
+    shapes.append(Shape(B, "profile", knots=rib_knots, shell=7 * w, z_period=24 * s, z_duty=0.38))
+    cyl(B, (0, -98), (14, 6), -320, -480)
     for side in (-1, 1):
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=P(side * 70, -55, -285), radii=R(62, 9, 8)))
-        shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=P(side * 95, 35, -790), radii=R(55, 28, 62), shell=8 * w))
-        shapes.append(Shape(Tissue.MARROW, "ellipsoid", center=P(side * 95, 35, -790), radii=R(47, 20, 54), shell=3 * w))
-    shapes.append(Shape(Tissue.CORTICAL_BONE, "ellipsoid", center=P(0, 70, -815), radii=R(35, 20, 40), shell=6 * w))  # sacrum
+        ell(B, (side * 70, -55, -285), (62, 9, 8))
+        ell(B, (side * 95, 35, -790), (55, 28, 62), shell=8 * w)
+        ell(M, (side * 95, 35, -790), (47, 20, 54), shell=3 * w)
+    ell(B, (0, 70, -815), (35, 20, 40), shell=6 * w)
     weight = 72.0 * (width / (0.94 if sex == "F" else 1.0)) ** 2 * scale**3 * (0.85 if sex == "F" else 1.0)
     return Body(
         shapes=shapes,
@@ -305,7 +314,7 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
 STATIONS: dict[str, tuple[float, float, float]] = {
     "cervical": (42, -5, -232),
     "supraclavicular": (62, -10, -272),
-    "axillary": (128, 15, -318),
+    "axillary": (148, 15, -330),
     "mediastinal": (-8, -45, -385),
     "hilar": (42, 10, -430),
     "para-aortic": (28, 45, -690),
@@ -346,6 +355,10 @@ def place_lesions(rng: np.random.Generator, body: Body, *, diagnosis: str, n: in
             if name == "spleen":
                 c = (92, 45, -575)
                 radii = tuple(min(q, 18.0) for q in radii)
+            elif name == "axillary":  # between the ribs and the skin: no room for bulk
+                c = STATIONS[name]
+                c = (-c[0], c[1], c[2]) if rng.random() < 0.5 else c
+                radii = tuple(min(q, 16.0) for q in radii)
             elif name == "bone":
                 c = (0, 72, float(rng.uniform(-760, -450)))
                 radii = tuple(min(q, 11.0) for q in radii)

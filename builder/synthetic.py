@@ -53,33 +53,33 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import enum
-import gzip
 import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
-from scipy import ndimage
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from builder import _synth_anatomy as anat
+from builder._synth_exam import (
+    BAD_TRUTH,
+    SIZES,
+    BadExam,
+    ExamTruth,
+    Patient,
+    Size,
+    _write_bytes,
+    _write_json,
+    generate_exam,
+    marker,
+    misalignment_matrix,
+)
 from lymphatlas_ds.errors import LymphAtlasError
-from builder import _synth_dicom as sd
 
 __all__ = [
     "Size",
@@ -91,6 +91,10 @@ __all__ = [
     "generate_exam",
     "load_truth",
     "misalignment_matrix",
+    "sha256_tree",
+    "BadExam",
+    "BAD_TRUTH",
+    "SIZES",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,44 +105,6 @@ GENERATOR_VERSION = "1.0.0"
 class CohortExistsError(LymphAtlasError, FileExistsError):
     """The output folder already holds files and ``overwrite`` was not asked for."""
 
-
-class Size(str, enum.Enum):
-    SMALL = "small"
-    FULL = "full"
-
-
-@dataclass(frozen=True)
-class _SizeSpec:
-    ct_n: int
-    ct_px: float
-    ct_dz: float
-    pet_n: int
-    pet_px: float
-    pet_fwhm_mm: float
-    short_pet_n: int
-    short_pet_px: float
-    short_pet_dz: float
-    activity_step: int
-
-
-SIZES: dict[Size, _SizeSpec] = {
-    Size.SMALL: _SizeSpec(128, 500 / 128, 6.0, 64, 500 / 64, 9.0, 60, 9.0, 8.0, 1),
-    Size.FULL: _SizeSpec(512, 500 / 512, 3.0, 200, 4.0, 6.5, 180, 4.0728, 4.0, 2),
-}
-
-
-class BadExam(str, enum.Enum):
-    MISSING_SLICE = "missing_slice"
-    MISSING_DOSE = "missing_dose"
-    CORRUPT_FILE = "corrupt_file"
-
-
-# Rejection truth of each bad variant: (stage, phrase the builder's error message must contain).
-BAD_TRUTH: dict[BadExam, tuple[str, str]] = {
-    BadExam.MISSING_SLICE: ("read", "missing slice"),
-    BadExam.MISSING_DOSE: ("suv", "dose"),
-    BadExam.CORRUPT_FILE: ("read", "corrupt"),
-}
 
 DEFAULT_VARIANT: dict[str, Any] = {
     "vendor": "siemens",
@@ -183,60 +149,6 @@ NHL_SUBTYPES = ["DLBCL", "follicular", "mantle cell", "marginal zone", "PTCL", "
 CLINICAL_COLUMNS = ["exam_id", "patient_id", "exam_date", "sex", "age", "diagnosis", "subtype", "notes"]
 
 
-@dataclass(frozen=True)
-class ExamTruth:
-    """What :func:`generate_cohort` returns per exam; ``truth`` is the JSON of ``truth/<exam_id>.json``."""
-
-    exam_id: str
-    expected: str  # accept | reject
-    truth_path: Path
-    truth: dict
-
-    @property
-    def variant(self) -> dict:
-        return self.truth["variant"]
-
-
-@dataclass(frozen=True)
-class _Patient:
-    patient_id: str
-    name: str
-    sex: str
-    diagnosis: str
-    subtype: str
-    birth: dt.date
-    age0: int
-    first_date: dt.date
-    markers: tuple[str, ...]
-
-
-def _marker(rng: np.random.Generator, what: str) -> str:
-    return f"PHIMARK-{what}-{rng.integers(0, 16**6):06x}"
-
-
-def misalignment_matrix(rotation_deg: Sequence[float], translation_mm: Sequence[float], center_mm: Sequence[float]) -> np.ndarray:
-    """The 4x4 LPS matrix of ITK's Euler3DTransform (R = Rz @ Rx @ Ry, about ``center_mm``).
-
-    ``p_pet = M @ p_ct``: where anatomy at CT-frame point ``p_ct`` appears in the PET series.
-
-    Example:
-        >>> m = misalignment_matrix([0, 0, 0], [1, 2, 3], [0, 0, 0])
-        >>> m[:3, 3].tolist()
-        [1.0, 2.0, 3.0]
-    """
-    rx, ry, rz = np.deg2rad(np.asarray(rotation_deg, dtype=float))
-    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
-    mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    r = mz @ mx @ my
-    c = np.asarray(center_mm, dtype=float)
-    m = np.eye(4)
-    m[:3, :3] = r
-    m[:3, 3] = c + np.asarray(translation_mm, dtype=float) - r @ c
-    return m
-
-
 def _resolve_variants(variants: str | dict | Sequence[dict] | None, n: int) -> list[dict[str, Any]]:
     if variants is None:
         chosen: list[dict] = [{}]
@@ -262,9 +174,9 @@ def _resolve_variants(variants: str | dict | Sequence[dict] | None, n: int) -> l
     return out
 
 
-def _patients(rng: np.random.Generator, n_exams: int) -> list[tuple[_Patient, int]]:
+def _patients(rng: np.random.Generator, n_exams: int) -> list[tuple[Patient, int]]:
     """Assign exams to patients (1-3 exams each): [(patient, exam_index_of_patient)] per exam."""
-    out: list[tuple[_Patient, int]] = []
+    out: list[tuple[Patient, int]] = []
     while len(out) < n_exams:
         sex = "F" if rng.random() < 0.45 else "M"
         diagnosis = "HL" if rng.random() < 0.45 else "NHL"
@@ -272,9 +184,9 @@ def _patients(rng: np.random.Generator, n_exams: int) -> list[tuple[_Patient, in
         first = dt.date(2016, 1, 4) + dt.timedelta(days=int(rng.integers(0, 2400)))
         birth = first - dt.timedelta(days=int(age0 * 365.25 + rng.integers(1, 360)))
         subtype = (HL_SUBTYPES if diagnosis == "HL" else NHL_SUBTYPES)[int(rng.integers(0, 4))]
-        pid = _marker(rng, "PID")
-        name = f"{_marker(rng, 'NAME')}^{_marker(rng, 'GIVEN')}"
-        patient = _Patient(pid, name, sex, diagnosis, subtype, birth, age0, first, (pid, *name.split("^")))
+        pid = marker(rng, "PID")
+        name = f"{marker(rng, 'NAME')}^{marker(rng, 'GIVEN')}"
+        patient = Patient(pid, name, sex, diagnosis, subtype, birth, age0, first, (pid, *name.split("^")))
         for e in range(int(rng.choice([1, 1, 2, 2, 3]))):
             out.append((patient, e))
     return out[:n_exams]
@@ -364,429 +276,6 @@ def load_truth(truth_dir: str | os.PathLike, exam_id: str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no truth for exam {exam_id} at {path}; was the cohort generated with this truth dir?") from e
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    _write_bytes(path, buf.getvalue())
-
-
-def _axis_positions(center: float, n: int, spacing: float, sign: float) -> np.ndarray:
-    return center - sign * (n - 1) / 2 * spacing + sign * spacing * np.arange(n)
-
-
-def _grid(n_xy: int, px: float, zs_ascending: np.ndarray, position: str, xy_center=(0.0, 0.0)) -> sd.SeriesGeometry:
-    """An axial grid in the orientation a scanner writes for ``position`` (FFS: x and z flipped)."""
-    sign = -1.0 if position == "FFS" else 1.0
-    xs = _axis_positions(xy_center[0], n_xy, px, sign)
-    ys = _axis_positions(xy_center[1], n_xy, px, 1.0)
-    z0 = zs_ascending[0] if sign > 0 else zs_ascending[-1]
-    dz = float(zs_ascending[1] - zs_ascending[0])
-    return sd.SeriesGeometry(
-        size=(n_xy, n_xy, len(zs_ascending)),
-        spacing=(px, px, dz),
-        origin=(float(xs[0]), float(ys[0]), float(z0)),
-        direction=(sign, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, sign),
-    )
-
-
-def _to_scanner(array_ascending: np.ndarray, position: str) -> np.ndarray:
-    """[z, y, x] on an identity-direction grid -> the same voxels on the FFS grid (x and z reversed)."""
-    return array_ascending[::-1, :, ::-1] if position == "FFS" else array_ascending
-
-
-def generate_exam(
-    out: Path,
-    truth_dir: Path,
-    *,
-    exam_id: str,
-    seed: int,
-    index: int,
-    size: Size,
-    patient: _Patient,
-    exam_index: int,
-    variant: dict[str, Any],
-) -> ExamTruth:
-    """Write one exam (DICOM, mask, truth arrays) and return its truth; the JSON is written by the caller."""
-    spec = SIZES[size]
-    ss = np.random.SeedSequence([seed, index, 0x5EED])
-    r_body, r_lesion, r_noise, r_misc = (np.random.default_rng(s) for s in ss.spawn(4))
-    position = variant["patient_position"]
-    vendor = variant["vendor"]
-
-    def uid(*parts: Any) -> str:
-        return generate_uid(entropy_srcs=[str(seed), exam_id, *(str(p) for p in parts)])
-
-    # --- the body and its lesions -----------------------------------------------------------
-    body = anat.make_body(r_body, sex=patient.sex)
-    # Follow-up exams are sometimes a complete response (no lesion left), as in real cohorts.
-    complete_response = exam_index > 0 and r_lesion.random() < 0.25
-    if variant["lesions"] not in ("auto", "always", "none"):
-        raise ValueError(f"variant lesions must be auto, always or none, got {variant['lesions']!r}")
-    if variant["lesions"] == "none" or (variant["lesions"] == "auto" and complete_response):
-        lesions: list[anat.Lesion] = []
-    else:
-        n_les = int(r_lesion.integers(1, 7 if patient.diagnosis == "NHL" else 5))
-        lesions = anat.place_lesions(r_lesion, body, diagnosis=patient.diagnosis, n=n_les)
-
-    # --- grids: the CT's z positions, the PET grid, and an identity-direction anatomy grid ----
-    n_ct_z = int(math.ceil((body.z_top - body.z_bottom) / spec.ct_dz)) + 1
-    zs_ct = body.z_bottom + spec.ct_dz * np.arange(n_ct_z)
-    zs_ct = np.round(zs_ct, 3)
-    ct_geom = _grid(spec.ct_n, spec.ct_px, zs_ct, position)
-    if variant["pet_fov"] == "short":
-        dz = spec.short_pet_dz
-        z_lo, z_hi = body.z_bottom + 60.0, body.z_top - 45.0
-        zs_pet = np.round(z_lo + dz * np.arange(int((z_hi - z_lo) // dz) + 1), 3)
-        pet_geom = _grid(spec.short_pet_n, spec.short_pet_px, zs_pet, position)
-    else:
-        zs_pet = zs_ct
-        pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)
-    margin = 6
-    zs_anat = zs_ct[0] + spec.ct_dz * np.arange(-margin, n_ct_z + margin)
-    xs_anat = _axis_positions(0.0, spec.ct_n, spec.ct_px, 1.0)
-    grid = anat.Grid1D(xs_anat, xs_anat.copy(), zs_anat)
-    shape_anat = (len(zs_anat), spec.ct_n, spec.ct_n)
-    ct_slab = slice(margin, margin + n_ct_z)
-    lesion_id = np.zeros(shape_anat, dtype=np.uint8)
-    anat.paint(grid, [les.shape() for les in lesions], lesion_id, values=np.arange(1, len(lesions) + 1))
-    # A lesion smaller than a CT voxel that falls between voxel centres is not in the mask: drop it,
-    # so the truth lists exactly the lesions a reader can find.
-    counts = np.bincount(lesion_id[ct_slab].ravel(), minlength=len(lesions) + 1)
-    if (counts[1:] == 0).any():
-        lesions = [les for n, les in enumerate(lesions, start=1) if counts[n] > 0]
-        lesion_id[:] = 0
-        anat.paint(grid, [les.shape() for les in lesions], lesion_id, values=np.arange(1, len(lesions) + 1))
-    tissue = np.zeros(shape_anat, dtype=np.uint8)
-    anat.paint(grid, body.shapes, tissue)
-    anat.paint(grid, [les.shape() for les in lesions], tissue)
-
-    # --- CT in HU (truth grid order), noise correlated over ~1 voxel like a soft kernel -------
-    hu_anat = np.empty(shape_anat, dtype=np.int16)
-    for z0 in range(0, shape_anat[0], 32):
-        t = tissue[z0 : z0 + 32]
-        noise = r_noise.standard_normal(t.shape, dtype=np.float32)
-        noise = ndimage.gaussian_filter(noise, sigma=(0, 0.6, 0.6)) * 1.8
-        hu = anat.TISSUE_HU[t] + anat.TISSUE_HU_SD[t] * noise
-        hu_anat[z0 : z0 + 32] = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-    hu_asc = hu_anat[ct_slab]
-    ct_hu = np.ascontiguousarray(_to_scanner(hu_asc, position))
-    mask = np.ascontiguousarray(_to_scanner((lesion_id[ct_slab] > 0).astype(np.uint8), position))
-
-    # --- lesion truth on the CT grid ---------------------------------------------------------
-    voxel_ml = spec.ct_px * spec.ct_px * spec.ct_dz / 1000.0
-    lesion_ct = lesion_id[ct_slab]
-    zz, yy, xx = np.nonzero(lesion_ct)
-    labels_at = lesion_ct[zz, yy, xx]
-    lesion_truth = []
-    for n, les in enumerate(lesions, start=1):
-        sel = labels_at == n
-        uptake = les.uptake(grid.xs[xx[sel]], grid.ys[yy[sel]], zs_anat[margin + zz[sel]])
-        nvox = int(sel.sum())
-        lesion_truth.append({
-            "center_mm": [round(v, 4) for v in les.center],
-            "radius_mm": [round(v, 4) for v in les.radii],
-            "volume_ml": round(nvox * voxel_ml, 6),
-            "volume_ml_analytic": round(les.volume_ml_analytic, 6),
-            "n_voxels": nvox,
-            "suv_max": les.suv_max,
-            "suv_mean": round(float(uptake.mean()), 4) if nvox else None,
-            "station": les.station,
-            "extranodal": les.extranodal,
-        })
-
-    # --- misalignment ------------------------------------------------------------------------
-    rot = r_misc.uniform(-2.0, 2.0, 3)
-    direction = r_misc.normal(size=3)
-    trans = direction / np.linalg.norm(direction) * r_misc.uniform(2.0, 8.0)
-    rot, trans = np.round(rot, 4), np.round(trans, 4)
-    center = np.round(np.asarray(body.center_mm), 4)
-    M = misalignment_matrix(rot, trans, center)
-
-    # --- PET activity: tissue SUV + lesion uptake, blurred, sampled at M^-1 q -------------------
-    # At full size the activity is built on every other CT column and row (2 mm): PET resolution
-    # (~6.5 mm FWHM) does not need more, and the blur costs a quarter.
-    step = spec.activity_step
-    pet_grid = anat.Grid1D(grid.xs[::step], grid.ys[::step], grid.zs)
-    sub = (slice(None), slice(None, None, step), slice(None, None, step))
-    suv_anat = anat.TISSUE_SUV[tissue[sub]]
-    lesion_sub = lesion_id[sub]
-    for n, les in enumerate(lesions, start=1):
-        zi, yi, xi = np.nonzero(lesion_sub == n)
-        suv_anat[zi, yi, xi] = les.uptake(pet_grid.xs[xi], pet_grid.ys[yi], pet_grid.zs[zi])
-    sigma_mm = spec.pet_fwhm_mm / 2.3548
-    px = spec.ct_px * step
-    suv_anat = ndimage.gaussian_filter(suv_anat, sigma=(sigma_mm / spec.ct_dz, sigma_mm / px, sigma_mm / px))
-    pet_suv = _sample_pet(suv_anat, pet_grid, pet_geom, np.linalg.inv(M))
-    # PET-like noise: multiplicative, correlated over about a voxel, plus a little background.
-    n1 = ndimage.gaussian_filter(r_noise.standard_normal(pet_suv.shape, dtype=np.float32), 0.7) * 2.2
-    n2 = ndimage.gaussian_filter(r_noise.standard_normal(pet_suv.shape, dtype=np.float32), 0.7) * 2.2
-    pet_suv = np.clip(pet_suv * (1.0 + 0.12 * n1) + 0.04 * n2 * (pet_suv > 0.05), 0.0, None).astype(np.float32)
-
-    # --- timing and SUV factor ---------------------------------------------------------------
-    exam_date = patient.first_date + dt.timedelta(days=0 if exam_index == 0 else int(90 + 150 * exam_index + r_misc.integers(0, 60)))
-    if variant["after_midnight"]:
-        injection = dt.datetime.combine(exam_date, dt.time(23, int(r_misc.integers(5, 40)), int(r_misc.integers(0, 60))))
-    else:
-        injection = dt.datetime.combine(exam_date, dt.time(int(r_misc.integers(8, 15)), int(r_misc.integers(0, 60)), int(r_misc.integers(0, 60))))
-    uptake_s = int(r_misc.integers(55 * 60, 75 * 60))
-    scan_start = injection + dt.timedelta(seconds=uptake_s)
-    if variant["after_midnight"] and scan_start.date() == injection.date():
-        scan_start = dt.datetime.combine(injection.date() + dt.timedelta(days=1), dt.time(0, 5))
-    series_dt = scan_start + (dt.timedelta(minutes=int(r_misc.integers(25, 50))) if vendor == "ge" else dt.timedelta(0))
-    dose_bq = float(sd.ds_str(round(float(3.5e6 * body.weight_kg * r_misc.uniform(0.9, 1.1)), -4)))
-    weight_kg = float(sd.ds_str(body.weight_kg))
-    decay_s = (scan_start - injection).total_seconds()
-    decay_factor = 2.0 ** (-decay_s / sd.F18_HALF_LIFE_S)
-    if variant["decay_correction"] == "ADMIN":
-        bqml_to_suv = weight_kg * 1000.0 / dose_bq
-        time_reference, decay_time = "admin", 0.0
-    else:
-        bqml_to_suv = weight_kg * 1000.0 / (dose_bq * decay_factor)
-        time_reference, decay_time = ("acquisition" if vendor == "ge" else "series"), decay_s
-    activity = pet_suv / bqml_to_suv  # Bq/ml, decay-corrected to the reference time
-    units = "CNTS" if vendor == "philips" else "BQML"
-    counts_per_bqml = float(sd.ds_str(r_misc.uniform(8.0, 16.0))) if units == "CNTS" else 1.0
-
-    # --- identifying markers -------------------------------------------------------------------
-    rp = np.random.default_rng(np.random.SeedSequence([seed, index, 0xF1D]))
-    study = sd.StudyInfo(
-        patient_name=patient.name, patient_id=patient.patient_id, birth_date=patient.birth, sex=patient.sex,
-        age=patient.age0 + (exam_date - patient.first_date).days // 365, weight_kg=weight_kg,
-        height_m=round(1.75 * body.scale * (0.93 if patient.sex == "F" else 1.0), 2),
-        study_uid=uid("study"), frame_uid=uid("frame"), study_dt=injection - dt.timedelta(minutes=5),
-        study_id=_marker(rp, "SID")[:16], accession=_marker(rp, "ACC")[:16],
-        institution=_marker(rp, "INST"), institution_address=f"{_marker(rp, 'ADDR')} Hospital Road 1",
-        referring=f"{_marker(rp, 'REF')}^Doctor", operator=f"{_marker(rp, 'OP')}^Tech",
-        station=_marker(rp, "STN")[:16], device_serial=_marker(rp, "SN")[:16], vendor=vendor,
-        patient_position=position, uid=uid,
-    )
-    markers = [*patient.markers, study.study_id, study.accession, study.institution, study.institution_address.split()[0],
-               study.referring.split("^")[0], study.operator.split("^")[0], study.station, study.device_serial]
-    note_marker = _marker(rp, "NOTE")
-    markers.append(note_marker)
-    notes = (f"Referred by Dr {study.referring.split('^')[0]} ({study.institution}); "
-             f"patient {patient.name.replace('^', ' ')}, MRN {patient.patient_id}, contact {note_marker}. "
-             f"{'Baseline staging' if exam_index == 0 else 'Response assessment'} FDG PET/CT.")
-
-    # --- write the exam into a temporary folder, renamed into place at the end ----------------
-    final_dir = out / "dicom" / exam_id
-    work_dir = out / "dicom" / f".{exam_id}.partial"
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    written_files: dict[str, list[Path]] = {}
-    namer = _Namer(variant["nested_shuffled"], np.random.default_rng(np.random.SeedSequence([seed, index, 0xF11E])))
-
-    ct_spec = sd.SeriesSpec(uid("ct"), 2, "CT WB 3.0 Br38", scan_start - dt.timedelta(minutes=4), variant["ct_transfer_syntax"])
-    ct_ds = sd.ct_datasets(study, ct_spec, ct_geom, ct_hu, unsigned=variant["ct_unsigned"], acq_dt=ct_spec.series_dt)
-    pet_spec = sd.SeriesSpec(uid("pet"), 4, "PET WB AC", series_dt, variant["pet_transfer_syntax"])
-    timing = sd.PetTiming(
-        injection_dt=injection, scan_start_dt=scan_start, series_dt=series_dt, bed_seconds=150.0, dose_bq=dose_bq,
-        decay_correction=variant["decay_correction"], write_dose=variant["bad"] != BadExam.MISSING_DOSE.value,
-    )
-    pet_written_activity = activity  # sampled directly on the scanner-oriented PET grid
-    pet_ds, pet_values = sd.pet_datasets(
-        study, pet_spec, pet_geom, pet_written_activity, timing, units=units, counts_per_bqml=counts_per_bqml,
-        suv_per_bqml=bqml_to_suv,
-    )
-    suv_factor = bqml_to_suv * counts_per_bqml  # per unit of the written series (Bq/ml, or counts)
-    if units == "CNTS":
-        suv_factor = float(pet_ds[0][0x7053, 0x1000].value)
-    pet_truth = (pet_values * suv_factor).astype(np.float32)
-
-    for k, ds in enumerate(ct_ds):
-        p = work_dir / namer.name("CT", k)
-        sd.write_dataset(ds, p, transfer_syntax=ct_spec.transfer_syntax)
-        written_files.setdefault("ct", []).append(p)
-    for k, ds in enumerate(pet_ds):
-        p = work_dir / namer.name("PET", k)
-        sd.write_dataset(ds, p, transfer_syntax=pet_spec.transfer_syntax)
-        written_files.setdefault("pet", []).append(p)
-    ignored: list[str] = []
-    if variant["extra_series"]:
-        ignored += _write_extra_series(study, work_dir, namer, hu_asc, zs_ct, pet_geom, pet_written_activity, timing, uid,
-                                       scan_start, spec)
-
-    # --- mask: NIfTI on the CT grid or DICOM SEG ----------------------------------------------
-    masks_dir = out / "masks"
-    seg_uid = None
-    if variant["mask_format"] == "seg":
-        seg_uid = uid("seg")
-        seg = sd.seg_dataset(study, ct_ds, mask, series_uid=seg_uid, series_dt=scan_start + dt.timedelta(days=1))
-        sd.write_dataset(seg, masks_dir / f"{exam_id}.seg.dcm")
-    else:
-        _write_bytes(masks_dir / f"{exam_id}.nii.gz", _nifti_gz(mask, ct_geom))
-
-    # --- bad variants ----------------------------------------------------------------------------
-    bad = variant["bad"]
-    bad_file = None
-    missing_z = None
-    missing_index = None
-    if bad == BadExam.MISSING_SLICE.value:
-        missing_index = n_ct_z // 2 + 3
-        missing_z = float(ct_geom.slice_origin(missing_index)[2])
-        written_files["ct"][missing_index].unlink()
-    elif bad == BadExam.CORRUPT_FILE.value:
-        victim = written_files["ct"][n_ct_z // 2 - 5]
-        data = victim.read_bytes()
-        victim.write_bytes(data[: len(data) - (ct_hu.shape[1] * ct_hu.shape[2])])  # cut half the pixel data
-        bad_file = str((final_dir / victim.relative_to(work_dir)).relative_to(out))
-
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(work_dir, final_dir)
-
-    # --- truth arrays and JSON -----------------------------------------------------------------
-    tdir = truth_dir / exam_id
-    _write_npy(tdir / "ct_hu.npy", ct_hu)
-    _write_npy(tdir / "pet_suv.npy", pet_truth)
-    _write_npy(tdir / "mask.npy", mask)
-    stage, reason = BAD_TRUTH[BadExam(bad)] if bad else (None, None)
-    truth = {
-        "exam_id": exam_id,
-        "patient_id": patient.patient_id,
-        "diagnosis": patient.diagnosis,
-        "subtype": patient.subtype,
-        "exam_index": exam_index,
-        "exam_date": exam_date.isoformat(),
-        "expected": "reject" if bad else "accept",
-        "reject_stage": stage,
-        "reject_reason": reason,
-        "bad_file": bad_file,
-        "missing_slice_position_mm": missing_z,
-        "missing_slice_index": missing_index,
-        "variant": variant,
-        "ct": {"series_uid": ct_spec.series_uid, **ct_geom.to_dict()},
-        "pet": {"series_uid": pet_spec.series_uid, **pet_geom.to_dict()},
-        "seg_series_uid": seg_uid,
-        "ignored_series_uids": ignored,
-        "misalignment": {
-            "rotation_deg": rot.tolist(), "translation_mm": trans.tolist(), "center_mm": center.tolist(),
-            "matrix": M.tolist(), "convention": "ITK Euler3DTransform: R = Rz @ Rx @ Ry about center_mm",
-        },
-        "suv_factor": suv_factor,
-        "suv": {
-            "units": units, "dose_bq": dose_bq, "half_life_s": sd.F18_HALF_LIFE_S, "weight_kg": weight_kg,
-            "decay_time_s": decay_time, "time_reference": time_reference, "uptake_time_s": decay_s,
-            "decay_correction": variant["decay_correction"], "bqml_to_suv": bqml_to_suv,
-            "counts_to_bqml": counts_per_bqml if units == "CNTS" else None,
-            "injection_datetime": injection.isoformat(), "scan_start_datetime": scan_start.isoformat(),
-            "series_datetime": series_dt.isoformat(),
-        },
-        "lesions": lesion_truth,
-        "tmtv_ml": round(int(mask.sum()) * voxel_ml, 6),
-        "body": {"weight_kg": weight_kg, "scale": round(body.scale, 4), "width": round(body.width, 4), "sex": patient.sex},
-        "phi_markers": sorted(set(markers)),
-        "phi_values": {
-            "birth_date": patient.birth.strftime("%Y%m%d"),
-            "study_uid": study.study_uid,
-            "frame_of_reference_uid": study.frame_uid,
-            "series_uids": [ct_spec.series_uid, pet_spec.series_uid, *ignored, *([seg_uid] if seg_uid else [])],
-            "uid_root": "1.2.826.0.1.3680043.8.498.",
-        },
-        "_clinical": {
-            "exam_id": exam_id, "patient_id": patient.patient_id, "exam_date": study.study_dt.date().isoformat(),
-            "sex": patient.sex, "age": study.age, "diagnosis": patient.diagnosis, "subtype": patient.subtype,
-            "notes": notes,
-        },
-    }
-    log.info("wrote %s (%s, %s, %d lesions, %s)", exam_id, vendor, position, len(lesions), truth["expected"])
-    return ExamTruth(exam_id=exam_id, expected=truth["expected"], truth_path=truth_dir / f"{exam_id}.json", truth=truth)
-
-
-def _sample_pet(suv_anat: np.ndarray, grid: anat.Grid1D, pet: sd.SeriesGeometry, m_inv: np.ndarray) -> np.ndarray:
-    """SUV on the PET grid [z, y, x]: the value at PET point q is the (blurred) CT-frame SUV at M^-1 q."""
-    nx, ny, nz = pet.size
-    d = np.asarray(pet.direction).reshape(3, 3)
-    i = np.arange(nx, dtype=float)
-    j = np.arange(ny, dtype=float)
-    out = np.zeros((nz, ny, nx), dtype=np.float32)
-    o_anat = np.array([grid.xs[0], grid.ys[0], grid.zs[0]])
-    s_anat = np.array([grid.xs[1] - grid.xs[0], grid.ys[1] - grid.ys[0], grid.zs[1] - grid.zs[0]])
-    jj, ii = np.meshgrid(j, i, indexing="ij")
-    for k in range(nz):
-        pts = (
-            np.asarray(pet.origin)[:, None]
-            + d[:, 0:1] * pet.spacing[0] * ii.ravel()
-            + d[:, 1:2] * pet.spacing[1] * jj.ravel()
-            + d[:, 2:3] * pet.spacing[2] * k
-        )
-        p_ct = m_inv[:3, :3] @ pts + m_inv[:3, 3:4]
-        idx = (p_ct - o_anat[:, None]) / s_anat[:, None]  # (x, y, z) continuous indices
-        vals = ndimage.map_coordinates(suv_anat, [idx[2], idx[1], idx[0]], order=1, mode="constant", cval=0.0)
-        out[k] = vals.reshape(ny, nx)
-    return out
-
-
-class _Namer:
-    """File names inside an exam folder: tidy per-series folders, or shuffled names in nested folders."""
-
-    def __init__(self, shuffled: bool, rng: np.random.Generator) -> None:
-        self.shuffled = shuffled
-        self.rng = rng
-        self.used: set[str] = set()
-
-    def name(self, series: str, k: int) -> str:
-        if not self.shuffled:
-            return f"{series}/{series}_{k + 1:04d}.dcm"
-        while True:
-            h = f"{self.rng.integers(0, 16**10):010x}"
-            rel = f"{h[0:2].upper()}/{h[2:4].upper()}/{h[4:].upper()}"
-            if rel not in self.used:
-                self.used.add(rel)
-                return rel
-
-
-def _write_extra_series(study, work_dir, namer, hu_asc, zs_ct, pet_geom, activity, timing, uid, scan_start, spec) -> list[str]:
-    """A coronal localizer and a non-attenuation-corrected PET: present in real exports, never the pair."""
-    loc_spec = sd.SeriesSpec(uid("localizer"), 1, "Topogram 0.6 T20f", scan_start - dt.timedelta(minutes=6))
-    # Scout: mean attenuation along y, rows from the top of the scan (high z) down, columns right to left.
-    proj = (hu_asc.astype(np.float32) + 1000.0).mean(axis=1)[::-1] - 1000.0
-    proj = np.clip(proj * 2.0, -1024, 3071).astype(np.int16)
-    origin = [float(-(spec.ct_n - 1) / 2 * spec.ct_px), 0.0, float(zs_ct[-1])]
-    loc = sd.localizer_dataset(study, loc_spec, proj, origin=origin, spacing_rc=(float(zs_ct[1] - zs_ct[0]), spec.ct_px))
-    sd.write_dataset(loc, work_dir / namer.name("SCOUT", 0))
-    nac_spec = sd.SeriesSpec(uid("pet-nac"), 5, "PET WB NAC", timing.series_dt)
-    # Without attenuation correction the body centre is dim and the skin and lungs look hot.
-    nx, ny, _ = pet_geom.size
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    r = np.hypot((xx - nx / 2) * pet_geom.spacing[0], (yy - ny / 2) * pet_geom.spacing[1]) / 180.0
-    field = np.clip(0.25 + 0.75 * r**2, 0.25, 1.0).astype(np.float32)
-    nac, _ = sd.pet_datasets(
-        study, nac_spec, pet_geom, activity * field[None], timing, units="BQML",
-        corrected=("DECY", "RAN", "NORM", "DTIM"),
-    )
-    for k, ds in enumerate(nac):
-        sd.write_dataset(ds, work_dir / namer.name("NAC", k))
-    return [loc_spec.series_uid, nac_spec.series_uid]
-
-
-def _nifti_gz(mask: np.ndarray, geom: sd.SeriesGeometry) -> bytes:
-    """The mask as a gzipped NIfTI-1 on the CT grid (RAS affine, sform = qform = scanner), mtime 0."""
-    import nibabel as nib
-
-    d = np.asarray(geom.direction).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = d * np.asarray(geom.spacing)[None, :]
-    lps[:3, 3] = geom.origin
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    img = nib.Nifti1Image(np.ascontiguousarray(mask.transpose(2, 1, 0)), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_data_dtype(np.uint8)
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
 def sha256_tree(root: Path) -> str:
