@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -497,6 +496,29 @@ def register_bspline(
     return composite
 
 
+def _rounded(transform: sitk.Transform) -> sitk.Transform:
+    """The transform with parameters rounded to 1e-6 (rad / mm) and centre to 1e-4 mm.
+
+    The optimiser's result varies in the last bits with thread scheduling (~1e-10); resampling
+    with the rounded transform (which is also the one case.json records) makes the written PET
+    byte-identical from run to run.
+    """
+    if isinstance(transform, sitk.CompositeTransform):
+        out = sitk.CompositeTransform(3)
+        for i in range(transform.GetNumberOfTransforms()):
+            out.AddTransform(_rounded(transform.GetNthTransform(i)))
+        return out
+    if transform.GetName() == "BSplineTransform":
+        bs = sitk.BSplineTransform(transform)
+        bs.SetParameters([round(float(p), 6) for p in bs.GetParameters()])
+        return bs
+    euler = sitk.Euler3DTransform(transform)
+    out = sitk.Euler3DTransform()
+    out.SetCenter([round(float(c), 4) for c in euler.GetCenter()])
+    out.SetParameters([round(float(p), 6) for p in euler.GetParameters()])
+    return out
+
+
 def align_pet(
     ct: sitk.Image,
     pet_suv: sitk.Image,
@@ -573,6 +595,7 @@ def align_pet(
     else:
         record.update(metric_before=None, metric_after=None, improved=False, decision="registration disabled: scanner alignment")
     record["method"] = method.value
+    transform = _rounded(transform)
     rigid_part = transform.GetNthTransform(0) if isinstance(transform, sitk.CompositeTransform) else transform
     rigid_part = sitk.Euler3DTransform(rigid_part)
     record["transform"] = {

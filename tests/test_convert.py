@@ -161,10 +161,6 @@ def _pet_truth_suvmax(cohort, exam_id: str, truth: dict, lesion_mask: np.ndarray
     return float(on_ct[lesion_mask > 0].max()) if lesion_mask.any() else float("nan")
 
 
-def _pet_voxel_ml(truth: dict) -> float:
-    return float(np.prod(truth["pet"]["spacing"])) / 1000.0
-
-
 def test_lesion_statistics_match_truth(cohort) -> None:
     from scipy import ndimage
 
