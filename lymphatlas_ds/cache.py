@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from lymphatlas_ds import codec
 from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError
@@ -340,6 +341,8 @@ class DecodedCache:
     def _build(self, release: Release, case_id: str, content_hash: str, path: Path) -> None:
         import blosc2
 
+        from lymphatlas_ds.release import cell_bytes
+
         log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
@@ -354,9 +357,7 @@ class DecodedCache:
             for name in _ContentHasher.ORDER:
                 # One volume at a time: the arrow buffer holds the NIfTI bytes, the array views them in place.
                 table = release.read_volume_table(case_id, name)
-                buffer = table.column(name).chunk(0).field("bytes")[0].as_buffer()
-                if buffer is None:
-                    raise SchemaError(f"case {case_id}: its {name} cell has no bytes")
+                buffer = cell_bytes(table, name, where=f"case {case_id}")
                 array, vol_affine = codec.decode_volume(buffer, copy=False)
                 if array.dtype != np.dtype(_DTYPES[name]):
                     raise SchemaError(
@@ -380,6 +381,8 @@ class DecodedCache:
                 if name == "label":
                     foreground, count = self._foreground(array, case_id)
                 del array, buffer, table
+                # Hand the volume's bytes back now: arrow's pool would otherwise keep them for the next volume.
+                pa.default_memory_pool().release_unused()
             assert affine is not None and shape is not None  # noqa: S101 - set in the loop above
             found = hasher.hexdigest(affine)
             if found != content_hash:

@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 from lymphatlas_ds import codec
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.release import Release, _as_config, _as_split
+from lymphatlas_ds.release import Release, _as_config, _as_split, cell_bytes
 from lymphatlas_ds.schema import (
     CHANNELS,
     CT_DTYPE,
@@ -190,9 +190,7 @@ class CaseDataset(_Base):
             image = _cached_image(entry, (slice(None),) * 3, entry.shape)
             label, affine, row = entry.read("label"), entry.affine, entry.meta
         else:
-            record = self.release.read_case(case_id)
-            image = _image(record.ct, record.pet)
-            label, affine, row = record.label, record.affine, record.meta
+            image, label, affine, row = self._from_shard(case_id)
         item = {
             "image": image,
             "label": torch.from_numpy(np.ascontiguousarray(label)[None]),
@@ -202,6 +200,25 @@ class CaseDataset(_Base):
             "meta": _meta(row),
         }
         return self._finish(item)
+
+
+    def _from_shard(self, case_id: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Decode a case straight from its shard (``cache=False``): each volume is viewed in arrow memory, copied once."""
+        row = self.release.read_meta(case_id)
+        image = None
+        label = affine = None
+        for name in IMAGE_COLUMNS:
+            table = self.release.read_volume_table(case_id, name)
+            array, affine = codec.decode_volume(cell_bytes(table, name, where=f"case {case_id}"), copy=False)
+            if name == "label":
+                label = np.array(array, dtype=_DTYPES["label"])
+                continue
+            if image is None:
+                image = np.empty((len(CHANNELS), *array.shape), np.float32)
+            image[_CT if name == "ct" else _PET] = array
+            del array, table
+        assert image is not None and label is not None and affine is not None  # noqa: S101 - three columns read
+        return torch.from_numpy(image), label, affine, row
 
 
 class PatchDataset(_Base):
