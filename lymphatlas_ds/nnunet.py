@@ -321,8 +321,10 @@ def materialize_nnunet(
 
     Idempotent: a rerun with the same release and options rewrites nothing (files are compared
     byte for byte). A folder holding a different dataset under the same id is refused unless
-    ``force``. Case files are encoded and written by ``workers`` threads (zlib releases the GIL);
-    ``gzip_level`` 1 is about 5x faster than nibabel's default 6 for ~10 % more disk.
+    ``force``; unchanged cases are skipped without decoding them (their files' sha256 are kept in
+    ``lymphatlas_materialize.json``). Files are encoded and written by ``workers`` threads (zlib
+    releases the GIL): on 3 whole-body cases (300x512x512) 8 writers at ``gzip_level`` 1 took 16.6 s
+    against 84.7 s for one writer at level 6, for 1.5 % more disk (benchmarks/bench_materialize.py).
     ``progress(n)`` is called after each case.
 
     Example:

@@ -140,6 +140,10 @@ def test_rerun_is_idempotent_and_a_different_dataset_is_refused(tmp_path, releas
     hl_train = {c for c, e in release.splits["cases"].items() if e["split"] == "train" and e["diagnosis"] == "HL"}
     labels = {p.name.removesuffix(".nii.gz") for p in (raw / "Dataset503_LymphAtlas" / "labelsTr").iterdir()}
     assert labels == hl_train and replaced.n_training == len(hl_train)
+    # nnU-Net also resolves ids in nnUNet_preprocessed: a stale folder there would be used for training
+    (tmp_path / "pre" / "Dataset503_Old").mkdir(parents=True)
+    with pytest.raises(MaterializeError, match="Dataset503_Old"):
+        materialize_nnunet(release, raw, dataset_id=503, config="hl", name="LymphAtlas", preprocessed_dir=tmp_path / "pre")
     # a folder nnU-Net users made by hand is not ours to overwrite
     (raw / "Dataset504_Other").mkdir()
     (raw / "Dataset504_Other" / "dataset.json").write_text("{}")

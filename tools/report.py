@@ -10,6 +10,11 @@ For one trained dataset (one config) :func:`write_results` writes::
     results/<config>_fold<k>_curves.png     loss and pseudo Dice, epoch time, learning rate (paper Figure 4)
     results/README.md                       every table above, one page
 
+Also a command, for a model trained with nnU-Net's own commands::
+
+    python tools/report.py results --config hl --raw nnUNet_raw/Dataset501_LymphAtlasHL \
+        --trainer-dir nnUNet_results/Dataset501_LymphAtlasHL/nnUNetTrainer__nnUNetPlans__3d_fullres
+
 Example:
     >>> write_results("results", "hl", raw_dataset_dir="nnUNet_raw/Dataset501_LymphAtlasHL",
     ...               trainer_dir="nnUNet_results/Dataset501_LymphAtlasHL/nnUNetTrainer__nnUNetPlans__3d_fullres")  # doctest: +SKIP
@@ -25,10 +30,15 @@ import math
 import os
 from pathlib import Path
 
+import sys
+
 import numpy as np
 
-from tools import lesion_metrics as lm
-from tools import report_tables as rt
+if __package__ in (None, ""):  # run as a script: make the repository root importable for `tools.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools import lesion_metrics as lm  # noqa: E402
+from tools import report_tables as rt  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +218,24 @@ def write_index(out_dir: str | os.PathLike, configs: list[str], *, run_info: dic
     path = out_dir / "README.md"
     rt.write_text_atomic(path, "\n".join(parts))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Tables 2-3, lesion metrics and curves of a trained nnU-Net dataset")
+    p.add_argument("out", type=Path, help="results folder")
+    p.add_argument("--config", required=True, help="label of this dataset in file names (all, hl, nhl)")
+    p.add_argument("--raw", type=Path, required=True, help="the materialized nnU-Net raw dataset folder")
+    p.add_argument("--trainer-dir", type=Path, required=True, help="nnUNet_results/<dataset>/<trainer>__<plans>__<cfg>")
+    p.add_argument("--test-predictions", type=Path, default=None, help="predictions of imagesTs (with labelsTs)")
+    args = p.parse_args(argv)
+    for path in write_results(args.out, args.config, raw_dataset_dir=args.raw, trainer_dir=args.trainer_dir,
+                              test_predictions=args.test_predictions):
+        print(path)
+    print(write_index(args.out, [args.config]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
