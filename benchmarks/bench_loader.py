@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True, env=env, check=True)
         mem = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"cache build memory (one case, one process): peak {(mem['after'] - mem['import']) / 2**20:.0f} MiB above "
-              f"the imports (one decoded case {decoded_bytes / 2**20:.0f} MiB; volumes are decoded one at a time)")
+              f"the imports (one decoded case {decoded_bytes / 2**20:.0f} MiB; volumes are decoded one at a time, "
+              "parquet's read of the largest one dominates)")
         shutil.rmtree(tmp / "cache_probe", ignore_errors=True)
     finally:
         if args.keep is None:
