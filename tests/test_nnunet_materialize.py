@@ -252,3 +252,16 @@ def test_nnunet_plan_and_preprocess_accepts_the_dataset(tmp_path, release):
     # planning keeps the patient-grouped folds that nnU-Net's trainer will read
     assert json.loads((pre / "splits_final.json").read_text()) == json.loads(
         (tmp_path / "raw" / "Dataset509_LymphAtlasHL" / "splits_final.json").read_text())
+
+
+def test_uncompressed_file_ending(tmp_path, release, release_dir):
+    _, truth = release_dir
+    result = materialize_nnunet(release, tmp_path / "raw", dataset_id=511, config="hl", file_ending=".nii")
+    labels = sorted((result.dataset_dir / "labelsTr").iterdir())
+    assert labels and all(p.name.endswith(".nii") and not p.name.endswith(".nii.gz") for p in labels)
+    assert labels[0].read_bytes()[344:348] == b"n+1\x00"  # a plain single-file NIfTI-1, not gzip
+    label, _ = _read(labels[0])
+    np.testing.assert_array_equal(label, truth[labels[0].name.removesuffix(".nii")].label)
+    assert json.loads((result.dataset_dir / "dataset.json").read_text())["file_ending"] == ".nii"
+    with pytest.raises(MaterializeError, match="file ending"):
+        materialize_nnunet(release, tmp_path / "raw", dataset_id=512, file_ending=".mha")
