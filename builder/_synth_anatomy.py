@@ -6,7 +6,7 @@ extended CT-like grid, then blurred and sampled in the misaligned PET frame) see
 
 Canonical coordinates are those of an adult of scale 1: the vertex at z = 0, the body's
 midline at x = 0 (+x = patient's left), the coronal mid-plane at y = 0 (+y = posterior),
-and z decreasing towards the feet (the scan ends at the upper thighs, z ~ -940).
+and z decreasing towards the feet (the scan ends at mid-thigh, z = -1000).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class Lesion:
 
 @dataclass
 class Body:
-    """A patient: painted shapes, the z extent of the scan (head to upper thighs), lesions."""
+    """A patient: painted shapes, the z extent of the scan (vertex to mid-thigh), lesions."""
 
     shapes: list[Shape]
     scale: float

@@ -13,9 +13,9 @@ given noise and written in the vendor's units.
 
 Sizes (``size=``):
 
-* ``small``: CT 128 x 128 at 3.906 mm, 6 mm slices (about 160 slices head to upper thighs);
+* ``small``: CT 128 x 128 at 3.906 mm, 6 mm slices (155-185 slices, vertex to mid-thigh);
   PET 64 x 64 at 7.8125 mm. About a second per exam; for tests.
-* ``full``: CT 512 x 512 at 0.977 mm, 3 mm slices (300-340 slices); PET 200 x 200 at 4 mm.
+* ``full``: CT 512 x 512 at 0.977 mm, 3 mm slices (310-365 slices); PET 200 x 200 at 4 mm.
   Real scale; for benchmarks and the demo.
 
 Variant keys (``variants=`` a dict applied to every exam, a list of dicts cycled over the

@@ -401,3 +401,26 @@ def test_full_size_exam_is_real_scale(tmp_path):
     # Lesions at real scale include ones under 1 ml when there are several.
     if len(t["lesions"]) >= 2:
         assert min(les["volume_ml"] for les in t["lesions"]) < 1.0
+
+
+def test_extra_series_are_a_localizer_and_a_non_ac_pet(synthetic_cohort):
+    src, truths = synthetic_cohort
+    n = 0
+    for et in truths:
+        t = et.truth
+        if not t["variant"]["extra_series"]:
+            assert t["ignored_series_uids"] == []
+            continue
+        kinds = {}
+        for p in (src / "dicom" / t["exam_id"]).rglob("*"):
+            if not p.is_file():
+                continue
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            kinds.setdefault(ds.SeriesInstanceUID, ds)
+        scout, nac = (kinds[uid] for uid in t["ignored_series_uids"])
+        assert "LOCALIZER" in scout.ImageType and scout.FrameOfReferenceUID == kinds[t["ct"]["series_uid"]].FrameOfReferenceUID
+        assert nac.Modality == "PT" and "ATTN" not in nac.CorrectedImage
+        assert "ATTN" in kinds[t["pet"]["series_uid"]].CorrectedImage
+        assert set(kinds) == {t["ct"]["series_uid"], t["pet"]["series_uid"], *t["ignored_series_uids"]}
+        n += 1
+    assert n >= 3
