@@ -42,3 +42,12 @@ def synthetic_good_cohort(tmp_path_factory: pytest.TempPathFactory):
     from tests.support.cohort import cohort
 
     return cohort(tmp_path_factory, n_exams=3, seed=11, variants=None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _client_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Keep the client's decoded cache and file-check records ($LYMPHATLAS_CACHE) out of the user's home."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LYMPHATLAS_CACHE", str(tmp_path_factory.mktemp("lymphatlas_cache")))
+    yield
+    patch.undo()
