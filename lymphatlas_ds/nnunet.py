@@ -238,13 +238,6 @@ def _checked_case(record: _CaseRecord) -> tuple[np.ndarray, np.ndarray, np.ndarr
         label.astype(schema.LABEL_DTYPE, copy=False), affine
 
 
-@dataclass(frozen=True)
-class _Plan:
-    folder: Path
-    name: str
-    identity: dict[str, Any]
-
-
 def _identity(
     release: _Release, *, config: Config, pet_channel_name: str, file_ending: str, include_test: bool,
     test_labels: bool,
