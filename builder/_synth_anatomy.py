@@ -325,7 +325,9 @@ SIDED = {"cervical", "supraclavicular", "axillary", "hilar", "para-aortic", "ili
 HL_CHAIN = ["cervical", "supraclavicular", "mediastinal", "hilar", "axillary"]
 
 
-def place_lesions(rng: np.random.Generator, body: Body, *, diagnosis: str, n: int, small_one: bool = True) -> list[Lesion]:
+def place_lesions(
+    rng: np.random.Generator, body: Body, *, diagnosis: str, n: int, small_one: bool = True
+) -> list[Lesion]:
     """Plant up to ``n`` lesions at least 10 mm apart: HL contiguous and above the diaphragm, NHL scattered,
     bulky and sometimes extranodal (spleen, bone). With ``small_one`` and n >= 2 one lesion is < 1 ml.
 

@@ -372,7 +372,9 @@ def localizer_dataset(
     return ds
 
 
-def seg_dataset(study: StudyInfo, ct: list[Dataset], mask: np.ndarray, *, series_uid: str, series_dt: dt.datetime) -> Dataset:
+def seg_dataset(
+    study: StudyInfo, ct: list[Dataset], mask: np.ndarray, *, series_uid: str, series_dt: dt.datetime
+) -> Dataset:
     """A binary DICOM SEG (highdicom) of ``mask`` (uint8 [z, y, x]) referencing the CT slices ``ct`` (same order)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes

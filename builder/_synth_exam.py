@@ -99,7 +99,9 @@ def marker(rng: np.random.Generator, what: str) -> str:
     return f"PHIMARK-{what}-{rng.integers(0, 16**6):06x}"
 
 
-def misalignment_matrix(rotation_deg: Sequence[float], translation_mm: Sequence[float], center_mm: Sequence[float]) -> np.ndarray:
+def misalignment_matrix(
+    rotation_deg: Sequence[float], translation_mm: Sequence[float], center_mm: Sequence[float]
+) -> np.ndarray:
     """The 4x4 LPS matrix of ITK's Euler3DTransform (R = Rz @ Rx @ Ry, about ``center_mm``).
 
     ``p_pet = M @ p_ct``: where anatomy at CT-frame point ``p_ct`` appears in the PET series.
@@ -293,11 +295,13 @@ def generate_exam(
     pet_suv = np.clip(pet_suv * (1.0 + 0.12 * n1) + 0.04 * n2 * (pet_suv > 0.05), 0.0, None).astype(np.float32)
 
     # --- timing and SUV factor ---------------------------------------------------------------
-    exam_date = patient.first_date + dt.timedelta(days=0 if exam_index == 0 else int(90 + 150 * exam_index + r_misc.integers(0, 60)))
+    follow_up_days = 0 if exam_index == 0 else int(90 + 150 * exam_index + r_misc.integers(0, 60))
+    exam_date = patient.first_date + dt.timedelta(days=follow_up_days)
     if variant["after_midnight"]:
-        injection = dt.datetime.combine(exam_date, dt.time(23, int(r_misc.integers(5, 40)), int(r_misc.integers(0, 60))))
+        clock = dt.time(23, int(r_misc.integers(5, 40)), int(r_misc.integers(0, 60)))
     else:
-        injection = dt.datetime.combine(exam_date, dt.time(int(r_misc.integers(8, 15)), int(r_misc.integers(0, 60)), int(r_misc.integers(0, 60))))
+        clock = dt.time(int(r_misc.integers(8, 15)), int(r_misc.integers(0, 60)), int(r_misc.integers(0, 60)))
+    injection = dt.datetime.combine(exam_date, clock)
     uptake_s = int(r_misc.integers(55 * 60, 75 * 60))
     scan_start = injection + dt.timedelta(seconds=uptake_s)
     if variant["after_midnight"] and scan_start.date() == injection.date():
@@ -330,7 +334,8 @@ def generate_exam(
         station=marker(rp, "STN")[:16], device_serial=marker(rp, "SN")[:16], vendor=vendor,
         patient_position=position, uid=uid,
     )
-    markers = [*patient.markers, study.study_id, study.accession, study.institution, study.institution_address.split()[0],
+    markers = [*patient.markers, study.study_id, study.accession, study.institution,
+               study.institution_address.split()[0],
                study.referring.split("^")[0], study.operator.split("^")[0], study.station, study.device_serial]
     note_marker = marker(rp, "NOTE")
     markers.append(note_marker)
@@ -346,7 +351,8 @@ def generate_exam(
     written_files: dict[str, list[Path]] = {}
     namer = _Namer(variant["nested_shuffled"], np.random.default_rng(np.random.SeedSequence([seed, index, 0xF11E])))
 
-    ct_spec = sd.SeriesSpec(uid("ct"), 2, "CT WB 3.0 Br38", scan_start - dt.timedelta(minutes=4), variant["ct_transfer_syntax"])
+    ct_spec = sd.SeriesSpec(uid("ct"), 2, "CT WB 3.0 Br38", scan_start - dt.timedelta(minutes=4),
+                            variant["ct_transfer_syntax"])
     ct_ds = sd.ct_datasets(study, ct_spec, ct_geom, ct_hu, unsigned=variant["ct_unsigned"], acq_dt=ct_spec.series_dt)
     pet_spec = sd.SeriesSpec(uid("pet"), 4, "PET WB AC", series_dt, variant["pet_transfer_syntax"])
     timing = sd.PetTiming(
@@ -373,7 +379,8 @@ def generate_exam(
         written_files.setdefault("pet", []).append(p)
     ignored: list[str] = []
     if variant["extra_series"]:
-        ignored += _write_extra_series(study, work_dir, namer, hu_asc, zs_ct, pet_geom, pet_written_activity, timing, uid,
+        ignored += _write_extra_series(study, work_dir, namer, hu_asc, zs_ct, pet_geom, pet_written_activity, timing,
+                                       uid,
                                        scan_start, spec)
 
     # --- mask: NIfTI on the CT grid or DICOM SEG ----------------------------------------------
@@ -444,7 +451,8 @@ def generate_exam(
         },
         "lesions": lesion_truth,
         "tmtv_ml": round(int(mask.sum()) * voxel_ml, 6),
-        "body": {"weight_kg": weight_kg, "scale": round(body.scale, 4), "width": round(body.width, 4), "sex": patient.sex},
+        "body": {"weight_kg": weight_kg, "scale": round(body.scale, 4), "width": round(body.width, 4),
+                 "sex": patient.sex},
         "phi_markers": sorted(set(markers)),
         "phi_values": {
             "birth_date": patient.birth.strftime("%Y%m%d"),
@@ -506,14 +514,17 @@ class _Namer:
                 return rel
 
 
-def _write_extra_series(study, work_dir, namer, hu_asc, zs_ct, pet_geom, activity, timing, uid, scan_start, spec) -> list[str]:
+def _write_extra_series(
+    study, work_dir, namer, hu_asc, zs_ct, pet_geom, activity, timing, uid, scan_start, spec
+) -> list[str]:
     """A coronal localizer and a non-attenuation-corrected PET: present in real exports, never the pair."""
     loc_spec = sd.SeriesSpec(uid("localizer"), 1, "Topogram 0.6 T20f", scan_start - dt.timedelta(minutes=6))
     # Scout: mean attenuation along y, rows from the top of the scan (high z) down, columns right to left.
     proj = (hu_asc.astype(np.float32) + 1000.0).mean(axis=1)[::-1] - 1000.0
     proj = np.clip(proj * 2.0, -1024, 3071).astype(np.int16)
     origin = [float(-(spec.ct_n - 1) / 2 * spec.ct_px), 0.0, float(zs_ct[-1])]
-    loc = sd.localizer_dataset(study, loc_spec, proj, origin=origin, spacing_rc=(float(zs_ct[1] - zs_ct[0]), spec.ct_px))
+    spacing_rc = (float(zs_ct[1] - zs_ct[0]), spec.ct_px)
+    loc = sd.localizer_dataset(study, loc_spec, proj, origin=origin, spacing_rc=spacing_rc)
     sd.write_dataset(loc, work_dir / namer.name("SCOUT", 0))
     nac_spec = sd.SeriesSpec(uid("pet-nac"), 5, "PET WB NAC", timing.series_dt)
     # Without attenuation correction the body centre is dim and the skin and lungs look hot.

@@ -259,7 +259,8 @@ def generate_cohort(
         _write_json(t.truth_path, t.truth)
     _write_json(
         truth_dir / "cohort.json",
-        {"seed": seed, "size": size.value, "exams": [t.exam_id for t in truths], "generator_version": GENERATOR_VERSION},
+        {"seed": seed, "size": size.value, "exams": [t.exam_id for t in truths],
+         "generator_version": GENERATOR_VERSION},
     )
     return truths
 
@@ -275,7 +276,9 @@ def load_truth(truth_dir: str | os.PathLike, exam_id: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no truth for exam {exam_id} at {path}; was the cohort generated with this truth dir?") from e
+        raise FileNotFoundError(
+            f"no truth for exam {exam_id} at {path}; was the cohort generated with this truth dir?"
+        ) from e
 
 
 def sha256_tree(root: Path) -> str:

@@ -358,7 +358,8 @@ def test_clinical_table_and_phi_markers(synthetic_cohort):
         ct = _headers(src, t["exam_id"], t["ct"]["series_uid"])[0]
         assert dt.date.fromisoformat(r["exam_date"]).strftime("%Y%m%d") == ct.StudyDate
         # Every planted marker is really in the source: a header value or the notes.
-        text = r["notes"] + "\n" + "\n".join(str(e.value) for e in ct.iterall() if e.VR in {"PN", "LO", "SH", "ST", "LT", "CS"})
+        text_vrs = {"PN", "LO", "SH", "ST", "LT", "CS"}
+        text = r["notes"] + "\n" + "\n".join(str(e.value) for e in ct.iterall() if e.VR in text_vrs)
         for marker in t["phi_markers"]:
             assert marker in text, (t["exam_id"], marker)
         assert "PHIMARK" in r["notes"]
@@ -418,7 +419,8 @@ def test_extra_series_are_a_localizer_and_a_non_ac_pet(synthetic_cohort):
             ds = pydicom.dcmread(p, stop_before_pixels=True)
             kinds.setdefault(ds.SeriesInstanceUID, ds)
         scout, nac = (kinds[uid] for uid in t["ignored_series_uids"])
-        assert "LOCALIZER" in scout.ImageType and scout.FrameOfReferenceUID == kinds[t["ct"]["series_uid"]].FrameOfReferenceUID
+        assert "LOCALIZER" in scout.ImageType
+        assert scout.FrameOfReferenceUID == kinds[t["ct"]["series_uid"]].FrameOfReferenceUID
         assert nac.Modality == "PT" and "ATTN" not in nac.CorrectedImage
         assert "ATTN" in kinds[t["pet"]["series_uid"]].CorrectedImage
         assert set(kinds) == {t["ct"]["series_uid"], t["pet"]["series_uid"], *t["ignored_series_uids"]}
