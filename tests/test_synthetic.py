@@ -378,6 +378,7 @@ def test_cli_writes_a_cohort(tmp_path):
     t = load_truth(tmp_path / "src" / "truth", "EX0000")
     assert t["variant"]["vendor"] == "ge" and (tmp_path / "src" / "masks" / "EX0000.seg.dcm").is_file()
     assert main(["synth", str(tmp_path / "src"), "--exams", "1", "--seed", "3", "--quiet"]) == 2  # not empty
+    assert main(["synth", str(tmp_path / "new"), "--exams", "1", "--quiet", "--variants", '{"vendr": "ge"}']) == 2
 
 
 def test_unknown_variant_key_is_rejected(tmp_path):

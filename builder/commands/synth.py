@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -36,8 +37,12 @@ def run(args: argparse.Namespace) -> int:
     def progress(items):
         return tqdm(items, desc="exams", unit="exam", disable=args.quiet)
 
-    truths = generate_cohort(args.out, n_exams=args.exams, seed=args.seed, size=args.size, truth_dir=args.truth,
-                             variants=variants, overwrite=args.overwrite, progress=progress)
+    try:
+        truths = generate_cohort(args.out, n_exams=args.exams, seed=args.seed, size=args.size, truth_dir=args.truth,
+                                 variants=variants, overwrite=args.overwrite, progress=progress)
+    except ValueError as e:  # a bad --exams or --variants value: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     accepted = sum(t.expected == "accept" for t in truths)
     print(f"{len(truths)} exams ({accepted} to accept, {len(truths) - accepted} to reject) in {args.out}")
     return 0
