@@ -33,8 +33,15 @@ from lymphatlas_ds.schema import CASE_FILES, CASE_JSON, CT_DTYPE, LABEL_DTYPE, P
 logger = logging.getLogger(__name__)
 
 GZIP_LEVEL = 1
-"""zlib level 1: about 3x faster than the default 6 on CT volumes for ~10 % larger files; the
+"""Level 1: several times faster than the default 6 on CT/PET volumes for ~10 % larger files; the
 release re-compresses everything with zstd anyway."""
+
+try:  # ISA-L's gzip: the same format, ~6x faster than zlib at level 1 (measured on PET float32)
+    from isal import igzip as _gzip_impl
+
+    _GzipFile = _gzip_impl.IGzipFile
+except ImportError:  # pragma: no cover - isal is in the builder extra; plain zlib still works
+    _GzipFile = gzip.GzipFile
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 REQUIRED_KEYS = ("schema_version", "case_id", "subject_id", "clinical", "geometry", "alignment", "lesions", "qc",
@@ -66,7 +73,7 @@ def nifti_image(array_zyx: np.ndarray, affine_ras: np.ndarray) -> nib.Nifti1Imag
 def write_nifti(path: Path, array_zyx: np.ndarray, affine_ras: np.ndarray, *, level: int = GZIP_LEVEL) -> None:
     """Write ``array_zyx`` as a deterministic ``.nii.gz`` (no gzip mtime / name) at ``path``."""
     img = nifti_image(array_zyx, affine_ras)
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz:
+    with open(path, "wb") as raw, _GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz:
         img.header.write_to(gz)  # 348 bytes + the 4-byte extension flag (no extensions)
         gz.write(b"\0" * (int(img.header["vox_offset"]) - gz.tell()))
         # C-ordered [z, y, x] is exactly NIfTI's x-fastest voxel order: no copy

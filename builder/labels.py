@@ -92,7 +92,8 @@ def _grid_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
 
 def _binary(array: np.ndarray, *, exam_id: str, path: Path) -> np.ndarray:
     """``array`` as uint8 {0, 1}; LabelError for any other value."""
-    values = np.unique(array)
+    # bincount: np.unique would sort the whole-body array (~100 M voxels)
+    values = np.flatnonzero(np.bincount(array.ravel())) if array.dtype.kind == "u" else np.unique(array)
     extra = [v for v in values.tolist() if v not in (0, 1)]
     if extra:
         shown = ", ".join(f"{v:g}" for v in extra[:5])

@@ -296,8 +296,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     del body_img
     for k, v in aligned.timings_s.items():
         stages.timings[f"align.{k}"] = v
-    pet_arr = sitk.GetArrayFromImage(aligned.pet_on_ct)
-    aligned.pet_on_ct = None
+    pet_img = aligned.pet_on_ct  # kept alive: pet_arr is a view of its buffer
+    pet_arr = sitk.GetArrayViewFromImage(pet_img)
     fov_fraction = _lesion_fov_fraction(label, ct, pet_suv, aligned.transform)
     del pet_suv
     stages.start("statistics")

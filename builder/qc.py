@@ -92,7 +92,8 @@ def run_checks(
         checks.append(Check("body_found", False, 0.0, "CT voxels above -500 HU"))
     checks.append(_range_check("suv_max", float(pet.max()), *SUV_MAX_RANGE))
     checks.append(Check("suv_non_negative", bool(pet.min() >= 0.0), round(float(pet.min()), 6), ">= 0"))
-    values = np.unique(label)
+    # bincount: np.unique would sort the whole-body array (~100 M voxels)
+    values = np.flatnonzero(np.bincount(label.ravel())) if label.dtype.kind == "u" else np.unique(label)
     checks.append(Check("label_binary", bool(set(values.tolist()) <= {0, 1}), str(values.tolist()[:5]), "{0, 1}"))
     n_label = int(np.count_nonzero(label))
     if n_label:
