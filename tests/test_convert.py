@@ -337,3 +337,29 @@ def test_dask_local_cluster_gives_the_same_cases(cohort, tmp_path) -> None:
             np.testing.assert_array_equal(a["arrays"]["label"], b["arrays"]["label"])
             np.testing.assert_allclose(a["arrays"]["pet"], b["arrays"]["pet"], atol=1e-3 * float(b["arrays"]["pet"].max()))
             assert a["clinical"] == b["clinical"] and a["subject_id"] == b["subject_id"]
+
+
+def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path, monkeypatch) -> None:
+    from builder import labels
+
+    accepted = sorted(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")[:2]
+    real = labels.lesion_statistics
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(labels, "lesion_statistics", flaky)
+    work = tmp_path / "w"
+    # one worker runs the exams in this process, so the patch applies
+    summary = pipeline.convert_cohort(cohort["source"], work, exams=accepted, workers=1, progress=False)
+    first, second = summary.results
+    assert first.status is pipeline.Status.REJECTED and first.stage == "statistics"
+    assert "unexpected RuntimeError" in first.reason and first.exam_id in first.reason
+    assert second.status is pipeline.Status.CONVERTED
+    failures = json.loads((work / "failures.json").read_text())
+    assert [f["exam_id"] for f in failures] == [first.exam_id]
+    assert [p.name for p in (work / "cases").iterdir()] == [second.case_id]
