@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -169,3 +170,62 @@ def test_find_mask_reports_missing_and_duplicate(tmp_path) -> None:
     (tmp_path / "EX1.seg.dcm").write_bytes(b"x")
     with pytest.raises(LabelError, match="two lesion masks"):
         labels.find_mask(tmp_path, "EX1")
+
+
+def _ct_series(n: int = 6, *, feet_first: bool = False):
+    """A small CT series (pydicom's CT_small slice repeated at 5 mm steps) and its SimpleITK image."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    step = -5.0 if feet_first else 5.0
+    slices = []
+    for k in range(n):
+        ds = copy.deepcopy(base)  # Dataset.copy() shares its elements
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-158.135803, -179.035797, -75.7 + step * k]
+        slices.append(ds)
+    ordered = sorted(slices, key=lambda d: float(d.ImagePositionPatient[2]))
+    img = sitk.Image((128, 128, n), sitk.sitkInt16)
+    img.SetSpacing((0.661468, 0.661468, 5.0))
+    img.SetOrigin(tuple(float(v) for v in ordered[0].ImagePositionPatient))
+    return slices, img
+
+
+@pytest.mark.parametrize("feet_first", [False, True])
+def test_dicom_seg_lands_on_the_ct_grid(tmp_path, feet_first) -> None:
+    """A highdicom SEG (sparse: only frames with lesion) placed through physical space equals the mask."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    slices, ct = _ct_series(feet_first=feet_first)
+    mask = np.zeros((len(slices), 128, 128), np.uint8)  # in the order of `slices`
+    mask[2, 40:60, 50:80] = 1
+    mask[3, 45:55, 60:70] = 1
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=slices, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc], series_instance_uid=generate_uid(), series_number=99,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="0", device_serial_number="0",
+    )
+    seg.save_as(tmp_path / "EX1.seg.dcm")
+    out = labels.load_mask(tmp_path / "EX1.seg.dcm", ct, exam_id="EX1")
+    # expected on the CT grid: slices sorted by z (SimpleITK order)
+    order = np.argsort([float(s.ImagePositionPatient[2]) for s in slices])
+    np.testing.assert_array_equal(out, mask[order])
+
+
+def test_unreadable_seg_is_rejected_with_reason(tmp_path) -> None:
+    (tmp_path / "EX1.seg.dcm").write_bytes(b"not dicom")
+    with pytest.raises(LabelError, match="cannot read the DICOM SEG"):
+        labels.load_mask(tmp_path / "EX1.seg.dcm", _ct(), exam_id="EX1")
