@@ -363,3 +363,24 @@ def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path,
     failures = json.loads((work / "failures.json").read_text())
     assert [f["exam_id"] for f in failures] == [first.exam_id]
     assert [p.name for p in (work / "cases").iterdir()] == [second.case_id]
+
+
+def test_exam_without_misalignment_is_moved_less_than_half_a_millimetre(tmp_path, monkeypatch) -> None:
+    """The generator always misaligns PET; here its matrix is forced to the identity (the truth
+    JSON records it), and registration must leave the scanner alignment (nearly) alone."""
+    from builder import _synth_exam
+
+    monkeypatch.setattr(_synth_exam, "misalignment_matrix", lambda *a, **k: np.eye(4))
+    source = tmp_path / "source"
+    generate_cohort(source, n_exams=1, seed=11, truth_dir=tmp_path / "truth")
+    truth = load_truth(tmp_path / "truth", "EX0000")
+    assert np.allclose(truth["misalignment"]["matrix"], np.eye(4))
+    summary = pipeline.convert_cohort(source, tmp_path / "work", workers=1, progress=False)
+    (result,) = summary.results
+    assert result.status is pipeline.Status.CONVERTED
+    case = load_case(tmp_path / "work" / "cases" / result.case_id)
+    assert case["alignment"]["shift_mm"] < 0.5, case["alignment"]
+    m = np.asarray(case["alignment"]["transform"]["matrix"])
+    for les in truth["lesions"]:
+        p = np.r_[les["center_mm"], 1.0]
+        assert np.linalg.norm((m @ p)[:3] - p[:3]) < 0.5
