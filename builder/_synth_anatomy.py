@@ -259,8 +259,10 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     cyl(Tissue.AIRWAY, (0, -25), (8, 8), -205, -395)
     for side in (-1, 1):
         ell(Tissue.AIRWAY, (side * 22, -18, -405), (20, 6, 14))
+    # Lungs inside the chest wall (skin, fat, muscle, ribs: at least ~2.5 cm laterally and
+    # posteriorly), so that no axial slice shows lung touching the outside air.
     for side in (-1, 1):
-        ell(Tissue.LUNG, (side * 76, 8, -420), (58, 88, 135))
+        ell(Tissue.LUNG, (side * 74, 4, -420), (54, 80, 135))
     # Heart (blood pool inside a myocardial shell), descending aorta, aortic arch.
     ell(Tissue.MYOCARDIUM, (22, -30, -470), (58, 50, 55))
     ell(Tissue.BLOOD, (22, -30, -470), (46, 38, 43))

@@ -210,6 +210,14 @@ def generate_exam(
         z_lo, z_hi = body.z_bottom + 60.0, body.z_top - 45.0
         zs_pet = np.round(z_lo + dz * np.arange(int((z_hi - z_lo) // dz) + 1), 3)
         pet_geom = _grid(spec.short_pet_n, spec.short_pet_px, zs_pet, position)
+        # Expert masks are drawn on the PET: a lesion the PET does not fully show (with a margin
+        # for the misalignment) would not be in the mask of a real exam, so it is not planted.
+        half_xy = spec.short_pet_n * spec.short_pet_px / 2.0 - 12.0
+        lesions = [
+            les for les in lesions
+            if zs_pet[0] + 12.0 <= les.center[2] - les.radii[2] and les.center[2] + les.radii[2] <= zs_pet[-1] - 12.0
+            and all(abs(les.center[k]) + les.radii[k] <= half_xy for k in (0, 1))
+        ]
     else:
         zs_pet = zs_ct
         pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)

@@ -343,6 +343,28 @@ def test_lesions_sit_in_the_body_at_their_stations(synthetic_cohort):
     assert min(volumes) < 1.0 and max(volumes) > 5.0
 
 
+def test_lungs_lie_inside_the_chest_wall(tmp_path_factory, synthetic_cohort):
+    """No axial slice shows lung open to the outside air (as in a real chest): a reader's body outline
+    (threshold, largest region, slices filled) then holds every lesion voxel. Seed 7's default exam 9
+    once had lungs touching the skin, and its hilar lesion fell outside the body outline."""
+    import SimpleITK as sitk
+
+    from builder.labels import body_mask
+    from tests.support.cohort import cohort
+
+    default_src, default_truths = cohort(tmp_path_factory, n_exams=10, seed=7, variants=None)
+    for src, truths in ((default_src, default_truths), synthetic_cohort):
+        for et in truths:
+            t = et.truth
+            mask = np.load(src / "truth" / t["exam_id"] / "mask.npy").astype(bool)
+            if not mask.any():
+                continue
+            img = sitk.GetImageFromArray(np.load(src / "truth" / t["exam_id"] / "ct_hu.npy"))
+            img.SetSpacing(t["ct"]["spacing"])
+            outside = mask & ~body_mask(img)
+            assert not outside.any(), f"{t['exam_id']}: {int(outside.sum())} lesion voxels outside the body outline"
+
+
 def test_clinical_table_and_phi_markers(synthetic_cohort):
     src, truths = synthetic_cohort
     with open(src / "clinical.csv", newline="") as f:
