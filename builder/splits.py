@@ -166,10 +166,17 @@ def assign_splits(
             if position in test_positions:
                 best = 0
             else:
-                # Heaviest first into the fold with fewest patients, then least burden: a balanced snake.
+                # Heaviest first into the fold with fewest patients of this diagnosis, then fewest
+                # patients of any diagnosis (so a small release leaves no fold empty), then least
+                # burden: a balanced snake.
                 best = min(
                     range(1, n_folds + 1),
-                    key=lambda b: (fill[b], round(load[b], 9), _tie_key(seed, subject, b)),
+                    key=lambda b: (
+                        fill[b],
+                        sum(c[b] for c in counts.values()),
+                        round(load[b], 9),
+                        _tie_key(seed, subject, b),
+                    ),
                 )
             subject_bin[subject] = best
             fill[best] += 1

@@ -155,3 +155,13 @@ def test_test_split_spans_the_burden_range():
     test_burdens = sorted(c.burden for c in cases if placed[c.case_id].split is Split.TEST)
     assert len(test_burdens) == 20
     assert [sum(1 for b in test_burdens if 20 * q <= b < 20 * (q + 1)) for q in range(5)] == [4] * 5
+
+
+def test_a_small_release_leaves_no_fold_empty():
+    # 2 HL + 3 NHL train patients and 5 folds: stratifying each diagnosis on its own would put both
+    # diagnoses' first patients in the same folds and leave a fold (an nnU-Net validation set) empty.
+    cases = [SplitCase(f"LA-{i}", f"LP-{i}", "HL" if i < 3 else "NHL", float(i)) for i in range(7)]
+    placed = assign_splits(cases, seed=0)
+    train_folds = [p.fold for p in placed.values() if p.split.value == "train"]
+    assert len(train_folds) == 5
+    assert sorted(train_folds) == [0, 1, 2, 3, 4]
