@@ -8,7 +8,7 @@ own grid in SimpleITK order ``[z, y, x]``.
 from __future__ import annotations
 
 import datetime as dt
-import os
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from lymphatlas_ds._io import write_atomic
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
@@ -165,10 +167,9 @@ def write_dataset(ds: Dataset, path: Path, *, transfer_syntax: str = ExplicitVRL
     """Write one file (compressed with pydicom's encoders when asked) via a temporary name."""
     if transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax, generate_instance_uid=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    write_atomic(path, buf.getvalue())
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import enum
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -33,6 +34,7 @@ import numpy as np
 from builder.align import AlignSettings, affine_lps, affine_ras
 from builder.clinical import ClinicalRecord, read_clinical
 from builder.errors import ExamError
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -121,12 +123,6 @@ class RunSummary:
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _peak_rss_mb() -> float | None:
@@ -387,14 +383,12 @@ def read_id_map(work: Path) -> dict[str, dict]:
 
 
 def _write_id_map(work: Path, rows: dict[str, dict]) -> None:
-    path = work / "private" / ID_MAP
-    tmp = path.with_name(f".{ID_MAP}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ID_MAP_COLUMNS)
-        w.writeheader()
-        for exam_id in sorted(rows):
-            w.writerow({k: rows[exam_id].get(k, "") for k in ID_MAP_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=ID_MAP_COLUMNS)
+    w.writeheader()
+    for exam_id in sorted(rows):
+        w.writerow({k: rows[exam_id].get(k, "") for k in ID_MAP_COLUMNS})
+    write_atomic(work / "private" / ID_MAP, buf.getvalue())
 
 
 def _read_failures(work: Path) -> dict[str, dict]:
@@ -492,7 +486,7 @@ def convert_cohort(
             id_map[res.exam_id] = {"exam_id": res.exam_id, "patient_id": res.patient_id or "",
                                    "case_id": res.case_id, "subject_id": res.subject_id or ""}
         _write_id_map(work, id_map)
-        _atomic_write_text(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+        write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
         bar.set_postfix_str(f"{res.exam_id}: {res.status.value}" + (f" ({res.stage})" if res.stage else ""))
         bar.update(1)
 
@@ -545,7 +539,7 @@ def _write_build_json(work: Path, settings: ConvertSettings, summary: RunSummary
                 "converted": summary.n_converted, "skipped": summary.n_skipped, "rejected": summary.n_rejected},
         "exams": {r.exam_id: {"status": r.status.value, "stage": r.stage} for r in summary.results},
     }
-    _atomic_write_text(work / BUILD_JSON, json.dumps(build, indent=2, sort_keys=True) + "\n")
+    write_atomic(work / BUILD_JSON, json.dumps(build, indent=2, sort_keys=True) + "\n")
 
 
 def result_dict(result: ExamResult) -> dict:

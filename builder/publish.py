@@ -40,9 +40,10 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from lymphatlas_ds import manifest as manifest_mod
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import LymphAtlasError
 
-from builder.release import parse_version, write_atomic
+from builder.release import parse_version
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def publish_mirror(release: str | Path, mirror: str | Path) -> Path:
     listing = read_versions(mirror)
     versions = sorted({*listing.get("versions", []), version}, key=parse_version)
     versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
-    write_atomic(mirror / VERSIONS_NAME, json.dumps({"latest": versions[-1], "versions": versions}, indent=2) + "\n")
+    versions_doc = {"latest": versions[-1], "versions": versions}
+    write_atomic(mirror / VERSIONS_NAME, json.dumps(versions_doc, indent=2) + "\n", fsync=True)
     log.info("published %s to %s", version, target)
     return target
 

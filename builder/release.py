@@ -42,6 +42,7 @@ import numpy as np
 
 from lymphatlas_ds import __version__ as BUILDER_VERSION
 from lymphatlas_ds import codec, manifest as manifest_mod, schema
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split
 
@@ -69,18 +70,6 @@ def parse_version(version: str) -> tuple[int, int, int]:
     if not match:
         raise ReleaseError(f"version {version!r} is not semantic X.Y.Z (e.g. 1.0.0); tags are v<version>")
     return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write a file under a temporary name next to it, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- reading WORK ---------------------------------------------------------------------------
@@ -534,9 +523,9 @@ def build_release(
                             row["shard"] = info.path
                 written.extend(infos)
 
-        write_atomic(staging / CASES_CSV, cases_csv(rows))
+        write_atomic(staging / CASES_CSV, cases_csv(rows), fsync=True)
         doc = splits.splits_document(placements, version=version, seed=seed)
-        write_atomic(staging / splits.SPLITS_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        write_atomic(staging / splits.SPLITS_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n", fsync=True)
 
         stats = release_statistics(rows)
         changes = compare_cases(prev["manifest"]["cases"] if prev else {}, hashes)
@@ -548,7 +537,7 @@ def build_release(
             previous_version=prev["manifest"]["version"] if prev else None,
         )
         changelog_text = merge_changelog(prev["changelog"] if prev else None, section)
-        write_atomic(staging / CHANGELOG_NAME, changelog_text)
+        write_atomic(staging / CHANGELOG_NAME, changelog_text, fsync=True)
         readme = card.render_card(
             version=version,
             statistics=stats,
@@ -556,10 +545,10 @@ def build_release(
             changelog=changelog_text,
             seed=seed,
         )
-        write_atomic(staging / "README.md", readme)
+        write_atomic(staging / "README.md", readme, fsync=True)
 
         manifest = manifest_mod.build_manifest(staging, version=version, builder_version=BUILDER_VERSION, cases=hashes)
-        write_atomic(staging / manifest_mod.MANIFEST_NAME, manifest_mod.dumps(manifest))
+        write_atomic(staging / manifest_mod.MANIFEST_NAME, manifest_mod.dumps(manifest), fsync=True)
 
         if release_dir.exists():
             trash = release_dir.parent / f".{release_dir.name}.old"

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from lymphatlas_ds import figures
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import LymphAtlasError
 from lymphatlas_ds.schema import CASE_FILES, CASE_JSON
 
@@ -105,7 +106,7 @@ def write_report(
         shown = [render_case_images(d, out / "cases" / d.name, force=force, display=display) for d in iterator]
     index = out / "index.html"
     page = render_html(shown, failures=failures, build=build, display=display, out=out)
-    figures.write_bytes_atomic(index, page.encode("utf-8"))
+    write_atomic(index, page.encode("utf-8"))
     logger.info("QC report of %d cases and %d rejected exams: %s", len(shown), len(failures), index)
     return index
 
@@ -185,7 +186,7 @@ def render_case_images(
                     ct, pet, affine, _transform(case), label=label, title=case_id, display=display, focus=None
                 )
                 reg.save(registration)
-            figures.write_bytes_atomic(stamp_file, json.dumps({"stamp": stamp}).encode())
+            write_atomic(stamp_file, json.dumps({"stamp": stamp}).encode())
         except (LymphAtlasError, ValueError) as e:
             logger.warning("case %s: no pictures: %s", case_id, e)
             return CaseImages(case_id, case, None, None, str(e))

@@ -25,12 +25,12 @@ from __future__ import annotations
 import enum
 import io
 import logging
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from lymphatlas_ds._io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -241,23 +241,7 @@ class CaseFigure:
 
     def save(self, path: str | Path) -> Path:
         """Write the PNG through a temporary file renamed into place."""
-        return write_bytes_atomic(Path(path), self.png_bytes())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp, whose 0600 mode would make the report unreadable
-    # to the rest of the team): the umask decides the mode, as for any other file the tools write.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        return write_atomic(path, self.png_bytes())
 
 
 def _new_figure(width_in: float, height_in: float, dpi: int):

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lymphatlas_ds import schema
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import LymphAtlasError, SchemaError
 from lymphatlas_ds.schema import Config, Split
 
@@ -206,10 +207,7 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
             return False
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return True
 
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lymphatlas_ds import codec, manifest as manifest_mod
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import IntegrityError, SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, N_FOLDS, Config, Diagnosis, Split, Subset
 
@@ -247,7 +247,7 @@ class Release:
             self._verified.seen.add(key)
         if record is not None:
             try:
-                _write_text_atomic(record, stamp)
+                write_atomic(record, stamp)
             except OSError as e:  # a read-only cache folder only costs a re-check next time
                 log.debug("could not record the check of %s in %s: %s", relpath, record, e)
 
@@ -480,19 +480,6 @@ def cell_bytes(table: pa.Table, name: str, *, where: str = "") -> pa.Buffer:
     positions = np.frombuffer(offsets, dtype=np.int64 if large else np.int32)
     start, stop = int(positions[values.offset]), int(positions[values.offset + 1])
     return data.slice(start, stop - start)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:

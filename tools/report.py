@@ -37,6 +37,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable for `tools.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lymphatlas_ds._io import write_atomic  # noqa: E402
 from tools import lesion_metrics as lm  # noqa: E402
 from tools import report_tables as rt  # noqa: E402
 
@@ -86,12 +87,10 @@ def _plot_curves(plt, log: dict, out_png: Path, title: str) -> Path:
     axes[2].set(xlabel="epoch", ylabel="learning rate", title="(c) learning rate")
     if title:
         fig.suptitle(title)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.partial.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return write_atomic(out_png, buf.getvalue())
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -132,7 +131,7 @@ def write_results(
     written: list[Path] = []
 
     def put(name: str, text: str) -> None:
-        rt.write_text_atomic(out_dir / name, text)
+        write_atomic(out_dir / name, text)
         written.append(out_dir / name)
 
     summary_paths = rt.find_fold_summaries(trainer_dir)
@@ -216,7 +215,7 @@ def write_index(out_dir: str | os.PathLike, configs: list[str], *, run_info: dic
         if page.is_file():
             parts += [f"## {config}", "", page.read_text()]
     path = out_dir / "README.md"
-    rt.write_text_atomic(path, "\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path
 
 

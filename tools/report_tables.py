@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,19 +149,6 @@ def to_csv(table: CVTable) -> str:
     for name, row in table.rows:
         w.writerow([name, *(repr(float(row[m])) for m in METRICS)])
     return buf.getvalue()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def find_fold_summaries(trainer_dir: Path) -> dict[int, Path]:

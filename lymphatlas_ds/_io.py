@@ -1,0 +1,77 @@
+"""Small file helpers shared by the client, the builder and the tools.
+
+``write_atomic`` is the one way the project writes a whole file: readers never see a half-written
+file, and a crash leaves at most a hidden temporary name behind, never a truncated target.
+``read_json`` is the one way it reads a JSON document it expects to exist, with an error that names
+the file, what it should be and what to do.
+
+The builder and the tools import this module; it imports nothing from them (the client ships alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lymphatlas_ds.errors import SchemaError
+
+
+def write_atomic(path: str | Path, data: bytes | str, *, mode: int | None = None, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder renamed into place.
+
+    The parent folder is created. ``str`` data is written as UTF-8. With ``mode=None`` the file gets
+    the mode any plain ``open()`` would give it (0o666 less the umask), so reports and release files
+    stay readable to the rest of the team; an int sets exactly that mode (e.g. 0o600 for a key).
+    ``fsync=True`` forces the bytes to disk before the rename (files a release depends on).
+    The temporary file is removed on any error; the target is then left as it was.
+
+    Example:
+        >>> write_atomic(tmp_path / "out" / "note.txt", "hello\\n")  # doctest: +SKIP
+        PosixPath('.../out/note.txt')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    # A unique name opened exclusively (not mkstemp, whose fixed 0600 mode ignores the umask): two
+    # writers of the same target never share a temporary file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)  # exactly this mode, whatever the umask
+            f.write(payload)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | Path, *, what: str, fix: str) -> Any:
+    """Parse the JSON document at ``path``; a missing or unparsable file raises :class:`SchemaError`.
+
+    ``what`` says what the file should be ("the manifest of a LymphAtlas release") and ``fix`` what
+    to do about it ("re-download the release"); both go into the message next to the path. The
+    document's shape is the caller's to check.
+
+    Example:
+        >>> read_json(release / "manifest.json", what="the release manifest",
+        ...           fix="re-download the release")["version"]  # doctest: +SKIP
+        '1.0.0'
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError as e:
+        raise SchemaError(f"{path} not found: expected {what}; {fix}") from e
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SchemaError(f"{path} is not valid JSON ({e}): expected {what}; {fix}") from e
