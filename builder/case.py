@@ -27,6 +27,7 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
+from lymphatlas_ds._io import read_json
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import CASE_FILES, CASE_JSON, CT_DTYPE, LABEL_DTYPE, PET_DTYPE, SCHEMA_VERSION
 
@@ -179,12 +180,8 @@ def load_case(path: Path, *, arrays: bool = False) -> dict:
     """
     path = Path(path)
     json_path = path / CASE_JSON
-    try:
-        case = json.loads(json_path.read_text())
-    except FileNotFoundError as e:
-        raise SchemaError(f"{json_path} not found: not an aligned case folder (run `python -m builder convert`)") from e
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{json_path} is not valid JSON ({e}); re-run the convert for this exam") from e
+    case = read_json(json_path, what="the case.json of an aligned case folder",
+                     fix="run `python -m builder convert` (again, if this exam was converted before)")
     missing = [k for k in REQUIRED_KEYS if k not in case]
     if missing:
         raise SchemaError(f"{json_path} lacks {', '.join(missing)}; re-run the convert with this builder version")

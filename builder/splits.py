@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lymphatlas_ds._io import read_json
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Diagnosis, Split
 
@@ -210,12 +210,8 @@ def splits_document(
 def read_splits(release_dir: str | Path) -> dict[str, Any]:
     """Read ``<release_dir>/splits.json`` (the previous release of an update)."""
     path = Path(release_dir) / SPLITS_NAME
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise SchemaError(f"{path} not found: {release_dir} is not a LymphAtlas release folder") from e
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{path} is not valid JSON ({e})") from e
+    doc = read_json(path, what=f"the splits of a LymphAtlas release ({release_dir} should be a release folder)",
+                    fix="pass the previous release's folder, or rebuild that release")
     if not isinstance(doc.get("cases"), dict):
         raise SchemaError(f"{path} has no 'cases' mapping; it was not written by the LymphAtlas builder")
     return doc

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lymphatlas_ds import schema
+from lymphatlas_ds._io import read_json
 from lymphatlas_ds.errors import IntegrityError, SchemaError
 
 MANIFEST_NAME = "manifest.json"
@@ -125,12 +126,8 @@ def read_manifest(release_dir: str | Path) -> dict[str, Any]:
         '1.0.0'
     """
     path = Path(release_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise SchemaError(f"{path} not found: {release_dir} is not a LymphAtlas release folder") from e
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{path} is not valid JSON ({e}); re-download the release") from e
+    manifest = read_json(path, what=f"the manifest of a LymphAtlas release ({release_dir} should be a release folder)",
+                         fix="point at a release folder, or re-download the release")
     missing = [k for k in ("version", "schema_version", "builder_version", "files", "cases") if k not in manifest]
     if missing:
         raise SchemaError(f"{path} lacks the keys {missing}; it was not written by the LymphAtlas builder")

@@ -71,3 +71,36 @@ def test_read_json_invalid_file_names_path_what_and_fix(tmp_path, content):
         read_json(path, what="the splits of a release", fix="rebuild it")
     message = str(info.value)
     assert str(path) in message and "the splits of a release" in message and "rebuild it" in message
+
+
+def _load_case(folder):
+    from builder.case import load_case
+
+    return load_case(folder)
+
+
+def _read_splits(folder):
+    from builder.splits import read_splits
+
+    return read_splits(folder)
+
+
+def _read_manifest(folder):
+    from lymphatlas_ds.manifest import read_manifest
+
+    return read_manifest(folder)
+
+
+@pytest.mark.parametrize(("reader", "name", "fix"), [
+    (_load_case, "case.json", "python -m builder convert"),
+    (_read_splits, "splits.json", "previous release"),
+    (_read_manifest, "manifest.json", "re-download the release"),
+])
+def test_callers_report_missing_and_broken_json_with_path_and_fix(tmp_path, reader, name, fix):
+    with pytest.raises(SchemaError, match="not found") as missing:
+        reader(tmp_path)
+    assert str(tmp_path / name) in str(missing.value) and fix in str(missing.value)
+    (tmp_path / name).write_text("{")
+    with pytest.raises(SchemaError, match="not valid JSON") as broken:
+        reader(tmp_path)
+    assert str(tmp_path / name) in str(broken.value) and fix in str(broken.value)
