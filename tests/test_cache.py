@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 
 import lymphatlas_ds.cache as cache_mod
-from builder.release import build_release
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds.cache import CacheError, DecodedCache, _ContentHasher
 from lymphatlas_ds.errors import IntegrityError
 from lymphatlas_ds.release import Release
-from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    cases = make_fake_work(root / "work", n_patients=5, seed=9, shape_zyx=(18, 22, 26))
-    build_release(root / "work", root / "release", version="1.0.0")
-    return root / "release", {c.case_id: c for c in cases}
+    release = build_fake_release(root, n_patients=5, seed=9, shape_zyx=(18, 22, 26))
+    return release.path, release.truth
 
 
 def release_of(path: Path, tmp_path: Path, **kw) -> Release:
@@ -119,18 +117,16 @@ def test_concurrent_threads_and_processes_build_once(built, tmp_path):
 def test_same_version_other_content_gets_its_own_entry(built, tmp_path):
     """Keyed by the manifest's content hash: a changed case never reads a stale entry."""
     path, truth = built
-    other = tmp_path / "other"
-    other_cases = make_fake_work(other / "work", n_patients=5, seed=10, shape_zyx=(18, 22, 26))
-    build_release(other / "work", other / "release", version="1.0.0")
+    other = build_fake_release(tmp_path / "other", n_patients=5, seed=10, shape_zyx=(18, 22, 26))
     cache = DecodedCache(tmp_path / "cache")
     a = release_of(path, tmp_path)
-    b = release_of(other / "release", tmp_path)
+    b = release_of(other.path, tmp_path)
     id_a = a.case_ids("all", "train")[0]
     id_b = b.case_ids("all", "train")[0]
     ea, eb = cache.ensure(a, id_a), cache.ensure(b, id_b)
     assert ea.path != eb.path
     np.testing.assert_array_equal(ea.read("pet"), truth[id_a].pet)
-    np.testing.assert_array_equal(eb.read("pet"), {c.case_id: c for c in other_cases}[id_b].pet)
+    np.testing.assert_array_equal(eb.read("pet"), other.truth[id_b].pet)
     removed = cache.prune({"1.0.0": {ea.path.name}})
     assert removed == [eb.path] and ea.path.is_dir() and not eb.path.exists()
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.release import build_release
 from lymphatlas_ds.cli import main
-from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,9 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    cases = make_fake_work(root / "work", n_patients=12, seed=4, shape_zyx=(10, 14, 14))
-    build_release(root / "work", root / "release", version="1.0.0")
-    return root / "release", {c.case_id: c for c in cases}
+    release = build_fake_release(root, n_patients=12, seed=4, shape_zyx=(10, 14, 14))
+    return release.path, release.truth
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from builder.release import build_release
 from lymphatlas_ds import load_lymphatlas
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.loader import PAD_VALUES, CaseDataset, PatchDataset, hf_torch, hf_torch_transform
 from lymphatlas_ds.transforms import Compose, CTWindow, PETClip
-from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release
 
 SPACING = (2.0, 2.0, 3.0)
 
@@ -22,9 +21,8 @@ SPACING = (2.0, 2.0, 3.0)
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    cases = make_fake_work(root / "work", n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING)
-    build_release(root / "work", root / "release", version="1.0.0")
-    return root / "release", {c.case_id: c for c in cases}, root / "cache"
+    release = build_fake_release(root, n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING)
+    return release.path, release.truth, root / "cache"
 
 
 def load(built, **kw):

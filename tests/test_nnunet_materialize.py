@@ -18,12 +18,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from builder.release import build_release
 from lymphatlas_ds import cli
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.nnunet import MaterializeError, materialize_nnunet, nnunet_splits
 from lymphatlas_ds.release import Release
-from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release
 
 SHAPE = (24, 32, 32)
 
@@ -31,9 +30,8 @@ SHAPE = (24, 32, 32)
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
-    cases = make_fake_work(root / "work", n_patients=12, seed=3, shape_zyx=SHAPE)
-    build_release(root / "work", root / "lymphatlas", version="1.0.0")
-    return root / "lymphatlas", {c.case_id: c for c in cases}
+    release = build_fake_release(root, n_patients=12, seed=3, shape_zyx=SHAPE, name="lymphatlas")
+    return release.path, release.truth
 
 
 @pytest.fixture

@@ -44,12 +44,10 @@ def test_nnunets_own_lookup_cannot_find_a_project_trainer(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from builder.release import build_release
-    from tests.support.fake_work import make_fake_work
+    from tests.support.releases import build_fake_release
 
     root = tmp_path_factory.mktemp("smoke")
-    cases = make_fake_work(root / "work", n_patients=12, seed=5, shape_zyx=(24, 32, 32))
-    build_release(root / "work", root / "lymphatlas", version="1.0.0")
+    release = build_fake_release(root, n_patients=12, seed=5, shape_zyx=(24, 32, 32), name="lymphatlas")
     env = {**os.environ, "LYMPHATLAS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "2"}
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env.pop(var, None)  # the script points them into --work itself
@@ -59,7 +57,7 @@ def smoke_run(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=root)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     splits = json.loads((root / "lymphatlas" / "splits.json").read_text())["cases"]
-    return root, {c.case_id: c for c in cases}, splits
+    return root, release.truth, splits
 
 
 @pytest.mark.slow

@@ -17,25 +17,19 @@ from builder.publish import PublishError, plan_hub_operations, publish_hub, publ
 from builder.release import build_release
 from lymphatlas_ds.manifest import read_manifest, sha256_file, verify_release
 from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release, datasets_cache_in_tmp  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache_in_tmp(tmp_path_factory):
-    """Keep datasets' arrow cache of these small releases out of the user's cache folder."""
-    old = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = old
+# datasets' arrow cache of these small releases stays out of the user's cache folder
+pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")
 
 
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory):
     root = tmp_path_factory.mktemp("pub")
-    make_fake_work(root / "work", n_patients=8, seed=0)
-    build_release(root / "work", root / "r100", version="1.0.0")
-    make_fake_work(root / "work", n_patients=4, seed=0, first_patient=50)
-    build_release(root / "work", root / "r110", version="1.1.0", previous=root / "r100")
+    first = build_fake_release(root, n_patients=8, seed=0, name="r100")
+    build_fake_release(root, n_patients=4, seed=0, first_patient=50, version="1.1.0", name="r110", previous=first.path)
     return root
 
 

@@ -17,24 +17,19 @@ from builder.release import ReleaseError, build_release, read_cases_csv
 from lymphatlas_ds.manifest import content_hash, read_manifest, verify_files, verify_release
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, RELEASE_FOLDER_NAME
 from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release, datasets_cache_in_tmp  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache_in_tmp(tmp_path_factory):
-    """Keep datasets' arrow cache of these small releases out of the user's cache folder."""
-    old = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = old
+# datasets' arrow cache of these small releases stays out of the user's cache folder
+pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")
 
 
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    cases = make_fake_work(root / "work", n_patients=14, seed=0)
-    summary = build_release(root / "work", root / RELEASE_FOLDER_NAME, version="1.0.0")
-    return root, {c.case_id: c for c in cases}, summary
+    release = build_fake_release(root, n_patients=14, seed=0, name=RELEASE_FOLDER_NAME)
+    return root, release.truth, release.summary
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -9,19 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.release import build_release
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds.errors import IntegrityError, SchemaError
 from lymphatlas_ds.release import Release
-from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("release_reader")
-    cases = make_fake_work(root / "work", n_patients=14, seed=3)
-    build_release(root / "work", root / "release", version="1.0.0")
-    return root / "release", {c.case_id: c for c in cases}
+    release = build_fake_release(root, n_patients=14, seed=3)
+    return release.path, release.truth
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from builder.shards import arrow_schema, features, shard_name, write_shards
 from lymphatlas_ds import codec
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS
+from tests.support.releases import datasets_cache_in_tmp  # noqa: F401 (fixture)
 
 OBLIQUE = np.array(
     [
@@ -28,13 +29,8 @@ OBLIQUE = np.array(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache_in_tmp(tmp_path_factory):
-    """Keep datasets' arrow cache of these small releases out of the user's cache folder."""
-    old = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = old
+# datasets' arrow cache of these small releases stays out of the user's cache folder
+pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")
 
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.release import build_release
 from lymphatlas_ds.errors import SourceError
 from lymphatlas_ds.manifest import sha256_file
 from lymphatlas_ds.source import SourceKind, list_versions, resolve_release, version_key
-from tests.support.fake_work import make_fake_work
+from tests.support.releases import build_fake_release
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def releases(tmp_path_factory):
     """Two versions of a release: 1.0.0, then 1.1.0 with new patients."""
     root = tmp_path_factory.mktemp("source")
-    cases = make_fake_work(root / "work", n_patients=4, seed=1, shape_zyx=(8, 14, 14))
-    build_release(root / "work", root / "r100", version="1.0.0")
-    make_fake_work(root / "work", n_patients=2, seed=1, shape_zyx=(8, 14, 14), first_patient=4)
-    build_release(root / "work", root / "r110", version="1.1.0", previous=root / "r100")
-    return _Releases({"1.0.0": root / "r100", "1.1.0": root / "r110"}, truth={c.case_id: c for c in cases})
+    first = build_fake_release(root, n_patients=4, seed=1, shape_zyx=(8, 14, 14), name="r100")
+    second = build_fake_release(root, n_patients=2, seed=1, shape_zyx=(8, 14, 14), first_patient=4, version="1.1.0",
+                                name="r110", previous=first.path)
+    return _Releases({"1.0.0": first.path, "1.1.0": second.path}, truth=first.truth)
 
 
 class _Releases(dict):

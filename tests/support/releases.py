@@ -1,0 +1,68 @@
+"""Release folders built from fake WORK folders, as many test modules need them.
+
+``build_fake_release`` writes aligned cases with known arrays (tests/support/fake_work.py) under
+``<root>/work`` and builds a release from them with the real builder; the returned truth is what
+every reader of that release must give back. ``datasets_cache_in_tmp`` keeps the arrow cache that
+``datasets`` writes while loading these releases out of the user's cache folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.release import ReleaseSummary, build_release
+from tests.support.fake_work import FakeCase, make_fake_work
+
+
+@dataclass(frozen=True)
+class FakeRelease:
+    """A release folder and the WORK truth of the cases added to WORK for it."""
+
+    path: Path
+    truth: dict[str, FakeCase]
+    summary: ReleaseSummary
+
+
+def build_fake_release(
+    root: Path,
+    *,
+    n_patients: int,
+    seed: int,
+    version: str = "1.0.0",
+    name: str = "release",
+    previous: Path | None = None,
+    **work_options: Any,
+) -> FakeRelease:
+    """Add ``n_patients`` fake patients to ``root/work`` and build ``root/<name>`` from all of WORK.
+
+    ``work_options`` go to :func:`make_fake_work` (``shape_zyx``, ``spacing_xyz``, ``first_patient``);
+    ``previous`` makes the build an update of that release. A second call on the same ``root`` with
+    a new ``first_patient`` builds the next version from the grown WORK folder.
+
+    Example:
+        >>> first = build_fake_release(tmp_path, n_patients=4, seed=1, name="r100")  # doctest: +SKIP
+        >>> build_fake_release(tmp_path, n_patients=2, seed=1, first_patient=4, version="1.1.0",
+        ...                    name="r110", previous=first.path)  # doctest: +SKIP
+    """
+    cases = make_fake_work(root / "work", n_patients=n_patients, seed=seed, **work_options)
+    summary = build_release(root / "work", root / name, version=version, previous=previous)
+    return FakeRelease(root / name, {c.case_id: c for c in cases}, summary)
+
+
+@pytest.fixture(scope="module")
+def datasets_cache_in_tmp(tmp_path_factory):
+    """Point ``datasets``' arrow cache at a temporary folder for one test module, then restore it.
+
+    Modules use it as ``pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")`` after
+    importing it.
+    """
+    import datasets
+
+    old = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = old
