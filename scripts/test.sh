@@ -8,4 +8,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   # Headless Chromium for the QC report's browser test (skipped with a reason where it is missing).
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the report's browser test will be skipped"
 fi
-exec .venv/bin/python -m pytest -n 2 "$@"
+. .venv/bin/activate
+exec python -m pytest -n 2 "$@"

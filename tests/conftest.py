@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Peer tools installed into the test's environment (dcm2niix from the dev extra) live next to
+    # its python: put that folder on PATH so a run as `.venv/bin/python -m pytest` finds them too.
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
