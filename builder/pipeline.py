@@ -219,8 +219,14 @@ def convert_exam(job: ExamJob) -> ExamResult:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(job.threads)
     stages = _Stages()
     result = ExamResult(job.exam_id, Status.REJECTED, patient_id=job.clinical.patient_id if job.clinical else None)
+    # The same thread counts for ITK and for numpy's BLAS wherever the exam runs (a process pool, a
+    # Dask worker, which sets OPENBLAS_NUM_THREADS=1, or this process): threaded reductions round
+    # differently with another count, and the case bytes must not depend on the executor.
+    from threadpoolctl import threadpool_limits
+
     try:
-        _convert(job, stages, result)
+        with threadpool_limits(limits=job.threads or 1):
+            _convert(job, stages, result)
     except ExamError as e:
         e.exam_id = e.exam_id or job.exam_id
         result.status, result.stage, result.reason = Status.REJECTED, e.stage, str(e)
