@@ -2,7 +2,8 @@
 
 Each command lives in ``lymphatlas_ds/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; heavy imports happen inside ``run``. Errors of the LymphAtlasError family are
-printed as one clear line and exit with status 2.
+printed as one clear line and exit with status 2. :func:`dispatch` also serves the maintainers'
+``python -m builder``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Mapping
 
 from lymphatlas_ds.errors import LymphAtlasError
 
@@ -22,27 +24,43 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lymphatlas", description="LymphAtlas PET/CT dataset tools")
+def dispatch(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    package: str,
+    commands: Mapping[str, str],
+    level: int,
+    log_format: str,
+) -> int:
+    """Parse ``argv``, run ``<package>.<command>.run(args)`` and turn LymphAtlasError into exit status 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
-    for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"lymphatlas_ds.commands.{name}")
-        except ModuleNotFoundError as e:  # a command whose module is not there yet
-            if e.name != f"lymphatlas_ds.commands.{name}":
-                raise
-            continue
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    for name, help_text in commands.items():
+        modules[name] = importlib.import_module(f"{package}.{name}")
+        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else level, format=log_format)
     try:
         return int(modules[args.command].run(args) or 0)
     except LymphAtlasError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(
+        argv,
+        prog="lymphatlas",
+        description="LymphAtlas PET/CT dataset tools",
+        package="lymphatlas_ds.commands",
+        commands=COMMANDS,
+        level=logging.WARNING,
+        log_format="%(levelname)s: %(message)s",
+    )
 
 
 if __name__ == "__main__":
