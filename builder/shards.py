@@ -20,7 +20,7 @@ columns. Choices, measured in ``benchmarks/bench_shards.py``:
 
 Example:
     >>> feats = features()
-    >>> type(feats["ct"]).__name__, feats["spacing"].length
+    >>> type(feats["ct"]).__name__, feats["spacing_xyz"].length
     ('Nifti', 3)
 """
 

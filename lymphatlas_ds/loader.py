@@ -5,8 +5,9 @@ An item is a dict::
     {"image": float32 [2, Z, Y, X]   channels schema.CHANNELS: CT in HU, PET in SUVbw (no rescaling),
      "label": uint8 [1, Z, Y, X]     schema.LABELS: 0 background, 1 lesion,
      "case_id": str,
-     "affine": float64 [4, 4]        RAS, maps (x, y, z, 1) voxel indices of *this* array to mm,
-     "spacing": float64 [3]          (x, y, z) mm,
+     "affine": float64 [4, 4]        RAS, maps (x, y, z, 1) voxel indices of *this* array to mm
+                                     (NIfTI's order: index the array as [z, y, x]),
+     "spacing_zyx": float64 [3]      mm, in the order of the array axes,
      "meta": dict                    the release's metadata columns (ids, diagnosis, sex, age band, stats...)}
 
 Patch mode (``patch_size=(z, y, x)``) adds ``"patch_start"`` (int64 [3], the patch's first voxel
@@ -78,7 +79,7 @@ PAD_VALUES = {"ct": -1024, "pet": 0.0, "label": 0}
 """Values of voxels a patch reaches outside the volume: air, no uptake, background."""
 
 _DTYPES = {"ct": CT_DTYPE, "pet": PET_DTYPE, "label": LABEL_DTYPE}
-_GEOMETRY_COLUMNS = ("spacing", "shape", "affine")  # returned as tensors, not in "meta"
+_GEOMETRY_COLUMNS = ("spacing_xyz", "shape_xyz", "affine")  # returned as tensors, not in "meta"
 
 
 def _meta(row: dict[str, Any]) -> dict[str, Any]:
@@ -95,11 +96,29 @@ def _meta(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _spacing(row: dict[str, Any], affine: np.ndarray) -> torch.Tensor:
-    spacing = row.get("spacing")
-    if spacing is None:
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    return torch.tensor(np.asarray(spacing, dtype=np.float64))
+def _patch_size(value: Any) -> tuple[int, int, int]:
+    """``128`` -> ``(128, 128, 128)``; a sequence of three positive voxel counts (z, y, x) as it is."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,) * 3
+    try:
+        patch = tuple(int(p) for p in value)
+        ok = len(patch) == 3 and all(p == q for p, q in zip(patch, value)) and min(patch) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SchemaError(
+            f"patch_size must be a positive voxel count (128 -> a 128^3 cube) or three of them (z, y, x), "
+            f"got {value!r}"
+        )
+    return patch  # type: ignore[return-value]
+
+
+def _spacing_zyx(row: dict[str, Any], affine: np.ndarray) -> torch.Tensor:
+    """Voxel size in array order (z, y, x): the row's ``spacing_xyz`` reversed, or the affine's column norms."""
+    spacing_xyz = row.get("spacing_xyz")
+    if spacing_xyz is None:
+        spacing_xyz = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return torch.tensor(np.asarray(spacing_xyz, dtype=np.float64)[::-1].copy())
 
 
 _CT, _PET = CHANNELS.index("CT"), CHANNELS.index("PET")
@@ -196,7 +215,7 @@ class CaseDataset(_Base):
             "label": torch.from_numpy(np.ascontiguousarray(label)[None]),
             "case_id": case_id,
             "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
-            "spacing": _spacing(row, affine),
+            "spacing_zyx": _spacing_zyx(row, affine),
             "meta": _meta(row),
         }
         return self._finish(item)
@@ -237,9 +256,7 @@ class PatchDataset(_Base):
         cache: DecodedCache,
     ) -> None:
         super().__init__(release, case_ids, transform=transform, cache=cache)
-        patch = tuple(int(p) for p in patch_size)
-        if len(patch) != 3 or min(patch) < 1:
-            raise SchemaError(f"patch_size must be three positive voxel counts (z, y, x), got {patch_size!r}")
+        patch = _patch_size(patch_size)
         if samples_per_case < 1:
             raise SchemaError(f"samples_per_case must be >= 1, got {samples_per_case}")
         if not 0.0 <= foreground_ratio <= 1.0:
@@ -302,7 +319,7 @@ class PatchDataset(_Base):
             "label": torch.from_numpy(label[None]),
             "case_id": case_id,
             "affine": torch.from_numpy(affine),
-            "spacing": _spacing(entry.meta, entry.affine),
+            "spacing_zyx": _spacing_zyx(entry.meta, entry.affine),
             "meta": _meta(entry.meta),
             "patch_start": torch.from_numpy(start),
             "foreground_centred": centred,
@@ -338,7 +355,7 @@ def load_lymphatlas(
     subset: Subset | str | None = None,
     version: str | None = None,
     transform: Transform | None = None,
-    patch_size: tuple[int, int, int] | None = None,
+    patch_size: int | tuple[int, int, int] | None = None,
     samples_per_case: int = 1,
     foreground_ratio: float = DEFAULT_FOREGROUND_RATIO,
     seed: int = 0,
@@ -353,7 +370,7 @@ def load_lymphatlas(
     Hub repo id (downloaded at tag ``v<version>``; ``HF_HUB_OFFLINE=1`` works from the Hub cache).
     ``config``: ``all`` / ``hl`` / ``nhl``. ``split``: ``train`` / ``test``. ``fold=k`` with
     ``subset="train"|"val"``: the cross-validation subsets of the train split, patient-grouped,
-    from the release's ``splits.json``. ``patch_size=(z, y, x)`` switches to patch mode, with
+    from the release's ``splits.json``. ``patch_size=(z, y, x)`` (or one int for a cube) switches to patch mode, with
     ``samples_per_case`` patches per case per epoch. ``cache_dir``: the decoded cache (default
     :func:`lymphatlas_ds.cache.default_cache_dir`). ``verify``: check release files against the
     manifest on first use.
@@ -408,7 +425,7 @@ def hf_torch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
     ``datasets``' ``with_format("torch")`` fails on Nifti columns (``TypeError: object of type
     'Nifti1ImageWrapper' has no len()``); this builds ``image`` [2, Z, Y, X] float32 (CT, PET),
-    ``label`` [1, Z, Y, X] uint8, ``affine`` and ``spacing`` tensors from the ``ct`` / ``pet`` /
+    ``label`` [1, Z, Y, X] uint8, ``affine`` and ``spacing_zyx`` tensors from the ``ct`` / ``pet`` /
     ``label`` columns (decoded or, faster, ``Nifti(decode=False)`` raw cells: see
     :func:`hf_torch`), and keeps the other columns as they are.
 
@@ -423,7 +440,7 @@ def hf_torch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         raise SchemaError(f"the dataset lacks the Nifti columns {missing}; is it a LymphAtlas release?")
     n = len(batch[IMAGE_COLUMNS[0]])
     out: dict[str, list[Any]] = {k: v for k, v in batch.items() if k not in (*IMAGE_COLUMNS, *_GEOMETRY_COLUMNS)}
-    out.update(image=[], label=[], affine=[], spacing=[])
+    out.update(image=[], label=[], affine=[], spacing_zyx=[])
     for i in range(n):
         ct, affine = _volume(batch["ct"][i])
         pet, _ = _volume(batch["pet"][i])
@@ -431,8 +448,8 @@ def hf_torch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out["image"].append(_image(np.asarray(ct), np.asarray(pet)))
         out["label"].append(torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)[None]))
         out["affine"].append(torch.from_numpy(np.array(affine, dtype=np.float64)))
-        row = {"spacing": batch["spacing"][i]} if "spacing" in batch else {}
-        out["spacing"].append(_spacing(row, affine))
+        row = {"spacing_xyz": batch["spacing_xyz"][i]} if "spacing_xyz" in batch else {}
+        out["spacing_zyx"].append(_spacing_zyx(row, affine))
     return out
 
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import enum
 
-SCHEMA_VERSION = "1.0"
-"""Version of the release layout and column set; bumped on any incompatible change."""
+SCHEMA_VERSION = "2.0"
+"""Version of the release layout and column set; bumped on any incompatible change.
+
+2.0: the geometry columns carry their axis order (``spacing_xyz``, ``shape_xyz``; 1.0 had ``spacing``
+in (x, y, z) and ``shape`` in (z, y, x)).
+"""
 
 DATASET_NAME = "LymphAtlas"
 RELEASE_FOLDER_NAME = "lymphatlas"
@@ -98,9 +102,10 @@ METADATA_COLUMNS: dict[str, str] = {
     "days_from_first_exam": "int32",
     "split": "string",  # train | test
     "fold": "int32",  # 0..4 for train cases, -1 for test cases
-    "spacing": "list<float64>[3]",  # (x, y, z) mm, the CT grid
-    "shape": "list<int32>[3]",  # (z, y, x) voxels, array order of the volumes
-    "affine": "list<float64>[16]",  # 4x4 RAS affine (NIfTI convention), row-major
+    # Geometry, all in the NIfTI axis order of the Nifti cells and the affine: (x, y, z).
+    "spacing_xyz": "list<float64>[3]",  # mm, the CT grid
+    "shape_xyz": "list<int32>[3]",  # voxels, as nibabel reports a volume's shape
+    "affine": "list<float64>[16]",  # 4x4 RAS affine mapping (x, y, z) voxel indices to mm, row-major
     "ct_manufacturer": "string",
     "ct_model": "string",
     "pet_manufacturer": "string",

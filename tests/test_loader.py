@@ -47,7 +47,7 @@ def test_whole_cases_equal_the_work_files(built, cache):
             assert item["label"].dtype == torch.uint8 and item["label"].shape == (1, *want.ct.shape)
             np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
             np.testing.assert_allclose(item["affine"].numpy(), want.affine, atol=1e-5)
-            np.testing.assert_allclose(item["spacing"].numpy(), SPACING)
+            np.testing.assert_allclose(item["spacing_zyx"].numpy(), SPACING[::-1])
             assert item["meta"]["subject_id"] == want.subject_id
             assert item["meta"]["diagnosis"] == want.diagnosis
             assert item["meta"]["split"] == split

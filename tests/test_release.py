@@ -69,7 +69,9 @@ def test_decoded_volumes_equal_the_work_files_voxel_for_voxel(released):
             np.testing.assert_array_equal(voxels, getattr(case, name))
             np.testing.assert_allclose(image.affine, case.affine, atol=1e-4)
         assert row["subject_id"] == case.subject_id and row["diagnosis"] == case.diagnosis
-        assert row["shape"] == list(case.ct.shape)
+        assert row["shape_xyz"] == list(case.ct.shape)[::-1]
+        assert row["shape_xyz"] == list(row["ct"].shape)  # the convention nibabel reads the cells in
+        np.testing.assert_allclose(row["spacing_xyz"], row["ct"].header.get_zooms(), rtol=1e-6)
         np.testing.assert_allclose(np.reshape(row["affine"], (4, 4)), case.affine)
         assert row["lesion_count"] == case.case_json["lesions"]["count"]
 
@@ -119,7 +121,7 @@ def test_cases_csv_matches_the_truth(released):
         case = truth[row["case_id"]]
         assert set(METADATA_COLUMNS) <= set(row)
         assert row["tmtv_ml"] == pytest.approx(case.case_json["lesions"]["tmtv_ml"])
-        assert row["spacing"] == case.case_json["geometry"]["spacing_xyz"]
+        assert row["spacing_xyz"] == case.case_json["geometry"]["spacing_xyz"]
         assert (root / RELEASE_FOLDER_NAME / row["shard"]).is_file()
 
 

@@ -97,7 +97,7 @@ def test_read_one_volume_and_meta(built, tmp_path):
     label, affine = release.read_volume(case_id, "label")
     np.testing.assert_array_equal(label, truth[case_id].label)
     meta = release.read_meta(case_id)
-    assert meta["shape"] == list(truth[case_id].ct.shape)
+    assert meta["shape_xyz"] == list(truth[case_id].ct.shape)[::-1]
     assert meta["content_hash"] == release.manifest["cases"][case_id]
     with pytest.raises(SchemaError, match="LA-nope"):
         release.read_case("LA-nope")

@@ -16,6 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lymphatlas_ds.schema import SCHEMA_VERSION
+
 
 @dataclass
 class FakeCase:
@@ -99,7 +101,7 @@ def make_fake_work(
             for arr in (ct, pet, label, affine):
                 content.update(np.ascontiguousarray(arr).tobytes())
             case_json = {
-                "schema_version": "1.0",
+                "schema_version": SCHEMA_VERSION,
                 "builder_version": "0.1.0",
                 "case_id": case_id,
                 "subject_id": subject_id,
