@@ -3,7 +3,14 @@
 Columns (DESIGN.md source contract): ``exam_id, patient_id, exam_date (YYYY-MM-DD), sex, age,
 diagnosis (HL|NHL), subtype, notes``. ``notes`` is free text and never leaves this module; the
 exam date only leaves as days since the patient's first exam in the table, the age only as a
-band.
+band, and the subtype only as a code of the controlled vocabulary ``schema.Subtype`` (common
+spellings are mapped through the explicit table :data:`SUBTYPE_SYNONYMS`; anything else, such as
+a subtype cell that carries a hospital name or a date, rejects the row).
+
+A row with an invalid value does not stop the table: it becomes a :class:`RejectedRow` whose
+exam is rejected at stage ``clinical`` with the row's line number and value (the other exams go
+on). A table that cannot be read as a whole (no file, a missing column, an exam twice, an empty
+exam id) raises :class:`~builder.errors.ClinicalError`.
 
 Example:
     >>> table = read_clinical(Path("source/clinical.csv"))  # doctest: +SKIP
@@ -15,16 +22,124 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.deid import age_band
 from builder.errors import ClinicalError
-from lymphatlas_ds.schema import Diagnosis, Sex
+from lymphatlas_ds.schema import Diagnosis, Sex, Subtype
 
 REQUIRED_COLUMNS = ("exam_id", "patient_id", "exam_date", "sex", "age", "diagnosis")
 _SEX_ALIASES = {"F": Sex.F, "FEMALE": Sex.F, "M": Sex.M, "MALE": Sex.M, "O": Sex.O, "": Sex.O, "U": Sex.O}
+MAX_AGE = 120
+
+# Spellings seen in hospital exports, after :func:`normalize_subtype` (lower case; apostrophe-s,
+# hyphens, underscores, commas and full stops dropped; single spaces). Exact keys only: no fuzzy
+# matching, so a cell that says more than a subtype is rejected, never trimmed into one.
+_SYNONYMS_BY_CODE: dict[Subtype, tuple[str, ...]] = {
+    Subtype.NODULAR_SCLEROSIS: (
+        "ns", "nodular sclerosis", "nodular sclerosing", "nodular sclerosis hodgkin lymphoma",
+        "nodular sclerosis hodgkin disease", "nodular sclerosis classic hodgkin lymphoma",
+        "nodular sclerosis classical hodgkin lymphoma", "chl ns", "nshl", "nschl",
+    ),
+    Subtype.MIXED_CELLULARITY: (
+        "mc", "mixed cellularity", "mixed cellularity hodgkin lymphoma", "mixed cellularity hodgkin disease",
+        "mixed cellularity classic hodgkin lymphoma", "mixed cellularity classical hodgkin lymphoma", "chl mc",
+    ),
+    Subtype.LYMPHOCYTE_RICH: (
+        "lr", "lymphocyte rich", "lymphocyte rich hodgkin lymphoma", "lymphocyte rich classic hodgkin lymphoma",
+        "lymphocyte rich classical hodgkin lymphoma", "chl lr",
+    ),
+    Subtype.LYMPHOCYTE_DEPLETED: (
+        "ld", "lymphocyte depleted", "lymphocyte depleted hodgkin lymphoma",
+        "lymphocyte depleted classic hodgkin lymphoma", "lymphocyte depleted classical hodgkin lymphoma", "chl ld",
+    ),
+    Subtype.CLASSIC_HL: (
+        "chl", "chl nos", "classic hl", "classical hl", "classic hodgkin lymphoma", "classical hodgkin lymphoma",
+        "classic hodgkin disease", "classical hodgkin disease",
+    ),
+    Subtype.NODULAR_LYMPHOCYTE_PREDOMINANT: (
+        "nlphl", "lphl", "nodular lymphocyte predominant", "nodular lymphocyte predominant hodgkin lymphoma",
+        "nodular lymphocyte predominant hl",
+    ),
+    Subtype.DLBCL: (
+        "dlbcl", "dlbcl nos", "diffuse large b cell", "diffuse large b cell lymphoma",
+        "diffuse large b cell lymphoma nos",
+    ),
+    Subtype.FOLLICULAR: ("fl", "follicular", "follicular lymphoma"),
+    Subtype.MANTLE_CELL: ("mcl", "mantle cell", "mantle cell lymphoma"),
+    Subtype.MARGINAL_ZONE: (
+        "mzl", "marginal zone", "marginal zone lymphoma", "malt", "malt lymphoma",
+        "extranodal marginal zone lymphoma", "nodal marginal zone lymphoma", "splenic marginal zone lymphoma",
+    ),
+    Subtype.BURKITT: ("bl", "burkitt", "burkitt lymphoma"),
+    Subtype.SMALL_LYMPHOCYTIC: (
+        "sll", "cll", "cll/sll", "small lymphocytic", "small lymphocytic lymphoma", "chronic lymphocytic leukemia",
+        "chronic lymphocytic leukaemia",
+    ),
+    Subtype.LYMPHOPLASMACYTIC: ("lpl", "lymphoplasmacytic", "lymphoplasmacytic lymphoma"),
+    Subtype.PRIMARY_MEDIASTINAL: (
+        "pmbl", "pmbcl", "primary mediastinal large b cell", "primary mediastinal large b cell lymphoma",
+        "primary mediastinal b cell lymphoma",
+    ),
+    Subtype.HIGH_GRADE_B_CELL: ("hgbl", "high grade b cell", "high grade b cell lymphoma"),
+    Subtype.LYMPHOBLASTIC: (
+        "lbl", "t lbl", "b lbl", "lymphoblastic", "lymphoblastic lymphoma", "t lymphoblastic lymphoma",
+        "b lymphoblastic lymphoma",
+    ),
+    Subtype.PTCL: ("ptcl", "ptcl nos", "peripheral t cell", "peripheral t cell lymphoma", "peripheral t cell lymphoma nos"),
+    Subtype.ANGIOIMMUNOBLASTIC: ("aitl", "angioimmunoblastic t cell", "angioimmunoblastic t cell lymphoma"),
+    Subtype.ANAPLASTIC_LARGE_CELL: ("alcl", "anaplastic large cell", "anaplastic large cell lymphoma"),
+    Subtype.EXTRANODAL_NK_T: (
+        "enktl", "nktcl", "extranodal nk/t cell", "extranodal nk/t cell lymphoma", "nk/t cell lymphoma",
+    ),
+    Subtype.OTHER: ("other",),
+    Subtype.UNKNOWN: ("", "unknown", "unk", "not known", "na", "n/a"),
+}
+
+
+def normalize_subtype(text: str) -> str:
+    """The lookup key of a subtype cell: lower case, ``'s`` / hyphens / underscores / commas / full stops
+    dropped or made spaces, single spaces.
+
+    Example:
+        >>> normalize_subtype("  Nodular-Sclerosis  Hodgkin's disease ")
+        'nodular sclerosis hodgkin disease'
+    """
+    text = text.replace("\u2019", "'").lower()
+    text = re.sub(r"'s\b", "", text)
+    text = re.sub(r"[-_,.;]+", " ", text)
+    return " ".join(text.split())
+
+
+SUBTYPE_SYNONYMS: dict[str, Subtype] = {
+    normalize_subtype(name): code
+    for code in Subtype
+    for name in (code.value, *_SYNONYMS_BY_CODE.get(code, ()))
+}
+"""Accepted spellings (normalized) -> code. Add a hospital's own spelling here, never free text."""
+
+
+def parse_subtype(text: str) -> Subtype | None:
+    """The controlled-vocabulary code of a subtype cell, or ``None`` when it is not an accepted spelling.
+
+    Example:
+        >>> parse_subtype("Diffuse large B-cell lymphoma"), parse_subtype("")
+        (<Subtype.DLBCL: 'DLBCL'>, <Subtype.UNKNOWN: 'unknown'>)
+        >>> parse_subtype("DLBCL, biopsy St Elsewhere 2018-04-02") is None
+        True
+    """
+    return SUBTYPE_SYNONYMS.get(normalize_subtype(text))
+
+
+def allowed_subtypes() -> str:
+    """The codes, grouped by diagnosis, as an error message lists them."""
+    groups = {d: [s.value for s in Subtype if s.diagnosis is d] for d in Diagnosis}
+    listing = "; ".join(f"{d.value}: {', '.join(codes)}" for d, codes in groups.items())
+    return f"{listing}; or other, unknown"
 
 
 @dataclass(frozen=True)
@@ -37,15 +152,18 @@ class ClinicalRecord:
     sex: Sex
     age: int | None
     diagnosis: Diagnosis
-    subtype: str
+    subtype: Subtype
     exam_index: int
     days_from_first_exam: int
 
+    def check(self) -> None:
+        """Nothing to report: the row is valid (see :meth:`RejectedRow.check`)."""
+
     def published(self) -> dict:
-        """The ``case.json`` "clinical" block: no identifiers, age banded, dates relative."""
+        """The ``case.json`` "clinical" block: no identifiers, age banded, dates relative, subtype coded."""
         return {
             "diagnosis": self.diagnosis.value,
-            "subtype": self.subtype,
+            "subtype": self.subtype.value,
             "sex": self.sex.value,
             "age_band": age_band(self.age),
             "exam_index": self.exam_index,
@@ -57,19 +175,82 @@ class ClinicalRecord:
         return "|".join(
             str(v)
             for v in (self.exam_id, self.patient_id, self.exam_date, self.sex.value, self.age,
-                      self.diagnosis.value, self.subtype, self.exam_index, self.days_from_first_exam)
+                      self.diagnosis.value, self.subtype.value, self.exam_index, self.days_from_first_exam)
         )
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A row of ``clinical.csv`` with an invalid value: its exam is rejected at stage ``clinical``."""
+
+    exam_id: str
+    patient_id: str
+    line: int
+    reason: str
+    path: str
+
+    def check(self) -> None:
+        """Raise the row's :class:`ClinicalError` (its line number, the value and what is allowed)."""
+        raise ClinicalError(self.reason, exam_id=self.exam_id, path=self.path)
+
+    def published(self) -> dict:
+        raise ClinicalError(self.reason, exam_id=self.exam_id, path=self.path)
 
 
 def _fail(message: str, *, path: Path, exam_id: str | None = None) -> ClinicalError:
     return ClinicalError(message, exam_id=exam_id, path=path)
 
 
-def read_clinical(path: Path) -> dict[str, ClinicalRecord]:
+def _parse_age(text: str, where: str) -> int | None:
+    """Whole years, or None for an empty cell; ValueError with the message otherwise."""
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value <= MAX_AGE:
+        raise ValueError(f"{where}: age {text!r} is not a number of years in 0-{MAX_AGE}; "
+                         "write the age at the exam in years, or leave the cell empty")
+    return int(value)
+
+
+def _parse_row(row: dict[str, str], where: str) -> dict:
+    """The parsed values of one row; ValueError naming the first invalid value."""
+    try:
+        date = dt.date.fromisoformat(row["exam_date"])
+    except ValueError:
+        raise ValueError(f"{where}: exam_date {row['exam_date']!r} is not YYYY-MM-DD") from None
+    sex = _SEX_ALIASES.get(row["sex"].upper())
+    if sex is None:
+        raise ValueError(f"{where}: sex {row['sex']!r} is not F, M or O")
+    age = _parse_age(row["age"], where)
+    try:
+        diagnosis = Diagnosis(row["diagnosis"].upper())
+    except ValueError:
+        raise ValueError(f"{where}: diagnosis {row['diagnosis']!r} is not HL or NHL") from None
+    raw_subtype = row.get("subtype", "")
+    subtype = parse_subtype(raw_subtype)
+    if subtype is None:
+        raise ValueError(
+            f"{where}: subtype {raw_subtype!r} is not a code of the subtype vocabulary (free text is never "
+            f"published); write one of {allowed_subtypes()} (common spellings are accepted: "
+            "builder.clinical.SUBTYPE_SYNONYMS)"
+        )
+    if subtype.diagnosis is not None and subtype.diagnosis is not diagnosis:
+        raise ValueError(
+            f"{where}: subtype {raw_subtype!r} ({subtype.value}) is a {subtype.diagnosis.value} subtype but the "
+            f"diagnosis is {diagnosis.value}; correct one of the two"
+        )
+    return dict(exam_date=date, sex=sex, age=age, diagnosis=diagnosis, subtype=subtype)
+
+
+def read_clinical(path: Path) -> dict[str, ClinicalRecord | RejectedRow]:
     """Parse and validate ``clinical.csv``; exam index and relative days per patient.
 
-    Raises ClinicalError naming the row for a missing column, a duplicate exam, a bad date, sex,
-    age or diagnosis.
+    Raises ClinicalError for a table that cannot be read (no file, a missing column, an empty
+    exam id, an exam twice). A row with an invalid patient id, date, sex, age, diagnosis or
+    subtype is returned as a :class:`RejectedRow` naming its line and value.
     """
     if not path.is_file():
         raise _fail("clinical.csv not found in the source folder; it is part of the source contract", path=path)
@@ -79,57 +260,61 @@ def read_clinical(path: Path) -> dict[str, ClinicalRecord]:
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
             raise _fail(f"clinical.csv lacks the column(s) {', '.join(missing)} (found {', '.join(columns)})", path=path)
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+                for row in reader]
     parsed: dict[str, dict] = {}
+    rejected: dict[str, RejectedRow] = {}
+    dates: dict[str, tuple[str, dt.date]] = {}  # every valid (patient, date), rejected rows too
     for line, row in enumerate(rows, start=2):
-        exam_id = row["exam_id"]
+        exam_id = row.get("exam_id", "")
         where = f"clinical.csv line {line}"
         if not exam_id:
             raise _fail(f"{where}: empty exam_id", path=path)
-        if exam_id in parsed:
+        if exam_id in parsed or exam_id in rejected:
             raise _fail(f"{where}: exam {exam_id} appears twice; keep one row per exam", path=path, exam_id=exam_id)
-        if not row["patient_id"]:
-            raise _fail(f"{where}: empty patient_id", path=path, exam_id=exam_id)
+        patient_id = row.get("patient_id", "")
         try:
-            date = dt.date.fromisoformat(row["exam_date"])
-        except ValueError as e:
-            raise _fail(f"{where}: exam_date {row['exam_date']!r} is not YYYY-MM-DD", path=path, exam_id=exam_id) from e
-        sex = _SEX_ALIASES.get(row["sex"].upper())
-        if sex is None:
-            raise _fail(f"{where}: sex {row['sex']!r} is not F, M or O", path=path, exam_id=exam_id)
-        age: int | None = None
-        if row["age"]:
-            try:
-                age = int(float(row["age"]))
-            except ValueError as e:
-                raise _fail(f"{where}: age {row['age']!r} is not a number", path=path, exam_id=exam_id) from e
-            if not 0 <= age <= 120:
-                raise _fail(f"{where}: age {age} outside 0-120", path=path, exam_id=exam_id)
+            if not patient_id:
+                raise ValueError(f"{where}: empty patient_id")
+            with_date = dt.date.fromisoformat(row["exam_date"])
+            dates[exam_id] = (patient_id, with_date)
+        except ValueError:
+            pass
         try:
-            diagnosis = Diagnosis(row["diagnosis"].upper())
+            if not patient_id:
+                raise ValueError(f"{where}: empty patient_id")
+            values = _parse_row(row, where)
         except ValueError as e:
-            raise _fail(f"{where}: diagnosis {row['diagnosis']!r} is not HL or NHL", path=path, exam_id=exam_id) from e
-        parsed[exam_id] = dict(exam_id=exam_id, patient_id=row["patient_id"], exam_date=date, sex=sex, age=age,
-                               diagnosis=diagnosis, subtype=row.get("subtype", ""))
-    by_patient: dict[str, list[dict]] = defaultdict(list)
-    for rec in parsed.values():
-        by_patient[rec["patient_id"]].append(rec)
-    out: dict[str, ClinicalRecord] = {}
-    for recs in by_patient.values():
-        recs.sort(key=lambda r: (r["exam_date"], r["exam_id"]))
-        first = recs[0]["exam_date"]
-        for index, rec in enumerate(recs):
-            out[rec["exam_id"]] = ClinicalRecord(**rec, exam_index=index, days_from_first_exam=(rec["exam_date"] - first).days)
-    return out
+            rejected[exam_id] = RejectedRow(exam_id, patient_id, line, str(e), str(path))
+            continue
+        parsed[exam_id] = dict(exam_id=exam_id, patient_id=patient_id, **values)
+    # Exam order per patient over every dated row, so fixing a rejected row does not renumber the others.
+    by_patient: dict[str, list[tuple[dt.date, str]]] = defaultdict(list)
+    for exam_id, (patient_id, date) in dates.items():
+        by_patient[patient_id].append((date, exam_id))
+    order: dict[str, tuple[int, int]] = {}
+    for exams in by_patient.values():
+        exams.sort()
+        first = exams[0][0]
+        for index, (date, exam_id) in enumerate(exams):
+            order[exam_id] = (index, (date - first).days)
+    out: dict[str, ClinicalRecord | RejectedRow] = dict(rejected)
+    for exam_id, rec in parsed.items():
+        index, days = order[exam_id]
+        out[exam_id] = ClinicalRecord(**rec, exam_index=index, days_from_first_exam=days)
+    return dict(sorted(out.items()))
 
 
-def record_for(table: dict[str, ClinicalRecord], exam_id: str, *, path: Path) -> ClinicalRecord:
-    """The exam's record, or ClinicalError saying the table lacks it."""
+def record_for(table: dict[str, ClinicalRecord | RejectedRow], exam_id: str, *, path: Path) -> ClinicalRecord:
+    """The exam's valid record, or ClinicalError saying the table lacks it or rejected its row."""
     try:
-        return table[exam_id]
+        record = table[exam_id]
     except KeyError as e:
         raise ClinicalError(
             f"clinical.csv has no row for exam {exam_id}; add it (diagnosis, sex, age, date) or leave the exam out",
             exam_id=exam_id,
             path=path,
         ) from e
+    record.check()
+    assert isinstance(record, ClinicalRecord)  # noqa: S101 - check() raised for a RejectedRow
+    return record

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.align import AlignSettings, affine_lps, affine_ras
-from builder.clinical import ClinicalRecord, read_clinical
+from builder.clinical import ClinicalRecord, RejectedRow, read_clinical
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
@@ -77,7 +77,7 @@ class ExamJob:
     source: Path
     work: Path
     exam_id: str
-    clinical: ClinicalRecord | None
+    clinical: ClinicalRecord | RejectedRow | None
     key: bytes
     settings: ConvertSettings
     previous_case_id: str | None = None
@@ -258,6 +258,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     if job.clinical is None:
         raise ClinicalError(f"clinical.csv has no row for exam {exam_id}; add its diagnosis, sex, age and date",
                             exam_id=exam_id)
+    job.clinical.check()  # a rejected clinical.csv row raises, naming its line, its value and what is allowed
     stages.start("hash")
     src_hash = source_hash(job)
     if job.previous_case_id:

@@ -46,6 +46,65 @@ class Diagnosis(str, enum.Enum):
         return Config(self.value.lower())
 
 
+class Subtype(str, enum.Enum):
+    """Published lymphoma subtype: a controlled vocabulary, never free text.
+
+    The entities of the WHO classification of lymphoid neoplasms (2016 revision, the paper's
+    reference [2]) that whole-body FDG PET/CT series are made of, plus ``other`` (a WHO entity not
+    listed here) and ``unknown`` (not recorded). The builder maps common spellings onto these codes
+    (``builder.clinical.SUBTYPE_SYNONYMS``) and rejects anything else; :attr:`diagnosis` says which
+    diagnosis a code belongs to (``None`` for other / unknown).
+
+    Example:
+        >>> Subtype("nodular sclerosis").diagnosis
+        <Diagnosis.HL: 'HL'>
+        >>> Subtype.UNKNOWN.diagnosis is None
+        True
+    """
+
+    # classic Hodgkin lymphoma and nodular lymphocyte-predominant HL
+    NODULAR_SCLEROSIS = "nodular sclerosis"
+    MIXED_CELLULARITY = "mixed cellularity"
+    LYMPHOCYTE_RICH = "lymphocyte-rich"
+    LYMPHOCYTE_DEPLETED = "lymphocyte-depleted"
+    CLASSIC_HL = "classic HL"  # classic HL, subtype not specified
+    NODULAR_LYMPHOCYTE_PREDOMINANT = "nodular lymphocyte-predominant"
+    # mature B-cell neoplasms
+    DLBCL = "DLBCL"
+    FOLLICULAR = "follicular"
+    MANTLE_CELL = "mantle cell"
+    MARGINAL_ZONE = "marginal zone"
+    BURKITT = "Burkitt"
+    SMALL_LYMPHOCYTIC = "small lymphocytic"
+    LYMPHOPLASMACYTIC = "lymphoplasmacytic"
+    PRIMARY_MEDIASTINAL = "primary mediastinal large B-cell"
+    HIGH_GRADE_B_CELL = "high-grade B-cell"
+    # precursor lymphoid neoplasms
+    LYMPHOBLASTIC = "lymphoblastic"
+    # mature T- and NK-cell neoplasms
+    PTCL = "PTCL"  # peripheral T-cell lymphoma, not otherwise specified
+    ANGIOIMMUNOBLASTIC = "angioimmunoblastic T-cell"
+    ANAPLASTIC_LARGE_CELL = "anaplastic large cell"
+    EXTRANODAL_NK_T = "extranodal NK/T-cell"
+    # outside the list
+    OTHER = "other"
+    UNKNOWN = "unknown"
+
+    @property
+    def diagnosis(self) -> Diagnosis | None:
+        if self in (Subtype.OTHER, Subtype.UNKNOWN):
+            return None
+        return Diagnosis.HL if self in _HL_SUBTYPES else Diagnosis.NHL
+
+
+_HL_SUBTYPES = frozenset(
+    {
+        Subtype.NODULAR_SCLEROSIS, Subtype.MIXED_CELLULARITY, Subtype.LYMPHOCYTE_RICH, Subtype.LYMPHOCYTE_DEPLETED,
+        Subtype.CLASSIC_HL, Subtype.NODULAR_LYMPHOCYTE_PREDOMINANT,
+    }
+)
+
+
 class Split(str, enum.Enum):
     """Release splits. Cross-validation folds live inside ``train``."""
 
@@ -95,7 +154,7 @@ METADATA_COLUMNS: dict[str, str] = {
     "case_id": "string",
     "subject_id": "string",
     "diagnosis": "string",  # HL | NHL
-    "subtype": "string",
+    "subtype": "string",  # a Subtype code (controlled vocabulary)
     "sex": "string",  # F | M | O
     "age_band": "string",  # e.g. "45-49"
     "exam_index": "int32",  # 0 = the patient's first exam in the dataset
