@@ -11,7 +11,15 @@
   basic confidentiality profile lists as identifying (names, ids, dates and times, UIDs,
   institution, station, operators, device serial numbers, descriptions, free text, weight...).
 * :func:`find_identifiers` is the last line of defence: before a case folder is committed, its
-  names, JSON and decompressed NIfTI headers are searched for the exam's own identifiers.
+  names, JSON and decompressed NIfTI headers are searched for the exam's own identifiers, each
+  matched as a whole token (not inside a longer word or number) of at least
+  ``MIN_IDENTIFIER_CHARS`` characters (``MIN_IDENTIFIER_DIGITS`` for all-digit values). Values
+  equal to the scanner's equipment strings (Manufacturer, ManufacturerModelName), and a
+  StationName that is a prefix or word of them ("BIOGRAPH" for "Biograph Vision 600"), are
+  equipment, not identity, and are not searched. A hit names the attribute and the file.
+* ``WORK/private`` (the key and id_map.csv) is owner-only: the folder 0700, its files 0600,
+  whatever the umask, and looser modes left by an older run are tightened
+  (:func:`secure_private_dir`).
 
 Example:
     >>> key = b"k" * 32
@@ -32,6 +40,8 @@ import logging
 import os
 import re
 import secrets
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from lymphatlas_ds.schema import AGE_BAND_YEARS
@@ -39,6 +49,24 @@ from lymphatlas_ds.schema import AGE_BAND_YEARS
 logger = logging.getLogger(__name__)
 
 KEY_FILE = "deid.key"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+"""Modes of ``WORK/private`` and of its files (the key, id_map.csv): the owner only."""
+MIN_IDENTIFIER_CHARS = 4
+"""Shorter identifying values (a two-letter name part) are not searched: as whole tokens they
+would match ordinary words of the case folder, and they identify nobody on their own."""
+MIN_IDENTIFIER_DIGITS = 6
+"""All-digit values (StudyID, short accession numbers) need this many digits to be searched, so a
+voxel count or a statistic that happens to equal a four-digit StudyID is no leak."""
+GUARDED_KEYWORDS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber",
+    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "StationName", "DeviceSerialNumber", "StudyID", "StudyInstanceUID",
+    "SeriesInstanceUID", "FrameOfReferenceUID", "RequestingPhysician", "PatientComments",
+)
+"""DICOM PS3.15 attributes whose values in an exam's headers must not appear in its case folder."""
+EQUIPMENT_KEYWORDS = ("Manufacturer", "ManufacturerModelName")
+"""Attributes that describe the scanner; case.json publishes them (``ct.manufacturer``, ``ct.model``)."""
 CASE_PREFIX = "LA"
 SUBJECT_PREFIX = "LP"
 ID_HEX_DIGITS = 8
@@ -72,7 +100,7 @@ def load_or_create_key(private_dir: Path) -> bytes:
     Example:
         >>> key = load_or_create_key(work / "private")  # doctest: +SKIP
     """
-    private_dir.mkdir(parents=True, exist_ok=True)
+    secure_private_dir(private_dir)
     path = private_dir / KEY_FILE
     if path.exists():
         key = bytes.fromhex(path.read_text().strip())
@@ -83,8 +111,9 @@ def load_or_create_key(private_dir: Path) -> bytes:
         return key
     key = secrets.token_bytes(32)
     tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
     with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), PRIVATE_FILE_MODE)  # an existing tmp keeps its mode through O_CREAT
         f.write(key.hex() + "\n")
     try:
         # link() fails if another process created the key meanwhile: keep theirs
@@ -95,6 +124,28 @@ def load_or_create_key(private_dir: Path) -> bytes:
         tmp.unlink(missing_ok=True)
     logger.info("created a new de-identification key in %s: keep it with id_map.csv, it fixes every case id", path)
     return bytes.fromhex(path.read_text().strip())
+
+
+def secure_private_dir(private_dir: Path) -> Path:
+    """Create ``private_dir`` owner-only (0700) and make every file in it owner-only (0600).
+
+    Whatever the umask, and also when the folder or its files exist from an earlier run with
+    looser modes. Returns the folder.
+
+    Example:
+        >>> secure_private_dir(work / "private")  # doctest: +SKIP
+        PosixPath('work/private')
+    """
+    private_dir = Path(private_dir)
+    private_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    if private_dir.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
+        os.chmod(private_dir, PRIVATE_DIR_MODE)
+    for path in private_dir.iterdir():
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 != PRIVATE_FILE_MODE:
+            os.chmod(path, PRIVATE_FILE_MODE)
+            logger.info("made %s owner-only (it was %o)", path, st.st_mode & 0o777)
+    return private_dir
 
 
 def _keyed(key: bytes, kind: str, value: str, prefix: str) -> str:
@@ -157,21 +208,100 @@ def nifti_header_text(path: Path) -> bytes:
     return head
 
 
-def find_identifiers(folder: Path, identifiers: list[str]) -> list[str]:
-    """Where any of ``identifiers`` (case-insensitive) appears in ``folder``: file and folder names,
-    text files (JSON, CSV), and decompressed NIfTI headers with their extensions. Empty when clean.
+def header_identifiers(paths: Iterable[Path]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``([(attribute, value), ...], equipment strings)`` of DICOM headers, for the final leak check.
+
+    The first list holds the values of :data:`GUARDED_KEYWORDS` (each component of a person name
+    too); the second the values of :data:`EQUIPMENT_KEYWORDS`. Unreadable files are skipped (the
+    readers have reported them already).
+    """
+    import pydicom
+
+    identifiers: list[tuple[str, str]] = []
+    equipment: list[str] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - the readers already reported unreadable files
+            continue
+        for kw in (*GUARDED_KEYWORDS, *EQUIPMENT_KEYWORDS):
+            value = ds.get(kw)
+            if value is None or value == "":
+                continue
+            values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+            for v in values:
+                text = str(v).strip()
+                if not text:
+                    continue
+                if kw in EQUIPMENT_KEYWORDS:
+                    equipment.append(text)
+                    continue
+                identifiers.append((kw, text))
+                if "^" in text:  # person names: each component too
+                    identifiers.extend((kw, p.strip()) for p in text.split("^") if p.strip())
+    return identifiers, equipment
+
+
+def _searchable(value: str) -> bool:
+    core = value.strip()
+    if core.isdigit():
+        return len(core) >= MIN_IDENTIFIER_DIGITS
+    return len(core) >= MIN_IDENTIFIER_CHARS
+
+
+def _is_equipment(attribute: str, value: str, equipment: Iterable[str]) -> bool:
+    """``value`` is a scanner string: equal to one, or (StationName) a prefix or a word of one."""
+    low = value.strip().lower()
+    for text in equipment:
+        e = text.strip().lower()
+        if not e:
+            continue
+        if low == e:
+            return True
+        if attribute == "StationName" and (e.startswith(low) or low in re.split(r"[^\w]+|_", e)):
+            return True
+    return False
+
+
+def _token_pattern(value: str) -> re.Pattern[str]:
+    """``value`` as a whole token: no letter or digit right before or after it, and not the digits of a
+    longer decimal number (``1234`` does not match ``0.1234`` nor ``1234.5``)."""
+    return re.compile(r"(?<![^\W_])(?<!\d\.)" + re.escape(value.strip()) + r"(?![^\W_])(?!\.\d)", re.IGNORECASE)
+
+
+def find_identifiers(
+    folder: Path,
+    identifiers: Iterable[tuple[str, str] | str],
+    *,
+    equipment: Iterable[str] = (),
+) -> list[str]:
+    """Where any identifying value appears in ``folder``: file and folder names, text files (JSON,
+    CSV), and decompressed NIfTI headers with their extensions. Empty when clean.
+
+    ``identifiers`` are ``(attribute, value)`` pairs (a bare string is attribute "identifier");
+    each value is matched case-insensitively as a whole token (see the module doc), and values
+    that are ``equipment`` strings are skipped. Each hit names the file, the attribute and the value.
 
     Example:
-        >>> find_identifiers(case_dir, ["PAT0001", "1.2.840.99"])  # doctest: +SKIP
-        []
+        >>> find_identifiers(case_dir, [("PatientID", "PAT0001")], equipment=["Biograph Vision 600"])  # doctest: +SKIP
+        ["case.json contains the PatientID value 'PAT0001'"]
     """
-    needles = [s.lower() for s in identifiers if s and len(s) >= 3]
+    equipment = [e for e in equipment if e]
+    needles: dict[str, tuple[str, re.Pattern[str]]] = {}
+    for item in identifiers:
+        attribute, value = ("identifier", item) if isinstance(item, str) else item
+        if not value or not _searchable(value):
+            continue
+        if _is_equipment(attribute, value, equipment):
+            logger.debug("%s value %r is an equipment string: not searched", attribute, value)
+            continue
+        needles.setdefault(value.strip().lower(), (attribute, _token_pattern(value)))
     hits = []
     for path in sorted([folder, *folder.rglob("*")]):
-        name = path.name.lower()
-        for n in needles:
-            if n in name:
-                hits.append(f"name {path.name!r} contains {n!r}")
+        rel = path.relative_to(folder).as_posix() if path != folder else path.name
+        for value, (attribute, pattern) in needles.items():
+            if pattern.search(path.name):
+                hits.append(f"the name {rel!r} contains the {attribute} value {value!r}")
         if not path.is_file():
             continue
         if path.name.endswith((".nii", ".nii.gz")):
@@ -180,8 +310,8 @@ def find_identifiers(folder: Path, identifiers: list[str]) -> list[str]:
             data = path.read_bytes()
         else:
             continue
-        low = data.lower()
-        for n in needles:
-            if n.encode() in low:
-                hits.append(f"{path.name} contains {n!r}")
+        text = data.decode("utf-8", errors="replace")
+        for value, (attribute, pattern) in needles.items():
+            if pattern.search(text):
+                hits.append(f"{rel} contains the {attribute} value {value!r}")
     return hits

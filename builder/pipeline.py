@@ -33,6 +33,7 @@ import numpy as np
 
 from builder.align import AlignSettings, affine_lps, affine_ras
 from builder.clinical import ClinicalRecord, RejectedRow, read_clinical
+from builder.deid import PRIVATE_FILE_MODE
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
@@ -44,13 +45,6 @@ ID_MAP = "id_map.csv"
 FAILURES = "failures.json"
 BUILD_JSON = "build.json"
 ID_MAP_COLUMNS = ("exam_id", "patient_id", "case_id", "subject_id")
-# PS3.15 attributes whose values, when present in the CT header, must not appear in a case folder.
-_GUARDED_KEYWORDS = (
-    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber",
-    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-    "OperatorsName", "StationName", "DeviceSerialNumber", "StudyID", "StudyInstanceUID",
-    "SeriesInstanceUID", "FrameOfReferenceUID", "RequestingPhysician", "PatientComments",
-)
 
 
 class Status(str, enum.Enum):
@@ -158,29 +152,6 @@ def source_hash(job: ExamJob) -> str:
     h.update((job.clinical.hash_text() if job.clinical else "").encode())
     h.update(json.dumps(job.settings.to_dict(), sort_keys=True).encode())
     return h.hexdigest()
-
-
-def _header_identifiers(path: Path) -> list[str]:
-    """Values of identifying attributes (PS3.15) in one DICOM header, for the final leak check."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - the readers already reported unreadable files
-        return []
-    out = []
-    for kw in _GUARDED_KEYWORDS:
-        value = ds.get(kw)
-        if value is None or value == "":
-            continue
-        values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
-        for v in values:
-            text = str(v).strip()
-            if len(text) >= 4:
-                out.append(text)
-                if "^" in text:  # person names: each component too
-                    out.extend(p for p in text.split("^") if len(p) >= 4)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,16 +307,19 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
         "qc": qc.summary(checks),
         "source": {"content_hash": src_hash, "mask_format": mask_format.value},
     }
-    identifiers = [exam_id, job.clinical.patient_id, exam.ct.study_uid, exam.ct.series_uid, exam.pet.series_uid]
-    identifiers += [s for s in (exam.ct.frame_of_reference_uid,) if s]
-    identifiers += _header_identifiers(exam.ct.files[0]) + _header_identifiers(exam.pet.files[0])
+    identifiers = [("exam_id", exam_id), ("patient_id", job.clinical.patient_id),
+                   ("StudyInstanceUID", exam.ct.study_uid), ("SeriesInstanceUID", exam.ct.series_uid),
+                   ("SeriesInstanceUID", exam.pet.series_uid)]
+    identifiers += [("FrameOfReferenceUID", s) for s in (exam.ct.frame_of_reference_uid,) if s]
+    in_headers, equipment = deid.header_identifiers([exam.ct.files[0], exam.pet.files[0]])
+    identifiers += in_headers
     stages.start("write")
 
     def leak_check(folder: Path) -> None:
-        hits = deid.find_identifiers(folder, identifiers)
+        hits = deid.find_identifiers(folder, identifiers, equipment=equipment)
         if hits:
-            raise ExamError(f"identifying data would be published: {'; '.join(hits[:5])}; fix the scrubbing",
-                            exam_id=exam_id, stage="deid")
+            raise ExamError(f"identifying data would be published: {'; '.join(hits[:5])}; drop that attribute from "
+                            "what convert writes (builder.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
 
     case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
                     label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check)
@@ -395,7 +369,7 @@ def _write_id_map(work: Path, rows: dict[str, dict]) -> None:
     w.writeheader()
     for exam_id in sorted(rows):
         w.writerow({k: rows[exam_id].get(k, "") for k in ID_MAP_COLUMNS})
-    write_atomic(work / "private" / ID_MAP, buf.getvalue())
+    write_atomic(work / "private" / ID_MAP, buf.getvalue(), mode=PRIVATE_FILE_MODE)  # owner only, whatever the umask
 
 
 def _read_failures(work: Path) -> dict[str, dict]:

@@ -52,18 +52,57 @@ def test_find_identifiers_searches_names_json_and_nifti_headers(tmp_path) -> Non
     folder.mkdir()
     (folder / "case.json").write_text(json.dumps({"note": "nothing here"}))
     write_nifti(folder / "ct.nii.gz", np.zeros((2, 2, 2), np.int16), np.eye(4))
-    assert deid.find_identifiers(folder, ["PAT-SECRET-1"]) == []
+    assert deid.find_identifiers(folder, [("PatientID", "PAT-SECRET-1")]) == []
     (folder / "case.json").write_text(json.dumps({"note": "pat-secret-1"}))
-    assert deid.find_identifiers(folder, ["PAT-SECRET-1"]) == ["case.json contains 'pat-secret-1'"]
+    assert deid.find_identifiers(folder, [("PatientID", "PAT-SECRET-1")]) == [
+        "case.json contains the PatientID value 'pat-secret-1'"]
     # a NIfTI whose descrip carries a name (what some converters write) is caught after decompression
     import nibabel as nib
 
     img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
     img.header["descrip"] = b"Doe^Jane PAT-SECRET-2"
     nib.save(img, folder / "pet.nii.gz")
-    assert any("pet.nii.gz" in h for h in deid.find_identifiers(folder, ["PAT-SECRET-2"]))
+    assert deid.find_identifiers(folder, [("OtherPatientIDs", "PAT-SECRET-2")]) == [
+        "pet.nii.gz contains the OtherPatientIDs value 'pat-secret-2'"]
     (folder / "PAT-SECRET-3.txt").write_text("x")
-    assert any("name" in h for h in deid.find_identifiers(folder, ["PAT-SECRET-3"]))
+    assert deid.find_identifiers(folder, ["PAT-SECRET-3"]) == [
+        "the name 'PAT-SECRET-3.txt' contains the identifier value 'pat-secret-3'"]
+
+
+def _case_folder(tmp_path, payload: dict):
+    folder = tmp_path / "case"
+    folder.mkdir(exist_ok=True)
+    (folder / "case.json").write_text(json.dumps(payload))
+    return folder
+
+
+def test_identifiers_match_whole_tokens_of_a_minimum_length(tmp_path) -> None:
+    folder = _case_folder(tmp_path, {"ct": {"model": "Doesburg 64", "voxels": 123456, "mean": 0.1234567},
+                                     "qc": "Doe^Jane reviewed", "study": 1234})
+    # "Doe" is a token of "Doe^Jane" but not of "Doesburg"; too short to search alone
+    assert deid.find_identifiers(folder, [("PatientName", "Doe")]) == []
+    assert deid.find_identifiers(folder, [("PatientName", "Jane")]) == [
+        "case.json contains the PatientName value 'jane'"]
+    assert deid.find_identifiers(folder, [("PatientName", "Doesb")]) == []  # inside a longer word
+    # digits: a 4-digit StudyID is too short to tell from any number; 6 digits are searched, not inside decimals
+    assert deid.find_identifiers(folder, [("StudyID", "1234")]) == []
+    assert deid.find_identifiers(folder, [("AccessionNumber", "123456")]) == [
+        "case.json contains the AccessionNumber value '123456'"]
+    assert deid.find_identifiers(folder, [("AccessionNumber", "234567")]) == []  # digits of 0.1234567
+
+
+def test_equipment_strings_are_not_identifiers_but_a_name_still_is(tmp_path) -> None:
+    folder = _case_folder(tmp_path, {"ct": {"manufacturer": "SIEMENS", "model": "Biograph Vision 600"},
+                                     "subtype": "Doe^Jane"})
+    equipment = ["SIEMENS", "Biograph Vision 600"]
+    ids = [("StationName", "BIOGRAPH"), ("StationName", "Vision"), ("InstitutionName", "SIEMENS"),
+           ("PatientName", "Doe^Jane")]
+    assert deid.find_identifiers(folder, ids, equipment=equipment) == [
+        "case.json contains the PatientName value 'doe^jane'"]
+    # without the scanner strings, the station name would be a hit; other attributes get no prefix rule
+    assert "case.json contains the StationName value 'biograph'" in deid.find_identifiers(folder, ids)
+    assert deid.find_identifiers(folder, [("InstitutionName", "Biograph")], equipment=equipment) == [
+        "case.json contains the InstitutionName value 'biograph'"]
 
 
 def test_written_nifti_headers_carry_no_text(tmp_path) -> None:
@@ -100,3 +139,90 @@ def test_clinical_table_duplicate_exam_names_the_line(tmp_path) -> None:
     with pytest.raises(ClinicalError, match="twice") as e:
         clinical.read_clinical(tmp_path / "clinical.csv")
     assert "line 5" in str(e.value)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _modes(private) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in [private, *private.iterdir()]}
+
+
+@pytest.mark.parametrize("umask,existing", [(0o022, False), (0o000, True)])
+def test_private_folder_and_files_are_owner_only_whatever_the_umask(tmp_path, umask, existing) -> None:
+    """`python -m builder convert` as a user runs it, with a permissive umask, on a new or an older WORK."""
+    import os
+    import subprocess
+    import sys
+
+    source, work = tmp_path / "source", tmp_path / "work"
+    (source / "dicom" / "E1").mkdir(parents=True)  # rejected at its clinical row: no DICOM needed
+    (source / "clinical.csv").write_text(CSV.replace("E1,P1,2020-12-31,F,46,HL,nodular sclerosis,",
+                                                     "E1,P1,2020-12-31,F,46,HL,nodular sclerosis (see notes),"))
+    private = work / "private"
+    if existing:  # left by an older builder with world-readable modes
+        private.mkdir(parents=True)
+        os.chmod(private, 0o777)
+        (private / deid.KEY_FILE).write_text("ab" * 32 + "\n")
+        (private / "id_map.csv").write_text("exam_id,patient_id,case_id,subject_id\nE0,P0,LA-00000000,LP-00000000\n")
+        for p in private.iterdir():
+            os.chmod(p, 0o666)
+    run = subprocess.run(
+        [sys.executable, "-m", "builder", "convert", str(source), str(work), "--workers", "1", "--quiet",
+         "--no-report", "--exams", "E1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: os.umask(umask),
+    )
+    assert run.returncode == 1, run.stderr  # E1 rejected (its subtype is free text)
+    modes = _modes(private)
+    assert {deid.KEY_FILE, "id_map.csv"} <= set(modes), modes
+    assert modes.pop("private") == 0o700
+    assert all(mode == 0o600 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+    if existing:
+        assert (private / deid.KEY_FILE).read_text().strip() == "ab" * 32  # the key is kept, only its mode changes
+
+
+def _one_exam_source(cohort_source, dest, exam_id: str = "EX0000", **header):
+    """A copy of one exam of a synthetic source with ``header`` keywords rewritten in every DICOM file."""
+    import shutil
+
+    import pydicom
+
+    shutil.copytree(cohort_source / "dicom" / exam_id, dest / "dicom" / exam_id)
+    shutil.copytree(cohort_source / "masks", dest / "masks")
+    shutil.copy(cohort_source / "clinical.csv", dest / "clinical.csv")
+    names = set()
+    for path in sorted((dest / "dicom" / exam_id).rglob("*")):
+        if not path.is_file():
+            continue
+        ds = pydicom.dcmread(path)
+        names.add(str(ds.PatientName))
+        for kw, value in header.items():
+            setattr(ds, kw, value)
+        ds.save_as(path)
+    return names.pop()
+
+
+@pytest.mark.slow
+def test_a_site_whose_station_name_is_its_scanner_model_converts_and_a_real_leak_is_caught(
+    synthetic_good_cohort, tmp_path, monkeypatch
+) -> None:
+    from builder import pipeline
+
+    source = tmp_path / "source"
+    name = _one_exam_source(synthetic_good_cohort[0], source, StationName="BIOGRAPH",
+                            ManufacturerModelName="Biograph Vision 600")
+    summary = pipeline.convert_cohort(source, tmp_path / "work", exams=["EX0000"], workers=1, progress=False)
+    [result] = summary.results
+    assert result.status is pipeline.Status.CONVERTED, result.reason
+    info = json.loads((tmp_path / "work" / "cases" / result.case_id / "case.json").read_text())
+    assert info["ct"]["model"] == "Biograph Vision 600"  # published, and the station name with it is no leak
+
+    # a real leak: the patient's name in a published column is caught, naming the attribute and the file
+    published = clinical.ClinicalRecord.published
+    monkeypatch.setattr(clinical.ClinicalRecord, "published", lambda self: {**published(self), "subtype": name})
+    summary = pipeline.convert_cohort(source, tmp_path / "work2", exams=["EX0000"], workers=1, progress=False)
+    [result] = summary.results
+    assert result.status is pipeline.Status.REJECTED and result.stage == "deid"
+    assert "case.json contains the PatientName value" in result.reason
+    assert not list((tmp_path / "work2" / "cases").iterdir())
