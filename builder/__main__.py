@@ -17,6 +17,7 @@ COMMANDS = {
     "report": "static HTML QC report of a WORK folder",
     "release": "WORK -> versioned, split-aware release folder",
     "publish": "release folder -> local mirror and/or the Hugging Face Hub",
+    "withdraw": "remove exams (withdrawn consent, deleted) and their cases from WORK",
 }
 
 

@@ -7,6 +7,21 @@ of ``WORK/failures.json`` with its stage and reason. Runs are resumable: an exam
 files, clinical row and settings hash to what its ``case.json`` recorded is skipped, and a case
 folder only appears complete (written under a temporary name, then renamed).
 
+Two kinds of failure, and only one may cost a case:
+
+* **rejected** (content): the exam's data fail a check (:class:`~builder.errors.ExamError`). If
+  its source changed since its earlier case was written, that case is *retired* (the run says so):
+  the published data must follow the source.
+* **failed** (this run's infrastructure): a full disk or any OSError, MemoryError, a bug, a worker
+  process killed (out of memory, segfault, kill -9), an interrupt. The exam is listed with its
+  stage and cause, its earlier case and id_map row stay exactly as they were, and a rerun retries it.
+
+A dead worker's exams are retried once, each alone in a fresh process; the pool is rebuilt and the
+run goes on. Workers exit when the parent dies. One convert at a time per WORK folder (an OS lock,
+:mod:`lymphatlas_ds._lock`). Exams that have a case in WORK but are gone from the source are
+reported (``gone_from_source`` in ``build.json``), never converted or silently kept in a release:
+:func:`withdraw_exams` (``python -m builder withdraw``, or ``convert --prune``) removes them.
+
 Example:
     >>> summary = convert_cohort(Path("source"), Path("work"), settings=ConvertSettings(), workers=2)  # doctest: +SKIP
     >>> summary.n_rejected  # doctest: +SKIP
@@ -23,9 +38,15 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +57,7 @@ from builder.clinical import ClinicalRecord, RejectedRow, read_clinical
 from builder.deid import PRIVATE_FILE_MODE
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
+from lymphatlas_ds._lock import work_lock
 from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -44,13 +66,18 @@ BUILDER_VERSION = "0.1.0"
 ID_MAP = "id_map.csv"
 FAILURES = "failures.json"
 BUILD_JSON = "build.json"
+FAULT_ENV = "LYMPHATLAS_FAULT"
+"""Test hook, read by :func:`_injected_fault` only: ``kill-worker:EXAM_ID`` makes the process that
+converts that exam kill itself with SIGKILL (as the OOM killer would); ``kill-worker:EXAM_ID:FLAG``
+does so only while the file FLAG does not exist, creating it first (the retry then succeeds)."""
 ID_MAP_COLUMNS = ("exam_id", "patient_id", "case_id", "subject_id")
 
 
 class Status(str, enum.Enum):
     CONVERTED = "converted"
     SKIPPED = "skipped"
-    REJECTED = "rejected"
+    REJECTED = "rejected"  # the exam's content fails a check
+    FAILED = "failed"  # an error of this run (disk, memory, a killed worker, a bug): nothing is removed
 
 
 @dataclass(frozen=True)
@@ -91,12 +118,16 @@ class ExamResult:
     reason: str | None = None
     timings_s: dict = field(default_factory=dict)
     peak_rss_mb: float | None = None
+    source_changed: bool = False  # an earlier case exists and the source no longer hashes to it
+    retired_case: str | None = None  # the earlier case this run removed (a changed source now rejected)
 
 
 @dataclass
 class RunSummary:
     results: list[ExamResult]
     seconds: float
+    gone: dict[str, str] = field(default_factory=dict)  # exam id -> case id of exams the source no longer has
+    pruned: dict[str, str] = field(default_factory=dict)  # the same, removed by --prune
 
     @property
     def n_converted(self) -> int:
@@ -110,9 +141,14 @@ class RunSummary:
     def n_rejected(self) -> int:
         return sum(r.status is Status.REJECTED for r in self.results)
 
+    @property
+    def n_failed(self) -> int:
+        return sum(r.status is Status.FAILED for r in self.results)
+
     def line(self) -> str:
+        failed = f", {self.n_failed} failed (errors of this run: rerun)" if self.n_failed else ""
         return (f"{len(self.results)} exams: {self.n_converted} converted, {self.n_skipped} unchanged (skipped), "
-                f"{self.n_rejected} rejected in {self.seconds:.1f} s")
+                f"{self.n_rejected} rejected{failed} in {self.seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +213,27 @@ class _Stages:
         return {k: round(v, 3) for k, v in self.timings.items()}
 
 
+def _injected_fault(exam_id: str) -> None:
+    """The one place that reads :data:`FAULT_ENV` (fault-injection tests); a no-op when it is unset."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("kill-worker:"):
+        return
+    _, target, *flag = spec.split(":", 2)
+    if target != exam_id:
+        return
+    if flag:
+        try:
+            os.close(os.open(flag[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return  # killed once already: this attempt runs
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def convert_exam(job: ExamJob) -> ExamResult:
-    """Turn one exam into an aligned case folder; never raises (errors become a rejected result).
+    """Turn one exam into an aligned case folder; never raises (errors become a rejected or failed result).
+
+    A content error (:class:`ExamError`) gives :attr:`Status.REJECTED`; anything else (OSError,
+    MemoryError, a bug) gives :attr:`Status.FAILED`, an error of this run that costs no earlier case.
 
     Example:
         >>> convert_exam(ExamJob(source, work, "EX0001", record, key, ConvertSettings()))  # doctest: +SKIP
@@ -195,6 +250,7 @@ def convert_exam(job: ExamJob) -> ExamResult:
     # differently with another count, and the case bytes must not depend on the executor.
     from threadpoolctl import threadpool_limits
 
+    _injected_fault(job.exam_id)
     try:
         with threadpool_limits(limits=job.threads or 1):
             _convert(job, stages, result)
@@ -202,9 +258,16 @@ def convert_exam(job: ExamJob) -> ExamResult:
         e.exam_id = e.exam_id or job.exam_id
         result.status, result.stage, result.reason = Status.REJECTED, e.stage, str(e)
         logger.warning("exam %s rejected at %s: %s", job.exam_id, e.stage, e)
+    except (OSError, MemoryError) as e:
+        result.status, result.stage = Status.FAILED, stages.current
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        result.reason = (f"[exam {job.exam_id}] {type(e).__name__} at stage {stages.current}{where}: {e}; an error of "
+                         "this run, not of the exam: any earlier case is kept; free disk space or memory and rerun")
+        logger.error("exam %s failed at %s: %s", job.exam_id, stages.current, result.reason)
     except Exception as e:  # noqa: BLE001 - one exam must never stop the others
-        result.status, result.stage = Status.REJECTED, stages.current
-        result.reason = f"[exam {job.exam_id}] unexpected {type(e).__name__} at stage {stages.current}: {e}"
+        result.status, result.stage = Status.FAILED, stages.current
+        result.reason = (f"[exam {job.exam_id}] unexpected {type(e).__name__} at stage {stages.current}: {e}; "
+                         "any earlier case is kept; report this with the log (-v)")
         logger.error("exam %s failed unexpectedly:\n%s", job.exam_id, traceback.format_exc())
     result.timings_s = stages.stop()
     result.peak_rss_mb = _peak_rss_mb()
@@ -243,6 +306,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
                 result.status, result.case_id = Status.SKIPPED, job.previous_case_id
                 result.subject_id = old.get("subject_id")
                 return
+            result.source_changed = True
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
     stages.start("read")
@@ -387,14 +451,152 @@ def list_exams(source: Path) -> list[str]:
     """Exam ids of a source folder: the folders under ``dicom/``."""
     dicom = source / "dicom"
     if not dicom.is_dir():
-        raise ExamError(f"{dicom} not found: a source folder holds dicom/<exam_id>/ (see DESIGN.md)", stage="discover")
+        raise ExamError(f"{dicom} not found: a source folder holds clinical.csv, dicom/<exam_id>/ and masks/ "
+                        "(docs/contracts.md); check the SOURCE argument", stage="discover")
     return sorted(p.name for p in dicom.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _parent_watchdog(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(1.0)
+
+
+def _worker_init(threads: int, parent_pid: int) -> None:
+    """Initializer of every worker process: thread count, and exit as soon as the parent dies.
+
+    On Linux the kernel sends SIGKILL to the worker when its parent ends (prctl PR_SET_PDEATHSIG);
+    elsewhere a watchdog thread notices the new parent PID within a second. Without this a killed
+    convert leaves workers that finish their exams unrecorded and then wait forever.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl: the watchdog still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above ran
+        os._exit(1)
+    threading.Thread(target=_parent_watchdog, args=(parent_pid,), daemon=True, name="parent-watchdog").start()
+    _set_threads(threads)
 
 
 def _set_threads(n: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+
+
+def _isolated_main(job: ExamJob, threads: int, parent_pid: int, conn) -> None:
+    _worker_init(threads, parent_pid)
+    conn.send(convert_exam(job))
+    conn.close()
+
+
+def _died(job: ExamJob, how: str) -> ExamResult:
+    return ExamResult(
+        job.exam_id, Status.FAILED, patient_id=job.clinical.patient_id if job.clinical else None, stage="worker",
+        reason=(f"[exam {job.exam_id}] the worker process converting this exam died ({how}): killed by the system "
+                "(out of memory?) or crashed, and again when retried alone in a fresh process; any earlier case "
+                "is kept; give the exam more memory (fewer --workers) and rerun"),
+    )
+
+
+def _run_isolated(ctx, job: ExamJob, threads: int) -> ExamResult:
+    """Run one exam alone in a fresh process; a death of that process becomes a failed result."""
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_main, args=(job, threads, os.getpid(), sender), daemon=True,
+                       name=f"convert-{job.exam_id}")
+    proc.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except EOFError:
+        result = None
+    finally:
+        receiver.close()
+        proc.join()
+    if result is not None:
+        return result
+    code = proc.exitcode
+    how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return _died(job, how)
+
+
+def _run_local_pool(jobs: list[ExamJob], n_workers: int, threads: int, collect) -> None:
+    """Run ``jobs`` on ``n_workers`` spawned processes; survive the death of any of them.
+
+    At most ``n_workers`` exams are in flight, so when a worker dies (the pool is then broken and
+    its other workers are stopped) the suspects are exactly the exams in flight: each is retried
+    once, alone in a fresh process, which also tells the culprit from its neighbours; then a new
+    pool takes the rest.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork: SimpleITK/ITK threads do not survive it
+    pending = deque(jobs)
+    while pending:
+        suspects: list[ExamJob] = []
+        with ProcessPoolExecutor(max_workers=min(n_workers, len(pending)), mp_context=ctx,
+                                 initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
+            in_flight: dict = {}
+
+            def fill() -> None:
+                while pending and len(in_flight) < n_workers:
+                    job = pending.popleft()
+                    in_flight[pool.submit(convert_exam, job)] = job
+
+            fill()
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = in_flight.pop(fut)
+                    try:
+                        collect(fut.result())
+                    except BrokenProcessPool:
+                        suspects.append(job)
+                if suspects:
+                    suspects.extend(in_flight.values())
+                    in_flight.clear()
+                    break
+                fill()
+        if suspects:
+            logger.warning("a worker process died while converting %s: retrying each alone in a fresh process",
+                           ", ".join(sorted(j.exam_id for j in suspects)))
+            for job in sorted(suspects, key=lambda j: j.exam_id):
+                collect(_run_isolated(ctx, job, threads))
+
+
+def _run_dask(jobs: list[ExamJob], scheduler: str, collect) -> None:
+    """Run ``jobs`` on a Dask distributed cluster; a task that kills its worker is recorded per exam.
+
+    Dask reschedules a task whose worker died on another worker (``distributed.scheduler.allowed-failures``
+    times) and then raises KilledWorker; a lost connection raises a CommClosedError. Either way the
+    exam is listed as failed at stage ``worker`` and the run goes on.
+    """
+    from distributed import Client, as_completed as dask_completed
+
+    with Client(scheduler) as client:
+        futures = {client.submit(convert_exam, job, key=f"convert-{job.exam_id}-{os.getpid()}", pure=False): job
+                   for job in jobs}
+        for fut in dask_completed(list(futures)):
+            job = futures[fut]
+            try:
+                res = fut.result()
+            except Exception as e:  # noqa: BLE001 - KilledWorker, CommClosedError, a cancelled task
+                res = _died(job, f"Dask reports {type(e).__name__}: {e}")
+            collect(res)
+
+
+def _check_source(source: Path) -> None:
+    """Refuse a SOURCE that is not a source folder before anything (WORK, a key) is created."""
+    if not source.is_dir():
+        raise ExamError(f"SOURCE {source} is not a folder; give the export folder that holds clinical.csv, "
+                        "dicom/<exam_id>/ and masks/", stage="discover")
+    missing = [n for n in ("clinical.csv", "dicom") if not (source / n).exists()]
+    if missing:
+        raise ExamError(f"SOURCE {source} has no {' and no '.join(missing)}: a source folder holds clinical.csv, "
+                        "dicom/<exam_id>/ and masks/ (docs/contracts.md); check the SOURCE argument", stage="discover")
 
 
 def convert_cohort(
@@ -406,42 +608,62 @@ def convert_cohort(
     workers: int | None = None,
     scheduler: str | None = None,
     progress: bool = True,
+    prune: bool = False,
+    wait_for_lock: bool = False,
 ) -> RunSummary:
     """Convert every exam (or ``exams``) of ``source`` into ``work``; parallel, resumable.
 
     ``workers``: local processes (default: all cores). ``scheduler``: address of a Dask
     distributed scheduler (``tcp://host:port``) to run the exams on instead. The parent process
-    alone writes ``id_map.csv``, ``failures.json`` and ``build.json``.
+    alone writes ``id_map.csv``, ``failures.json`` and ``build.json``, under the WORK lock (another
+    convert of the same WORK is refused, or waited for with ``wait_for_lock``). Exams with a case in
+    WORK whose DICOM folder is gone from the source are listed in ``summary.gone``; ``prune``
+    removes them (:func:`withdraw_exams`). An interrupt (Ctrl-C) records the unfinished exams as
+    failed and re-raises.
 
     Example:
         >>> s = convert_cohort(Path("source"), Path("work"), workers=2, progress=False)  # doctest: +SKIP
         >>> print(s.line())  # doctest: +SKIP
         6 exams: 5 converted, 0 unchanged (skipped), 1 rejected in 41.0 s
     """
+    source, work = Path(source), Path(work)
+    _check_source(source)
+    table = read_clinical(source / "clinical.csv")
+    all_exams = list_exams(source)
+    if not all_exams and not table:
+        raise ExamError(f"SOURCE {source} holds no exam (dicom/ is empty and clinical.csv has no row); "
+                        "check the SOURCE argument or the export", stage="discover")
+    work.mkdir(parents=True, exist_ok=True)
+    with work_lock(work, wait=wait_for_lock):
+        return _convert_locked(source, work, table, all_exams, settings=settings, exams=exams, workers=workers,
+                               scheduler=scheduler, progress=progress, prune=prune)
+
+
+def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str], *, settings: ConvertSettings,
+                    exams: list[str] | None, workers: int | None, scheduler: str | None, progress: bool,
+                    prune: bool) -> RunSummary:
     from tqdm.auto import tqdm
 
     from builder import case as case_mod
     from builder.deid import load_or_create_key
 
     t_start = time.perf_counter()
-    source, work = Path(source), Path(work)
     (work / "cases").mkdir(parents=True, exist_ok=True)
     (work / "private").mkdir(parents=True, exist_ok=True)
-    for name in case_mod.clean_leftovers(work / "cases"):
+    for name in case_mod.clean_leftovers(work / "cases"):  # safe: we hold the WORK lock, no other run writes
         logger.info("removed %s left by an interrupted run", name)
     key = load_or_create_key(work / "private")
-    clinical_path = source / "clinical.csv"
-    table = read_clinical(clinical_path)
-    all_exams = list_exams(source)
-    if exams:
-        unknown = sorted(set(exams) - set(all_exams) - set(table))
-        if unknown:
-            raise ExamError(f"--exams names exams not in the source: {', '.join(unknown)}", stage="discover")
-        selected = sorted(set(exams))
-    else:
-        selected = sorted(set(all_exams) | set(table))
     id_map = read_id_map(work)
     failures = _read_failures(work)
+    present = set(all_exams)
+    gone = {e: row.get("case_id", "") for e, row in sorted(id_map.items()) if e not in present}
+    if exams:
+        unknown = sorted(set(exams) - present - set(table))
+        if unknown:
+            raise ExamError(f"--exams names exams not in the source: {', '.join(unknown)}", stage="discover")
+        selected = sorted(set(exams) - set(gone))
+    else:
+        selected = sorted((present | set(table)) - set(gone))
     n_workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // min(n_workers, max(1, len(selected))))
     jobs = [
@@ -449,16 +671,27 @@ def convert_cohort(
                 previous_case_id=(id_map.get(e) or {}).get("case_id") or None, threads=threads)
         for e in selected
     ]
-    results: list[ExamResult] = []
+    results: dict[str, ExamResult] = {}
     bar = tqdm(total=len(jobs), desc="convert", unit="exam", disable=not progress)
 
+    def save_state() -> None:
+        _write_id_map(work, id_map)
+        write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+
     def collect(res: ExamResult) -> None:
-        results.append(res)
-        if res.status is Status.REJECTED:
-            failures[res.exam_id] = {"exam_id": res.exam_id, "stage": res.stage, "reason": res.reason}
-            old = (id_map.pop(res.exam_id, None) or {}).get("case_id")
-            if old and case_mod.remove_case(work / "cases", old):
-                logger.info("removed the earlier case %s of rejected exam %s", old, res.exam_id)
+        results[res.exam_id] = res
+        if res.status in (Status.REJECTED, Status.FAILED):
+            failures[res.exam_id] = {"exam_id": res.exam_id, "kind": res.status.value, "stage": res.stage,
+                                     "reason": res.reason}
+            old = (id_map.get(res.exam_id) or {}).get("case_id")
+            # Only a content rejection of a changed source retires the earlier case; an error of this run
+            # (disk, memory, a dead worker) never costs a good case or its id_map row.
+            if res.status is Status.REJECTED and res.source_changed and old:
+                id_map.pop(res.exam_id, None)
+                if case_mod.remove_case(work / "cases", old):
+                    res.retired_case = old
+                    logger.warning("retired the earlier case %s of exam %s: its source changed and is now rejected",
+                                   old, res.exam_id)
         else:
             failures.pop(res.exam_id, None)
             old = (id_map.get(res.exam_id) or {}).get("case_id")
@@ -466,40 +699,99 @@ def convert_cohort(
                 case_mod.remove_case(work / "cases", old)
             id_map[res.exam_id] = {"exam_id": res.exam_id, "patient_id": res.patient_id or "",
                                    "case_id": res.case_id, "subject_id": res.subject_id or ""}
-        _write_id_map(work, id_map)
-        write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+        save_state()
         bar.set_postfix_str(f"{res.exam_id}: {res.status.value}" + (f" ({res.stage})" if res.stage else ""))
         bar.update(1)
 
+    pruned: dict[str, str] = {}
     try:
         if scheduler:
-            from distributed import Client, as_completed as dask_completed
-
-            with Client(scheduler) as client:
-                futures = [client.submit(convert_exam, job, key=f"convert-{job.exam_id}-{os.getpid()}", pure=False)
-                           for job in jobs]
-                for fut in dask_completed(futures):
-                    collect(fut.result())
+            _run_dask(jobs, scheduler, collect)
         elif n_workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 collect(convert_exam(job))
         else:
-            ctx = multiprocessing.get_context("spawn")  # no fork: SimpleITK/ITK threads do not survive it
-            with ProcessPoolExecutor(max_workers=min(n_workers, len(jobs)), mp_context=ctx,
-                                     initializer=_set_threads, initargs=(threads,)) as pool:
-                futures = [pool.submit(convert_exam, job) for job in jobs]
-                for fut in as_completed(futures):
-                    collect(fut.result())
+            _run_local_pool(jobs, n_workers, threads, collect)
+    except KeyboardInterrupt:
+        for job in jobs:
+            if job.exam_id not in results:
+                results[job.exam_id] = ExamResult(job.exam_id, Status.FAILED, stage="interrupted",
+                                                  reason=f"[exam {job.exam_id}] the run was interrupted; rerun")
+                failures[job.exam_id] = {"exam_id": job.exam_id, "kind": "failed", "stage": "interrupted",
+                                         "reason": results[job.exam_id].reason}
+        save_state()
+        raise
     finally:
         bar.close()
-    results.sort(key=lambda r: r.exam_id)
-    summary = RunSummary(results, time.perf_counter() - t_start)
-    _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
+        ordered = [results[k] for k in sorted(results)]
+        summary = RunSummary(ordered, time.perf_counter() - t_start, gone=gone)
+        _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
+    if prune and gone:
+        pruned = withdraw_exams(work, list(gone))
+        summary.gone, summary.pruned = {}, pruned
+        _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
     logger.info("%s", summary.line())
-    for r in results:
-        if r.status is Status.REJECTED:
-            logger.info("  %s rejected at %s: %s", r.exam_id, r.stage, r.reason)
+    for r in summary.results:
+        if r.status in (Status.REJECTED, Status.FAILED):
+            logger.info("  %s %s at %s: %s", r.exam_id, r.status.value, r.stage, r.reason)
+    if summary.gone:
+        logger.warning("%d exams of WORK are gone from the source (%s): their cases stay until "
+                       "`python -m builder withdraw %s %s` (or convert --prune); release refuses them",
+                       len(gone), ", ".join(gone), work, " ".join(gone))
     return summary
+
+
+def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = False) -> dict[str, str]:
+    """Remove the cases, id_map rows and failure entries of ``exams`` from WORK; {exam id: case id removed}.
+
+    For a patient who withdrew consent or an exam deleted from the source. Every id is checked
+    before anything is removed; an unknown one is an error that changes nothing. The next release
+    built from WORK lacks these cases and its CHANGELOG lists them as removed (published versions
+    keep them: see the README, "Withdrawing a patient").
+
+    Example:
+        >>> withdraw_exams("work", ["EX0003"])  # doctest: +SKIP
+        {'EX0003': 'LA-3f9c2a1b'}
+    """
+    from builder import case as case_mod
+
+    work = Path(work)
+    if not (work / "cases").is_dir():
+        raise ExamError(f"{work} is not a WORK folder (no cases/); give the folder `python -m builder convert` wrote",
+                        stage="withdraw")
+    with work_lock(work, wait=wait_for_lock):
+        id_map = read_id_map(work)
+        failures = _read_failures(work)
+        by_case = {row.get("case_id"): e for e, row in id_map.items() if row.get("case_id")}
+        wanted = [by_case.get(x, x) for x in exams]  # a case id names its exam
+        unknown = sorted(set(e for e in wanted if e not in id_map and e not in failures))
+        if unknown:
+            raise ExamError(f"{', '.join(unknown)}: no such exam (or case) in {work / 'private' / ID_MAP} or "
+                            f"{work / FAILURES}; nothing was withdrawn. Give exam ids as in the source", stage="withdraw")
+        removed: dict[str, str] = {}
+        for exam_id in sorted(set(wanted)):
+            case_id = (id_map.get(exam_id) or {}).get("case_id", "")
+            if case_id:
+                case_mod.remove_case(work / "cases", case_id)
+                shutil.rmtree(work / "qc" / "cases" / case_id, ignore_errors=True)  # its QC pictures
+            removed[exam_id] = case_id
+            logger.info("withdrew exam %s (case %s)", exam_id, case_id or "none")
+        # The id_map row goes last: should a removal fail, a rerun still knows the case.
+        for exam_id in removed:
+            id_map.pop(exam_id, None)
+            failures.pop(exam_id, None)
+        _write_id_map(work, id_map)
+        write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+        build_path = work / BUILD_JSON
+        if build_path.is_file():
+            try:
+                build = json.loads(build_path.read_text())
+            except json.JSONDecodeError:
+                build = None
+            if isinstance(build, dict) and build.get("gone_from_source"):
+                build["gone_from_source"] = {e: c for e, c in build["gone_from_source"].items() if e not in removed}
+                write_atomic(build_path, json.dumps(build, indent=2, sort_keys=True) + "\n")
+        return removed
 
 
 def _write_build_json(work: Path, settings: ConvertSettings, summary: RunSummary, *, workers: int, scheduler: str | None) -> None:
@@ -517,8 +809,10 @@ def _write_build_json(work: Path, settings: ConvertSettings, summary: RunSummary
         "settings": settings.to_dict(),
         "versions": versions,
         "run": {"workers": workers, "scheduler": "dask" if scheduler else "local",
-                "converted": summary.n_converted, "skipped": summary.n_skipped, "rejected": summary.n_rejected},
+                "converted": summary.n_converted, "skipped": summary.n_skipped, "rejected": summary.n_rejected,
+                "failed": summary.n_failed},
         "exams": {r.exam_id: {"status": r.status.value, "stage": r.stage} for r in summary.results},
+        "gone_from_source": dict(sorted(summary.gone.items())),
     }
     write_atomic(work / BUILD_JSON, json.dumps(build, indent=2, sort_keys=True) + "\n")
 

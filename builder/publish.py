@@ -41,6 +41,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds._io import write_atomic
+from lymphatlas_ds._lock import LOCK_NAME, folder_lock
 from lymphatlas_ds.errors import LymphAtlasError
 
 from builder.release import parse_version
@@ -79,8 +80,12 @@ def read_versions(mirror: str | Path) -> dict[str, Any]:
         raise PublishError(f"{path} is not valid JSON ({e}); rebuild it from the version folders") from e
 
 
-def publish_mirror(release: str | Path, mirror: str | Path) -> Path:
+def publish_mirror(release: str | Path, mirror: str | Path, *, wait_for_lock: bool = False) -> Path:
     """Add ``release`` to the local mirror as ``MIRROR/<version>/``; returns that folder.
+
+    One publish at a time per mirror (``MIRROR/.lock``; another is refused, or waited for with
+    ``wait_for_lock``). A write error (a full disk) raises :class:`PublishError` naming the path;
+    the versions already in the mirror and ``versions.json`` are then as they were.
 
     Example:
         >>> publish_mirror("lymphatlas", "mirror")  # doctest: +SKIP
@@ -88,40 +93,52 @@ def publish_mirror(release: str | Path, mirror: str | Path) -> Path:
     """
     release, mirror = Path(release), Path(mirror)
     try:
+        return _publish_mirror(release, mirror, wait_for_lock)
+    except OSError as e:
+        raise PublishError(
+            f"cannot publish {release} to the mirror {mirror} ({e.filename or mirror}): {e.strerror or e}; the "
+            "published versions and versions.json are as they were: free space on that disk (or fix the "
+            "permissions) and run again"
+        ) from e
+
+
+def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
+    try:
         manifest = manifest_mod.verify_release(release)
     except LymphAtlasError as e:
         raise PublishError(f"release {release} cannot be published: {e}") from e
     version = manifest["version"]
     parse_version(version)
     mirror.mkdir(parents=True, exist_ok=True)
-    target = mirror / version
-    if target.exists():
-        published = manifest_mod.read_manifest(target)
-        if published != manifest:
-            raise PublishError(
-                f"version {version} is already published in {mirror} with other content; a published version "
-                "never changes: build the release with a new --version"
-            )
-        log.info("version %s is already in %s with the same manifest: nothing to copy", version, mirror)
-    else:
-        staging = mirror / f".{version}.partial"
-        if staging.exists():
-            shutil.rmtree(staging)  # left by an interrupted publish
-        try:
-            shutil.copytree(release, staging, ignore=_ignore_hidden, copy_function=shutil.copy2)
-            problems = manifest_mod.verify_files(staging, manifest)
-            if problems:
-                raise PublishError(f"copy of {release} to {staging} does not verify: {'; '.join(map(str, problems))}")
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    listing = read_versions(mirror)
-    versions = sorted({*listing.get("versions", []), version}, key=parse_version)
-    versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
-    versions_doc = {"latest": versions[-1], "versions": versions}
-    write_atomic(mirror / VERSIONS_NAME, json.dumps(versions_doc, indent=2) + "\n", fsync=True)
-    log.info("published %s to %s", version, target)
+    with folder_lock(mirror / LOCK_NAME, what=f"mirror {mirror}", wait=wait_for_lock):
+        target = mirror / version
+        if target.exists():
+            published = manifest_mod.read_manifest(target)
+            if published != manifest:
+                raise PublishError(
+                    f"version {version} is already published in {mirror} with other content; a published version "
+                    "never changes: build the release with a new --version"
+                )
+            log.info("version %s is already in %s with the same manifest: nothing to copy", version, mirror)
+        else:
+            staging = mirror / f".{version}.partial"
+            if staging.exists():
+                shutil.rmtree(staging)  # left by an interrupted publish
+            try:
+                shutil.copytree(release, staging, ignore=_ignore_hidden, copy_function=shutil.copy2)
+                problems = manifest_mod.verify_files(staging, manifest)
+                if problems:
+                    raise PublishError(f"copy of {release} to {staging} does not verify: {'; '.join(map(str, problems))}")
+                os.replace(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        listing = read_versions(mirror)
+        versions = sorted({*listing.get("versions", []), version}, key=parse_version)
+        versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
+        versions_doc = {"latest": versions[-1], "versions": versions}
+        write_atomic(mirror / VERSIONS_NAME, json.dumps(versions_doc, indent=2) + "\n", fsync=True)
+        log.info("published %s to %s", version, target)
     return target
 
 

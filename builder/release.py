@@ -11,7 +11,9 @@
 
 The release is assembled in a hidden sibling folder and renamed into place, so an interrupted run
 never leaves a half release under the final name. Nothing depends on the clock or on file system
-order: the same WORK and version give byte-identical files.
+order: the same WORK and version give byte-identical files. One build at a time: the WORK folder and
+the target are locked (:mod:`lymphatlas_ds._lock`). Cases whose exam the last convert found gone
+from the source are refused unless ``keep_gone`` (withdraw them first: ``python -m builder withdraw``).
 
 Example:
     >>> summary = build_release("work", "lymphatlas", version="1.0.0")  # doctest: +SKIP
@@ -43,6 +45,7 @@ import numpy as np
 from lymphatlas_ds import __version__ as BUILDER_VERSION
 from lymphatlas_ds import codec, manifest as manifest_mod, schema
 from lymphatlas_ds._io import write_atomic
+from lymphatlas_ds._lock import target_lock, work_lock
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split
 
@@ -395,6 +398,18 @@ class ReleaseSummary:
     statistics: Mapping[str, Any] = field(default_factory=dict)
 
 
+def _gone_cases(work: Path) -> dict[str, str]:
+    """{case id: exam id} of cases whose exam the last convert found gone from the source (build.json)."""
+    path = work / "build.json"
+    if not path.is_file():
+        return {}
+    try:
+        gone = json.loads(path.read_text()).get("gone_from_source") or {}
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ReleaseError(f"{path} is not valid JSON ({e}); run convert again to rewrite it") from e
+    return {c: e for e, c in gone.items() if c}
+
+
 def _previous_release(previous: str | Path | None, version: str) -> dict[str, Any] | None:
     if previous is None:
         return None
@@ -431,6 +446,8 @@ def build_release(
     shard_max_bytes: int = schema.SHARD_MAX_BYTES,
     on_case: Callable[[str], None] | None = None,
     workers: int = 2,
+    keep_gone: bool = False,
+    wait_for_lock: bool = False,
 ) -> ReleaseSummary:
     """Build the release folder ``release_dir`` from the aligned cases of ``work``.
 
@@ -440,19 +457,55 @@ def build_release(
     id as it is written (the CLI's progress bar); ``workers`` cases are read and encoded ahead in
     threads (each holds about one case's voxels twice in memory: 1 GiB at 512x512x300).
 
+    ``keep_gone`` releases cases whose exam is gone from the source (refused by default). WORK and
+    the target are locked for the build; another build or convert is refused, or waited for with
+    ``wait_for_lock``. A write error (a full disk) raises :class:`ReleaseError` naming the path;
+    the previous release at ``release_dir`` is then left as it was.
+
     Example:
         >>> build_release("work", "lymphatlas", version="1.1.0", previous="mirror/1.0.0")  # doctest: +SKIP
     """
     parse_version(version)
     work, release_dir = Path(work), Path(release_dir)
+    if not (work / "cases").is_dir():
+        raise ReleaseError(f"{work / 'cases'} not found: run `python -m builder convert SOURCE {work}` first")
+    with work_lock(work, wait=wait_for_lock), target_lock(release_dir, what="release folder", wait=wait_for_lock):
+        try:
+            return _build_release(work, release_dir, version=version, previous=previous, seed=seed,
+                                  overwrite=overwrite, shard_max_bytes=shard_max_bytes, on_case=on_case,
+                                  workers=workers, keep_gone=keep_gone)
+        except OSError as e:
+            where = e.filename or release_dir
+            raise ReleaseError(
+                f"cannot write release {version} ({where}): {e.strerror or e}; nothing was replaced, "
+                f"{release_dir} is as it was: free space on that disk (or fix the permissions) and run again"
+            ) from e
+
+
+def _build_release(work: Path, release_dir: Path, *, version: str, previous: str | Path | None, seed: int,
+                   overwrite: bool, shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
+                   keep_gone: bool) -> ReleaseSummary:
+    trash = release_dir.parent / f".{release_dir.name}.old"
+    if trash.exists() and not release_dir.exists():
+        os.replace(trash, release_dir)  # a run killed between its two renames: the previous release goes back
     if release_dir.exists() and any(release_dir.iterdir()) and not overwrite:
-        raise ReleaseError(f"{release_dir} exists and is not empty; choose another folder or pass overwrite")
+        raise ReleaseError(f"{release_dir} exists and is not empty; choose another folder or pass --overwrite "
+                           "(overwrite=True) to replace it")
     prev = _previous_release(previous, version)
     if prev is not None and prev["splits"].get("seed") not in (None, seed):
         log.info("reusing the previous release's split seed %s", prev["splits"]["seed"])
         seed = int(prev["splits"]["seed"])
 
     cases = list_work_cases(work)
+    gone = _gone_cases(work)
+    refused = sorted(c.case_id for c in cases if c.case_id in gone)
+    if refused and not keep_gone:
+        exams = " ".join(gone[c] for c in refused)
+        raise ReleaseError(
+            f"{len(refused)} cases of {work} belong to exams gone from the source ({', '.join(refused)}; exams "
+            f"{exams.replace(' ', ', ')}): withdraw them with `python -m builder withdraw {work} {exams}` "
+            "(or `convert --prune`), or pass --keep-gone to release them anyway"
+        )
     by_id = {c.case_id: c for c in cases}
     split_cases = [
         splits.SplitCase(c.case_id, c.subject_id, c.diagnosis, float((c.info.get("lesions") or {}).get("tmtv_ml") or 0.0))

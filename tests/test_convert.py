@@ -363,7 +363,8 @@ def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path,
     # one worker runs the exams in this process, so the patch applies
     summary = pipeline.convert_cohort(cohort["source"], work, exams=accepted, workers=1, progress=False)
     first, second = summary.results
-    assert first.status is pipeline.Status.REJECTED and first.stage == "statistics"
+    # a bug is an error of this run (failed), not a verdict on the exam's data (rejected)
+    assert first.status is pipeline.Status.FAILED and first.stage == "statistics"
     assert "unexpected RuntimeError" in first.reason and first.exam_id in first.reason
     assert second.status is pipeline.Status.CONVERTED
     failures = json.loads((work / "failures.json").read_text())

@@ -43,7 +43,8 @@ def test_previous_may_be_a_mirror_meaning_its_latest_version(releases, tmp_path)
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {
-        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"  # the mirror's lock file is rewritten by every publish
     }
 
 
@@ -60,7 +61,9 @@ def test_mirror_keeps_every_version_loadable_and_untouched(releases, tmp_path):
     old = datasets.load_dataset(str(mirror / "1.0.0"), "all", split="train")
     new = datasets.load_dataset(str(mirror / "1.1.0"), "all", split="train")
     assert set(old["case_id"]) < set(new["case_id"])  # the update only added cases here
-    assert sorted(p.name for p in mirror.iterdir()) == ["1.0.0", "1.1.0", "versions.json"]
+    # the hidden lock file stays (removing it would race a waiting publish), empty once released
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "1.1.0", "versions.json"]
+    assert (mirror / ".lock").read_text() == ""
 
 
 def test_republishing_a_version_is_a_no_op_or_refused(releases, tmp_path):
@@ -98,7 +101,7 @@ def test_an_interrupted_publish_leaves_the_previous_state(releases, tmp_path, mo
         publish_mirror(releases / "r110", mirror)
     monkeypatch.undo()
     assert _snapshot(mirror) == before
-    assert sorted(p.name for p in mirror.iterdir()) == ["1.0.0", "versions.json"]
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "versions.json"]
 
 
 def test_a_release_that_does_not_verify_is_not_published(releases, tmp_path):

@@ -232,7 +232,8 @@ def test_inputs_are_checked_with_messages_that_say_what_to_do(released, tmp_path
     nib.save(nib.Nifti1Image(arr, label.affine, label.header), work / "cases" / bad / "label.nii.gz")
     with pytest.raises(ReleaseError, match=f"{bad}.*label"):
         build_release(work, tmp_path / "r", version="1.0.0")
-    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*"))  # nothing half-written
+    # nothing half-written (the empty lock file .r.lock stays: removing it would race a waiting build)
+    assert not (tmp_path / "r").exists() and [p.name for p in tmp_path.glob(".r*")] == [".r.lock"]
 
 
 def test_cli_release(released, tmp_path, capsys):

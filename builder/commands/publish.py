@@ -13,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", default=None, help="Hugging Face dataset repo ORG/NAME: one commit + tag v<version>")
     parser.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned operations, change nothing")
+    parser.add_argument("--wait", action="store_true", help="if another publish holds the mirror, wait for it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
             version = verify_release(args.release)["version"]
             print(f"would copy {args.release} to {args.mirror / version} and list {version} in {args.mirror / 'versions.json'}")
         else:
-            print(f"published {publish_mirror(args.release, args.mirror)}")
+            print(f"published {publish_mirror(args.release, args.mirror, wait_for_lock=args.wait)}")
     if args.repo_id is not None:
         plan = publish_hub(args.release, args.repo_id, dry_run=args.dry_run, private=not args.public)
         print(plan.describe())

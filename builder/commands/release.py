@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed of a first release (updates reuse the previous one)")
     parser.add_argument("--overwrite", action="store_true", help="replace RELEASE if it exists")
+    parser.add_argument("--keep-gone", action="store_true",
+                        help="release cases whose exam is gone from the source (default: refuse; withdraw them)")
+    parser.add_argument("--wait", action="store_true", help="if another run holds WORK or RELEASE, wait for it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -33,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
             on_case=lambda _case_id: bar.update(1),
+            keep_gone=args.keep_gone,
+            wait_for_lock=args.wait,
         )
     changes = summary.changes
     print(
