@@ -1,4 +1,4 @@
-"""`python -m builder COMMAND ...`: the maintainers' pipeline.
+"""`lymphatlas-build COMMAND ...` (or `python -m builder COMMAND ...`): the maintainers' pipeline.
 
 Each command lives in ``builder/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; heavy imports happen inside ``run``.
@@ -24,7 +24,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     return dispatch(
         argv,
-        prog="python -m builder",
+        prog="lymphatlas-build" if sys.argv[0].endswith("lymphatlas-build") else "python -m builder",
         description="LymphAtlas dataset builder",
         package="builder.commands",
         commands=COMMANDS,

@@ -25,7 +25,7 @@ from lymphatlas_ds.schema import Config, Split
 
 from builder.shards import ShardInfo, features
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "dataset_card.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "dataset_card.md"  # a link to the repository's, a copy in the wheel
 LICENSE = "other"
 LICENSE_NAME = "lymphatlas-data-use"
 LICENSE_LINK = "README.md#licence-and-terms-of-use"

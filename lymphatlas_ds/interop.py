@@ -6,19 +6,25 @@ read NIfTI through nibabel and work on ``[C, X, Y, Z]`` tensors with that same a
 only conversion is reversing the spatial axes; the affine is unchanged. :func:`to_xyz` does that
 (no MONAI or TorchIO needed) and :func:`to_zyx` undoes it.
 
-MONAI (``pip install lymphatlas-ds[monai]``)::
+Do not hand a raw item to MONAI: its spatial transforms read the first spatial axis as x and
+take the geometry from a MetaTensor's affine, which a plain tensor lacks, so ``Spacingd`` on a raw
+item silently resamples the wrong axes with a unit voxel size. :func:`to_monai` gives MONAI what
+it expects.
+
+MONAI (``pip install monai``)::
 
     from monai import transforms as mt
     pipeline = mt.Compose([
-        mt.Lambdad(keys="image", func=lambda x: x),          # any MONAI dictionary transform...
+        mt.Spacingd(keys=("image", "label"), pixdim=(4.0, 4.0, 4.0), mode=("bilinear", "nearest")),
         mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
     ])
-    out = pipeline(to_monai(item))                           # MetaTensors with the affine attached
+    out = pipeline(to_monai(item))      # [C, X, Y, Z] MetaTensors with the affine and the case id attached
+    mt.SaveImage(output_dir="pred", output_postfix="label")(out["label"])   # pred/<case_id>/<case_id>_label.nii.gz
 
-TorchIO (``pip install lymphatlas-ds[torchio]``)::
+TorchIO (``pip install torchio``)::
 
-    subject = to_torchio_subject(item)                       # tio.Subject(ct=, pet=, label=)
-    subject = tio.RandomAffine()(subject)
+    subject = to_torchio(item)          # tio.Subject(ct=, pet=, label=, case_id=, meta=)
+    subject = tio.Resample(4.0)(subject)
 
 Example:
     >>> import torch
@@ -86,25 +92,29 @@ def to_monai(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
 
     The RAS affine goes into each MetaTensor's ``affine`` (MONAI's convention for images it loads
     from NIfTI), so MONAI's spatial transforms (``Spacingd``, ``Orientationd``, crops) keep the
-    geometry right. Other keys pass through.
+    geometry right. The case id goes into the ``filename_or_obj`` metadata, so MONAI's ``SaveImage``
+    writes one file per case (``<case_id>/<case_id>_<postfix>.nii.gz``). Other keys pass through.
 
     Example:
         >>> out = to_monai(item)  # doctest: +SKIP
         >>> out["image"].affine  # doctest: +SKIP
     """
     monai_data = _require("monai.data", "monai")
+    if "affine" not in item:
+        raise ValueError("to_monai needs the item's 'affine' (a LymphAtlas item from load_lymphatlas or hf_torch)")
     affine = torch.as_tensor(np.asarray(item["affine"], dtype=np.float64))
     out = to_xyz(item, keys=keys)
+    meta = {"filename_or_obj": str(item["case_id"])} if item.get("case_id") is not None else {}
     for k in keys:
-        out[k] = monai_data.MetaTensor(torch.as_tensor(out[k]), affine=affine)
+        out[k] = monai_data.MetaTensor(torch.as_tensor(out[k]), affine=affine.clone(), meta=dict(meta))
     return out
 
 
-def to_torchio_subject(item: Item) -> Any:
+def to_torchio(item: Item) -> Any:
     """A TorchIO ``Subject`` with ``ct`` and ``pet`` ``ScalarImage`` and a ``label`` ``LabelMap``, plus ``case_id`` and ``meta``.
 
     Example:
-        >>> subject = to_torchio_subject(item)  # doctest: +SKIP
+        >>> subject = to_torchio(item)  # doctest: +SKIP
         >>> subject["ct"].spacing  # doctest: +SKIP
         (2.0, 2.0, 3.0)
     """
@@ -120,3 +130,7 @@ def to_torchio_subject(item: Item) -> Any:
         case_id=item.get("case_id"),
         meta=item.get("meta", {}),
     )
+
+
+to_torchio_subject = to_torchio
+"""The earlier name of :func:`to_torchio`."""

@@ -27,7 +27,7 @@ python -m builder publish "$D/release-1.0.0/lymphatlas" --mirror "$D/mirror"
 echo "== 5. load it: plain datasets, then torch"
 python scripts/demo_load.py "$D/release-1.0.0"
 echo "== 6. nnU-Net v2 raw dataset with the patient-grouped splits"
-lymphatlas materialize --nnunet "$D/nnUNet_raw" --source "$D/mirror" --version 1.0.0 --config all --dataset-id 501
+lymphatlas materialize "$D/mirror" --nnunet "$D/nnUNet_raw" --version 1.0.0 --config all --dataset-id 501
 echo "== 7. update release 1.1.0: the cohort grew; nothing published moves"
 # exit status 1 = some exams were rejected (listed above and in failures.json); anything else is an error
 python -m builder convert "$D/source-update" "$D/work" --workers 2 || [ $? -eq 1 ]

@@ -4,8 +4,8 @@
 # torch: on this kind of machine `pip install torch==2.13.0` takes the CPU build that lies on disk; elsewhere
 # the usual torch wheel is installed. nnU-Net is installed without `timm` (and so without torchvision):
 # timm is only needed by nnU-Net's Primus/EVA architectures, and PyPI's torchvision does not import beside
-# the CPU torch build. The project drives nnU-Net through its Python API (see lymphatlas_ds/nnunet.py and
-# tools/), which never imports those architectures.
+# the CPU torch build (timm itself does not import without torchvision). With a CUDA torch, timm is added.
+# nnU-Net's commands still work without it once `python -m lymphatlas_ds.nnunet_trainers` has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,5 +19,19 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # nnU-Net and its network package without their torch-vision-pulling extras (see above).
 pip install --quiet --no-deps "nnunetv2==2.8.1" "dynamic-network-architectures==0.4.4" 2>&1 | grep -v "is ignored" || true
-pip install --quiet -e ".[builder,nnunet-deps,dev]" 2>&1 | grep -v "is ignored" || true
-python -c "import lymphatlas_ds, SimpleITK, pydicom, nnunetv2, torch; print('environment ready: torch', torch.__version__)"
+# Everything else, with the installed torch held where it is (MONAI and TorchIO would otherwise be free to
+# pull a newer, CUDA, torch): the project with the builder, nnU-Net's other dependencies, the MONAI and
+# TorchIO extras (so the interop tests run) and the test tools.
+TORCH_PIN=$(mktemp)
+trap 'rm -f "$TORCH_PIN"' EXIT
+python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_PIN"
+pip install --quiet -c "$TORCH_PIN" -e ".[builder,nnunet-deps,monai,torchio,dev]" 2>&1 | grep -v "is ignored" || true
+# timm (nnU-Net's Primus/EVA architectures) needs a torchvision built for the installed torch: where one
+# installs and imports (a CUDA torch from PyPI), add both; beside the CPU torch build it does not, so skip.
+if python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  pip install --quiet -c "$TORCH_PIN" timm 2>&1 | grep -v "is ignored" || true
+  python -c "import timm" 2>/dev/null || { echo "timm does not import beside torch here: removed"; pip uninstall -y -q timm torchvision; }
+fi
+# nnU-Net's own commands (nnUNetv2_train -tr ..., nnUNetv2_predict) find the project's trainers (see the module).
+python -m lymphatlas_ds.nnunet_trainers
+python -c "import lymphatlas_ds, builder, SimpleITK, pydicom, nnunetv2, torch, monai, torchio; print('environment ready: torch', torch.__version__)"

@@ -91,7 +91,7 @@ def test_torch_folds_are_patient_grouped_and_carry_the_source_voxels(chain):
 
 def test_nnunet_raw_dataset_has_source_voxels_and_grouped_splits(chain, monkeypatch):
     raw = chain["root"] / "raw"
-    rc = lymphatlas_main(["materialize", "--nnunet", str(raw), "--source", str(chain["mirror"]),
+    rc = lymphatlas_main(["materialize", str(chain["mirror"]), "--nnunet", str(raw),
                           "--version", "1.0.0", "--dataset-id", "777", "--quiet"])
     assert rc == 0
     (ds_dir,) = raw.glob("Dataset777_*")

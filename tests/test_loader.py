@@ -198,9 +198,16 @@ def test_datasets_load_dataset_with_the_torch_transform(built, raw):
     assert next(iter(batch))["image"].shape[:2] == (2, 2)
 
 
+def test_one_int_patch_size_is_a_cube(built):
+    ds = load(built, patch_size=8, samples_per_case=1, seed=2)
+    assert ds.patch_size == (8, 8, 8)
+    assert ds[0]["image"].shape == (2, 8, 8, 8)
+
+
 def test_bad_patch_arguments(built):
-    with pytest.raises(SchemaError, match="patch_size"):
-        load(built, patch_size=(8, 8))
+    for bad in ((8, 8), 0, 8.5, "128", (8, 8, 8.5), None.__class__):
+        with pytest.raises(SchemaError, match=r"patch_size must be a positive voxel count .* got"):
+            load(built, patch_size=bad)
     with pytest.raises(SchemaError, match="foreground_ratio"):
         load(built, patch_size=(8, 8, 8), foreground_ratio=1.5)
     with pytest.raises(SchemaError, match="cache=True"):
@@ -224,44 +231,3 @@ def test_xyz_items_equal_what_nibabel_reads_from_the_work_files(built):
     np.testing.assert_array_equal(xyz["label"][0].numpy(), np.asanyarray(nib.load(work / "label.nii.gz").dataobj))
     back = to_zyx(xyz)
     assert torch.equal(back["image"], item["image"]) and torch.equal(back["label"], item["label"])
-
-
-def test_monai_dictionary_transforms():
-    monai = pytest.importorskip("monai", reason="MONAI is not installed (pip install lymphatlas-ds[monai])")
-    from monai import transforms as mt
-
-    from lymphatlas_ds.interop import to_monai
-
-    item = {"image": torch.rand(2, 4, 5, 6), "label": torch.zeros(1, 4, 5, 6, dtype=torch.uint8), "affine": torch.eye(4) * 2}
-    item["affine"][3, 3] = 1
-    out = mt.Flipd(keys=("image", "label"), spatial_axis=0)(to_monai(item))
-    assert isinstance(out["image"], monai.data.MetaTensor) and tuple(out["image"].shape) == (2, 6, 5, 4)
-    np.testing.assert_allclose(out["image"].pixdim.numpy()[:3], [2, 2, 2])
-
-
-def test_torchio_subject():
-    tio = pytest.importorskip("torchio", reason="TorchIO is not installed (pip install lymphatlas-ds[torchio])")
-    from lymphatlas_ds.interop import to_torchio_subject
-
-    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
-    item = {"image": torch.rand(2, 4, 5, 6), "label": torch.zeros(1, 4, 5, 6, dtype=torch.uint8), "affine": affine, "case_id": "x"}
-    subject = to_torchio_subject(item)
-    assert isinstance(subject, tio.Subject) and subject["ct"].spatial_shape == (6, 5, 4)
-    assert subject["pet"].spacing == (2.0, 2.0, 3.0)
-    np.testing.assert_array_equal(subject["pet"].data[0].numpy(), item["image"][1].permute(2, 1, 0).numpy())
-
-
-def test_missing_interop_package_says_how_to_install():
-    import importlib.util
-
-    from lymphatlas_ds.interop import to_monai, to_torchio_subject
-
-    item = {"image": torch.zeros(2, 2, 2, 2), "label": torch.zeros(1, 2, 2, 2), "affine": torch.eye(4)}
-    checked = 0
-    for module, extra, fn in (("monai", "monai", to_monai), ("torchio", "torchio", to_torchio_subject)):
-        if importlib.util.find_spec(module) is None:
-            with pytest.raises(ImportError, match=rf"pip install lymphatlas-ds\[{extra}\]"):
-                fn(item)
-            checked += 1
-    if not checked:
-        pytest.skip("MONAI and TorchIO are both installed")

@@ -223,7 +223,7 @@ def test_non_finite_pet_is_refused_naming_the_case(tmp_path, release):
 def test_cli(tmp_path, release_dir, monkeypatch, capsys):
     monkeypatch.setenv("LYMPHATLAS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
-    rc = cli.main(["materialize", "--nnunet", str(tmp_path / "raw"), "--source", str(release_dir[0]),
+    rc = cli.main(["materialize", str(release_dir[0]), "--nnunet", str(tmp_path / "raw"),
                    "--config", "hl", "--dataset-id", "508", "--pet-channel-name", "PET", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -231,7 +231,11 @@ def test_cli(tmp_path, release_dir, monkeypatch, capsys):
     assert "splits_final.json" in out and "nnUNetv2_plan_and_preprocess -d 508" in out
     rc = cli.main(["materialize", "--nnunet", str(tmp_path / "raw"), "--source", str(release_dir[0]),
                    "--config", "nhl", "--dataset-id", "508", "--quiet"])
-    assert rc == 2 and "--force" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--force" in err
+    assert "--source is deprecated" in err  # the old spelling still works, with a warning
+    rc = cli.main(["materialize", "--nnunet", str(tmp_path / "raw"), "--quiet"])
+    assert rc == 2 and "lymphatlas materialize SOURCE --nnunet RAW_DIR" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -32,14 +32,26 @@ def test_resolve_trainer_names():
         resolve_trainer("nnUNetTrainer_NoSuchThing")
 
 
-def test_nnunets_own_lookup_cannot_find_a_project_trainer(monkeypatch):
-    """Why tools/nnunet_run.load_predictor exists: nnU-Net searches its own package only (and the
-    walk imports every trainer module, one of which needs timm)."""
+def test_nnunets_own_lookup_finds_the_project_trainers(monkeypatch):
+    """nnUNetv2_train / nnUNetv2_predict look trainers up with this function; without the module that
+    `python -m lymphatlas_ds.nnunet_trainers` writes, the walk ends in "No module named 'timm'" here."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+    from lymphatlas_ds import nnunet_trainers
+
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
-    with pytest.raises((RuntimeError, ImportError)):
-        recursive_find_trainer_class_by_name("nnUNetTrainer_LymphAtlasTiny")
+    nnunet_trainers.install()  # idempotent; scripts/setup.sh has done it
+    assert nnunet_trainers.is_installed()
+    assert recursive_find_trainer_class_by_name("nnUNetTrainer_LymphAtlasTiny") is nnUNetTrainer_LymphAtlasTiny
+    assert recursive_find_trainer_class_by_name("nnUNetTrainer_500epochs") is resolve_trainer("paper")
+
+
+def test_the_installed_module_stays_out_of_the_way_without_the_package():
+    from lymphatlas_ds.nnunet_trainers import SHIM_TEXT
+
+    code = f"import sys; sys.modules['lymphatlas_ds'] = None\nexec({SHIM_TEXT!r})\nprint('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 @pytest.fixture(scope="module")

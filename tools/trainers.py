@@ -1,16 +1,10 @@
-"""nnU-Net trainer variants of this project, and how to find a trainer class by name.
+"""Find an nnU-Net trainer class by name for the baseline tools (the classes live in lymphatlas_ds.nnunet_trainers).
 
-``nnUNetTrainer_LymphAtlasTiny`` exists for the CPU smoke test: nnU-Net's smallest stock trainer
-(``nnUNetTrainer_1epoch``) still runs 250 training + 50 validation iterations, about 35 minutes on
-two CPU cores for a toy dataset. The tiny one runs 2 epochs of 3 + 1 iterations and predicts its
-validation cases without test-time mirroring, so materialize -> plan -> train -> predict -> report
-fits in a few minutes. It is a check that the pipeline runs, not a model.
-
-Why a resolver of our own: nnU-Net finds a trainer by *importing every module* under
-``nnunetv2/training/nnUNetTrainer`` until one defines the name, and only then looks in
-``$nnUNet_extTrainer``. A class defined here is never found that way, and the walk itself fails
-where ``timm`` is absent (one architecture imports it). :func:`resolve_trainer` imports only the
-modules that can define the classes the baseline uses.
+``nnUNetTrainer_LymphAtlasTiny`` is the CPU smoke-test trainer (2 epochs of 3 + 1 iterations);
+``paper`` is ``nnUNetTrainer_500epochs``, the paper's 500 epochs per fold. nnU-Net's own commands
+find both once ``python -m lymphatlas_ds.nnunet_trainers`` has run (see that module).
+:func:`resolve_trainer` imports only the modules that can define the classes the baseline uses,
+so the Python API in :mod:`tools.nnunet_run` works without that step too.
 
 Example:
     >>> resolve_trainer("tiny").__name__
@@ -21,11 +15,14 @@ from __future__ import annotations
 
 import importlib
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from lymphatlas_ds.nnunet_trainers import nnUNetTrainer_500epochs, nnUNetTrainer_LymphAtlasTiny
+
+__all__ = ["ALIASES", "TRAINER_MODULES", "nnUNetTrainer_500epochs", "nnUNetTrainer_LymphAtlasTiny", "resolve_trainer"]
+
 TRAINER_MODULES: tuple[str, ...] = (
-    "tools.trainers",
+    "lymphatlas_ds.nnunet_trainers",
     "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
     "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs",
 )
@@ -33,27 +30,6 @@ TRAINER_MODULES: tuple[str, ...] = (
 
 ALIASES = {"tiny": "nnUNetTrainer_LymphAtlasTiny", "paper": "nnUNetTrainer_500epochs"}
 """Short names for the command line. The paper trained each fold for 500 epochs."""
-
-
-class nnUNetTrainer_LymphAtlasTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
-    """A few iterations of the stock trainer: for CI on CPU, not for results."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 10**9  # checkpoint_final only
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802 - nnU-Net's name
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        # no mirroring, in augmentation nor at inference (validation then predicts once per patch, 8x faster)
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
-
-    def _do_i_compile(self) -> bool:
-        return False
 
 
 def resolve_trainer(name: str) -> type[nnUNetTrainer]:

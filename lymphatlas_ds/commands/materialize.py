@@ -1,15 +1,20 @@
-"""`lymphatlas materialize --nnunet RAW_DIR`: write an nnU-Net v2 raw dataset from a release.
+"""`lymphatlas materialize SOURCE --nnunet RAW_DIR`: write an nnU-Net v2 raw dataset from a release.
 
 Thin wrapper around :func:`lymphatlas_ds.nnunet.materialize_nnunet`; see that module for the
 layout. ``--preprocessed`` defaults to ``$nnUNet_preprocessed`` so that the patient-grouped
-``splits_final.json`` lands where nnU-Net's trainer looks for it.
+``splits_final.json`` lands where nnU-Net's trainer looks for it. The closing hint prints nnU-Net's
+own commands for the dataset just written, as they can be pasted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+from pathlib import Path
+
+from lymphatlas_ds.errors import SourceError
 
 from lymphatlas_ds.schema import Config
 
@@ -17,8 +22,10 @@ from lymphatlas_ds.schema import Config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nnunet", metavar="RAW_DIR", required=True,
                         help="nnU-Net raw folder (nnUNet_raw); the dataset goes to RAW_DIR/Dataset<ID>_<Name>/")
-    parser.add_argument("--source", required=True,
+    parser.add_argument("source", nargs="?", default=None,
                         help="release folder, local mirror (with --version), or Hugging Face repo id")
+    parser.add_argument("--source", dest="source_option", metavar="SOURCE", default=None,
+                        help="deprecated spelling of the positional SOURCE")
     parser.add_argument("--version", default=None, help="release version X.Y.Z (default: the latest)")
     parser.add_argument("--config", choices=[c.value for c in Config], default=Config.ALL.value,
                         help="all cases, Hodgkin (hl) or non-Hodgkin (nhl); the paper trains hl and nhl apart")
@@ -52,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from lymphatlas_ds.release import Release
     from lymphatlas_ds.source import resolve_release
 
-    release = Release(resolve_release(args.source, version=args.version).path)
+    source = _source(args)
+    release = Release(resolve_release(source, version=args.version).path)
     with tqdm(desc="materialize", unit="case", disable=args.quiet, file=sys.stderr) as bar:
         result = materialize_nnunet(
             release, args.nnunet, config=args.config, dataset_id=args.dataset_id, name=args.name,
@@ -72,5 +80,52 @@ def run(args: argparse.Namespace) -> int:
             "(or rerun with --preprocessed DIR): without it nnU-Net draws random per-case folds that put one "
             "patient's exams on both sides"
         )
-    print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} --verify_dataset_integrity -c 3d_fullres")
+    print(next_steps(result.dataset_dir, args.dataset_id, preprocessed=args.preprocessed))
     return 0
+
+
+def _source(args: argparse.Namespace) -> str:
+    if args.source_option is not None:
+        print("warning: --source is deprecated; give the release first: lymphatlas materialize SOURCE --nnunet RAW_DIR",
+              file=sys.stderr)
+        if args.source is not None and args.source != args.source_option:
+            raise SourceError(f"two sources given ({args.source!r} and --source {args.source_option!r}); give one")
+    source = args.source if args.source is not None else args.source_option
+    if source is None:
+        raise SourceError("no release given: lymphatlas materialize SOURCE --nnunet RAW_DIR "
+                          "(SOURCE: a release folder, a local mirror or a Hub repo id)")
+    return source
+
+
+def next_steps(dataset_dir: Path, dataset_id: int, *, preprocessed: str | None) -> str:
+    """nnU-Net's own commands for the paper's baseline on this dataset, ready to paste (one fold shown)."""
+    raw = Path(dataset_dir).resolve().parent
+    lines = ["next, with nnU-Net's own commands (the paper: 3d_fullres, folds 0-4, 500 epochs each):"]
+    env = {"nnUNet_raw": str(raw)}
+    env["nnUNet_preprocessed"] = str(Path(preprocessed).resolve()) if preprocessed else str(raw.parent / "nnUNet_preprocessed")
+    env["nnUNet_results"] = os.environ.get("nnUNet_results") or str(raw.parent / "nnUNet_results")
+    for var, value in env.items():
+        if os.environ.get(var) != value:
+            lines.append(f"  export {var}={shlex.quote(value)}")
+    if not _trainers_visible():
+        lines.append("  python -m lymphatlas_ds.nnunet_trainers   # once: lets nnUNetv2_train find the project's trainers")
+    if not preprocessed:  # the patient-grouped folds go where nnU-Net's trainer reads them
+        target = shlex.quote(str(Path(env["nnUNet_preprocessed"]) / Path(dataset_dir).name))
+        lines.append(f"  mkdir -p {target} && cp {shlex.quote(str(Path(dataset_dir).resolve() / 'splits_final.json'))} {target}/")
+    images_ts = shlex.quote(str(Path(dataset_dir).resolve() / "imagesTs"))
+    lines += [
+        f"  nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity -c 3d_fullres",
+        f"  nnUNetv2_train {dataset_id} 3d_fullres 0 -tr nnUNetTrainer_500epochs      # then folds 1-4",
+        f"  nnUNetv2_predict -i {images_ts} -o predictions -d {dataset_id} -c 3d_fullres -f 0 1 2 3 4 "
+        "-tr nnUNetTrainer_500epochs",
+    ]
+    return "\n".join(lines)
+
+
+def _trainers_visible() -> bool:
+    """Whether nnU-Net's lookup finds the project's trainers (True where nnU-Net is absent: nothing to say)."""
+    try:
+        from lymphatlas_ds.nnunet_trainers import is_installed
+    except ImportError:
+        return True
+    return is_installed()

@@ -1,0 +1,149 @@
+"""The project's nnU-Net v2 trainers, and the one-line module that lets nnU-Net's own commands find them.
+
+``nnUNetv2_train`` and ``nnUNetv2_predict`` find a trainer by name by importing the modules under
+``nnunetv2/training/nnUNetTrainer`` one by one: first the modules directly in that folder, then
+every subpackage (``primus``, ``variants/...``). A class elsewhere is never found, and where
+``timm`` is missing (it needs a torchvision that imports beside the installed torch; PyPI's does
+not beside the CPU torch build) the walk into the subpackages ends in ``No module named 'timm'``.
+``nnUNet_extTrainer`` is only searched after that walk, so it does not help there.
+
+:func:`install` writes one module, ``nnUNetTrainer_LymphAtlas.py``, into that folder. It
+re-exports the trainers below, so nnU-Net's lookup finds them (and the paper's
+``nnUNetTrainer_500epochs``) among the top-level modules, before it would reach a module that
+needs ``timm``. The module holds a single import, so it follows this package when it is
+upgraded; ``python -m lymphatlas_ds.nnunet_trainers --remove`` takes it away.
+
+    python -m lymphatlas_ds.nnunet_trainers          # once per environment (scripts/setup.sh does it)
+    nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer_500epochs           # the paper's setting
+    nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer_LymphAtlasTiny -device cpu   # a CI smoke run
+
+``nnUNetTrainer_LymphAtlasTiny`` exists for CPU smoke tests: nnU-Net's smallest stock trainer
+(``nnUNetTrainer_1epoch``) still runs 250 training + 50 validation iterations. The tiny one runs 2
+epochs of 3 + 1 iterations and predicts without test-time mirroring. It checks that the pipeline
+runs; it is not a model.
+
+Example:
+    >>> from lymphatlas_ds.nnunet_trainers import installed_path  # doctest: +SKIP
+    >>> installed_path().name  # doctest: +SKIP
+    'nnUNetTrainer_LymphAtlas.py'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_500epochs
+
+__all__ = ["nnUNetTrainer_500epochs", "nnUNetTrainer_LymphAtlasTiny"]
+
+SHIM_NAME = "nnUNetTrainer_LymphAtlas.py"
+SHIM_TEXT = (
+    '"""Written by `python -m lymphatlas_ds.nnunet_trainers` (LymphAtlas-DS): makes the project\'s trainers\n'
+    "visible to nnU-Net's trainer lookup. Remove with `python -m lymphatlas_ds.nnunet_trainers --remove`.\"\"\"\n"
+    "try:\n"
+    "    from lymphatlas_ds.nnunet_trainers import *  # noqa: F401,F403\n"
+    "except ModuleNotFoundError as e:  # lymphatlas-ds uninstalled: stay out of nnU-Net's way\n"
+    "    if not (e.name or '').startswith('lymphatlas_ds'):\n"
+    "        raise\n"
+)
+
+
+class nnUNetTrainer_LymphAtlasTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
+    """A few iterations of the stock trainer: for CI on CPU, not for results."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+        self.save_every = 10**9  # checkpoint_final only
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802 - nnU-Net's name
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # no mirroring, in augmentation nor at inference (validation then predicts once per patch, 8x faster)
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+    def _do_i_compile(self) -> bool:
+        return False
+
+
+def trainer_folder() -> Path:
+    """nnU-Net's trainer folder, the one its lookup walks."""
+    import nnunetv2.training.nnUNetTrainer as package
+
+    return Path(package.__path__[0])
+
+
+def installed_path() -> Path:
+    return trainer_folder() / SHIM_NAME
+
+
+def is_installed() -> bool:
+    """Whether nnU-Net's lookup will find the project's trainers (the module is there, with this content)."""
+    path = installed_path()
+    return path.is_file() and path.read_text() == SHIM_TEXT
+
+
+def install() -> Path:
+    """Write the re-exporting module into nnU-Net's trainer folder (atomically; idempotent); return its path."""
+    path = installed_path()
+    if is_installed():
+        return path
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lymphatlas-", suffix=".tmp")
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write into nnU-Net's trainer folder {path.parent} ({e}); run this with the rights of the "
+            "environment's owner, or use nnU-Net's Python API through tools/nnunet_run.py instead"
+        ) from e
+    with os.fdopen(fd, "w") as f:
+        f.write(SHIM_TEXT)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def remove() -> bool:
+    """Delete the module :func:`install` wrote; ``False`` when there was none."""
+    path = installed_path()
+    if not path.is_file():
+        return False
+    path.unlink()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lymphatlas_ds.nnunet_trainers",
+        description="make the project's nnU-Net trainers visible to nnUNetv2_train / nnUNetv2_predict",
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--remove", action="store_true", help="remove the module written by an earlier run")
+    group.add_argument("--check", action="store_true", help="exit 1 unless the module is in place")
+    args = parser.parse_args(argv)
+    if args.check:
+        ok = is_installed()
+        print(f"{installed_path()}: {'in place' if ok else 'missing; run python -m lymphatlas_ds.nnunet_trainers'}")
+        return 0 if ok else 1
+    if args.remove:
+        print(f"removed {installed_path()}" if remove() else f"nothing to remove at {installed_path()}")
+        return 0
+    try:
+        path = install()
+    except PermissionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"nnU-Net finds {', '.join(__all__)} through {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
