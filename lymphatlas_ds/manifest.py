@@ -1,8 +1,10 @@
 """A release's ``manifest.json``: every file with its sha256 and size, and each case's content hash.
 
 The builder writes it last (:func:`build_manifest`); the client checks a downloaded or mirrored
-release against it (:func:`verify_files`, :func:`verify_release`) and a decoded case against its
-content hash (:func:`content_hash`).
+release against it (:func:`verify_files`: every file's size and sha256; :func:`verify_consistency`:
+the manifest's version and cases against ``splits.json``, ``CHANGELOG.md``, the shards' case ids
+and content hashes; :func:`verify_release` both, which ``publish`` runs first) and a decoded case
+against its content hash (:func:`content_hash`).
 
 Layout (docs/contracts.md section 4)::
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,20 +185,151 @@ def verify_files(
     return problems
 
 
+@dataclass(frozen=True)
+class ConsistencyProblem:
+    """The manifest disagrees with another part of the release (splits, changelog, shards)."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+SPLITS_NAME = "splits.json"
+CHANGELOG_NAME = "CHANGELOG.md"
+CASES_CSV = "metadata/cases.csv"
+_SHARD = re.compile(r"data/(?P<config>[a-z]+)/(?P<split>[a-z]+)-\d+-of-\d+\.parquet")
+_CROSS_COLUMNS = ("case_id", "content_hash", "diagnosis", "split")
+
+
+def _ids(values: set[str] | list[str], limit: int = 5) -> str:
+    values = sorted(values)
+    return ", ".join(values[:limit]) + (f" (and {len(values) - limit} more)" if len(values) > limit else "")
+
+
+def verify_consistency(release_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[ConsistencyProblem]:
+    """Cross-check the manifest with the rest of the release; an empty list means they agree.
+
+    * ``splits.json`` is of the manifest's version and lists exactly the manifest's cases;
+    * ``CHANGELOG.md`` has a ``## <version>`` section;
+    * the shards (their ``case_id``, ``content_hash``, ``diagnosis`` and ``split`` columns, no
+      volume is read) hold exactly the manifest's cases, each once, in the shard of its diagnosis
+      and split, with the manifest's content hash; ``metadata/cases.csv`` agrees too.
+
+    It reads the files as they are: run :func:`verify_files` too (``verify_release`` does both).
+
+    Example:
+        >>> verify_consistency("lymphatlas")  # doctest: +SKIP
+        []
+    """
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(release_dir)
+    manifest = manifest if manifest is not None else read_manifest(root)
+    version = str(manifest["version"])
+    cases: dict[str, str] = dict(manifest["cases"])
+    problems: list[ConsistencyProblem] = []
+    add = problems.append
+
+    def compare(where: str, found: set[str], what: str) -> None:
+        if missing := set(cases) - found:
+            add(ConsistencyProblem(where, f"lacks {len(missing)} case(s) of the manifest: {_ids(missing)}"))
+        if extra := found - set(cases):
+            add(ConsistencyProblem(where, f"has {len(extra)} {what} the manifest does not list: {_ids(extra)}"))
+
+    # splits.json
+    splits_cases: dict[str, Any] = {}
+    try:
+        splits = json.loads((root / SPLITS_NAME).read_text())
+        splits_cases = dict(splits["cases"])
+        if str(splits.get("version")) != version:
+            add(ConsistencyProblem(SPLITS_NAME, f"is of version {splits.get('version')}, the manifest says {version}"))
+        compare(SPLITS_NAME, set(splits_cases), "case(s)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        add(ConsistencyProblem(SPLITS_NAME, f"cannot be read as a splits table ({e})"))
+    # CHANGELOG.md
+    try:
+        changelog = (root / CHANGELOG_NAME).read_text()
+        if not re.search(rf"^## {re.escape(version)}[ \t]*$", changelog, re.MULTILINE):
+            add(ConsistencyProblem(CHANGELOG_NAME, f"has no section '## {version}' for the manifest's version"))
+    except OSError as e:
+        add(ConsistencyProblem(CHANGELOG_NAME, f"cannot be read ({e.strerror or e})"))
+    # shards
+    in_shards: dict[str, str] = {}
+    for rel in sorted(manifest["files"]):
+        match = _SHARD.fullmatch(rel)
+        if not rel.startswith("data/"):
+            continue
+        if match is None:
+            add(ConsistencyProblem(rel, "is not named data/<config>/<split>-NNNNN-of-NNNNN.parquet"))
+            continue
+        try:
+            table = pq.read_table(root / rel, columns=list(_CROSS_COLUMNS))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            add(ConsistencyProblem(rel, f"cannot be read ({e})"))
+            continue
+        for row in table.to_pylist():
+            case_id = row["case_id"]
+            if case_id in in_shards:
+                add(ConsistencyProblem(rel, f"case {case_id} is also in {in_shards[case_id]}"))
+                continue
+            in_shards[case_id] = rel
+            if str(row["diagnosis"]).lower() != match["config"] or row["split"] != match["split"]:
+                add(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, in the "
+                                            f"{match['config']} {match['split']} shard"))
+            expected = cases.get(case_id)
+            if expected is not None and row["content_hash"] != expected:
+                add(ConsistencyProblem(rel, f"case {case_id} has content hash {str(row['content_hash'])[:16]}..., "
+                                            f"the manifest says {str(expected)[:16]}..."))
+            entry = splits_cases.get(case_id)
+            if entry is not None and (entry.get("diagnosis"), entry.get("split")) != (row["diagnosis"], row["split"]):
+                add(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, {SPLITS_NAME} "
+                                            f"says {entry.get('diagnosis')} {entry.get('split')}"))
+    compare("the shards (data/)", set(in_shards), "case(s)")
+    # metadata/cases.csv
+    if CASES_CSV in manifest["files"]:
+        try:
+            with open(root / CASES_CSV, newline="") as f:
+                rows = list(csv.DictReader(f))
+            compare(CASES_CSV, {r["case_id"] for r in rows}, "case(s)")
+            for r in rows:
+                expected = cases.get(r["case_id"])
+                if expected is not None and r.get("content_hash") not in (None, expected):
+                    add(ConsistencyProblem(CASES_CSV, f"case {r['case_id']} has content hash "
+                                                      f"{str(r['content_hash'])[:16]}..., the manifest says {expected[:16]}..."))
+        except (OSError, KeyError, csv.Error) as e:
+            add(ConsistencyProblem(CASES_CSV, f"cannot be read as the cases table ({e})"))
+    return problems
+
+
+def verify_all(
+    release_dir: str | Path, manifest: dict[str, Any] | None = None, *, check_sha256: bool = True
+) -> list[FileProblem | ConsistencyProblem]:
+    """Every file against the manifest (:func:`verify_files`), then the manifest against the rest of
+    the release (:func:`verify_consistency`); an empty list means the release is intact."""
+    manifest = manifest if manifest is not None else read_manifest(release_dir)
+    return [*verify_files(release_dir, manifest, check_sha256=check_sha256), *verify_consistency(release_dir, manifest)]
+
+
 def verify_release(release_dir: str | Path, *, check_sha256: bool = True) -> dict[str, Any]:
-    """Raise :class:`IntegrityError` naming every bad file, else return the manifest.
+    """Raise :class:`IntegrityError` naming every problem (:func:`verify_all`), else return the manifest.
 
     Example:
         >>> verify_release("lymphatlas")["version"]  # doctest: +SKIP
         '1.0.0'
     """
     manifest = read_manifest(release_dir)
-    problems = verify_files(release_dir, manifest, check_sha256=check_sha256)
+    problems = verify_all(release_dir, manifest, check_sha256=check_sha256)
     if problems:
         listing = "; ".join(str(p) for p in problems[:20])
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise IntegrityError(
             f"release {release_dir} (version {manifest['version']}) does not match its manifest: {listing}{more}. "
-            "Re-download or re-copy the release; a published version never changes."
+            "Re-download or re-copy a published release (a published version never changes); rebuild one that "
+            "is not published yet (python -m builder release)"
         )
     return manifest

@@ -251,9 +251,12 @@ class Release:
             except OSError as e:  # a read-only cache folder only costs a re-check next time
                 log.debug("could not record the check of %s in %s: %s", relpath, record, e)
 
-    def verify_all(self, *, check_sha256: bool = True) -> list[manifest_mod.FileProblem]:
-        """Check every file against the manifest now; an empty list means the release is intact."""
-        return manifest_mod.verify_files(self.path, self.manifest, check_sha256=check_sha256)
+    def verify_all(
+        self, *, check_sha256: bool = True
+    ) -> list[manifest_mod.FileProblem | manifest_mod.ConsistencyProblem]:
+        """Check every file against the manifest, and the manifest against the splits, changelog and
+        shards (:func:`lymphatlas_ds.manifest.verify_all`) now; an empty list means the release is intact."""
+        return manifest_mod.verify_all(self.path, self.manifest, check_sha256=check_sha256)
 
     # ------------------------------------------------------------------ shards and the case index
 

@@ -111,3 +111,60 @@ def test_cli_entry_point_exit_codes(damaged, tmp_path):
     assert bad.returncode == 1 and "README.md" in bad.stdout
     missing = cli("verify", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def _edit_manifest(release: Path, edit) -> dict:
+    manifest = json.loads((release / "manifest.json").read_text())
+    edit(manifest)
+    (release / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _user(*argv, cwd):
+    """A console command as a user types it, from another folder."""
+    env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd)}
+    return subprocess.run(list(argv), capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_a_hand_edited_manifest_fails_verify_and_is_not_published(damaged, tmp_path):
+    """Version changed and a content hash zeroed: every file still matches its sha256, yet verify names what differs."""
+    zeroed = sorted(json.loads((damaged / "manifest.json").read_text())["cases"])[0]
+
+    def edit(m):
+        m["version"] = "1.0.1"
+        m["cases"][zeroed] = "0" * 64
+
+    _edit_manifest(damaged, edit)
+    run = _user(str(Path(sys.executable).parent / "lymphatlas"), "verify", str(damaged), cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "splits.json: is of version 1.0.0, the manifest says 1.0.1" in run.stdout
+    assert "CHANGELOG.md: has no section '## 1.0.1'" in run.stdout
+    shard_line = [line for line in run.stdout.splitlines() if zeroed in line and ".parquet" in line]
+    assert shard_line and "the manifest says 0000000000000000" in shard_line[0]
+    assert "metadata/cases.csv: case " + zeroed in run.stdout
+    assert "Traceback" not in run.stderr
+    publish = _user(sys.executable, "-m", "builder", "publish", str(damaged), "--mirror", str(tmp_path / "mirror"),
+                    cwd=tmp_path)
+    assert publish.returncode != 0 and "Traceback" not in publish.stderr
+    assert "1.0.1" in publish.stderr and zeroed in publish.stderr
+    assert not (tmp_path / "mirror" / "1.0.1").exists() and not (tmp_path / "mirror" / "versions.json").exists()
+
+
+def test_verify_cross_checks_the_shards_case_ids(damaged, capsys):
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    dropped = sorted(manifest["cases"])[-1]
+    _edit_manifest(damaged, lambda m: m["cases"].pop(dropped))
+    assert main(["verify", str(damaged)]) == 1
+    out = capsys.readouterr().out
+    assert f"the shards (data/): has 1 case(s) the manifest does not list: {dropped}" in out
+    assert f"splits.json: has 1 case(s) the manifest does not list: {dropped}" in out
+    # a case the manifest lists that no shard holds
+    _edit_manifest(damaged, lambda m: m["cases"].update({dropped: manifest["cases"][dropped], "LA-ffffffff": "1" * 64}))
+    assert main(["verify", str(damaged)]) == 1
+    assert "the shards (data/): lacks 1 case(s) of the manifest: LA-ffffffff" in capsys.readouterr().out
+
+
+def test_verify_content_decodes_every_case(built, capsys):
+    path, truth = built
+    assert main(["verify", str(path), "--content"]) == 0
+    assert f"{len(truth)} cases decoded to their content hash" in capsys.readouterr().out

@@ -1,8 +1,11 @@
-"""`lymphatlas verify SOURCE [--version X.Y.Z]`: check every file of a release against its manifest.
+"""`lymphatlas verify SOURCE [--version X.Y.Z]`: check a release against its manifest, end to end.
 
 Compares each file's size and sha256 with ``manifest.json`` and reports missing and unlisted
-files. Exit status 0 when everything matches, 1 when something does not (each problem is printed),
-2 when the source cannot be read at all.
+files; then cross-checks the manifest with the rest of the release: ``splits.json`` (same version,
+same cases), ``CHANGELOG.md`` (a section for the version), the shards' case ids and content hashes
+and ``metadata/cases.csv`` (:func:`lymphatlas_ds.manifest.verify_all`). ``--content`` also decodes
+every case and compares its voxels with the manifest's content hash. Exit status 0 when everything
+matches, 1 when something does not (each problem is printed), 2 when the source cannot be read at all.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default=None, help="release version X.Y.Z (default: the newest)")
     parser.add_argument("--quick", action="store_true", help="compare sizes only (no sha256)")
     parser.add_argument("--all-versions", action="store_true", help="verify every version of a local mirror")
+    parser.add_argument("--content", action="store_true",
+                        help="also decode every case and compare its voxels with the manifest's content hash (slow)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     for version in versions:
         resolved = resolve_release(args.source, version=version)
         release = Release(resolved.path, verify=False, remember=False)
-        problems = release.verify_all(check_sha256=not args.quick)
+        problems: list = release.verify_all(check_sha256=not args.quick)
+        if args.content and not problems:
+            problems += _content_problems(release)
         n_files = len(release.manifest["files"])
         if problems:
             status = 1
@@ -35,10 +42,28 @@ def run(args: argparse.Namespace) -> int:
             for problem in problems:
                 print(f"  {problem}")
             print(
-                "  re-download or re-copy the release (a published version never changes), then verify again",
+                "  re-download or re-copy a published release (a published version never changes), or rebuild "
+                "one not published yet, then verify again",
                 file=sys.stderr,
             )
         else:
             what = "sizes" if args.quick else "sizes and sha256"
-            print(f"release {release.version} at {resolved.path}: {n_files} files OK ({what} match the manifest)")
+            content = f", {len(release.manifest['cases'])} cases decoded to their content hash" if args.content else ""
+            print(f"release {release.version} at {resolved.path}: {n_files} files OK ({what} match the manifest; "
+                  f"splits, changelog and shards agree with it{content})")
     return status
+
+
+def _content_problems(release) -> list[str]:
+    """Decode every case and compare it with the manifest's content hash; one line per mismatch."""
+    from lymphatlas_ds.errors import LymphAtlasError
+    from lymphatlas_ds.schema import Split
+
+    problems = []
+    for split in Split:
+        for case_id in release.case_ids("all", split):
+            try:
+                release.read_case(case_id, check_content=True)
+            except LymphAtlasError as e:
+                problems.append(f"case {case_id}: {e}")
+    return problems
