@@ -381,8 +381,9 @@ def load_lymphatlas(
         >>> item["image"].shape[0], item["label"].dtype  # doctest: +SKIP
         (2, torch.uint8)
     """
+    # Without the decoded cache nothing re-checks the voxels: hash each file's bytes in this process (remember=False).
     release = Release.from_source(
-        source, version=version, hub_cache_dir=hub_cache_dir, verify=verify, state_dir=cache_dir
+        source, version=version, hub_cache_dir=hub_cache_dir, verify=verify, state_dir=cache_dir, remember=cache
     )
     case_ids = select_cases(release, config=config, split=split, fold=fold, subset=subset)
     if not case_ids:

@@ -6,10 +6,15 @@ with pyarrow, one row group (one case) and one column (one volume) at a time, so
 one case even for a release of hundreds of whole-body exams.
 
 Integrity: before a file of the release is first read it is checked against ``manifest.json``
-(size and sha256). A check that passed is remembered per file (its real path, size and
-modification time) in memory and in a small record under the client's cache folder, so neither a
-DataLoader worker nor the next run hashes a 500 MB shard again; a file changed since is checked
-again. A mismatch raises :class:`~lymphatlas_ds.errors.IntegrityError` naming the file and the fix.
+(size and sha256). A check that passed is remembered in memory for this process (and the
+DataLoader workers it starts). With ``remember=True`` it is also recorded under the client's cache
+folder, keyed by the file's real path, size, inode, modification and change times, so that the
+next run does not hash a 500 MB shard again: the torch loader does this only with its decoded
+cache, whose entries are checked against the manifest's per-case content hash when they are built
+and against their own checksum when opened. Without the cache (``load_lymphatlas(cache=False)``),
+the materializer and ``lymphatlas show``, every process hashes the bytes of each file it reads
+once (sha256), so a shard changed in place with its size and times restored is still caught.
+A mismatch raises :class:`~lymphatlas_ds.errors.IntegrityError` naming the file and the fix.
 
 Example:
     >>> release = Release("lymphatlas")  # doctest: +SKIP
@@ -96,9 +101,9 @@ def _diagnoses(config: Config) -> list[Diagnosis]:
 
 @dataclass
 class _Verified:
-    """Files already checked against the manifest, keyed by (real path, size, mtime_ns)."""
+    """Files already checked against the manifest, keyed by (real path, size, inode, mtime_ns, ctime_ns)."""
 
-    seen: set[tuple[str, int, int]] = field(default_factory=set)
+    seen: set[tuple[str, int, int, int, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -149,6 +154,7 @@ class Release:
         hub_cache_dir: str | Path | None = None,
         verify: bool = True,
         state_dir: str | Path | None = None,
+        remember: bool = True,
     ) -> Release:
         """Open the release that ``source`` (folder, mirror or Hub repo id) and ``version`` name.
 
@@ -159,7 +165,7 @@ class Release:
         from lymphatlas_ds.source import resolve_release
 
         resolved = resolve_release(source, version=version, cache_dir=hub_cache_dir)
-        return cls(resolved.path, verify=verify, state_dir=state_dir)
+        return cls(resolved.path, verify=verify, state_dir=state_dir, remember=remember)
 
     def __repr__(self) -> str:
         return f"Release({str(self.path)!r}, version={self.version!r})"
@@ -217,11 +223,12 @@ class Release:
     def _check_file(self, relpath: str, path: Path, entry: dict[str, Any]) -> None:
         real = os.path.realpath(path)
         st = os.stat(real)
-        key = (real, st.st_size, st.st_mtime_ns)
+        # ctime cannot be set back by os.utime: a file rewritten in place with its mtime restored gets a new key.
+        key = (real, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         if key in self._verified.seen:
             return
         record = self._record_path(real, entry["sha256"])
-        stamp = f"{st.st_size} {st.st_mtime_ns}"
+        stamp = " ".join(str(k) for k in key[1:])
         if record is not None and record.is_file():
             try:
                 if record.read_text() == stamp:

@@ -195,3 +195,53 @@ def test_unwritable_state_folder_only_costs_a_recheck(built, tmp_path):
     release = Release(path, state_dir=blocker)
     case = next(release.iter_cases("all", "test"))
     np.testing.assert_array_equal(case.pet, truth[case.case_id].pet)
+
+
+def _modify_in_place_keeping_size_and_mtime(shard: Path) -> None:
+    import os
+
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # the same file (inode), rewritten in place
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_no_cache_loader_checks_bytes_not_path_size_and_mtime(release_copy, tmp_path):
+    from lymphatlas_ds import load_lymphatlas
+
+    path, truth = release_copy
+    cache_dir = tmp_path / "cache"
+    for cache in (True, False):  # both record or remember what they checked, as a user's earlier runs would
+        first = load_lymphatlas(path, split="train", cache=cache, cache_dir=cache_dir)
+        np.testing.assert_array_equal(first[0]["label"][0].numpy(), truth[first.case_ids[0]].label)
+    probe = Release(path, state_dir=cache_dir)
+    shard = path / probe.shards("all", "train")[0]
+    _modify_in_place_keeping_size_and_mtime(shard)
+    # Silent corruption (a bad disk, a flipped bit) leaves even the change time alone: make the record
+    # of the earlier passed check match the file's metadata as it is now.
+    import os
+
+    real = os.path.realpath(shard)
+    st = os.stat(real)
+    record = probe._record_path(real, probe.manifest["files"][shard.relative_to(path).as_posix()]["sha256"])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}")
+    with pytest.raises(IntegrityError, match=shard.name):
+        dataset = load_lymphatlas(path, split="train", cache=False, cache_dir=cache_dir)
+        for i in range(len(dataset)):
+            dataset[i]
+
+
+def test_a_recorded_check_is_not_trusted_after_an_in_place_change_with_mtime_restored(release_copy, tmp_path):
+    path, _ = release_copy
+    release = open_release(path, tmp_path)  # records the passed check under the state folder
+    release.case_ids("all", "train")
+    shard = path / release.shards("all", "train")[0]
+    _modify_in_place_keeping_size_and_mtime(shard)
+    with pytest.raises(IntegrityError, match=shard.name):
+        open_release(path, tmp_path).case_ids("all", "train")
