@@ -391,3 +391,192 @@ def test_exam_without_misalignment_is_moved_less_than_half_a_millimetre(tmp_path
     for les in truth["lesions"]:
         p = np.r_[les["center_mm"], 1.0]
         assert np.linalg.norm((m @ p)[:3] - p[:3]) < 0.5
+
+
+# --- reliability: infrastructure errors, rejections, withdrawal, locks, bad SOURCE -------------------
+
+
+def _source_view(cohort, dst: Path, *, drop: tuple[str, ...] = (), age_of: str | None = None) -> Path:
+    """A source that shares the cohort's DICOM and masks through symlinks (no copy), without the exams
+    ``drop`` and with the age of ``age_of`` raised by a year (its source hash changes)."""
+    import csv
+    import io
+
+    src = cohort["source"]
+    (dst / "dicom").mkdir(parents=True)
+    for exam in (src / "dicom").iterdir():
+        if exam.name not in drop:
+            (dst / "dicom" / exam.name).symlink_to(exam, target_is_directory=True)
+    (dst / "masks").symlink_to(src / "masks", target_is_directory=True)
+    rows = list(csv.DictReader(io.StringIO((src / "clinical.csv").read_text())))
+    for row in rows:
+        if row["exam_id"] == age_of:
+            row["age"] = str(int(float(row["age"])) + 1)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(r for r in rows if r["exam_id"] not in drop)
+    (dst / "clinical.csv").write_text(out.getvalue())
+    return dst
+
+
+def _copy_work(cohort, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(cohort["work"], dst, ignore=shutil.ignore_patterns("qc"))
+    return dst
+
+
+def _first_accepted(cohort) -> str:
+    return sorted(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")[0]
+
+
+def test_a_full_disk_during_a_reconvert_keeps_the_earlier_case_and_its_id_map_row(cohort, tmp_path, monkeypatch) -> None:
+    import errno
+
+    from builder import case as case_mod
+
+    exam_id = _first_accepted(cohort)
+    case_id = cohort["id_map"][exam_id]["case_id"]
+    work = _copy_work(cohort, tmp_path / "work")
+    before = {f.name: f.read_bytes() for f in (work / "cases" / case_id).iterdir()}
+    source = _source_view(cohort, tmp_path / "source", age_of=exam_id)
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(case_mod, "write_nifti", full_disk)
+    summary = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False)
+    (result,) = summary.results
+    assert result.status is pipeline.Status.FAILED and result.stage == "write", result
+    assert "No space left" in result.reason and exam_id in result.reason and "ct.nii.gz" in result.reason
+    assert result.retired_case is None
+    # the earlier case is untouched, its id_map row kept, nothing half-written left
+    assert {f.name: f.read_bytes() for f in (work / "cases" / case_id).iterdir()} == before
+    assert pipeline.read_id_map(work)[exam_id] == cohort["id_map"][exam_id]
+    assert sorted(p.name for p in (work / "cases").iterdir()) == sorted(r["case_id"] for r in cohort["id_map"].values())
+    failure = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}[exam_id]
+    assert failure["kind"] == "failed" and failure["stage"] == "write"
+    # disk space back: the rerun converts the changed exam into the same case id
+    monkeypatch.undo()
+    (again,) = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False).results
+    assert again.status is pipeline.Status.CONVERTED and again.case_id == case_id
+    assert exam_id not in {f["exam_id"] for f in json.loads((work / "failures.json").read_text())}
+
+
+def test_a_rejected_changed_source_retires_the_earlier_case_and_says_so(cohort, tmp_path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    exam_id = _first_accepted(cohort)
+    case_id = cohort["id_map"][exam_id]["case_id"]
+    work = _copy_work(cohort, tmp_path / "work")
+    source = _source_view(cohort, tmp_path / "source")
+    # the export now holds a broken mask for this exam: a content rejection of a changed source
+    (source / "masks").unlink()
+    shutil.copytree(cohort["source"] / "masks", source / "masks")
+    mask = next((source / "masks").glob(f"{exam_id}.*"))
+    mask.unlink()
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), source / "masks" / f"{exam_id}.nii.gz")
+    proc = subprocess.run([sys.executable, "-m", "builder", "convert", str(source), str(work), "--exams", exam_id,
+                           "--workers", "1", "--quiet", "--no-report"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[1])})
+    assert proc.returncode == 1, proc.stderr
+    assert f"retired case {case_id} of {exam_id}" in proc.stdout, proc.stdout
+    assert not (work / "cases" / case_id).exists()
+    assert exam_id not in pipeline.read_id_map(work)
+    failure = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}[exam_id]
+    assert failure["kind"] == "rejected" and failure["stage"] == "labels"
+
+
+def _run_cli(tmp_path: Path, *args: str, env: dict | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[1]), **(env or {})},
+                          timeout=600)
+
+
+def test_exams_gone_from_the_source_are_reported_refused_by_release_and_withdrawn(cohort, tmp_path) -> None:
+    from builder.release import ReleaseError, build_release, list_work_cases
+
+    gone = _first_accepted(cohort)
+    case_id = cohort["id_map"][gone]["case_id"]
+    work = _copy_work(cohort, tmp_path / "work")
+    source = _source_view(cohort, tmp_path / "source", drop=(gone,))
+    proc = _run_cli(tmp_path, "convert", str(source), str(work), "--workers", "1", "--quiet", "--no-report")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # 1: the cohort's bad exams are still rejected
+    assert f"gone from the source: {gone}" in proc.stdout and f"withdraw {work} {gone}" in proc.stdout
+    assert (work / "cases" / case_id).is_dir()  # reported, not silently removed (nor silently kept: see release)
+    assert json.loads((work / "build.json").read_text())["gone_from_source"] == {gone: case_id}
+    with pytest.raises(ReleaseError, match=f"{case_id}.*withdraw {work} {gone}.*--keep-gone"):
+        build_release(work, tmp_path / "release", version="1.0.0")
+    assert not (tmp_path / "release").exists()
+    # an unknown id changes nothing
+    bad = _run_cli(tmp_path, "withdraw", str(work), gone, "EX9999")
+    assert bad.returncode == 2 and "EX9999" in bad.stderr and "nothing was withdrawn" in bad.stderr
+    assert "Traceback" not in bad.stderr and (work / "cases" / case_id).is_dir()
+    ok = _run_cli(tmp_path, "withdraw", str(work), gone)
+    assert ok.returncode == 0, ok.stderr
+    assert f"withdrew {gone}: removed case {case_id}" in ok.stdout
+    assert not (work / "cases" / case_id).exists() and gone not in pipeline.read_id_map(work)
+    assert case_id not in {c.case_id for c in list_work_cases(work)}
+    assert json.loads((work / "build.json").read_text())["gone_from_source"] == {}
+
+
+def test_convert_prune_removes_the_cases_of_exams_gone_from_the_source(cohort, tmp_path) -> None:
+    gone = _first_accepted(cohort)
+    case_id = cohort["id_map"][gone]["case_id"]
+    work = _copy_work(cohort, tmp_path / "work")
+    source = _source_view(cohort, tmp_path / "source", drop=(gone,))
+    summary = pipeline.convert_cohort(source, work, workers=1, progress=False, prune=True)
+    assert summary.pruned == {gone: case_id} and summary.gone == {}
+    assert not (work / "cases" / case_id).exists() and gone not in pipeline.read_id_map(work)
+    others = {e: r for e, r in cohort["id_map"].items() if e != gone}
+    assert pipeline.read_id_map(work) == others and all((work / "cases" / r["case_id"]).is_dir() for r in others.values())
+
+
+def test_a_second_convert_is_refused_naming_the_holder_or_waits_for_it(cohort, tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    work = _copy_work(cohort, tmp_path / "work")
+    # an interrupted run's temporary folder, as another run's in-flight case would look
+    (work / "cases" / ".tmp-LA-0000beef-1234").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lymphatlas_ds._lock import work_lock\n"
+         "with work_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))",
+         str(work), "4"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _run_cli(tmp_path, "convert", str(cohort["source"]), str(work), "--workers", "1", "--quiet", "--no-report")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"PID {holder.pid}" in proc.stderr and "(python -c " in proc.stderr and "--wait" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert (work / "cases" / ".tmp-LA-0000beef-1234").is_dir()  # the refused run touched nothing
+        t0 = time.monotonic()
+        waited = _run_cli(tmp_path, "convert", str(cohort["source"]), str(work), "--workers", "1", "--quiet",
+                          "--no-report", "--wait")
+        assert holder.wait(timeout=60) == 0
+        assert waited.returncode == 1, waited.stderr  # 1: the cohort's bad exams are still rejected
+        assert "0 converted" in waited.stdout and time.monotonic() - t0 > 1.0
+        assert not (work / "cases" / ".tmp-LA-0000beef-1234").exists()  # cleaned by the run that held the lock
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_mistyped_or_empty_source_creates_nothing(tmp_path) -> None:
+    proc = _run_cli(tmp_path, "convert", "no-such-source", "work", "--quiet")
+    assert proc.returncode == 2 and "no-such-source" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "work").exists()  # no WORK, no new deid.key
+    empty = tmp_path / "empty"
+    (empty / "dicom").mkdir(parents=True)
+    (empty / "clinical.csv").write_text("exam_id,patient_id,exam_date,sex,age,diagnosis,subtype,notes\n")
+    proc = _run_cli(tmp_path, "convert", "empty", "work", "--quiet")
+    assert proc.returncode == 2 and "holds no exam" in proc.stderr, proc.stderr
+    assert not (tmp_path / "work").exists()
