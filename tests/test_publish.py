@@ -207,3 +207,53 @@ def test_an_unreachable_hub_is_a_clear_error_before_any_commit(releases):
     api = HfApi(endpoint="http://127.0.0.1:9", token="hf_test")  # the real client, nothing listens there
     with pytest.raises(PublishError, match="org/lymphatlas.*dry-run"):
         publish_hub(releases / "r100", "org/lymphatlas", api=api)
+
+
+def test_a_full_disk_names_the_path_and_leaves_the_mirror(releases, tmp_path, monkeypatch):
+    import errno
+
+    mirror = tmp_path / "mirror"
+    publish_mirror(releases / "r100", mirror)
+    before = _snapshot(mirror)
+    real_copy2 = shutil.copy2
+    calls = {"n": 0}
+
+    def full_disk(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy2(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copy2", full_disk)
+    with pytest.raises(PublishError) as info:
+        publish_mirror(releases / "r110", mirror)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "No space left on device" in message and str(mirror / ".1.1.0.partial") in message
+    assert "free space" in message and "as they were" in message
+    assert _snapshot(mirror) == before
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "versions.json"]
+    assert publish_mirror(releases / "r110", mirror) == mirror / "1.1.0"  # space back: the rerun completes
+
+
+def test_a_second_publish_to_the_mirror_is_refused_naming_the_holder(releases, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    mirror = tmp_path / "mirror"
+    code = ("import sys, time; from lymphatlas_ds._lock import folder_lock\n"
+            "with folder_lock(sys.argv[1] + '/.lock', what='mirror'):\n    print('held', flush=True); time.sleep(30)")
+    mirror.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", code, str(mirror)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert builder_main(["publish", str(releases / "r100"), "--mirror", str(mirror)]) == 2
+        err = capsys.readouterr().err
+        assert f"mirror {mirror} is in use: PID {holder.pid}" in err and "--wait" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock"]
+    assert builder_main(["publish", str(releases / "r100"), "--mirror", str(mirror), "--wait"]) == 0

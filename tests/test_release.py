@@ -317,3 +317,75 @@ def test_small_shard_bound_gives_several_shards_that_load_as_one_split(released,
     assert sorted(ds["case_id"]) == sorted(c for s in summary.shards if s.path in hl_train for c in s.case_ids)
     rows = read_cases_csv(tmp_path / "r" / "metadata" / "cases.csv")
     assert {r["case_id"]: r["shard"] for r in rows} == {c: s.path for s in summary.shards for c in s.case_ids}
+
+
+def test_a_case_gone_from_the_source_is_refused_unless_kept_and_a_withdrawal_is_listed_as_removed(released, tmp_path):
+    from builder.pipeline import read_id_map, withdraw_exams
+
+    root, truth, _ = released
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    old_release = root / RELEASE_FOLDER_NAME
+    old_files = _files(old_release)
+    exam_of = {row["case_id"]: exam for exam, row in read_id_map(work).items()}
+    gone = sorted(truth)[2]
+    # what convert records when an exam's DICOM folder has left the source
+    (work / "build.json").write_text(json.dumps({"gone_from_source": {exam_of[gone]: gone}}))
+    with pytest.raises(ReleaseError, match=f"{gone}.*withdraw {work} {exam_of[gone]}.*--keep-gone"):
+        build_release(work, tmp_path / "refused", version="1.1.0", previous=old_release)
+    assert not (tmp_path / "refused").exists()
+    rc = builder_main(["release", str(work), str(tmp_path / "kept"), "--version", "1.1.0", "--previous",
+                       str(old_release), "--keep-gone", "--quiet"])
+    assert rc == 0 and gone in read_manifest(tmp_path / "kept")["cases"]
+    assert withdraw_exams(work, [exam_of[gone]]) == {exam_of[gone]: gone}
+    summary = build_release(work, tmp_path / "v110", version="1.1.0", previous=old_release)
+    assert summary.changes.removed == (gone,) and summary.changes.added == () and summary.changes.changed == ()
+    assert gone not in read_manifest(tmp_path / "v110")["cases"]
+    changelog = (tmp_path / "v110" / "CHANGELOG.md").read_text()
+    assert f"- removed (1): {gone}" in changelog.split("## 1.0.0")[0]
+    assert _files(old_release) == old_files  # the published version keeps the case (README: withdrawing)
+
+
+def test_a_full_disk_names_the_path_and_leaves_the_previous_release(released, tmp_path, monkeypatch):
+    import errno
+
+    import builder.release as release_mod
+
+    root, truth, _ = released
+    target = tmp_path / "rel"
+    shutil.copytree(root / RELEASE_FOLDER_NAME, target)
+    before = _files(target)
+
+    def full_disk(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(release_mod, "write_atomic", full_disk)
+    with pytest.raises(ReleaseError) as info:
+        build_release(root / "work", target, version="1.0.0", overwrite=True)
+    message = str(info.value)
+    assert "No space left on device" in message and str(tmp_path / ".rel.partial") in message
+    assert "free space" in message and f"{target} is as it was" in message
+    assert _files(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rel.lock", "rel"]  # no partial folder left
+
+
+def test_a_second_build_of_the_same_release_is_refused_naming_the_holder(released, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, _, _ = released
+    code = ("import sys, time; from lymphatlas_ds._lock import target_lock\n"
+            "with target_lock(sys.argv[1], what='release folder'):\n    print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "rel")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from lymphatlas_ds._lock import LockedError
+
+        with pytest.raises(LockedError, match=f"release folder {tmp_path / 'rel'} is in use: PID {holder.pid}"):
+            build_release(root / "work", tmp_path / "rel", version="1.0.0")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "rel").exists()
