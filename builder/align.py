@@ -6,13 +6,13 @@ The CT is the reference grid. Both series carry DICOM geometry in one frame of r
 Every transform here maps **CT points to PET points** (``p_pet = T(p_ct)``), which is what
 resampling the PET onto the CT grid needs and what ``case.json`` records.
 
-Resampling is cubic B-spline (what the paper does), computed in two steps to keep its cost near
-that of linear interpolation: cubic onto an intermediate grid that has the CT's axes and origin
-but a spacing of about the PET's voxel size, then linear from that grid onto the CT grid, whose
-points lie on the intermediate grid lines. PET is band-limited well below its own voxel size, so
-the second step loses almost nothing (``benchmarks/bench_convert.py`` measures it against the
-direct cubic reference). Values outside the PET field of view are 0 and SUV is clamped at 0
-because cubic interpolation overshoots near edges.
+Resampling is one path for every grid size: "bounded cubic" (:func:`resample_to_reference`), the
+PET's cubic B-spline (what the paper does) on a grid twice as fine, each new node held within the
+range of the native voxels around it, then linear onto the CT grid. It never reads an SUV above
+the native voxels around a point (the paper's unbounded cubic raised lesion SUVmax 6-25 % where
+voxels are coarse) and costs about as much as linear resampling (``benchmarks/bench_resample.py``).
+Values outside the PET field of view are exactly 0. The unbounded cubic stays available
+(``Interpolation.CUBIC``) for reproduction studies; case.json records which one was used.
 
 Example:
     >>> result = align_pet(ct_image, pet_suv_image, settings=AlignSettings())  # doctest: +SKIP
@@ -44,9 +44,10 @@ PET_CLIP_PERCENTILE = 99.5
 # so the registration cost does not grow with the CT matrix.
 REGISTRATION_SPACING_MM = 3.0
 REGISTRATION_WORK_UNITS = 16
-# Up to this many CT voxels the exact (direct) cubic resampling costs a few seconds at most and is
-# used as is; above it (a full-size CT is ~90 M voxels: 21-34 s) the two-step cubic takes over.
-DIRECT_CUBIC_MAX_VOXELS = 16_000_000
+# Bounded cubic: a PET axis is upsampled (cubic half-way nodes) where its voxels are more than this
+# many times the CT spacing along it; elsewhere the CT samples it about as finely as its own nodes
+# and linear interpolation between them loses little.
+UPSAMPLE_MIN_RATIO = 1.2
 # Above this many voxels the before/after metric is evaluated on a 2x coarser fixed grid.
 EVALUATION_MAX_VOXELS = 2_000_000
 # B-spline refinement: control-point spacing, displacement bound, and the relative metric gain it
@@ -82,11 +83,10 @@ class Method(str, enum.Enum):
 
 
 class Interpolation(str, enum.Enum):
-    """How PET is resampled onto the CT grid."""
+    """How PET is resampled onto the CT grid (``case.json`` alignment.interpolation)."""
 
-    CUBIC = "cubic"  # direct cubic on small grids; two-step (cubic 2x upsampling, then linear) on large ones
-    CUBIC_TWO_STEP = "cubic_two_step"  # always two-step
-    CUBIC_DIRECT = "cubic_direct"  # SimpleITK's B-spline resampler straight onto the CT grid (reference)
+    BOUNDED_CUBIC = "bounded-cubic"  # cubic B-spline bounded by the 2x2x2 native voxels around each point
+    CUBIC = "cubic"  # SimpleITK's unbounded B-spline resampler: the paper's method, for reproduction studies
     LINEAR = "linear"
 
 
@@ -114,7 +114,7 @@ class AlignSettings:
     min_step: float = 0.005
     histogram_bins: int = 32
     registration_spacing_mm: float = REGISTRATION_SPACING_MM
-    interpolation: Interpolation = Interpolation.CUBIC
+    interpolation: Interpolation = Interpolation.BOUNDED_CUBIC
 
     def to_dict(self) -> dict:
         return {
@@ -231,13 +231,77 @@ _HALF_WEIGHTS = np.array([1.0, 23.0, 23.0, 1.0], np.float32) / 48.0
 """Cubic B-spline weights of the 4 nodes around a point half-way between two nodes."""
 
 
-def upsample_cubic2(image: sitk.Image, axes: tuple[bool, bool, bool]) -> sitk.Image:
+def _upsample_axis(cur: np.ndarray, out: np.ndarray, axis: int, bounded: bool) -> None:
+    """Fill ``out`` (2n - 1 nodes along ``axis``) from ``cur`` (n nodes): the nodes, and the cubic
+    B-spline half-way between them, clamped to its two neighbours when ``bounded``."""
+    from scipy import ndimage
+
+    n = cur.shape[axis]
+    coef = ndimage.spline_filter1d(cur, order=3, axis=axis, mode="mirror", output=np.float32)
+    mid = ndimage.correlate1d(coef, _HALF_WEIGHTS, axis=axis, mode="mirror", origin=-1)
+    del coef
+    first, second, head = [slice(None)] * 3, [slice(None)] * 3, [slice(None)] * 3
+    first[axis], second[axis], head[axis] = slice(0, -1), slice(1, None), slice(0, n - 1)
+    mid = mid[tuple(head)]
+    if bounded:
+        left, right = cur[tuple(first)], cur[tuple(second)]
+        bound = np.minimum(left, right)
+        np.maximum(mid, bound, out=mid)
+        np.maximum(left, right, out=bound)
+        np.minimum(mid, bound, out=mid)
+    even, odd = [slice(None)] * 3, [slice(None)] * 3
+    even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+    out[tuple(even)] = cur
+    out[tuple(odd)] = mid
+
+
+def _upsample_array(arr: np.ndarray, axes_zyx: tuple[bool, bool, bool], *, bounded: bool) -> np.ndarray:
+    """Cubic B-spline values on the 2x grid (see :func:`upsample_cubic2`), optionally bounded.
+
+    One axis at a time: the spline's value half-way between each pair of nodes, interleaved
+    with the nodes. ``bounded``: each half-way value is clamped to its two neighbours along that
+    axis. The neighbours are themselves bounded by the original voxels around them, so a node of
+    the final grid lies within the minimum and maximum of the original voxels at the corners of
+    the smallest cell that holds it (2 on an edge, 4 on a face, 8 at a cell centre).
+    Slabs along another axis run in threads (SciPy's filters release the GIL), as many as
+    SimpleITK's default thread count.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cur = arr.astype(np.float32, copy=False)
+    workers = max(1, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+    for axis, up in enumerate(axes_zyx):
+        n = cur.shape[axis]
+        if not up or n < 2:
+            continue
+        shape = list(cur.shape)
+        shape[axis] = 2 * n - 1
+        out = np.empty(shape, np.float32)
+        split = 1 if axis == 0 else 0  # slabs along an axis the filter does not run along
+        edges = np.linspace(0, cur.shape[split], min(workers, cur.shape[split]) + 1).astype(int)
+        slabs = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = [slice(None)] * 3
+            sel[split] = slice(lo, hi)
+            slabs.append(tuple(sel))
+        if len(slabs) == 1:
+            _upsample_axis(cur, out, axis, bounded)
+        else:
+            with ThreadPoolExecutor(len(slabs)) as pool:
+                for f in [pool.submit(_upsample_axis, cur[sl], out[sl], axis, bounded) for sl in slabs]:
+                    f.result()
+        cur = out
+    return cur
+
+
+def upsample_cubic2(image: sitk.Image, axes: tuple[bool, bool, bool], *, bounded: bool = False) -> sitk.Image:
     """Cubic B-spline upsampling by 2 along the chosen (x, y, z) axes, in the image's own frame.
 
     The new grid keeps every original node (a cubic B-spline interpolates its samples) and adds
     the value half-way between each pair, so it covers exactly the same physical extent. The
     spline is separable: per axis one recursive prefilter plus a 4-tap filter, instead of the
-    64 taps per point of a 3-D cubic kernel.
+    64 taps per point of a 3-D cubic kernel. ``bounded`` clamps each new node to the range of
+    the original voxels around it (see :func:`resample_to_reference`).
 
     Example:
         >>> img = sitk.GetImageFromArray(np.full((1, 1, 4), 2.0, np.float32))
@@ -245,35 +309,13 @@ def upsample_cubic2(image: sitk.Image, axes: tuple[bool, bool, bool]) -> sitk.Im
         >>> up.GetSize(), up.GetSpacing(), sitk.GetArrayFromImage(up)[0, 0].tolist()
         ((7, 1, 1), (0.5, 1.0, 1.0), [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
     """
-    from scipy import ndimage
-
-    arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    spacing = list(image.GetSpacing())
-    for axis_xyz, up in enumerate(axes):
-        axis = 2 - axis_xyz  # numpy [z, y, x]
-        n = arr.shape[axis]
-        if not up or n < 2:
-            continue
-        coef = ndimage.spline_filter1d(arr, order=3, axis=axis, mode="mirror", output=np.float32)
-        mid = ndimage.correlate1d(coef, _HALF_WEIGHTS, axis=axis, mode="mirror", origin=-1)
-        del coef
-        shape = list(arr.shape)
-        shape[axis] = 2 * n - 1
-        out = np.empty(shape, np.float32)
-        even = [slice(None)] * 3
-        odd = [slice(None)] * 3
-        even[axis] = slice(0, None, 2)
-        odd[axis] = slice(1, None, 2)
-        out[tuple(even)] = arr
-        sel = [slice(None)] * 3
-        sel[axis] = slice(0, n - 1)
-        out[tuple(odd)] = mid[tuple(sel)]
-        arr = out
-        spacing[axis_xyz] /= 2.0
-    result = sitk.GetImageFromArray(arr)
+    arr = sitk.GetArrayFromImage(image)
+    axes_zyx = tuple(bool(axes[2 - a]) and arr.shape[a] >= 2 for a in range(3))
+    out = _upsample_array(arr, axes_zyx, bounded=bounded)
+    result = sitk.GetImageFromArray(out)
     result.SetOrigin(image.GetOrigin())
     result.SetDirection(image.GetDirection())
-    result.SetSpacing(spacing)
+    result.SetSpacing([s / 2.0 if axes_zyx[2 - i] else s for i, s in enumerate(image.GetSpacing())])
     return result
 
 
@@ -294,46 +336,151 @@ def _crop_to_reference(moving: sitk.Image, reference: sitk.Image, transform: sit
     return sitk.RegionOfInterest(moving, [int(v) for v in hi - lo + 1], [int(v) for v in lo])
 
 
+def _affine_parts(transform: sitk.Transform) -> np.ndarray | None:
+    """The 4x4 matrix of ``transform`` when it is affine (identity, Euler, Versor, Affine), else None."""
+    if isinstance(transform, sitk.CompositeTransform):
+        if transform.GetNumberOfTransforms() != 1:
+            return None
+        transform = transform.GetNthTransform(0)
+    name = transform.GetName()
+    if name == "IdentityTransform" or (name == "Transform" and not transform.GetParameters()):
+        return np.eye(4)
+    if name in ("Euler3DTransform", "VersorRigid3DTransform", "AffineTransform", "TranslationTransform",
+                "Similarity3DTransform", "ScaleVersor3DTransform"):
+        return transform_matrix(transform)
+    return None
+
+
+def _row_intervals(to_index: np.ndarray, shape_zyx: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (k, j) of a grid of ``shape_zyx``: the x-index interval [start, stop) whose points
+    fall in the box ``lo <= c < hi`` of continuous indices ``c = to_index @ (i, j, k, 1)``.
+
+    An affine map sends a row to a line, and a line crosses a box in one interval: closed form,
+    no per-voxel work.
+    """
+    nz, ny, nx = shape_zyx
+    k, j = np.meshgrid(np.arange(nz, dtype=float), np.arange(ny, dtype=float), indexing="ij")
+    start_c = to_index[:3, 1, None, None] * j + to_index[:3, 2, None, None] * k + to_index[:3, 3, None, None]
+    step = to_index[:3, 0]
+    first = np.zeros((nz, ny))
+    stop = np.full((nz, ny), float(nx))
+    for d in range(3):  # lo[d] <= start_c[d] + i * step[d] < hi[d]
+        a, b = lo[d] - start_c[d], hi[d] - start_c[d]
+        if abs(step[d]) < 1e-12:
+            stop[(a > 0) | (b <= 0)] = 0
+            continue
+        i0, i1 = (a / step[d], b / step[d]) if step[d] > 0 else (b / step[d], a / step[d])
+        first = np.maximum(first, np.ceil(i0 - 1e-9))
+        stop = np.minimum(stop, np.ceil(i1 - 1e-9))
+    first = np.clip(first, 0, nx).astype(np.int64)
+    stop = np.clip(stop, 0, nx).astype(np.int64)
+    stop = np.maximum(stop, first)
+    return first, stop
+
+
+def _zero_beyond_fov(
+    image: sitk.Image, moving: sitk.Image, transform: sitk.Transform, reach_lo: np.ndarray, reach_hi: np.ndarray
+) -> sitk.Image:
+    """``image`` (on the reference grid) with 0 wherever its point lies outside ``moving``'s field
+    of view (continuous index in [-0.5, n - 0.5) on every axis, as :func:`pet_fov_mask`) but
+    inside the box ``reach_lo <= c < reach_hi`` that the interpolated grid covered (beyond it the
+    resampler already wrote 0). Only the rows concerned are touched: a few slices where the
+    field of view ends inside the CT."""
+    m = _affine_parts(transform)
+    if m is None:
+        return sitk.Mask(image, pet_fov_mask(moving, image, transform))
+    to_moving = np.linalg.inv(affine_lps(moving)) @ m @ affine_lps(image)
+    shape = image.GetSize()[::-1]
+    size = np.asarray(moving.GetSize(), float)
+    fov = _row_intervals(to_moving, shape, np.full(3, -0.5), size - 0.5)
+    reach = _row_intervals(to_moving, shape, reach_lo, reach_hi)
+    has_reach = reach[1] > reach[0]
+    extra = has_reach & ((reach[0] < fov[0]) | (reach[1] > fov[1]) | (fov[1] <= fov[0]))
+    if not extra.any():
+        return image
+    ks, js = np.nonzero(extra)
+    k0, k1, j0, j1 = int(ks.min()), int(ks.max()) + 1, int(js.min()), int(js.max()) + 1
+    roi = sitk.RegionOfInterest(image, [shape[2], j1 - j0, k1 - k0], [0, j0, k0])
+    values = sitk.GetArrayFromImage(roi)
+    for kk, jj in zip(ks, js):
+        row = values[kk - k0, jj - j0]
+        start, stop = fov[0][kk, jj], fov[1][kk, jj]
+        if stop <= start:
+            row[:] = 0
+        else:
+            row[:start] = 0
+            row[stop:] = 0
+    patch = sitk.GetImageFromArray(values)
+    patch.CopyInformation(roi)
+    return sitk.Paste(image, patch, patch.GetSize(), [0, 0, 0], [0, j0, k0])
+
+
+def _coarse_axes(moving: sitk.Image, reference: sitk.Image) -> tuple[bool, bool, bool]:
+    """Per moving (x, y, z) axis: is its voxel size well above the reference's spacing along it?"""
+    ref_dir = np.asarray(reference.GetDirection(), float).reshape(3, 3)
+    mov_dir = np.asarray(moving.GetDirection(), float).reshape(3, 3)
+    ref_along = np.abs(mov_dir.T @ ref_dir) @ np.asarray(reference.GetSpacing(), float)
+    return tuple(bool(m > UPSAMPLE_MIN_RATIO * r) for m, r in zip(moving.GetSpacing(), ref_along))
+
+
 def resample_to_reference(
     moving: sitk.Image,
     reference: sitk.Image,
     transform: sitk.Transform | None = None,
     *,
-    interpolation: Interpolation = Interpolation.CUBIC,
+    interpolation: Interpolation = Interpolation.BOUNDED_CUBIC,
 ) -> sitk.Image:
     """Resample ``moving`` (e.g. PET in SUV) onto ``reference``'s grid (the CT), float32.
 
     ``transform`` maps reference points to moving points (identity: scanner alignment). Points
-    outside the moving image are 0; negative values from cubic overshoot are clamped to 0.
-    ``CUBIC`` upsamples the moving image by 2 with its exact cubic B-spline (along the axes
-    where its voxels are coarser than the reference's), then interpolates linearly: linear
-    interpolation error falls with the square of the node spacing, and the cost stays near that
-    of a linear resampling (see benchmarks/bench_convert.py for the comparison with
-    ``CUBIC_DIRECT``, SimpleITK's B-spline resampler).
+    outside the moving image's field of view (its voxels' extent) are exactly 0; SUV is
+    clamped at 0. One path for every grid size:
+
+    ``BOUNDED_CUBIC`` (default): the moving image is upsampled by 2 with its exact cubic
+    B-spline (along the axes where its voxels are coarser than the reference's) and every new
+    node is clamped to the range of the original voxels at the corners of its cell; then linear
+    interpolation onto the reference grid. The nodes around a reference point all lie in the one
+    original cell that holds it, so the result stays within the minimum and maximum of that
+    cell's 2 x 2 x 2 voxels (the support of trilinear interpolation): no SUV above what the
+    scanner measured, no ringing below it, and 0 stays 0 in empty background. Cubic quality
+    where the data are smooth: at a peak the cubic half-way values lie above the linear ones.
+    ``CUBIC``: SimpleITK's B-spline resampler straight onto the grid, the paper's unbounded
+    cubic (it overshoots where voxels are coarse relative to a lesion), for reproduction studies.
+    ``LINEAR``: trilinear.
 
     Example:
         >>> pet_on_ct = resample_to_reference(pet_suv, ct)  # doctest: +SKIP
     """
     transform = transform if transform is not None else sitk.Euler3DTransform()
+    interpolation = Interpolation(interpolation)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
-    if interpolation is Interpolation.LINEAR:
-        out = sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    elif interpolation is Interpolation.CUBIC_DIRECT or (
-        interpolation is Interpolation.CUBIC and np.prod(reference.GetSize()) <= DIRECT_CUBIC_MAX_VOXELS
-    ):
+    if interpolation is Interpolation.CUBIC:
         out = sitk.Resample(moving, reference, transform, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
-    else:
-        cropped = _crop_to_reference(moving, reference, transform)
-        ref_dir = np.asarray(reference.GetDirection(), float).reshape(3, 3)
-        mov_dir = np.asarray(cropped.GetDirection(), float).reshape(3, 3)
-        # each moving axis' voxel size against the finest reference spacing along it
-        ref_along = np.abs(mov_dir.T @ ref_dir) @ np.asarray(reference.GetSpacing(), float)
-        axes = tuple(bool(m > 1.2 * r) for m, r in zip(cropped.GetSpacing(), ref_along))
-        fine = upsample_cubic2(cropped, axes) if any(axes) else cropped
-        out = sitk.Resample(fine, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        del fine
-    # Cubic overshoot makes small negative SUVs near edges: clamp.
-    return sitk.Threshold(out, lower=0.0, upper=float(np.finfo(np.float32).max), outsideValue=0.0)
+        # the unbounded cubic overshoots below 0 near edges
+        return sitk.Threshold(out, lower=0.0, upper=float(np.finfo(np.float32).max), outsideValue=0.0)
+    # Both bounded paths stay within the input's range: clamping the input at 0 is enough.
+    if interpolation is Interpolation.LINEAR:
+        return sitk.Resample(sitk.Clamp(moving, lowerBound=0.0), reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    cropped = _crop_to_reference(moving, reference, transform)
+    offset = np.asarray(moving.TransformPhysicalPointToIndex(cropped.GetOrigin()), float)
+    axes = _coarse_axes(cropped, reference)
+    # One edge voxel repeated beyond each face: the 2x grid then reaches past the field of view's
+    # edge (half a voxel beyond the outer centres), and _zero_beyond_fov cuts it there exactly.
+    arr = np.pad(np.maximum(sitk.GetArrayViewFromImage(cropped), 0.0), 1, mode="edge")
+    fine = sitk.GetImageFromArray(_upsample_array(arr, tuple(axes[::-1]), bounded=True))
+    del arr
+    direction = np.asarray(cropped.GetDirection(), float).reshape(3, 3)
+    spacing = np.asarray(cropped.GetSpacing(), float)
+    fine.SetOrigin(tuple(np.asarray(cropped.GetOrigin(), float) - direction @ spacing))
+    fine.SetDirection(cropped.GetDirection())
+    fine.SetSpacing(tuple(s / 2.0 if up else s for s, up in zip(spacing, axes)))
+    out = sitk.Resample(fine, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # the fine grid's voxels' extent, in the moving image's continuous index
+    half = np.where(axes, 0.25, 0.5)
+    reach_lo = offset - 1.0 - half
+    reach_hi = offset + np.asarray(cropped.GetSize(), float) + half
+    del fine
+    return _zero_beyond_fov(out, moving, transform, reach_lo, reach_hi)
 
 
 def pet_fov_mask(pet: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
@@ -618,6 +765,7 @@ def align_pet(
     record["shift_mm"] = round(mean_shift, 3)
     record["max_shift_mm"] = round(max(max_shift, _max_displacement_mm(transform, _bbox_corners(ct, body_arr))), 3)
     record["rotation_deg"] = round(float(np.degrees(np.linalg.norm(rigid_part.GetParameters()[:3]))), 4)
+    record["interpolation"] = Interpolation(settings.interpolation).value
     t0 = time.perf_counter()
     pet_on_ct = resample_to_reference(
         pet_suv,

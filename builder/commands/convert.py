@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="B-spline refinement after the rigid registration (auto: only when the rigid metric stays poor)")
     parser.add_argument("--no-register", action="store_true", help="keep the scanner alignment (no registration)")
     parser.add_argument("--seed", type=int, default=0, help="registration sampling seed")
+    parser.add_argument("--interpolation", choices=["bounded-cubic", "cubic", "linear"], default="bounded-cubic",
+                        help="PET onto the CT grid: cubic B-spline bounded by the PET voxels around each point "
+                             "(default), the paper's unbounded cubic (reproduction studies), or trilinear")
     parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                         help="run the exams on this Dask distributed scheduler instead of local processes")
     parser.add_argument("--no-report", action="store_true", help="do not write the QC report at the end")
@@ -37,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from builder.align import AlignSettings, Deformable
+    from builder.align import AlignSettings, Deformable, Interpolation
     from builder.pipeline import ConvertSettings, convert_cohort
 
     settings = ConvertSettings(
-        align=AlignSettings(register=not args.no_register, deformable=Deformable(args.deformable), seed=args.seed)
+        align=AlignSettings(register=not args.no_register, deformable=Deformable(args.deformable), seed=args.seed,
+                            interpolation=Interpolation(args.interpolation))
     )
     try:
         summary = convert_cohort(
