@@ -12,10 +12,16 @@ Layout: ``<cache>/<version>/<case_id>-<content hash[:16]>/``. The key holds the 
 and the case's content hash from ``manifest.json``, so a case whose content changes gets a new
 entry and a stale one is never read; :meth:`DecodedCache.prune` removes entries no release uses.
 
-Safety: an entry is built in a temporary folder and renamed into place (a rename is atomic), so a
-reader never sees half an entry; a file lock per entry makes concurrent DataLoader workers or
-processes wait for the one that builds it instead of decoding the same case twice. The decoded
-voxels are checked against the manifest's content hash before the entry is published.
+Safety: an entry is built in a temporary folder (``.<entry>.<random>.partial``) and renamed into
+place (a rename is atomic), so a reader never sees half an entry; a file lock per entry makes
+concurrent DataLoader workers or processes wait for the one that builds it instead of decoding the
+same case twice. The decoded voxels are checked against the manifest's content hash before the
+entry is published. Each entry's ``case.json`` records a checksum of each of its files (xxh3-128,
+a non-cryptographic hash at ~10 GB/s: it guards against corruption such as a flipped bit on disk,
+not against tampering), verified whenever the entry is opened; an entry that fails it is rebuilt
+(``benchmarks/bench_cache.py`` measures what the check costs). A ``.partial`` folder left by a
+killed build is removed by the next build of that entry and by :meth:`DecodedCache.prune`. Errors
+name the file and the cause (a full disk, a permission) and what to do.
 
 The cache folder is ``$LYMPHATLAS_CACHE``, else ``$XDG_CACHE_HOME/lymphatlas``, else
 ``~/.cache/lymphatlas`` (:func:`default_cache_dir`; the only place the client reads that variable).
@@ -53,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "LYMPHATLAS_CACHE"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Bumped when the entry layout changes; entries of another format are rebuilt."""
 
 CHUNKS = (64, 64, 64)
@@ -98,6 +104,41 @@ def _nthreads() -> int:
     return int(blosc2.nthreads)
 _ENTRY_JSON = "case.json"
 _FOREGROUND = "foreground.npy"
+_PARTIAL = ".partial"
+CHECKSUM = "xxh3_128"
+"""Checksum of the entry files (xxhash's XXH3, 128 bits; ``xxhash`` comes with ``datasets``)."""
+_READ_BLOCK = 8 * 1024 * 1024
+
+
+def file_checksum(path: str | Path) -> str:
+    """The :data:`CHECKSUM` of a file's bytes, as hex.
+
+    Example:
+        >>> len(file_checksum(__file__))
+        32
+    """
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_error(path: Path, case_id: str, error: BaseException) -> CacheError:
+    """A CacheError naming the file, the cause (with the free space when the disk is nearly full) and the fix."""
+    cause = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 1024 * 1024:
+        cause += f" (the disk holding it is full: {free / 2**20:.1f} MiB free)"
+    return CacheError(
+        f"cannot write the decoded cache file {path} of case {case_id}: {cause}. Free disk space there, or point "
+        "the cache elsewhere (cache_dir=... or the LYMPHATLAS_CACHE variable); nothing half-written is kept"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -286,13 +327,27 @@ class DecodedCache:
         return self._load(self.entry_path(version, case_id, content_hash))
 
     @staticmethod
-    def _load(path: Path) -> CachedCase | None:
+    def _load(path: Path, *, verify: bool = True) -> CachedCase | None:
+        """The entry at ``path``, or ``None`` when it is absent, of another format or (``verify``)
+        fails its checksums (logged with the file that differs)."""
         try:
             info = json.loads((path / _ENTRY_JSON).read_text())
         except (OSError, ValueError):
             return None
         if info.get("format") != CACHE_FORMAT:
             return None
+        if verify:
+            checksums = info.get("checksums") or {}
+            for name in (*(f"{n}.b2nd" for n in IMAGE_COLUMNS), _FOREGROUND):
+                try:
+                    found = file_checksum(path / name)
+                except OSError as e:
+                    log.warning("decoded cache entry %s: cannot read %s (%s); it is rebuilt", path, name, e.strerror or e)
+                    return None
+                if found != checksums.get(name):
+                    log.warning("decoded cache file %s does not match its checksum (%s %s, recorded %s): it is "
+                                "corrupt and is rebuilt", path / name, CHECKSUM, found, checksums.get(name))
+                    return None
         return CachedCase(
             case_id=info["case_id"],
             path=path,
@@ -324,15 +379,26 @@ class DecodedCache:
         locks = path.parent / ".locks"
         try:
             locks.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(locks / f"{path.name}.lock"))
+            lock.acquire()
         except OSError as e:
-            raise CacheError(f"cannot create the decoded cache folder {locks} ({e}); pass another cache_dir") from e
-        with FileLock(str(locks / f"{path.name}.lock")):
+            raise CacheError(
+                f"cannot create the decoded cache folder or lock {locks} ({e.strerror or e}); free disk space there "
+                "or point the cache elsewhere (cache_dir=... or the LYMPHATLAS_CACHE variable)"
+            ) from e
+        try:
             entry = self._load(path)  # built by another worker while this one waited
             if entry is not None:
                 return entry
-            if path.exists():  # an entry of another cache format or a broken one
+            # Under the entry's lock nobody builds it: a .partial folder of it was left by a killed build.
+            for leftover in path.parent.glob(f".{path.name}.*{_PARTIAL}"):
+                log.info("removing %s, left by an interrupted cache build", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+            if path.exists():  # an entry of another cache format, or a corrupt one
                 shutil.rmtree(path)
             self._build(release, case_id, content_hash, path)
+        finally:
+            lock.release()
         entry = self._load(path)
         if entry is None:
             raise CacheError(f"decoded cache entry {path} of case {case_id} could not be read back after building it")
@@ -345,9 +411,9 @@ class DecodedCache:
 
         log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_PARTIAL, dir=path.parent))
         except OSError as e:
-            raise CacheError(f"cannot write the decoded cache under {path.parent} ({e}); pass another cache_dir") from e
+            raise _write_error(path, case_id, e) from e
         try:
             hasher = _ContentHasher()
             affine = None
@@ -374,10 +440,14 @@ class DecodedCache:
                 )
                 chunks = tuple(min(c, s) for c, s in zip(self.chunks, array.shape))
                 blocks = tuple(min(b, c) for b, c in zip(self.blocks, chunks))
-                blosc2.asarray(
-                    np.ascontiguousarray(array), urlpath=str(tmp / f"{name}.b2nd"), mode="w",
-                    chunks=chunks, blocks=blocks, cparams=cparams,
-                )
+                target = tmp / f"{name}.b2nd"
+                try:
+                    blosc2.asarray(
+                        np.ascontiguousarray(array), urlpath=str(target), mode="w",
+                        chunks=chunks, blocks=blocks, cparams=cparams,
+                    )
+                except (RuntimeError, ValueError, OSError) as e:  # blosc2: "Error while creating the NDArray"
+                    raise _write_error(path / target.name, case_id, e) from e
                 if name == "label":
                     foreground, count = self._foreground(array, case_id)
                 del array, buffer, table
@@ -391,7 +461,10 @@ class DecodedCache:
                     f"the manifest of release {release.version}: the shard is corrupt. Re-download the release, "
                     "then run `lymphatlas verify`"
                 )
-            np.save(tmp / _FOREGROUND, foreground)
+            try:
+                np.save(tmp / _FOREGROUND, foreground)
+            except OSError as e:
+                raise _write_error(path / _FOREGROUND, case_id, e) from e
             meta = release.read_meta(case_id)
             info = {
                 "format": CACHE_FORMAT,
@@ -402,14 +475,20 @@ class DecodedCache:
                 "affine_ras": np.asarray(affine).tolist(),
                 "foreground_count": count,
                 "meta": meta,
+                "checksum": CHECKSUM,
+                "checksums": {f.name: file_checksum(f) for f in sorted(tmp.iterdir())},
             }
             # case.json last: an entry without it is never opened.
-            (tmp / _ENTRY_JSON).write_text(json.dumps(info, sort_keys=True))
-            # Under the entry's lock nobody else publishes it; the check guards a process without the lock.
-            if path.exists():
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, path)
+            try:
+                with open(tmp / _ENTRY_JSON, "w") as f:
+                    f.write(json.dumps(info, sort_keys=True))
+                # Under the entry's lock nobody else publishes it; the check guards a process without the lock.
+                if path.exists():
+                    shutil.rmtree(tmp)
+                else:
+                    os.replace(tmp, path)
+            except OSError as e:
+                raise _write_error(path / _ENTRY_JSON, case_id, e) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -427,14 +506,25 @@ class DecodedCache:
     def prune(self, keep: dict[str, set[str]] | None = None) -> list[Path]:
         """Delete entries not in ``keep`` (version -> entry folder names); ``None`` deletes every entry.
 
-        Returns the removed folders. Use :meth:`entry_path` names to build ``keep``.
+        Also deletes the ``.partial`` folders of interrupted builds (not one being built now: its
+        entry lock is held). Returns the removed folders. Use :meth:`entry_path` names to build ``keep``.
         """
+        from filelock import FileLock, Timeout
+
         removed = []
         if not self.root.is_dir():
             return removed
         for version_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if version_dir.name == "verified":
                 continue
+            for partial in sorted(version_dir.glob(f".*{_PARTIAL}")):
+                entry_name = partial.name[1 : -len(_PARTIAL)].rsplit(".", 1)[0]
+                try:
+                    with FileLock(str(version_dir / ".locks" / f"{entry_name}.lock"), timeout=0):
+                        shutil.rmtree(partial, ignore_errors=True)
+                        removed.append(partial)
+                except (Timeout, OSError):  # being built now (or no lock can be taken): leave it
+                    continue
             wanted = (keep or {}).get(version_dir.name, set())
             for entry in sorted(p for p in version_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 if entry.name not in wanted:

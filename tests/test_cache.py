@@ -143,17 +143,43 @@ def test_half_written_entry_is_rebuilt(built, tmp_path):
     np.testing.assert_array_equal(entry.read("ct"), truth[case_id].ct)
 
 
-def test_damaged_entry_file_names_the_fix(built, tmp_path):
-    path, _ = built
+def test_damaged_entry_is_rebuilt_on_open_and_a_held_one_names_the_fix(built, tmp_path, caplog):
+    path, truth = built
     release = release_of(path, tmp_path)
     case_id = release.case_ids("all", "train")[0]
-    entry = DecodedCache(tmp_path / "cache").ensure(release, case_id)
+    cache = DecodedCache(tmp_path / "cache")
+    entry = cache.ensure(release, case_id)
     file = entry.path / "pet.b2nd"
     file.write_bytes(file.read_bytes()[:200])
-    fresh = DecodedCache(tmp_path / "cache").ensure(release, case_id)
     with pytest.raises(CacheError, match="rebuilt on next use") as e:
-        fresh.read("pet")
+        entry.read("pet")  # an entry opened before the damage
     assert str(entry.path) in str(e.value)
+    fresh = cache.ensure(release, case_id)  # its checksum fails on open: rebuilt
+    np.testing.assert_array_equal(fresh.read("pet"), truth[case_id].pet)
+    assert f"{file} does not match its checksum" in caplog.text
+
+
+def test_a_flipped_bit_in_an_entry_is_caught_by_its_checksum(built, tmp_path):
+    path, truth = built
+    release = release_of(path, tmp_path)
+    case_id = release.case_ids("all", "train")[1]
+    cache = DecodedCache(tmp_path / "cache")
+    entry = cache.ensure(release, case_id)
+    file = entry.path / "ct.b2nd"
+    data = bytearray(file.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10  # in the compressed chunks, same size
+    file.write_bytes(bytes(data))
+    content_hash = release.manifest["cases"][case_id]
+    # unchecked, the flip is served (wrong voxels, or at best a blosc2 error)
+    try:
+        served = DecodedCache._load(entry.path, verify=False).read("ct")
+    except CacheError:
+        pass
+    else:
+        assert not np.array_equal(served, truth[case_id].ct)
+    assert cache.open("1.0.0", case_id, content_hash) is None
+    np.testing.assert_array_equal(cache.ensure(release, case_id).read("ct"), truth[case_id].ct)
+    assert cache.open("1.0.0", case_id, content_hash) is not None
 
 
 def test_corrupt_shard_never_reaches_the_cache(built, tmp_path):
@@ -195,3 +221,141 @@ def test_read_into_fills_the_given_buffer(built, tmp_path):
     np.testing.assert_array_equal(entry.read_into("pet", (slice(None),) * 3, whole), truth[case_id].pet)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         entry.read_into("pet", box, np.zeros((7, 9, 11), np.float64))
+
+
+def _leftover(cache: DecodedCache, release: Release, case_id: str) -> Path:
+    """A .partial folder as a build killed half-way leaves it."""
+    entry = cache.entry_path(release.version, case_id, release.manifest["cases"][case_id])
+    partial = entry.parent / f".{entry.name}.k1ll3d{cache_mod._PARTIAL}"
+    partial.mkdir(parents=True)
+    (partial / "ct.b2nd").write_bytes(b"half a volume")
+    return partial
+
+
+def test_partial_folders_are_cleaned_by_the_next_build_and_by_prune(built, tmp_path):
+    from filelock import FileLock
+
+    path, truth = built
+    release = release_of(path, tmp_path)
+    ids = release.case_ids("all", "train")
+    cache = DecodedCache(tmp_path / "cache")
+    first = _leftover(cache, release, ids[0])
+    entry = cache.ensure(release, ids[0])
+    assert not first.exists()
+    np.testing.assert_array_equal(entry.read("ct"), truth[ids[0]].ct)
+    second, third = _leftover(cache, release, ids[1]), _leftover(cache, release, ids[2])
+    busy = FileLock(str(third.parent / ".locks" / f"{third.name[1:].split('.')[0]}.lock"))
+    with busy:  # a build of ids[2] in progress elsewhere: its .partial is not touched
+        removed = cache.prune({release.version: {entry.path.name}})
+    assert second in removed and not second.exists()
+    assert third.exists() and third not in removed
+    assert entry.path.exists()
+    assert cache.prune({release.version: {entry.path.name}}) == [third]
+
+
+def test_blosc2_error_during_the_build_names_the_file_and_leaves_nothing(built, tmp_path, monkeypatch):
+    import blosc2
+
+    path, _ = built
+    release = release_of(path, tmp_path)
+    case_id = release.case_ids("all", "train")[0]
+    cache = DecodedCache(tmp_path / "cache")
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while creating the NDArray")
+
+    monkeypatch.setattr(blosc2, "asarray", full)
+    with pytest.raises(CacheError) as e:
+        cache.ensure(release, case_id)
+    entry = cache.entry_path(release.version, case_id, release.manifest["cases"][case_id])
+    assert f"{entry / 'ct.b2nd'}" in str(e.value) and "Error while creating the NDArray" in str(e.value)
+    assert "LYMPHATLAS_CACHE" in str(e.value)
+    assert not entry.exists() and not list(entry.parent.glob("*.partial"))
+
+
+def test_a_full_disk_during_the_cache_build_names_the_path_and_the_cause(built, tmp_path):
+    """A real full disk: a 16 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    import subprocess
+
+    path, truth = built
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount rights (CAP_SYS_ADMIN); the blosc2-error test covers the message")
+    try:
+        release = release_of(path, tmp_path)
+        cache = DecodedCache(mnt / "cache")
+        with pytest.raises(CacheError) as e:
+            for case_id in release.case_ids("all", "train"):
+                cache.ensure(release, case_id)
+        message = str(e.value)
+        assert str(mnt / "cache") in message and ".b2nd" in message and "the disk holding it is full" in message
+        assert not list((mnt / "cache").rglob("*.partial"))
+        # every entry that exists is whole and right
+        for entry_dir in (mnt / "cache" / release.version).glob("LA-*"):
+            entry = DecodedCache._load(entry_dir)
+            assert entry is not None
+            np.testing.assert_array_equal(entry.read("pet"), truth[entry.case_id].pet)
+            del entry  # its blosc2 handle keeps the mount busy
+    finally:
+        import gc
+
+        gc.collect()
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+_BUILD_SCRIPT = """
+import sys
+from lymphatlas_ds.cache import DecodedCache
+from lymphatlas_ds.release import Release
+release = Release(sys.argv[1], remember=False)
+cache = DecodedCache(sys.argv[2])
+print("ready", flush=True)
+for case_id in release.case_ids("all", "train") + release.case_ids("all", "test"):
+    cache.ensure(release, case_id)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_cache_build_killed_at_random_points_leaves_a_cache_that_serves_the_right_voxels(built, tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, truth = built
+    repo = Path(__file__).resolve().parents[1]
+    rng = random.Random(12)
+    duration = None
+    interrupted = 0
+    for attempt in range(5):
+        root = tmp_path / f"cache{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, str(path), str(root)], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.perf_counter()
+        if duration is None:  # the first run measures how long the whole build takes
+            assert proc.stdout.readline().strip() == "done"
+            duration = time.perf_counter() - t0
+            proc.wait(timeout=60)
+            continue
+        time.sleep(rng.uniform(0.0, duration))  # somewhere in the builds of the cases
+        proc.send_signal(signal.SIGKILL)
+        interrupted += "done" not in proc.stdout.read()
+        proc.wait(timeout=60)
+        # the next load works and serves exactly the release's voxels
+        release = Release(path, remember=False)
+        cache = DecodedCache(root)
+        for split in ("train", "test"):
+            for case_id in release.case_ids("all", split):
+                entry = cache.ensure(release, case_id)
+                for name in ("ct", "pet", "label"):
+                    np.testing.assert_array_equal(entry.read(name), getattr(truth[case_id], name))
+        cache.prune({release.version: {cache.entry_path(release.version, c, h).name
+                                       for c, h in release.manifest["cases"].items()}})
+        assert not list(root.rglob("*.partial"))
+    assert interrupted >= 2  # most kills landed before the build finished
