@@ -95,8 +95,11 @@ def publish_mirror(release: str | Path, mirror: str | Path, *, wait_for_lock: bo
     try:
         return _publish_mirror(release, mirror, wait_for_lock)
     except OSError as e:
+        where, why = e.filename or mirror, e.strerror or str(e)
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+            _src, where, why = e.args[0][0]  # copytree gathers (source, target, error) per file: name the first
         raise PublishError(
-            f"cannot publish {release} to the mirror {mirror} ({e.filename or mirror}): {e.strerror or e}; the "
+            f"cannot publish {release} to the mirror {mirror} ({where}): {why}; the "
             "published versions and versions.json are as they were: free space on that disk (or fix the "
             "permissions) and run again"
         ) from e
