@@ -80,13 +80,13 @@ def _grid_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
         return f"size {image.GetSize()} != CT size {reference.GetSize()}"
     sp, rsp = np.asarray(image.GetSpacing()), np.asarray(reference.GetSpacing())
     if np.any(np.abs(sp - rsp) > GRID_SPACING_REL_TOL * rsp):
-        return f"spacing {tuple(np.round(sp, 4))} != CT spacing {tuple(np.round(rsp, 4))}"
+        return f"spacing {tuple(np.round(sp, 4).tolist())} != CT spacing {tuple(np.round(rsp, 4).tolist())}"
     d, rd = np.asarray(image.GetDirection()), np.asarray(reference.GetDirection())
     if np.any(np.abs(d - rd) > GRID_DIRECTION_TOL):
-        return f"direction {tuple(np.round(d, 4))} != CT direction {tuple(np.round(rd, 4))}"
+        return f"direction {tuple(np.round(d, 4).tolist())} != CT direction {tuple(np.round(rd, 4).tolist())}"
     o, ro = np.asarray(image.GetOrigin()), np.asarray(reference.GetOrigin())
     if np.any(np.abs(o - ro) > GRID_ORIGIN_TOL_MM):
-        return f"origin {tuple(np.round(o, 3))} != CT origin {tuple(np.round(ro, 3))} (LPS mm)"
+        return f"origin {tuple(np.round(o, 3).tolist())} != CT origin {tuple(np.round(ro, 3).tolist())} (LPS mm)"
     return None
 
 

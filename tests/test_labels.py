@@ -53,6 +53,7 @@ def test_mask_on_another_grid_is_rejected(tmp_path, change, needle) -> None:
     with pytest.raises(LabelError, match="another grid") as e:
         labels.load_mask(tmp_path / "m.nii.gz", ct, exam_id="EX7")
     assert needle in str(e.value) and "EX7" in str(e.value) and e.value.stage == "labels"
+    assert "np." not in str(e.value)  # plain numbers, not np.float64(...) reprs
 
 
 def test_mask_of_another_size_is_rejected(tmp_path) -> None:
