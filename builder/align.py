@@ -345,8 +345,12 @@ def _affine_parts(transform: sitk.Transform) -> np.ndarray | None:
     name = transform.GetName()
     if name == "IdentityTransform" or (name == "Transform" and not transform.GetParameters()):
         return np.eye(4)
-    if name in ("Euler3DTransform", "VersorRigid3DTransform", "AffineTransform", "TranslationTransform",
-                "Similarity3DTransform", "ScaleVersor3DTransform"):
+    if name == "TranslationTransform":
+        out = np.eye(4)
+        out[:3, 3] = transform.GetOffset()
+        return out
+    if name in ("Euler3DTransform", "VersorRigid3DTransform", "AffineTransform", "Similarity3DTransform",
+                "ScaleVersor3DTransform"):
         return transform_matrix(transform)
     return None
 

@@ -1,4 +1,4 @@
-"""Lesion masks onto the CT grid, the body mask, and lesion statistics (paper 2.4).
+"""Lesion masks onto the CT grid and the body mask (paper 2.4).
 
 A mask arrives either as NIfTI on the exam's CT grid (what ITK-SNAP saves) or as a DICOM SEG that
 references the CT series. Both become ``uint8 {0, 1}`` on the CT grid; a NIfTI mask on another
@@ -6,23 +6,18 @@ grid, with values other than 0/1, or lying outside the patient's body is rejecte
 (:class:`builder.errors.LabelError`). A SEG is placed through physical space (its plane positions
 and orientation), so it does not depend on the source instances being available.
 
-Lesion statistics follow the usual PET conventions: lesions are 26-connected components;
-SUVpeak is the highest mean SUV in a 1 ml sphere centred on a lesion voxel (PERCIST); TMTV is
-the total lesion volume, TLG the sum of volume x SUVmean, Dmax the largest distance between two
-lesion centroids (the lymphoma dissemination marker).
+Lesion statistics (SUVmax, SUVpeak, TMTV, TLG, Dmax) live in :mod:`builder.lesions`.
 
 Example:
     >>> label = load_mask(Path("masks/EX0001.nii.gz"), ct, exam_id="EX0001")  # doctest: +SKIP
-    >>> stats = lesion_statistics(label, pet_on_ct_array, ct)  # doctest: +SKIP
-    >>> stats["count"], round(stats["tmtv_ml"], 1)  # doctest: +SKIP
-    (3, 41.2)
+    >>> int(label.max())  # doctest: +SKIP
+    1
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +39,6 @@ BODY_HU = -500.0
 # groin, neck) drawn on PET reach a voxel or two past the skin, which on a 4 mm CT was measured at
 # up to ~3 % of a small mask; a mask of another exam, flipped or shifted, is mostly in air.
 MAX_OUTSIDE_BODY_FRACTION = 0.10
-# SUVpeak sphere: 1 ml -> radius (3 / (4 pi))^(1/3) cm.
-SUV_PEAK_VOLUME_ML = 1.0
 
 
 class MaskFormat(str, enum.Enum):
@@ -215,86 +208,3 @@ def check_inside_body(label: np.ndarray, body: np.ndarray, *, exam_id: str, path
             path=path,
         )
     return fraction
-
-
-# --------------------------------------------------------------------------------------------
-# lesion statistics
-
-
-def _sphere_kernel(spacing_xyz: tuple[float, float, float], volume_ml: float) -> np.ndarray:
-    """Normalised spherical averaging kernel [z, y, x] of ``volume_ml`` on the given spacing."""
-    radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm
-    half = [int(math.floor(radius / s)) for s in spacing_xyz[::-1]]
-    zz, yy, xx = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing_xyz[::-1])], indexing="ij")
-    kernel = (zz**2 + yy**2 + xx**2 <= radius**2).astype(np.float64)
-    return kernel / kernel.sum()
-
-
-def lesion_statistics(label: np.ndarray, pet: np.ndarray, reference: sitk.Image) -> dict:
-    """Per-lesion and whole-body statistics of ``label`` (uint8 [z, y, x]) on SUV ``pet``.
-
-    ``reference`` gives the grid (spacing, and the physical centroids in LPS mm).
-    Returns the ``case.json`` "lesions" block: count, tmtv_ml, tlg, suv_max, dmax_mm, items.
-
-    Example:
-        >>> s = lesion_statistics(label, pet, ct)  # doctest: +SKIP
-        >>> sorted(s["items"][0])  # doctest: +SKIP
-        ['centroid_mm', 'suv_max', 'suv_mean', 'suv_peak', 'volume_ml', 'voxels']
-    """
-    spacing = tuple(float(s) for s in reference.GetSpacing())
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    kernel = _sphere_kernel(spacing, SUV_PEAK_VOLUME_ML)
-    margin = np.asarray(kernel.shape) // 2
-    items = []
-    if np.any(label):
-        # work inside the label's bounding box only: whole-body arrays are ~100 M voxels
-        nz = np.nonzero(np.any(label, axis=(1, 2)))[0]
-        ny = np.nonzero(np.any(label, axis=(0, 2)))[0]
-        nx = np.nonzero(np.any(label, axis=(0, 1)))[0]
-        lo = np.array([nz[0], ny[0], nx[0]])
-        hi = np.array([nz[-1], ny[-1], nx[-1]]) + 1
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        components, n = ndimage.label(label[box] > 0, structure=np.ones((3, 3, 3), bool))
-        objects = ndimage.find_objects(components)
-        for index, sl in enumerate(objects, start=1):
-            if sl is None:
-                continue
-            comp = components[sl] == index
-            pet_comp = pet[box][sl]
-            values = pet_comp[comp].astype(np.float64)
-            # SUVpeak: mean in a 1 ml sphere centred on a lesion voxel, computed on a crop that
-            # includes the sphere's reach around the lesion.
-            glo = np.maximum(lo + np.array([s.start for s in sl]) - margin, 0)
-            ghi = np.minimum(lo + np.array([s.stop for s in sl]) + margin, np.asarray(pet.shape))
-            crop = pet[tuple(slice(a, b) for a, b in zip(glo, ghi))].astype(np.float64)
-            means = ndimage.convolve(crop, kernel, mode="constant", cval=0.0)
-            inner = tuple(
-                slice(lo[d] + sl[d].start - glo[d], lo[d] + sl[d].stop - glo[d]) for d in range(3)
-            )
-            suv_peak = float(means[inner][comp].max())
-            idx = np.argwhere(comp).mean(0) + lo + np.array([s.start for s in sl])  # z, y, x
-            centroid = reference.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in idx[::-1]))
-            items.append(
-                {
-                    "voxels": int(comp.sum()),
-                    "volume_ml": float(comp.sum()) * voxel_ml,
-                    "suv_max": float(values.max()),
-                    "suv_mean": float(values.mean()),
-                    "suv_peak": suv_peak,
-                    "centroid_mm": [round(float(c), 3) for c in centroid],
-                }
-            )
-    items.sort(key=lambda it: (-it["volume_ml"], it["centroid_mm"]))
-    centroids = np.array([it["centroid_mm"] for it in items]) if items else np.zeros((0, 3))
-    dmax = 0.0
-    if len(items) > 1:
-        diff = centroids[:, None, :] - centroids[None, :, :]
-        dmax = float(np.sqrt((diff**2).sum(-1)).max())
-    return {
-        "count": len(items),
-        "tmtv_ml": float(sum(it["volume_ml"] for it in items)),
-        "tlg": float(sum(it["volume_ml"] * it["suv_mean"] for it in items)),
-        "suv_max": float(max((it["suv_max"] for it in items), default=0.0)),
-        "dmax_mm": dmax,
-        "items": items,
-    }

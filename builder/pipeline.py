@@ -277,7 +277,7 @@ def convert_exam(job: ExamJob) -> ExamResult:
 def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     import SimpleITK as sitk
 
-    from builder import align, case, deid, labels, qc
+    from builder import align, case, deid, labels, lesions, qc
     from builder.discover import discover_exam
     from builder.errors import ClinicalError, DiscoveryError, LabelError
     from builder.read import read_series
@@ -337,9 +337,9 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     pet_img = aligned.pet_on_ct  # kept alive: pet_arr is a view of its buffer
     pet_arr = sitk.GetArrayViewFromImage(pet_img)
     fov_fraction = _lesion_fov_fraction(label, ct, pet_suv, aligned.transform)
-    del pet_suv
     stages.start("statistics")
-    stats = labels.lesion_statistics(label, pet_arr, ct)
+    stats = lesions.lesion_statistics(label, pet_arr, ct, pet=pet_suv, transform=aligned.transform)
+    del pet_suv
     stages.start("qc")
     ct_arr = sitk.GetArrayViewFromImage(ct)  # a view: `ct` stays alive until the case is written
     checks = qc.run_checks(

@@ -346,10 +346,10 @@ def test_dask_local_cluster_gives_the_same_cases(cohort, tmp_path) -> None:
 
 
 def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path, monkeypatch) -> None:
-    from builder import labels
+    from builder import lesions
 
     accepted = sorted(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")[:2]
-    real = labels.lesion_statistics
+    real = lesions.lesion_statistics
     calls = []
 
     def flaky(*args, **kwargs):
@@ -358,7 +358,7 @@ def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path,
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(labels, "lesion_statistics", flaky)
+    monkeypatch.setattr(lesions, "lesion_statistics", flaky)
     work = tmp_path / "w"
     # one worker runs the exams in this process, so the patch applies
     summary = pipeline.convert_cohort(cohort["source"], work, exams=accepted, workers=1, progress=False)

@@ -1,0 +1,149 @@
+"""builder.lesions: lesion statistics on the grid clinical practice reads them on, against lesions
+whose voxels and activity the test sets itself."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from builder import lesions
+
+
+def _grid(size, spacing, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    return img
+
+
+def _image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(arr.astype(np.float32))
+    out.CopyInformation(like)
+    return out
+
+
+def test_volumes_mean_tlg_centroids_and_dmax_on_the_ct_grid() -> None:
+    ct = _grid((60, 50, 40), (2.0, 2.0, 4.0), (10.0, 20.0, 30.0))  # 16 ul voxels
+    shape = ct.GetSize()[::-1]
+    label = np.zeros(shape, np.uint8)
+    pet = np.full(shape, 1.0, np.float32)
+    label[5:10, 10:16, 10:17] = 1  # lesion A: 5 x 6 x 7 voxels of SUV 4, one voxel of 9
+    pet[5:10, 10:16, 10:17] = 4.0
+    pet[7, 12, 13] = 9.0
+    label[30:33, 40:43, 50:53] = 1  # lesion B: 3 x 3 x 3 of SUV 2, far away
+    pet[30:33, 40:43, 50:53] = 2.0
+    # the native PET is this same grid here (identity transform)
+    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    voxel_ml = 2.0 * 2.0 * 4.0 / 1000.0
+    assert s["count"] == 2
+    a, b = s["items"]  # largest first
+    assert a["voxels"] == 210 and a["volume_ml"] == pytest.approx(210 * voxel_ml)
+    assert a["suv_max"] == pytest.approx(9.0) and a["suv_max_ct"] == pytest.approx(9.0)
+    assert a["suv_mean"] == pytest.approx((209 * 4.0 + 9.0) / 210)
+    assert b["voxels"] == 27 and b["suv_max"] == pytest.approx(2.0) and b["suv_mean"] == pytest.approx(2.0)
+    np.testing.assert_allclose(a["centroid_mm"], [10 + 2 * 13, 20 + 2 * 12.5, 30 + 4 * 7], atol=1e-6)
+    np.testing.assert_allclose(b["centroid_mm"], [10 + 2 * 51, 20 + 2 * 41, 30 + 4 * 31], atol=1e-6)
+    assert s["tmtv_ml"] == pytest.approx(237 * voxel_ml)
+    assert s["tlg"] == pytest.approx(210 * voxel_ml * a["suv_mean"] + 27 * voxel_ml * 2.0)
+    assert s["suv_max"] == pytest.approx(9.0)
+    assert s["dmax_mm"] == pytest.approx(np.linalg.norm(np.subtract(a["centroid_mm"], b["centroid_mm"])))
+    assert s["grids"] == {"volume_ml": "ct", "suv_mean": "ct", "tlg": "ct", "suv_max": "pet", "suv_peak": "pet",
+                          "dmax_mm": "ct"}
+
+
+def test_suvmax_is_read_on_the_native_pet_through_the_transform() -> None:
+    # CT 2 mm, PET 4 mm; the PET shows the anatomy moved by +8 mm in x (two PET voxels)
+    ct = _grid((40, 40, 40), (2.0, 2.0, 2.0))
+    # PET voxel faces on CT voxel faces (odd mm), so each CT voxel lies in one PET voxel
+    pet_grid = _grid((24, 20, 20), (4.0, 4.0, 4.0), (-3.0, 1.0, 1.0))
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[18:22, 18:22, 18:22] = 1  # an 8 mm cube: voxels 35-43 mm on every axis
+    pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
+    # moved by +8 mm in x: x 43-51 mm = PET x voxels 12-13; y, z 35-43 mm = PET voxels 9-10
+    pet[9:11, 9:11, 12:14] = 6.0
+    pet[10, 10, 13] = 7.5  # the lesion's hottest voxel
+    pet[10, 10, 15] = 50.0  # a hot neighbour outside the lesion (the bladder next door)
+    pet[10, 10, 10] = 40.0  # where the lesion would be read without the transform
+    shift = sitk.TranslationTransform(3, (8.0, 0.0, 0.0))
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid),
+                                  transform=shift)
+    (item,) = s["items"]
+    assert item["suv_max"] == pytest.approx(7.5)
+    assert item["pet_voxels"] == 8  # each 4 mm voxel of the lesion fully covered by the 2 mm mask
+    without = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert without["items"][0]["suv_max"] == pytest.approx(40.0)
+
+
+def test_lesion_smaller_than_half_a_pet_voxel_keeps_the_voxel_it_covers() -> None:
+    ct = _grid((40, 40, 40), (1.0, 1.0, 1.0))
+    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0))
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[19:21, 19:21, 19:21] = 1  # 8 ul in one 64 ul PET voxel: cover 1/8
+    pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
+    pet[5, 5, 5] = 3.0  # the PET voxel holding points 18-22 mm
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert s["items"][0]["suv_max"] == pytest.approx(3.0) and s["items"][0]["pet_voxels"] == 1
+
+
+@pytest.mark.parametrize("pet_mm", [2.0, 4.0, 5.0])
+def test_suvpeak_of_a_linear_ramp_is_the_ramp_at_the_sphere_centre(pet_mm: float) -> None:
+    # a symmetric averaging sphere reads a linear field at its centre, whatever the voxel size
+    ct = _grid((50, 50, 50), (2.0, 2.0, 2.0))
+    n = int(100 / pet_mm)
+    pet_grid = _grid((n, n, n), (pet_mm, pet_mm, pet_mm), (0.3, 0.3, 0.3))
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[15:35, 15:35, 15:35] = 1  # voxels 29-69 mm on every axis
+    z, y, x = np.indices(pet_grid.GetSize()[::-1]) * pet_mm + 0.3
+    pet = 2.0 + 0.05 * x + 0.02 * y + 0.01 * z
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    item = s["items"][0]
+    # SUVmax: a PET voxel whose centre lies within half a voxel of the lesion (29-69 mm), none hotter
+    near = (x >= 29 - pet_mm / 2) & (x <= 69 + pet_mm / 2) & (y >= 29 - pet_mm / 2) & (y <= 69 + pet_mm / 2) \
+        & (z >= 29 - pet_mm / 2) & (z <= 69 + pet_mm / 2)
+    assert np.isclose(pet[near], item["suv_max"], rtol=1e-6).any()
+    assert item["suv_max"] <= pet[near].max() * (1 + 1e-6)
+    # the sphere is centred on that voxel, and inside the ramp it reads the ramp there
+    assert item["suv_peak"] == pytest.approx(item["suv_max"], rel=1e-6)
+
+
+@pytest.mark.parametrize("spacing", [(4.0, 4.0, 4.0), (2.0, 2.0, 3.0), (4.07, 4.07, 2.0), (0.5, 0.5, 0.5)])
+def test_suvpeak_sphere_holds_1_ml(spacing) -> None:
+    fractions = lesions.peak_kernel(spacing, normalise=False)
+    assert fractions.sum() * np.prod(spacing) / 1000.0 == pytest.approx(1.0, rel=0.01)
+
+
+def test_suvpeak_sphere_has_the_radius_of_1_ml() -> None:
+    k = lesions.peak_kernel((0.5, 0.5, 0.5))
+    r = (3 * 1000.0 / (4 * math.pi)) ** (1 / 3)  # 6.2 mm
+    zz, yy, xx = (np.indices(k.shape) - np.asarray(k.shape)[:, None, None, None] // 2) * 0.5
+    # a ball's mean squared radius is 3/5 r^2; a radius 0.1 mm off moves it by 3 %
+    assert float((k * (zz**2 + yy**2 + xx**2)).sum()) == pytest.approx(0.6 * r * r, rel=0.01)
+
+
+def test_suvpeak_of_a_single_hot_voxel_is_diluted_by_the_sphere() -> None:
+    ct = _grid((40, 40, 40), (2.0, 2.0, 2.0))
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[10:30, 10:30, 10:30] = 1
+    pet = np.where(label > 0, 5.0, 1.0).astype(np.float32)
+    pet[20, 20, 20] = 50.0
+    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    item = s["items"][0]
+    w_centre = lesions.peak_kernel((2.0, 2.0, 2.0))[3, 3, 3]
+    assert item["suv_max"] == pytest.approx(50.0)
+    assert item["suv_peak"] == pytest.approx(5.0 + 45.0 * w_centre, rel=1e-9)
+    assert w_centre == pytest.approx(8.0 / 1000.0, rel=0.01)  # a fully covered 8 ul voxel of a 1 ml sphere
+
+
+def test_empty_label_and_lesion_outside_the_pet() -> None:
+    ct = _grid((8, 8, 8), (1.0, 1.0, 1.0))
+    s = lesions.lesion_statistics(np.zeros((8, 8, 8), np.uint8), np.ones((8, 8, 8), np.float32), ct,
+                                  pet=_image(np.ones((8, 8, 8)), ct))
+    assert (s["count"], s["tmtv_ml"], s["tlg"], s["suv_max"], s["dmax_mm"], s["items"]) == (0, 0.0, 0.0, 0.0, 0.0, [])
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2, 2, 2] = label[3, 3, 3] = 1  # corner-connected: 26-connectivity joins them
+    far = _grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
+    s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=_image(np.ones((4, 4, 4)), far))
+    assert s["count"] == 1 and s["items"][0]["suv_max"] == 0.0 and s["items"][0]["pet_voxels"] == 0
