@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import gzip
 import hashlib
 import json
@@ -200,6 +201,24 @@ def _nifti_bytes(array_zyx: np.ndarray, affine: np.ndarray, *, gzip_level: int |
     return gzip.compress(raw, compresslevel=gzip_level, mtime=0)
 
 
+def _write_error(path: Path, error: OSError) -> MaterializeError:
+    """A full disk or a permission problem, as an error naming the file and what to do (no traceback)."""
+    cause = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        cause += " (the disk is full)"
+    return MaterializeError(
+        f"cannot write {path}: {cause}. Free disk space (or fix the permissions) and run the same command again: "
+        "files already written are kept and checked, none is left half-written"
+    )
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
 def _write_if_changed(path: Path, data: bytes) -> bool:
     """Write ``data`` atomically unless ``path`` already holds exactly these bytes; True if written."""
     try:
@@ -207,7 +226,10 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
             return False
     except FileNotFoundError:
         pass
-    write_atomic(path, data)
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        raise _write_error(path, e) from e
     return True
 
 
@@ -259,7 +281,7 @@ def _identity(
 
 def _prepare_folder(raw_dir: Path, folder_name: str, dataset_id: int, identity: dict, *, force: bool) -> Path:
     """Find conflicts with what is already there; refuse, or clear them with ``force``."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    _mkdir(raw_dir)
     folder = raw_dir / folder_name
     for other in sorted(raw_dir.glob(f"Dataset{dataset_id:03d}_*")):
         if other.name != folder_name and other.is_dir():
@@ -360,7 +382,7 @@ def materialize_nnunet(
     if test_labels:
         subdirs["labelsTs"] = folder / "labelsTs"
     for d in subdirs.values():
-        d.mkdir(parents=True, exist_ok=True)
+        _mkdir(d)
     try:
         previous_state = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -503,7 +525,7 @@ def materialize_nnunet(
     result.splits_files.append(folder / SPLITS_FILE)
     if preprocessed_dir is not None:
         target = Path(preprocessed_dir) / folder_name
-        target.mkdir(parents=True, exist_ok=True)
+        _mkdir(target)
         _write_json(target / SPLITS_FILE, folds)
         result.splits_files.append(target / SPLITS_FILE)
     state["complete"] = True

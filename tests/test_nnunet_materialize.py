@@ -267,3 +267,25 @@ def test_uncompressed_file_ending(tmp_path, release, release_dir):
     assert json.loads((result.dataset_dir / "dataset.json").read_text())["file_ending"] == ".nii"
     with pytest.raises(MaterializeError, match="file ending"):
         materialize_nnunet(release, tmp_path / "raw", dataset_id=512, file_ending=".mha")
+
+
+def test_a_full_disk_names_the_file_and_the_fix_without_a_traceback(release_dir, tmp_path):
+    """`lymphatlas materialize` onto a 64 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount rights (CAP_SYS_ADMIN)")
+    try:
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "lymphatlas"), "materialize", "--nnunet", str(mnt / "raw"),
+             str(release_dir[0]), "--quiet", "--workers", "1"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr
+        assert f"cannot write {mnt / 'raw'}" in run.stderr and "No space left on device (the disk is full)" in run.stderr
+        assert not list(mnt.rglob("*.tmp"))  # nothing half-written
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
