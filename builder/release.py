@@ -47,7 +47,7 @@ from lymphatlas_ds import codec, manifest as manifest_mod, schema
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import target_lock, work_lock
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
 
 from builder import card, shards, splits
 from builder.case import load_case
@@ -59,6 +59,7 @@ CASES_CSV = "metadata/cases.csv"
 CSV_EXTRA_COLUMNS = ("shard",)
 """Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case."""
 
+_SUBTYPE_CODES = frozenset(s.value for s in Subtype)
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
 _DTYPES = {"ct": schema.CT_DTYPE, "pet": schema.PET_DTYPE, "label": schema.LABEL_DTYPE}
 
@@ -178,6 +179,12 @@ def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str)
     pet = info.get("pet", {}) or {}
     lesions = info.get("lesions", {}) or {}
     affine = case_affine(case)
+    if clinical.get("subtype") not in _SUBTYPE_CODES:  # the value itself is not shown: it may be free text
+        raise ReleaseError(
+            f"case {case.case_id}: its clinical subtype is not a code of lymphatlas_ds.schema.Subtype (a case converted "
+            "before the vocabulary, or case.json edited by hand); run `python -m builder convert` again, which "
+            "checks the clinical row and reconverts the exam"
+        )
     row = {
         "case_id": case.case_id,
         "subject_id": info["subject_id"],

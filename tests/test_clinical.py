@@ -175,3 +175,19 @@ def test_free_text_subtype_reaches_no_output(synthetic_good_cohort, tmp_path) ->
         assert fragment not in published
     subtypes = {json.loads(p.read_text())["clinical"]["subtype"] for p in (tmp_path / "work" / "cases").rglob("case.json")}
     assert subtypes and subtypes <= {s.value for s in Subtype}
+
+
+def test_release_refuses_a_case_whose_subtype_is_not_a_code(tmp_path) -> None:
+    """A case converted before the vocabulary (or case.json edited by hand) never reaches a release."""
+    from builder.release import ReleaseError, build_release
+    from tests.support.fake_work import make_fake_work
+
+    cases = make_fake_work(tmp_path / "work", n_patients=2, seed=2, shape_zyx=(16, 20, 20))
+    path = tmp_path / "work" / "cases" / cases[0].case_id / "case.json"
+    info = json.loads(path.read_text())
+    info["clinical"]["subtype"] = FREE_TEXT
+    path.write_text(json.dumps(info))
+    with pytest.raises(ReleaseError, match=cases[0].case_id) as e:
+        build_release(tmp_path / "work", tmp_path / "release", version="1.0.0")
+    assert "Elsewhere" not in str(e.value) and "python -m builder convert" in str(e.value)
+    assert not (tmp_path / "release").exists()
