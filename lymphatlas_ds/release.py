@@ -8,12 +8,13 @@ one case even for a release of hundreds of whole-body exams.
 Integrity: before a file of the release is first read it is checked against ``manifest.json``
 (size and sha256). A check that passed is remembered in memory for this process (and the
 DataLoader workers it starts). With ``remember=True`` it is also recorded under the client's cache
-folder, keyed by the file's real path, size, inode, modification and change times, so that the
-next run does not hash a 500 MB shard again: the torch loader does this only with its decoded
-cache, whose entries are checked against the manifest's per-case content hash when they are built
-and against their own checksum when opened. Without the cache (``load_lymphatlas(cache=False)``),
-the materializer and ``lymphatlas show``, every process hashes the bytes of each file it reads
-once (sha256), so a shard changed in place with its size and times restored is still caught.
+folder, keyed by the file's real path, size, inode, modification and change times (a change time
+cannot be set back), so that the next run does not hash a 500 MB shard again. The torch loader
+records checks only with its decoded cache, whose entries are checked against the manifest's
+per-case content hash when they are built and against their own checksum when opened; without
+it (``load_lymphatlas(cache=False)``, ``remember=False``) every process hashes the bytes of each
+file it reads once (sha256), so a shard changed in place, even by silent disk corruption that
+leaves every time stamp alone, is still caught.
 A mismatch raises :class:`~lymphatlas_ds.errors.IntegrityError` naming the file and the fix.
 
 Example:
@@ -492,55 +493,49 @@ def cell_bytes(table: pa.Table, name: str, *, where: str = "") -> pa.Buffer:
     return data.slice(start, stop - start)
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    clean = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    clean = clean[~np.isnan(clean)]
-    if clean.size == 0:
-        return {"median": None, "min": None, "max": None}
-    return {"median": float(np.median(clean)), "min": float(clean.min()), "max": float(clean.max())}
-
-
 def summarize(release: Release) -> dict[str, Any]:
     """Counts and statistics of a release, per config and split (what ``lymphatlas info`` prints).
 
-    Reads only the metadata columns of the shards. Returns a JSON-able dict::
+    Reads only the metadata columns of the shards; every figure comes from
+    :func:`lymphatlas_ds.statistics.aggregate`, the function the dataset card uses too. Returns a
+    JSON-able dict::
 
         {"version", "schema_version", "builder_version", "n_cases", "n_subjects", "n_folds",
-         "configs": {config: {split: {"cases", "subjects", "sex": {F: n, ...}, "folds": {k: n},
-                                      "lesion_count": {median, min, max}, "tmtv_ml": {...}, "suv_max": {...}}}}}
+         "release": aggregate(all cases)   # the card's figures
+         "configs": {config: {split: {"cases", "subjects", "sex": {F: n, ...} (patients), "folds": {k: n},
+                                      "lesion_count": {min, median, mean, max, total}, "tmtv_ml": {...},
+                                      "suv_max": {...}}}}}
 
     Example:
         >>> summarize(Release("lymphatlas"))["configs"]["nhl"]["test"]["cases"]  # doctest: +SKIP
         24
     """
+    from lymphatlas_ds.statistics import aggregate
+
     manifest = release.manifest
+    all_rows = release.cases_table(Config.ALL).to_pylist()
+    whole = aggregate(all_rows)
     out: dict[str, Any] = {
         "version": release.version,
         "schema_version": manifest.get("schema_version"),
         "builder_version": manifest.get("builder_version"),
         "n_folds": int(release.splits.get("n_folds", N_FOLDS)),
+        "n_cases": whole["cases"],
+        "n_subjects": whole["patients"],
+        "release": whole,
         "configs": {},
     }
-    all_rows = release.cases_table(Config.ALL).to_pylist()
-    out["n_cases"] = len(all_rows)
-    out["n_subjects"] = len({r["subject_id"] for r in all_rows})
     for config in Config:
         wanted = {d.value for d in _diagnoses(config)}
         per_split = {}
         for split in Split:
-            rows = [r for r in all_rows if r["diagnosis"] in wanted and r["split"] == split.value]
-            sex: dict[str, int] = {}
-            folds: dict[str, int] = {}
-            for r in rows:
-                sex[str(r["sex"])] = sex.get(str(r["sex"]), 0) + 1
-                if split is Split.TRAIN:
-                    folds[str(r["fold"])] = folds.get(str(r["fold"]), 0) + 1
+            a = aggregate(r for r in all_rows if r["diagnosis"] in wanted and r["split"] == split.value)
             per_split[split.value] = {
-                "cases": len(rows),
-                "subjects": len({r["subject_id"] for r in rows}),
-                "sex": dict(sorted(sex.items())),
-                "folds": dict(sorted(folds.items())),
-                **{k: _stats([r[k] for r in rows]) for k in ("lesion_count", "tmtv_ml", "suv_max")},
+                "cases": a["cases"],
+                "subjects": a["patients"],
+                "sex": a["sex"],
+                "folds": a["cases_by_fold"] if split is Split.TRAIN else {},
+                **{k: a[k] for k in ("lesion_count", "tmtv_ml", "suv_max")},
             }
         out["configs"][config.value] = per_split
     return out
