@@ -31,8 +31,7 @@ import logging
 import os
 import re
 import shutil
-import statistics
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -263,46 +262,15 @@ def read_cases_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def release_statistics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Statistics of a release computed from its metadata rows (the card and the changelog show them)."""
-    def num(key: str) -> list[float]:
-        return [float(r[key]) for r in rows if r.get(key) is not None]
+    """Statistics of a release from its metadata rows (the card and the changelog show them).
 
-    def summary(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {"min": 0.0, "median": 0.0, "mean": 0.0, "max": 0.0, "total": 0.0}
-        return {
-            "min": round(min(values), 2),
-            "median": round(statistics.median(values), 2),
-            "mean": round(statistics.fmean(values), 2),
-            "max": round(max(values), 2),
-            "total": round(sum(values), 2),
-        }
+    One aggregation for the card, the changelog and ``lymphatlas info``:
+    :func:`lymphatlas_ds.statistics.aggregate` (sex and age per patient at the first exam, SUVmax
+    over the cases with a lesion).
+    """
+    from lymphatlas_ds.statistics import aggregate
 
-    per_split: dict[str, dict[str, int]] = {}
-    patients: dict[str, dict[str, set[str]]] = {}
-    for r in rows:
-        per_split.setdefault(r["split"], Counter())[r["diagnosis"]] += 1  # type: ignore[index]
-        patients.setdefault(r["split"], {}).setdefault(r["diagnosis"], set()).add(r["subject_id"])
-    first_exams = {}
-    for r in sorted(rows, key=lambda r: (r["subject_id"], r.get("exam_index") or 0)):
-        first_exams.setdefault(r["subject_id"], r)
-    scanners = Counter(f"{r.get('pet_manufacturer') or '?'} {r.get('pet_model') or ''}".strip() for r in rows)
-    folds = Counter(r["fold"] for r in rows if r["split"] == Split.TRAIN.value)
-    return {
-        "cases": len(rows),
-        "patients": len({r["subject_id"] for r in rows}),
-        "cases_by_split": {s: dict(sorted(c.items())) for s, c in sorted(per_split.items())},
-        "patients_by_split": {s: {d: len(v) for d, v in sorted(p.items())} for s, p in sorted(patients.items())},
-        "cases_by_fold": {str(k): v for k, v in sorted(folds.items())},
-        "sex": dict(sorted(Counter(r.get("sex") or "unknown" for r in first_exams.values()).items())),
-        "age_band": dict(sorted(Counter(r.get("age_band") or "unknown" for r in first_exams.values()).items())),
-        "lesion_count": summary(num("lesion_count")),
-        "tmtv_ml": summary(num("tmtv_ml")),
-        "suv_max": summary([float(r["suv_max"]) for r in rows if (r.get("lesion_count") or 0) > 0 and r.get("suv_max") is not None]),
-        "cases_without_lesion": sum(1 for r in rows if (r.get("lesion_count") or 0) == 0),
-        "scanners": dict(sorted(scanners.items())),
-        "registration": dict(sorted(Counter(r.get("registration") or "unknown" for r in rows).items())),
-    }
+    return aggregate(rows)
 
 
 @dataclass(frozen=True)
