@@ -19,8 +19,9 @@ same case twice. The decoded voxels are checked against the manifest's content h
 entry is published. Each entry's ``case.json`` records a checksum of each of its files (xxh3-128,
 a non-cryptographic hash at ~10 GB/s: it guards against corruption such as a flipped bit on disk,
 not against tampering), verified whenever the entry is opened; an entry that fails it is rebuilt
-(``benchmarks/bench_cache.py`` measures what the check costs). A ``.partial`` folder left by a
-killed build is removed by the next build of that entry and by :meth:`DecodedCache.prune`. Errors
+(``benchmarks/bench_cache.py`` measures what the check costs). ``.partial`` folders left by a
+killed build are removed on a cache's first use of the version, by the next build of that entry
+and by :meth:`DecodedCache.prune` (never one being built: its entry lock is held). Errors
 name the file and the cause (a full disk, a permission) and what to do.
 
 The cache folder is ``$LYMPHATLAS_CACHE``, else ``$XDG_CACHE_HOME/lymphatlas``, else
@@ -153,6 +154,25 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lymphatlas"
+
+
+def _remove_partials(version_dir: Path) -> list[Path]:
+    """Delete the ``.partial`` folders of interrupted builds under ``version_dir``; not one being built
+    now (its entry lock is held by a live process). Returns the removed folders."""
+    from filelock import FileLock, Timeout
+
+    removed = []
+    for partial in sorted(version_dir.glob(f".*{_PARTIAL}")):
+        entry_name = partial.name[1 : -len(_PARTIAL)].rsplit(".", 1)[0]
+        try:
+            with FileLock(str(version_dir / ".locks" / f"{entry_name}.lock"), timeout=0):
+                shutil.rmtree(partial, ignore_errors=True)
+                removed.append(partial)
+        except (Timeout, OSError):  # being built now (or no lock can be taken): leave it
+            continue
+    if removed:
+        log.info("removed %d folder(s) left by interrupted cache builds in %s", len(removed), version_dir)
+    return removed
 
 
 class CacheError(LymphAtlasError):
@@ -314,6 +334,7 @@ class DecodedCache:
         self.blocks = tuple(blocks)
         self.clevel = clevel
         self.foreground_seed = foreground_seed
+        self._swept: set[str] = set()  # version folders cleared of interrupted builds by this object
 
     def __repr__(self) -> str:
         return f"DecodedCache({str(self.root)!r})"
@@ -373,6 +394,9 @@ class DecodedCache:
                 "the release is incomplete: re-download it"
             )
         path = self.entry_path(version, case_id, content_hash)
+        if version not in self._swept and path.parent.is_dir():  # the first use: a killed build's leftovers
+            self._swept.add(version)
+            _remove_partials(path.parent)
         entry = self._load(path)
         if entry is not None:
             return entry
@@ -509,22 +533,13 @@ class DecodedCache:
         Also deletes the ``.partial`` folders of interrupted builds (not one being built now: its
         entry lock is held). Returns the removed folders. Use :meth:`entry_path` names to build ``keep``.
         """
-        from filelock import FileLock, Timeout
-
         removed = []
         if not self.root.is_dir():
             return removed
         for version_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if version_dir.name == "verified":
                 continue
-            for partial in sorted(version_dir.glob(f".*{_PARTIAL}")):
-                entry_name = partial.name[1 : -len(_PARTIAL)].rsplit(".", 1)[0]
-                try:
-                    with FileLock(str(version_dir / ".locks" / f"{entry_name}.lock"), timeout=0):
-                        shutil.rmtree(partial, ignore_errors=True)
-                        removed.append(partial)
-                except (Timeout, OSError):  # being built now (or no lock can be taken): leave it
-                    continue
+            removed += _remove_partials(version_dir)
             wanted = (keep or {}).get(version_dir.name, set())
             for entry in sorted(p for p in version_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 if entry.name not in wanted:

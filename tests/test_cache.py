@@ -251,6 +251,10 @@ def test_partial_folders_are_cleaned_by_the_next_build_and_by_prune(built, tmp_p
     assert third.exists() and third not in removed
     assert entry.path.exists()
     assert cache.prune({release.version: {entry.path.name}}) == [third]
+    # the next load clears leftovers of other cases too, on its first use of the version
+    other = _leftover(cache, release, ids[3])
+    DecodedCache(tmp_path / "cache").ensure(release, ids[0])
+    assert not other.exists()
 
 
 def test_blosc2_error_during_the_build_names_the_file_and_leaves_nothing(built, tmp_path, monkeypatch):
