@@ -292,7 +292,13 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     if job.clinical is None:
         raise ClinicalError(f"clinical.csv has no row for exam {exam_id}; add its diagnosis, sex, age and date",
                             exam_id=exam_id)
-    job.clinical.check()  # a rejected clinical.csv row raises, naming its line, its value and what is allowed
+    try:
+        job.clinical.check()  # a rejected clinical.csv row raises, naming its line, its value and what is allowed
+    except ExamError:
+        # A valid row (or one converted before the checks) made the earlier case: the row has changed since,
+        # a content rejection of a changed source, which retires that case.
+        result.source_changed = job.previous_case_id is not None
+        raise
     stages.start("hash")
     src_hash = source_hash(job)
     if job.previous_case_id:

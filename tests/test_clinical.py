@@ -152,22 +152,31 @@ def _strings_of_release(release: Path) -> str:
 
 @pytest.mark.slow
 def test_free_text_subtype_reaches_no_output(synthetic_good_cohort, tmp_path) -> None:
-    """The user's commands on a source whose subtype cell carries a hospital and dates."""
+    """The user's commands: two exams convert, then one's subtype cell is overwritten with a hospital and dates."""
     source = tmp_path / "source"
     shutil.copytree(synthetic_good_cohort[0], source, ignore=shutil.ignore_patterns("truth"))
-    _edit_subtype(source, "EX0000", FREE_TEXT)
     env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)}
-    convert = subprocess.run([sys.executable, "-m", "builder", "convert", str(source), str(tmp_path / "work"),
-                              "--workers", "1", "--exams", "EX0000", "EX0001", "--quiet", "--no-report"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert convert.returncode == 1, convert.stderr  # an exam rejected, the other converted
+
+    def builder(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "builder", *argv], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    convert = ["convert", str(source), str(tmp_path / "work"), "--workers", "1", "--exams", "EX0000", "EX0001",
+               "--quiet", "--no-report"]
+    first = builder(*convert)
+    assert first.returncode == 0, first.stdout + first.stderr
+    earlier = {json.loads(p.read_text())["case_id"] for p in (tmp_path / "work" / "cases").glob("*/case.json")}
+    assert len(earlier) == 2
+    _edit_subtype(source, "EX0000", FREE_TEXT)
+    second = builder(*convert)
+    assert second.returncode == 1, second.stdout + second.stderr  # EX0000 rejected, EX0001 unchanged
     failures = {f["exam_id"]: f for f in json.loads((tmp_path / "work" / "failures.json").read_text())}
-    assert failures["EX0000"]["stage"] == "clinical"
+    assert set(failures) == {"EX0000"} and failures["EX0000"]["stage"] == "clinical"
     assert "line 2" in failures["EX0000"]["reason"] and FREE_TEXT in failures["EX0000"]["reason"]
-    assert set(failures) == {"EX0000"}
-    release = subprocess.run([sys.executable, "-m", "builder", "release", str(tmp_path / "work"),
-                              str(tmp_path / "release"), "--version", "1.0.0"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert "retired case" in second.stdout  # the earlier case of EX0000 (its row changed) is gone
+    remaining = {json.loads(p.read_text())["case_id"] for p in (tmp_path / "work" / "cases").glob("*/case.json")}
+    assert len(remaining) == 1 and remaining < earlier
+    release = builder("release", str(tmp_path / "work"), str(tmp_path / "release"), "--version", "1.0.0")
     assert release.returncode == 0, release.stderr
     published = _strings_of_release(tmp_path / "release")
     published += "\n".join(p.read_text() for p in (tmp_path / "work" / "cases").rglob("case.json"))
