@@ -143,6 +143,39 @@ class AlignResult:
     timings_s: dict = field(default_factory=dict)
 
 
+TRANSFORM_FILE = "transform.tfm"
+"""The applied transform (CT point -> PET point, rigid or rigid + B-spline) beside case.json, as ITK
+writes it: ``sitk.ReadTransform`` gives it back, so a case can be resampled again exactly."""
+
+
+def transform_text(transform: sitk.Transform) -> str:
+    """``transform`` in ITK's text transform format (``.tfm``, full double precision).
+
+    Example:
+        >>> t = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.01, (1.5, -2.0, 0.25))
+        >>> sitk.Euler3DTransform(read_transform_text(transform_text(t))).GetParameters() == t.GetParameters()
+        True
+    """
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TRANSFORM_FILE
+        sitk.WriteTransform(transform, str(path))
+        return path.read_text()
+
+
+def read_transform_text(text: str) -> sitk.Transform:
+    """The transform of a ``.tfm`` text (:func:`transform_text`), composites flattened as ITK reads them."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TRANSFORM_FILE
+        path.write_text(text)
+        return sitk.ReadTransform(str(path))
+
+
 # --------------------------------------------------------------------------------------------
 # geometry helpers
 
@@ -770,6 +803,7 @@ def align_pet(
     record["max_shift_mm"] = round(max(max_shift, _max_displacement_mm(transform, _bbox_corners(ct, body_arr))), 3)
     record["rotation_deg"] = round(float(np.degrees(np.linalg.norm(rigid_part.GetParameters()[:3]))), 4)
     record["interpolation"] = Interpolation(settings.interpolation).value
+    record["transform_file"] = TRANSFORM_FILE  # written beside case.json by the pipeline
     t0 = time.perf_counter()
     pet_on_ct = resample_to_reference(
         pet_suv,

@@ -91,12 +91,14 @@ def write_case(
     affine_ras: np.ndarray,
     level: int = GZIP_LEVEL,
     check: Callable[[Path], None] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write one aligned case atomically into ``cases_dir/<case_id>/`` and return that folder.
 
     Fills ``content_hash`` in ``case_json``. An existing folder of the same case is replaced.
     ``check(folder)`` runs on the complete temporary folder before it is renamed into place
-    (the de-identification leak check); if it raises, nothing is published.
+    (the de-identification leak check); if it raises, nothing is published. ``extra_files``
+    ({name: text}) are written beside case.json (the applied transform, ``transform.tfm``).
 
     Example:
         >>> write_case(tmp / "cases", {"case_id": "LA-00000001", ...}, ct=ct, pet=pet, label=lab, affine_ras=a)  # doctest: +SKIP
@@ -122,6 +124,8 @@ def write_case(
                 fut.result()
             case_json = dict(case_json, content_hash=digest.result())
         (tmp / CASE_JSON).write_text(json.dumps(case_json, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

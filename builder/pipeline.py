@@ -392,7 +392,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
                             "what convert writes (builder.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
 
     case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
-                    label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check)
+                    label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
+                    extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)})
     result.status, result.case_id, result.subject_id = Status.CONVERTED, case_id, subject_id
 
 

@@ -112,3 +112,97 @@ def test_nnunet_raw_dataset_has_source_voxels_and_grouped_splits(chain, monkeypa
     for fold in splits:
         assert sorted(fold["train"] + fold["val"]) == cases
         assert not {patient[c] for c in fold["train"]} & {patient[c] for c in fold["val"]}
+
+
+def _truth_pet(chain: dict, exam_id: str) -> sitk.Image:
+    """The generator's PET in SUV on its native grid (truth/<exam>/pet_suv.npy + the PET geometry)."""
+    pet = sitk.GetImageFromArray(np.load(chain["truth"] / exam_id / "pet_suv.npy").astype(np.float32))
+    g = chain["truths"][exam_id]["pet"]
+    pet.SetSpacing(g["spacing"])
+    pet.SetOrigin(g["origin"])
+    pet.SetDirection(g["direction"])
+    return pet
+
+
+def _lesion_pet_bounds(chain: dict, case_id: str) -> list[tuple[float, float, float]]:
+    """Per lesion of the case: (trilinear SUVmax, SUVmax on the CT grid, native maximum around it).
+
+    Trilinear and the native voxels come from the generator's PET (truth), read by scipy at the
+    lesion's CT voxel centres carried through the case's saved transform; the middle value is
+    the published pet.nii.gz."""
+    from scipy import ndimage
+
+    from builder.align import affine_lps
+
+    exam_id = chain["id_map"][case_id]["exam_id"]
+    folder = chain["work"] / "cases" / case_id
+    case = json.loads((folder / "case.json").read_text())
+    transform = sitk.ReadTransform(str(folder / case["alignment"]["transform_file"]))
+    truth_pet = _truth_pet(chain, exam_id)
+    arr = sitk.GetArrayFromImage(truth_pet).astype(np.float64)
+    size = np.asarray(truth_pet.GetSize())
+    pet_ct = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "pet.nii.gz")))
+    label = sitk.ReadImage(str(folder / "label.nii.gz"))
+    comps, n = ndimage.label(sitk.GetArrayFromImage(label), structure=np.ones((3, 3, 3)))
+    a_ct, inv_pet = affine_lps(label), np.linalg.inv(affine_lps(truth_pet))
+    out = []
+    for k in range(1, n + 1):
+        idx = np.argwhere(comps == k)
+        pts = idx[:, ::-1] @ a_ct[:3, :3].T + a_ct[:3, 3]
+        moved = np.array([transform.TransformPoint(tuple(map(float, p))) for p in pts])
+        c = moved @ inv_pet[:3, :3].T + inv_pet[:3, 3]  # continuous (x, y, z) index in the PET
+        inside = np.all((c >= 0) & (c <= size - 1), axis=1)
+        if not inside.all():
+            continue  # at the field of view's edge: bounds not defined there
+        tri = ndimage.map_coordinates(arr, [c[:, 2], c[:, 1], c[:, 0]], order=1)
+        base = np.floor(c).astype(int)
+        corners = [arr[np.minimum(base[:, 2] + dz, size[2] - 1), np.minimum(base[:, 1] + dy, size[1] - 1),
+                       np.minimum(base[:, 0] + dx, size[0] - 1)]
+                   for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+        values = pet_ct[idx[:, 0], idx[:, 1], idx[:, 2]]
+        out.append((float(tri.max()), float(values.max()), float(np.max(corners))))
+    return out
+
+
+def test_lesion_suvmax_on_the_ct_grid_lies_between_trilinear_and_the_native_maximum(chain):
+    # the generator's PET (truth SUV, no DICOM reading or SUV conversion of ours) bounds every lesion
+    checked = 0
+    for case_id in chain["id_map"]:
+        for tri, on_ct, native in _lesion_pet_bounds(chain, case_id):
+            assert tri * (1 - 1e-4) <= on_ct <= native * (1 + 1e-4), (case_id, tri, on_ct, native)
+            checked += 1
+    assert checked >= N_EXAMS  # every exam has lesions inside its PET field of view
+
+
+def test_case_json_statistics_match_the_generator_pet(chain):
+    for case_id, row in chain["id_map"].items():
+        folder = chain["work"] / "cases" / case_id
+        case = json.loads((folder / "case.json").read_text())
+        truth = chain["truths"][row["exam_id"]]
+        # the SUV factor is the generator's, to float precision
+        assert case["pet"]["suv"]["factor"] == pytest.approx(truth["suv_factor"], rel=1e-9)
+        arr = np.load(chain["truth"] / row["exam_id"] / "pet_suv.npy")
+        for item in case["lesions"]["items"]:
+            if item["pet_voxels"]:  # SUVmax on the native grid is one of the generator's PET voxels
+                assert np.isclose(arr, item["suv_max"], rtol=1e-6, atol=0).any(), (case_id, item)
+                assert item["suv_peak"] <= item["suv_max"] + 1e-6
+
+
+def test_saved_transform_reproduces_the_published_pet(chain):
+    from builder.align import Interpolation, resample_to_reference
+    from builder.discover import discover_exam
+    from builder.read import read_series
+
+    source = chain["root"] / "source"
+    for case_id, row in sorted(chain["id_map"].items())[:2]:
+        folder = chain["work"] / "cases" / case_id
+        case = json.loads((folder / "case.json").read_text())
+        exam = discover_exam(source / "dicom" / row["exam_id"], row["exam_id"])
+        ct, _ = read_series(exam.ct, exam_id=row["exam_id"])
+        pet, _ = read_series(exam.pet, exam_id=row["exam_id"])
+        pet_suv = sitk.Cast(pet, sitk.sitkFloat32) * float(case["pet"]["suv"]["factor"])
+        transform = sitk.ReadTransform(str(folder / case["alignment"]["transform_file"]))
+        again = resample_to_reference(pet_suv, ct, transform,
+                                      interpolation=Interpolation(case["alignment"]["interpolation"]))
+        published = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "pet.nii.gz")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(again), published)
