@@ -580,3 +580,21 @@ def test_a_mistyped_or_empty_source_creates_nothing(tmp_path) -> None:
     proc = _run_cli(tmp_path, "convert", "empty", "work", "--quiet")
     assert proc.returncode == 2 and "holds no exam" in proc.stderr, proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_report_does_not_count_an_interrupted_temporary_case(tmp_path) -> None:
+    import shutil
+
+    from tests.support.fake_work import make_fake_work
+
+    work = tmp_path / "work"
+    real = make_fake_work(work, n_patients=1, seed=5)[0]
+    # what a convert killed between writing and renaming leaves: a whole-looking case under a hidden name
+    tmp_case = work / "cases" / ".tmp-LA-0000beef-1234"
+    shutil.copytree(work / "cases" / real.case_id, tmp_case)
+    info = json.loads((tmp_case / "case.json").read_text())
+    (tmp_case / "case.json").write_text(json.dumps(dict(info, case_id="LA-0000beef")))
+    proc = _run_cli(tmp_path, "report", "work", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    page = (work / "qc" / "index.html").read_text()
+    assert real.case_id in page and "LA-0000beef" not in page and ".tmp-" not in page
