@@ -20,6 +20,9 @@ COMMANDS = {
     "withdraw": "remove exams (withdrawn consent, deleted) and their cases from WORK",
 }
 
+QUIET_LOGGERS = ("highdicom", "openjpeg", "pylibjpeg", "libjpeg", "rle")
+"""Loggers held at WARNING unless ``--verbose``."""
+
 
 def main(argv: list[str] | None = None) -> int:
     return dispatch(
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         commands=COMMANDS,
         level=logging.INFO,
         log_format="%(levelname)s %(name)s: %(message)s",
+        # highdicom and the JPEG decoders log every SEG read and every decoded frame at INFO
+        quiet_loggers=QUIET_LOGGERS,
     )
 
 

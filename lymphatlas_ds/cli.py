@@ -33,9 +33,18 @@ def dispatch(
     commands: Mapping[str, str],
     level: int,
     log_format: str,
+    quiet_loggers: tuple[str, ...] = (),
 ) -> int:
-    """Parse ``argv``, run ``<package>.<command>.run(args)`` and turn LymphAtlasError into exit status 2."""
+    """Parse ``argv``, run ``<package>.<command>.run(args)`` and turn LymphAtlasError into exit status 2.
+
+    ``quiet_loggers``: other libraries' loggers held at WARNING unless ``--verbose`` (their INFO
+    lines would drown the pipeline's own).
+    """
+    from lymphatlas_ds import __version__
+    from lymphatlas_ds.schema import SCHEMA_VERSION
+
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (release schema {SCHEMA_VERSION})")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
@@ -44,6 +53,9 @@ def dispatch(
         modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else level, format=log_format)
+    if not args.verbose:
+        for name in quiet_loggers:
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
     try:
         return int(modules[args.command].run(args) or 0)
     except LymphAtlasError as e:

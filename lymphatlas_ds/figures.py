@@ -234,14 +234,38 @@ class CaseFigure:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def png_bytes(self) -> bytes:
+        return self.to_bytes("png")
+
+    def to_bytes(self, fmt: str = "png") -> bytes:
+        """The figure encoded as ``fmt`` (a value of :data:`IMAGE_FORMATS`), without time stamps."""
         buf = io.BytesIO()
         # No bbox_inches="tight": figure pixels stay where the axes say they are.
-        self.figure.savefig(buf, format="png", dpi=self.figure.dpi, metadata={"Software": None})
+        self.figure.savefig(buf, format=fmt, dpi=self.figure.dpi, metadata=_NO_STAMPS.get(fmt))
         return buf.getvalue()
 
     def save(self, path: str | Path) -> Path:
-        """Write the PNG through a temporary file renamed into place."""
-        return write_atomic(path, self.png_bytes())
+        """Write the figure in the format its suffix names (:func:`image_format`), through a temporary file renamed into place."""
+        return write_atomic(path, self.to_bytes(image_format(path)))
+
+
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+"""File suffixes a figure can be saved as, and matplotlib's format names."""
+_NO_STAMPS = {"png": {"Software": None}, "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+              "svg": {"Date": None, "Creator": None}}  # deterministic bytes
+
+
+def image_format(path: str | Path) -> str:
+    """The format ``path``'s suffix names; ``ValueError`` naming the accepted suffixes otherwise.
+
+    Example:
+        >>> image_format("case.JPG")
+        'jpeg'
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{path}: cannot tell the image format from {suffix or 'no suffix'!r}; "
+                         f"end the name with one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
 
 
 def _new_figure(width_in: float, height_in: float, dpi: int):

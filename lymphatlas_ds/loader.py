@@ -149,22 +149,56 @@ class _Base(Dataset):
         *,
         transform: Transform | None,
         cache: DecodedCache | None,
+        progress: bool = True,
     ) -> None:
         self.release = release
         self.case_ids = list(case_ids)
         self.transform = transform
         self.cache = cache
+        self.progress = progress
         self._entries: dict[str, CachedCase] = {}
+        self._bar: Any = None  # the first-use bar of this process (never pickled into workers)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_bar"] = None
+        return state
 
     def entry(self, case_id: str) -> CachedCase:
-        """The decoded-cache entry of a case (built on first use)."""
+        """The decoded-cache entry of a case (built on first use, with a progress bar over the cases still to decode)."""
         if self.cache is None:
             raise SchemaError("this dataset was made with cache=False; patch mode needs the decoded cache")
         entry = self._entries.get(case_id)
         if entry is None:
+            building = self.progress and not self._cached(case_id)
             entry = self.cache.ensure(self.release, case_id)
             self._entries[case_id] = entry
+            if building:
+                bar = self._first_use_bar()
+                bar.update(1)
+                if bar.n >= bar.total:
+                    bar.close()
         return entry
+
+    def _cached(self, case_id: str) -> bool:
+        """Whether the case's cache entry exists (a stat, not a check: ``ensure`` checks)."""
+        content_hash = self.release.manifest["cases"].get(case_id, "")
+        return self.cache is not None and self.cache.entry_path(self.release.version, case_id, content_hash).is_dir()
+
+    def _first_use_bar(self) -> Any:
+        """A bar over the cases not yet decoded, drawn while the first epoch fills the cache (one per DataLoader worker)."""
+        if self._bar is None or self._bar.n >= self._bar.total:
+            import sys
+
+            from tqdm import tqdm
+
+            worker = torch.utils.data.get_worker_info()
+            todo = 1 + sum(not self._cached(c) for c in self.case_ids if c not in self._entries)
+            where = f" (worker {worker.id})" if worker is not None else ""
+            self._bar = tqdm(total=todo, desc=f"decoding release {self.release.version} into the cache{where}",
+                             unit="case", file=sys.stderr, position=worker.id if worker else None,
+                             mininterval=1.0)
+        return self._bar
 
     def prepare(
         self, *, workers: int = 1, progress: Callable[[Iterable[str]], Iterable[str]] | None = None
@@ -254,8 +288,9 @@ class PatchDataset(_Base):
         seed: int,
         transform: Transform | None,
         cache: DecodedCache,
+        progress: bool = True,
     ) -> None:
-        super().__init__(release, case_ids, transform=transform, cache=cache)
+        super().__init__(release, case_ids, transform=transform, cache=cache, progress=progress)
         patch = _patch_size(patch_size)
         if samples_per_case < 1:
             raise SchemaError(f"samples_per_case must be >= 1, got {samples_per_case}")
@@ -363,6 +398,7 @@ def load_lymphatlas(
     cache: bool = True,
     hub_cache_dir: str | Path | None = None,
     verify: bool = True,
+    progress: bool = True,
 ) -> CaseDataset | PatchDataset:
     """A LymphAtlas release as a torch ``Dataset`` (see the module doc for items and sampling).
 
@@ -373,7 +409,8 @@ def load_lymphatlas(
     from the release's ``splits.json``. ``patch_size=(z, y, x)`` (or one int for a cube) switches to patch mode, with
     ``samples_per_case`` patches per case per epoch. ``cache_dir``: the decoded cache (default
     :func:`lymphatlas_ds.cache.default_cache_dir`). ``verify``: check release files against the
-    manifest on first use.
+    manifest on first use. ``progress``: a bar on stderr while the first epoch decodes cases into
+    the cache (one per DataLoader worker; ``False`` for none).
 
     Example:
         >>> val = load_lymphatlas("lymphatlas", config="hl", fold=0, subset="val")  # doctest: +SKIP
@@ -393,7 +430,7 @@ def load_lymphatlas(
         )
     decoded = DecodedCache(cache_dir) if cache else None
     if patch_size is None:
-        return CaseDataset(release, case_ids, transform=transform, cache=decoded)
+        return CaseDataset(release, case_ids, transform=transform, cache=decoded, progress=progress)
     if decoded is None:
         raise SchemaError("patch mode reads patches from the decoded cache; use cache=True")
     return PatchDataset(
@@ -405,6 +442,7 @@ def load_lymphatlas(
         seed=seed,
         transform=transform,
         cache=decoded,
+        progress=progress,
     )
 
 

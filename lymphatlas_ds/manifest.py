@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,11 +156,13 @@ class FileProblem:
 
 
 def verify_files(
-    release_dir: str | Path, manifest: dict[str, Any] | None = None, *, check_sha256: bool = True
+    release_dir: str | Path, manifest: dict[str, Any] | None = None, *, check_sha256: bool = True,
+    progress: Callable[[int], object] | None = None,
 ) -> list[FileProblem]:
     """Compare the files of ``release_dir`` with the manifest; an empty list means all match.
 
     Sizes are always compared; sha256 too unless ``check_sha256=False`` (a quick check).
+    ``progress`` is called with each listed file's manifest size once it is checked (a progress bar).
 
     Example:
         >>> problems = verify_files("lymphatlas")  # doctest: +SKIP
@@ -179,6 +182,8 @@ def verify_files(
             problems.append(FileProblem(rel, "size", entry["size"], size))
         elif check_sha256 and (found := sha256_file(path)) != entry["sha256"]:
             problems.append(FileProblem(rel, "sha256", entry["sha256"], found))
+        if progress is not None:
+            progress(int(entry["size"]))
     for rel in release_files(root):
         if rel not in manifest["files"]:
             problems.append(FileProblem(rel, "unlisted"))
@@ -307,12 +312,14 @@ def verify_consistency(release_dir: str | Path, manifest: dict[str, Any] | None 
 
 
 def verify_all(
-    release_dir: str | Path, manifest: dict[str, Any] | None = None, *, check_sha256: bool = True
+    release_dir: str | Path, manifest: dict[str, Any] | None = None, *, check_sha256: bool = True,
+    progress: Callable[[int], object] | None = None,
 ) -> list[FileProblem | ConsistencyProblem]:
     """Every file against the manifest (:func:`verify_files`), then the manifest against the rest of
     the release (:func:`verify_consistency`); an empty list means the release is intact."""
     manifest = manifest if manifest is not None else read_manifest(release_dir)
-    return [*verify_files(release_dir, manifest, check_sha256=check_sha256), *verify_consistency(release_dir, manifest)]
+    return [*verify_files(release_dir, manifest, check_sha256=check_sha256, progress=progress),
+            *verify_consistency(release_dir, manifest)]
 
 
 def verify_release(release_dir: str | Path, *, check_sha256: bool = True) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -260,11 +260,12 @@ class Release:
                 log.debug("could not record the check of %s in %s: %s", relpath, record, e)
 
     def verify_all(
-        self, *, check_sha256: bool = True
+        self, *, check_sha256: bool = True, progress: Callable[[int], object] | None = None
     ) -> list[manifest_mod.FileProblem | manifest_mod.ConsistencyProblem]:
         """Check every file against the manifest, and the manifest against the splits, changelog and
-        shards (:func:`lymphatlas_ds.manifest.verify_all`) now; an empty list means the release is intact."""
-        return manifest_mod.verify_all(self.path, self.manifest, check_sha256=check_sha256)
+        shards (:func:`lymphatlas_ds.manifest.verify_all`) now; an empty list means the release is intact.
+        ``progress`` gets the bytes of each file checked."""
+        return manifest_mod.verify_all(self.path, self.manifest, check_sha256=check_sha256, progress=progress)
 
     # ------------------------------------------------------------------ shards and the case index
 

@@ -264,3 +264,35 @@ def test_lymphatlas_show_draws_the_release_case(tmp_path, monkeypatch, capsys):
     assert main(["show", str(tmp_path / "release"), "LA-nope", "--out", str(tmp_path / "x.png")]) == 2
     assert "LA-nope" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_lymphatlas_show_writes_the_format_its_suffix_names(tmp_path):
+    """As typed: `lymphatlas show REL CASE --out x.jpg` writes JPEG bytes; an unknown suffix is refused up front."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from builder.release import build_release
+    from tests.support.fake_work import make_fake_work
+
+    cases = make_fake_work(tmp_path / "work", n_patients=2, shape_zyx=(16, 20, 24))
+    build_release(tmp_path / "work", tmp_path / "release", version="1.0.0")
+    env = {**os.environ, "LYMPHATLAS_CACHE": str(tmp_path / "cache")}
+    lymphatlas = str(Path(sys.executable).with_name("lymphatlas"))
+    for name, fmt, magic in (("x.jpg", "JPEG", b"\xff\xd8\xff"), ("x.pdf", None, b"%PDF"), ("x.PNG", "PNG", b"\x89PNG")):
+        proc = subprocess.run([lymphatlas, "show", "release", cases[0].case_id, "--out", name], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / name).read_bytes()[: len(magic)] == magic
+        if fmt:
+            with Image.open(tmp_path / name) as image:
+                assert image.format == fmt
+    png_size = Image.open(tmp_path / "x.PNG").size
+    assert Image.open(tmp_path / "x.jpg").size == png_size
+    proc = subprocess.run([lymphatlas, "show", "release", cases[0].case_id, "--out", "x.gif"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "x.gif" in proc.stderr and ".jpg" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.gif").exists()

@@ -231,3 +231,18 @@ def test_xyz_items_equal_what_nibabel_reads_from_the_work_files(built):
     np.testing.assert_array_equal(xyz["label"][0].numpy(), np.asanyarray(nib.load(work / "label.nii.gz").dataobj))
     back = to_zyx(xyz)
     assert torch.equal(back["image"], item["image"]) and torch.equal(back["label"], item["label"])
+
+
+def test_first_use_shows_a_bar_while_the_cache_fills(built, tmp_path, capsys):
+    path, _, _ = built
+    ds = load_lymphatlas(path, split="test", cache_dir=tmp_path / "c1")
+    for i in range(len(ds)):
+        ds[i]
+    err = capsys.readouterr().err
+    assert "into the cache" in err and f"{len(ds)}/{len(ds)}" in err
+    again = load_lymphatlas(path, split="test", cache_dir=tmp_path / "c1")
+    again[0]
+    assert "into the cache" not in capsys.readouterr().err  # already decoded: no bar
+    quiet = load_lymphatlas(path, split="test", cache_dir=tmp_path / "c2", progress=False)
+    quiet[0]
+    assert "into the cache" not in capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""`lymphatlas show SOURCE CASE_ID [--out case.png] [--version X.Y.Z]`: one case of a release as a PNG.
+"""`lymphatlas show SOURCE CASE_ID [--out case.png] [--version X.Y.Z]`: one case of a release as an image.
 
 The same case figure as the maintainers' QC report (:func:`lymphatlas_ds.figures.render_case`):
 axial, coronal and sagittal planes through the largest lesion of CT, PET, fusion and the label
-outlined in red, beside a coronal PET MIP. The case is read from the release through
+outlined in red, beside a coronal PET MIP, written in the format the ``--out`` suffix names (PNG,
+JPEG, PDF or SVG; another suffix is refused before anything is read). The case is read from the release through
 :class:`lymphatlas_ds.release.Release` (folder, mirror or Hub repo id, any published version).
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="release folder, local mirror or Hub repo id (org/name)")
     parser.add_argument("case_id", help="a case id of the release (metadata/cases.csv lists them), e.g. LA-3f9c2a1b")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: CASE_ID.png)")
+    parser.add_argument("--out", type=Path, default=None, help="image to write: .png, .jpg, .pdf or .svg (default: CASE_ID.png)")
     parser.add_argument("--version", default=None, help="release version (default: the newest)")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face Hub cache (Hub sources only)")
 
@@ -35,8 +36,14 @@ def find_case(source: str, case_id: str, *, version: str | None = None, cache_di
 
 
 def run(args: argparse.Namespace) -> int:
-    from lymphatlas_ds.figures import render_case
+    from lymphatlas_ds.errors import LymphAtlasError
+    from lymphatlas_ds.figures import image_format, render_case
 
+    if args.out is not None:
+        try:
+            image_format(args.out)
+        except ValueError as e:
+            raise LymphAtlasError(str(e)) from None
     record, version = find_case(args.source, args.case_id, version=args.version, cache_dir=args.cache_dir)
     diagnosis = record.meta.get("diagnosis", "")
     figure = render_case(

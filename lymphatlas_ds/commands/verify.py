@@ -21,9 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-versions", action="store_true", help="verify every version of a local mirror")
     parser.add_argument("--content", action="store_true",
                         help="also decode every case and compare its voxels with the manifest's content hash (slow)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from lymphatlas_ds.release import Release
     from lymphatlas_ds.source import list_versions, resolve_release
 
@@ -32,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     for version in versions:
         resolved = resolve_release(args.source, version=version)
         release = Release(resolved.path, verify=False, remember=False)
-        problems: list = release.verify_all(check_sha256=not args.quick)
+        total = sum(int(entry["size"]) for entry in release.manifest["files"].values())
+        with tqdm(total=total, desc=f"verify {release.version}", unit="B", unit_scale=True, disable=args.quiet,
+                  file=sys.stderr, leave=False) as bar:
+            problems: list = release.verify_all(check_sha256=not args.quick, progress=bar.update)
         if args.content and not problems:
             problems += _content_problems(release)
         n_files = len(release.manifest["files"])
