@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lymphatlas_ds.cli import main
@@ -173,3 +174,32 @@ def test_verify_content_decodes_every_case(built, capsys):
     path, truth = built
     assert main(["verify", str(path), "--content"]) == 0
     assert f"{len(truth)} cases decoded to their content hash" in capsys.readouterr().out
+
+
+def test_verify_content_catches_voxels_changed_behind_a_consistent_manifest(damaged, capsys):
+    """A shard rewritten with other voxels and its sha256 updated in the manifest: only decoding tells."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lymphatlas_ds.manifest import sha256_file
+
+    rel = sorted(p.relative_to(damaged).as_posix() for p in (damaged / "data").rglob("*.parquet"))[0]
+    table = pq.read_table(damaged / rel)
+    case_id = table.column("case_id")[0].as_py()
+    cells = table.column("pet").to_pylist()
+    data = bytearray(cells[0]["bytes"])
+    data[-4:] = np.float32(1234.5).tobytes()  # the last PET voxel
+    cells[0]["bytes"] = bytes(data)
+    index = table.schema.get_field_index("pet")
+    table = table.set_column(index, table.schema.field(index), pa.array(cells, type=table.schema.field(index).type))
+    pq.write_table(table, damaged / rel, row_group_size=1)
+
+    def resign(m):
+        m["files"][rel] = {"sha256": sha256_file(damaged / rel), "size": (damaged / rel).stat().st_size}
+
+    _edit_manifest(damaged, resign)
+    assert main(["verify", str(damaged)]) == 0  # files and cross-checks agree
+    capsys.readouterr()
+    assert main(["verify", str(damaged), "--content"]) == 1
+    out = capsys.readouterr().out
+    assert f"case {case_id}:" in out and "does not match its content hash" in out
