@@ -1,11 +1,11 @@
 """Drive nnU-Net v2 through its Python API: plan + preprocess, train one fold, predict.
 
-Why the API and not the ``nnUNetv2_train`` / ``nnUNetv2_predict`` commands: both look the trainer
-up by importing every trainer module of nnunetv2, and one of them imports ``timm`` (hence
-``torchvision``), which this project does not install (PyPI's torchvision does not import next to
-the CPU torch build). The API needs neither, and it lets us use trainer classes defined outside
-nnunetv2 (:mod:`tools.trainers`) for training *and* prediction. ``nnUNetv2_plan_and_preprocess``
-imports no trainer and works as a command too; :func:`plan_and_preprocess` calls the same functions.
+Why the API as well as nnU-Net's ``nnUNetv2_train`` / ``nnUNetv2_predict`` commands: those look
+the trainer up by importing every trainer module of nnunetv2 (one imports ``timm``), and they find
+the project's trainers only after ``python -m lymphatlas_ds.nnunet_trainers`` has run
+(:mod:`lymphatlas_ds.nnunet_trainers`; tested through the commands in tests/test_nnunet_cli.py).
+The API needs neither step and takes any trainer class (:mod:`tools.trainers`) for training *and*
+prediction.
 
 Every function that starts nnU-Net worker processes must be called under
 ``if __name__ == "__main__":`` in a script: nnU-Net uses "spawn" pools, which re-import the main module.
