@@ -289,3 +289,17 @@ def test_a_full_disk_names_the_file_and_the_fix_without_a_traceback(release_dir,
         assert not list(mnt.rglob("*.tmp"))  # nothing half-written
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_hint_names_the_trainer_step_only_when_it_is_missing(tmp_path, monkeypatch):
+    from lymphatlas_ds.commands import materialize
+
+    dataset = tmp_path / "nnUNet_raw" / "Dataset501_LymphAtlas"
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "nnUNet_raw"))
+    for visible, expected in ((False, True), (True, False)):
+        monkeypatch.setattr(materialize, "_trainers_visible", lambda: visible)
+        hint = materialize.next_steps(dataset, 501, preprocessed=None)
+        assert ("python -m lymphatlas_ds.nnunet_trainers" in hint) is expected
+        assert "export nnUNet_raw" not in hint  # already set to this folder
+        assert "nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer_500epochs" in hint
+        assert f"cp {dataset / 'splits_final.json'} {tmp_path / 'nnUNet_preprocessed' / dataset.name}/" in hint
