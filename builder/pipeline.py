@@ -261,7 +261,8 @@ def convert_exam(job: ExamJob) -> ExamResult:
     except (OSError, MemoryError) as e:
         result.status, result.stage = Status.FAILED, stages.current
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        result.reason = (f"[exam {job.exam_id}] {type(e).__name__} at stage {stages.current}{where}: {e}; an error of "
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        result.reason = (f"[exam {job.exam_id}] {type(e).__name__} at stage {stages.current}{where}: {why}; an error of "
                          "this run, not of the exam: any earlier case is kept; free disk space or memory and rerun")
         logger.error("exam %s failed at %s: %s", job.exam_id, stages.current, result.reason)
     except Exception as e:  # noqa: BLE001 - one exam must never stop the others
