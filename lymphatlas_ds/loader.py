@@ -196,8 +196,7 @@ class _Base(Dataset):
             todo = 1 + sum(not self._cached(c) for c in self.case_ids if c not in self._entries)
             where = f" (worker {worker.id})" if worker is not None else ""
             self._bar = tqdm(total=todo, desc=f"decoding release {self.release.version} into the cache{where}",
-                             unit="case", file=sys.stderr, position=worker.id if worker else None,
-                             mininterval=1.0)
+                             unit="case", file=sys.stderr, mininterval=1.0)
         return self._bar
 
     def prepare(

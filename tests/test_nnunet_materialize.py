@@ -303,3 +303,4 @@ def test_hint_names_the_trainer_step_only_when_it_is_missing(tmp_path, monkeypat
         assert "export nnUNet_raw" not in hint  # already set to this folder
         assert "nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer_500epochs" in hint
         assert f"cp {dataset / 'splits_final.json'} {tmp_path / 'nnUNet_preprocessed' / dataset.name}/" in hint
+        assert "nnUNetv2_predict -i IMAGES_DIR" in hint and "--include-test" in hint  # no imagesTs was written

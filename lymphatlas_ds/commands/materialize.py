@@ -76,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(
             f"patient-grouped folds: {raw_splits}\n"
-            f"  copy it to $nnUNet_preprocessed/{result.dataset_name}/splits_final.json before training "
-            "(or rerun with --preprocessed DIR): without it nnU-Net draws random per-case folds that put one "
-            "patient's exams on both sides"
+            f"  the `cp` below puts it in $nnUNet_preprocessed/{result.dataset_name}/ (or rerun with --preprocessed "
+            "DIR): without it nnU-Net draws random per-case folds that put one patient's exams on both sides"
         )
     print(next_steps(result.dataset_dir, args.dataset_id, preprocessed=args.preprocessed))
     return 0
@@ -112,12 +111,17 @@ def next_steps(dataset_dir: Path, dataset_id: int, *, preprocessed: str | None) 
     if not preprocessed:  # the patient-grouped folds go where nnU-Net's trainer reads them
         target = shlex.quote(str(Path(env["nnUNet_preprocessed"]) / Path(dataset_dir).name))
         lines.append(f"  mkdir -p {target} && cp {shlex.quote(str(Path(dataset_dir).resolve() / 'splits_final.json'))} {target}/")
-    images_ts = shlex.quote(str(Path(dataset_dir).resolve() / "imagesTs"))
+    images_ts = Path(dataset_dir).resolve() / "imagesTs"
+    predict_note = ""
+    if not images_ts.is_dir():
+        predict_note = "   # images of your own; --include-test writes the test split's"
+        images_ts = Path("IMAGES_DIR")
+    images_ts = shlex.quote(str(images_ts))
     lines += [
         f"  nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity -c 3d_fullres",
         f"  nnUNetv2_train {dataset_id} 3d_fullres 0 -tr nnUNetTrainer_500epochs      # then folds 1-4",
         f"  nnUNetv2_predict -i {images_ts} -o predictions -d {dataset_id} -c 3d_fullres -f 0 1 2 3 4 "
-        "-tr nnUNetTrainer_500epochs",
+        f"-tr nnUNetTrainer_500epochs{predict_note}",
     ]
     return "\n".join(lines)
 
