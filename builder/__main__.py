@@ -20,7 +20,7 @@ COMMANDS = {
     "withdraw": "remove exams (withdrawn consent, deleted) and their cases from WORK",
 }
 
-QUIET_LOGGERS = ("highdicom", "openjpeg", "pylibjpeg", "libjpeg", "rle")
+QUIET_LOGGERS = ("highdicom", "openjpeg", "pylibjpeg", "libjpeg", "rle", "numexpr")
 """Loggers held at WARNING unless ``--verbose``."""
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         commands=COMMANDS,
         level=logging.INFO,
         log_format="%(levelname)s %(name)s: %(message)s",
-        # highdicom and the JPEG decoders log every SEG read and every decoded frame at INFO
+        # highdicom and the JPEG decoders log every SEG read and decoded frame at INFO; numexpr its thread count
         quiet_loggers=QUIET_LOGGERS,
     )
 
