@@ -19,3 +19,10 @@ def test_fake_work_follows_contract(tmp_path):
     img = nib.load(tmp_path / "work" / "cases" / c.case_id / "ct.nii.gz")
     np.testing.assert_array_equal(np.asarray(img.dataobj).transpose(2, 1, 0), c.ct)
     np.testing.assert_allclose(img.affine, c.affine)
+
+
+def test_every_geometry_column_names_one_axis_order():
+    """One convention per row: 3-vectors of the CT grid are (x, y, z), as nibabel reads the Nifti cells."""
+    vectors = [name for name, kind in schema.METADATA_COLUMNS.items() if kind.endswith("[3]")]
+    assert vectors and all(name.endswith("_xyz") for name in vectors), vectors
+    assert "shape" not in schema.METADATA_COLUMNS and "spacing" not in schema.METADATA_COLUMNS
