@@ -132,38 +132,38 @@ def test_labels_match_truth_masks(cohort) -> None:
         inter = np.count_nonzero(label & mask)
         total = np.count_nonzero(label) + np.count_nonzero(mask)
         dice = 1.0 if total == 0 else 2 * inter / total
-        if truth["variant"]["mask_format"] == "nifti":
-            assert dice == 1.0, exam_id
-        else:
-            assert dice >= 0.99, (exam_id, dice)
+        # NIfTI on the CT grid and DICOM SEG placed through physical space are both exact
+        assert dice == 1.0, (exam_id, truth["variant"]["mask_format"], dice)
         assert case["source"]["mask_format"] == truth["variant"]["mask_format"]
 
 
-def _pet_truth_suvmax(cohort, exam_id: str, truth: dict, lesion_mask: np.ndarray, ct_affine_lps: np.ndarray) -> float:
-    """SUVmax inside the lesion of the written PET (truth/pet_suv.npy) placed on the CT grid with
-    the *truth* misalignment by SimpleITK's own B-spline resampler: what a perfect registration
-    followed by the reference cubic interpolation would report."""
-    import SimpleITK as sitk
-
-    pet = sitk.GetImageFromArray(np.load(cohort["truth_dir"] / exam_id / "pet_suv.npy").astype(np.float32))
+def _pet_truth_suvmax(cohort, exam_id: str, truth: dict, lesion: dict) -> tuple[float, float]:
+    """Bounds on a lesion's SUVmax on the native PET grid, from the generator alone: the highest
+    voxel of the written PET (truth/pet_suv.npy) whose centre, carried into the CT frame by the
+    *truth* misalignment, lies inside the lesion's ellipsoid shrunk (lower) or grown (upper) by
+    half a PET voxel diagonal plus 1 mm of registration residual; a PET voxel at least half covered
+    by the lesion has its centre inside the grown one. Without any voxel in the shrunk ellipsoid,
+    the lower bound is the voxel nearest the lesion centre."""
+    pet = np.load(cohort["truth_dir"] / exam_id / "pet_suv.npy")
     g = truth["pet"]
-    pet.SetSpacing(g["spacing"])
-    pet.SetOrigin(g["origin"])
-    pet.SetDirection(g["direction"])
-    ct = sitk.GetImageFromArray(lesion_mask.astype(np.uint8))
-    gc = truth["ct"]
-    ct.SetSpacing(gc["spacing"])
-    ct.SetOrigin(gc["origin"])
-    ct.SetDirection(gc["direction"])
-    m = np.asarray(truth["misalignment"]["matrix"], float)
-    t = sitk.AffineTransform(m[:3, :3].ravel().tolist(), m[:3, 3].tolist())
-    on_ct = sitk.GetArrayFromImage(sitk.Resample(pet, ct, t, sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
-    return float(on_ct[lesion_mask > 0].max()) if lesion_mask.any() else float("nan")
+    a = np.asarray(g["direction"], float).reshape(3, 3) * np.asarray(g["spacing"], float)[None, :]
+    k, j, i = np.indices(pet.shape)
+    q = np.stack([i, j, k], -1).reshape(-1, 3) @ a.T + np.asarray(g["origin"], float)
+    m_inv = np.linalg.inv(np.asarray(truth["misalignment"]["matrix"], float))
+    p = q @ m_inv[:3, :3].T + m_inv[:3, 3] - np.asarray(lesion["center_mm"])
+    radii = np.asarray(lesion["radius_mm"], float)
+    margin = 0.5 * float(np.linalg.norm(g["spacing"])) + 1.0
+    values = pet.reshape(-1)
+
+    def inside(r: np.ndarray) -> np.ndarray:
+        return ((p / np.maximum(r, 1e-6)) ** 2).sum(-1) <= 1.0
+
+    shrunk, grown = inside(radii - margin) & np.all(radii > margin), inside(radii + margin)
+    lower = values[shrunk].max() if shrunk.any() else values[np.argmin((p**2).sum(-1))]
+    return float(lower), float(values[grown].max())
 
 
 def test_lesion_statistics_match_truth(cohort) -> None:
-    from scipy import ndimage
-
     checked = 0
     for exam_id, truth, case in _accepted(cohort):
         items = case["lesions"]["items"]
@@ -175,8 +175,6 @@ def test_lesion_statistics_match_truth(cohort) -> None:
         spacing = np.asarray(case["geometry"]["spacing_xyz"])
         voxel_ml = float(np.prod(spacing)) / 1000.0
         assert case["lesions"]["tmtv_ml"] == pytest.approx(np.count_nonzero(mask) * voxel_ml, rel=1e-9)
-        ct_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(case["affine_ras"])
-        comps, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
         for les in truth["lesions"]:
             # the measured lesion whose centroid is nearest the truth centre
             item = min(items, key=lambda it: np.linalg.norm(np.subtract(it["centroid_mm"], les["center_mm"])))
@@ -186,16 +184,10 @@ def test_lesion_statistics_match_truth(cohort) -> None:
             assert abs(item["volume_ml"] - les["volume_ml"]) <= max(0.05 * les["volume_ml"], voxel_ml * 1.01) or (
                 item["voxels"] > les["n_voxels"]  # two truth lesions touching: one component
             )
-            centre_idx = np.rint(np.linalg.inv(ct_lps) @ np.r_[les["center_mm"], 1.0])[:3].astype(int)
-            comp = comps == comps[centre_idx[2], centre_idx[1], centre_idx[0]]
-            suv_truth = _pet_truth_suvmax(cohort, exam_id, truth, comp, ct_lps)
-            # SUVmax is one sample: within 5 % once the lesion spans >= 20 PET voxels; below that, on
-            # the small cohort's 8-9 mm PET voxels, a 1 mm registration residual moves the sampled
-            # peak by up to ~5.5 % (measured), so 10 % applies.
-            n_pet_voxels = les["volume_ml"] * 1000.0 / float(np.prod(truth["pet"]["spacing"]))
-            if np.isfinite(suv_truth):
-                tolerance = 0.05 if n_pet_voxels >= 20 else 0.10
-                assert item["suv_max"] == pytest.approx(suv_truth, rel=tolerance), (exam_id, les["station"], suv_truth)
+            # SUVmax is read on the native PET grid (builder.lesions): one of the generator's voxels
+            lower, upper = _pet_truth_suvmax(cohort, exam_id, truth, les)
+            if item["voxels"] <= les["n_voxels"]:  # not merged with a hotter touching lesion
+                assert lower * 0.99 <= item["suv_max"] <= upper * 1.01, (exam_id, les["station"], lower, upper)
             assert item["suv_mean"] <= item["suv_peak"] <= item["suv_max"] + 1e-6 or item["voxels"] < 20
             checked += 1
         lesions = case["lesions"]
