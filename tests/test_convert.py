@@ -249,25 +249,22 @@ def test_rerun_skips_unchanged_exams_and_reconverts_changed_ones(cohort, tmp_pat
     assert summary.n_skipped == len(before)
     assert summary.n_converted == 0
     assert {p.name: (p / "case.json").read_bytes() for p in (work / "cases").iterdir()} == before
-    # a changed clinical row changes the source hash of that exam only
-    clinical = (cohort["source"] / "clinical.csv").read_text().splitlines()
+    # a changed clinical row (the age, a decade later: another age band) changes that exam's source hash only
     exam_id = next(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")
-    changed = [line.replace(",HL,", ",NHL,") if line.startswith(exam_id + ",") and ",HL," in line else
-               line.replace(",NHL,", ",HL,") if line.startswith(exam_id + ",") else line for line in clinical]
     work2 = tmp_path / "work2"
     import shutil
 
     shutil.copytree(work, work2)
-    source2 = tmp_path / "source2"
-    shutil.copytree(cohort["source"], source2)
-    (source2 / "clinical.csv").write_text("\n".join(changed) + "\n")
+    source2 = _source_view(cohort, tmp_path / "source2", age_of=exam_id, years=10)
     s2 = pipeline.convert_cohort(source2, work2, exams=[exam_id], workers=1, progress=False)
     assert [r.status for r in s2.results] == [pipeline.Status.CONVERTED]
     case_id = cohort["id_map"][exam_id]["case_id"]
     assert s2.results[0].case_id == case_id  # same exam, same id
     new = json.loads((work2 / "cases" / case_id / "case.json").read_text())
     old = json.loads(before[case_id])
-    assert new["clinical"]["diagnosis"] != old["clinical"]["diagnosis"]
+    assert new["clinical"]["age_band"] != old["clinical"]["age_band"]
+    assert {k: v for k, v in new["clinical"].items() if k != "age_band"} == \
+        {k: v for k, v in old["clinical"].items() if k != "age_band"}
     assert new["content_hash"] == old["content_hash"]  # same voxels: deterministic conversion
 
 
@@ -388,9 +385,9 @@ def test_exam_without_misalignment_is_moved_less_than_half_a_millimetre(tmp_path
 # --- reliability: infrastructure errors, rejections, withdrawal, locks, bad SOURCE -------------------
 
 
-def _source_view(cohort, dst: Path, *, drop: tuple[str, ...] = (), age_of: str | None = None) -> Path:
+def _source_view(cohort, dst: Path, *, drop: tuple[str, ...] = (), age_of: str | None = None, years: int = 1) -> Path:
     """A source that shares the cohort's DICOM and masks through symlinks (no copy), without the exams
-    ``drop`` and with the age of ``age_of`` raised by a year (its source hash changes)."""
+    ``drop`` and with the age of ``age_of`` raised by ``years`` (its source hash changes)."""
     import csv
     import io
 
@@ -403,7 +400,7 @@ def _source_view(cohort, dst: Path, *, drop: tuple[str, ...] = (), age_of: str |
     rows = list(csv.DictReader(io.StringIO((src / "clinical.csv").read_text())))
     for row in rows:
         if row["exam_id"] == age_of:
-            row["age"] = str(int(float(row["age"])) + 1)
+            row["age"] = str(int(float(row["age"])) + years)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -590,3 +587,23 @@ def test_report_does_not_count_an_interrupted_temporary_case(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     page = (work / "qc" / "index.html").read_text()
     assert real.case_id in page and "LA-0000beef" not in page and ".tmp-" not in page
+
+
+def test_an_interrupt_keeps_every_case_and_lists_the_unfinished_exams(cohort, tmp_path, monkeypatch) -> None:
+    from builder import lesions
+
+    exams = sorted(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")[:2]
+    work = _copy_work(cohort, tmp_path / "work")
+    source = _source_view(cohort, tmp_path / "source", age_of=exams[0])
+    before = {p.name: (p / "case.json").read_bytes() for p in (work / "cases").iterdir()}
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lesions, "lesion_statistics", ctrl_c)  # Ctrl-C while the changed exam converts
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.convert_cohort(source, work, exams=exams, workers=1, progress=False)
+    assert {p.name: (p / "case.json").read_bytes() for p in (work / "cases").iterdir()} == before
+    assert pipeline.read_id_map(work) == cohort["id_map"]
+    failures = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}
+    assert {e: (failures[e]["kind"], failures[e]["stage"]) for e in exams} == {e: ("failed", "interrupted") for e in exams}

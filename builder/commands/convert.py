@@ -73,9 +73,12 @@ def run(args: argparse.Namespace) -> int:
               f"their cases stay (and release refuses them) until `python -m builder withdraw {args.work} "
               f"{' '.join(summary.gone)}` or `convert --prune`")
     if not args.no_report and importlib.util.find_spec("builder.report") is not None:
+        from lymphatlas_ds._lock import work_lock
+
         from builder.report import write_report
 
-        out = write_report(args.work)
+        with work_lock(args.work, wait=True):  # another run may take WORK between the convert and its report
+            out = write_report(args.work)
         print(f"QC report: {out}")
     if summary.n_failed:
         return 3
