@@ -1,9 +1,19 @@
 """Render the dataset card (the release's README.md) from the ``dataset_card.md`` template.
 
 The YAML front matter is built with ``huggingface_hub.DatasetCardData`` (license, task
-categories, tags, the ``configs:`` that ``datasets`` resolves, ``dataset_info`` with the features
-and split sizes); the prose is a jinja2 template filled with statistics computed from the release
-itself, so the card can never disagree with the data it describes.
+categories, tags, the Hub's access-request fields, the ``configs:`` that ``datasets`` resolves,
+``dataset_info`` with the features); the prose is a jinja2 template filled with statistics computed
+from the release itself, so the card can never disagree with the data it describes.
+
+``dataset_info`` carries no split sizes: ``datasets`` checks recorded sizes against what it read,
+so ``load_dataset(..., filters=[("fold", "==", 1)])`` would fail with NonMatchingSplitsSizesError.
+The release's integrity check is its manifest (``lymphatlas verify``: sha256 of every file).
+
+The usage section depends on where a release is read from: a local release names its folder, the
+copy pushed to the Hub names the repo id and the version's tag (``publish --repo-id`` swaps it in
+with :func:`hub_readme`). No card shows a bare name, which ``datasets`` would resolve to whatever
+copy its cache saw last. :func:`mirror_readme` writes the card at the root of a local mirror, whose
+``configs`` point at the newest version's folder so that versions never merge.
 
 Example:
     >>> text = render_card(version="1.0.0", statistics=stats, shards=infos, changelog="")  # doctest: +SKIP
@@ -13,11 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import jinja2
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from lymphatlas_ds import schema
@@ -31,6 +43,92 @@ LICENSE_NAME = "lymphatlas-data-use"
 LICENSE_LINK = "README.md#licence-and-terms-of-use"
 """The paper states no licence: the card says ``other`` (the Hub then wants a name and a link) and
 points to the terms of use in its own prose."""
+
+GATED_PROMPT = (
+    "These are medical images of real patients, shared for research under the LymphAtlas data use terms "
+    "(the card's 'Licence and terms of use'). Access is granted per person: give your name and affiliation "
+    "and accept the terms below."
+)
+GATED_FIELDS: dict[str, Any] = {
+    "Name": "text",
+    "Affiliation": "text",
+    "Country": "country",
+    "Intended use": {"type": "select", "options": ["Research", "Education", "Other"]},
+    "I will not attempt to re-identify any person in this dataset": "checkbox",
+    "I will not share the data outside my research group": "checkbox",
+    "I will cite the LymphAtlas paper in work that uses this dataset": "checkbox",
+}
+"""The Hub's access-request form (a gated dataset: ``extra_gated_prompt`` / ``extra_gated_fields``).
+The gate itself is switched on in the repo settings; these fields are what a requester fills in."""
+
+USAGE_BEGIN = "<!-- usage: begin -->"
+USAGE_END = "<!-- usage: end -->"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+USAGE_TEMPLATE = """\
+{%- set src = repo_id if repo_id else "./" ~ folder -%}
+{%- set pin = ', revision="' ~ tag ~ '"' if repo_id else "" -%}
+{%- set ver = ' --version ' ~ version if repo_id else "" -%}
+{%- if repo_id -%}
+This card is the Hub copy of release {{ version }}: the repo `{{ repo_id }}`, tag `{{ tag }}`. Pin
+the version with `revision="{{ tag }}"` (without it, `datasets` reads the newest commit). A gated
+repo needs a login first: `hf auth login` (or `HF_TOKEN`).
+{%- else -%}
+This card belongs to the local release folder `{{ folder }}` (version {{ version }}). Give
+`datasets` its path, never a bare name (a bare name is a Hub repo id, and `datasets` falls back to
+whatever copy of that name its cache saw last). In a local mirror each version is its own folder,
+`./mirror/{{ version }}`; `./mirror` itself reads the newest version.
+{%- endif %}
+
+With Hugging Face `datasets` (the Nifti columns decode to nibabel images):
+
+```python
+from datasets import load_dataset
+ds = load_dataset("{{ src }}", "nhl", split="train"{{ pin }})
+case = ds[0]
+ct = case["ct"].get_fdata()          # [x, y, z] as nibabel returns it
+fold1 = load_dataset("{{ src }}", "nhl", split="train"{{ pin }}, filters=[("fold", "==", 1)])
+```
+
+Streaming (the `import lymphatlas_ds` makes the process exit cleanly: without it, leaving a
+streamed parquet file before its end can abort the interpreter at exit, an upstream pyarrow bug,
+apache/arrow#45214 and huggingface/datasets#7566):
+
+```python
+import datasets, lymphatlas_ds
+ds = datasets.load_dataset("{{ src }}", "nhl", split="train"{{ pin }}, streaming=True)
+print(next(iter(ds))["case_id"])
+```
+
+`with_format("torch")` and `"numpy"` fail on the Nifti columns (upstream); `hf_torch` gives torch
+items from a `datasets.Dataset` instead:
+
+```python
+from lymphatlas_ds import hf_torch
+item = hf_torch(ds)[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(", ") }}), "label": uint8 [1, Z, Y, X], "affine", ...}
+```
+
+The `lymphatlas_ds` client (torch loader, nnU-Net export, the `lymphatlas` command) is not on
+PyPI: install it from the project's source tree, `pip install <checkout>`, or as the wheel built
+there, `pip wheel --no-deps -w dist <checkout>` then `pip install dist/lymphatlas_ds-*.whl`.
+
+```python
+from lymphatlas_ds import load_lymphatlas
+train = load_lymphatlas("{{ src }}", {% if repo_id %}version="{{ version }}", {% endif %}config="nhl", split="train", fold=0, subset="train")
+sample = train[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(", ") }}), "label": [1, Z, Y, X], ...}
+```
+
+For nnU-Net v2 (channels `_0000` = CT, `_0001` = PET, with a patient-grouped `splits_final.json`):
+
+```bash
+lymphatlas materialize {{ src }}{{ ver }} --nnunet ./nnUNet_raw --config all
+```
+
+It prints nnU-Net's own commands for the dataset it wrote (`nnUNetv2_plan_and_preprocess`,
+`nnUNetv2_train ... -tr nnUNetTrainer_500epochs`, the paper's setting, and `nnUNetv2_predict`).
+
+Check a copy against its manifest: `lymphatlas verify {{ src }}{{ ver }}`.
+"""
 
 
 def data_files(config: Config, split: Split) -> str:
@@ -66,27 +164,16 @@ def configs_yaml(shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
 
 
 def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
-    """``dataset_info`` per config: the features, and per split the number of cases and shard bytes."""
+    """``dataset_info`` per config: the features and the shard bytes, no split sizes (see the module doc).
+
+    The number of cases per split is in the card's prose and in ``metadata/cases.csv``.
+    """
     out = []
     for config in Config:
-        split_dict = datasets.SplitDict()
-        for split in Split:
-            chosen = _shards_of(shards, config, split)
-            if not chosen:
-                continue
-            split_dict.add(
-                datasets.SplitInfo(
-                    name=split.value,
-                    num_bytes=sum(s.size for s in chosen),
-                    num_examples=sum(len(s.case_ids) for s in chosen),
-                )
-            )
         size = sum(s.size for s in shards if _in_config(s.path, config))
         if not size:
             continue
-        info = datasets.DatasetInfo(
-            features=features(), splits=split_dict, config_name=config.value, download_size=size, dataset_size=size
-        )
+        info = datasets.DatasetInfo(features=features(), config_name=config.value, download_size=size, dataset_size=size)
         out.append(info._to_yaml_dict())
     return out
 
@@ -105,6 +192,8 @@ def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> Dat
         size_categories=[size_category],
         configs=configs_yaml(shards),
         dataset_info=dataset_info_yaml(statistics, shards),
+        extra_gated_prompt=GATED_PROMPT,
+        extra_gated_fields=GATED_FIELDS,
     )
 
 
@@ -122,6 +211,99 @@ def _latest_section(changelog: str) -> str:
     return (body if end < 0 else body[:end]).strip()
 
 
+def usage_section(*, version: str, repo_id: str | None = None, folder: str = schema.RELEASE_FOLDER_NAME) -> str:
+    """The card's usage lines between :data:`USAGE_BEGIN` and :data:`USAGE_END`.
+
+    ``repo_id=None``: a local release, loaded by its folder path; otherwise the Hub repo the
+    version is published under, pinned by its tag ``v<version>``.
+
+    Example:
+        >>> 'revision="v1.1.0"' in usage_section(version="1.1.0", repo_id="org/lymphatlas")
+        True
+    """
+    if repo_id is not None and not _REPO_ID.match(repo_id):
+        raise ValueError(f"{repo_id!r} is not a Hub repo id of the form ORG/NAME")
+    text = jinja2.Template(USAGE_TEMPLATE, keep_trailing_newline=True).render(
+        version=version, tag=f"v{version}", repo_id=repo_id, folder=folder, channels=schema.CHANNELS
+    )
+    return f"{USAGE_BEGIN}\n{text.strip()}\n{USAGE_END}"
+
+
+def hub_readme(readme: str, *, repo_id: str, version: str) -> str:
+    """A release's README.md as pushed to ``repo_id``: the usage section names the repo and the tag.
+
+    Raises ``ValueError`` when ``readme`` has no usage markers (a card rendered by an older builder).
+
+    Example:
+        >>> local = "intro\\n" + usage_section(version="1.0.0") + "\\nrest\\n"
+        >>> 'load_dataset("org/lymphatlas"' in hub_readme(local, repo_id="org/lymphatlas", version="1.0.0")
+        True
+    """
+    start, end = readme.find(USAGE_BEGIN), readme.find(USAGE_END)
+    if start < 0 or end < start:
+        raise ValueError(
+            f"the card has no usage section between {USAGE_BEGIN!r} and {USAGE_END!r}; rebuild the release "
+            "with this builder (`python -m builder release`)"
+        )
+    section = usage_section(version=version, repo_id=repo_id)
+    return readme[:start] + section + readme[end + len(USAGE_END) :]
+
+
+MIRROR_TEMPLATE = """\
+# {{ dataset_name }} local mirror (newest version {{ latest }})
+
+Every published version of {{ dataset_name }} side by side, each in its own folder:
+{% for v in versions %}`{{ v }}/`{{ ", " if not loop.last else "." }}{% endfor %} This card's `configs` read the
+newest version only (`{{ latest }}/data/...`), so versions never merge:
+
+```python
+from datasets import load_dataset
+ds = load_dataset("./{{ mirror_name }}", "nhl", split="train")            # the newest version, {{ latest }}
+ds = load_dataset("./{{ mirror_name }}/{{ versions[0] }}", "nhl", split="train")      # one version, pinned
+```
+
+`datasets` ignores `revision=` on a local folder: pin a version by its folder. The folder of a
+version holds its own card, changelog and manifest (`lymphatlas verify ./{{ mirror_name }} --version X.Y.Z`).
+`versions.json` lists the versions; this card is rewritten when a version is published.
+"""
+
+
+def mirror_readme(mirror: str | Path, versions: Sequence[str]) -> str:
+    """The README.md of a local mirror root: the newest version's front matter with its ``data_files``
+    moved into that version's folder, and a short text naming the version folders.
+
+    ``versions`` are oldest first; the newest version's own README.md gives the YAML (features,
+    configs, licence, access terms).
+
+    Example:
+        >>> mirror_readme("mirror", ["1.0.0", "1.1.0"])  # doctest: +SKIP
+    """
+    mirror = Path(mirror)
+    if not versions:
+        raise ValueError(f"mirror {mirror} lists no version")
+    latest = versions[-1]
+    data = DatasetCard.load(mirror / latest / "README.md").data.to_dict()
+    configs = []
+    for entry in data.get("configs") or []:
+        files = entry.get("data_files")
+        moved = dict(entry)
+        if isinstance(files, str):
+            moved["data_files"] = f"{latest}/{files}"
+        elif isinstance(files, list):
+            moved["data_files"] = [
+                {**f, "path": f"{latest}/{f['path']}"} if isinstance(f, dict) else f"{latest}/{f}" for f in files
+            ]
+        configs.append(moved)
+    data["configs"] = configs
+    data["pretty_name"] = f"{schema.DATASET_NAME} local mirror (newest: {latest})"
+    text = jinja2.Template(MIRROR_TEMPLATE, keep_trailing_newline=True).render(
+        dataset_name=schema.DATASET_NAME, latest=latest, versions=list(versions), mirror_name=mirror.name
+    )
+    card = DatasetCard(f"---\n{DatasetCardData(**data).to_yaml()}\n---\n\n{text}")
+    out = str(card)
+    return out if out.endswith("\n") else out + "\n"
+
+
 def render_card(
     *,
     version: str,
@@ -130,10 +312,12 @@ def render_card(
     changelog: str,
     seed: int = 0,
     template_path: str | Path = TEMPLATE_PATH,
+    repo_id: str | None = None,
 ) -> str:
     """The README.md text of a release: front matter + the template's prose with this release's figures.
 
     Deterministic: nothing depends on the clock (the citation year comes from the template).
+    ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`).
     """
     data = card_data(statistics, shards)
     card = DatasetCard.from_template(
@@ -155,6 +339,7 @@ def render_card(
         dataset_name=schema.DATASET_NAME,
         folder=schema.RELEASE_FOLDER_NAME,
         metadata_columns=list(schema.METADATA_COLUMNS),
+        usage=usage_section(version=version, repo_id=repo_id),
     )
     text = str(card)
     return text if text.endswith("\n") else text + "\n"

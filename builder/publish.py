@@ -3,10 +3,13 @@
 Local mirror::
 
     MIRROR/versions.json        {"latest": "1.1.0", "versions": ["1.0.0", "1.1.0"]}
+    MIRROR/README.md            card whose configs read MIRROR/1.1.0/data/... only (the newest version)
     MIRROR/1.0.0/...            a complete release folder, loadable with load_dataset(MIRROR/1.0.0, ...)
     MIRROR/1.1.0/...
 
-Plain ``datasets`` ignores ``revision=`` on a local folder, so each version is its own folder.
+Plain ``datasets`` ignores ``revision=`` on a local folder, so each version is its own folder;
+``load_dataset(MIRROR, "nhl")`` reads the newest version through the root card (without it,
+``datasets`` would merge every version's shards into one split).
 A published version is never modified: publishing the same version again is a no-op when its
 manifest is identical and an error otherwise. The release is verified against its manifest,
 copied to a hidden temporary folder in the mirror, verified again and renamed into place; then
@@ -14,7 +17,8 @@ copied to a hidden temporary folder in the mirror, verified again and renamed in
 
 Hub: one commit with every release file (and deletions of release files of the previous version
 that this one no longer has, e.g. renumbered shards), then the tag ``v<version>``; the README.md
-of the release is the dataset card. ``dry_run`` returns (and the CLI prints) the planned
+of the release is the dataset card, its usage lines rewritten for the repo id and the tag
+(:func:`builder.card.hub_readme`) and the committed manifest.json listing that README's hash. ``dry_run`` returns (and the CLI prints) the planned
 operations without contacting the Hub.
 
 Example:
@@ -27,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +49,7 @@ from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import LOCK_NAME, folder_lock
 from lymphatlas_ds.errors import LymphAtlasError
 
+from builder import card
 from builder.release import parse_version
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,8 @@ except ImportError:  # older huggingface_hub (requests): connection errors are O
     _HTTP_CLIENT_ERROR = OSError
 
 VERSIONS_NAME = "versions.json"
+MIRROR_CARD_NAME = "README.md"
+CARD_NAME = "README.md"
 RELEASE_TOP_FILES = ("README.md", "CHANGELOG.md", "manifest.json", "splits.json")
 RELEASE_DIRS = ("data/", "metadata/")
 """Paths of a Hub repo that belong to a release; files there that a new version lacks are deleted."""
@@ -141,6 +149,10 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
         versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
         versions_doc = {"latest": versions[-1], "versions": versions}
         write_atomic(mirror / VERSIONS_NAME, json.dumps(versions_doc, indent=2) + "\n", fsync=True)
+        root_card = card.mirror_readme(mirror, versions)
+        card_path = mirror / MIRROR_CARD_NAME
+        if not card_path.is_file() or card_path.read_text(encoding="utf-8") != root_card:
+            write_atomic(card_path, root_card, fsync=True)
         log.info("published %s to %s", version, target)
     return target
 
@@ -167,6 +179,19 @@ class HubPlan:
         return "\n".join(lines)
 
 
+def _hub_card_and_manifest(release: Path, manifest: dict[str, Any], repo_id: str) -> dict[str, bytes]:
+    """README.md naming ``repo_id`` and the tag, and the manifest.json that lists that README's hash."""
+    local = (release / CARD_NAME).read_text(encoding="utf-8")
+    try:
+        readme = card.hub_readme(local, repo_id=repo_id, version=manifest["version"]).encode("utf-8")
+    except ValueError as e:
+        raise PublishError(f"{release / CARD_NAME}: {e}") from e
+    files = dict(manifest["files"])
+    files[CARD_NAME] = {"sha256": hashlib.sha256(readme).hexdigest(), "size": len(readme)}
+    hub_manifest = {**manifest, "files": files}
+    return {CARD_NAME: readme, manifest_mod.MANIFEST_NAME: manifest_mod.dumps(hub_manifest).encode("utf-8")}
+
+
 def plan_hub_operations(release: str | Path, repo_id: str, *, existing_files: Iterable[str] = ()) -> HubPlan:
     """Plan the commit that makes ``repo_id`` hold exactly this release's files.
 
@@ -177,8 +202,9 @@ def plan_hub_operations(release: str | Path, repo_id: str, *, existing_files: It
     manifest = manifest_mod.verify_release(release)
     version = manifest["version"]
     files = sorted([*manifest["files"], manifest_mod.MANIFEST_NAME])
+    contents = _hub_card_and_manifest(release, manifest, repo_id)
     operations: list[CommitOperationAdd | CommitOperationDelete] = [
-        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(release / rel)) for rel in files
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=contents.get(rel, str(release / rel))) for rel in files
     ]
     wanted = set(files)
     for rel in sorted(existing_files):
@@ -200,7 +226,7 @@ def publish_hub(
     Refuses when the tag exists already (a published version never changes). With ``dry_run``
     nothing is sent: the returned plan lists the files to add (deletions of stale release files
     are only known once the repo can be listed). Authentication is huggingface_hub's (``HF_TOKEN``
-    or ``huggingface-cli login``).
+    or ``hf auth login``).
 
     Example:
         >>> print(publish_hub("lymphatlas", "org/lymphatlas", dry_run=True).describe())  # doctest: +SKIP
@@ -215,7 +241,7 @@ def publish_hub(
     except (OSError, HfHubHTTPError, _HTTP_CLIENT_ERROR) as e:
         raise PublishError(
             f"cannot reach or create the Hub dataset repo {repo_id} ({e}); check the network and the token "
-            "(HF_TOKEN or `huggingface-cli login`); --dry-run shows the plan without the Hub"
+            "(HF_TOKEN or `hf auth login`); --dry-run shows the plan without the Hub"
         ) from e
     plan = plan_hub_operations(release, repo_id, existing_files=existing)
     if plan.tag in tags:

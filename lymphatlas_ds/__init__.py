@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lymphatlas_ds import _exit_guard
 from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError, SourceError
 from lymphatlas_ds.schema import CHANNELS, LABELS, Config, Split
 
 if TYPE_CHECKING:
-    from lymphatlas_ds.loader import load_lymphatlas
+    from lymphatlas_ds.loader import hf_torch, load_lymphatlas
     from lymphatlas_ds.release import Release
 
 __version__ = "0.1.0"
@@ -31,11 +32,16 @@ __all__ = [
     "SourceError",
     "Split",
     "__version__",
+    "hf_torch",
     "load_lymphatlas",
 ]
 
 # Imported on first use: `import lymphatlas_ds` (the CLI, the builder) should not pay for torch.
-_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.release"}
+_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "hf_torch": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.release"}
+
+# Streaming a parquet dataset with `datasets` can abort the interpreter at exit (upstream pyarrow
+# bug): importing the package makes the exit wait for pyarrow's reader threads (see _exit_guard).
+_exit_guard.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -62,8 +62,29 @@ def test_mirror_keeps_every_version_loadable_and_untouched(releases, tmp_path):
     new = datasets.load_dataset(str(mirror / "1.1.0"), "all", split="train")
     assert set(old["case_id"]) < set(new["case_id"])  # the update only added cases here
     # the hidden lock file stays (removing it would race a waiting publish), empty once released
-    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "1.1.0", "versions.json"]
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "1.1.0", "README.md", "versions.json"]
     assert (mirror / ".lock").read_text() == ""
+
+
+def _split_cases(release: Path, split: str, config: str) -> set[str]:
+    cases = json.loads((release / "splits.json").read_text())["cases"]
+    return {c for c, e in cases.items() if e["split"] == split and config in ("all", e["diagnosis"].lower())}
+
+
+def test_the_mirror_root_reads_the_newest_version_and_never_merges_versions(releases, tmp_path):
+    mirror = tmp_path / "mirror"
+    publish_mirror(releases / "r100", mirror)
+    publish_mirror(releases / "r110", mirror)
+    default = datasets.load_dataset(str(mirror), split="train")  # what a user types first
+    assert len(default) == len(set(default["case_id"])) == len(_split_cases(releases / "r110", "train", "all"))
+    for config in ("all", "hl", "nhl"):
+        for split in ("train", "test"):
+            root = datasets.load_dataset(str(mirror), config, split=split)
+            assert sorted(root["case_id"]) == sorted(_split_cases(releases / "r110", split, config)), (config, split)
+            pinned = datasets.load_dataset(str(mirror / "1.0.0"), config, split=split)
+            assert sorted(pinned["case_id"]) == sorted(_split_cases(releases / "r100", split, config)), (config, split)
+    text = (mirror / "README.md").read_text()
+    assert "`1.0.0/`, `1.1.0/`" in text and 'load_dataset("./mirror/1.0.0", "nhl", split="train")' in text
 
 
 def test_republishing_a_version_is_a_no_op_or_refused(releases, tmp_path):
@@ -101,7 +122,7 @@ def test_an_interrupted_publish_leaves_the_previous_state(releases, tmp_path, mo
         publish_mirror(releases / "r110", mirror)
     monkeypatch.undo()
     assert _snapshot(mirror) == before
-    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "versions.json"]
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "README.md", "versions.json"]
 
 
 def test_a_release_that_does_not_verify_is_not_published(releases, tmp_path):
@@ -124,11 +145,18 @@ def test_hub_plan_adds_every_file_with_the_manifest_hashes_and_deletes_stale_sha
     adds = {op.path_in_repo: op for op in plan.operations if isinstance(op, CommitOperationAdd)}
     deletes = [op.path_in_repo for op in plan.operations if isinstance(op, CommitOperationDelete)]
     assert set(adds) == set(manifest["files"]) | {"manifest.json"}
-    for rel, entry in manifest["files"].items():
-        # huggingface_hub hashes the file itself: it must agree with the manifest.
+    # The Hub's card names the repo and the tag; the committed manifest lists that card's hash.
+    hub_card = adds["README.md"].path_or_fileobj.decode()
+    assert 'load_dataset("org/lymphatlas", "nhl", split="train", revision="v1.1.0")' in hub_card
+    assert 'load_dataset("./' not in hub_card and (release / "README.md").read_text().count('load_dataset("./') >= 3
+    hub_manifest = json.loads(adds["manifest.json"].path_or_fileobj)
+    assert {k: v for k, v in hub_manifest.items() if k != "files"} == {k: v for k, v in manifest.items() if k != "files"}
+    for rel, entry in hub_manifest["files"].items():
+        # huggingface_hub hashes the bytes it uploads: they must agree with the manifest that travels with them.
         assert adds[rel].upload_info.sha256.hex() == entry["sha256"]
         assert adds[rel].upload_info.size == entry["size"]
-    assert adds["manifest.json"].upload_info.sha256.hex() == sha256_file(release / "manifest.json")
+        if rel != "README.md":
+            assert entry == manifest["files"][rel]
     assert deletes == ["data/hl/train-00000-of-00002.parquet", "data/hl/train-00001-of-00002.parquet"]
     assert plan.tag == "v1.1.0"
 
@@ -232,7 +260,7 @@ def test_a_full_disk_names_the_path_and_leaves_the_mirror(releases, tmp_path, mo
     assert "No space left on device" in message and str(mirror / ".1.1.0.partial") in message
     assert "free space" in message and "as they were" in message
     assert _snapshot(mirror) == before
-    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "versions.json"]
+    assert sorted(p.name for p in mirror.iterdir()) == [".lock", "1.0.0", "README.md", "versions.json"]
     assert publish_mirror(releases / "r110", mirror) == mirror / "1.1.0"  # space back: the rerun completes
 
 

@@ -131,13 +131,9 @@ def test_card_front_matter_parses_and_statistics_come_from_the_data(released):
     assert card.data.license == "other"
     assert [c["config_name"] for c in card.data.configs] == ["all", "hl", "nhl"]
     infos = {i["config_name"]: i for i in card.data.dataset_info}
-    splits = json.loads((root / RELEASE_FOLDER_NAME / "splits.json").read_text())["cases"]
     for config, info in infos.items():
-        for split in info["splits"]:
-            expected = sum(
-                1 for e in splits.values() if e["split"] == split["name"] and config in ("all", e["diagnosis"].lower())
-            )
-            assert split["num_examples"] == expected
+        # no split sizes: datasets would compare them with what it read and refuse filters= (test_hf_idioms)
+        assert "splits" not in info and {f["name"] for f in info["features"]} >= {"ct", "pet", "label", "fold"}
     n_patients = len({c.subject_id for c in truth.values()})
     assert f"{len(truth)} examinations of {n_patients} patients" in card.text
     lesions = sum(c.case_json["lesions"]["count"] for c in truth.values())
