@@ -339,3 +339,20 @@ def test_saved_transform_file_resamples_the_pet_exactly(ct, tmp_path) -> None:
     np.testing.assert_array_equal(again, expected)
     # the rigid part alone does not reproduce it: the file carries the B-spline
     assert np.abs(sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, rigid)) - expected).max() > 0.5
+
+
+def test_bounded_cubic_does_not_depend_on_the_thread_count() -> None:
+    # the 2x upsampling runs in slabs on SimpleITK's thread count: every line is filtered whole
+    from tests.support.phantoms import Sphere, make_grid, sample
+
+    pet = sample(Sphere((1.0, -2.0, 0.5), 9.0, 8.0, 6.5), make_grid((0, 0, 0), 60.0, 4.0), ROTATION)
+    ct = make_grid((0, 0, 0), 44.0, (1.0, 1.0, 1.5))
+    old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        outs = []
+        for threads in (1, 3):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            outs.append(sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, ROTATION)))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
+    np.testing.assert_array_equal(outs[0], outs[1])
