@@ -206,3 +206,25 @@ def test_saved_transform_reproduces_the_published_pet(chain):
                                       interpolation=Interpolation(case["alignment"]["interpolation"]))
         published = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "pet.nii.gz")))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(again), published)
+
+
+def test_convert_with_the_papers_unbounded_cubic_records_it(synthetic_good_cohort, tmp_path):
+    """`python -m builder convert ... --interpolation cubic`, typed from another folder."""
+    import subprocess
+    import sys
+
+    source, truths = synthetic_good_cohort
+    exam_id = truths[0].exam_id
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder", "convert", str(source), str(tmp_path / "work"), "--exams", exam_id,
+         "--interpolation", "cubic", "--workers", "1", "--quiet", "--no-report"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = [p for p in (tmp_path / "work" / "cases").iterdir() if not p.name.startswith(".")]
+    alignment = json.loads((folder / "case.json").read_text())["alignment"]
+    assert alignment["interpolation"] == "cubic"
+    assert (folder / alignment["transform_file"]).is_file()
+    bad = subprocess.run([sys.executable, "-m", "builder", "convert", str(source), str(tmp_path / "w2"),
+                          "--interpolation", "spline"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "bounded-cubic" in bad.stderr and "Traceback" not in bad.stderr
