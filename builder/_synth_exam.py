@@ -5,6 +5,7 @@ Part of :mod:`builder.synthetic` (the public API, sizes and variant keys are doc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import gzip
@@ -52,6 +53,40 @@ SIZES: dict[Size, _SizeSpec] = {
     Size.SMALL: _SizeSpec(128, 500 / 128, 6.0, 64, 500 / 64, 9.0, 60, 9.0, 8.0, 1),
     Size.FULL: _SizeSpec(512, 500 / 512, 3.0, 200, 4.0, 6.5, 180, 4.0728, 4.0, 2),
 }
+
+
+GRID_KEYS = ("ct_px", "ct_dz", "pet_px", "pet_fwhm_mm")
+MISALIGNMENT_KEYS = ("max_rotation_deg", "max_translation_mm")
+
+
+def _exam_spec(spec: _SizeSpec, grid: dict | None) -> tuple[_SizeSpec, float | None]:
+    """The size's grids with the variant's ``grid`` overrides, and the PET slice spacing (None:
+    the size's own PET slices). Fields of view (CT 500 mm, PET and short PET) stay the size's."""
+    if not grid:
+        return spec, None
+    unknown = set(grid) - set(GRID_KEYS)
+    if unknown:
+        raise ValueError(f"unknown grid keys {sorted(unknown)}; known keys: {list(GRID_KEYS)}")
+    bad = {k: v for k, v in grid.items() if not (isinstance(v, (int, float)) and v > 0)}
+    if bad:
+        raise ValueError(f"grid values must be positive numbers (mm), got {bad}")
+    ct_px = float(grid.get("ct_px", spec.ct_px))
+    pet_px = float(grid.get("pet_px", spec.pet_px))
+    out = dataclasses.replace(
+        spec,
+        ct_n=int(round(spec.ct_n * spec.ct_px / ct_px)),
+        ct_px=ct_px,
+        ct_dz=float(grid.get("ct_dz", spec.ct_dz)),
+        pet_n=int(round(spec.pet_n * spec.pet_px / pet_px)),
+        pet_px=pet_px,
+        pet_fwhm_mm=float(grid.get("pet_fwhm_mm", spec.pet_fwhm_mm)),
+        short_pet_n=int(round(spec.short_pet_n * spec.short_pet_px / pet_px)),
+        short_pet_px=pet_px,
+        short_pet_dz=pet_px,
+        # activity built on a grid of about 2 mm in-plane (PET resolution does not need more)
+        activity_step=max(1, int(round(2.0 / ct_px))),
+    )
+    return out, (pet_px if "pet_px" in grid else None)
 
 
 class BadExam(str, enum.Enum):
@@ -179,7 +214,7 @@ def generate_exam(
     variant: dict[str, Any],
 ) -> ExamTruth:
     """Write one exam (DICOM, mask, truth arrays) and return its truth; the JSON is written by the caller."""
-    spec = SIZES[size]
+    spec, pet_dz = _exam_spec(SIZES[size], variant.get("grid"))
     ss = np.random.SeedSequence([seed, index, 0x5EED])
     r_body, r_lesion, r_noise, r_misc = (np.random.default_rng(s) for s in ss.spawn(4))
     position = variant["patient_position"]
@@ -218,6 +253,11 @@ def generate_exam(
             if zs_pet[0] + 12.0 <= les.center[2] - les.radii[2] and les.center[2] + les.radii[2] <= zs_pet[-1] - 12.0
             and all(abs(les.center[k]) + les.radii[k] <= half_xy for k in (0, 1))
         ]
+    elif pet_dz is not None:  # the PET's own slices over the CT's range, centred on it
+        n_pet_z = int((zs_ct[-1] - zs_ct[0]) // pet_dz) + 1
+        z0 = zs_ct[0] + (zs_ct[-1] - zs_ct[0] - (n_pet_z - 1) * pet_dz) / 2.0
+        zs_pet = np.round(z0 + pet_dz * np.arange(n_pet_z), 3)
+        pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)
     else:
         zs_pet = zs_ct
         pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)
@@ -275,9 +315,17 @@ def generate_exam(
         })
 
     # --- misalignment ------------------------------------------------------------------------
-    rot = r_misc.uniform(-2.0, 2.0, 3)
+    limits = dict(variant.get("misalignment") or {})
+    unknown = set(limits) - set(MISALIGNMENT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown misalignment keys {sorted(unknown)}; known keys: {list(MISALIGNMENT_KEYS)}")
+    max_rot = float(limits.get("max_rotation_deg", 2.0))
+    max_trans = float(limits.get("max_translation_mm", 8.0))
+    if max_rot < 0 or max_trans < 2.0:
+        raise ValueError(f"misalignment needs max_rotation_deg >= 0 and max_translation_mm >= 2, got {limits}")
+    rot = r_misc.uniform(-max_rot, max_rot, 3)
     direction = r_misc.normal(size=3)
-    trans = direction / np.linalg.norm(direction) * r_misc.uniform(2.0, 8.0)
+    trans = direction / np.linalg.norm(direction) * r_misc.uniform(2.0, max_trans)
     rot, trans = np.round(rot, 4), np.round(trans, 4)
     center = np.round(np.asarray(body.center_mm), 4)
     M = misalignment_matrix(rot, trans, center)

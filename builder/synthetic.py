@@ -43,6 +43,17 @@ default exams only). Missing keys take :data:`DEFAULT_VARIANT`:
 * ``bad``: None, ``missing_slice`` (one CT file removed), ``missing_dose`` (no
   RadionuclideTotalDose), ``corrupt_file`` (a CT file truncated in its pixel data).
 
+Optional keys (absent: the size's own grids and misalignment, so existing seeds write the same
+bytes; present: recorded in the truth's ``variant``), used by the registration tests and
+``benchmarks/bench_registration.py`` for a scanner's grids at a fraction of the full size's cost:
+
+* ``grid``: a dict overriding the size's grids: ``ct_px`` (in-plane mm; the CT keeps the size's
+  500 mm field of view), ``ct_dz`` (slice spacing), ``pet_px`` (PET voxel size in-plane and
+  along z; PET slices then cover the CT's range at their own spacing instead of the CT's z
+  positions, or the shorter range of ``pet_fov: short``), ``pet_fwhm_mm`` (PET resolution).
+* ``misalignment``: a dict with ``max_rotation_deg`` (each Euler angle uniform in +-max, default
+  2) and ``max_translation_mm`` (length uniform in 2..max along a random direction, default 8).
+
 Example:
     >>> truths = generate_cohort(tmp_path / "src", n_exams=2, seed=0)  # doctest: +SKIP
     >>> truths[0].expected, load_truth(tmp_path / "src" / "truth", "EX0000")["suv_factor"]  # doctest: +SKIP
@@ -144,6 +155,9 @@ ALL_VARIANTS: list[dict[str, Any]] = [
 ]
 """Cycled by ``variants="all"``: 12 exams cover every vendor, position, timing, storage and bad case."""
 
+OPTIONAL_VARIANT_KEYS = frozenset({"grid", "misalignment"})
+"""Variant keys without a default (see the module docstring): only written to the truth when given."""
+
 HL_SUBTYPES = ["nodular sclerosis", "mixed cellularity", "lymphocyte-rich", "nodular lymphocyte-predominant"]
 NHL_SUBTYPES = ["DLBCL", "follicular", "mantle cell", "marginal zone", "PTCL", "Burkitt"]
 CLINICAL_COLUMNS = ["exam_id", "patient_id", "exam_date", "sex", "age", "diagnosis", "subtype", "notes"]
@@ -165,9 +179,11 @@ def _resolve_variants(variants: str | dict | Sequence[dict] | None, n: int) -> l
     out = []
     for i in range(n):
         v = {**DEFAULT_VARIANT, **chosen[i % len(chosen)]}
-        unknown = set(v) - set(DEFAULT_VARIANT)
+        unknown = set(v) - set(DEFAULT_VARIANT) - OPTIONAL_VARIANT_KEYS
         if unknown:
-            raise ValueError(f"unknown variant keys {sorted(unknown)}; known keys: {sorted(DEFAULT_VARIANT)}")
+            raise ValueError(
+                f"unknown variant keys {sorted(unknown)}; known keys: {sorted(set(DEFAULT_VARIANT) | OPTIONAL_VARIANT_KEYS)}"
+            )
         if v["bad"] is not None:
             v["bad"] = BadExam(v["bad"]).value
         out.append(v)
