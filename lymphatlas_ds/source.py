@@ -167,7 +167,8 @@ def _resolve_hub(repo_id: str, version: str | None, cache_dir: str | Path | None
     except Exception as e:  # huggingface_hub raises many types (offline, not found, gated...)
         raise SourceError(
             f"cannot get version {version} (tag v{version}) of the Hub dataset {repo_id}: {type(e).__name__}: {e}. "
-            "Check the repo id and version; offline (HF_HUB_OFFLINE=1) it must already be in the Hub cache"
+            "Check the repo id and version; a gated repo needs access granted on its page and a login "
+            "(`hf auth login` or HF_TOKEN); offline (HF_HUB_OFFLINE=1) it must already be in the Hub cache"
         ) from e
     path = Path(folder)
     found = _manifest_version(path)

@@ -235,3 +235,14 @@ def test_the_wheel_installs_in_a_fresh_venv_and_imports_from_another_folder(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     where, version = proc.stdout.split()
     assert Path(where).is_relative_to(venv) and version == lymphatlas_ds.__version__  # the wheel's copy, not the checkout
+
+
+def test_a_hub_id_that_cannot_be_had_is_a_message_naming_the_login_command(tmp_path):
+    lymphatlas = Path(sys.executable).with_name("lymphatlas")
+    proc = subprocess.run(
+        [str(lymphatlas), "info", "org/absent", "--version", "1.0.0"],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "org/absent" in proc.stderr and "tag v1.0.0" in proc.stderr and "`hf auth login`" in proc.stderr
+    assert "huggingface-cli" not in proc.stderr
