@@ -161,6 +161,21 @@ def test_hub_plan_adds_every_file_with_the_manifest_hashes_and_deletes_stale_sha
     assert plan.tag == "v1.1.0"
 
 
+def test_the_hub_copy_verifies_as_committed(releases, tmp_path):
+    """The files of the planned commit, laid out as a Hub snapshot: the manifest verifies them all."""
+    plan = plan_hub_operations(releases / "r110", "org/lymphatlas")
+    snapshot = tmp_path / "snapshot"
+    for op in plan.operations:
+        target = snapshot / op.path_in_repo
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = op.path_or_fileobj
+        target.write_bytes(data if isinstance(data, bytes) else Path(data).read_bytes())
+    verify_release(snapshot)
+    (snapshot / "README.md").write_text((releases / "r110" / "README.md").read_text())  # the local card instead
+    with pytest.raises(Exception, match="README.md"):
+        verify_release(snapshot)
+
+
 class RecordingApi:
     """Stands in for HfApi at the network boundary: records the calls publish_hub makes."""
 
