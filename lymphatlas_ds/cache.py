@@ -107,7 +107,7 @@ _ENTRY_JSON = "case.json"
 _FOREGROUND = "foreground.npy"
 _PARTIAL = ".partial"
 CHECKSUM = "xxh3_128"
-"""Checksum of the entry files (xxhash's XXH3, 128 bits; ``xxhash`` comes with ``datasets``)."""
+"""Checksum of the entry files (xxhash's XXH3, 128 bits; ``xxhash``, a declared dependency)."""
 _READ_BLOCK = 8 * 1024 * 1024
 
 

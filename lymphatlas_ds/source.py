@@ -157,7 +157,8 @@ def _resolve_hub(repo_id: str, version: str | None, cache_dir: str | Path | None
         if not versions:
             raise SourceError(
                 f"no version of the Hub dataset {repo_id} is known: no vX.Y.Z tag online or in the local Hub cache; "
-                "pass version='X.Y.Z', or download it once with network access"
+                "name a version (`--version X.Y.Z` on the command line, version=\"X.Y.Z\" in Python), "
+                "or download it once with network access"
             )
         version = versions[-1]
     version = version.removeprefix("v")
