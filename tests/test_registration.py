@@ -1,0 +1,162 @@
+"""Rigid registration on a scanner's grids: target registration error at every lesion, per exam.
+
+Exams come from the synthetic generator at realistic grids (CT 2 mm in-plane and 3 mm slices,
+PET 4 mm; a coarse PET at 8 mm), misaligned by up to 3 degrees per axis and 10 mm, with PET fields
+of view matched to the CT or shorter, head first and feet first. The generator's truth holds the
+misalignment ``M`` (CT point -> PET point) and the lesion centres ``c``: the target registration
+error of a found transform ``T`` is ``|T(c) - M c|``. Bounds are issue 11's goals, per exam:
+mean at most 0.5 mm and worst lesion at most 1.0 mm at PET 4 mm, mean at most 0.8 mm at PET 8 mm
+(measured on these exams: 0.2-0.4 mm; the recipe before 64 bins and 100 k final samples left
+up to 1.1 mm mean, see ``benchmarks/bench_registration.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from builder import align
+from builder.align import AlignSettings, Deformable, Interpolation, Method
+from builder.synthetic import load_truth
+
+MISALIGNMENT = {"max_rotation_deg": 3.0, "max_translation_mm": 10.0}
+PET4 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}
+PET8 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 8.0, "pet_fwhm_mm": 8.0}
+# (variant, mean bound, worst-lesion bound) per exam
+EXAMS = [
+    ({"grid": PET4}, 0.5, 1.0),
+    ({"grid": PET4, "pet_fov": "short", "patient_position": "FFS"}, 0.5, 1.0),
+    ({"grid": PET8, "pet_fov": "short"}, 0.8, 1.6),
+]
+SLOW_EXAMS = [
+    ({"grid": {"ct_px": 1.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}}, 0.5, 1.0),
+    ({"grid": {"ct_px": 1.5, "ct_dz": 2.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}, "pet_fov": "short"}, 0.5, 1.0),
+    ({"grid": PET4, "patient_position": "FFS"}, 0.5, 1.0),
+    ({"grid": {"ct_px": 2.0, "ct_dz": 2.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}, "pet_fov": "short", "patient_position": "FFS"}, 0.5, 1.0),
+    ({"grid": PET4, "pet_fov": "short"}, 0.5, 1.0),
+    ({"grid": PET8, "patient_position": "FFS"}, 0.8, 1.6),
+    ({"grid": PET8}, 0.8, 1.6),
+    ({"grid": {"ct_px": 1.5, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}, "patient_position": "FFS"}, 0.5, 1.0),
+]
+
+
+def _variants(exams) -> list[dict]:
+    return [{**v, "misalignment": MISALIGNMENT, "lesions": "always"} for v, _, _ in exams]
+
+
+def _cohort(tmp_path_factory, exams, seed: int) -> Path:
+    from tests.support.cohort import cohort
+
+    source, _ = cohort(tmp_path_factory, n_exams=len(exams), seed=seed, variants=_variants(exams), size="full")
+    return source
+
+
+def _load(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image, dict]:
+    """CT, PET in SUV and body mask, read as the builder reads them, and the exam's truth."""
+    from builder import labels
+    from builder.discover import discover_exam
+    from builder.read import read_series
+    from builder.suv import suv_conversion
+
+    exam = discover_exam(source / "dicom" / exam_id, exam_id)
+    ct, _ = read_series(exam.ct, exam_id=exam_id)
+    pet, _ = read_series(exam.pet, exam_id=exam_id)
+    pet = sitk.Cast(pet, sitk.sitkFloat32) * float(suv_conversion(exam.pet, exam_id=exam_id).factor)
+    body = sitk.GetImageFromArray(labels.body_mask(ct).view(np.uint8))
+    body.CopyInformation(ct)
+    return ct, pet, body, load_truth(source / "truth", exam_id)
+
+
+def _lesion_errors(transform: sitk.Transform, truth: dict) -> np.ndarray:
+    """|T(c) - M c| (mm) at every lesion centre c."""
+    m = np.asarray(truth["misalignment"]["matrix"], float)
+    out = []
+    for les in truth["lesions"]:
+        c = np.asarray(les["center_mm"], float)
+        out.append(np.linalg.norm(np.asarray(transform.TransformPoint(tuple(map(float, c)))) - (m[:3, :3] @ c + m[:3, 3])))
+    return np.asarray(out)
+
+
+def _register(ct, pet, body, settings: AlignSettings = AlignSettings()) -> sitk.Euler3DTransform:
+    """The rigid stage exactly as align_pet runs it."""
+    fixed, moving, mask = align._registration_images(ct, pet, body, settings.registration_spacing_mm)
+    return align.register_rigid(fixed, moving, mask, settings=settings)
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory) -> Path:
+    return _cohort(tmp_path_factory, EXAMS, seed=31)
+
+
+def test_generator_grids_and_misalignment_as_asked(realistic) -> None:
+    """The realistic exams have the grids and misalignment limits the tests rely on."""
+    for k, (variant, _, _) in enumerate(EXAMS):
+        truth = load_truth(realistic / "truth", f"EX{k:04d}")
+        g = variant["grid"]
+        np.testing.assert_allclose(truth["ct"]["spacing"], [g["ct_px"], g["ct_px"], g["ct_dz"]], atol=1e-6)
+        np.testing.assert_allclose(truth["pet"]["spacing"], [g["pet_px"]] * 3, atol=1e-6)
+        ct_z = truth["ct"]["origin"][2] + np.array([0, 1]) * (truth["ct"]["size"][2] - 1) * truth["ct"]["direction"][8] * g["ct_dz"]
+        pet_z = truth["pet"]["origin"][2] + np.array([0, 1]) * (truth["pet"]["size"][2] - 1) * truth["pet"]["direction"][8] * g["pet_px"]
+        assert min(ct_z) <= min(pet_z) and max(pet_z) <= max(ct_z), (truth["exam_id"], ct_z, pet_z)
+        if variant.get("pet_fov") == "short":
+            assert max(pet_z) - min(pet_z) < max(ct_z) - min(ct_z) - 90.0, truth["exam_id"]
+        assert np.all(np.abs(truth["misalignment"]["rotation_deg"]) <= 3.0)
+        assert 2.0 <= np.linalg.norm(truth["misalignment"]["translation_mm"]) <= 10.0
+        assert truth["lesions"], truth["exam_id"]
+
+
+@pytest.mark.parametrize("k", range(len(EXAMS)), ids=["pet4-matched-hfs", "pet4-short-ffs", "pet8-short-hfs"])
+def test_rigid_registration_meets_tre_bounds_per_exam(realistic, k) -> None:
+    variant, mean_bound, worst_bound = EXAMS[k]
+    ct, pet, body, truth = _load(realistic, f"EX{k:04d}")
+    errors = _lesion_errors(_register(ct, pet, body), truth)
+    assert errors.mean() <= mean_bound and errors.max() <= worst_bound, (truth["exam_id"], variant, errors.round(3))
+
+
+def test_align_pet_keeps_an_improving_transform_and_rejects_a_bad_one(realistic, monkeypatch) -> None:
+    """The applied transform improves the metric and is the one recorded; a transform the metric
+    says is worse than the scanner's alignment (the true one moved 25 mm) is not applied."""
+    ct, pet, body, truth = _load(realistic, "EX0000")
+    settings = AlignSettings(deformable=Deformable.OFF, interpolation=Interpolation.LINEAR)
+    res = align.align_pet(ct, pet, settings=settings, body=body)
+    assert res.record["method"] == Method.RIGID.value and res.record["improved"] is True
+    assert res.record["metric_after"] < res.record["metric_before"]
+    assert _lesion_errors(res.transform, truth).mean() <= 0.5
+    m = np.asarray(res.record["transform"]["matrix"])
+    np.testing.assert_allclose(m, align.transform_matrix(res.transform), atol=1e-5)
+
+    def bad(fixed, moving, mask, *, settings):  # an optimiser that ran 25 mm past the truth
+        t = sitk.Euler3DTransform()
+        t.SetMatrix(np.asarray(truth["misalignment"]["matrix"])[:3, :3].ravel().tolist())
+        t.SetTranslation((np.asarray(truth["misalignment"]["matrix"])[:3, 3] + [25.0, 0.0, 0.0]).tolist())
+        return t
+
+    monkeypatch.setattr(align, "register_rigid", bad)
+    rejected = align.align_pet(ct, pet, settings=settings, body=body)
+    assert rejected.record["method"] == Method.SCANNER.value and rejected.record["improved"] is False
+    assert rejected.record["metric_rigid"] > rejected.record["metric_before"]
+    assert rejected.record["shift_mm"] == 0.0
+
+
+def test_registration_is_deterministic_per_exam(realistic) -> None:
+    """Same exam, same settings: the same transform to the last bit (with the metric split into
+    16 work units it varied by up to 5e-7 mm, enough to flip the recorded 1e-6 rounding)."""
+    ct, pet, body, _ = _load(realistic, "EX0002")
+    assert _register(ct, pet, body).GetParameters() == _register(ct, pet, body).GetParameters()
+
+
+@pytest.mark.slow
+def test_rigid_registration_meets_tre_bounds_on_a_larger_cohort(tmp_path_factory) -> None:
+    """Eight more exams (CT 1-2 mm in-plane, 2-3 mm slices; PET 4 and 8 mm), each within its bounds."""
+    source = _cohort(tmp_path_factory, SLOW_EXAMS, seed=57)
+    failures = []
+    for k, (variant, mean_bound, worst_bound) in enumerate(SLOW_EXAMS):
+        ct, pet, body, truth = _load(source, f"EX{k:04d}")
+        errors = _lesion_errors(_register(ct, pet, body), truth)
+        if not (errors.mean() <= mean_bound and errors.max() <= worst_bound):
+            failures.append((truth["exam_id"], variant, errors.round(3).tolist()))
+        del ct, pet, body
+    assert not failures, failures
