@@ -4,10 +4,12 @@ Exams come from the synthetic generator at realistic grids (CT 2 mm in-plane and
 PET 4 mm; a coarse PET at 8 mm), misaligned by up to 3 degrees per axis and 10 mm, with PET fields
 of view matched to the CT or shorter, head first and feet first. The generator's truth holds the
 misalignment ``M`` (CT point -> PET point) and the lesion centres ``c``: the target registration
-error of a found transform ``T`` is ``|T(c) - M c|``. Bounds are issue 11's goals, per exam:
-mean at most 0.5 mm and worst lesion at most 1.0 mm at PET 4 mm, mean at most 0.8 mm at PET 8 mm
-(measured on these exams: 0.2-0.4 mm; the recipe before 64 bins and 100 k final samples left
-up to 1.1 mm mean, see ``benchmarks/bench_registration.py``).
+error of a found transform ``T`` is ``|T(c) - M c|``. Bounds are per exam: issue 11's goals
+(mean at most 0.5 mm and worst lesion at most 1.0 mm at PET 4 mm, mean at most 0.8 mm at PET 8 mm)
+or tighter where the measured error is well below them. The recipe before 64 bins and 100 k final
+samples left up to 1.0 mm mean at PET 4 mm and 1.4 mm at PET 8 mm
+(``benchmarks/bench_registration.py``); moving the found transform by 0.3 mm along z fails all
+three exams.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from builder.synthetic import load_truth
 MISALIGNMENT = {"max_rotation_deg": 3.0, "max_translation_mm": 10.0}
 PET4 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}
 PET8 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 8.0, "pet_fwhm_mm": 8.0}
-# (variant, mean bound, worst-lesion bound) per exam
+# (variant, mean bound, worst-lesion bound) per exam: the goal, or near the measured error where
+# that is well below it (measured mean / worst: 0.11 / 0.15, 0.50 / 0.67, 0.67 / 0.81 mm)
 EXAMS = [
-    ({"grid": PET4}, 0.5, 1.0),
-    ({"grid": PET4, "pet_fov": "short", "patient_position": "FFS"}, 0.5, 1.0),
-    ({"grid": PET8, "pet_fov": "short"}, 0.8, 1.6),
+    ({"grid": PET4}, 0.25, 0.3),
+    ({"grid": PET4, "pet_fov": "short", "patient_position": "FFS"}, 0.5, 0.8),
+    ({"grid": PET8, "pet_fov": "short"}, 0.8, 1.0),
 ]
 SLOW_EXAMS = [
     ({"grid": {"ct_px": 1.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}}, 0.5, 1.0),
