@@ -112,16 +112,20 @@ def test_ct_voxels_and_geometry_identical_to_source(cohort) -> None:
 
 
 def test_alignment_recovers_truth_misalignment_at_lesions(cohort) -> None:
-    errors = []
+    """Per exam (CT 3.9 x 6 mm, PET 7.8 mm): mean target error at most 0.7 mm and worst lesion
+    at most 0.8 mm (measured: 0.23-0.56 mean, 0.59 worst); every exam is misaligned by 2-8 mm,
+    so the rigid transform must be applied and improve the metric."""
+    failures = []
     for exam_id, truth, case in _accepted(cohort):
         m_truth = np.asarray(truth["misalignment"]["matrix"], float)
         m_found = _ct_to_pet(case)
         centres = [les["center_mm"] for les in truth["lesions"]] or [truth["misalignment"]["center_mm"]]
-        for c in centres:
-            p = np.r_[c, 1.0]
-            errors.append(np.linalg.norm((m_found @ p)[:3] - (m_truth @ p)[:3]))
-        assert case["alignment"]["metric_after"] <= case["alignment"]["metric_before"]
-    assert np.mean(errors) < 1.5, errors
+        errors = np.array([np.linalg.norm((m_found @ np.r_[c, 1.0])[:3] - (m_truth @ np.r_[c, 1.0])[:3]) for c in centres])
+        if not (errors.mean() <= 0.7 and errors.max() <= 0.8):
+            failures.append((exam_id, errors.round(3).tolist()))
+        assert case["alignment"]["method"] == "rigid", (exam_id, case["alignment"]["decision"])
+        assert case["alignment"]["metric_after"] < case["alignment"]["metric_before"], exam_id
+    assert not failures, failures
 
 
 def test_labels_match_truth_masks(cohort) -> None:
