@@ -34,17 +34,9 @@ from lymphatlas_ds.cache import DecodedCache, file_checksum  # noqa: E402
 from lymphatlas_ds.release import Release  # noqa: E402
 from tests.support.fake_work import make_fake_work  # noqa: E402
 
+from bench_loader import timed  # noqa: E402  (benchmarks/ is this script's folder)
+
 SIZES = {"small": ((96, 160, 160), (64, 64, 64)), "full": ((320, 512, 512), (128, 128, 128))}
-
-
-def timed(fn, repeat: int) -> float:
-    """The fastest of ``repeat`` runs: on a shared machine the minimum is the least disturbed figure."""
-    best = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best.append(time.perf_counter() - t)
-    return float(min(best))
 
 
 def sha256_files(paths: list[Path]) -> None:

@@ -17,6 +17,7 @@ from lymphatlas_ds.cache import CacheError, DecodedCache, _ContentHasher
 from lymphatlas_ds.errors import IntegrityError
 from lymphatlas_ds.release import Release
 from tests.support.releases import build_fake_release
+from tests.support.disk import small_tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -279,15 +280,8 @@ def test_blosc2_error_during_the_build_names_the_file_and_leaves_nothing(built, 
 
 def test_a_full_disk_during_the_cache_build_names_the_path_and_the_cause(built, tmp_path):
     """A real full disk: a 16 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    import subprocess
-
     path, truth = built
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root and mount rights (CAP_SYS_ADMIN); the blosc2-error test covers the message")
-    try:
+    with small_tmpfs(tmp_path / "small_disk", "16k") as mnt:
         release = release_of(path, tmp_path)
         cache = DecodedCache(mnt / "cache")
         with pytest.raises(CacheError) as e:
@@ -302,12 +296,6 @@ def test_a_full_disk_during_the_cache_build_names_the_path_and_the_cause(built, 
             assert entry is not None
             np.testing.assert_array_equal(entry.read("pet"), truth[entry.case_id].pet)
             del entry  # its blosc2 handle keeps the mount busy
-    finally:
-        import gc
-
-        gc.collect()
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 _BUILD_SCRIPT = """

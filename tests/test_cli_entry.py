@@ -62,18 +62,9 @@ def test_builder_log_holds_back_other_libraries_info_lines(tmp_path):
 
 @pytest.mark.slow
 def test_the_wheel_ships_builder_and_both_console_scripts(tmp_path):
-    import shutil
+    from tests.support.wheel import build_wheel
 
-    src = tmp_path / "src"  # a copy: setuptools leaves a build/ folder in the tree it builds
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "dataset_card.md"):
-        shutil.copy(REPO / name, src / name)
-    for package in ("lymphatlas_ds", "builder"):
-        shutil.copytree(REPO / package, src / package, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    proc = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                 str(tmp_path), str(src)], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (wheel,) = tmp_path.glob("lymphatlas_ds-*.whl")
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

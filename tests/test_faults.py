@@ -34,6 +34,7 @@ import pytest
 from builder import pipeline
 from builder.case import load_case
 from lymphatlas_ds.manifest import content_hash, verify_release
+from tests.support.disk import small_tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -261,15 +262,8 @@ def test_materialize_killed_at_random_points_then_completes(base, tmp_path) -> N
 @pytest.fixture
 def small_disk(tmp_path):
     """A 14 MB tmpfs: room for two small cases (5.5-6.7 MB each), not for a third or a second copy of one."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("a full disk needs a small tmpfs: `mount -t tmpfs` requires root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the in-process ENOSPC tests still run")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "disk", "14m") as mount:
+        yield mount
 
 
 def test_a_full_disk_keeps_every_good_case_and_the_rerun_completes(base, small_disk, tmp_path) -> None:

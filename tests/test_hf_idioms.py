@@ -201,21 +201,9 @@ def test_no_message_suggests_huggingface_cli():
 
 
 def test_the_wheel_installs_in_a_fresh_venv_and_imports_from_another_folder(tmp_path):
-    import shutil
+    from tests.support.wheel import build_wheel
 
-    src = tmp_path / "src"  # a copy: setuptools leaves a build/ folder in the tree it builds
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "dataset_card.md"):
-        shutil.copy(REPO / name, src / name)
-    for package in ("lymphatlas_ds", "builder"):
-        shutil.copytree(REPO / package, src / package, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    dist = tmp_path / "dist"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = dist.glob("lymphatlas_ds-*-py3-none-any.whl")
+    wheel = build_wheel(tmp_path / "dist")
     with zipfile.ZipFile(wheel) as z:
         assert "lymphatlas_ds/_exit_guard.py" in z.namelist()
     venv = tmp_path / "venv"

@@ -22,6 +22,7 @@ from lymphatlas_ds import cli
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.nnunet import MaterializeError, materialize_nnunet, nnunet_splits
 from lymphatlas_ds.release import Release
+from tests.support.disk import small_tmpfs
 from tests.support.releases import build_fake_release
 
 SHAPE = (24, 32, 32)
@@ -271,12 +272,7 @@ def test_uncompressed_file_ending(tmp_path, release, release_dir):
 
 def test_a_full_disk_names_the_file_and_the_fix_without_a_traceback(release_dir, tmp_path):
     """`lymphatlas materialize` onto a 64 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root and mount rights (CAP_SYS_ADMIN)")
-    try:
+    with small_tmpfs(tmp_path / "small_disk", "64k") as mnt:
         run = subprocess.run(
             [str(Path(sys.executable).parent / "lymphatlas"), "materialize", "--nnunet", str(mnt / "raw"),
              str(release_dir[0]), "--quiet", "--workers", "1"],
@@ -287,8 +283,6 @@ def test_a_full_disk_names_the_file_and_the_fix_without_a_traceback(release_dir,
         assert "Traceback" not in run.stderr
         assert f"cannot write {mnt / 'raw'}" in run.stderr and "No space left on device (the disk is full)" in run.stderr
         assert not list(mnt.rglob("*.tmp"))  # nothing half-written
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_hint_names_the_trainer_step_only_when_it_is_missing(tmp_path, monkeypatch):
