@@ -129,7 +129,7 @@ class AlignSettings:
     stopped 0.2-0.5 mm short along the flat z direction."""
     histogram_bins: int = 64
     """Mattes histogram bins of the optimised metric. 32 bins put ~40 HU of soft tissue in one
-    bin and biased the optimum along z by +0.2 to +1.4 mm on realistic exams; 64 removed most of
+    bin and biased the optimum along z by up to +1.4 mm on realistic exams; 64 removed most of
     it (128 was noisier). The keep-or-reject evaluation uses :data:`EVALUATION_HISTOGRAM_BINS`."""
     registration_spacing_mm: float = REGISTRATION_SPACING_MM
     interpolation: Interpolation = Interpolation.BOUNDED_CUBIC
