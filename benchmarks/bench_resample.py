@@ -57,7 +57,7 @@ def time_full_size(repeats: int) -> dict[str, dict[str, float]]:
     """Best-of-``repeats`` wall (default threads) and CPU (one thread) seconds per method."""
     import SimpleITK as sitk
 
-    from builder.align import Interpolation, resample_to_reference
+    from builder.convert.align import Interpolation, resample_to_reference
 
     ct, pet, t = _full_size_images()
     methods = {
@@ -92,8 +92,8 @@ def suvmax_errors(positions: int, ct_spacing: tuple[float, float, float]) -> lis
     that no PET voxel centre sees (native maximum 0: a 5 mm sphere between 8 mm voxels) is left out."""
     import SimpleITK as sitk
 
-    from builder.align import Interpolation, resample_to_reference
-    from tests.support.phantoms import Sphere, make_grid, sample
+    from builder.convert.align import Interpolation, resample_to_reference
+    from lymphatlas_synth.phantoms import Sphere, make_grid, sample
 
     rows = []
     for fwhm in (0.0, 6.5):

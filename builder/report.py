@@ -86,7 +86,7 @@ def write_report(
     out = Path(out) if out is not None else work / "qc"
     if not work.is_dir():
         raise LymphAtlasError(f"WORK folder {work} does not exist; run `python -m builder convert SOURCE {work}` first")
-    # Hidden folders are a convert's temporary or replaced cases (builder.case TMP_PREFIX, OLD_PREFIX), not cases.
+    # Hidden folders are a convert's temporary or replaced cases (builder.convert.case TMP_PREFIX, OLD_PREFIX), not cases.
     case_dirs = sorted(p.parent for p in (work / "cases").glob(f"*/{CASE_JSON}") if not p.parent.name.startswith("."))
     failures = _read_json(work / "failures.json", default=[])
     if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):

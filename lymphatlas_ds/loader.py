@@ -55,7 +55,7 @@ from torch.utils.data import Dataset
 from lymphatlas_ds import codec
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.release import Release, _as_config, _as_split, cell_bytes
+from lymphatlas_ds.reader import Release, _as_config, _as_split, cell_bytes
 from lymphatlas_ds.schema import (
     CHANNELS,
     CT_DTYPE,

@@ -24,7 +24,7 @@ per-image z-score). The PET channel name is therefore an explicit option; naming
 (as some autoPET scripts do) applies CT statistics to SUV values and is logged as a warning.
 
 Example:
-    >>> from lymphatlas_ds.release import Release
+    >>> from lymphatlas_ds.reader import Release
     >>> result = materialize_nnunet(Release("lymphatlas"), "nnUNet_raw", dataset_id=501, config="hl")  # doctest: +SKIP
     >>> result.dataset_dir.name
     'Dataset501_LymphAtlasHL'
@@ -73,7 +73,7 @@ class MaterializeError(LymphAtlasError):
     """The nnU-Net dataset cannot be written as asked (existing different dataset, bad option, bad case)."""
 
 
-class _CaseRecord(Protocol):  # lymphatlas_ds.release.CaseRecord (docs/contracts.md section 5)
+class _CaseRecord(Protocol):  # lymphatlas_ds.reader.CaseRecord (docs/contracts.md section 5)
     case_id: str
     meta: dict
     ct: np.ndarray
@@ -454,7 +454,7 @@ def materialize_nnunet(
 
         for split, images, labels in passes:
             todo = None
-            if hasattr(release, "case_ids"):  # lymphatlas_ds.release.Release: skip unchanged cases undecoded
+            if hasattr(release, "case_ids"):  # lymphatlas_ds.reader.Release: skip unchanged cases undecoded
                 todo = []
                 for case_id in release.case_ids(config, split):
                     if unchanged(case_id, images, labels):

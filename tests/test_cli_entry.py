@@ -35,7 +35,7 @@ def test_version(tmp_path, script):
 
 def test_builder_imports_and_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = _run([sys.executable, "-c", "import builder, builder.pipeline, sys; print(builder.__file__)"], tmp_path, env=env)
+    proc = _run([sys.executable, "-c", "import builder, builder.convert.pipeline, sys; print(builder.__file__)"], tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     proc = _run([str(BIN / "lymphatlas-build"), "synth", "src", "--exams", "1", "--seed", "3", "--size", "small"],
                 tmp_path, env=env)
@@ -50,7 +50,7 @@ def test_builder_log_holds_back_other_libraries_info_lines(tmp_path):
         "rc = main(sys.argv[1:])\n"
         "for name in ('highdicom.seg.sop', 'openjpeg.utils', 'pylibjpeg.utils'):\n"
         "    logging.getLogger(name).info('noise from %s', name)\n"
-        "logging.getLogger('builder.pipeline').info('own line')\n"
+        "logging.getLogger('builder.convert.pipeline').info('own line')\n"
         "logging.getLogger('highdicom.seg.sop').warning('a real warning')\n"
     )
     for verbose, noisy in (([], False), (["-v"], True)):

@@ -22,8 +22,8 @@ import pytest
 from huggingface_hub import DatasetCard
 
 import lymphatlas_ds
-from builder.card import hub_readme
-from builder.publish import publish_mirror
+from builder.release.card import hub_readme
+from builder.release.publish import publish_mirror
 from tests.support.releases import build_fake_release
 
 REPO = Path(__file__).resolve().parents[1]

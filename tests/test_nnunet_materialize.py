@@ -21,7 +21,7 @@ import pytest
 from lymphatlas_ds import cli
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.nnunet import MaterializeError, materialize_nnunet, nnunet_splits
-from lymphatlas_ds.release import Release
+from lymphatlas_ds.reader import Release
 from tests.support.releases import build_fake_release
 
 SHAPE = (24, 32, 32)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from builder.synthetic import generate_cohort
+    from lymphatlas_synth.cohort import generate_cohort
 
     variants = args.variants
     if variants is not None and variants != "all":

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from builder.release import ReleaseSummary, build_release
-from tests.support.fake_work import FakeCase, make_fake_work
+from builder.release.build import ReleaseSummary, build_release
+from lymphatlas_synth.fake_work import FakeCase, make_fake_work
 
 
 @dataclass(frozen=True)

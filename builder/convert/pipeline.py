@@ -52,9 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.align import AlignSettings, affine_lps, affine_ras
-from builder.clinical import ClinicalRecord, RejectedRow, read_clinical
-from builder.deid import PRIVATE_FILE_MODE
+from builder.convert.align import AlignSettings, affine_lps, affine_ras
+from builder.convert.clinical import ClinicalRecord, RejectedRow, read_clinical
+from builder.convert.deid import PRIVATE_FILE_MODE
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import work_lock
@@ -278,11 +278,11 @@ def convert_exam(job: ExamJob) -> ExamResult:
 def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     import SimpleITK as sitk
 
-    from builder import align, case, deid, labels, lesions, qc
-    from builder.discover import discover_exam
+    from builder.convert import align, case, deid, labels, lesions, qc
+    from builder.convert.discover import discover_exam
     from builder.errors import ClinicalError, DiscoveryError, LabelError
-    from builder.read import read_series
-    from builder.suv import suv_conversion
+    from builder.convert.read import read_series
+    from builder.convert.suv import suv_conversion
 
     exam_id, settings = job.exam_id, job.settings
     exam_dir = job.source / "dicom" / exam_id
@@ -390,7 +390,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
         hits = deid.find_identifiers(folder, identifiers, equipment=equipment)
         if hits:
             raise ExamError(f"identifying data would be published: {'; '.join(hits[:5])}; drop that attribute from "
-                            "what convert writes (builder.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
+                            "what convert writes (builder.convert.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
 
     case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
                     label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
@@ -409,7 +409,7 @@ def _lesion_fov_fraction(label: np.ndarray, ct, pet, transform) -> float | None:
         idx = idx[:: len(idx) // 20000 + 1]
     pts = (affine_lps(ct) @ np.c_[idx[:, ::-1], np.ones(len(idx))].T)[:3].T
     if isinstance(transform, sitk.Euler3DTransform):
-        from builder.align import transform_matrix
+        from builder.convert.align import transform_matrix
 
         m = transform_matrix(transform)
         moved = (m[:3, :3] @ pts.T).T + m[:3, 3]
@@ -652,8 +652,8 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
                     prune: bool) -> RunSummary:
     from tqdm.auto import tqdm
 
-    from builder import case as case_mod
-    from builder.deid import load_or_create_key
+    from builder.convert import case as case_mod
+    from builder.convert.deid import load_or_create_key
 
     t_start = time.perf_counter()
     (work / "cases").mkdir(parents=True, exist_ok=True)
@@ -761,7 +761,7 @@ def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = 
         >>> withdraw_exams("work", ["EX0003"])  # doctest: +SKIP
         {'EX0003': 'LA-3f9c2a1b'}
     """
-    from builder import case as case_mod
+    from builder.convert import case as case_mod
 
     work = Path(work)
     if not (work / "cases").is_dir():

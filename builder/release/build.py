@@ -48,8 +48,8 @@ from lymphatlas_ds._lock import target_lock, work_lock
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
 
-from builder import card, shards, splits
-from builder.case import load_case
+from builder.release import card, shards, splits
+from builder.convert.case import load_case
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def list_work_cases(work: str | Path) -> list[WorkCase]:
     if not root.is_dir():
         raise ReleaseError(f"{root} not found: run `python -m builder convert SOURCE {work}` first")
     out = []
-    # Hidden folders are convert's temporary / replaced cases (builder.case TMP_PREFIX, OLD_PREFIX).
+    # Hidden folders are convert's temporary / replaced cases (builder.convert.case TMP_PREFIX, OLD_PREFIX).
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         info = load_case(folder)  # validates case.json (keys, schema version) and the three files
         info.pop("folder", None)
@@ -213,7 +213,7 @@ def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str)
     }
     missing = set(METADATA_COLUMNS) - set(row)
     if missing:  # schema.py gained a column this function does not fill yet
-        raise ReleaseError(f"metadata columns {sorted(missing)} are not filled by builder.release.metadata_row")
+        raise ReleaseError(f"metadata columns {sorted(missing)} are not filled by builder.release.build.metadata_row")
     return row
 
 

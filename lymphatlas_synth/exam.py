@@ -1,6 +1,6 @@
 """One synthetic exam: body, lesions, CT, misaligned PET, DICOM series, mask and truth arrays.
 
-Part of :mod:`builder.synthetic` (the public API, sizes and variant keys are documented there).
+Part of :mod:`lymphatlas_synth.cohort` (the public API, sizes and variant keys are documented there).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from builder import _synth_anatomy as anat
-from builder import _synth_dicom as sd
+from lymphatlas_synth import anatomy as anat
+from lymphatlas_synth import dicom as sd
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.deid import age_band
+from builder.convert.deid import age_band
 from builder.errors import ClinicalError
 from lymphatlas_ds.schema import Diagnosis, Sex, Subtype
 
@@ -235,7 +235,7 @@ def _parse_row(row: dict[str, str], where: str) -> dict:
         raise ValueError(
             f"{where}: subtype {raw_subtype!r} is not a code of the subtype vocabulary (free text is never "
             f"published); write one of {allowed_subtypes()} (common spellings are accepted: "
-            "builder.clinical.SUBTYPE_SYNONYMS)"
+            "builder.convert.clinical.SUBTYPE_SYNONYMS)"
         )
     if subtype.diagnosis is not None and subtype.diagnosis is not diagnosis:
         raise ValueError(
