@@ -431,8 +431,6 @@ class DecodedCache:
     def _build(self, release: Release, case_id: str, content_hash: str, path: Path) -> None:
         import blosc2
 
-        from lymphatlas_ds.reader import cell_bytes
-
         log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_PARTIAL, dir=path.parent))
@@ -447,7 +445,7 @@ class DecodedCache:
             for name in _ContentHasher.ORDER:
                 # One volume at a time: the arrow buffer holds the NIfTI bytes, the array views them in place.
                 table = release.read_volume_table(case_id, name)
-                buffer = cell_bytes(table, name, where=f"case {case_id}")
+                buffer = codec.cell_bytes(table, name, where=f"case {case_id}")
                 array, vol_affine = codec.decode_volume(buffer, copy=False)
                 if array.dtype != np.dtype(_DTYPES[name]):
                     raise SchemaError(

@@ -55,6 +55,7 @@ import numpy as np
 from builder.convert.align import AlignSettings, affine_lps, affine_ras
 from builder.convert.clinical import ClinicalRecord, RejectedRow, read_clinical
 from builder.convert.deid import PRIVATE_FILE_MODE
+from builder import __version__ as BUILDER_VERSION
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import work_lock
@@ -62,7 +63,6 @@ from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "0.1.0"
 ID_MAP = "id_map.csv"
 FAILURES = "failures.json"
 BUILD_JSON = "build.json"

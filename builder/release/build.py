@@ -41,20 +41,19 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lymphatlas_ds import __version__ as BUILDER_VERSION
 from lymphatlas_ds import codec, manifest as manifest_mod, schema
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import target_lock, work_lock
 from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.manifest import CASES_CSV, CHANGELOG_NAME
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
 
-from builder.release import card, shards, splits
+from builder import __version__ as BUILDER_VERSION
 from builder.convert.case import load_case
+from builder.release import card, shards, splits
 
 log = logging.getLogger(__name__)
 
-CHANGELOG_NAME = "CHANGELOG.md"
-CASES_CSV = "metadata/cases.csv"
 CSV_EXTRA_COLUMNS = ("shard",)
 """Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case."""
 
