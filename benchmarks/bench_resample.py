@@ -8,7 +8,7 @@ Prints, measured in this run:
   paper's cubic), wall time with the default thread count and CPU time on one thread (the
   machine-independent cost);
 * **lesion SUVmax on the CT grid** for phantoms whose continuous activity is known
-  (tests/support/phantoms.py: a uniform sphere, sharp or blurred by a 6.5 mm PSF, radius 5, 8 or
+  (lymphatlas_synth/phantoms.py: a uniform sphere, sharp or blurred by a 6.5 mm PSF, radius 5, 8 or
   12 mm, PET voxels 2, 4, 6 and 8 mm, random sub-voxel positions and a small random rotation):
   per phantom and voxel size the distribution of SUVmax / native maximum - 1 for the bounded cubic,
   trilinear and the unbounded cubic, and how often the bounded cubic leaves

@@ -183,7 +183,7 @@ def check_grouped(folds: list[dict[str, list[str]]], subject_of: Mapping[str, st
         if leaked:
             raise SchemaError(
                 f"fold {k}: validation cases {leaked[:5]} share a subject with training cases; the release's "
-                "splits.json is not grouped by patient - rebuild the release (builder/splits.py)"
+                "splits.json is not grouped by patient - rebuild the release (builder/release/splits.py)"
             )
 
 

@@ -77,9 +77,10 @@ def test_the_wheel_ships_builder_and_both_console_scripts(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-        card = z.read("builder/dataset_card.md").decode()
-    for module in ("builder/__init__.py", "builder/__main__.py", "builder/pipeline.py", "builder/commands/convert.py",
-                   "lymphatlas_ds/nnunet_trainers.py", "lymphatlas_ds/py.typed"):
+        card = z.read("builder/release/dataset_card.md").decode()
+    for module in ("builder/__init__.py", "builder/__main__.py", "builder/convert/pipeline.py", "builder/commands/convert.py",
+                   "builder/release/build.py", "lymphatlas_synth/cohort.py", "lymphatlas_ds/nnunet_trainers.py",
+                   "lymphatlas_ds/reader.py", "lymphatlas_ds/py.typed"):
         assert module in names
     assert not any(n.startswith(("tests/", "tools/", "benchmarks/")) for n in names)
     assert "lymphatlas = lymphatlas_ds.cli:main" in entry_points

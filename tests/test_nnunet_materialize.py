@@ -1,6 +1,6 @@
 """`lymphatlas materialize --nnunet`: the nnU-Net v2 raw dataset written from a real release.
 
-Ground truth: the arrays that tests/support/fake_work.py wrote (read back with nibabel and with
+Ground truth: the arrays that lymphatlas_synth/fake_work.py wrote (read back with nibabel and with
 nnU-Net's own SimpleITK reader), the subjects that it assigned, and nnU-Net itself (its
 normalization lookup, its integrity check and planning in the slow test).
 """

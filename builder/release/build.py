@@ -5,9 +5,9 @@
     README.md            the dataset card, rendered from dataset_card.md with statistics of this release
     CHANGELOG.md         one section per version: cases added / removed / changed, statistics before and after
     manifest.json        every file with sha256 and size, each case's content hash (written last)
-    splits.json          case -> split and fold (builder/splits.py)
+    splits.json          case -> split and fold (builder/release/splits.py)
     metadata/cases.csv   one row per case, no images
-    data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/shards.py)
+    data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/release/shards.py)
 
 The release is assembled in a hidden sibling folder and renamed into place, so an interrupted run
 never leaves a half release under the final name. Nothing depends on the clock or on file system
