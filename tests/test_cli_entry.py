@@ -68,7 +68,7 @@ def test_the_wheel_ships_builder_and_both_console_scripts(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "dataset_card.md"):
         shutil.copy(REPO / name, src / name)
-    for package in ("lymphatlas_ds", "builder"):
+    for package in ("lymphatlas_ds", "builder", "lymphatlas_synth"):
         shutil.copytree(REPO / package, src / package, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     proc = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                  str(tmp_path), str(src)], tmp_path)
