@@ -29,10 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.release import build_release  # noqa: E402
+from builder.release.build import build_release  # noqa: E402
 from lymphatlas_ds.cache import DecodedCache, file_checksum  # noqa: E402
-from lymphatlas_ds.release import Release  # noqa: E402
-from tests.support.fake_work import make_fake_work  # noqa: E402
+from lymphatlas_ds.reader import Release  # noqa: E402
+from lymphatlas_synth.fake_work import make_fake_work  # noqa: E402
 
 from bench_loader import timed  # noqa: E402  (benchmarks/ is this script's folder)
 

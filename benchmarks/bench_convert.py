@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 def _child_convert(source: Path, work: Path) -> None:
     """Run in a subprocess: convert every exam with one worker, print the results as JSON."""
-    from builder.pipeline import convert_cohort, result_dict
+    from builder.convert.pipeline import convert_cohort, result_dict
 
     summary = convert_cohort(source, work, workers=1, progress=False)
     print(json.dumps([result_dict(r) for r in summary.results]))
@@ -47,11 +47,11 @@ def _child_resample(source: Path, work: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from builder.align import Interpolation, resample_to_reference
-    from builder.case import load_case
-    from builder.discover import discover_exam
-    from builder.read import read_series
-    from builder.suv import suv_conversion
+    from builder.convert.align import Interpolation, resample_to_reference
+    from builder.convert.case import load_case
+    from builder.convert.discover import discover_exam
+    from builder.convert.read import read_series
+    from builder.convert.suv import suv_conversion
 
     exam_id = sorted(p.name for p in (source / "dicom").iterdir())[0]
     exam = discover_exam(source / "dicom" / exam_id, exam_id)
@@ -94,7 +94,7 @@ def _run_child(mode: str, source: Path, work: Path) -> tuple[float, float, str]:
 
 def _dcm2niix(source: Path, out: Path) -> float:
     """Seconds dcm2niix -z y takes on the exam's CT and PET series (one call per series folder)."""
-    from builder.discover import discover_exam
+    from builder.convert.discover import discover_exam
 
     dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
     exam_id = sorted(p.name for p in (source / "dicom").iterdir())[0]
@@ -118,7 +118,7 @@ def _dcm2niix(source: Path, out: Path) -> float:
 def _figures(work: Path, out_dir: Path) -> list[Path]:
     import numpy as np
 
-    from builder.case import load_case
+    from builder.convert.case import load_case
     from lymphatlas_ds import figures
 
     case_dir = next(p for p in sorted((work / "cases").iterdir()) if not p.name.startswith("."))
@@ -151,7 +151,7 @@ def main() -> None:
 
     import numpy as np
 
-    from builder.synthetic import generate_cohort
+    from lymphatlas_synth.cohort import generate_cohort
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
     source = root / "source"

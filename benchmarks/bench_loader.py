@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.release import build_release  # noqa: E402
+from builder.release.build import build_release  # noqa: E402
 from lymphatlas_ds.loader import load_lymphatlas  # noqa: E402
-from tests.support.fake_work import make_fake_work  # noqa: E402
+from lymphatlas_synth.fake_work import make_fake_work  # noqa: E402
 
 SIZES = {"small": ((96, 160, 160), (64, 64, 64)), "full": ((320, 512, 512), (128, 128, 128))}
 

@@ -30,10 +30,10 @@ def main() -> int:
     p.add_argument("--keep", type=Path, default=None, help="folder to keep the data in (default: a temp dir)")
     args = p.parse_args()
 
-    from builder.release import build_release
+    from builder.release.build import build_release
     from lymphatlas_ds.nnunet import materialize_nnunet
-    from lymphatlas_ds.release import Release
-    from tests.support.fake_work import make_fake_work
+    from lymphatlas_ds.reader import Release
+    from lymphatlas_synth.fake_work import make_fake_work
 
     shape, n_patients = SIZES[args.size]
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench_materialize_"))

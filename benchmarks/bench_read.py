@@ -1,4 +1,4 @@
-"""Reading a full-size CT series: builder.read.read_series vs SimpleITK and dcm2niix, plus discovery.
+"""Reading a full-size CT series: builder.convert.read.read_series vs SimpleITK and dcm2niix, plus discovery.
 
 Baselines, measured in the same run on the same files (page cache warm for all three):
 SimpleITK's ``ImageSeriesReader`` (GDCM: file names sorted by ``GetGDCMSeriesFileNames`` + read)
@@ -35,8 +35,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.discover import discover_exam  # noqa: E402
-from builder.read import read_series, slice_geometry  # noqa: E402
+from builder.convert.discover import discover_exam  # noqa: E402
+from builder.convert.read import read_series, slice_geometry  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:
@@ -100,7 +100,7 @@ def phantom_exam(folder: Path, *, n_ct: int, n_pet: int, seed: int = 0) -> None:
 
 def synthetic_exam(root: Path) -> Path | None:
     try:
-        from builder.synthetic import generate_cohort
+        from lymphatlas_synth.cohort import generate_cohort
     except ImportError:
         return None
     generate_cohort(root / "source", n_exams=1, seed=0, size="full", truth_dir=root / "truth")

@@ -1,6 +1,6 @@
 """Registration accuracy (target registration error at lesion centres) and time, new recipe vs old.
 
-Generates a cohort at a scanner's grids with :mod:`builder.synthetic` (its truth knows the
+Generates a cohort at a scanner's grids with :mod:`lymphatlas_synth.cohort` (its truth knows the
 misalignment and every lesion centre), registers each exam's PET to its CT with the current
 recipe and with the recipe before the change (``builder/align.py`` at ``OLD_COMMIT``, read with
 ``git show`` and run in this process on the same images), and prints per exam:
@@ -66,10 +66,10 @@ def cohort_variants(n: int, grids: list[dict]) -> list[dict]:
 
 def load_exam(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
     """CT, PET in SUV and the body mask, read as the builder reads them."""
-    from builder import labels
-    from builder.discover import discover_exam
-    from builder.read import read_series
-    from builder.suv import suv_conversion
+    from builder.convert import labels
+    from builder.convert.discover import discover_exam
+    from builder.convert.read import read_series
+    from builder.convert.suv import suv_conversion
 
     exam = discover_exam(source / "dicom" / exam_id, exam_id)
     ct, _ = read_series(exam.ct, exam_id=exam_id)
@@ -111,8 +111,8 @@ def register(module, ct, pet, body) -> tuple[sitk.Transform, float]:
 
 
 def main() -> None:
-    from builder import align
-    from builder.synthetic import generate_cohort, load_truth
+    from builder.convert import align
+    from lymphatlas_synth.cohort import generate_cohort, load_truth
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--exams", type=int, default=8, help="realistic exams (PET 4 mm)")

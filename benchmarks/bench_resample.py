@@ -8,7 +8,7 @@ Prints, measured in this run:
   paper's cubic), wall time with the default thread count and CPU time on one thread (the
   machine-independent cost);
 * **lesion SUVmax on the CT grid** for phantoms whose continuous activity is known
-  (tests/support/phantoms.py: a uniform sphere, sharp or blurred by a 6.5 mm PSF, radius 5, 8 or
+  (lymphatlas_synth/phantoms.py: a uniform sphere, sharp or blurred by a 6.5 mm PSF, radius 5, 8 or
   12 mm, PET voxels 2, 4, 6 and 8 mm, random sub-voxel positions and a small random rotation):
   per phantom and voxel size the distribution of SUVmax / native maximum - 1 for the bounded cubic,
   trilinear and the unbounded cubic, and how often the bounded cubic leaves
@@ -57,7 +57,7 @@ def time_full_size(repeats: int) -> dict[str, dict[str, float]]:
     """Best-of-``repeats`` wall (default threads) and CPU (one thread) seconds per method."""
     import SimpleITK as sitk
 
-    from builder.align import Interpolation, resample_to_reference
+    from builder.convert.align import Interpolation, resample_to_reference
 
     ct, pet, t = _full_size_images()
     methods = {
@@ -92,8 +92,8 @@ def suvmax_errors(positions: int, ct_spacing: tuple[float, float, float]) -> lis
     that no PET voxel centre sees (native maximum 0: a 5 mm sphere between 8 mm voxels) is left out."""
     import SimpleITK as sitk
 
-    from builder.align import Interpolation, resample_to_reference
-    from tests.support.phantoms import Sphere, make_grid, sample
+    from builder.convert.align import Interpolation, resample_to_reference
+    from lymphatlas_synth.phantoms import Sphere, make_grid, sample
 
     rows = []
     for fwhm in (0.0, 6.5):

@@ -32,7 +32,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.shards import arrow_schema  # noqa: E402
+from builder.release.shards import arrow_schema  # noqa: E402
 from lymphatlas_ds import codec  # noqa: E402
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS  # noqa: E402
 

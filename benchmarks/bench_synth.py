@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=None, help="save synthetic_*.png pictures here")
     args = parser.parse_args()
 
-    from builder.synthetic import generate_cohort
+    from lymphatlas_synth.cohort import generate_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

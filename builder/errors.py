@@ -77,10 +77,6 @@ class SUVError(ExamError):
     stage = "suv"
 
 
-class AlignmentError(ExamError):
-    stage = "align"
-
-
 class LabelError(ExamError):
     """The lesion mask is on another grid, not binary, or outside the body."""
 

@@ -86,7 +86,7 @@ def write_report(
     out = Path(out) if out is not None else work / "qc"
     if not work.is_dir():
         raise LymphAtlasError(f"WORK folder {work} does not exist; run `python -m builder convert SOURCE {work}` first")
-    # Hidden folders are a convert's temporary or replaced cases (builder.case TMP_PREFIX, OLD_PREFIX), not cases.
+    # Hidden folders are a convert's temporary or replaced cases (builder.convert.case TMP_PREFIX, OLD_PREFIX), not cases.
     case_dirs = sorted(p.parent for p in (work / "cases").glob(f"*/{CASE_JSON}") if not p.parent.name.startswith("."))
     failures = _read_json(work / "failures.json", default=[])
     if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
@@ -122,27 +122,18 @@ def _read_json(path: Path, *, default):
 
 
 def load_case_volumes(case_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The CT, PET and label arrays ``[z, y, x]`` of an aligned case and its RAS affine."""
-    import zlib
+    """The CT, PET and label arrays ``[z, y, x]`` of an aligned case and its RAS affine.
 
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
+    Read with :func:`builder.convert.case.read_volumes` (its CaseFileError is a LymphAtlasError).
+    """
+    from builder.convert.case import read_volumes
 
-    arrays = {}
-    affine = None
-    for name, file in CASE_FILES.items():
-        path = case_dir / file
-        try:
-            img = nib.load(path)
-            # asanyarray(dataobj) keeps the stored dtype (int16 HU, uint8 label) instead of float64.
-            arrays[name] = np.asanyarray(img.dataobj).transpose(2, 1, 0)
-        except (OSError, ValueError, EOFError, ImageFileError, zlib.error) as e:
-            raise LymphAtlasError(f"cannot read {path}: {e}; re-run convert for this case") from e
-        if affine is None:
-            affine = img.affine
-        elif not np.allclose(affine, img.affine, atol=1e-3):
-            raise LymphAtlasError(f"{path} is not on the CT grid of {case_dir}; re-run convert for this case")
-    return arrays["ct"], arrays["pet"], arrays["label"], affine
+    volumes = read_volumes(case_dir)
+    affine = volumes["ct"][1]
+    for name, (_, other) in volumes.items():
+        if not np.allclose(affine, other, atol=1e-3):
+            raise LymphAtlasError(f"{case_dir / CASE_FILES[name]} is not on the CT grid of {case_dir}; re-run convert for this case")
+    return volumes["ct"][0], volumes["pet"][0], volumes["label"][0], affine
 
 
 def _stamp(case_json_bytes: bytes, display: figures.Display) -> str:

@@ -17,7 +17,7 @@ from lymphatlas_ds.schema import CHANNELS, LABELS, Config, Split
 
 if TYPE_CHECKING:
     from lymphatlas_ds.loader import hf_torch, load_lymphatlas
-    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.reader import Release
 
 __version__ = "0.1.0"
 
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 # Imported on first use: `import lymphatlas_ds` (the CLI, the builder) should not pay for torch.
-_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "hf_torch": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.release"}
+_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "hf_torch": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.reader"}
 
 # Streaming a parquet dataset with `datasets` can abort the interpreter at exit (upstream pyarrow
 # bug): importing the package makes the exit wait for pyarrow's reader threads (see _exit_guard).

@@ -28,7 +28,7 @@ The cache folder is ``$LYMPHATLAS_CACHE``, else ``$XDG_CACHE_HOME/lymphatlas``, 
 ``~/.cache/lymphatlas`` (:func:`default_cache_dir`; the only place the client reads that variable).
 
 Example:
-    >>> from lymphatlas_ds.release import Release
+    >>> from lymphatlas_ds.reader import Release
     >>> cache = DecodedCache(tmp_path / "cache")  # doctest: +SKIP
     >>> entry = cache.ensure(Release("lymphatlas"), "LA-0000000")  # doctest: +SKIP
     >>> entry.read_patch("ct", (slice(0, 64), slice(0, 64), slice(0, 64))).shape  # doctest: +SKIP
@@ -55,7 +55,7 @@ from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError
 from lymphatlas_ds.schema import CT_DTYPE, IMAGE_COLUMNS, LABEL_DTYPE, PET_DTYPE
 
 if TYPE_CHECKING:
-    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.reader import Release
 
 log = logging.getLogger(__name__)
 
@@ -431,8 +431,6 @@ class DecodedCache:
     def _build(self, release: Release, case_id: str, content_hash: str, path: Path) -> None:
         import blosc2
 
-        from lymphatlas_ds.release import cell_bytes
-
         log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_PARTIAL, dir=path.parent))
@@ -447,7 +445,7 @@ class DecodedCache:
             for name in _ContentHasher.ORDER:
                 # One volume at a time: the arrow buffer holds the NIfTI bytes, the array views them in place.
                 table = release.read_volume_table(case_id, name)
-                buffer = cell_bytes(table, name, where=f"case {case_id}")
+                buffer = codec.cell_bytes(table, name, where=f"case {case_id}")
                 array, vol_affine = codec.decode_volume(buffer, copy=False)
                 if array.dtype != np.dtype(_DTYPES[name]):
                     raise SchemaError(

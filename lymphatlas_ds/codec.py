@@ -35,6 +35,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pyarrow as pa
 
 from lymphatlas_ds.errors import SchemaError
 
@@ -152,3 +153,22 @@ def _exact_affine(buffer: memoryview, offset: int, sform: np.ndarray) -> np.ndar
         if np.allclose(exact, sform, rtol=1e-6, atol=1e-3):
             return exact
     return sform
+
+
+def cell_bytes(table: pa.Table, name: str, *, where: str = "") -> pa.Buffer:
+    """The NIfTI bytes of the first row's ``name`` cell, as a zero-copy slice of the arrow data buffer.
+
+    ``table.column(name)[0]["bytes"].as_buffer()`` would copy the whole volume (a scalar owns its
+    value); slicing the binary array's data buffer by its offsets does not.
+    """
+    column = table.column(name)
+    if column.num_chunks == 0 or len(column) == 0:
+        raise SchemaError(f"{where}: no {name} cell in the shard row")
+    values = column.chunk(0).field("bytes")
+    if values.null_count and not values.is_valid()[0].as_py():
+        raise SchemaError(f"{where}: its {name} cell has no bytes; releases embed the volume bytes in the shard")
+    _, offsets, data = values.buffers()
+    large = pa.types.is_large_binary(values.type)
+    positions = np.frombuffer(offsets, dtype=np.int64 if large else np.int32)
+    start, stop = int(positions[values.offset]), int(positions[values.offset + 1])
+    return data.slice(start, stop - start)

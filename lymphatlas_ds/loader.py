@@ -55,7 +55,7 @@ from torch.utils.data import Dataset
 from lymphatlas_ds import codec
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.release import Release, _as_config, _as_split, cell_bytes
+from lymphatlas_ds.reader import Release, _as_config, _as_split
 from lymphatlas_ds.schema import (
     CHANNELS,
     CT_DTYPE,
@@ -261,7 +261,7 @@ class CaseDataset(_Base):
         label = affine = None
         for name in IMAGE_COLUMNS:
             table = self.release.read_volume_table(case_id, name)
-            array, affine = codec.decode_volume(cell_bytes(table, name, where=f"case {case_id}"), copy=False)
+            array, affine = codec.decode_volume(codec.cell_bytes(table, name, where=f"case {case_id}"), copy=False)
             if name == "label":
                 label = np.array(array, dtype=_DTYPES["label"])
                 continue

@@ -59,7 +59,7 @@ def content_hash(ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine_ras:
     Hashes the C-order little-endian bytes of ``ct`` (int16), ``pet`` (float32), ``label``
     (uint8), all ``[z, y, x]``, then the 4x4 RAS affine as float64: case.json's
     ``geometry.affine_ras``, which is a shard row's ``affine`` column (not the NIfTI header's
-    float32 sform). It equals the ``content_hash`` that convert writes (``builder.case``), so a
+    float32 sform). It equals the ``content_hash`` that convert writes (``builder.convert.case``), so a
     client checks a decoded case with
     ``content_hash(ct, pet, label, np.reshape(row["affine"], (4, 4))) == manifest["cases"][case_id]``.
 

@@ -24,7 +24,7 @@ per-image z-score). The PET channel name is therefore an explicit option; naming
 (as some autoPET scripts do) applies CT statistics to SUV values and is logged as a warning.
 
 Example:
-    >>> from lymphatlas_ds.release import Release
+    >>> from lymphatlas_ds.reader import Release
     >>> result = materialize_nnunet(Release("lymphatlas"), "nnUNet_raw", dataset_id=501, config="hl")  # doctest: +SKIP
     >>> result.dataset_dir.name
     'Dataset501_LymphAtlasHL'
@@ -73,7 +73,7 @@ class MaterializeError(LymphAtlasError):
     """The nnU-Net dataset cannot be written as asked (existing different dataset, bad option, bad case)."""
 
 
-class _CaseRecord(Protocol):  # lymphatlas_ds.release.CaseRecord (docs/contracts.md section 5)
+class _CaseRecord(Protocol):  # lymphatlas_ds.reader.CaseRecord (docs/contracts.md section 5)
     case_id: str
     meta: dict
     ct: np.ndarray
@@ -183,7 +183,7 @@ def check_grouped(folds: list[dict[str, list[str]]], subject_of: Mapping[str, st
         if leaked:
             raise SchemaError(
                 f"fold {k}: validation cases {leaked[:5]} share a subject with training cases; the release's "
-                "splits.json is not grouped by patient - rebuild the release (builder/splits.py)"
+                "splits.json is not grouped by patient - rebuild the release (builder/release/splits.py)"
             )
 
 
@@ -346,15 +346,7 @@ def materialize_nnunet(
     """
     start = time.perf_counter()
     config = Config(config)
-    if file_ending not in FILE_ENDINGS:
-        raise MaterializeError(f"file ending {file_ending!r} is not supported; use one of {FILE_ENDINGS}")
-    if not pet_channel_name or not pet_channel_name.strip():
-        raise MaterializeError("the PET channel name must not be empty (it selects nnU-Net's normalization)")
-    if pet_channel_name.casefold() == "ct":
-        logger.warning(
-            "PET channel named %r: nnU-Net will apply CT normalization (foreground percentile clipping) to SUV",
-            pet_channel_name,
-        )
+    _check_options(file_ending, pet_channel_name)
     if test_labels:
         include_test = True
     name = name or default_name(config)
@@ -366,15 +358,7 @@ def materialize_nnunet(
     )
     folder = _prepare_folder(raw_dir, folder_name, dataset_id, identity, force=force)
     if preprocessed_dir is not None:
-        for other in sorted(Path(preprocessed_dir).glob(f"Dataset{dataset_id:03d}_*")):
-            if other.name != folder_name and other.is_dir():
-                if not force:
-                    raise MaterializeError(
-                        f"{other} (preprocessed) already uses dataset id {dataset_id}. Choose another "
-                        "--dataset-id, or pass --force to delete it"
-                    )
-                logger.warning("--force: removing %s (same dataset id %d)", other, dataset_id)
-                shutil.rmtree(other)
+        _clear_preprocessed_id(Path(preprocessed_dir), folder_name, dataset_id, force=force)
     gz = gzip_level if file_ending == ".nii.gz" else None
     subdirs = {"imagesTr": folder / "imagesTr", "labelsTr": folder / "labelsTr"}
     if include_test:
@@ -454,7 +438,7 @@ def materialize_nnunet(
 
         for split, images, labels in passes:
             todo = None
-            if hasattr(release, "case_ids"):  # lymphatlas_ds.release.Release: skip unchanged cases undecoded
+            if hasattr(release, "case_ids"):  # lymphatlas_ds.reader.Release: skip unchanged cases undecoded
                 todo = []
                 for case_id in release.case_ids(config, split):
                     if unchanged(case_id, images, labels):
@@ -477,28 +461,81 @@ def materialize_nnunet(
                 drain(max(3, 3 * workers))
                 note(case_id, split, images, labels)
         drain(0)
+    _check_partition(release, config, train_ids, test_ids)
+    for key, d in subdirs.items():  # files of cases that left the release (a rerun after --force)
+        for stale in sorted(set(os.listdir(d)) - expected[key]):
+            logger.info("removing %s/%s: not part of this dataset", key, stale)
+            (d / stale).unlink()
+    folds = nnunet_splits(release.splits, train_ids)
+    _check_no_leak(release, train_ids, test_ids)
+    result.n_training, result.n_test = len(train_ids), len(test_ids)
+    dataset_json = _dataset_json(release, config, name, pet_channel_name, file_ending, train_ids, test_ids)
+    _write_json(folder / "dataset.json", dataset_json)
+    _write_json(folder / SPLITS_FILE, folds)
+    result.splits_files.append(folder / SPLITS_FILE)
+    if preprocessed_dir is not None:
+        target = Path(preprocessed_dir) / folder_name
+        _mkdir(target)
+        _write_json(target / SPLITS_FILE, folds)
+        result.splits_files.append(target / SPLITS_FILE)
+    state["complete"] = True
+    _write_json(folder / STATE_FILE, state, sort_keys=True)
+    result.seconds = time.perf_counter() - start
+    logger.info("%s", result.describe())
+    return result
+
+
+def _check_options(file_ending: str, pet_channel_name: str) -> None:
+    if file_ending not in FILE_ENDINGS:
+        raise MaterializeError(f"file ending {file_ending!r} is not supported; use one of {FILE_ENDINGS}")
+    if not pet_channel_name or not pet_channel_name.strip():
+        raise MaterializeError("the PET channel name must not be empty (it selects nnU-Net's normalization)")
+    if pet_channel_name.casefold() == "ct":
+        logger.warning(
+            "PET channel named %r: nnU-Net will apply CT normalization (foreground percentile clipping) to SUV",
+            pet_channel_name,
+        )
+
+
+def _clear_preprocessed_id(preprocessed_dir: Path, folder_name: str, dataset_id: int, *, force: bool) -> None:
+    """Refuse (or with ``force`` remove) another preprocessed dataset under the same id."""
+    for other in sorted(preprocessed_dir.glob(f"Dataset{dataset_id:03d}_*")):
+        if other.name != folder_name and other.is_dir():
+            if not force:
+                raise MaterializeError(
+                    f"{other} (preprocessed) already uses dataset id {dataset_id}. Choose another "
+                    "--dataset-id, or pass --force to delete it"
+                )
+            logger.warning("--force: removing %s (same dataset id %d)", other, dataset_id)
+            shutil.rmtree(other)
+
+
+def _check_partition(release: _Release, config: Config, train_ids: list[str], test_ids: list[str]) -> None:
+    """Training cases exist, none twice, none in both train and test."""
     if not train_ids:
         raise MaterializeError(
             f"the release has no training cases for config {config.value!r}; nothing for nnU-Net to train on"
         )
     if len(set(train_ids)) != len(train_ids) or set(train_ids) & set(test_ids):
         raise SchemaError("the release yielded a case twice (or in both train and test); rebuild the release")
-    for key, d in subdirs.items():  # files of cases that left the release (a rerun after --force)
-        for stale in sorted(set(os.listdir(d)) - expected[key]):
-            logger.info("removing %s/%s: not part of this dataset", key, stale)
-            (d / stale).unlink()
 
+
+def _check_no_leak(release: _Release, train_ids: list[str], test_ids: list[str]) -> None:
+    """No subject has cases in both train and test."""
     entries = release.splits.get("cases", {})
     subject_of = {c: entries.get(c, {}).get("subject_id") for c in train_ids + test_ids}
-    folds = nnunet_splits(release.splits, train_ids)
     test_subjects = {subject_of[c] for c in test_ids}
     leaked = sorted(c for c in train_ids if subject_of[c] in test_subjects)
     if leaked:
         raise SchemaError(f"training cases {leaked[:5]} share a subject with test cases; rebuild the release")
-    result.n_training, result.n_test = len(train_ids), len(test_ids)
 
+
+def _dataset_json(release: _Release, config: Config, name: str, pet_channel_name: str, file_ending: str,
+                  train_ids: list[str], test_ids: list[str]) -> dict[str, Any]:
+    """nnU-Net's dataset.json, with the release's provenance under "lymphatlas"."""
+    entries = release.splits.get("cases", {})
     version = release.manifest.get("version")
-    dataset_json = {
+    return {
         "channel_names": {str(CT_CHANNEL): schema.CHANNELS[0], str(PET_CHANNEL): pet_channel_name},
         "labels": dict(schema.LABELS),
         "numTraining": len(train_ids),
@@ -520,16 +557,3 @@ def materialize_nnunet(
             "splits": "patient-grouped folds from the release's splits.json (splits_final.json)",
         },
     }
-    _write_json(folder / "dataset.json", dataset_json)
-    _write_json(folder / SPLITS_FILE, folds)
-    result.splits_files.append(folder / SPLITS_FILE)
-    if preprocessed_dir is not None:
-        target = Path(preprocessed_dir) / folder_name
-        _mkdir(target)
-        _write_json(target / SPLITS_FILE, folds)
-        result.splits_files.append(target / SPLITS_FILE)
-    state["complete"] = True
-    _write_json(folder / STATE_FILE, state, sort_keys=True)
-    result.seconds = time.perf_counter() - start
-    logger.info("%s", result.describe())
-    return result

@@ -52,7 +52,7 @@ class Subtype(str, enum.Enum):
     The entities of the WHO classification of lymphoid neoplasms (2016 revision, the paper's
     reference [2]) that whole-body FDG PET/CT series are made of, plus ``other`` (a WHO entity not
     listed here) and ``unknown`` (not recorded). The builder maps common spellings onto these codes
-    (``builder.clinical.SUBTYPE_SYNONYMS``) and rejects anything else; :attr:`diagnosis` says which
+    (``builder.convert.clinical.SUBTYPE_SYNONYMS``) and rejects anything else; :attr:`diagnosis` says which
     diagnosis a code belongs to (``None`` for other / unknown).
 
     Example:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -14,6 +16,17 @@ def pytest_configure(config: pytest.Config) -> None:
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    # A datasets cache of this run only: `datasets` keys its cache on the data files' paths, and pytest
+    # reuses tmp folder names across runs, so a shared cache served an earlier run's rows (other case ids).
+    cache = tempfile.mkdtemp(prefix="lymphatlas-test-datasets-")
+    config._lymphatlas_datasets_cache = cache
+    os.environ["HF_DATASETS_CACHE"] = cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cache = getattr(config, "_lymphatlas_datasets_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,4 +1,4 @@
-"""builder.align: registration recovers a known rigid misalignment; resampling against peers.
+"""builder.convert.align: registration recovers a known rigid misalignment; resampling against peers.
 
 The phantoms are made here: a body with lungs, spine and hot nodes defined as functions of the
 physical point, sampled on a CT grid, and on a PET grid through a known transform (anatomy at
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from builder import align
-from builder.align import AlignSettings, Deformable, Interpolation, Method
+from builder.convert import align
+from builder.convert.align import AlignSettings, Deformable, Interpolation, Method
 
 NODES = [((40.0, -20.0, 120.0), 12.0), ((-55.0, 25.0, 60.0), 9.0), ((20.0, 50.0, 170.0), 14.0)]
 
@@ -96,7 +96,7 @@ def euler(rot_deg, trans_mm, center=(0.0, 0.0, 120.0)) -> sitk.Euler3DTransform:
 
 
 def body_image(ct: sitk.Image) -> sitk.Image:
-    from builder.labels import body_mask
+    from builder.convert.labels import body_mask
 
     b = sitk.GetImageFromArray(body_mask(ct).astype(np.uint8))
     b.CopyInformation(ct)
@@ -196,7 +196,7 @@ def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
 
 def _continuous_index(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """[z, y, x, 3] continuous (x, y, z) index in ``moving`` of every ``reference`` voxel, by numpy."""
-    from tests.support.phantoms import grid_points
+    from lymphatlas_synth.phantoms import grid_points
 
     pts = grid_points(reference)
     m = align.transform_matrix(transform) if transform is not None else np.eye(4)
@@ -265,7 +265,7 @@ LESION_MEAN_ABS_ERROR = {
 @pytest.mark.parametrize("fwhm", [0.0, 6.5], ids=["sharp", "psf6.5mm"])
 @pytest.mark.parametrize("pet_mm", [2.0, 4.0, 6.0, 8.0])
 def test_lesion_suvmax_between_trilinear_and_native_max(pet_mm: float, fwhm: float) -> None:
-    from tests.support.phantoms import Sphere, make_grid, sample
+    from lymphatlas_synth.phantoms import Sphere, make_grid, sample
 
     rng = np.random.default_rng(int(pet_mm * 10 + fwhm))
     center = tuple(rng.uniform(-2.0, 2.0, 3))  # lesion off the voxel centres
@@ -277,7 +277,7 @@ def test_lesion_suvmax_between_trilinear_and_native_max(pet_mm: float, fwhm: flo
     trilinear = _trilinear(pet, ct, ROTATION)
     assert trilinear.max() - 1e-5 <= bounded.max() <= native_max + 1e-5, (trilinear.max(), bounded.max(), native_max)
     # closer to the activity the scanner saw than trilinear is, inside the lesion
-    from tests.support.phantoms import grid_points
+    from lymphatlas_synth.phantoms import grid_points
 
     truth_on_ct = lesion.activity(grid_points(ct))
     core = truth_on_ct > 0.5 * lesion.suv * (1 if fwhm == 0 else truth_on_ct.max() / lesion.suv)
@@ -288,7 +288,7 @@ def test_lesion_suvmax_between_trilinear_and_native_max(pet_mm: float, fwhm: flo
 
 
 def test_unbounded_cubic_option_overshoots_where_bounded_does_not() -> None:
-    from tests.support.phantoms import Sphere, make_grid, sample
+    from lymphatlas_synth.phantoms import Sphere, make_grid, sample
 
     lesion = Sphere((1.3, -0.7, 2.1), radius_mm=6.0, suv=10.0, fwhm_mm=6.5)
     pet = sample(lesion, make_grid((0, 0, 0), 64.0, 8.0), ROTATION)
@@ -343,7 +343,7 @@ def test_saved_transform_file_resamples_the_pet_exactly(ct, tmp_path) -> None:
 
 def test_bounded_cubic_does_not_depend_on_the_thread_count() -> None:
     # the 2x upsampling runs in slabs on SimpleITK's thread count: every line is filtered whole
-    from tests.support.phantoms import Sphere, make_grid, sample
+    from lymphatlas_synth.phantoms import Sphere, make_grid, sample
 
     pet = sample(Sphere((1.0, -2.0, 0.5), 9.0, 8.0, 6.5), make_grid((0, 0, 0), 60.0, 4.0), ROTATION)
     ct = make_grid((0, 0, 0), 44.0, (1.0, 1.0, 1.5))

@@ -15,7 +15,7 @@ import lymphatlas_ds.cache as cache_mod
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds.cache import CacheError, DecodedCache, _ContentHasher
 from lymphatlas_ds.errors import IntegrityError
-from lymphatlas_ds.release import Release
+from lymphatlas_ds.reader import Release
 from tests.support.releases import build_fake_release
 from tests.support.disk import small_tmpfs
 
@@ -301,7 +301,7 @@ def test_a_full_disk_during_the_cache_build_names_the_path_and_the_cause(built, 
 _BUILD_SCRIPT = """
 import sys
 from lymphatlas_ds.cache import DecodedCache
-from lymphatlas_ds.release import Release
+from lymphatlas_ds.reader import Release
 release = Release(sys.argv[1], remember=False)
 cache = DecodedCache(sys.argv[2])
 print("ready", flush=True)

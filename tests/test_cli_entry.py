@@ -35,7 +35,7 @@ def test_version(tmp_path, script):
 
 def test_builder_imports_and_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = _run([sys.executable, "-c", "import builder, builder.pipeline, sys; print(builder.__file__)"], tmp_path, env=env)
+    proc = _run([sys.executable, "-c", "import builder, builder.convert.pipeline, sys; print(builder.__file__)"], tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     proc = _run([str(BIN / "lymphatlas-build"), "synth", "src", "--exams", "1", "--seed", "3", "--size", "small"],
                 tmp_path, env=env)
@@ -50,7 +50,7 @@ def test_builder_log_holds_back_other_libraries_info_lines(tmp_path):
         "rc = main(sys.argv[1:])\n"
         "for name in ('highdicom.seg.sop', 'openjpeg.utils', 'pylibjpeg.utils'):\n"
         "    logging.getLogger(name).info('noise from %s', name)\n"
-        "logging.getLogger('builder.pipeline').info('own line')\n"
+        "logging.getLogger('builder.convert.pipeline').info('own line')\n"
         "logging.getLogger('highdicom.seg.sop').warning('a real warning')\n"
     )
     for verbose, noisy in (([], False), (["-v"], True)):
@@ -68,9 +68,10 @@ def test_the_wheel_ships_builder_and_both_console_scripts(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-        card = z.read("builder/dataset_card.md").decode()
-    for module in ("builder/__init__.py", "builder/__main__.py", "builder/pipeline.py", "builder/commands/convert.py",
-                   "lymphatlas_ds/nnunet_trainers.py", "lymphatlas_ds/py.typed"):
+        card = z.read("builder/release/dataset_card.md").decode()
+    for module in ("builder/__init__.py", "builder/__main__.py", "builder/convert/pipeline.py", "builder/commands/convert.py",
+                   "builder/release/build.py", "lymphatlas_synth/cohort.py", "lymphatlas_ds/nnunet_trainers.py",
+                   "lymphatlas_ds/reader.py", "lymphatlas_ds/py.typed"):
         assert module in names
     assert not any(n.startswith(("tests/", "tools/", "benchmarks/")) for n in names)
     assert "lymphatlas = lymphatlas_ds.cli:main" in entry_points

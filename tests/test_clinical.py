@@ -1,4 +1,4 @@
-"""builder.clinical: the controlled subtype vocabulary, row rejections naming line and value, ages."""
+"""builder.convert.clinical: the controlled subtype vocabulary, row rejections naming line and value, ages."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import clinical
-from builder.clinical import ClinicalRecord, RejectedRow
+from builder.convert import clinical
+from builder.convert.clinical import ClinicalRecord, RejectedRow
 from builder.errors import ClinicalError
 from lymphatlas_ds.schema import Diagnosis, Subtype
 
@@ -188,8 +188,8 @@ def test_free_text_subtype_reaches_no_output(synthetic_good_cohort, tmp_path) ->
 
 def test_release_refuses_a_case_whose_subtype_is_not_a_code(tmp_path) -> None:
     """A case converted before the vocabulary (or case.json edited by hand) never reaches a release."""
-    from builder.release import ReleaseError, build_release
-    from tests.support.fake_work import make_fake_work
+    from builder.release.build import ReleaseError, build_release
+    from lymphatlas_synth.fake_work import make_fake_work
 
     cases = make_fake_work(tmp_path / "work", n_patients=2, seed=2, shape_zyx=(16, 20, 20))
     path = tmp_path / "work" / "cases" / cases[0].case_id / "case.json"

@@ -1,6 +1,6 @@
 """`python -m builder convert` end to end on generated cohorts of every variant, against the truth.
 
-The synthetic generator (builder.synthetic) writes DICOM exams with a known misalignment, SUV
+The synthetic generator (lymphatlas_synth.cohort) writes DICOM exams with a known misalignment, SUV
 factor, lesions and planted identifying markers; these tests convert them and compare what lands
 in WORK with that truth (never with an earlier output of the converter).
 """
@@ -16,10 +16,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from builder import pipeline
+from builder.convert import pipeline
 from builder.__main__ import main as builder_main
-from builder.case import load_case
-from builder.synthetic import generate_cohort, load_truth
+from builder.convert.case import load_case
+from lymphatlas_synth.cohort import generate_cohort, load_truth
 
 N_EXAMS = 12  # one cycle of synthetic.ALL_VARIANTS: every vendor, position, syntax, mask format, bad case
 
@@ -188,7 +188,7 @@ def test_lesion_statistics_match_truth(cohort) -> None:
             assert abs(item["volume_ml"] - les["volume_ml"]) <= max(0.05 * les["volume_ml"], voxel_ml * 1.01) or (
                 item["voxels"] > les["n_voxels"]  # two truth lesions touching: one component
             )
-            # SUVmax is read on the native PET grid (builder.lesions): one of the generator's voxels
+            # SUVmax is read on the native PET grid (builder.convert.lesions): one of the generator's voxels
             lower, upper = _pet_truth_suvmax(cohort, exam_id, truth, les)
             if item["voxels"] <= les["n_voxels"]:  # not merged with a hotter touching lesion
                 assert lower * 0.99 <= item["suv_max"] <= upper * 1.01, (exam_id, les["station"], lower, upper)
@@ -339,7 +339,7 @@ def test_dask_local_cluster_gives_the_same_cases(cohort, tmp_path) -> None:
 
 
 def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path, monkeypatch) -> None:
-    from builder import lesions
+    from builder.convert import lesions
 
     accepted = sorted(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")[:2]
     real = lesions.lesion_statistics
@@ -368,7 +368,7 @@ def test_unexpected_error_in_one_exam_does_not_stop_the_others(cohort, tmp_path,
 def test_exam_without_misalignment_is_moved_less_than_half_a_millimetre(tmp_path, monkeypatch) -> None:
     """The generator always misaligns PET; here its matrix is forced to the identity (the truth
     JSON records it), and registration must leave the scanner alignment (nearly) alone."""
-    from builder import _synth_exam
+    from lymphatlas_synth import exam as _synth_exam
 
     monkeypatch.setattr(_synth_exam, "misalignment_matrix", lambda *a, **k: np.eye(4))
     source = tmp_path / "source"
@@ -427,7 +427,7 @@ def _first_accepted(cohort) -> str:
 def test_a_full_disk_during_a_reconvert_keeps_the_earlier_case_and_its_id_map_row(cohort, tmp_path, monkeypatch) -> None:
     import errno
 
-    from builder import case as case_mod
+    from builder.convert import case as case_mod
 
     exam_id = _first_accepted(cohort)
     case_id = cohort["id_map"][exam_id]["case_id"]
@@ -493,7 +493,7 @@ def _run_cli(tmp_path: Path, *args: str, env: dict | None = None):
 
 
 def test_exams_gone_from_the_source_are_reported_refused_by_release_and_withdrawn(cohort, tmp_path) -> None:
-    from builder.release import ReleaseError, build_release, list_work_cases
+    from builder.release.build import ReleaseError, build_release, list_work_cases
 
     gone = _first_accepted(cohort)
     case_id = cohort["id_map"][gone]["case_id"]
@@ -578,7 +578,7 @@ def test_a_mistyped_or_empty_source_creates_nothing(tmp_path) -> None:
 def test_report_does_not_count_an_interrupted_temporary_case(tmp_path) -> None:
     import shutil
 
-    from tests.support.fake_work import make_fake_work
+    from lymphatlas_synth.fake_work import make_fake_work
 
     work = tmp_path / "work"
     real = make_fake_work(work, n_patients=1, seed=5)[0]
@@ -594,7 +594,7 @@ def test_report_does_not_count_an_interrupted_temporary_case(tmp_path) -> None:
 
 
 def test_an_interrupt_keeps_every_case_and_lists_the_unfinished_exams(cohort, tmp_path, monkeypatch) -> None:
-    from builder import lesions
+    from builder.convert import lesions
 
     exams = sorted(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")[:2]
     work = _copy_work(cohort, tmp_path / "work")

@@ -1,4 +1,4 @@
-"""builder.deid / builder.clinical: keyed ids, banded ages, relative dates, scrubbing, leak search."""
+"""builder.convert.deid / builder.convert.clinical: keyed ids, banded ages, relative dates, scrubbing, leak search."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from builder import clinical, deid
-from builder.case import write_nifti
+from builder.convert import clinical, deid
+from builder.convert.case import write_nifti
 from builder.errors import ClinicalError
 
 
@@ -207,7 +207,7 @@ def _one_exam_source(cohort_source, dest, exam_id: str = "EX0000", **header):
 def test_a_site_whose_station_name_is_its_scanner_model_converts_and_a_real_leak_is_caught(
     synthetic_good_cohort, tmp_path, monkeypatch
 ) -> None:
-    from builder import pipeline
+    from builder.convert import pipeline
 
     source = tmp_path / "source"
     name = _one_exam_source(synthetic_good_cohort[0], source, StationName="BIOGRAPH",

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from builder.discover import SeriesKind, discover_exam, scan_series
+from builder.convert.discover import SeriesKind, discover_exam, scan_series
 from builder.errors import DiscoveryError, ReadError
 from tests.support.dicom_series import rotation, write_series
 
@@ -37,7 +37,7 @@ def exam(root: Path, *, pet_corrected=("ATTN", "DECY"), nac=True, localizer=True
 
 def test_pair_chosen_and_companions_ignored(tmp_path, caplog):
     truths = exam(tmp_path)
-    with caplog.at_level(logging.INFO, logger="builder.discover"):
+    with caplog.at_level(logging.INFO, logger="builder.convert.discover"):
         found = discover_exam(tmp_path, "EX1")
     assert found.ct.series_uid == truths["ct"].series_uid
     assert found.pet.series_uid == truths["pet"].series_uid

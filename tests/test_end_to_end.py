@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from builder.__main__ import main as builder_main
-from builder.synthetic import generate_cohort, load_truth
+from lymphatlas_synth.cohort import generate_cohort, load_truth
 from lymphatlas_ds.cli import main as lymphatlas_main
 
 N_EXAMS = 6
@@ -132,7 +132,7 @@ def _lesion_pet_bounds(chain: dict, case_id: str) -> list[tuple[float, float, fl
     the published pet.nii.gz."""
     from scipy import ndimage
 
-    from builder.align import affine_lps
+    from builder.convert.align import affine_lps
 
     exam_id = chain["id_map"][case_id]["exam_id"]
     folder = chain["work"] / "cases" / case_id
@@ -189,9 +189,9 @@ def test_case_json_statistics_match_the_generator_pet(chain):
 
 
 def test_saved_transform_reproduces_the_published_pet(chain):
-    from builder.align import Interpolation, resample_to_reference
-    from builder.discover import discover_exam
-    from builder.read import read_series
+    from builder.convert.align import Interpolation, resample_to_reference
+    from builder.convert.discover import discover_exam
+    from builder.convert.read import read_series
 
     source = chain["root"] / "source"
     for case_id, row in sorted(chain["id_map"].items())[:2]:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import pipeline
-from builder.case import load_case
+from builder.convert import pipeline
+from builder.convert.case import load_case
 from lymphatlas_ds.manifest import content_hash, verify_release
 from tests.support.disk import small_tmpfs
 

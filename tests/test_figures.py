@@ -246,9 +246,9 @@ def test_fusion_keeps_ct_where_there_is_no_uptake():
 
 def test_lymphatlas_show_draws_the_release_case(tmp_path, monkeypatch, capsys):
     """`lymphatlas show` on a built release draws the same picture as the arrays written into WORK."""
-    from builder.release import build_release
+    from builder.release.build import build_release
     from lymphatlas_ds.cli import main
-    from tests.support.fake_work import make_fake_work
+    from lymphatlas_synth.fake_work import make_fake_work
 
     monkeypatch.setenv("LYMPHATLAS_CACHE", str(tmp_path / "cache"))
     cases = make_fake_work(tmp_path / "work", n_patients=3, shape_zyx=(16, 20, 24))
@@ -275,8 +275,8 @@ def test_lymphatlas_show_writes_the_format_its_suffix_names(tmp_path):
 
     from PIL import Image
 
-    from builder.release import build_release
-    from tests.support.fake_work import make_fake_work
+    from builder.release.build import build_release
+    from lymphatlas_synth.fake_work import make_fake_work
 
     cases = make_fake_work(tmp_path / "work", n_patients=2, shape_zyx=(16, 20, 24))
     build_release(tmp_path / "work", tmp_path / "release", version="1.0.0")

@@ -1,4 +1,4 @@
-"""Property tests of the slice sort / spacing checks (builder.read.slice_geometry).
+"""Property tests of the slice sort / spacing checks (builder.convert.read.slice_geometry).
 
 Random orientations, slice orders and spacings: an intact stack always sorts back to its truth;
 a single removed interior slice or a single duplicated slice is always caught and named.
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from builder.errors import GeometryError
-from builder.read import slice_geometry
+from builder.convert.read import slice_geometry
 from tests.support.dicom_series import rotation
 
 angles = st.tuples(*[st.floats(-180, 180, allow_nan=False)] * 3)
@@ -119,8 +119,8 @@ def test_single_slice_is_rejected():
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(angles, st.floats(0.5, 5.0), st.integers(2, 7), st.integers(0, 2**16), st.booleans())
 def test_files_in_any_orientation_and_order_read_back_exactly(tmp_path_factory, ang, spacing, n, seed, unsigned):
-    from builder.discover import SeriesInfo, SeriesKind
-    from builder.read import read_series
+    from builder.convert.discover import SeriesInfo, SeriesKind
+    from builder.convert.read import read_series
     import SimpleITK as sitk
     from tests.support.dicom_series import write_series
 

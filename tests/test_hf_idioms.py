@@ -3,7 +3,7 @@ card and of the mirror's card, each in a fresh interpreter started from another 
 datasets / Hub caches in the test's folder and the Hub offline. The exit status matters: streaming
 used to abort the interpreter at exit (upstream pyarrow bug, lymphatlas_ds/_exit_guard.py).
 
-Truth: the fake WORK arrays the releases were built from (tests/support/fake_work.py) and each
+Truth: the fake WORK arrays the releases were built from (lymphatlas_synth/fake_work.py) and each
 release's splits.json; never the client's own output.
 """
 
@@ -22,8 +22,8 @@ import pytest
 from huggingface_hub import DatasetCard
 
 import lymphatlas_ds
-from builder.card import hub_readme
-from builder.publish import publish_mirror
+from builder.release.card import hub_readme
+from builder.release.publish import publish_mirror
 from tests.support.releases import build_fake_release
 
 REPO = Path(__file__).resolve().parents[1]

@@ -74,13 +74,13 @@ def test_read_json_invalid_file_names_path_what_and_fix(tmp_path, content):
 
 
 def _load_case(folder):
-    from builder.case import load_case
+    from builder.convert.case import load_case
 
     return load_case(folder)
 
 
 def _read_splits(folder):
-    from builder.splits import read_splits
+    from builder.release.splits import read_splits
 
     return read_splits(folder)
 

@@ -1,4 +1,4 @@
-"""builder.labels: masks onto the CT grid and lesion statistics against masks with known truth."""
+"""builder.convert.labels: masks onto the CT grid and lesion statistics against masks with known truth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from builder import labels
+from builder.convert import labels
 from builder.errors import LabelError
 
 

@@ -1,4 +1,4 @@
-"""builder.lesions: lesion statistics on the grid clinical practice reads them on, against lesions
+"""builder.convert.lesions: lesion statistics on the grid clinical practice reads them on, against lesions
 whose voxels and activity the test sets itself."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from builder import lesions
+from builder.convert import lesions
 
 
 def _grid(size, spacing, origin=(0.0, 0.0, 0.0)) -> sitk.Image:

@@ -1,6 +1,6 @@
 """`lymphatlas materialize --nnunet`: the nnU-Net v2 raw dataset written from a real release.
 
-Ground truth: the arrays that tests/support/fake_work.py wrote (read back with nibabel and with
+Ground truth: the arrays that lymphatlas_synth/fake_work.py wrote (read back with nibabel and with
 nnU-Net's own SimpleITK reader), the subjects that it assigned, and nnU-Net itself (its
 normalization lookup, its integrity check and planning in the slow test).
 """
@@ -21,7 +21,7 @@ import pytest
 from lymphatlas_ds import cli
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.nnunet import MaterializeError, materialize_nnunet, nnunet_splits
-from lymphatlas_ds.release import Release
+from lymphatlas_ds.reader import Release
 from tests.support.disk import small_tmpfs
 from tests.support.releases import build_fake_release
 

@@ -11,12 +11,12 @@ import datasets
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-import builder.publish as publish_mod
+import builder.release.publish as publish_mod
 from builder.__main__ import main as builder_main
-from builder.publish import PublishError, plan_hub_operations, publish_hub, publish_mirror, read_versions
-from builder.release import build_release
+from builder.release.publish import PublishError, plan_hub_operations, publish_hub, publish_mirror, read_versions
+from builder.release.build import build_release
 from lymphatlas_ds.manifest import read_manifest, sha256_file, verify_release
-from tests.support.fake_work import make_fake_work
+from lymphatlas_synth.fake_work import make_fake_work
 from tests.support.releases import build_fake_release, datasets_cache_in_tmp  # noqa: F401 (fixture)
 
 

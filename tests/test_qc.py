@@ -1,11 +1,11 @@
-"""builder.qc: each check fails on the input it guards against, and passes on a sound case."""
+"""builder.convert.qc: each check fails on the input it guards against, and passes on a sound case."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from builder import qc
+from builder.convert import qc
 from builder.errors import QCError
 
 

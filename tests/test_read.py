@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from builder.discover import SeriesInfo, SeriesKind, discover_exam
+from builder.convert.discover import SeriesInfo, SeriesKind, discover_exam
 from builder.errors import GeometryError, ReadError
-from builder.read import read_series
+from builder.convert.read import read_series
 from tests.support.dicom_series import SeriesTruth, rotation, write_series
 
 
@@ -191,7 +191,7 @@ def to_nifti(image: sitk.Image) -> nib.Nifti1Image:
 
 # --- acceptance over the generated all-variants cohort (tests/conftest.py: synthetic_cohort) -------------
 
-ACCEPTED = range(9)  # builder.synthetic.ALL_VARIANTS: the first 9 are good exams, the last 3 bad
+ACCEPTED = range(9)  # lymphatlas_synth.cohort.ALL_VARIANTS: the first 9 are good exams, the last 3 bad
 
 
 def assert_truth_geometry(image: sitk.Image, g: dict) -> None:
@@ -264,7 +264,7 @@ def test_cohort_geometry_and_values_match_dcm2niix(synthetic_cohort, index, moda
 
 def ingest(src, exam_id):
     """discover -> read CT -> read PET -> SUV, as convert runs them."""
-    from builder.suv import suv_conversion
+    from builder.convert.suv import suv_conversion
 
     exam = discover_exam(src / "dicom" / exam_id, exam_id)
     read_series(exam.ct, exam_id=exam_id)

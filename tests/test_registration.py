@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from builder import align
-from builder.align import AlignSettings, Deformable, Interpolation, Method
-from builder.synthetic import load_truth
+from builder.convert import align
+from builder.convert.align import AlignSettings, Deformable, Interpolation, Method
+from lymphatlas_synth.cohort import load_truth
 
 MISALIGNMENT = {"max_rotation_deg": 3.0, "max_translation_mm": 10.0}
 PET4 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}
@@ -59,10 +59,10 @@ def _cohort(tmp_path_factory, exams, seed: int) -> Path:
 
 def _load(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image, dict]:
     """CT, PET in SUV and body mask, read as the builder reads them, and the exam's truth."""
-    from builder import labels
-    from builder.discover import discover_exam
-    from builder.read import read_series
-    from builder.suv import suv_conversion
+    from builder.convert import labels
+    from builder.convert.discover import discover_exam
+    from builder.convert.read import read_series
+    from builder.convert.suv import suv_conversion
 
     exam = discover_exam(source / "dicom" / exam_id, exam_id)
     ct, _ = read_series(exam.ct, exam_id=exam_id)

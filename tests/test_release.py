@@ -13,10 +13,10 @@ import pytest
 from huggingface_hub import DatasetCard
 
 from builder.__main__ import main as builder_main
-from builder.release import ReleaseError, build_release, read_cases_csv
+from builder.release.build import ReleaseError, build_release, read_cases_csv
 from lymphatlas_ds.manifest import content_hash, read_manifest, verify_files, verify_release
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, RELEASE_FOLDER_NAME
-from tests.support.fake_work import make_fake_work
+from lymphatlas_synth.fake_work import make_fake_work
 from tests.support.releases import build_fake_release, datasets_cache_in_tmp  # noqa: F401 (fixture)
 
 
@@ -265,8 +265,8 @@ def test_a_voxel_changed_after_convert_is_refused(released, tmp_path):
 
 
 def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
-    """A case written by builder.case.write_case (convert's writer) with an oblique, non-float32 affine."""
-    from builder.case import write_case
+    """A case written by builder.convert.case.write_case (convert's writer) with an oblique, non-float32 affine."""
+    from builder.convert.case import write_case
 
     work = tmp_path / "work"
     make_fake_work(work, n_patients=3)
@@ -316,7 +316,7 @@ def test_small_shard_bound_gives_several_shards_that_load_as_one_split(released,
 
 
 def test_a_case_gone_from_the_source_is_refused_unless_kept_and_a_withdrawal_is_listed_as_removed(released, tmp_path):
-    from builder.pipeline import read_id_map, withdraw_exams
+    from builder.convert.pipeline import read_id_map, withdraw_exams
 
     root, truth, _ = released
     work = tmp_path / "work"
@@ -345,7 +345,7 @@ def test_a_case_gone_from_the_source_is_refused_unless_kept_and_a_withdrawal_is_
 def test_a_full_disk_names_the_path_and_leaves_the_previous_release(released, tmp_path, monkeypatch):
     import errno
 
-    import builder.release as release_mod
+    import builder.release.build as release_mod
 
     root, truth, _ = released
     target = tmp_path / "rel"

@@ -1,4 +1,4 @@
-"""lymphatlas_ds.release.Release against releases built from fake WORK folders with known arrays."""
+"""lymphatlas_ds.reader.Release against releases built from fake WORK folders with known arrays."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds.errors import IntegrityError, SchemaError
-from lymphatlas_ds.release import Release
+from lymphatlas_ds.reader import Release
 from tests.support.releases import build_fake_release
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from builder.report import write_report
-from tests.support.fake_work import make_fake_work
+from lymphatlas_synth.fake_work import make_fake_work
 
 FAILURES = [
     {"exam_id": "EXAM9001", "stage": "read", "reason": "missing slice at z=-312.5 mm <b>not bold</b>"},

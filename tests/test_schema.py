@@ -1,5 +1,5 @@
 from lymphatlas_ds import schema
-from tests.support.fake_work import make_fake_work
+from lymphatlas_synth.fake_work import make_fake_work
 
 
 def test_configs_and_channels():

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder.shards import arrow_schema, features, shard_name, write_shards
+from builder.release.shards import arrow_schema, features, shard_name, write_shards
 from lymphatlas_ds import codec
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS

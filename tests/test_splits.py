@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from builder.splits import SplitCase, assign_splits, splits_document
+from builder.release.splits import SplitCase, assign_splits, splits_document
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Split
 

@@ -8,9 +8,9 @@ import math
 import pytest
 from pydicom.dataset import Dataset
 
-from builder.discover import SeriesInfo, SeriesKind
+from builder.convert.discover import SeriesInfo, SeriesKind
 from builder.errors import SUVError
-from builder.suv import DecayCorrection, TimeReference, Units, suv_conversion, suv_from_headers
+from builder.convert.suv import DecayCorrection, TimeReference, Units, suv_conversion, suv_from_headers
 from tests.support.dicom_series import pet_timing, write_series
 
 HALF_LIFE = 6586.2  # F-18, s
@@ -186,7 +186,7 @@ def test_from_files_and_to_dict(tmp_path):
 
 @pytest.mark.parametrize("index", range(9))
 def test_cohort_suv_factor_within_0_1_percent(synthetic_cohort, index):
-    from builder.discover import discover_exam
+    from builder.convert.discover import discover_exam
 
     src, truths = synthetic_cohort
     t = truths[index].truth
@@ -201,7 +201,7 @@ def test_cohort_suv_factor_within_0_1_percent(synthetic_cohort, index):
 
 
 def test_cohort_missing_dose_rejected(synthetic_cohort):
-    from builder.discover import discover_exam
+    from builder.convert.discover import discover_exam
 
     src, truths = synthetic_cohort
     t = next(et.truth for et in truths if et.truth["variant"]["bad"] == "missing_dose")

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from builder.synthetic import generate_cohort, load_truth, sha256_tree
+from lymphatlas_synth.cohort import generate_cohort, load_truth, sha256_tree
 
 
 def _series_files(src, exam_id, series_uid):
@@ -349,7 +349,7 @@ def test_lungs_lie_inside_the_chest_wall(tmp_path_factory, synthetic_cohort):
     once had lungs touching the skin, and its hilar lesion fell outside the body outline."""
     import SimpleITK as sitk
 
-    from builder.labels import body_mask
+    from builder.convert.labels import body_mask
     from tests.support.cohort import cohort
 
     default_src, default_truths = cohort(tmp_path_factory, n_exams=10, seed=7, variants=None)

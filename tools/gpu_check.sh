@@ -57,8 +57,8 @@ rm -rf "$WORK/work" "$WORK/lymphatlas"
 "$PY" - "$WORK" "$PATIENTS" "$SHAPE" <<'PYEOF'
 import sys
 from pathlib import Path
-from builder.release import build_release
-from tests.support.fake_work import make_fake_work
+from builder.release.build import build_release
+from lymphatlas_synth.fake_work import make_fake_work
 work, n, shape = Path(sys.argv[1]), int(sys.argv[2]), tuple(int(v) for v in sys.argv[3].split(","))
 cases = make_fake_work(work / "work", n_patients=n, seed=11, shape_zyx=shape)
 summary = build_release(work / "work", work / "lymphatlas", version="1.0.0")

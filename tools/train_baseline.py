@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from lymphatlas_ds.nnunet import materialize_nnunet
-    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.reader import Release
     from lymphatlas_ds.source import resolve_release
     from tools import nnunet_run as nr
     from tools import report

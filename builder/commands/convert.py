@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from builder.align import AlignSettings, Deformable, Interpolation
-    from builder.pipeline import ConvertSettings, convert_cohort
+    from builder.convert.align import AlignSettings, Deformable, Interpolation
+    from builder.convert.pipeline import ConvertSettings, convert_cohort
 
     settings = ConvertSettings(
         align=AlignSettings(register=not args.no_register, deformable=Deformable(args.deformable), seed=args.seed,

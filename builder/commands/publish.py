@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lymphatlas_ds.manifest import verify_release
 
-    from builder.publish import publish_hub, publish_mirror
+    from builder.release.publish import publish_hub, publish_mirror
 
     if args.mirror is None and args.repo_id is None:
         print("error: give --mirror DIR and/or --repo-id ORG/NAME", file=sys.stderr)

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from builder.release import build_release, list_work_cases
+    from builder.release.build import build_release, list_work_cases
 
     total = len(list_work_cases(args.work))
     with tqdm(total=total, unit="case", desc=f"release {args.version}", disable=args.quiet) as bar:

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truth", type=Path, default=None, help="truth folder (default OUT/truth)")
     parser.add_argument("--variants", default=None,
                         help="'all' cycles every vendor/timing/storage/bad variant over the exams; a JSON object or "
-                             "list of objects sets variant keys (see builder/synthetic.py); default: good exams only")
+                             "list of objects sets variant keys (see lymphatlas_synth/cohort.py); default: good exams only")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort in OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from builder.synthetic import generate_cohort
+    from lymphatlas_synth.cohort import generate_cohort
 
     variants = args.variants
     if variants is not None and variants != "all":

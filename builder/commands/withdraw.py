@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from builder.pipeline import withdraw_exams
+    from builder.convert.pipeline import withdraw_exams
 
     removed = withdraw_exams(args.work, args.exams, wait_for_lock=args.wait)
     for exam_id, case_id in removed.items():

@@ -1,7 +1,7 @@
 """`lymphatlas info SOURCE`: versions, configs, splits, case counts and statistics of a release.
 
 Reads only ``manifest.json``, ``splits.json`` and the metadata columns of the shards (see
-:func:`lymphatlas_ds.release.summarize`); ``--json`` prints the same as JSON. The release-wide
+:func:`lymphatlas_ds.reader.summarize`); ``--json`` prints the same as JSON. The release-wide
 figures are the dataset card's, computed by the same function
 (:func:`lymphatlas_ds.statistics.aggregate`): sex and age count patients at their first
 examination, SUVmax summarises the cases that have a lesion.
@@ -32,7 +32,7 @@ def _counts(counts: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lymphatlas_ds.release import Release, summarize
+    from lymphatlas_ds.reader import Release, summarize
     from lymphatlas_ds.source import resolve_release
 
     resolved = resolve_release(args.source, version=args.version)

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lymphatlas_ds.nnunet import materialize_nnunet
-    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.reader import Release
     from lymphatlas_ds.source import resolve_release
 
     source = _source(args)

@@ -4,7 +4,7 @@ The same case figure as the maintainers' QC report (:func:`lymphatlas_ds.figures
 axial, coronal and sagittal planes through the largest lesion of CT, PET, fusion and the label
 outlined in red, beside a coronal PET MIP, written in the format the ``--out`` suffix names (PNG,
 JPEG, PDF or SVG; another suffix is refused before anything is read). The case is read from the release through
-:class:`lymphatlas_ds.release.Release` (folder, mirror or Hub repo id, any published version).
+:class:`lymphatlas_ds.reader.Release` (folder, mirror or Hub repo id, any published version).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def find_case(source: str, case_id: str, *, version: str | None = None, cache_di
     Example:
         >>> record, version = find_case("lymphatlas", "LA-3f9c2a1b")  # doctest: +SKIP
     """
-    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.reader import Release
 
     release = Release.from_source(source, version=version, hub_cache_dir=cache_dir)
     return release.read_case(case_id), release.version

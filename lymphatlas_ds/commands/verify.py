@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lymphatlas_ds.release import Release
+    from lymphatlas_ds.reader import Release
     from lymphatlas_ds.source import list_versions, resolve_release
 
     versions = list_versions(args.source) if args.all_versions else [args.version]

@@ -22,13 +22,13 @@ def cohort(
     variants: Any = None,
     size: str = "small",
 ) -> tuple[Path, list]:
-    """(source folder, list[ExamTruth]) of a cohort written by ``builder.synthetic.generate_cohort``.
+    """(source folder, list[ExamTruth]) of a cohort written by ``lymphatlas_synth.cohort.generate_cohort``.
 
     The same arguments return the same folder for the whole session; tests must not modify it.
     """
     key = (n_exams, seed, repr(variants), size)
     if key not in _CACHE:
-        from builder.synthetic import generate_cohort
+        from lymphatlas_synth.cohort import generate_cohort
 
         root = tmp_path_factory.mktemp(f"cohort_{n_exams}_{seed}")
         source = root / "source"

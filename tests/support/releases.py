@@ -1,6 +1,6 @@
 """Release folders built from fake WORK folders, as many test modules need them.
 
-``build_fake_release`` writes aligned cases with known arrays (tests/support/fake_work.py) under
+``build_fake_release`` writes aligned cases with known arrays (lymphatlas_synth/fake_work.py) under
 ``<root>/work`` and builds a release from them with the real builder; the returned truth is what
 every reader of that release must give back. ``datasets_cache_in_tmp`` keeps the arrow cache that
 ``datasets`` writes while loading these releases out of the user's cache folder.
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from builder.release import ReleaseSummary, build_release
-from tests.support.fake_work import FakeCase, make_fake_work
+from builder.release.build import ReleaseSummary, build_release
+from lymphatlas_synth.fake_work import FakeCase, make_fake_work
 
 
 @dataclass(frozen=True)

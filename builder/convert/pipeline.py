@@ -45,16 +45,19 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from builder.align import AlignSettings, affine_lps, affine_ras
-from builder.clinical import ClinicalRecord, RejectedRow, read_clinical
-from builder.deid import PRIVATE_FILE_MODE
+from builder.convert.align import AlignSettings, affine_lps, affine_ras
+from builder.convert.clinical import ClinicalRecord, RejectedRow, read_clinical
+from builder.convert.deid import PRIVATE_FILE_MODE
+from builder import __version__ as BUILDER_VERSION
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import work_lock
@@ -62,7 +65,6 @@ from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "0.1.0"
 ID_MAP = "id_map.csv"
 FAILURES = "failures.json"
 BUILD_JSON = "build.json"
@@ -278,42 +280,19 @@ def convert_exam(job: ExamJob) -> ExamResult:
 def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     import SimpleITK as sitk
 
-    from builder import align, case, deid, labels, lesions, qc
-    from builder.discover import discover_exam
-    from builder.errors import ClinicalError, DiscoveryError, LabelError
-    from builder.read import read_series
-    from builder.suv import suv_conversion
+    from builder.convert import align, case, labels, lesions, qc
+    from builder.convert.discover import discover_exam
+    from builder.convert.read import read_series
+    from builder.convert.suv import suv_conversion
 
     exam_id, settings = job.exam_id, job.settings
     exam_dir = job.source / "dicom" / exam_id
     stages.start("discover")
-    if not exam_dir.is_dir():
-        raise DiscoveryError(f"no DICOM folder dicom/{exam_id} in the source; export the exam or remove its clinical row",
-                             exam_id=exam_id)
-    if job.clinical is None:
-        raise ClinicalError(f"clinical.csv has no row for exam {exam_id}; add its diagnosis, sex, age and date",
-                            exam_id=exam_id)
-    try:
-        job.clinical.check()  # a rejected clinical.csv row raises, naming its line, its value and what is allowed
-    except ExamError:
-        # A valid row (or one converted before the checks) made the earlier case: the row has changed since,
-        # a content rejection of a changed source, which retires that case.
-        result.source_changed = job.previous_case_id is not None
-        raise
+    _check_job(job, exam_dir, result)
     stages.start("hash")
     src_hash = source_hash(job)
-    if job.previous_case_id:
-        existing = job.work / "cases" / job.previous_case_id / CASE_JSON
-        if existing.is_file():
-            try:
-                old = json.loads(existing.read_text())
-            except json.JSONDecodeError:
-                old = {}
-            if old.get("source", {}).get("content_hash") == src_hash:
-                result.status, result.case_id = Status.SKIPPED, job.previous_case_id
-                result.subject_id = old.get("subject_id")
-                return
-            result.source_changed = True
+    if _unchanged(job, src_hash, result):
+        return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
     stages.start("read")
@@ -325,15 +304,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     del pet
     stages.start("labels")
     body = labels.body_mask(ct)
-    mpath = mask_path(job.source, exam_id)
-    if mpath is None and exam.seg is not None and exam.seg.files:
-        mpath = exam.seg.files[0]
-    if mpath is None:
-        raise LabelError(f"no lesion mask: expected masks/{exam_id}.nii.gz or masks/{exam_id}.seg.dcm", exam_id=exam_id)
-    mask_format = labels.MaskFormat.SEG if mpath.name.endswith(".dcm") else labels.MaskFormat.NIFTI
-    label = labels.load_mask(mpath, ct, exam_id=exam_id, fmt=mask_format)
-    labels.check_inside_body(label, body, exam_id=exam_id, path=mpath.relative_to(job.source)
-                             if mpath.is_relative_to(job.source) else mpath.name)
+    label, mask_format = _lesion_label(job, exam, ct, body)
     stages.start("align")
     body_img = sitk.GetImageFromArray(body.view(np.uint8))
     body_img.CopyInformation(ct)
@@ -355,17 +326,87 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     )
     qc.require_passed(checks, exam_id=exam_id)
     stages.start("deid")
-    case_id = deid.make_case_id(job.key, exam.ct.study_uid)
-    subject_id = deid.make_subject_id(job.key, job.clinical.patient_id)
     geometry_ras = affine_ras(ct)
-    case_json = {
+    case_json = _case_json(job, exam, ct, ct_arr.shape, geometry_ras, src_hash, mask_format,
+                           ct_meta=ct_meta, pet_meta=pet_meta, conv=conv, aligned=aligned, stats=stats,
+                           qc_summary=qc.summary(checks))
+    leak_check = _leak_check(job, exam)
+    stages.start("write")
+    case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
+                    label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
+                    extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)})
+    result.status, result.case_id, result.subject_id = Status.CONVERTED, case_json["case_id"], case_json["subject_id"]
+
+
+def _check_job(job: ExamJob, exam_dir: Path, result: ExamResult) -> None:
+    """The exam has a DICOM folder and a valid clinical row (a changed row now rejected retires its case)."""
+    from builder.errors import ClinicalError, DiscoveryError
+
+    exam_id = job.exam_id
+    if not exam_dir.is_dir():
+        raise DiscoveryError(f"no DICOM folder dicom/{exam_id} in the source; export the exam or remove its clinical row",
+                             exam_id=exam_id)
+    if job.clinical is None:
+        raise ClinicalError(f"clinical.csv has no row for exam {exam_id}; add its diagnosis, sex, age and date",
+                            exam_id=exam_id)
+    try:
+        job.clinical.check()  # a rejected clinical.csv row raises, naming its line, its value and what is allowed
+    except ExamError:
+        # A valid row (or one converted before the checks) made the earlier case: the row has changed since,
+        # a content rejection of a changed source, which retires that case.
+        result.source_changed = job.previous_case_id is not None
+        raise
+
+
+def _unchanged(job: ExamJob, src_hash: str, result: ExamResult) -> bool:
+    """True (the result marked SKIPPED) when the exam's earlier case was made from the same source bytes."""
+    if job.previous_case_id:
+        existing = job.work / "cases" / job.previous_case_id / CASE_JSON
+        if existing.is_file():
+            try:
+                old = json.loads(existing.read_text())
+            except json.JSONDecodeError:
+                old = {}
+            if old.get("source", {}).get("content_hash") == src_hash:
+                result.status, result.case_id = Status.SKIPPED, job.previous_case_id
+                result.subject_id = old.get("subject_id")
+                return True
+            result.source_changed = True
+    return False
+
+
+def _lesion_label(job: ExamJob, exam: Any, ct: Any, body: np.ndarray) -> tuple[np.ndarray, Any]:
+    """The lesion mask on the CT grid (masks/<exam>.nii.gz or a DICOM SEG), checked inside the body; its format."""
+    from builder.convert import labels
+    from builder.errors import LabelError
+
+    exam_id = job.exam_id
+    mpath = mask_path(job.source, exam_id)
+    if mpath is None and exam.seg is not None and exam.seg.files:
+        mpath = exam.seg.files[0]
+    if mpath is None:
+        raise LabelError(f"no lesion mask: expected masks/{exam_id}.nii.gz or masks/{exam_id}.seg.dcm", exam_id=exam_id)
+    mask_format = labels.MaskFormat.SEG if mpath.name.endswith(".dcm") else labels.MaskFormat.NIFTI
+    label = labels.load_mask(mpath, ct, exam_id=exam_id, fmt=mask_format)
+    labels.check_inside_body(label, body, exam_id=exam_id, path=mpath.relative_to(job.source)
+                             if mpath.is_relative_to(job.source) else mpath.name)
+    return label, mask_format
+
+
+def _case_json(job: ExamJob, exam: Any, ct: Any, shape_zyx: tuple[int, ...], geometry_ras: np.ndarray,
+               src_hash: str, mask_format: Any, *, ct_meta: Any, pet_meta: Any, conv: Any, aligned: Any,
+               stats: dict, qc_summary: dict) -> dict[str, Any]:
+    """The case.json of a converted exam (docs/contracts.md section 3): de-identified ids, scrubbed headers."""
+    from builder.convert import deid
+
+    return {
         "schema_version": SCHEMA_VERSION,
         "builder_version": BUILDER_VERSION,
-        "case_id": case_id,
-        "subject_id": subject_id,
+        "case_id": deid.make_case_id(job.key, exam.ct.study_uid),
+        "subject_id": deid.make_subject_id(job.key, job.clinical.patient_id),
         "clinical": job.clinical.published(),
         "geometry": {
-            "shape_zyx": list(ct_arr.shape),
+            "shape_zyx": list(shape_zyx),
             "spacing_xyz": [float(s) for s in ct.GetSpacing()],
             "origin_lps": [float(o) for o in ct.GetOrigin()],
             "direction": [float(d) for d in ct.GetDirection()],
@@ -375,27 +416,30 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
         "pet": dict(deid.scrub(pet_meta.to_dict()), suv=deid.scrub(conv.to_dict())),
         "alignment": aligned.record,
         "lesions": stats,
-        "qc": qc.summary(checks),
+        "qc": qc_summary,
         "source": {"content_hash": src_hash, "mask_format": mask_format.value},
     }
+
+
+def _leak_check(job: ExamJob, exam: Any) -> Callable[[Path], None]:
+    """A check of the written case folder: none of the exam's identifiers (ids, UIDs, header values) in it."""
+    from builder.convert import deid
+
+    exam_id = job.exam_id
     identifiers = [("exam_id", exam_id), ("patient_id", job.clinical.patient_id),
                    ("StudyInstanceUID", exam.ct.study_uid), ("SeriesInstanceUID", exam.ct.series_uid),
                    ("SeriesInstanceUID", exam.pet.series_uid)]
     identifiers += [("FrameOfReferenceUID", s) for s in (exam.ct.frame_of_reference_uid,) if s]
     in_headers, equipment = deid.header_identifiers([exam.ct.files[0], exam.pet.files[0]])
     identifiers += in_headers
-    stages.start("write")
 
     def leak_check(folder: Path) -> None:
         hits = deid.find_identifiers(folder, identifiers, equipment=equipment)
         if hits:
             raise ExamError(f"identifying data would be published: {'; '.join(hits[:5])}; drop that attribute from "
-                            "what convert writes (builder.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
+                            "what convert writes (builder.convert.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
 
-    case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
-                    label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
-                    extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)})
-    result.status, result.case_id, result.subject_id = Status.CONVERTED, case_id, subject_id
+    return leak_check
 
 
 def _lesion_fov_fraction(label: np.ndarray, ct, pet, transform) -> float | None:
@@ -409,7 +453,7 @@ def _lesion_fov_fraction(label: np.ndarray, ct, pet, transform) -> float | None:
         idx = idx[:: len(idx) // 20000 + 1]
     pts = (affine_lps(ct) @ np.c_[idx[:, ::-1], np.ones(len(idx))].T)[:3].T
     if isinstance(transform, sitk.Euler3DTransform):
-        from builder.align import transform_matrix
+        from builder.convert.align import transform_matrix
 
         m = transform_matrix(transform)
         moved = (m[:3, :3] @ pts.T).T + m[:3, 3]
@@ -652,8 +696,8 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
                     prune: bool) -> RunSummary:
     from tqdm.auto import tqdm
 
-    from builder import case as case_mod
-    from builder.deid import load_or_create_key
+    from builder.convert import case as case_mod
+    from builder.convert.deid import load_or_create_key
 
     t_start = time.perf_counter()
     (work / "cases").mkdir(parents=True, exist_ok=True)
@@ -761,7 +805,7 @@ def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = 
         >>> withdraw_exams("work", ["EX0003"])  # doctest: +SKIP
         {'EX0003': 'LA-3f9c2a1b'}
     """
-    from builder import case as case_mod
+    from builder.convert import case as case_mod
 
     work = Path(work)
     if not (work / "cases").is_dir():

@@ -74,7 +74,7 @@ AGE_TOP_BAND = 90
 """Ages at or above this are published as one band ("90+")."""
 
 # DICOM PS3.15 Annex E (basic application level confidentiality profile) attributes, as the
-# snake_case keys that builder.read / builder.suv use, plus the word fragments that catch
+# snake_case keys that builder.convert.read / builder.convert.suv use, plus the word fragments that catch
 # variants (``*_date``, ``*_time``, ``*_uid``...). Anything matching is dropped from case.json.
 PS315_KEYS = frozenset(
     {

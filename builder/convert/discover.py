@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder._dicom import NotDicomError, multi, read_header, text
+from builder.convert._dicom import NotDicomError, multi, read_header, text
 from builder.errors import DiscoveryError, ReadError
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from lymphatlas_ds import schema
 from lymphatlas_ds.schema import Config, Split
 
-from builder.shards import ShardInfo, features
+from builder.release.shards import ShardInfo, features
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "dataset_card.md"  # a link to the repository's, a copy in the wheel
 LICENSE = "other"

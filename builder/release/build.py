@@ -5,9 +5,9 @@
     README.md            the dataset card, rendered from dataset_card.md with statistics of this release
     CHANGELOG.md         one section per version: cases added / removed / changed, statistics before and after
     manifest.json        every file with sha256 and size, each case's content hash (written last)
-    splits.json          case -> split and fold (builder/splits.py)
+    splits.json          case -> split and fold (builder/release/splits.py)
     metadata/cases.csv   one row per case, no images
-    data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/shards.py)
+    data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/release/shards.py)
 
 The release is assembled in a hidden sibling folder and renamed into place, so an interrupted run
 never leaves a half release under the final name. Nothing depends on the clock or on file system
@@ -38,23 +38,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from lymphatlas_ds import __version__ as BUILDER_VERSION
 from lymphatlas_ds import codec, manifest as manifest_mod, schema
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import target_lock, work_lock
 from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.manifest import CASES_CSV, CHANGELOG_NAME
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
 
-from builder import card, shards, splits
-from builder.case import load_case
+from builder import __version__ as BUILDER_VERSION
+from builder.convert.case import CaseFileError, load_case, read_volumes
+from builder.release import card, shards, splits
 
 log = logging.getLogger(__name__)
 
-CHANGELOG_NAME = "CHANGELOG.md"
-CASES_CSV = "metadata/cases.csv"
 CSV_EXTRA_COLUMNS = ("shard",)
 """Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case."""
 
@@ -101,7 +99,7 @@ def list_work_cases(work: str | Path) -> list[WorkCase]:
     if not root.is_dir():
         raise ReleaseError(f"{root} not found: run `python -m builder convert SOURCE {work}` first")
     out = []
-    # Hidden folders are convert's temporary / replaced cases (builder.case TMP_PREFIX, OLD_PREFIX).
+    # Hidden folders are convert's temporary / replaced cases (builder.convert.case TMP_PREFIX, OLD_PREFIX).
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         info = load_case(folder)  # validates case.json (keys, schema version) and the three files
         info.pop("folder", None)
@@ -140,22 +138,18 @@ def read_case_volumes(case: WorkCase) -> tuple[dict[str, np.ndarray], np.ndarray
     """
     arrays: dict[str, np.ndarray] = {}
     affine_ras = case_affine(case)
+    try:
+        volumes = read_volumes(case.folder)
+    except CaseFileError as e:
+        raise ReleaseError(f"case {case.case_id}: {e}") from e
     for name in IMAGE_COLUMNS:
-        path = case.folder / schema.CASE_FILES[name]
-        try:
-            image = nib.load(path)
-            data = np.asanyarray(image.dataobj)
-        except FileNotFoundError as e:
-            raise ReleaseError(f"case {case.case_id}: {path} is missing; re-run convert for this case") from e
-        except Exception as e:  # nibabel / zlib raise several types on a corrupt file
-            raise ReleaseError(f"case {case.case_id}: cannot read {path} ({e}); re-run convert for this case") from e
-        if data.ndim != 3:
-            raise ReleaseError(f"case {case.case_id}: {path} is {data.ndim}-D, expected a 3-D volume")
-        arrays[name] = np.ascontiguousarray(_as_dtype(data, _DTYPES[name], f"case {case.case_id} {path.name}").transpose(2, 1, 0))
+        data, header_affine = volumes[name]
+        file = schema.CASE_FILES[name]
+        arrays[name] = np.ascontiguousarray(_as_dtype(data, _DTYPES[name], f"case {case.case_id} {file}"))
         # The header's sform is float32: compare with case.json's float64 affine to that precision.
-        if not np.allclose(image.affine, affine_ras, rtol=1e-6, atol=1e-3):
+        if not np.allclose(header_affine, affine_ras, rtol=1e-6, atol=1e-3):
             raise ReleaseError(
-                f"case {case.case_id}: the affine of {path.name} differs from case.json geometry.affine_ras; "
+                f"case {case.case_id}: the affine of {file} differs from case.json geometry.affine_ras; "
                 "the files are not on the case's CT grid: re-run convert for this case"
             )
     shapes = {n: a.shape for n, a in arrays.items()}
@@ -213,7 +207,7 @@ def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str)
     }
     missing = set(METADATA_COLUMNS) - set(row)
     if missing:  # schema.py gained a column this function does not fill yet
-        raise ReleaseError(f"metadata columns {sorted(missing)} are not filled by builder.release.metadata_row")
+        raise ReleaseError(f"metadata columns {sorted(missing)} are not filled by builder.release.build.metadata_row")
     return row
 
 
@@ -460,28 +454,12 @@ def build_release(
 def _build_release(work: Path, release_dir: Path, *, version: str, previous: str | Path | None, seed: int,
                    overwrite: bool, shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
                    keep_gone: bool) -> ReleaseSummary:
-    trash = release_dir.parent / f".{release_dir.name}.old"
-    if trash.exists() and not release_dir.exists():
-        os.replace(trash, release_dir)  # a run killed between its two renames: the previous release goes back
-    if release_dir.exists() and any(release_dir.iterdir()) and not overwrite:
-        raise ReleaseError(f"{release_dir} exists and is not empty; choose another folder or pass --overwrite "
-                           "(overwrite=True) to replace it")
+    _check_target(release_dir, overwrite=overwrite)
     prev = _previous_release(previous, version)
     if prev is not None and prev["splits"].get("seed") not in (None, seed):
         log.info("reusing the previous release's split seed %s", prev["splits"]["seed"])
         seed = int(prev["splits"]["seed"])
-
-    cases = list_work_cases(work)
-    gone = _gone_cases(work)
-    refused = sorted(c.case_id for c in cases if c.case_id in gone)
-    if refused and not keep_gone:
-        exams = " ".join(gone[c] for c in refused)
-        raise ReleaseError(
-            f"{len(refused)} cases of {work} belong to exams gone from the source ({', '.join(refused)}; exams "
-            f"{exams.replace(' ', ', ')}): withdraw them with `python -m builder withdraw {work} {exams}` "
-            "(or `convert --prune`), or pass --keep-gone to release them anyway"
-        )
-    by_id = {c.case_id: c for c in cases}
+    cases = _releasable_cases(work, keep_gone=keep_gone)
     split_cases = [
         splits.SplitCase(c.case_id, c.subject_id, c.diagnosis, float((c.info.get("lesions") or {}).get("tmtv_ml") or 0.0))
         for c in cases
@@ -493,105 +471,151 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
         shutil.rmtree(staging)  # left by an interrupted run
     staging.mkdir(parents=True)
     try:
-        rows: list[dict[str, Any]] = []
-        hashes: dict[str, str] = {}
-        written: list[shards.ShardInfo] = []
-
-        def prepare(case_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-            case = by_id[case_id]
-            arrays, affine = read_case_volumes(case)
-            digest = manifest_mod.content_hash(arrays["ct"], arrays["pet"], arrays["label"], affine)
-            if case.info.get("content_hash") != digest:
-                raise ReleaseError(
-                    f"case {case_id}: the voxels of {case.folder} do not match case.json content_hash "
-                    "(a file changed after convert, or a corrupt copy): re-run convert for this case"
-                )
-            row = metadata_row(case, placements[case_id], digest)
-            cells = {n: codec.encode_volume(arrays[n], affine, codec.cell_path(case_id, n)) for n in IMAGE_COLUMNS}
-            return row, cells
-
-        def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
-            # Read and encode the next cases in threads while the current one is compressed and
-            # written (gzip, sha256 and zstd release the GIL); a bounded queue caps the memory at
-            # about `workers` cases.
-            pending: deque[Future] = deque()
-            queue = iter(ids)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                try:
-                    for case_id in itertools.islice(queue, workers):
-                        pending.append(pool.submit(prepare, case_id))
-                    while pending:
-                        row, cells = pending.popleft().result()
-                        for case_id in itertools.islice(queue, 1):
-                            pending.append(pool.submit(prepare, case_id))
-                        hashes[row["case_id"]] = row["content_hash"]
-                        rows.append(row)
-                        yield {**row, **cells}
-                        del cells
-                        if on_case is not None:
-                            on_case(row["case_id"])
-                finally:
-                    for future in pending:
-                        future.cancel()
-
-        for diagnosis in Diagnosis:
-            for split in Split:
-                ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
-                before = len(rows)
-                infos = shards.write_shards(
-                    shard_rows(ids),
-                    staging / "data" / diagnosis.config.value,
-                    split=split.value,
-                    release_root=staging,
-                    max_bytes=shard_max_bytes,
-                )
-                for info in infos:
-                    for row in rows[before:]:
-                        if row["case_id"] in info.case_ids:
-                            row["shard"] = info.path
-                written.extend(infos)
-
-        write_atomic(staging / CASES_CSV, cases_csv(rows), fsync=True)
-        doc = splits.splits_document(placements, version=version, seed=seed)
-        write_atomic(staging / splits.SPLITS_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n", fsync=True)
-
-        stats = release_statistics(rows)
-        changes = compare_cases(prev["manifest"]["cases"] if prev else {}, hashes)
-        section = changelog_section(
-            version,
-            changes,
-            stats,
-            before=release_statistics(prev["rows"]) if prev else None,
-            previous_version=prev["manifest"]["version"] if prev else None,
-        )
-        changelog_text = merge_changelog(prev["changelog"] if prev else None, section)
-        write_atomic(staging / CHANGELOG_NAME, changelog_text, fsync=True)
-        readme = card.render_card(
-            version=version,
-            statistics=stats,
-            shards=written,
-            changelog=changelog_text,
-            seed=seed,
-        )
-        write_atomic(staging / "README.md", readme, fsync=True)
-
-        manifest = manifest_mod.build_manifest(staging, version=version, builder_version=BUILDER_VERSION, cases=hashes)
-        write_atomic(staging / manifest_mod.MANIFEST_NAME, manifest_mod.dumps(manifest), fsync=True)
-
-        if release_dir.exists():
-            trash = release_dir.parent / f".{release_dir.name}.old"
-            if trash.exists():
-                shutil.rmtree(trash)
-            os.replace(release_dir, trash)
-            os.replace(staging, release_dir)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, release_dir)
+        rows, hashes, written = _write_data(staging, {c.case_id: c for c in cases}, placements,
+                                            shard_max_bytes=shard_max_bytes, on_case=on_case, workers=workers)
+        changes, stats = _write_metadata(staging, rows, hashes, written, placements, prev, version=version, seed=seed)
+        _swap_into_place(staging, release_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
     return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats)
+
+
+def _check_target(release_dir: Path, *, overwrite: bool) -> None:
+    """Put back a release a killed run left renamed aside; refuse a non-empty target without ``overwrite``."""
+    trash = release_dir.parent / f".{release_dir.name}.old"
+    if trash.exists() and not release_dir.exists():
+        os.replace(trash, release_dir)  # a run killed between its two renames: the previous release goes back
+    if release_dir.exists() and any(release_dir.iterdir()) and not overwrite:
+        raise ReleaseError(f"{release_dir} exists and is not empty; choose another folder or pass --overwrite "
+                           "(overwrite=True) to replace it")
+
+
+def _releasable_cases(work: Path, *, keep_gone: bool) -> list[WorkCase]:
+    """The WORK cases, refusing those whose exam is gone from the source unless ``keep_gone``."""
+    cases = list_work_cases(work)
+    gone = _gone_cases(work)
+    refused = sorted(c.case_id for c in cases if c.case_id in gone)
+    if refused and not keep_gone:
+        exams = " ".join(gone[c] for c in refused)
+        raise ReleaseError(
+            f"{len(refused)} cases of {work} belong to exams gone from the source ({', '.join(refused)}; exams "
+            f"{exams.replace(' ', ', ')}): withdraw them with `python -m builder withdraw {work} {exams}` "
+            "(or `convert --prune`), or pass --keep-gone to release them anyway"
+        )
+    return cases
+
+
+def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A case's metadata row and encoded volume cells, after checking its voxels against case.json."""
+    arrays, affine = read_case_volumes(case)
+    digest = manifest_mod.content_hash(arrays["ct"], arrays["pet"], arrays["label"], affine)
+    if case.info.get("content_hash") != digest:
+        raise ReleaseError(
+            f"case {case.case_id}: the voxels of {case.folder} do not match case.json content_hash "
+            "(a file changed after convert, or a corrupt copy): re-run convert for this case"
+        )
+    row = metadata_row(case, placement, digest)
+    cells = {n: codec.encode_volume(arrays[n], affine, codec.cell_path(case.case_id, n)) for n in IMAGE_COLUMNS}
+    return row, cells
+
+
+def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
+                shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
+                ) -> tuple[list[dict[str, Any]], dict[str, str], list[shards.ShardInfo]]:
+    """Write ``data/<config>/<split>-*.parquet``; return the metadata rows, the content hashes and the shards."""
+    rows: list[dict[str, Any]] = []
+    hashes: dict[str, str] = {}
+    written: list[shards.ShardInfo] = []
+
+    def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
+        # Read and encode the next cases in threads while the current one is compressed and
+        # written (gzip, sha256 and zstd release the GIL); a bounded queue caps the memory at
+        # about `workers` cases.
+        pending: deque[Future] = deque()
+        queue = iter(ids)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            try:
+                for case_id in itertools.islice(queue, workers):
+                    pending.append(pool.submit(_prepare_case, by_id[case_id], placements[case_id]))
+                while pending:
+                    row, cells = pending.popleft().result()
+                    for case_id in itertools.islice(queue, 1):
+                        pending.append(pool.submit(_prepare_case, by_id[case_id], placements[case_id]))
+                    hashes[row["case_id"]] = row["content_hash"]
+                    rows.append(row)
+                    yield {**row, **cells}
+                    del cells
+                    if on_case is not None:
+                        on_case(row["case_id"])
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    for diagnosis in Diagnosis:
+        for split in Split:
+            ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
+            before = len(rows)
+            infos = shards.write_shards(
+                shard_rows(ids),
+                staging / "data" / diagnosis.config.value,
+                split=split.value,
+                release_root=staging,
+                max_bytes=shard_max_bytes,
+            )
+            for info in infos:
+                for row in rows[before:]:
+                    if row["case_id"] in info.case_ids:
+                        row["shard"] = info.path
+            written.extend(infos)
+    return rows, hashes, written
+
+
+def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str, str],
+                    written: list[shards.ShardInfo], placements: dict[str, splits.Placement],
+                    prev: dict[str, Any] | None, *, version: str, seed: int) -> tuple[CaseChanges, dict[str, Any]]:
+    """Write cases.csv, splits.json, CHANGELOG.md, the card (README.md) and, last, manifest.json."""
+    write_atomic(staging / CASES_CSV, cases_csv(rows), fsync=True)
+    doc = splits.splits_document(placements, version=version, seed=seed)
+    write_atomic(staging / splits.SPLITS_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n", fsync=True)
+
+    stats = release_statistics(rows)
+    changes = compare_cases(prev["manifest"]["cases"] if prev else {}, hashes)
+    section = changelog_section(
+        version,
+        changes,
+        stats,
+        before=release_statistics(prev["rows"]) if prev else None,
+        previous_version=prev["manifest"]["version"] if prev else None,
+    )
+    changelog_text = merge_changelog(prev["changelog"] if prev else None, section)
+    write_atomic(staging / CHANGELOG_NAME, changelog_text, fsync=True)
+    readme = card.render_card(
+        version=version,
+        statistics=stats,
+        shards=written,
+        changelog=changelog_text,
+        seed=seed,
+    )
+    write_atomic(staging / "README.md", readme, fsync=True)
+
+    manifest = manifest_mod.build_manifest(staging, version=version, builder_version=BUILDER_VERSION, cases=hashes)
+    write_atomic(staging / manifest_mod.MANIFEST_NAME, manifest_mod.dumps(manifest), fsync=True)
+    return changes, stats
+
+
+def _swap_into_place(staging: Path, release_dir: Path) -> None:
+    """Rename the finished staging folder to ``release_dir``; a previous release there is renamed aside first."""
+    if release_dir.exists():
+        trash = release_dir.parent / f".{release_dir.name}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(release_dir, trash)
+        os.replace(staging, release_dir)
+        shutil.rmtree(trash)
+    else:
+        os.replace(staging, release_dir)
 
 
 __all__ = ["ReleaseError", "ReleaseSummary", "build_release", "list_work_cases", "read_cases_csv"]

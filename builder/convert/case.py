@@ -198,13 +198,38 @@ def load_case(path: Path, *, arrays: bool = False) -> dict:
             raise SchemaError(f"{path / name} is missing; re-run the convert for this case")
     case["folder"] = str(path)
     if arrays:
-        out = {}
-        affine = None
-        for name, file in CASE_FILES.items():
-            img = nib.load(path / file)
-            # dataobj keeps the stored dtype (get_fdata would give float64)
-            out[name] = np.ascontiguousarray(np.asarray(img.dataobj).T).astype(_DTYPES[name], copy=False)
-            affine = img.affine if affine is None else affine
-        case["arrays"] = out
-        case["affine_ras"] = affine
+        volumes = read_volumes(path)
+        case["arrays"] = {n: np.ascontiguousarray(a).astype(_DTYPES[n], copy=False) for n, (a, _) in volumes.items()}
+        case["affine_ras"] = volumes["ct"][1]
     return case
+
+
+class CaseFileError(SchemaError):
+    """A volume of a WORK case folder is missing, unreadable or not 3-D; the message names the file."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} {problem}; re-run convert for this case")
+        self.path = path
+
+
+def read_volumes(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The ct / pet / label volumes of a WORK case folder: ``{name: (array, header RAS affine)}``.
+
+    Arrays are ``[z, y, x]`` views in the stored dtype (``dataobj``; ``get_fdata`` would give
+    float64). The one reader of a case's NIfTI files: :func:`load_case`, the release
+    (``builder.release.build.read_case_volumes``) and the QC report use it, each adding its checks.
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, file in CASE_FILES.items():
+        path = Path(folder) / file
+        try:
+            image = nib.load(path)
+            data = np.asanyarray(image.dataobj)
+        except FileNotFoundError as e:
+            raise CaseFileError(path, "is missing") from e
+        except Exception as e:  # nibabel / zlib raise several types on a corrupt file
+            raise CaseFileError(path, f"cannot be read ({e})") from e
+        if data.ndim != 3:
+            raise CaseFileError(path, f"is {data.ndim}-D, expected a 3-D volume")
+        out[name] = (data.transpose(2, 1, 0), image.affine)
+    return out

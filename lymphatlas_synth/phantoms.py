@@ -71,7 +71,7 @@ def sample(sphere: Sphere, grid: sitk.Image, transform: sitk.Transform | None = 
     """
     pts = grid_points(grid)
     if transform is not None:
-        from builder.align import transform_matrix
+        from builder.convert.align import transform_matrix
 
         inv = np.linalg.inv(transform_matrix(transform))
         pts = pts @ inv[:3, :3].T + inv[:3, 3]

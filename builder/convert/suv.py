@@ -37,9 +37,9 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from builder._dicom import combine, multi, naive_difference_s, number, parse_date, parse_datetime, parse_time, \
+from builder.convert._dicom import combine, multi, naive_difference_s, number, parse_date, parse_datetime, parse_time, \
     read_header, text
-from builder.discover import SeriesInfo
+from builder.convert.discover import SeriesInfo
 from builder.errors import SUVError
 
 logger = logging.getLogger(__name__)

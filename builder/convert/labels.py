@@ -6,7 +6,7 @@ grid, with values other than 0/1, or lying outside the patient's body is rejecte
 (:class:`builder.errors.LabelError`). A SEG is placed through physical space (its plane positions
 and orientation), so it does not depend on the source instances being available.
 
-Lesion statistics (SUVmax, SUVpeak, TMTV, TLG, Dmax) live in :mod:`builder.lesions`.
+Lesion statistics (SUVmax, SUVpeak, TMTV, TLG, Dmax) live in :mod:`builder.convert.lesions`.
 
 Example:
     >>> label = load_mask(Path("masks/EX0001.nii.gz"), ct, exam_id="EX0001")  # doctest: +SKIP

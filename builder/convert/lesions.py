@@ -72,7 +72,7 @@ def peak_kernel(
 
 def _to_pet_index(points: np.ndarray, transform: sitk.Transform, pet: sitk.Image) -> np.ndarray:
     """CT points (N x 3, LPS) -> nearest PET voxel index (N x 3, x y z) through ``transform``."""
-    from builder.align import _affine_parts, affine_lps
+    from builder.convert.align import _affine_parts, affine_lps
 
     m = _affine_parts(transform)
     if m is not None:
@@ -89,7 +89,7 @@ def _native_peaks(
 ) -> tuple[float, float, int] | None:
     """(SUVmax, SUVpeak, number of PET voxels) of one lesion on the native PET grid, or None when
     the lesion lies outside the PET field of view."""
-    from builder.align import affine_lps
+    from builder.convert.align import affine_lps
 
     a = affine_lps(ct)
     points = comp_idx_zyx[:, ::-1] @ a[:3, :3].T + a[:3, 3]

@@ -1,6 +1,6 @@
 """The source's ``clinical.csv``: one row per exam, read once, validated, de-identified per exam.
 
-Columns (DESIGN.md source contract): ``exam_id, patient_id, exam_date (YYYY-MM-DD), sex, age,
+Columns (docs/contracts.md, source contract): ``exam_id, patient_id, exam_date (YYYY-MM-DD), sex, age,
 diagnosis (HL|NHL), subtype, notes``. ``notes`` is free text and never leaves this module; the
 exam date only leaves as days since the patient's first exam in the table, the age only as a
 band, and the subtype only as a code of the controlled vocabulary ``schema.Subtype`` (common
@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.deid import age_band
+from builder.convert.deid import age_band
 from builder.errors import ClinicalError
 from lymphatlas_ds.schema import Diagnosis, Sex, Subtype
 
@@ -235,7 +235,7 @@ def _parse_row(row: dict[str, str], where: str) -> dict:
         raise ValueError(
             f"{where}: subtype {raw_subtype!r} is not a code of the subtype vocabulary (free text is never "
             f"published); write one of {allowed_subtypes()} (common spellings are accepted: "
-            "builder.clinical.SUBTYPE_SYNONYMS)"
+            "builder.convert.clinical.SUBTYPE_SYNONYMS)"
         )
     if subtype.diagnosis is not None and subtype.diagnosis is not diagnosis:
         raise ValueError(
@@ -304,17 +304,3 @@ def read_clinical(path: Path) -> dict[str, ClinicalRecord | RejectedRow]:
         out[exam_id] = ClinicalRecord(**rec, exam_index=index, days_from_first_exam=days)
     return dict(sorted(out.items()))
 
-
-def record_for(table: dict[str, ClinicalRecord | RejectedRow], exam_id: str, *, path: Path) -> ClinicalRecord:
-    """The exam's valid record, or ClinicalError saying the table lacks it or rejected its row."""
-    try:
-        record = table[exam_id]
-    except KeyError as e:
-        raise ClinicalError(
-            f"clinical.csv has no row for exam {exam_id}; add it (diagnosis, sex, age, date) or leave the exam out",
-            exam_id=exam_id,
-            path=path,
-        ) from e
-    record.check()
-    assert isinstance(record, ClinicalRecord)  # noqa: S101 - check() raised for a RejectedRow
-    return record

@@ -18,7 +18,7 @@ copied to a hidden temporary folder in the mirror, verified again and renamed in
 Hub: one commit with every release file (and deletions of release files of the previous version
 that this one no longer has, e.g. renumbered shards), then the tag ``v<version>``; the README.md
 of the release is the dataset card, its usage lines rewritten for the repo id and the tag
-(:func:`builder.card.hub_readme`) and the committed manifest.json listing that README's hash. ``dry_run`` returns (and the CLI prints) the planned
+(:func:`builder.release.card.hub_readme`) and the committed manifest.json listing that README's hash. ``dry_run`` returns (and the CLI prints) the planned
 operations without contacting the Hub.
 
 Example:
@@ -49,8 +49,8 @@ from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import LOCK_NAME, folder_lock
 from lymphatlas_ds.errors import LymphAtlasError
 
-from builder import card
-from builder.release import parse_version
+from builder.release import card
+from builder.release.build import parse_version
 
 log = logging.getLogger(__name__)
 

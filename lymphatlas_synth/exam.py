@@ -1,6 +1,6 @@
 """One synthetic exam: body, lesions, CT, misaligned PET, DICOM series, mask and truth arrays.
 
-Part of :mod:`builder.synthetic` (the public API, sizes and variant keys are documented there).
+Part of :mod:`lymphatlas_synth.cohort` (the public API, sizes and variant keys are documented there).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from builder import _synth_anatomy as anat
-from builder import _synth_dicom as sd
+from lymphatlas_synth import anatomy as anat
+from lymphatlas_synth import dicom as sd
 
 log = logging.getLogger(__name__)
 
@@ -225,42 +225,14 @@ def generate_exam(
 
     # --- the body and its lesions -----------------------------------------------------------
     body = anat.make_body(r_body, sex=patient.sex)
-    # Follow-up exams are sometimes a complete response (no lesion left), as in real cohorts.
-    complete_response = exam_index > 0 and r_lesion.random() < 0.25
-    if variant["lesions"] not in ("auto", "always", "none"):
-        raise ValueError(f"variant lesions must be auto, always or none, got {variant['lesions']!r}")
-    if variant["lesions"] == "none" or (variant["lesions"] == "auto" and complete_response):
-        lesions: list[anat.Lesion] = []
-    else:
-        n_les = int(r_lesion.integers(1, 7 if patient.diagnosis == "NHL" else 5))
-        lesions = anat.place_lesions(r_lesion, body, diagnosis=patient.diagnosis, n=n_les)
+    lesions = _plant_lesions(r_lesion, body, patient, exam_index, variant["lesions"])
 
     # --- grids: the CT's z positions, the PET grid, and an identity-direction anatomy grid ----
     n_ct_z = int(math.ceil((body.z_top - body.z_bottom) / spec.ct_dz)) + 1
     zs_ct = body.z_bottom + spec.ct_dz * np.arange(n_ct_z)
     zs_ct = np.round(zs_ct, 3)
     ct_geom = _grid(spec.ct_n, spec.ct_px, zs_ct, position)
-    if variant["pet_fov"] == "short":
-        dz = spec.short_pet_dz
-        z_lo, z_hi = body.z_bottom + 60.0, body.z_top - 45.0
-        zs_pet = np.round(z_lo + dz * np.arange(int((z_hi - z_lo) // dz) + 1), 3)
-        pet_geom = _grid(spec.short_pet_n, spec.short_pet_px, zs_pet, position)
-        # Expert masks are drawn on the PET: a lesion the PET does not fully show (with a margin
-        # for the misalignment) would not be in the mask of a real exam, so it is not planted.
-        half_xy = spec.short_pet_n * spec.short_pet_px / 2.0 - 12.0
-        lesions = [
-            les for les in lesions
-            if zs_pet[0] + 12.0 <= les.center[2] - les.radii[2] and les.center[2] + les.radii[2] <= zs_pet[-1] - 12.0
-            and all(abs(les.center[k]) + les.radii[k] <= half_xy for k in (0, 1))
-        ]
-    elif pet_dz is not None:  # the PET's own slices over the CT's range, centred on it
-        n_pet_z = int((zs_ct[-1] - zs_ct[0]) // pet_dz) + 1
-        z0 = zs_ct[0] + (zs_ct[-1] - zs_ct[0] - (n_pet_z - 1) * pet_dz) / 2.0
-        zs_pet = np.round(z0 + pet_dz * np.arange(n_pet_z), 3)
-        pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)
-    else:
-        zs_pet = zs_ct
-        pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)
+    pet_geom, lesions = _pet_grid(spec, pet_dz, variant["pet_fov"], body, zs_ct, position, lesions)
     margin = 6
     zs_anat = zs_ct[0] + spec.ct_dz * np.arange(-margin, n_ct_z + margin)
     xs_anat = _axis_positions(0.0, spec.ct_n, spec.ct_px, 1.0)
@@ -281,74 +253,19 @@ def generate_exam(
     anat.paint(grid, [les.shape() for les in lesions], tissue)
 
     # --- CT in HU (truth grid order), noise correlated over ~1 voxel like a soft kernel -------
-    hu_anat = np.empty(shape_anat, dtype=np.int16)
-    for z0 in range(0, shape_anat[0], 32):
-        t = tissue[z0 : z0 + 32]
-        noise = r_noise.standard_normal(t.shape, dtype=np.float32)
-        noise = ndimage.gaussian_filter(noise, sigma=(0, 0.6, 0.6)) * 1.8
-        hu = anat.TISSUE_HU[t] + anat.TISSUE_HU_SD[t] * noise
-        hu_anat[z0 : z0 + 32] = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-    hu_asc = hu_anat[ct_slab]
+    hu_asc = _ct_hu(tissue, r_noise)[ct_slab]
     ct_hu = np.ascontiguousarray(_to_scanner(hu_asc, position))
     mask = np.ascontiguousarray(_to_scanner((lesion_id[ct_slab] > 0).astype(np.uint8), position))
 
     # --- lesion truth on the CT grid ---------------------------------------------------------
     voxel_ml = spec.ct_px * spec.ct_px * spec.ct_dz / 1000.0
-    lesion_ct = lesion_id[ct_slab]
-    zz, yy, xx = np.nonzero(lesion_ct)
-    labels_at = lesion_ct[zz, yy, xx]
-    lesion_truth = []
-    for n, les in enumerate(lesions, start=1):
-        sel = labels_at == n
-        uptake = les.uptake(grid.xs[xx[sel]], grid.ys[yy[sel]], zs_anat[margin + zz[sel]])
-        nvox = int(sel.sum())
-        lesion_truth.append({
-            "center_mm": [round(v, 4) for v in les.center],
-            "radius_mm": [round(v, 4) for v in les.radii],
-            "volume_ml": round(nvox * voxel_ml, 6),
-            "volume_ml_analytic": round(les.volume_ml_analytic, 6),
-            "n_voxels": nvox,
-            "suv_max": les.suv_max,
-            "suv_mean": round(float(uptake.mean()), 4) if nvox else None,
-            "station": les.station,
-            "extranodal": les.extranodal,
-        })
+    lesion_truth = _lesion_truth(lesions, lesion_id[ct_slab], grid, zs_anat[margin:], voxel_ml)
 
     # --- misalignment ------------------------------------------------------------------------
-    limits = dict(variant.get("misalignment") or {})
-    unknown = set(limits) - set(MISALIGNMENT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown misalignment keys {sorted(unknown)}; known keys: {list(MISALIGNMENT_KEYS)}")
-    max_rot = float(limits.get("max_rotation_deg", 2.0))
-    max_trans = float(limits.get("max_translation_mm", 8.0))
-    if max_rot < 0 or max_trans < 2.0:
-        raise ValueError(f"misalignment needs max_rotation_deg >= 0 and max_translation_mm >= 2, got {limits}")
-    rot = r_misc.uniform(-max_rot, max_rot, 3)
-    direction = r_misc.normal(size=3)
-    trans = direction / np.linalg.norm(direction) * r_misc.uniform(2.0, max_trans)
-    rot, trans = np.round(rot, 4), np.round(trans, 4)
-    center = np.round(np.asarray(body.center_mm), 4)
-    M = misalignment_matrix(rot, trans, center)
+    rot, trans, center, M = _misalignment(r_misc, variant.get("misalignment"), body)
 
     # --- PET activity: tissue SUV + lesion uptake, blurred, sampled at M^-1 q -------------------
-    # At full size the activity is built on every other CT column and row (2 mm): PET resolution
-    # (~6.5 mm FWHM) does not need more, and the blur costs a quarter.
-    step = spec.activity_step
-    pet_grid = anat.Grid1D(grid.xs[::step], grid.ys[::step], grid.zs)
-    sub = (slice(None), slice(None, None, step), slice(None, None, step))
-    suv_anat = anat.TISSUE_SUV[tissue[sub]]
-    lesion_sub = lesion_id[sub]
-    for n, les in enumerate(lesions, start=1):
-        zi, yi, xi = np.nonzero(lesion_sub == n)
-        suv_anat[zi, yi, xi] = les.uptake(pet_grid.xs[xi], pet_grid.ys[yi], pet_grid.zs[zi])
-    sigma_mm = spec.pet_fwhm_mm / 2.3548
-    px = spec.ct_px * step
-    suv_anat = ndimage.gaussian_filter(suv_anat, sigma=(sigma_mm / spec.ct_dz, sigma_mm / px, sigma_mm / px))
-    pet_suv = _sample_pet(suv_anat, pet_grid, pet_geom, np.linalg.inv(M))
-    # PET-like noise: multiplicative, correlated over about a voxel, plus a little background.
-    n1 = ndimage.gaussian_filter(r_noise.standard_normal(pet_suv.shape, dtype=np.float32), 0.7) * 2.2
-    n2 = ndimage.gaussian_filter(r_noise.standard_normal(pet_suv.shape, dtype=np.float32), 0.7) * 2.2
-    pet_suv = np.clip(pet_suv * (1.0 + 0.12 * n1) + 0.04 * n2 * (pet_suv > 0.05), 0.0, None).astype(np.float32)
+    pet_suv = _pet_suv(spec, grid, tissue, lesion_id, lesions, pet_geom, M, r_noise)
 
     # --- timing and SUV factor ---------------------------------------------------------------
     follow_up_days = 0 if exam_index == 0 else int(90 + 150 * exam_index + r_misc.integers(0, 60))
@@ -378,26 +295,8 @@ def generate_exam(
     counts_per_bqml = float(sd.ds_str(r_misc.uniform(8.0, 16.0))) if units == "CNTS" else 1.0
 
     # --- identifying markers -------------------------------------------------------------------
-    rp = np.random.default_rng(np.random.SeedSequence([seed, index, 0xF1D]))
-    study = sd.StudyInfo(
-        patient_name=patient.name, patient_id=patient.patient_id, birth_date=patient.birth, sex=patient.sex,
-        age=patient.age0 + (exam_date - patient.first_date).days // 365, weight_kg=weight_kg,
-        height_m=round(1.75 * body.scale * (0.93 if patient.sex == "F" else 1.0), 2),
-        study_uid=uid("study"), frame_uid=uid("frame"), study_dt=injection - dt.timedelta(minutes=5),
-        study_id=marker(rp, "SID")[:16], accession=marker(rp, "ACC")[:16],
-        institution=marker(rp, "INST"), institution_address=f"{marker(rp, 'ADDR')} Hospital Road 1",
-        referring=f"{marker(rp, 'REF')}^Doctor", operator=f"{marker(rp, 'OP')}^Tech",
-        station=marker(rp, "STN")[:16], device_serial=marker(rp, "SN")[:16], vendor=vendor,
-        patient_position=position, uid=uid,
-    )
-    markers = [*patient.markers, study.study_id, study.accession, study.institution,
-               study.institution_address.split()[0],
-               study.referring.split("^")[0], study.operator.split("^")[0], study.station, study.device_serial]
-    note_marker = marker(rp, "NOTE")
-    markers.append(note_marker)
-    notes = (f"Referred by Dr {study.referring.split('^')[0]} ({study.institution}); "
-             f"patient {patient.name.replace('^', ' ')}, MRN {patient.patient_id}, contact {note_marker}. "
-             f"{'Baseline staging' if exam_index == 0 else 'Response assessment'} FDG PET/CT.")
+    study, markers, notes = _study(seed, index, patient, exam_date, injection, weight_kg, body, vendor, position,
+                                   exam_index, uid)
 
     # --- write the exam into a temporary folder, renamed into place at the end ----------------
     final_dir = out / "dicom" / exam_id
@@ -525,6 +424,151 @@ def generate_exam(
     }
     log.info("wrote %s (%s, %s, %d lesions, %s)", exam_id, vendor, position, len(lesions), truth["expected"])
     return ExamTruth(exam_id=exam_id, expected=truth["expected"], truth_path=truth_dir / f"{exam_id}.json", truth=truth)
+
+
+def _pet_grid(spec: _SizeSpec, pet_dz: float | None, pet_fov: str, body: anat.Body, zs_ct: np.ndarray, position: str,
+              lesions: list[anat.Lesion]) -> tuple[sd.SeriesGeometry, list[anat.Lesion]]:
+    """The PET grid (whole body, own slice spacing, or a short FOV) and the lesions a short FOV fully shows."""
+    if pet_fov == "short":
+        dz = spec.short_pet_dz
+        z_lo, z_hi = body.z_bottom + 60.0, body.z_top - 45.0
+        zs_pet = np.round(z_lo + dz * np.arange(int((z_hi - z_lo) // dz) + 1), 3)
+        pet_geom = _grid(spec.short_pet_n, spec.short_pet_px, zs_pet, position)
+        # Expert masks are drawn on the PET: a lesion the PET does not fully show (with a margin
+        # for the misalignment) would not be in the mask of a real exam, so it is not planted.
+        half_xy = spec.short_pet_n * spec.short_pet_px / 2.0 - 12.0
+        lesions = [
+            les for les in lesions
+            if zs_pet[0] + 12.0 <= les.center[2] - les.radii[2] and les.center[2] + les.radii[2] <= zs_pet[-1] - 12.0
+            and all(abs(les.center[k]) + les.radii[k] <= half_xy for k in (0, 1))
+        ]
+    elif pet_dz is not None:  # the PET's own slices over the CT's range, centred on it
+        n_pet_z = int((zs_ct[-1] - zs_ct[0]) // pet_dz) + 1
+        z0 = zs_ct[0] + (zs_ct[-1] - zs_ct[0] - (n_pet_z - 1) * pet_dz) / 2.0
+        zs_pet = np.round(z0 + pet_dz * np.arange(n_pet_z), 3)
+        pet_geom = _grid(spec.pet_n, spec.pet_px, zs_pet, position)
+    else:
+        pet_geom = _grid(spec.pet_n, spec.pet_px, zs_ct, position)
+    return pet_geom, lesions
+
+
+def _plant_lesions(r_lesion: np.random.Generator, body: anat.Body, patient: Patient, exam_index: int,
+                   mode: str) -> list[anat.Lesion]:
+    """The exam's lesions: none for ``mode`` "none" or a follow-up in complete response ("auto")."""
+    # Follow-up exams are sometimes a complete response (no lesion left), as in real cohorts.
+    complete_response = exam_index > 0 and r_lesion.random() < 0.25
+    if mode not in ("auto", "always", "none"):
+        raise ValueError(f"variant lesions must be auto, always or none, got {mode!r}")
+    if mode == "none" or (mode == "auto" and complete_response):
+        return []
+    n_les = int(r_lesion.integers(1, 7 if patient.diagnosis == "NHL" else 5))
+    return anat.place_lesions(r_lesion, body, diagnosis=patient.diagnosis, n=n_les)
+
+
+def _ct_hu(tissue: np.ndarray, r_noise: np.random.Generator) -> np.ndarray:
+    """CT in HU from the tissue classes, noise correlated over ~1 voxel like a soft kernel (int16)."""
+    hu_anat = np.empty(tissue.shape, dtype=np.int16)
+    for z0 in range(0, tissue.shape[0], 32):
+        t = tissue[z0 : z0 + 32]
+        noise = r_noise.standard_normal(t.shape, dtype=np.float32)
+        noise = ndimage.gaussian_filter(noise, sigma=(0, 0.6, 0.6)) * 1.8
+        hu = anat.TISSUE_HU[t] + anat.TISSUE_HU_SD[t] * noise
+        hu_anat[z0 : z0 + 32] = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return hu_anat
+
+
+def _lesion_truth(lesions: list[anat.Lesion], lesion_ct: np.ndarray, grid: anat.Grid1D, zs_ct: np.ndarray,
+                  voxel_ml: float) -> list[dict[str, Any]]:
+    """Per lesion: geometry, voxel and analytic volume, SUVmax and mean uptake over its CT voxels."""
+    zz, yy, xx = np.nonzero(lesion_ct)
+    labels_at = lesion_ct[zz, yy, xx]
+    lesion_truth = []
+    for n, les in enumerate(lesions, start=1):
+        sel = labels_at == n
+        uptake = les.uptake(grid.xs[xx[sel]], grid.ys[yy[sel]], zs_ct[zz[sel]])
+        nvox = int(sel.sum())
+        lesion_truth.append({
+            "center_mm": [round(v, 4) for v in les.center],
+            "radius_mm": [round(v, 4) for v in les.radii],
+            "volume_ml": round(nvox * voxel_ml, 6),
+            "volume_ml_analytic": round(les.volume_ml_analytic, 6),
+            "n_voxels": nvox,
+            "suv_max": les.suv_max,
+            "suv_mean": round(float(uptake.mean()), 4) if nvox else None,
+            "station": les.station,
+            "extranodal": les.extranodal,
+        })
+    return lesion_truth
+
+
+def _misalignment(r_misc: np.random.Generator, limits: dict[str, Any] | None,
+                  body: anat.Body) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A random rigid PET-to-CT misalignment within ``limits``: rotation (deg), translation (mm), center, matrix."""
+    limits = dict(limits or {})
+    unknown = set(limits) - set(MISALIGNMENT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown misalignment keys {sorted(unknown)}; known keys: {list(MISALIGNMENT_KEYS)}")
+    max_rot = float(limits.get("max_rotation_deg", 2.0))
+    max_trans = float(limits.get("max_translation_mm", 8.0))
+    if max_rot < 0 or max_trans < 2.0:
+        raise ValueError(f"misalignment needs max_rotation_deg >= 0 and max_translation_mm >= 2, got {limits}")
+    rot = r_misc.uniform(-max_rot, max_rot, 3)
+    direction = r_misc.normal(size=3)
+    trans = direction / np.linalg.norm(direction) * r_misc.uniform(2.0, max_trans)
+    rot, trans = np.round(rot, 4), np.round(trans, 4)
+    center = np.round(np.asarray(body.center_mm), 4)
+    return rot, trans, center, misalignment_matrix(rot, trans, center)
+
+
+def _pet_suv(spec: _SizeSpec, grid: anat.Grid1D, tissue: np.ndarray, lesion_id: np.ndarray, lesions: list[anat.Lesion],
+             pet_geom: sd.SeriesGeometry, M: np.ndarray, r_noise: np.random.Generator) -> np.ndarray:
+    """PET in SUV on the PET grid: tissue SUV + lesion uptake, blurred to the PET resolution, sampled at
+    ``M^-1 q`` (the misalignment), with PET-like noise."""
+    # At full size the activity is built on every other CT column and row (2 mm): PET resolution
+    # (~6.5 mm FWHM) does not need more, and the blur costs a quarter.
+    step = spec.activity_step
+    pet_grid = anat.Grid1D(grid.xs[::step], grid.ys[::step], grid.zs)
+    sub = (slice(None), slice(None, None, step), slice(None, None, step))
+    suv_anat = anat.TISSUE_SUV[tissue[sub]]
+    lesion_sub = lesion_id[sub]
+    for n, les in enumerate(lesions, start=1):
+        zi, yi, xi = np.nonzero(lesion_sub == n)
+        suv_anat[zi, yi, xi] = les.uptake(pet_grid.xs[xi], pet_grid.ys[yi], pet_grid.zs[zi])
+    sigma_mm = spec.pet_fwhm_mm / 2.3548
+    px = spec.ct_px * step
+    suv_anat = ndimage.gaussian_filter(suv_anat, sigma=(sigma_mm / spec.ct_dz, sigma_mm / px, sigma_mm / px))
+    pet_suv = _sample_pet(suv_anat, pet_grid, pet_geom, np.linalg.inv(M))
+    # PET-like noise: multiplicative, correlated over about a voxel, plus a little background.
+    n1 = ndimage.gaussian_filter(r_noise.standard_normal(pet_suv.shape, dtype=np.float32), 0.7) * 2.2
+    n2 = ndimage.gaussian_filter(r_noise.standard_normal(pet_suv.shape, dtype=np.float32), 0.7) * 2.2
+    return np.clip(pet_suv * (1.0 + 0.12 * n1) + 0.04 * n2 * (pet_suv > 0.05), 0.0, None).astype(np.float32)
+
+
+def _study(seed: int, index: int, patient: Patient, exam_date: dt.date, injection: dt.datetime, weight_kg: float,
+           body: anat.Body, vendor: str, position: str, exam_index: int,
+           uid: Any) -> tuple[sd.StudyInfo, list[str], str]:
+    """The study's header values with planted identifying markers, the markers, and the clinical notes text."""
+    rp = np.random.default_rng(np.random.SeedSequence([seed, index, 0xF1D]))
+    study = sd.StudyInfo(
+        patient_name=patient.name, patient_id=patient.patient_id, birth_date=patient.birth, sex=patient.sex,
+        age=patient.age0 + (exam_date - patient.first_date).days // 365, weight_kg=weight_kg,
+        height_m=round(1.75 * body.scale * (0.93 if patient.sex == "F" else 1.0), 2),
+        study_uid=uid("study"), frame_uid=uid("frame"), study_dt=injection - dt.timedelta(minutes=5),
+        study_id=marker(rp, "SID")[:16], accession=marker(rp, "ACC")[:16],
+        institution=marker(rp, "INST"), institution_address=f"{marker(rp, 'ADDR')} Hospital Road 1",
+        referring=f"{marker(rp, 'REF')}^Doctor", operator=f"{marker(rp, 'OP')}^Tech",
+        station=marker(rp, "STN")[:16], device_serial=marker(rp, "SN")[:16], vendor=vendor,
+        patient_position=position, uid=uid,
+    )
+    markers = [*patient.markers, study.study_id, study.accession, study.institution,
+               study.institution_address.split()[0],
+               study.referring.split("^")[0], study.operator.split("^")[0], study.station, study.device_serial]
+    note_marker = marker(rp, "NOTE")
+    markers.append(note_marker)
+    notes = (f"Referred by Dr {study.referring.split('^')[0]} ({study.institution}); "
+             f"patient {patient.name.replace('^', ' ')}, MRN {patient.patient_id}, contact {note_marker}. "
+             f"{'Baseline staging' if exam_index == 0 else 'Response assessment'} FDG PET/CT.")
+    return study, markers, notes
 
 
 def _sample_pet(suv_anat: np.ndarray, grid: anat.Grid1D, pet: sd.SeriesGeometry, m_inv: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ Writes the source contract (``clinical.csv``, ``dicom/<exam_id>/**``, ``masks/<e
 or ``masks/<exam_id>.seg.dcm``) and a truth folder (docs/contracts.md section 1), deterministically
 from the seed: the same seed writes byte-identical files.
 
-Each exam is a body (:mod:`builder._synth_anatomy`: body contour, fat, muscle, lungs, airway,
+Each exam is a body (:mod:`lymphatlas_synth.anatomy`: body contour, fat, muscle, lungs, airway,
 skeleton, heart, aorta, liver, spleen, kidneys, bladder, head and brain) with lymphoma lesions at
 nodal stations (HL contiguous above the diaphragm, NHL scattered and bulky, some extranodal).
 CT is painted on the CT grid in HU with noise; PET is the per-tissue SUV activity blurred to PET
@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from builder._synth_exam import (
+from lymphatlas_synth.exam import (
     BAD_TRUTH,
     SIZES,
     BadExam,

@@ -1,4 +1,4 @@
-"""DICOM writing for :mod:`builder.synthetic`: CT / PET / localizer / non-AC PET series, SEG masks.
+"""DICOM writing for :mod:`lymphatlas_synth.cohort`: CT / PET / localizer / non-AC PET series, SEG masks.
 
 One file per slice, written the way scanner exports are (CT Image Storage, PET Image Storage,
 per-slice rescale for PET, vendor conventions for the SUV tags), from arrays on the series'

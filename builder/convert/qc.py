@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from builder.errors import QCError
-from builder.labels import MAX_OUTSIDE_BODY_FRACTION
+from builder.convert.labels import MAX_OUTSIDE_BODY_FRACTION
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ SUV_BODY_MEDIAN = (0.05, 5.0)
 SUV_MAX_RANGE = (1.0, 150.0)
 # Lesion voxels that fall outside the PET field of view have no SUV to learn from.
 MIN_LESION_FOV_FRACTION = 0.99
-# At most this fraction of lesion voxels outside the body (the same bound as builder.labels).
+# At most this fraction of lesion voxels outside the body (the same bound as builder.convert.labels).
 MAX_LABEL_OUTSIDE_BODY = MAX_OUTSIDE_BODY_FRACTION
 # A registration that moves the body (mean over its voxels) by more than this, or turns it by
 # more than this angle, is more likely wrong than a patient moving between CT and PET on one

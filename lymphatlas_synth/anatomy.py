@@ -1,6 +1,6 @@
 """The synthetic body: organs and lymphoma lesions as analytic shapes in patient space (LPS, mm).
 
-Part of :mod:`builder.synthetic`. A body is a list of :class:`Shape` objects painted in order
+Part of :mod:`lymphatlas_synth.cohort`. A body is a list of :class:`Shape` objects painted in order
 (later shapes win) onto any axis-aligned grid, so CT (on its grid) and PET (activity on an
 extended CT-like grid, then blurred and sampled in the misaligned PET frame) see the same anatomy.
 

@@ -46,11 +46,11 @@ import pyarrow.parquet as pq
 from lymphatlas_ds import codec, manifest as manifest_mod
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import IntegrityError, SchemaError
+from lymphatlas_ds.manifest import SPLITS_NAME
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, N_FOLDS, Config, Diagnosis, Split, Subset
 
 log = logging.getLogger(__name__)
 
-SPLITS_NAME = "splits.json"
 DATA_DIR = "data"
 _VERIFIED_DIR = "verified"
 
@@ -419,7 +419,7 @@ class Release:
     def read_volume(self, case_id: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(array_zyx, affine_ras)`` of one volume (``ct``, ``pet`` or ``label``) of a case."""
         table = self.read_volume_table(case_id, name)
-        return codec.decode_volume(cell_bytes(table, name, where=f"case {case_id}"), copy=True)
+        return codec.decode_volume(codec.cell_bytes(table, name, where=f"case {case_id}"), copy=True)
 
     def read_case(
         self, case_id: str, *, columns: Iterable[str] = IMAGE_COLUMNS, check_content: bool = False
@@ -473,25 +473,6 @@ class Release:
         ids = self.case_ids(config, split) if case_ids is None else list(case_ids)
         for case_id in ids:
             yield self.read_case(case_id, check_content=check_content)
-
-
-def cell_bytes(table: pa.Table, name: str, *, where: str = "") -> pa.Buffer:
-    """The NIfTI bytes of the first row's ``name`` cell, as a zero-copy slice of the arrow data buffer.
-
-    ``table.column(name)[0]["bytes"].as_buffer()`` would copy the whole volume (a scalar owns its
-    value); slicing the binary array's data buffer by its offsets does not.
-    """
-    column = table.column(name)
-    if column.num_chunks == 0 or len(column) == 0:
-        raise SchemaError(f"{where}: no {name} cell in the shard row")
-    values = column.chunk(0).field("bytes")
-    if values.null_count and not values.is_valid()[0].as_py():
-        raise SchemaError(f"{where}: its {name} cell has no bytes; releases embed the volume bytes in the shard")
-    _, offsets, data = values.buffers()
-    large = pa.types.is_large_binary(values.type)
-    positions = np.frombuffer(offsets, dtype=np.int64 if large else np.int32)
-    start, stop = int(positions[values.offset]), int(positions[values.offset + 1])
-    return data.slice(start, stop - start)
 
 
 def summarize(release: Release) -> dict[str, Any]:

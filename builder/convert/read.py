@@ -40,8 +40,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from builder._dicom import multi, number, text
-from builder.discover import SeriesInfo
+from builder.convert._dicom import multi, number, text
+from builder.convert.discover import SeriesInfo
 from builder.errors import GeometryError, ReadError
 
 logger = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
     """Read a CT or PET series into one image with validated geometry and per-slice rescale applied.
 
     CT comes back as ``sitkInt16`` Hounsfield units; PET as ``sitkFloat32`` in the series' Units
-    (BQML: Bq/ml, CNTS: counts, GML: SUV; see :mod:`builder.suv` for the SUV factor).
+    (BQML: Bq/ml, CNTS: counts, GML: SUV; see :mod:`builder.convert.suv` for the SUV factor).
 
     Example:
         >>> ct, meta = read_series(exam.ct, exam_id="EX0001")  # doctest: +SKIP

@@ -32,11 +32,11 @@ from typing import Any
 
 from lymphatlas_ds._io import read_json
 from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.manifest import SPLITS_NAME
 from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Diagnosis, Split
 
 log = logging.getLogger(__name__)
 
-SPLITS_NAME = "splits.json"
 TEST_FOLD = -1
 
 
