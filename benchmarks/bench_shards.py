@@ -22,6 +22,7 @@ import gzip
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -101,6 +102,66 @@ def write_shard(path: Path, rows: list[dict], *, compression: str, level: int | 
 
 
 
+def gzip_cells(cases: list[dict], affine: np.ndarray, folder: Path) -> tuple[list[dict], float]:
+    """The baseline's cells: every volume as .nii.gz at gzip level 6, the second case also written to
+    ``folder`` as three files; (cells of each case, encode seconds per case)."""
+    t = time.perf_counter()
+    cells_of_cases = []
+    for i, case in enumerate(cases):
+        cells = {}
+        for name in IMAGE_COLUMNS:
+            raw = codec.encode_volume(case[name], affine, f"c{i}_{name}")["bytes"]
+            cells[name] = {"bytes": gzip.compress(raw, compresslevel=6), "path": f"c{i}_{name}.nii.gz"}
+            if i == 1:
+                (folder / f"{name}.nii.gz").write_bytes(cells[name]["bytes"])
+        cells_of_cases.append(cells)
+    return cells_of_cases, (time.perf_counter() - t) / 2
+
+
+def read_niigz(folder: Path) -> None:
+    """The baseline's decode: nibabel reads the case's three .nii.gz files."""
+    for name in IMAGE_COLUMNS:
+        np.asanyarray(nib.load(folder / f"{name}.nii.gz").dataobj)
+
+
+def write_layout(path: Path, cells: list[dict], *, compression: str, level: int | None,
+                 gzip_encode: float) -> tuple[int, float]:
+    """Write the two cases' shard in one layout: (bytes of the second case's cells, encode seconds per case)."""
+    enc = write_shard(path, [row_of(f"c{i}", c) for i, c in enumerate(cells)], compression=compression, level=level)
+    if compression == "none":
+        enc += 2 * gzip_encode  # the gzip cells were compressed before the parquet write
+    meta = pq.ParquetFile(path).metadata
+    size = sum(meta.row_group(1).column(c).total_compressed_size for c in range(meta.num_columns))
+    return size, enc / 2
+
+
+def decode_case(path: Path) -> None:
+    """Decode the second case's three volumes from a shard."""
+    table = pq.ParquetFile(path).read_row_group(1, columns=list(IMAGE_COLUMNS))
+    for name in IMAGE_COLUMNS:
+        codec.decode_volume(table.column(name)[0]["bytes"].as_buffer())
+
+
+def best_times(decoders: dict, repeat: int) -> dict[str, float]:
+    """Interleaved rounds, best of each: a busy shared machine slows every candidate alike."""
+    best = {name: float("inf") for name in decoders}
+    for _ in range(repeat):
+        for name, fn in decoders.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def print_layouts(results: dict[str, tuple[int, float]], best: dict[str, float], base_size: int) -> None:
+    """One row per layout: size, encode and decode time, and the ratios to the baseline."""
+    base = best["baseline"]
+    print(f"{'layout':38s} {'MiB/case':>9s} {'size/base':>9s} {'encode s':>9s} {'decode s':>9s} {'speed-up':>9s}")
+    for label, (size, enc) in results.items():
+        dec = best[label]
+        print(f"{label:38s} {size / 2**20:9.1f} {size / base_size:9.3f} {enc:9.2f} {dec:9.3f} {base / dec:8.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="full")
@@ -117,23 +178,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # Baseline: three .nii.gz files, gzip level 6, read back with nibabel.
-        t = time.perf_counter()
-        gz_cells = []
-        for i, case in enumerate(cases):
-            cells = {}
-            for name in IMAGE_COLUMNS:
-                raw = codec.encode_volume(case[name], affine, f"c{i}_{name}")["bytes"]
-                cells[name] = {"bytes": gzip.compress(raw, compresslevel=6), "path": f"c{i}_{name}.nii.gz"}
-                if i == 1:
-                    (tmp / f"{name}.nii.gz").write_bytes(cells[name]["bytes"])
-            gz_cells.append(cells)
-        gzip_encode = (time.perf_counter() - t) / 2
+        gz_cells, gzip_encode = gzip_cells(cases, affine, tmp)
         base_size = sum((tmp / f"{n}.nii.gz").stat().st_size for n in IMAGE_COLUMNS)
-
-        def read_niigz():
-            for name in IMAGE_COLUMNS:
-                np.asanyarray(nib.load(tmp / f"{name}.nii.gz").dataobj)
-
         raw_cells = [
             {name: codec.encode_volume(case[name], affine, f"c{i}_{name}") for name in IMAGE_COLUMNS}
             for i, case in enumerate(cases)
@@ -141,38 +187,18 @@ def main() -> None:
         layouts = [("gzip-6 cells, parquet uncompressed", gz_cells, "none", None)]
         layouts += [(f"raw cells, parquet zstd-{lv}", raw_cells, "zstd", lv) for lv in (1, 3, 9)]
         results = {}
-        decoders = {"baseline": read_niigz}
+        decoders = {"baseline": partial(read_niigz, tmp)}
         for k, (label, cells, compression, level) in enumerate(layouts):
             path = tmp / f"shard{k}.parquet"
-            enc = write_shard(path, [row_of(f"c{i}", c) for i, c in enumerate(cells)], compression=compression, level=level)
-            if compression == "none":
-                enc += 2 * gzip_encode  # the gzip cells were compressed before the parquet write
-            meta = pq.ParquetFile(path).metadata
-            size = sum(meta.row_group(1).column(c).total_compressed_size for c in range(meta.num_columns))
-            results[label] = (size, enc / 2)
-
-            def decode_one(path=path):
-                table = pq.ParquetFile(path).read_row_group(1, columns=list(IMAGE_COLUMNS))
-                for name in IMAGE_COLUMNS:
-                    codec.decode_volume(table.column(name)[0]["bytes"].as_buffer())
-
-            decoders[label] = decode_one
+            results[label] = write_layout(path, cells, compression=compression, level=level, gzip_encode=gzip_encode)
+            decoders[label] = partial(decode_case, path)
         del raw_cells, gz_cells, cases
 
-        # Interleaved rounds, best of each: a busy shared machine slows every candidate alike.
-        best = {name: float("inf") for name in decoders}
-        for _ in range(args.repeat):
-            for name, fn in decoders.items():
-                t = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t)
-        base = best["baseline"]
+        best = best_times(decoders, args.repeat)
         print(f"\nbaseline  3 x .nii.gz (gzip 6) via nibabel: {base_size / 2**20:8.1f} MiB, "
-              f"encode {gzip_encode:6.2f} s, decode {base:6.3f} s (best of {args.repeat}, interleaved)")
-        print(f"{'layout':38s} {'MiB/case':>9s} {'size/base':>9s} {'encode s':>9s} {'decode s':>9s} {'speed-up':>9s}")
-        for label, (size, enc) in results.items():
-            dec = best[label]
-            print(f"{label:38s} {size / 2**20:9.1f} {size / base_size:9.3f} {enc:9.2f} {dec:9.3f} {base / dec:8.1f}x")
+              f"encode {gzip_encode:6.2f} s, decode {best['baseline']:6.3f} s (best of {args.repeat}, interleaved)")
+        print_layouts(results, best, base_size)
+
 
 if __name__ == "__main__":
     main()
