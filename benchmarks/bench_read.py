@@ -108,6 +108,62 @@ def synthetic_exam(root: Path) -> Path | None:
     return exams[0]
 
 
+def exam_folder(tmp: Path, *, exam: Path | None, phantom: bool, slices: int) -> tuple[Path, str]:
+    """The exam folder to read and where it comes from: ``--exam``, a synthetic full-size exam or a phantom."""
+    exam_dir = exam
+    if exam_dir is None and not phantom:
+        exam_dir = synthetic_exam(tmp)
+        source = "synthetic --size full"
+    if exam_dir is None:
+        exam_dir = tmp / "phantom"
+        phantom_exam(exam_dir, n_ct=slices, n_pet=1000 - slices)
+        source = f"phantom CT 512x512x{slices} + PET"
+    elif exam is not None:
+        source = str(exam)
+    return exam_dir, source
+
+
+def ct_only_folder(ct, folder: Path) -> Path:
+    """A folder holding exactly the CT series (links to its files): what the baselines read."""
+    folder.mkdir()
+    for i, f in enumerate(ct.files):
+        (folder / f"{i:05d}.dcm").symlink_to(Path(f).resolve())
+    return folder
+
+
+def read_methods(ct, ct_dir: Path, out: Path) -> dict:
+    """The readers of the CT series timed against each other; dcm2niix when it is installed."""
+
+    def ours():
+        return read_series(ct, exam_id="BENCH")
+
+    def simpleitk():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(ct_dir)))
+        return reader.Execute()
+
+    def hybrid():
+        # The design not taken: the same header pass and checks, pixels read by SimpleITK/GDCM.
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct.files]
+        geom = slice_geometry([[float(v) for v in h.ImagePositionPatient] for h in headers],
+                              [[float(v) for v in h.ImageOrientationPatient] for h in headers])
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(ct.files[i]) for i in geom.order])
+        reader.SetOutputPixelType(sitk.sitkInt16)
+        return reader.Execute()
+
+    def dcm2niix():
+        subprocess.run(["dcm2niix", "-z", "n", "-f", "ct", "-o", str(out), str(ct_dir)], check=True,
+                       capture_output=True)
+        for f in out.iterdir():
+            f.unlink()
+
+    methods = {"ours": ours, "simpleitk": simpleitk, "hybrid": hybrid}
+    if shutil.which("dcm2niix"):
+        methods["dcm2niix"] = dcm2niix
+    return methods
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exam", type=Path, help="an existing exam folder (dicom/<exam_id>)")
@@ -117,57 +173,17 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        exam_dir = args.exam
-        if exam_dir is None and not args.phantom:
-            exam_dir = synthetic_exam(tmp)
-            source = "synthetic --size full"
-        if exam_dir is None:
-            exam_dir = tmp / "phantom"
-            phantom_exam(exam_dir, n_ct=args.slices, n_pet=1000 - args.slices)
-            source = f"phantom CT 512x512x{args.slices} + PET"
-        elif args.exam is not None:
-            source = str(args.exam)
+        exam_dir, source = exam_folder(tmp, exam=args.exam, phantom=args.phantom, slices=args.slices)
         n_files = sum(1 for p in exam_dir.rglob("*") if p.is_file())
         discover_s, exam = best_of(args.repeats, lambda: discover_exam(exam_dir, "BENCH"))
         ct = exam.ct
-        ct_dir = tmp / "ct_only"  # the baselines read a folder holding exactly the CT series
-        ct_dir.mkdir()
-        for i, f in enumerate(ct.files):
-            (ct_dir / f"{i:05d}.dcm").symlink_to(Path(f).resolve())
-
-        def ours():
-            return read_series(ct, exam_id="BENCH")
-
-        def simpleitk():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(ct_dir)))
-            return reader.Execute()
-
-        def hybrid():
-            # The design not taken: the same header pass and checks, pixels read by SimpleITK/GDCM.
-            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct.files]
-            geom = slice_geometry([[float(v) for v in h.ImagePositionPatient] for h in headers],
-                                  [[float(v) for v in h.ImageOrientationPatient] for h in headers])
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames([str(ct.files[i]) for i in geom.order])
-            reader.SetOutputPixelType(sitk.sitkInt16)
-            return reader.Execute()
-
+        ct_dir = ct_only_folder(ct, tmp / "ct_only")
         out = tmp / "nii"
         out.mkdir()
-
-        def dcm2niix():
-            subprocess.run(["dcm2niix", "-z", "n", "-f", "ct", "-o", str(out), str(ct_dir)], check=True,
-                           capture_output=True)
-            for f in out.iterdir():
-                f.unlink()
-
-        methods = {"ours": ours, "simpleitk": simpleitk, "hybrid": hybrid}
-        if shutil.which("dcm2niix"):
-            methods["dcm2niix"] = dcm2niix
+        methods = read_methods(ct, ct_dir, out)
         times = interleaved(args.repeats, methods)
-        image, meta = ours()
-        peer = simpleitk()  # kept alive: an array view of a freed image reads freed memory
+        image, meta = methods["ours"]()
+        peer = methods["simpleitk"]()  # kept alive: an array view of a freed image reads freed memory
         same = np.array_equal(sitk.GetArrayViewFromImage(peer), sitk.GetArrayViewFromImage(image))
         ours_s, sitk_s, dcm2niix_s = times["ours"], times["simpleitk"], times.get("dcm2niix")
         print(f"source: {source}; exam folder {n_files} files; CT {meta.size} ({len(ct.files)} files, "
