@@ -136,6 +136,67 @@ def _figures(work: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+def _source_exam(root: Path, *, size: str, seed: int) -> Path:
+    """The exam to convert (generated unless ``root`` holds one already), with earlier outputs cleared."""
+    from lymphatlas_synth.cohort import generate_cohort
+
+    source = root / "source"
+    if not (source / "dicom").is_dir():
+        t0 = time.perf_counter()
+        generate_cohort(source, n_exams=1, seed=seed, size=size, truth_dir=root / "truth")
+        print(f"generated one {size} exam in {time.perf_counter() - t0:.1f} s")
+    for d in ("work", "dcm2niix"):
+        shutil.rmtree(root / d, ignore_errors=True)
+    (root / "dcm2niix").mkdir()
+    return source
+
+
+def _print_convert(case: dict, result: dict, *, base: float, wall: float, peak_mb: float) -> None:
+    """The convert against dcm2niix in time, its peak memory against its output, and the time per stage."""
+    import numpy as np
+
+    shape = case["geometry"]["shape_zyx"]
+    n = int(np.prod(shape))
+    out_mb = n * (2 + 4 + 1) / 2**20  # int16 CT + float32 PET + uint8 label
+    print(f"\nexam: CT {shape[::-1]} voxels (x, y, z), PET {case['pet']['size']}; output arrays {out_mb:.0f} MB")
+    print(f"dcm2niix -z y (CT + PET)        {base:7.1f} s   (baseline)")
+    print(f"convert, whole exam             {wall:7.1f} s   ratio {wall / base:5.2f}x   (goal <= 4x)")
+    in_exam = sum(v for k, v in result["timings_s"].items() if "." not in k)  # "align.x" are parts of "align"
+    print(f"  of which in convert_exam      {in_exam:7.1f} s (rest: interpreter start, imports, files)")
+    print(f"peak memory of the convert      {peak_mb:7.0f} MB  ratio {peak_mb / out_mb:5.2f}x output arrays (goal <= 4x)")
+    print("time per stage:")
+    for k, v in result["timings_s"].items():
+        print(f"  {'  ' if '.' in k else ''}{k:26s} {v:7.2f} s")
+
+
+def _print_registration(alignment: dict, truth_dir: Path) -> None:
+    """The registration's decision and its error at the lesion centres against the generator's truth."""
+    import numpy as np
+
+    a = alignment
+    print(f"registration: {a['decision']}; mean shift {a['shift_mm']} mm")
+    truth = json.loads(next(truth_dir.glob("EX*.json")).read_text())
+    m_truth = np.asarray(truth["misalignment"]["matrix"])
+    m_found = np.asarray(a["transform"]["matrix"])
+    errs = [np.linalg.norm((m_found @ np.r_[les["center_mm"], 1])[:3] - (m_truth @ np.r_[les["center_mm"], 1])[:3])
+            for les in truth["lesions"]]
+    print(f"lesion-centre alignment error vs truth: mean {np.mean(errs):.2f} mm, max {np.max(errs):.2f} mm "
+          f"(truth misalignment {np.round(truth['misalignment']['translation_mm'], 2).tolist()} mm, "
+          f"{np.round(truth['misalignment']['rotation_deg'], 2).tolist()} deg)")
+
+
+def _print_resampling(res: dict) -> None:
+    """Each PET resampling method in time and SUV difference against SimpleITK's B-spline."""
+    ref_s = res["cubic"]["seconds"]
+    print("PET resampling onto the CT grid (same transform), reference = SimpleITK B-spline (the paper's cubic):")
+    print(f"  cubic (reference)             {ref_s:7.2f} s")
+    for name in ("bounded-cubic", "linear"):
+        r = res[name]
+        print(f"  {name:28s}  {r['seconds']:7.2f} s  ratio {r['seconds'] / ref_s:4.2f}x   SUV error vs reference: "
+              f"mean {r['mean_abs']:.4f}, p99.9 {r['p999_abs']:.4f}, max {r['max_abs']:.3f} "
+              f"(image max {r['max']:.2f} vs {r['ref_max']:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="full", choices=["full", "small"])
@@ -149,59 +210,19 @@ def main() -> None:
         {"convert": _child_convert, "resample": _child_resample}[mode](Path(source), Path(work))
         return
 
-    import numpy as np
-
-    from lymphatlas_synth.cohort import generate_cohort
-
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
-    source = root / "source"
-    if not (source / "dicom").is_dir():
-        t0 = time.perf_counter()
-        generate_cohort(source, n_exams=1, seed=args.seed, size=args.size, truth_dir=root / "truth")
-        print(f"generated one {args.size} exam in {time.perf_counter() - t0:.1f} s")
-    for d in ("work", "dcm2niix"):
-        shutil.rmtree(root / d, ignore_errors=True)
-    (root / "dcm2niix").mkdir()
-
+    source = _source_exam(root, size=args.size, seed=args.seed)
     base = _dcm2niix(source, root / "dcm2niix")
     wall, peak_mb, out = _run_child("convert", source, root / "work")
     result = json.loads(out)[0]
     if result["status"] != "converted":
         raise SystemExit(f"exam not converted: {result}")
     case = json.loads(next((root / "work" / "cases").glob("*/case.json")).read_text())
-    shape = case["geometry"]["shape_zyx"]
-    n = int(np.prod(shape))
-    out_mb = n * (2 + 4 + 1) / 2**20  # int16 CT + float32 PET + uint8 label
-    print(f"\nexam: CT {shape[::-1]} voxels (x, y, z), PET {case['pet']['size']}; output arrays {out_mb:.0f} MB")
-    print(f"dcm2niix -z y (CT + PET)        {base:7.1f} s   (baseline)")
-    print(f"convert, whole exam             {wall:7.1f} s   ratio {wall / base:5.2f}x   (goal <= 4x)")
-    in_exam = sum(v for k, v in result["timings_s"].items() if "." not in k)  # "align.x" are parts of "align"
-    print(f"  of which in convert_exam      {in_exam:7.1f} s (rest: interpreter start, imports, files)")
-    print(f"peak memory of the convert      {peak_mb:7.0f} MB  ratio {peak_mb / out_mb:5.2f}x output arrays (goal <= 4x)")
-    print("time per stage:")
-    for k, v in result["timings_s"].items():
-        print(f"  {'  ' if '.' in k else ''}{k:26s} {v:7.2f} s")
-    a = case["alignment"]
-    print(f"registration: {a['decision']}; mean shift {a['shift_mm']} mm")
-    truth = json.loads(next((root / "truth").glob("EX*.json")).read_text())
-    m_truth = np.asarray(truth["misalignment"]["matrix"])
-    m_found = np.asarray(a["transform"]["matrix"])
-    errs = [np.linalg.norm((m_found @ np.r_[les["center_mm"], 1])[:3] - (m_truth @ np.r_[les["center_mm"], 1])[:3])
-            for les in truth["lesions"]]
-    print(f"lesion-centre alignment error vs truth: mean {np.mean(errs):.2f} mm, max {np.max(errs):.2f} mm "
-          f"(truth misalignment {np.round(truth['misalignment']['translation_mm'], 2).tolist()} mm, "
-          f"{np.round(truth['misalignment']['rotation_deg'], 2).tolist()} deg)")
+    _print_convert(case, result, base=base, wall=wall, peak_mb=peak_mb)
+    _print_registration(case["alignment"], root / "truth")
 
     _, _, res_out = _run_child("resample", source, root / "work")
-    res = json.loads(res_out)
-    ref_s = res["cubic"]["seconds"]
-    print("PET resampling onto the CT grid (same transform), reference = SimpleITK B-spline (the paper's cubic):")
-    print(f"  cubic (reference)             {ref_s:7.2f} s")
-    for name in ("bounded-cubic", "linear"):
-        r = res[name]
-        print(f"  {name:28s}  {r['seconds']:7.2f} s  ratio {r['seconds'] / ref_s:4.2f}x   SUV error vs reference: "
-              f"mean {r['mean_abs']:.4f}, p99.9 {r['p999_abs']:.4f}, max {r['max_abs']:.3f} "
-              f"(image max {r['max']:.2f} vs {r['ref_max']:.2f})")
+    _print_resampling(json.loads(res_out))
     if args.figures:
         for p in _figures(root / "work", args.figures):
             print(f"figure: {p}")
