@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -99,6 +100,123 @@ print(json.dumps({"import": after_import, "after": hwm()}))
 """
 
 
+@dataclass(frozen=True)
+class Setup:
+    """The folders and sizes of one run."""
+
+    work: Path
+    release: Path
+    cache: Path
+    shape: tuple[int, int, int]
+    patch: tuple[int, int, int]
+
+
+def make_release(setup: Setup, patients: int) -> None:
+    """A fake WORK of whole cases of ``setup.shape`` voxels and its release."""
+    t = time.perf_counter()
+    make_fake_work(setup.work, n_patients=patients, seed=0, shape_zyx=setup.shape, spacing_xyz=(0.98, 0.98, 3.0))
+    build_release(setup.work, setup.release, version="1.0.0")
+    print(f"setup: fake WORK + release of {setup.shape} cases in {time.perf_counter() - t:.0f} s")
+
+
+def first_epoch(setup: Setup, case_dirs: list[Path]):
+    """3. First epoch: decode every case into the cache (also checks each against its content hash); prints
+    the time per case and the sizes on disk, returns the train split."""
+    ds = load_lymphatlas(setup.release, split="train", cache_dir=setup.cache)
+    test = load_lymphatlas(setup.release, split="test", cache_dir=setup.cache)
+    t = time.perf_counter()
+    ds.prepare()
+    test.prepare()
+    build = (time.perf_counter() - t) / len(case_dirs)
+    print(f"first-epoch cache build: {build:.2f} s per case")
+    nii = sum(dir_size(d) - (d / "case.json").stat().st_size for d in case_dirs) / len(case_dirs)
+    shards = dir_size(setup.release / "data") / len(case_dirs)
+    cached = dir_size(setup.cache / "1.0.0") / len(case_dirs)
+    print(f"size per case: .nii.gz {nii / 2**20:.0f} MiB, shard {shards / 2**20:.0f} MiB, decoded cache {cached / 2**20:.0f} MiB")
+    return ds
+
+
+def whole_case(setup: Setup, ds) -> float:
+    """1. Whole-case load: the decoded cache (and the shard) vs nibabel; prints and returns the speed-up."""
+    case_id = ds.case_ids[0]
+    folder = setup.work / "cases" / case_id
+    base_whole = timed(lambda: nifti_case(folder), 3)
+    ours_whole = timed(lambda: ds[0], 5)
+    item = ds[0]
+    truth = nifti_case(folder)
+    assert np.array_equal(item["image"][1].numpy(), truth["pet"].transpose(2, 1, 0)), "whole-case PET differs"
+    shard_whole = timed(lambda: load_lymphatlas(setup.release, split="train", cache=False, cache_dir=setup.cache)[0], 2)
+    ratio = base_whole / ours_whole
+    print(f"whole case: nibabel .nii.gz {base_whole:.2f} s, load_lymphatlas (cache) {ours_whole:.3f} s, "
+          f"(no cache, from the shard) {shard_whole:.2f} s -> {ratio:.1f}x (target >= 5x)")
+    return ratio
+
+
+def random_patches(setup: Setup, ds, *, n_patches: int, n_baseline: int):
+    """2. Random patches: the patch dataset vs decoding the three .nii.gz files and cropping; prints the
+    rates, returns (the patch dataset, the speed-up)."""
+    shape, patch = setup.shape, setup.patch
+    patches = load_lymphatlas(setup.release, split="train", cache_dir=setup.cache, patch_size=patch,
+                              samples_per_case=max(1, n_patches // len(ds.case_ids)), seed=0)
+    rng = np.random.default_rng(0)
+
+    def baseline_patch() -> None:
+        vols = nifti_case(setup.work / "cases" / ds.case_ids[int(rng.integers(len(ds.case_ids)))])
+        start = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch)]
+        box = tuple(slice(a, a + p) for a, p in zip(start, patch))
+        for name in ("ct", "pet", "label"):
+            np.ascontiguousarray(vols[name].transpose(2, 1, 0)[box])
+
+    base_rate = n_baseline / timed(lambda: [baseline_patch() for _ in range(n_baseline)], 1)
+    n = len(patches)
+    t = time.perf_counter()
+    centred = sum(bool(patches[i]["foreground_centred"]) for i in range(n))
+    ours_rate = n / (time.perf_counter() - t)
+    ratio = ours_rate / base_rate
+    print(f"{patch} patches: .nii.gz decode+crop {base_rate:.2f}/s, load_lymphatlas {ours_rate:.1f}/s "
+          f"({centred}/{n} foreground-centred) -> {ratio:.0f}x (target >= 50x)")
+    return patches, ratio
+
+
+def dataloader_rate(patches) -> None:
+    """Patches per second through a torch DataLoader with 2 workers, their start included."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(patches, batch_size=2, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    count = sum(len(b["case_id"]) for b in loader)
+    print(f"DataLoader(batch_size=2, num_workers=2): {count / (time.perf_counter() - t):.1f} patches/s (incl. worker start)")
+
+
+def probe(script: str, *argv: str) -> dict:
+    """Run a memory probe in a fresh process; its JSON line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def patch_memory(setup: Setup, decoded_bytes: int) -> int:
+    """4. Memory of patch sampling, in a fresh process; prints it, returns the peak above the imports."""
+    mem = probe(MEMORY_PROBE, str(setup.release), str(setup.cache), json.dumps(list(setup.patch)))
+    grow = mem["after"] - mem["before"]
+    patch_bytes = int(np.prod(setup.patch)) * (4 * 2 + 1)
+    above_import = mem["after"] - mem["import"]
+    print(f"patch-mode memory: peak RSS {mem['after'] / 2**20:.0f} MiB, {above_import / 2**20:.0f} MiB above the imports, "
+          f"grew {grow / 2**20:.0f} MiB over {mem['patches']} patches (one item {patch_bytes / 2**20:.0f} MiB; "
+          f"one decoded case {decoded_bytes / 2**20:.0f} MiB)")
+    return above_import
+
+
+def build_memory(setup: Setup, probe_cache: Path, decoded_bytes: int) -> None:
+    """Peak memory of building the cache of one case, in a fresh process."""
+    mem = probe(BUILD_PROBE, str(setup.release), str(probe_cache))
+    print(f"cache build memory (one case, one process): peak {(mem['after'] - mem['import']) / 2**20:.0f} MiB above "
+          f"the imports (one decoded case {decoded_bytes / 2**20:.0f} MiB; volumes are decoded one at a time, "
+          "parquet's read of the largest one dominates)")
+    shutil.rmtree(probe_cache, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -111,96 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     failed = []
     try:
-        work, release, cache = tmp / "work", tmp / "release", tmp / "cache"
-        if not (release / "manifest.json").exists():
-            t = time.perf_counter()
-            make_fake_work(work, n_patients=args.patients, seed=0, shape_zyx=shape, spacing_xyz=(0.98, 0.98, 3.0))
-            build_release(work, release, version="1.0.0")
-            print(f"setup: fake WORK + release of {shape} cases in {time.perf_counter() - t:.0f} s")
-        shutil.rmtree(cache, ignore_errors=True)
-        case_dirs = sorted((work / "cases").iterdir())
+        setup = Setup(work=tmp / "work", release=tmp / "release", cache=tmp / "cache", shape=shape, patch=patch)
+        if not (setup.release / "manifest.json").exists():
+            make_release(setup, args.patients)
+        shutil.rmtree(setup.cache, ignore_errors=True)
+        case_dirs = sorted((setup.work / "cases").iterdir())
         n_voxels = int(np.prod(shape))
         decoded_bytes = n_voxels * (2 + 4 + 1)
         print(f"cases: {len(case_dirs)} of {shape} voxels, decoded {decoded_bytes / 2**20:.0f} MiB each (ct+pet+label)")
-
-        # 3. first epoch: decode every case into the cache (also checks each against its content hash)
-        ds = load_lymphatlas(release, split="train", cache_dir=cache)
-        test = load_lymphatlas(release, split="test", cache_dir=cache)
-        t = time.perf_counter()
-        ds.prepare()
-        test.prepare()
-        build = (time.perf_counter() - t) / len(case_dirs)
-        print(f"first-epoch cache build: {build:.2f} s per case")
-        nii = sum(dir_size(d) - (d / "case.json").stat().st_size for d in case_dirs) / len(case_dirs)
-        shards = dir_size(release / "data") / len(case_dirs)
-        cached = dir_size(cache / "1.0.0") / len(case_dirs)
-        print(f"size per case: .nii.gz {nii / 2**20:.0f} MiB, shard {shards / 2**20:.0f} MiB, decoded cache {cached / 2**20:.0f} MiB")
-
-        # 1. whole-case load
-        case_id = ds.case_ids[0]
-        folder = work / "cases" / case_id
-        base_whole = timed(lambda: nifti_case(folder), 3)
-        ours_whole = timed(lambda: ds[0], 5)
-        item = ds[0]
-        truth = nifti_case(folder)
-        assert np.array_equal(item["image"][1].numpy(), truth["pet"].transpose(2, 1, 0)), "whole-case PET differs"
-        shard_whole = timed(lambda: load_lymphatlas(release, split="train", cache=False, cache_dir=cache)[0], 2)
-        ratio = base_whole / ours_whole
-        print(f"whole case: nibabel .nii.gz {base_whole:.2f} s, load_lymphatlas (cache) {ours_whole:.3f} s, "
-              f"(no cache, from the shard) {shard_whole:.2f} s -> {ratio:.1f}x (target >= 5x)")
-        if ratio < 5:
+        ds = first_epoch(setup, case_dirs)
+        if whole_case(setup, ds) < 5:
             failed.append("whole-case")
-
-        # 2. random patches
-        patches = load_lymphatlas(release, split="train", cache_dir=cache, patch_size=patch,
-                                  samples_per_case=max(1, args.patches // len(ds.case_ids)), seed=0)
-        rng = np.random.default_rng(0)
-
-        def baseline_patch() -> None:
-            vols = nifti_case(work / "cases" / ds.case_ids[int(rng.integers(len(ds.case_ids)))])
-            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch)]
-            box = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            for name in ("ct", "pet", "label"):
-                np.ascontiguousarray(vols[name].transpose(2, 1, 0)[box])
-
-        base_rate = args.baseline_patches / timed(lambda: [baseline_patch() for _ in range(args.baseline_patches)], 1)
-        n = len(patches)
-        t = time.perf_counter()
-        centred = sum(bool(patches[i]["foreground_centred"]) for i in range(n))
-        ours_rate = n / (time.perf_counter() - t)
-        ratio = ours_rate / base_rate
-        print(f"{patch} patches: .nii.gz decode+crop {base_rate:.2f}/s, load_lymphatlas {ours_rate:.1f}/s "
-              f"({centred}/{n} foreground-centred) -> {ratio:.0f}x (target >= 50x)")
+        patches, ratio = random_patches(setup, ds, n_patches=args.patches, n_baseline=args.baseline_patches)
         if ratio < 50:
             failed.append("patches")
-        import torch
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(patches, batch_size=2, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
-        t = time.perf_counter()
-        count = sum(len(b["case_id"]) for b in loader)
-        print(f"DataLoader(batch_size=2, num_workers=2): {count / (time.perf_counter() - t):.1f} patches/s (incl. worker start)")
-
-        # 4. memory of patch sampling, in a fresh process
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(release), str(cache), json.dumps(list(patch))],
-                             capture_output=True, text=True, env=env, check=True)
-        mem = json.loads(out.stdout.strip().splitlines()[-1])
-        grow = mem["after"] - mem["before"]
-        patch_bytes = int(np.prod(patch)) * (4 * 2 + 1)
-        above_import = mem["after"] - mem["import"]
-        print(f"patch-mode memory: peak RSS {mem['after'] / 2**20:.0f} MiB, {above_import / 2**20:.0f} MiB above the imports, "
-              f"grew {grow / 2**20:.0f} MiB over {mem['patches']} patches (one item {patch_bytes / 2**20:.0f} MiB; "
-              f"one decoded case {decoded_bytes / 2**20:.0f} MiB)")
-        if above_import >= decoded_bytes / 2:
+        dataloader_rate(patches)
+        if patch_memory(setup, decoded_bytes) >= decoded_bytes / 2:
             failed.append("memory")
-        out = subprocess.run([sys.executable, "-c", BUILD_PROBE, str(release), str(tmp / "cache_probe")],
-                             capture_output=True, text=True, env=env, check=True)
-        mem = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"cache build memory (one case, one process): peak {(mem['after'] - mem['import']) / 2**20:.0f} MiB above "
-              f"the imports (one decoded case {decoded_bytes / 2**20:.0f} MiB; volumes are decoded one at a time, "
-              "parquet's read of the largest one dominates)")
-        shutil.rmtree(tmp / "cache_probe", ignore_errors=True)
+        build_memory(setup, tmp / "cache_probe", decoded_bytes)
     finally:
         if args.keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
