@@ -57,32 +57,20 @@ def _low_corner(grid: dict) -> np.ndarray:
     return np.minimum(np.array(grid["origin"]), far)
 
 
-def save_images(source: Path, exam_id: str, images: Path) -> list[Path]:
-    """CT and PET in three planes and the PET coronal MIP, displayed as radiologists do
-    (patient's right on the image's left, head up, anterior up on axial views)."""
+def _canonical_volumes(source: Path, exam_id: str) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """The exam's truth record and its CT (HU), PET (SUV) and lesion mask with x, y, z ascending in LPS."""
     import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     truth = json.loads((source / "truth" / f"{exam_id}.json").read_text())
     ct = _canonical(np.load(source / "truth" / exam_id / "ct_hu.npy"), truth["ct"]["direction"])
     pet = _canonical(np.load(source / "truth" / exam_id / "pet_suv.npy"), truth["pet"]["direction"])
     mask = _canonical(np.load(source / "truth" / exam_id / "mask.npy"), truth["ct"]["direction"])
-    images.mkdir(parents=True, exist_ok=True)
-    written = []
+    return truth, ct, pet, mask
 
-    def planes(vol, spacing, z_index, y_index, x_index):
-        sx, sy, sz = spacing
-        return [
-            ("axial", vol[z_index], sy / sx, "upper"),
-            ("coronal", vol[:, y_index, :], sz / sx, "lower"),
-            ("sagittal", vol[:, :, x_index], sz / sy, "lower"),  # y ascends to posterior: anterior on the left
-        ]
 
-    # Planes through the largest lesion when there is one, else mid-liver level.
+def _plane_indices(mask: np.ndarray, ct_shape: tuple[int, ...], truth: dict) -> tuple[tuple, tuple]:
+    """The (z, y, x) voxel of the planes on the CT grid and on the PET grid: axial and coronal through the
+    largest lesion (mid-liver level without one), sagittal on the midline (x = 0)."""
     if mask.any():
         from scipy import ndimage
 
@@ -90,37 +78,65 @@ def save_images(source: Path, exam_id: str, images: Path) -> list[Path]:
         largest = 1 + int(np.argmax(ndimage.sum_labels(mask, components, range(1, n + 1))))
         zc, yc, xc = (int(v) for v in np.argwhere(components == largest).mean(axis=0))
     else:
-        zc, yc, xc = ct.shape[0] * 45 // 100, ct.shape[1] // 2, ct.shape[2] // 2
+        zc, yc, xc = ct_shape[0] * 45 // 100, ct_shape[1] // 2, ct_shape[2] // 2
     sp = truth["ct"]["spacing"]
     psp = truth["pet"]["spacing"]
     # The PET voxel at the CT voxel's physical point (canonical arrays start at the low corner).
-    # Axial and coronal planes through the lesion; the sagittal plane on the midline (x = 0).
     xc = int(round(-_low_corner(truth["ct"])[0] / sp[0]))
     point = _low_corner(truth["ct"]) + np.array(sp) * (xc, yc, zc)
     pi = np.rint((point - _low_corner(truth["pet"])) / psp).astype(int)
     pi = np.clip(pi, 0, np.array(truth["pet"]["size"]) - 1)
+    return (zc, yc, xc), (pi[2], pi[1], pi[0])
 
-    for name, vol, spacing, idx, kw in (
-        ("ct", ct, sp, (zc, yc, xc), {"cmap": "gray", "vmin": -400, "vmax": 500}),
-        ("pet", pet, psp, (pi[2], pi[1], pi[0]), {"cmap": "gray_r", "vmin": 0, "vmax": 7}),
+
+def _planes(vol: np.ndarray, spacing, z_index, y_index, x_index) -> list[tuple]:
+    """Axial, coronal and sagittal slices: (title, image, aspect, origin) for imshow."""
+    sx, sy, sz = spacing
+    return [
+        ("axial", vol[z_index], sy / sx, "upper"),
+        ("coronal", vol[:, y_index, :], sz / sx, "lower"),
+        ("sagittal", vol[:, :, x_index], sz / sy, "lower"),  # y ascends to posterior: anterior on the left
+    ]
+
+
+def _save_views(path: Path, views: list[tuple], *, name: str, title: str, display: dict) -> Path:
+    """One picture of the views side by side on black, written to a temporary name and renamed into place."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(views), figsize=(4.2 * len(views), 6.5), facecolor="black")
+    for ax, (view, img, aspect, origin) in zip(axes, views, strict=True):
+        ax.imshow(img, aspect=aspect, origin=origin, interpolation="nearest", **display)
+        ax.set_title(f"{name.upper()} {view}", color="white")
+        ax.axis("off")
+    fig.suptitle(title, color="white")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp, dpi=80, facecolor="black")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def save_images(source: Path, exam_id: str, images: Path) -> list[Path]:
+    """CT and PET in three planes and the PET coronal MIP, displayed as radiologists do
+    (patient's right on the image's left, head up, anterior up on axial views)."""
+    truth, ct, pet, mask = _canonical_volumes(source, exam_id)
+    images.mkdir(parents=True, exist_ok=True)
+    ct_index, pet_index = _plane_indices(mask, ct.shape, truth)
+    title = (f"synthetic {exam_id}: {truth['variant']['vendor']}-like, {truth['variant']['patient_position']}, "
+             f"{len(truth['lesions'])} lesions ({truth['diagnosis']})")
+    written = []
+    for name, vol, spacing, idx, display in (
+        ("ct", ct, truth["ct"]["spacing"], ct_index, {"cmap": "gray", "vmin": -400, "vmax": 500}),
+        ("pet", pet, truth["pet"]["spacing"], pet_index, {"cmap": "gray_r", "vmin": 0, "vmax": 7}),
     ):
-        views = planes(vol, spacing, *idx)
+        views = _planes(vol, spacing, *idx)
         if name == "pet":
             views.append(("coronal MIP", vol.max(axis=1), spacing[2] / spacing[0], "lower"))
-        fig, axes = plt.subplots(1, len(views), figsize=(4.2 * len(views), 6.5), facecolor="black")
-        for ax, (title, img, aspect, origin) in zip(axes, views, strict=True):
-            ax.imshow(img, aspect=aspect, origin=origin, interpolation="nearest", **kw)
-            ax.set_title(f"{name.upper()} {title}", color="white")
-            ax.axis("off")
-        fig.suptitle(f"synthetic {exam_id}: {truth['variant']['vendor']}-like, {truth['variant']['patient_position']}, "
-                     f"{len(truth['lesions'])} lesions ({truth['diagnosis']})", color="white")
-        fig.tight_layout()
-        path = images / f"synthetic_{name}.png"
-        tmp = path.with_name(path.stem + ".partial.png")
-        fig.savefig(tmp, dpi=80, facecolor="black")
-        plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(_save_views(images / f"synthetic_{name}.png", views, name=name, title=title, display=display))
     return written
 
 
