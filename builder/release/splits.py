@@ -76,6 +76,143 @@ def _tie_key(seed: int, subject_id: str, bin_index: int = -1) -> str:
     return hashlib.sha256(f"{seed}:{subject_id}:{bin_index}".encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Patients:
+    """The patients of this release: their exams, diagnosis stratum and total lesion burden."""
+
+    exams: dict[str, list[SplitCase]]
+    stratum: dict[str, str]
+    burden: dict[str, float]
+
+
+class _Bins:
+    """Per-diagnosis fill of the test bin (0) and the fold bins (1..n_folds): patients and burden."""
+
+    def __init__(self, n_folds: int, seed: int) -> None:
+        self.n_folds, self.seed = n_folds, seed
+        self.counts: dict[str, list[int]] = defaultdict(lambda: [0] * (n_folds + 1))
+        self.burdens: dict[str, list[float]] = defaultdict(lambda: [0.0] * (n_folds + 1))
+
+    def add(self, key: str, bin_index: int, burden: float) -> None:
+        """Count one patient of diagnosis ``key`` and its burden in a bin."""
+        self.counts[key][bin_index] += 1
+        self.burdens[key][bin_index] += burden
+
+    def lightest_fold(self, key: str, subject: str) -> int:
+        """The fold bin a new patient of diagnosis ``key`` goes to."""
+        fill, load = self.counts[key], self.burdens[key]
+        # Heaviest first into the fold with fewest patients of this diagnosis, then fewest
+        # patients of any diagnosis (so a small release leaves no fold empty), then least
+        # burden: a balanced snake.
+        return min(
+            range(1, self.n_folds + 1),
+            key=lambda b: (
+                fill[b],
+                sum(c[b] for c in self.counts.values()),
+                round(load[b], 9),
+                _tie_key(self.seed, subject, b),
+            ),
+        )
+
+
+def _group_by_subject(cases: list[SplitCase]) -> dict[str, list[SplitCase]]:
+    """Each patient's exams, after checking every diagnosis is HL or NHL."""
+    by_subject: dict[str, list[SplitCase]] = defaultdict(list)
+    for case in cases:
+        try:
+            Diagnosis(case.diagnosis)
+        except ValueError as e:
+            raise SchemaError(f"case {case.case_id}: diagnosis {case.diagnosis!r} is not one of HL, NHL") from e
+        by_subject[case.subject_id].append(case)
+    return by_subject
+
+
+def _published_bins(
+    previous: Mapping[str, Mapping[str, Any]], n_folds: int
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The bin and diagnosis of every patient of the previous release, checked for consistency."""
+    subject_bin: dict[str, int] = {}
+    subject_diagnosis: dict[str, str] = {}
+    for case_id, entry in sorted(previous.items()):
+        subject, fold = entry["subject_id"], int(entry["fold"])
+        split = Split(entry["split"])
+        if split is Split.TRAIN and not 0 <= fold < n_folds:
+            raise SchemaError(f"previous splits: case {case_id} is in train with fold {fold}, outside 0..{n_folds - 1}")
+        b = _bin_of(split, fold)
+        if subject_bin.setdefault(subject, b) != b:
+            raise SchemaError(
+                f"previous splits put patient {subject} in two places (case {case_id}); "
+                "the previous release is inconsistent and cannot be extended"
+            )
+        subject_diagnosis.setdefault(subject, entry["diagnosis"])
+    return subject_bin, subject_diagnosis
+
+
+def _check_stable_ids(cases: list[SplitCase], previous: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse a published case that now belongs to another patient."""
+    for case in cases:
+        if case.case_id in previous and previous[case.case_id]["subject_id"] != case.subject_id:
+            raise SchemaError(
+                f"case {case.case_id} belonged to patient {previous[case.case_id]['subject_id']} in the previous "
+                f"release and to {case.subject_id} now; case and subject ids must be stable across releases"
+            )
+
+
+def _patients(by_subject: dict[str, list[SplitCase]], subject_diagnosis: Mapping[str, str]) -> _Patients:
+    """Each patient's stratum (its published diagnosis, else its first exam's) and total burden."""
+    stratum = {s: subject_diagnosis.get(s) or exams[0].diagnosis for s, exams in by_subject.items()}
+    burden = {s: sum(max(c.burden, 0.0) for c in exams) for s, exams in by_subject.items()}
+    return _Patients(by_subject, stratum, burden)
+
+
+def _test_positions(
+    n_fresh: int, n_total: int, n_in_test: int, *, test_fraction: float, seed: int, key: str
+) -> set[int]:
+    """Which of a diagnosis's new patients, by position along the burden order, go to test."""
+    # The test split takes round(fraction * patients) of each diagnosis, at least one patient
+    # once there are two, so that a small first release already has both splits.
+    target = 0 if n_total < 2 else max(1, round(test_fraction * n_total))
+    need = min(max(0, target - n_in_test), n_fresh)
+    if not need:
+        return set()
+    # Systematic sampling along the burden order: the test split spans light to heavy cases.
+    step = n_fresh / need
+    offset = int(_tie_key(seed, key)[:8], 16) / 16**8 * step
+    return {min(int(offset + i * step), n_fresh - 1) for i in range(need)}
+
+
+def _place_new_patients(
+    patients: _Patients, new_subjects: list[str], subject_bin: dict[str, int], bins: _Bins, test_fraction: float
+) -> None:
+    """Put each new patient, diagnosis by diagnosis, in test or a fold; fills ``subject_bin``."""
+    for key in sorted(set(patients.stratum.values())):
+        fresh = [s for s in new_subjects if patients.stratum[s] == key]
+        if not fresh:
+            continue
+        n_total = sum(1 for s in patients.exams if patients.stratum[s] == key)
+        in_test = _test_positions(
+            len(fresh), n_total, bins.counts[key][0], test_fraction=test_fraction, seed=bins.seed, key=key
+        )
+        for position, subject in enumerate(fresh):
+            best = 0 if position in in_test else bins.lightest_fold(key, subject)
+            subject_bin[subject] = best
+            bins.add(key, best, patients.burden[subject])
+
+
+def _placements(
+    cases: list[SplitCase], subject_bin: Mapping[str, int], previous: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Placement]:
+    """Each case's placement from its patient's bin, checking no published case moved."""
+    placements = {}
+    for case in cases:
+        split, fold = _placement_of(subject_bin[case.subject_id])
+        placements[case.case_id] = Placement(case.subject_id, case.diagnosis, split, fold)
+    moved = [c for c in previous if c in placements and placements[c].to_dict()["fold"] != int(previous[c]["fold"])]
+    if moved:  # cannot happen by construction; a guard for future edits
+        raise RuntimeError(f"published cases would move folds: {moved[:5]}")
+    return placements
+
+
 def assign_splits(
     cases: Iterable[SplitCase],
     *,
@@ -98,97 +235,21 @@ def assign_splits(
     if not 0 < test_fraction < 1 or n_folds < 2:
         raise ValueError(f"need 0 < test_fraction < 1 and n_folds >= 2, got {test_fraction}, {n_folds}")
     previous = previous or {}
-
-    by_subject: dict[str, list[SplitCase]] = defaultdict(list)
-    for case in cases:
-        try:
-            Diagnosis(case.diagnosis)
-        except ValueError as e:
-            raise SchemaError(f"case {case.case_id}: diagnosis {case.diagnosis!r} is not one of HL, NHL") from e
-        by_subject[case.subject_id].append(case)
-
-    # Bins already taken by published cases (patients of the previous release).
-    subject_bin: dict[str, int] = {}
-    subject_diagnosis: dict[str, str] = {}
-    for case_id, entry in sorted(previous.items()):
-        subject, fold = entry["subject_id"], int(entry["fold"])
-        split = Split(entry["split"])
-        if split is Split.TRAIN and not 0 <= fold < n_folds:
-            raise SchemaError(f"previous splits: case {case_id} is in train with fold {fold}, outside 0..{n_folds - 1}")
-        b = _bin_of(split, fold)
-        if subject_bin.setdefault(subject, b) != b:
-            raise SchemaError(
-                f"previous splits put patient {subject} in two places (case {case_id}); "
-                "the previous release is inconsistent and cannot be extended"
-            )
-        subject_diagnosis.setdefault(subject, entry["diagnosis"])
-    for case in cases:
-        if case.case_id in previous and previous[case.case_id]["subject_id"] != case.subject_id:
-            raise SchemaError(
-                f"case {case.case_id} belonged to patient {previous[case.case_id]['subject_id']} in the previous "
-                f"release and to {case.subject_id} now; case and subject ids must be stable across releases"
-            )
+    by_subject = _group_by_subject(cases)
+    subject_bin, subject_diagnosis = _published_bins(previous, n_folds)
+    _check_stable_ids(cases, previous)
+    patients = _patients(by_subject, subject_diagnosis)
 
     # Per-diagnosis fill of each bin, counting every patient of this release (kept or new).
-    counts: dict[str, list[int]] = defaultdict(lambda: [0] * (n_folds + 1))
-    burdens: dict[str, list[float]] = defaultdict(lambda: [0.0] * (n_folds + 1))
-
-    def stratum(subject: str) -> str:
-        return subject_diagnosis.get(subject) or by_subject[subject][0].diagnosis
-
-    def burden(subject: str) -> float:
-        return sum(max(c.burden, 0.0) for c in by_subject[subject])
-
+    bins = _Bins(n_folds, seed)
     for subject in sorted(by_subject):
         if subject in subject_bin:
-            counts[stratum(subject)][subject_bin[subject]] += 1
-            burdens[stratum(subject)][subject_bin[subject]] += burden(subject)
-
+            bins.add(patients.stratum[subject], subject_bin[subject], patients.burden[subject])
     new_subjects = [s for s in by_subject if s not in subject_bin]
-    new_subjects.sort(key=lambda s: (-burden(s), _tie_key(seed, s)))
-    for key in sorted({stratum(s) for s in by_subject}):
-        fresh = [s for s in new_subjects if stratum(s) == key]
-        if not fresh:
-            continue
-        fill, load = counts[key], burdens[key]
-        n_total = sum(1 for s in by_subject if stratum(s) == key)
-        # The test split takes round(fraction * patients) of each diagnosis, at least one patient
-        # once there are two, so that a small first release already has both splits.
-        target = 0 if n_total < 2 else max(1, round(test_fraction * n_total))
-        need = min(max(0, target - fill[0]), len(fresh))
-        test_positions: set[int] = set()
-        if need:
-            # Systematic sampling along the burden order: the test split spans light to heavy cases.
-            step = len(fresh) / need
-            offset = int(_tie_key(seed, key)[:8], 16) / 16**8 * step
-            test_positions = {min(int(offset + i * step), len(fresh) - 1) for i in range(need)}
-        for position, subject in enumerate(fresh):
-            if position in test_positions:
-                best = 0
-            else:
-                # Heaviest first into the fold with fewest patients of this diagnosis, then fewest
-                # patients of any diagnosis (so a small release leaves no fold empty), then least
-                # burden: a balanced snake.
-                best = min(
-                    range(1, n_folds + 1),
-                    key=lambda b: (
-                        fill[b],
-                        sum(c[b] for c in counts.values()),
-                        round(load[b], 9),
-                        _tie_key(seed, subject, b),
-                    ),
-                )
-            subject_bin[subject] = best
-            fill[best] += 1
-            load[best] += burden(subject)
+    new_subjects.sort(key=lambda s: (-patients.burden[s], _tie_key(seed, s)))
+    _place_new_patients(patients, new_subjects, subject_bin, bins, test_fraction)
 
-    placements = {}
-    for case in cases:
-        split, fold = _placement_of(subject_bin[case.subject_id])
-        placements[case.case_id] = Placement(case.subject_id, case.diagnosis, split, fold)
-    moved = [c for c in previous if c in placements and placements[c].to_dict()["fold"] != int(previous[c]["fold"])]
-    if moved:  # cannot happen by construction; a guard for future edits
-        raise RuntimeError(f"published cases would move folds: {moved[:5]}")
+    placements = _placements(cases, subject_bin, previous)
     log.info(
         "placed %d cases of %d patients (%d new patients)", len(placements), len(by_subject), len(new_subjects)
     )
