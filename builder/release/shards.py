@@ -100,6 +100,71 @@ def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     )
 
 
+def _row_table(row: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
+    """One case's row as a one-row arrow table of the shard schema."""
+    try:
+        return pa.Table.from_pylist([dict(row)], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        raise SchemaError(
+            f"case {row.get('case_id')!r}: its row does not fit the shard schema ({e}); "
+            "check lymphatlas_ds.schema.METADATA_COLUMNS and the case.json it came from"
+        ) from e
+
+
+class _PartialShards:
+    """The shards of one split under hidden temporary names, a new one opened when a row would overfill one."""
+
+    def __init__(self, out_dir: Path, split: str, max_bytes: int) -> None:
+        self.out_dir, self.split, self.max_bytes = out_dir, split, max_bytes
+        self.schema = arrow_schema()
+        self.temp_paths: list[Path] = []
+        self.shard_cases: list[list[str]] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.current_bytes = 0
+
+    def _open_new(self) -> pq.ParquetWriter:
+        """Start the next temporary shard."""
+        temp = self.out_dir / f".{self.split}-{len(self.temp_paths):05d}.parquet.partial"
+        self.temp_paths.append(temp)
+        self.shard_cases.append([])
+        return _writer(temp, self.schema)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Append one case as a row group, in a new shard if the current one would pass ``max_bytes``."""
+        size = _row_bytes(row)
+        if self.writer is None or (self.shard_cases[-1] and self.current_bytes + size > self.max_bytes):
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = self._open_new()
+            self.current_bytes = 0
+        self.writer.write_table(_row_table(row, self.schema), row_group_size=1)
+        self.shard_cases[-1].append(row["case_id"])
+        self.current_bytes += size
+
+    def close(self) -> None:
+        """Finish the last shard."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def discard(self) -> None:
+        """Close and delete every temporary shard (after a failure)."""
+        if self.writer is not None:
+            self.writer.close()
+        for temp in self.temp_paths:
+            temp.unlink(missing_ok=True)
+
+    def rename_into_place(self, release_root: str | Path) -> list[ShardInfo]:
+        """Give each shard its final ``<split>-i-of-N`` name now that ``N`` is known."""
+        root = Path(release_root)
+        infos = []
+        for i, (temp, ids) in enumerate(zip(self.temp_paths, self.shard_cases)):
+            final = self.out_dir / shard_name(self.split, i, len(self.temp_paths))
+            os.replace(temp, final)
+            infos.append(ShardInfo(final.relative_to(root).as_posix(), tuple(ids), final.stat().st_size))
+        return infos
+
+
 def write_shards(
     rows: Iterable[Mapping[str, Any]],
     out_dir: str | Path,
@@ -121,52 +186,15 @@ def write_shards(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    schema = arrow_schema()
-    temp_paths: list[Path] = []
-    shard_cases: list[list[str]] = []
-    writer: pq.ParquetWriter | None = None
-    current_bytes = 0
-
-    def open_new() -> pq.ParquetWriter:
-        temp = out_dir / f".{split}-{len(temp_paths):05d}.parquet.partial"
-        temp_paths.append(temp)
-        shard_cases.append([])
-        return _writer(temp, schema)
-
+    shards = _PartialShards(out_dir, split, max_bytes)
     try:
         for row in rows:
-            size = _row_bytes(row)
-            if writer is None or (shard_cases[-1] and current_bytes + size > max_bytes):
-                if writer is not None:
-                    writer.close()
-                writer = open_new()
-                current_bytes = 0
-            try:
-                table = pa.Table.from_pylist([dict(row)], schema=schema)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
-                raise SchemaError(
-                    f"case {row.get('case_id')!r}: its row does not fit the shard schema ({e}); "
-                    "check lymphatlas_ds.schema.METADATA_COLUMNS and the case.json it came from"
-                ) from e
-            writer.write_table(table, row_group_size=1)
-            shard_cases[-1].append(row["case_id"])
-            current_bytes += size
-        if writer is not None:
-            writer.close()
-            writer = None
+            shards.add(row)
+        shards.close()
     except BaseException:
-        if writer is not None:
-            writer.close()
-        for temp in temp_paths:
-            temp.unlink(missing_ok=True)
+        shards.discard()
         raise
-
-    root = Path(release_root)
-    infos = []
-    for i, (temp, ids) in enumerate(zip(temp_paths, shard_cases)):
-        final = out_dir / shard_name(split, i, len(temp_paths))
-        os.replace(temp, final)
-        infos.append(ShardInfo(final.relative_to(root).as_posix(), tuple(ids), final.stat().st_size))
+    infos = shards.rename_into_place(release_root)
     if infos:
         log.info("wrote %d shard(s) of %s in %s", len(infos), split, out_dir)
     return infos
