@@ -71,6 +71,125 @@ def _fmt_point(p: np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.2f}" for v in p) + ")"
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """Slices sorted along their normal, with what the checks need to name them in errors."""
+
+    pos: np.ndarray  # n x 3 ImagePositionPatient, input order
+    normal: np.ndarray  # unit slice normal
+    order: np.ndarray  # input indices, sorted by position along the normal
+    proj: np.ndarray  # sorted projections on the normal
+    names: list[str]  # each input slice's file, for errors
+    where: dict  # exam_id / series_uid, for errors
+
+    @property
+    def diffs(self) -> np.ndarray:
+        """Distances between consecutive sorted slices along the normal."""
+        return np.diff(self.proj)
+
+
+def _slice_axes(iop: np.ndarray, names: list[str], where: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The orthonormal row, column and normal of the slices; rejects mixed or non-orthogonal orientations."""
+    deviation = np.abs(iop - iop[0]).max(axis=1)
+    if deviation.max() > ORIENTATION_TOLERANCE:
+        bad = int(np.argmax(deviation))
+        raise GeometryError(
+            f"mixed slice orientations: {names[bad]} has ImageOrientationPatient {iop[bad].round(5).tolist()}, "
+            f"{names[0]} has {iop[0].round(5).tolist()}; the series is not one volume (split it or re-export)",
+            **where,
+        )
+    row, col = iop[0, :3], iop[0, 3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise GeometryError(
+            f"ImageOrientationPatient {iop[0].tolist()} is not two orthogonal unit vectors; the header is damaged",
+            **where,
+        )
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row  # remove the rounding residue so the direction matrix is orthonormal
+    col = col / np.linalg.norm(col)
+    return row, col, np.cross(row, col)
+
+
+def _sort_slices(pos: np.ndarray, normal: np.ndarray, names: list[str], where: dict) -> _Stack:
+    """Sort the slices by their position projected on the normal (never by file name or InstanceNumber)."""
+    proj = pos @ normal
+    order = np.argsort(proj, kind="stable")
+    return _Stack(pos=pos, normal=normal, order=order, proj=proj[order], names=names, where=where)
+
+
+def _check_duplicates(stack: _Stack) -> None:
+    """Reject two slices at one position (judged against the median distance, which one duplicate cannot move)."""
+    diffs = stack.diffs
+    spacing = float(np.median(diffs))
+    tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    dup = np.flatnonzero(diffs <= tol if spacing > tol else diffs <= SPACING_TOLERANCE_MM)
+    if dup.size:
+        i = int(dup[0])
+        a, b = int(stack.order[i]), int(stack.order[i + 1])
+        raise GeometryError(
+            f"two slices at one position ({stack.proj[i]:.3f} mm along the slice normal, point "
+            f"{_fmt_point(stack.pos[a])}): {stack.names[a]} and {stack.names[b]}; a duplicated slice or two series "
+            "mixed; remove the extra file or re-export the series",
+            **stack.where,
+        )
+
+
+def _grid_steps(stack: _Stack) -> tuple[float, np.ndarray]:
+    """The grid step and the whole number of steps between consecutive slices; reject non-uniform spacing."""
+    # With duplicates ruled out, the smallest distance is the grid step even when a gap makes the
+    # median ambiguous (3 slices left of 4).
+    diffs = stack.diffs
+    spacing = float(diffs.min())
+    tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    steps = np.rint(diffs / spacing)
+    on_grid = np.abs(diffs - steps * spacing) <= tol * steps
+    if not on_grid.all():
+        # Some distance is no whole number of steps: the spacing varies (not a gap).
+        i = int(np.flatnonzero(~on_grid)[0])
+        raise GeometryError(
+            f"non-uniform slice spacing: {diffs[i]:.3f} mm between positions {stack.proj[i]:.2f} and "
+            f"{stack.proj[i + 1]:.2f} mm along the slice normal, smallest distance {spacing:.3f} mm "
+            f"(tolerance {tol:.3f} mm); "
+            "variable-spacing series are not supported: resample or re-export with uniform spacing",
+            **stack.where,
+        )
+    return spacing, steps
+
+
+def _check_missing(stack: _Stack, spacing: float, steps: np.ndarray) -> None:
+    """Reject empty grid positions between slices that all sit on one grid (missing slices, named by position)."""
+    if not (steps > 1).any():
+        return
+    i = int(np.flatnonzero(steps > 1)[0])
+    a = int(stack.order[i])
+    missing = [stack.proj[i] + j * spacing for j in range(1, int(steps[i]))]
+    points = [stack.pos[a] + j * spacing * stack.normal for j in range(1, int(steps[i]))]
+    where_txt = ", ".join(
+        f"{m:.2f} mm along the slice normal (LPS point {_fmt_point(p)})" for m, p in zip(missing, points)
+    )
+    raise GeometryError(
+        f"missing slice: {int((steps - 1).sum())} slice(s) missing, the first at {where_txt}, between "
+        f"{stack.names[a]} and {stack.names[int(stack.order[i + 1])]} (slice spacing {spacing:.3f} mm); re-export the "
+        "complete series",
+        **stack.where,
+    )
+
+
+def _check_tilt(stack: _Stack) -> None:
+    """Reject a gantry tilt: positions that drift sideways of the normal as they move along it."""
+    rel = stack.pos[stack.order] - stack.pos[stack.order[0]]
+    along = rel @ stack.normal
+    lateral = np.linalg.norm(rel - np.outer(along, stack.normal), axis=1)
+    drift = lateral[-1] / max(along[-1], 1e-9)
+    if lateral.max() > max(SPACING_TOLERANCE_MM, TILT_TOLERANCE * along[-1]):
+        raise GeometryError(
+            f"gantry tilt: slice positions drift {lateral.max():.2f} mm sideways over {along[-1]:.1f} mm "
+            f"(about {math.degrees(math.atan(drift)):.2f} deg); tilted acquisitions must be resampled "
+            "(e.g. dcm2niix's tilt correction) before they can be used",
+            **stack.where,
+        )
+
+
 def slice_geometry(
     positions: Sequence[Sequence[float]] | np.ndarray,
     orientations: Sequence[Sequence[float]] | np.ndarray,
@@ -104,93 +223,21 @@ def slice_geometry(
         raise GeometryError(f"the series has {n} slice(s); a volume needs at least 2", **where)
     if len(iop) != n:
         raise GeometryError(f"{n} positions but {len(iop)} orientations", **where)
-    deviation = np.abs(iop - iop[0]).max(axis=1)
-    if deviation.max() > ORIENTATION_TOLERANCE:
-        bad = int(np.argmax(deviation))
-        raise GeometryError(
-            f"mixed slice orientations: {names[bad]} has ImageOrientationPatient {iop[bad].round(5).tolist()}, "
-            f"{names[0]} has {iop[0].round(5).tolist()}; the series is not one volume (split it or re-export)",
-            **where,
-        )
-    row, col = iop[0, :3], iop[0, 3:]
-    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        raise GeometryError(
-            f"ImageOrientationPatient {iop[0].tolist()} is not two orthogonal unit vectors; the header is damaged",
-            **where,
-        )
-    row = row / np.linalg.norm(row)
-    col = col - (col @ row) * row  # remove the rounding residue so the direction matrix is orthonormal
-    col = col / np.linalg.norm(col)
-    normal = np.cross(row, col)
-    proj = pos @ normal
-    order = np.argsort(proj, kind="stable")
-    proj_sorted = proj[order]
-    diffs = np.diff(proj_sorted)
-    spacing = float(np.median(diffs))
-    tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
-    # Duplicates first (judged against the median distance, which one duplicate cannot move).
-    dup = np.flatnonzero(diffs <= tol if spacing > tol else diffs <= SPACING_TOLERANCE_MM)
-    if dup.size:
-        i = int(dup[0])
-        a, b = int(order[i]), int(order[i + 1])
-        raise GeometryError(
-            f"two slices at one position ({proj_sorted[i]:.3f} mm along the slice normal, point "
-            f"{_fmt_point(pos[a])}): {names[a]} and {names[b]}; a duplicated slice or two series mixed; "
-            "remove the extra file or re-export the series",
-            **where,
-        )
-    # With duplicates ruled out, the smallest distance is the grid step even when a gap makes the
-    # median ambiguous (3 slices left of 4).
-    spacing = float(diffs.min())
-    tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
-    steps = np.rint(diffs / spacing)
-    on_grid = np.abs(diffs - steps * spacing) <= tol * steps
-    if not on_grid.all():
-        # Some distance is no whole number of steps: the spacing varies (not a gap).
-        i = int(np.flatnonzero(~on_grid)[0])
-        raise GeometryError(
-            f"non-uniform slice spacing: {diffs[i]:.3f} mm between positions {proj_sorted[i]:.2f} and "
-            f"{proj_sorted[i + 1]:.2f} mm along the slice normal, smallest distance {spacing:.3f} mm "
-            f"(tolerance {tol:.3f} mm); "
-            "variable-spacing series are not supported: resample or re-export with uniform spacing",
-            **where,
-        )
-    if (steps > 1).any():
-        # Every slice sits on one grid and some grid positions are empty: missing slices.
-        i = int(np.flatnonzero(steps > 1)[0])
-        a = int(order[i])
-        missing = [proj_sorted[i] + j * spacing for j in range(1, int(steps[i]))]
-        points = [pos[a] + j * spacing * normal for j in range(1, int(steps[i]))]
-        where_txt = ", ".join(
-            f"{m:.2f} mm along the slice normal (LPS point {_fmt_point(p)})" for m, p in zip(missing, points)
-        )
-        raise GeometryError(
-            f"missing slice: {int((steps - 1).sum())} slice(s) missing, the first at {where_txt}, between "
-            f"{names[a]} and {names[int(order[i + 1])]} (slice spacing {spacing:.3f} mm); re-export the "
-            "complete series",
-            **where,
-        )
-    # Gantry tilt: positions drift sideways of the normal as they move along it.
-    rel = pos[order] - pos[order[0]]
-    along = rel @ normal
-    lateral = np.linalg.norm(rel - np.outer(along, normal), axis=1)
-    drift = lateral[-1] / max(along[-1], 1e-9)
-    if lateral.max() > max(SPACING_TOLERANCE_MM, TILT_TOLERANCE * along[-1]):
-        raise GeometryError(
-            f"gantry tilt: slice positions drift {lateral.max():.2f} mm sideways over {along[-1]:.1f} mm "
-            f"(about {math.degrees(math.atan(drift)):.2f} deg); tilted acquisitions must be resampled "
-            "(e.g. dcm2niix's tilt correction) before they can be used",
-            **where,
-        )
+    row, col, normal = _slice_axes(iop, names, where)
+    stack = _sort_slices(pos, normal, names, where)
+    _check_duplicates(stack)
+    spacing, steps = _grid_steps(stack)
+    _check_missing(stack, spacing, steps)
+    _check_tilt(stack)
     # Over the whole stack the mean distance is more exact than any one rounded difference.
-    slice_spacing = float((proj_sorted[-1] - proj_sorted[0]) / (n - 1))
+    slice_spacing = float((stack.proj[-1] - stack.proj[0]) / (n - 1))
     direction = np.column_stack([row, col, normal])
     return SliceGeometry(
-        order=tuple(int(i) for i in order),
-        origin=tuple(float(v) for v in pos[order[0]]),
+        order=tuple(int(i) for i in stack.order),
+        origin=tuple(float(v) for v in pos[stack.order[0]]),
         direction=tuple(float(v) for v in direction.ravel()),
         slice_spacing=slice_spacing,
-        positions_mm=tuple(float(v) for v in proj_sorted),
+        positions_mm=tuple(float(v) for v in stack.proj),
     )
 
 
@@ -374,29 +421,21 @@ def _kernel(ds: Dataset) -> str | None:
     return "\\".join(str(v).strip() for v in values)
 
 
-def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, SeriesMetadata]:
-    """Read a CT or PET series into one image with validated geometry and per-slice rescale applied.
+@dataclass
+class _SeriesHeaders:
+    """Pass 1: every slice's header and what geometry and rescale need from it, in file order."""
 
-    CT comes back as ``sitkInt16`` Hounsfield units; PET as ``sitkFloat32`` in the series' Units
-    (BQML: Bq/ml, CNTS: counts, GML: SUV; see :mod:`builder.convert.suv` for the SUV factor).
+    slices: list[_Slice]
+    positions: list[list[float]]  # ImagePositionPatient per slice
+    orientations: list[list[float]]  # ImageOrientationPatient per slice
+    shape: tuple[int, int]  # Rows, Columns (one for the whole series)
+    spacing_yx: list[float]  # PixelSpacing: row spacing, column spacing (mm)
+    slopes: list[float]  # RescaleSlope per slice (1 when absent)
+    intercepts: list[float]  # RescaleIntercept per slice (0 when absent)
 
-    Example:
-        >>> ct, meta = read_series(exam.ct, exam_id="EX0001")  # doctest: +SKIP
-        >>> meta.to_dict()["spacing"]                          # doctest: +SKIP
-        [0.9765625, 0.9765625, 3.0]
 
-    Raises:
-        GeometryError: the slices are not one regular volume (see :func:`slice_geometry`).
-        ReadError: a file is corrupt, truncated, multi-frame or in a transfer syntax no installed
-            decoder handles (named by path), or lacks the position / orientation / spacing.
-    """
-    uid = series.series_uid
-    if series.modality not in ("CT", "PT"):
-        raise ReadError(f"read_series reads CT and PET image series, not {series.modality}", exam_id=exam_id,
-                        series_uid=uid)
-    is_ct = series.modality == "CT"
-    files = list(series.files)
-    # Pass 1: headers only, so that geometry is checked before any pixel is read.
+def _read_headers(files: list[Path | str], exam_id: str, uid: str) -> _SeriesHeaders:
+    """Read every slice's header (no pixels) and check each is single-frame, placed in space and of one size."""
     slices = [_read_slice_header(Path(p), exam_id, uid) for p in files]
     positions, orientations, slopes, intercepts = [], [], [], []
     shape = spacing_yx = None
@@ -426,53 +465,75 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
         slope, intercept = number(ds, "RescaleSlope"), number(ds, "RescaleIntercept")
         slopes.append(1.0 if slope is None else slope)
         intercepts.append(0.0 if intercept is None else intercept)
-    if is_ct:
-        tilt = number(slices[0].ds, "GantryDetectorTilt")
-        if tilt is not None and abs(tilt) > 1e-3:
-            raise GeometryError(
-                f"gantry tilt of {tilt} deg (GantryDetectorTilt); tilted CT must be resampled "
-                "(e.g. dcm2niix's tilt correction) before it can be used",
-                exam_id=exam_id,
-                series_uid=uid,
-            )
-    geom = slice_geometry(positions, orientations, files=files, exam_id=exam_id, series_uid=uid)
-    # Pass 2: pixels, straight into their sorted place.
-    n = len(files)
-    rows, cols = shape
-    volume = np.empty((n, rows, cols), dtype=np.int16 if is_ct else np.float32)
+    return _SeriesHeaders(slices=slices, positions=positions, orientations=orientations, shape=shape,
+                          spacing_yx=spacing_yx, slopes=slopes, intercepts=intercepts)
+
+
+def _check_gantry_tilt(ds: Dataset, exam_id: str, uid: str) -> None:
+    """Reject a CT whose GantryDetectorTilt says it was acquired tilted."""
+    tilt = number(ds, "GantryDetectorTilt")
+    if tilt is not None and abs(tilt) > 1e-3:
+        raise GeometryError(
+            f"gantry tilt of {tilt} deg (GantryDetectorTilt); tilted CT must be resampled "
+            "(e.g. dcm2niix's tilt correction) before it can be used",
+            exam_id=exam_id,
+            series_uid=uid,
+        )
+
+
+def _stored_values(s: _Slice, scratch: np.ndarray, hu_out: np.ndarray | None, exam_id: str,
+                   uid: str) -> np.ndarray | None:
+    """A slice's stored values; None when they were read straight into ``hu_out`` (CT already in HU, no rescale)."""
+    signed = int(s.ds.get("PixelRepresentation", 0)) == 1
+    bits_stored = int(s.ds.get("BitsStored") or s.ds.get("BitsAllocated") or 16)
+    if _native_16bit(s):
+        if hu_out is not None and signed and bits_stored == 16:
+            if _read_native_into(s, hu_out, exam_id, uid):
+                return None
+        elif _read_native_into(s, scratch, exam_id, uid):
+            stored = scratch.view(np.int16) if signed else scratch
+            return _mask_bits(stored, bits_stored, signed) if bits_stored < 16 else stored
+    return _decode(s, exam_id, uid)
+
+
+def _rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> tuple[bool, int]:
+    """Write ``stored * slope + intercept`` into the int16 ``out``; (the rescale was non-integral, voxels clipped)."""
+    non_integral = False
+    if slope == round(slope) and intercept == round(intercept):
+        lo = int(stored.min()) * int(slope) + int(intercept)
+        hi = int(stored.max()) * int(slope) + int(intercept)
+        if slope == 1 and -32768 <= lo and hi <= 32767:
+            np.add(stored, int(intercept), out=out, casting="unsafe", dtype=np.int32)
+            return False, 0
+        hu = stored.astype(np.int32) * int(slope) + int(intercept)
+    else:
+        non_integral = True
+        hu = np.rint(stored * slope + intercept)
+    clipped = 0
+    if hu.min() < -32768 or hu.max() > 32767:
+        clipped = int(np.count_nonzero((hu < -32768) | (hu > 32767)))
+        hu = np.clip(hu, -32768, 32767)
+    out[...] = hu
+    return non_integral, clipped
+
+
+def _read_pixels(headers: _SeriesHeaders, geom: SliceGeometry, *, is_ct: bool, exam_id: str,
+                 uid: str) -> np.ndarray:
+    """Pass 2: every slice's pixels, rescaled per slice, straight into its sorted place in one volume."""
+    rows, cols = headers.shape
+    volume = np.empty((len(headers.slices), rows, cols), dtype=np.int16 if is_ct else np.float32)
     scratch = np.empty((rows, cols), dtype=np.uint16)
     non_integral = clipped = 0
     for k, i in enumerate(geom.order):
-        s = slices[i]
-        slope, intercept = slopes[i], intercepts[i]
-        signed = int(s.ds.get("PixelRepresentation", 0)) == 1
-        bits_stored = int(s.ds.get("BitsStored") or s.ds.get("BitsAllocated") or 16)
-        stored: np.ndarray | None = None
-        if _native_16bit(s):
-            if is_ct and signed and bits_stored == 16 and slope == 1 and intercept == 0:
-                if _read_native_into(s, volume[k], exam_id, uid):
-                    continue  # already HU, in place
-            elif _read_native_into(s, scratch, exam_id, uid):
-                stored = scratch.view(np.int16) if signed else scratch
-                if bits_stored < 16:
-                    stored = _mask_bits(stored, bits_stored, signed)
+        slope, intercept = headers.slopes[i], headers.intercepts[i]
+        plain_hu = is_ct and slope == 1 and intercept == 0
+        stored = _stored_values(headers.slices[i], scratch, volume[k] if plain_hu else None, exam_id, uid)
         if stored is None:
-            stored = _decode(s, exam_id, uid)
+            continue  # already HU, in place
         if is_ct:
-            if slope == round(slope) and intercept == round(intercept):
-                lo = int(stored.min()) * int(slope) + int(intercept)
-                hi = int(stored.max()) * int(slope) + int(intercept)
-                if slope == 1 and -32768 <= lo and hi <= 32767:
-                    np.add(stored, int(intercept), out=volume[k], casting="unsafe", dtype=np.int32)
-                    continue
-                hu = stored.astype(np.int32) * int(slope) + int(intercept)
-            else:
-                non_integral += 1
-                hu = np.rint(stored * slope + intercept)
-            if hu.min() < -32768 or hu.max() > 32767:
-                clipped += int(np.count_nonzero((hu < -32768) | (hu > 32767)))
-                hu = np.clip(hu, -32768, 32767)
-            volume[k] = hu
+            rounded, n_clipped = _rescale_to_hu(stored, slope, intercept, volume[k])
+            non_integral += rounded
+            clipped += n_clipped
         else:
             volume[k] = stored * slope + intercept
     if non_integral:
@@ -480,14 +541,46 @@ def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, Series
                        exam_id, uid, non_integral)
     if clipped:
         logger.warning("exam %s: CT series %s: %d voxels outside int16 clipped", exam_id, uid, clipped)
+    return volume
+
+
+def read_series(series: SeriesInfo, *, exam_id: str) -> tuple[sitk.Image, SeriesMetadata]:
+    """Read a CT or PET series into one image with validated geometry and per-slice rescale applied.
+
+    CT comes back as ``sitkInt16`` Hounsfield units; PET as ``sitkFloat32`` in the series' Units
+    (BQML: Bq/ml, CNTS: counts, GML: SUV; see :mod:`builder.convert.suv` for the SUV factor).
+
+    Example:
+        >>> ct, meta = read_series(exam.ct, exam_id="EX0001")  # doctest: +SKIP
+        >>> meta.to_dict()["spacing"]                          # doctest: +SKIP
+        [0.9765625, 0.9765625, 3.0]
+
+    Raises:
+        GeometryError: the slices are not one regular volume (see :func:`slice_geometry`).
+        ReadError: a file is corrupt, truncated, multi-frame or in a transfer syntax no installed
+            decoder handles (named by path), or lacks the position / orientation / spacing.
+    """
+    uid = series.series_uid
+    if series.modality not in ("CT", "PT"):
+        raise ReadError(f"read_series reads CT and PET image series, not {series.modality}", exam_id=exam_id,
+                        series_uid=uid)
+    is_ct = series.modality == "CT"
+    files = list(series.files)
+    # Headers first, so that geometry is checked before any pixel is read.
+    headers = _read_headers(files, exam_id, uid)
+    if is_ct:
+        _check_gantry_tilt(headers.slices[0].ds, exam_id, uid)
+    geom = slice_geometry(headers.positions, headers.orientations, files=files, exam_id=exam_id, series_uid=uid)
+    volume = _read_pixels(headers, geom, is_ct=is_ct, exam_id=exam_id, uid=uid)
     image = sitk.GetImageFromArray(volume)
     del volume
+    spacing_yx = headers.spacing_yx
     image.SetSpacing((float(spacing_yx[1]), float(spacing_yx[0]), geom.slice_spacing))
     image.SetOrigin(geom.origin)
     image.SetDirection(geom.direction)
-    datasets = [s.ds for s in slices]
-    meta = _metadata(series, datasets[geom.order[0]], datasets, image, geom, np.asarray(slopes),
-                     np.asarray(intercepts))
+    datasets = [s.ds for s in headers.slices]
+    meta = _metadata(series, datasets[geom.order[0]], datasets, image, geom, np.asarray(headers.slopes),
+                     np.asarray(headers.intercepts))
     return image, meta
 
 
