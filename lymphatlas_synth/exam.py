@@ -201,6 +201,89 @@ def _to_scanner(array_ascending: np.ndarray, position: str) -> np.ndarray:
     return array_ascending[::-1, :, ::-1] if position == "FFS" else array_ascending
 
 
+@dataclass(frozen=True)
+class _Anatomy:
+    """The body and its lesions painted on an identity-direction grid: the CT's slices plus a margin."""
+
+    grid: anat.Grid1D
+    tissue: np.ndarray  # Tissue labels [z, y, x]
+    lesion_id: np.ndarray  # 0 outside the lesions, n inside lesions[n - 1]
+    lesions: list[anat.Lesion]  # those the CT mask shows
+    ct_slab: slice  # the CT's slices within the grid
+
+
+@dataclass(frozen=True)
+class _Ct:
+    """The CT and its lesion mask as the scanner writes them, and the HU in ascending z (the localizer's source)."""
+
+    geom: sd.SeriesGeometry
+    zs: np.ndarray  # slice positions, ascending (mm)
+    hu_asc: np.ndarray
+    hu: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Misalignment:
+    """The rigid PET-to-CT misalignment: ``p_pet = matrix @ p_ct``."""
+
+    rotation_deg: np.ndarray
+    translation_mm: np.ndarray
+    center_mm: np.ndarray
+    matrix: np.ndarray
+
+    def to_truth(self) -> dict[str, Any]:
+        return {
+            "rotation_deg": self.rotation_deg.tolist(), "translation_mm": self.translation_mm.tolist(),
+            "center_mm": self.center_mm.tolist(), "matrix": self.matrix.tolist(),
+            "convention": "ITK Euler3DTransform: R = Rz @ Rx @ Ry about center_mm",
+        }
+
+
+@dataclass(frozen=True)
+class _Acquisition:
+    """The exam's date and times, dose and weight, and the scale from PET values (Bq/ml) to SUV."""
+
+    exam_date: dt.date
+    injection: dt.datetime
+    scan_start: dt.datetime
+    series_dt: dt.datetime
+    dose_bq: float
+    weight_kg: float
+    uptake_s: float  # injection to scan start
+    decay_time_s: float  # injection to the decay reference time
+    time_reference: str
+    decay_correction: str  # START | ADMIN
+    bqml_to_suv: float
+    units: str  # BQML | CNTS
+    counts_per_bqml: float
+
+    def to_truth(self) -> dict[str, Any]:
+        return {
+            "units": self.units, "dose_bq": self.dose_bq, "half_life_s": sd.F18_HALF_LIFE_S,
+            "weight_kg": self.weight_kg, "decay_time_s": self.decay_time_s, "time_reference": self.time_reference,
+            "uptake_time_s": self.uptake_s, "decay_correction": self.decay_correction,
+            "bqml_to_suv": self.bqml_to_suv, "counts_to_bqml": self.counts_per_bqml if self.units == "CNTS" else None,
+            "injection_datetime": self.injection.isoformat(), "scan_start_datetime": self.scan_start.isoformat(),
+            "series_datetime": self.series_dt.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What went into the exam's folder and masks: series, SUV factor and truth, the bad variant's damage."""
+
+    ct_uid: str
+    ct_geom: sd.SeriesGeometry
+    pet_uid: str
+    pet_geom: sd.SeriesGeometry
+    seg_uid: str | None
+    ignored: list[str]  # localizer and NAC PET
+    suv_factor: float  # SUV per unit of the written PET (Bq/ml, or counts)
+    pet_truth: np.ndarray  # SUV of the written PET values
+    defect: dict[str, Any]  # bad_file, missing_slice_position_mm, missing_slice_index
+
+
 def generate_exam(
     out: Path,
     truth_dir: Path,
@@ -218,22 +301,54 @@ def generate_exam(
     ss = np.random.SeedSequence([seed, index, 0x5EED])
     r_body, r_lesion, r_noise, r_misc = (np.random.default_rng(s) for s in ss.spawn(4))
     position = variant["patient_position"]
-    vendor = variant["vendor"]
 
     def uid(*parts: Any) -> str:
         return generate_uid(entropy_srcs=[str(seed), exam_id, *(str(p) for p in parts)])
 
-    # --- the body and its lesions -----------------------------------------------------------
     body = anat.make_body(r_body, sex=patient.sex)
     lesions = _plant_lesions(r_lesion, body, patient, exam_index, variant["lesions"])
-
-    # --- grids: the CT's z positions, the PET grid, and an identity-direction anatomy grid ----
-    n_ct_z = int(math.ceil((body.z_top - body.z_bottom) / spec.ct_dz)) + 1
-    zs_ct = body.z_bottom + spec.ct_dz * np.arange(n_ct_z)
-    zs_ct = np.round(zs_ct, 3)
+    zs_ct = _ct_slice_positions(body, spec.ct_dz)
     ct_geom = _grid(spec.ct_n, spec.ct_px, zs_ct, position)
     pet_geom, lesions = _pet_grid(spec, pet_dz, variant["pet_fov"], body, zs_ct, position, lesions)
+    anatomy = _paint_anatomy(spec, body, lesions, zs_ct)
+    ct = _scan_ct(anatomy, ct_geom, zs_ct, position, r_noise)
+    voxel_ml = spec.ct_px * spec.ct_px * spec.ct_dz / 1000.0
+    lesion_ct = anatomy.lesion_id[anatomy.ct_slab]
+    lesion_truth = _lesion_truth(anatomy.lesions, lesion_ct, anatomy.grid, anatomy.grid.zs[anatomy.ct_slab], voxel_ml)
+    mis = _misalignment(r_misc, variant.get("misalignment"), body)
+    pet_suv = _pet_suv(spec, anatomy, pet_geom, mis.matrix, r_noise)
+    acq = _acquisition(r_misc, patient, exam_index, variant, body)
+    activity = pet_suv / acq.bqml_to_suv  # Bq/ml, decay-corrected to the reference time
+    study, markers, notes = _study(seed, index, patient, acq.exam_date, acq.injection, acq.weight_kg, body,
+                                   variant["vendor"], position, exam_index, uid)
+    namer = _Namer(variant["nested_shuffled"], np.random.default_rng(np.random.SeedSequence([seed, index, 0xF11E])))
+    written = _write_exam(out, exam_id, namer, study, uid, variant, spec, ct, pet_geom, activity, acq)
+
+    tdir = truth_dir / exam_id
+    _write_npy(tdir / "ct_hu.npy", ct.hu)
+    _write_npy(tdir / "pet_suv.npy", written.pet_truth)
+    _write_npy(tdir / "mask.npy", ct.mask)
+    truth = _truth_json(
+        exam_id, patient, exam_index, variant, body=body, acq=acq, mis=mis, written=written,
+        lesion_truth=lesion_truth, tmtv_ml=round(int(ct.mask.sum()) * voxel_ml, 6), study=study, markers=markers,
+        notes=notes,
+    )
+    log.info("wrote %s (%s, %s, %d lesions, %s)", exam_id, variant["vendor"], position, len(anatomy.lesions),
+             truth["expected"])
+    return ExamTruth(exam_id=exam_id, expected=truth["expected"], truth_path=truth_dir / f"{exam_id}.json", truth=truth)
+
+
+def _ct_slice_positions(body: anat.Body, ct_dz: float) -> np.ndarray:
+    """The CT's slice positions (mm, ascending) from the bottom of the scan to past the vertex."""
+    n_ct_z = int(math.ceil((body.z_top - body.z_bottom) / ct_dz)) + 1
+    zs_ct = body.z_bottom + ct_dz * np.arange(n_ct_z)
+    return np.round(zs_ct, 3)
+
+
+def _paint_anatomy(spec: _SizeSpec, body: anat.Body, lesions: list[anat.Lesion], zs_ct: np.ndarray) -> _Anatomy:
+    """Tissue and lesion labels on the CT's in-plane grid, over the CT's slices plus a margin for the PET blur."""
     margin = 6
+    n_ct_z = len(zs_ct)
     zs_anat = zs_ct[0] + spec.ct_dz * np.arange(-margin, n_ct_z + margin)
     xs_anat = _axis_positions(0.0, spec.ct_n, spec.ct_px, 1.0)
     grid = anat.Grid1D(xs_anat, xs_anat.copy(), zs_anat)
@@ -251,34 +366,25 @@ def generate_exam(
     tissue = np.zeros(shape_anat, dtype=np.uint8)
     anat.paint(grid, body.shapes, tissue)
     anat.paint(grid, [les.shape() for les in lesions], tissue)
+    return _Anatomy(grid, tissue, lesion_id, lesions, ct_slab)
 
-    # --- CT in HU (truth grid order), noise correlated over ~1 voxel like a soft kernel -------
-    hu_asc = _ct_hu(tissue, r_noise)[ct_slab]
-    ct_hu = np.ascontiguousarray(_to_scanner(hu_asc, position))
-    mask = np.ascontiguousarray(_to_scanner((lesion_id[ct_slab] > 0).astype(np.uint8), position))
 
-    # --- lesion truth on the CT grid ---------------------------------------------------------
-    voxel_ml = spec.ct_px * spec.ct_px * spec.ct_dz / 1000.0
-    lesion_truth = _lesion_truth(lesions, lesion_id[ct_slab], grid, zs_anat[margin:], voxel_ml)
+def _scan_ct(anatomy: _Anatomy, geom: sd.SeriesGeometry, zs: np.ndarray, position: str,
+             r_noise: np.random.Generator) -> _Ct:
+    """The CT in HU and the lesion mask, in the scanner's voxel order for ``position``."""
+    hu_asc = _ct_hu(anatomy.tissue, r_noise)[anatomy.ct_slab]
+    hu = np.ascontiguousarray(_to_scanner(hu_asc, position))
+    mask = np.ascontiguousarray(_to_scanner((anatomy.lesion_id[anatomy.ct_slab] > 0).astype(np.uint8), position))
+    return _Ct(geom, zs, hu_asc, hu, mask)
 
-    # --- misalignment ------------------------------------------------------------------------
-    rot, trans, center, M = _misalignment(r_misc, variant.get("misalignment"), body)
 
-    # --- PET activity: tissue SUV + lesion uptake, blurred, sampled at M^-1 q -------------------
-    pet_suv = _pet_suv(spec, grid, tissue, lesion_id, lesions, pet_geom, M, r_noise)
-
-    # --- timing and SUV factor ---------------------------------------------------------------
+def _acquisition(r_misc: np.random.Generator, patient: Patient, exam_index: int, variant: dict[str, Any],
+                 body: anat.Body) -> _Acquisition:
+    """The exam date, injection and scan times, dose, weight, and the SUV scale of the written PET."""
+    vendor = variant["vendor"]
     follow_up_days = 0 if exam_index == 0 else int(90 + 150 * exam_index + r_misc.integers(0, 60))
     exam_date = patient.first_date + dt.timedelta(days=follow_up_days)
-    if variant["after_midnight"]:
-        clock = dt.time(23, int(r_misc.integers(5, 40)), int(r_misc.integers(0, 60)))
-    else:
-        clock = dt.time(int(r_misc.integers(8, 15)), int(r_misc.integers(0, 60)), int(r_misc.integers(0, 60)))
-    injection = dt.datetime.combine(exam_date, clock)
-    uptake_s = int(r_misc.integers(55 * 60, 75 * 60))
-    scan_start = injection + dt.timedelta(seconds=uptake_s)
-    if variant["after_midnight"] and scan_start.date() == injection.date():
-        scan_start = dt.datetime.combine(injection.date() + dt.timedelta(days=1), dt.time(0, 5))
+    injection, scan_start = _injection_and_scan(r_misc, exam_date, variant["after_midnight"])
     series_dt = scan_start + (dt.timedelta(minutes=int(r_misc.integers(25, 50))) if vendor == "ge" else dt.timedelta(0))
     dose_bq = float(sd.ds_str(round(float(3.5e6 * body.weight_kg * r_misc.uniform(0.9, 1.1)), -4)))
     weight_kg = float(sd.ds_str(body.weight_kg))
@@ -290,130 +396,160 @@ def generate_exam(
     else:
         bqml_to_suv = weight_kg * 1000.0 / (dose_bq * decay_factor)
         time_reference, decay_time = ("acquisition" if vendor == "ge" else "series"), decay_s
-    activity = pet_suv / bqml_to_suv  # Bq/ml, decay-corrected to the reference time
     units = "CNTS" if vendor == "philips" else "BQML"
     counts_per_bqml = float(sd.ds_str(r_misc.uniform(8.0, 16.0))) if units == "CNTS" else 1.0
+    return _Acquisition(
+        exam_date=exam_date, injection=injection, scan_start=scan_start, series_dt=series_dt, dose_bq=dose_bq,
+        weight_kg=weight_kg, uptake_s=decay_s, decay_time_s=decay_time, time_reference=time_reference,
+        decay_correction=variant["decay_correction"], bqml_to_suv=bqml_to_suv, units=units,
+        counts_per_bqml=counts_per_bqml,
+    )
 
-    # --- identifying markers -------------------------------------------------------------------
-    study, markers, notes = _study(seed, index, patient, exam_date, injection, weight_kg, body, vendor, position,
-                                   exam_index, uid)
 
-    # --- write the exam into a temporary folder, renamed into place at the end ----------------
+def _injection_and_scan(r_misc: np.random.Generator, exam_date: dt.date,
+                        after_midnight: bool) -> tuple[dt.datetime, dt.datetime]:
+    """The injection time (late evening for ``after_midnight``) and the scan start 55-75 minutes later."""
+    if after_midnight:
+        clock = dt.time(23, int(r_misc.integers(5, 40)), int(r_misc.integers(0, 60)))
+    else:
+        clock = dt.time(int(r_misc.integers(8, 15)), int(r_misc.integers(0, 60)), int(r_misc.integers(0, 60)))
+    injection = dt.datetime.combine(exam_date, clock)
+    uptake_s = int(r_misc.integers(55 * 60, 75 * 60))
+    scan_start = injection + dt.timedelta(seconds=uptake_s)
+    if after_midnight and scan_start.date() == injection.date():
+        scan_start = dt.datetime.combine(injection.date() + dt.timedelta(days=1), dt.time(0, 5))
+    return injection, scan_start
+
+
+def _write_exam(out: Path, exam_id: str, namer: _Namer, study: sd.StudyInfo, uid: Any, variant: dict[str, Any],
+                spec: _SizeSpec, ct: _Ct, pet_geom: sd.SeriesGeometry, activity: np.ndarray,
+                acq: _Acquisition) -> _Written:
+    """The exam's series in a temporary folder renamed into place at the end, its mask, the bad variant's damage."""
     final_dir = out / "dicom" / exam_id
     work_dir = out / "dicom" / f".{exam_id}.partial"
     if work_dir.exists():
         shutil.rmtree(work_dir)
-    written_files: dict[str, list[Path]] = {}
-    namer = _Namer(variant["nested_shuffled"], np.random.default_rng(np.random.SeedSequence([seed, index, 0xF11E])))
-
-    ct_spec = sd.SeriesSpec(uid("ct"), 2, "CT WB 3.0 Br38", scan_start - dt.timedelta(minutes=4),
-                            variant["ct_transfer_syntax"])
-    ct_ds = sd.ct_datasets(study, ct_spec, ct_geom, ct_hu, unsigned=variant["ct_unsigned"], acq_dt=ct_spec.series_dt)
-    pet_spec = sd.SeriesSpec(uid("pet"), 4, "PET WB AC", series_dt, variant["pet_transfer_syntax"])
-    timing = sd.PetTiming(
-        injection_dt=injection, scan_start_dt=scan_start, series_dt=series_dt, bed_seconds=150.0, dose_bq=dose_bq,
-        decay_correction=variant["decay_correction"], write_dose=variant["bad"] != BadExam.MISSING_DOSE.value,
-    )
-    pet_written_activity = activity  # sampled directly on the scanner-oriented PET grid
-    pet_ds, pet_values = sd.pet_datasets(
-        study, pet_spec, pet_geom, pet_written_activity, timing, units=units, counts_per_bqml=counts_per_bqml,
-        suv_per_bqml=bqml_to_suv,
-    )
-    suv_factor = bqml_to_suv * counts_per_bqml  # per unit of the written series (Bq/ml, or counts)
-    if units == "CNTS":
-        suv_factor = float(pet_ds[0][0x7053, 0x1000].value)
-    pet_truth = (pet_values * suv_factor).astype(np.float32)
-
-    for k, ds in enumerate(ct_ds):
-        p = work_dir / namer.name("CT", k)
-        sd.write_dataset(ds, p, transfer_syntax=ct_spec.transfer_syntax)
-        written_files.setdefault("ct", []).append(p)
-    for k, ds in enumerate(pet_ds):
-        p = work_dir / namer.name("PET", k)
-        sd.write_dataset(ds, p, transfer_syntax=pet_spec.transfer_syntax)
-        written_files.setdefault("pet", []).append(p)
+    ct_uid, ct_ds, ct_files = _write_ct(work_dir, namer, study, uid, variant, ct, acq.scan_start)
+    pet_uid, timing, suv_factor, pet_truth = _write_pet(work_dir, namer, study, uid, variant, pet_geom, activity, acq)
     ignored: list[str] = []
     if variant["extra_series"]:
-        ignored += _write_extra_series(study, work_dir, namer, hu_asc, zs_ct, pet_geom, pet_written_activity, timing,
-                                       uid,
-                                       scan_start, spec)
-
-    # --- mask: NIfTI on the CT grid or DICOM SEG ----------------------------------------------
-    masks_dir = out / "masks"
-    seg_uid = None
-    if variant["mask_format"] == "seg":
-        seg_uid = uid("seg")
-        seg = sd.seg_dataset(study, ct_ds, mask, series_uid=seg_uid, series_dt=scan_start + dt.timedelta(days=1))
-        sd.write_dataset(seg, masks_dir / f"{exam_id}.seg.dcm")
-    else:
-        _write_bytes(masks_dir / f"{exam_id}.nii.gz", _nifti_gz(mask, ct_geom))
-
-    # --- bad variants ----------------------------------------------------------------------------
-    bad = variant["bad"]
-    bad_file = None
-    missing_z = None
-    missing_index = None
-    if bad == BadExam.MISSING_SLICE.value:
-        missing_index = n_ct_z // 2 + 3
-        missing_z = float(ct_geom.slice_origin(missing_index)[2])
-        written_files["ct"][missing_index].unlink()
-    elif bad == BadExam.CORRUPT_FILE.value:
-        victim = written_files["ct"][n_ct_z // 2 - 5]
-        data = victim.read_bytes()
-        victim.write_bytes(data[: len(data) - (ct_hu.shape[1] * ct_hu.shape[2])])  # cut half the pixel data
-        bad_file = str((final_dir / victim.relative_to(work_dir)).relative_to(out))
-
+        ignored += _write_extra_series(study, work_dir, namer, ct.hu_asc, ct.zs, pet_geom, activity, timing, uid,
+                                       acq.scan_start, spec)
+    seg_uid = _write_mask(out / "masks", exam_id, variant["mask_format"], study, ct_ds, ct, acq.scan_start, uid)
+    defect = _damage(variant["bad"], ct_files, ct, out, work_dir, final_dir)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(work_dir, final_dir)
+    return _Written(ct_uid, ct.geom, pet_uid, pet_geom, seg_uid, ignored, suv_factor, pet_truth, defect)
 
-    # --- truth arrays and JSON -----------------------------------------------------------------
-    tdir = truth_dir / exam_id
-    _write_npy(tdir / "ct_hu.npy", ct_hu)
-    _write_npy(tdir / "pet_suv.npy", pet_truth)
-    _write_npy(tdir / "mask.npy", mask)
+
+def _write_ct(work_dir: Path, namer: _Namer, study: sd.StudyInfo, uid: Any, variant: dict[str, Any], ct: _Ct,
+              scan_start: dt.datetime) -> tuple[str, list, list[Path]]:
+    """The CT series (acquired 4 minutes before the PET): its UID, datasets and files in slice order."""
+    ct_spec = sd.SeriesSpec(uid("ct"), 2, "CT WB 3.0 Br38", scan_start - dt.timedelta(minutes=4),
+                            variant["ct_transfer_syntax"])
+    ct_ds = sd.ct_datasets(study, ct_spec, ct.geom, ct.hu, unsigned=variant["ct_unsigned"], acq_dt=ct_spec.series_dt)
+    files = []
+    for k, ds in enumerate(ct_ds):
+        p = work_dir / namer.name("CT", k)
+        sd.write_dataset(ds, p, transfer_syntax=ct_spec.transfer_syntax)
+        files.append(p)
+    return ct_spec.series_uid, ct_ds, files
+
+
+def _write_pet(work_dir: Path, namer: _Namer, study: sd.StudyInfo, uid: Any, variant: dict[str, Any],
+               pet_geom: sd.SeriesGeometry, activity: np.ndarray,
+               acq: _Acquisition) -> tuple[str, sd.PetTiming, float, np.ndarray]:
+    """The attenuation-corrected PET series: its UID and timing, the SUV per written unit, the SUV truth."""
+    pet_spec = sd.SeriesSpec(uid("pet"), 4, "PET WB AC", acq.series_dt, variant["pet_transfer_syntax"])
+    timing = sd.PetTiming(
+        injection_dt=acq.injection, scan_start_dt=acq.scan_start, series_dt=acq.series_dt, bed_seconds=150.0,
+        dose_bq=acq.dose_bq, decay_correction=acq.decay_correction,
+        write_dose=variant["bad"] != BadExam.MISSING_DOSE.value,
+    )
+    # the activity was sampled directly on the scanner-oriented PET grid
+    pet_ds, pet_values = sd.pet_datasets(
+        study, pet_spec, pet_geom, activity, timing, units=acq.units, counts_per_bqml=acq.counts_per_bqml,
+        suv_per_bqml=acq.bqml_to_suv,
+    )
+    suv_factor = acq.bqml_to_suv * acq.counts_per_bqml  # per unit of the written series (Bq/ml, or counts)
+    if acq.units == "CNTS":
+        suv_factor = float(pet_ds[0][0x7053, 0x1000].value)
+    pet_truth = (pet_values * suv_factor).astype(np.float32)
+    for k, ds in enumerate(pet_ds):
+        sd.write_dataset(ds, work_dir / namer.name("PET", k), transfer_syntax=pet_spec.transfer_syntax)
+    return pet_spec.series_uid, timing, suv_factor, pet_truth
+
+
+def _write_mask(masks_dir: Path, exam_id: str, mask_format: str, study: sd.StudyInfo, ct_ds: list, ct: _Ct,
+                scan_start: dt.datetime, uid: Any) -> str | None:
+    """The lesion mask: a DICOM SEG drawn the day after (returns its series UID) or a NIfTI on the CT grid."""
+    if mask_format == "seg":
+        seg_uid = uid("seg")
+        seg = sd.seg_dataset(study, ct_ds, ct.mask, series_uid=seg_uid, series_dt=scan_start + dt.timedelta(days=1))
+        sd.write_dataset(seg, masks_dir / f"{exam_id}.seg.dcm")
+        return seg_uid
+    _write_bytes(masks_dir / f"{exam_id}.nii.gz", _nifti_gz(ct.mask, ct.geom))
+    return None
+
+
+def _damage(bad: str | None, ct_files: list[Path], ct: _Ct, out: Path, work_dir: Path,
+            final_dir: Path) -> dict[str, Any]:
+    """The bad variant's damage to the CT series: a slice removed or a file cut short; its truth keys."""
+    bad_file = None
+    missing_z = None
+    missing_index = None
+    n_ct_z = len(ct.zs)
+    if bad == BadExam.MISSING_SLICE.value:
+        missing_index = n_ct_z // 2 + 3
+        missing_z = float(ct.geom.slice_origin(missing_index)[2])
+        ct_files[missing_index].unlink()
+    elif bad == BadExam.CORRUPT_FILE.value:
+        victim = ct_files[n_ct_z // 2 - 5]
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) - (ct.hu.shape[1] * ct.hu.shape[2])])  # cut half the pixel data
+        bad_file = str((final_dir / victim.relative_to(work_dir)).relative_to(out))
+    return {"bad_file": bad_file, "missing_slice_position_mm": missing_z, "missing_slice_index": missing_index}
+
+
+def _truth_json(
+    exam_id: str, patient: Patient, exam_index: int, variant: dict[str, Any], *, body: anat.Body,
+    acq: _Acquisition, mis: _Misalignment, written: _Written, lesion_truth: list[dict[str, Any]], tmtv_ml: float,
+    study: sd.StudyInfo, markers: list[str], notes: str,
+) -> dict[str, Any]:
+    """The exam's truth JSON (docs/contracts.md section 1), with the clinical row under ``_clinical``."""
+    bad = variant["bad"]
     stage, reason = BAD_TRUTH[BadExam(bad)] if bad else (None, None)
-    truth = {
+    w = written
+    return {
         "exam_id": exam_id,
         "patient_id": patient.patient_id,
         "diagnosis": patient.diagnosis,
         "subtype": patient.subtype,
         "exam_index": exam_index,
-        "exam_date": exam_date.isoformat(),
+        "exam_date": acq.exam_date.isoformat(),
         "expected": "reject" if bad else "accept",
         "reject_stage": stage,
         "reject_reason": reason,
-        "bad_file": bad_file,
-        "missing_slice_position_mm": missing_z,
-        "missing_slice_index": missing_index,
+        **w.defect,
         "variant": variant,
-        "ct": {"series_uid": ct_spec.series_uid, **ct_geom.to_dict()},
-        "pet": {"series_uid": pet_spec.series_uid, **pet_geom.to_dict()},
-        "seg_series_uid": seg_uid,
-        "ignored_series_uids": ignored,
-        "misalignment": {
-            "rotation_deg": rot.tolist(), "translation_mm": trans.tolist(), "center_mm": center.tolist(),
-            "matrix": M.tolist(), "convention": "ITK Euler3DTransform: R = Rz @ Rx @ Ry about center_mm",
-        },
-        "suv_factor": suv_factor,
-        "suv": {
-            "units": units, "dose_bq": dose_bq, "half_life_s": sd.F18_HALF_LIFE_S, "weight_kg": weight_kg,
-            "decay_time_s": decay_time, "time_reference": time_reference, "uptake_time_s": decay_s,
-            "decay_correction": variant["decay_correction"], "bqml_to_suv": bqml_to_suv,
-            "counts_to_bqml": counts_per_bqml if units == "CNTS" else None,
-            "injection_datetime": injection.isoformat(), "scan_start_datetime": scan_start.isoformat(),
-            "series_datetime": series_dt.isoformat(),
-        },
+        "ct": {"series_uid": w.ct_uid, **w.ct_geom.to_dict()},
+        "pet": {"series_uid": w.pet_uid, **w.pet_geom.to_dict()},
+        "seg_series_uid": w.seg_uid,
+        "ignored_series_uids": w.ignored,
+        "misalignment": mis.to_truth(),
+        "suv_factor": w.suv_factor,
+        "suv": acq.to_truth(),
         "lesions": lesion_truth,
-        "tmtv_ml": round(int(mask.sum()) * voxel_ml, 6),
-        "body": {"weight_kg": weight_kg, "scale": round(body.scale, 4), "width": round(body.width, 4),
+        "tmtv_ml": tmtv_ml,
+        "body": {"weight_kg": acq.weight_kg, "scale": round(body.scale, 4), "width": round(body.width, 4),
                  "sex": patient.sex},
         "phi_markers": sorted(set(markers)),
         "phi_values": {
             "birth_date": patient.birth.strftime("%Y%m%d"),
             "study_uid": study.study_uid,
             "frame_of_reference_uid": study.frame_uid,
-            "series_uids": [ct_spec.series_uid, pet_spec.series_uid, *ignored, *([seg_uid] if seg_uid else [])],
+            "series_uids": [w.ct_uid, w.pet_uid, *w.ignored, *([w.seg_uid] if w.seg_uid else [])],
             "uid_root": "1.2.826.0.1.3680043.8.498.",
         },
         "_clinical": {
@@ -422,8 +558,6 @@ def generate_exam(
             "notes": notes,
         },
     }
-    log.info("wrote %s (%s, %s, %d lesions, %s)", exam_id, vendor, position, len(lesions), truth["expected"])
-    return ExamTruth(exam_id=exam_id, expected=truth["expected"], truth_path=truth_dir / f"{exam_id}.json", truth=truth)
 
 
 def _pet_grid(spec: _SizeSpec, pet_dz: float | None, pet_fov: str, body: anat.Body, zs_ct: np.ndarray, position: str,
@@ -502,7 +636,7 @@ def _lesion_truth(lesions: list[anat.Lesion], lesion_ct: np.ndarray, grid: anat.
 
 
 def _misalignment(r_misc: np.random.Generator, limits: dict[str, Any] | None,
-                  body: anat.Body) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  body: anat.Body) -> _Misalignment:
     """A random rigid PET-to-CT misalignment within ``limits``: rotation (deg), translation (mm), center, matrix."""
     limits = dict(limits or {})
     unknown = set(limits) - set(MISALIGNMENT_KEYS)
@@ -517,21 +651,22 @@ def _misalignment(r_misc: np.random.Generator, limits: dict[str, Any] | None,
     trans = direction / np.linalg.norm(direction) * r_misc.uniform(2.0, max_trans)
     rot, trans = np.round(rot, 4), np.round(trans, 4)
     center = np.round(np.asarray(body.center_mm), 4)
-    return rot, trans, center, misalignment_matrix(rot, trans, center)
+    return _Misalignment(rot, trans, center, misalignment_matrix(rot, trans, center))
 
 
-def _pet_suv(spec: _SizeSpec, grid: anat.Grid1D, tissue: np.ndarray, lesion_id: np.ndarray, lesions: list[anat.Lesion],
-             pet_geom: sd.SeriesGeometry, M: np.ndarray, r_noise: np.random.Generator) -> np.ndarray:
+def _pet_suv(spec: _SizeSpec, anatomy: _Anatomy, pet_geom: sd.SeriesGeometry, M: np.ndarray,
+             r_noise: np.random.Generator) -> np.ndarray:
     """PET in SUV on the PET grid: tissue SUV + lesion uptake, blurred to the PET resolution, sampled at
     ``M^-1 q`` (the misalignment), with PET-like noise."""
     # At full size the activity is built on every other CT column and row (2 mm): PET resolution
     # (~6.5 mm FWHM) does not need more, and the blur costs a quarter.
     step = spec.activity_step
+    grid = anatomy.grid
     pet_grid = anat.Grid1D(grid.xs[::step], grid.ys[::step], grid.zs)
     sub = (slice(None), slice(None, None, step), slice(None, None, step))
-    suv_anat = anat.TISSUE_SUV[tissue[sub]]
-    lesion_sub = lesion_id[sub]
-    for n, les in enumerate(lesions, start=1):
+    suv_anat = anat.TISSUE_SUV[anatomy.tissue[sub]]
+    lesion_sub = anatomy.lesion_id[sub]
+    for n, les in enumerate(anatomy.lesions, start=1):
         zi, yi, xi = np.nonzero(lesion_sub == n)
         suv_anat[zi, yi, xi] = les.uptake(pet_grid.xs[xi], pet_grid.ys[yi], pet_grid.zs[zi])
     sigma_mm = spec.pet_fwhm_mm / 2.3548
