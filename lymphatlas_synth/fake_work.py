@@ -68,101 +68,133 @@ def make_fake_work(
     cases: list[FakeCase] = []
     id_rows = []
     z, y, x = shape_zyx
-    zz, yy, xx = np.mgrid[0:z, 0:y, 0:x]
-    body = ((yy - y / 2) / (y * 0.45)) ** 2 + ((xx - x / 2) / (x * 0.45)) ** 2 <= 1.0
+    grid = np.mgrid[0:z, 0:y, 0:x]
+    body = ((grid[1] - y / 2) / (y * 0.45)) ** 2 + ((grid[2] - x / 2) / (x * 0.45)) ** 2 <= 1.0
     for p in range(first_patient, first_patient + n_patients):
         subject_id = f"LP-{p:04d}{seed:02d}"
-        diagnosis = "HL" if p % 2 == 0 else "NHL"
-        n_exams = 2 if p % 3 == 0 else 1
-        sex = "F" if p % 2 else "M"
-        age_band = f"{20 + 5 * (p % 10)}-{24 + 5 * (p % 10)}"
-        for e in range(n_exams):
+        for e in range(2 if p % 3 == 0 else 1):
             case_id = f"{case_prefix}-{p:04d}{e}{seed:02d}"
-            ct = np.where(body, rng.normal(40, 15, shape_zyx), -1000).astype(np.int16)
-            pet = np.where(body, rng.gamma(4.0, 0.2, shape_zyx), 0).astype(np.float32)
-            label = np.zeros(shape_zyx, np.uint8)
-            n_lesions = int(rng.integers(0 if e else 1, 4))
-            centres = []
-            for _ in range(n_lesions):
-                c = rng.integers([3, 6, 6], [z - 3, y - 6, x - 6])
-                r = float(rng.uniform(1.5, 3.0))
-                ball = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
-                label[ball] = 1
-                pet[ball] = float(rng.uniform(4, 20))
-                centres.append(c)
+            ct, pet, label, n_lesions = _volumes(rng, grid, body, first_exam=e == 0)
             affine = _affine_ras(spacing_xyz, (-x * spacing_xyz[0] / 2, -y * spacing_xyz[1] / 2, -400.0 - 50 * e))
-            folder = work / "cases" / case_id
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, arr in (("ct", ct), ("pet", pet), ("label", label)):
-                _save(arr, affine, folder / f"{name}.nii.gz")
-            voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
-            tmtv = float(label.sum()) * voxel_ml
-            content = hashlib.sha256()
-            for arr in (ct, pet, label, affine):
-                content.update(np.ascontiguousarray(arr).tobytes())
-            case_json = {
-                "schema_version": SCHEMA_VERSION,
-                "builder_version": "0.1.0",
-                "case_id": case_id,
-                "subject_id": subject_id,
-                "clinical": {
-                    "diagnosis": diagnosis,
-                    "subtype": "nodular sclerosis" if diagnosis == "HL" else "DLBCL",
-                    "sex": sex,
-                    "age_band": age_band,
-                    "exam_index": e,
-                    "days_from_first_exam": 120 * e,
-                },
-                "geometry": {
-                    "shape_zyx": list(shape_zyx),
-                    "spacing_xyz": list(spacing_xyz),
-                    "origin_lps": [float(v) for v in (np.diag([-1, -1, 1]) @ affine[:3, 3])],
-                    "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
-                    "affine_ras": affine.tolist(),
-                },
-                "ct": {"manufacturer": "SIEMENS", "model": "Biograph mCT", "kvp": 120.0},
-                "pet": {
-                    "manufacturer": "SIEMENS",
-                    "model": "Biograph mCT",
-                    "suv": {"factor": 1.1e-4, "time_reference": "series", "units": "BQML"},
-                },
-                "alignment": {
-                    "method": "rigid",
-                    "metric": "mattes_mi",
-                    "metric_before": -0.40,
-                    "metric_after": -0.50,
-                    "improved": True,
-                    "decision": "rigid registration applied",
-                    "transform": {
-                        "type": "Euler3DTransform",
-                        "parameters": [0, 0, 0, 1.0, 0.5, 0.0],
-                        "center_mm": [0, 0, 0],
-                        "matrix": np.eye(4).tolist(),
-                    },
-                    "shift_mm": 1.1,
-                    "seed": 0,
-                },
-                "lesions": {
-                    "count": n_lesions,
-                    "tmtv_ml": tmtv,
-                    "tlg": float((pet * label).sum()) * voxel_ml,
-                    "suv_max": float(pet[label > 0].max()) if n_lesions else 0.0,
-                    "dmax_mm": 0.0,
-                    "items": [],
-                },
-                "qc": {"passed": True, "checks": []},
-                "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti"},
-                "content_hash": content.hexdigest(),
-            }
-            (folder / "case.json").write_text(json.dumps(case_json, indent=2, sort_keys=True))
+            case_json = _case_json(case_id, subject_id, p, e, ct, pet, label, affine, n_lesions, spacing_xyz)
+            _write_case(work / "cases" / case_id, ct, pet, label, affine, case_json)
+            diagnosis = case_json["clinical"]["diagnosis"]
             cases.append(FakeCase(case_id, subject_id, diagnosis, ct, pet, label, affine, case_json))
             id_rows.append((f"EXAM{p:04d}{e}", f"PAT{p:04d}", case_id, subject_id))
-    with open(work / "private" / "id_map.csv", "a", newline="") as f:
-        w = csv.writer(f)
-        if f.tell() == 0:
-            w.writerow(["exam_id", "patient_id", "case_id", "subject_id"])
-        w.writerows(id_rows)
+    _append_id_map(work / "private" / "id_map.csv", id_rows)
     failures = work / "failures.json"
     if not failures.exists():
         failures.write_text("[]\n")
     return cases
+
+
+def _volumes(rng: np.random.Generator, grid: np.ndarray, body: np.ndarray, *,
+             first_exam: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """CT, PET and label of one exam: noisy soft tissue in ``body``, 0-3 ball lesions (at least one
+    on a first exam) that are hot on PET; returns the arrays and the lesion count."""
+    zz, yy, xx = grid
+    z, y, x = body.shape
+    ct = np.where(body, rng.normal(40, 15, body.shape), -1000).astype(np.int16)
+    pet = np.where(body, rng.gamma(4.0, 0.2, body.shape), 0).astype(np.float32)
+    label = np.zeros(body.shape, np.uint8)
+    n_lesions = int(rng.integers(1 if first_exam else 0, 4))
+    for _ in range(n_lesions):
+        c = rng.integers([3, 6, 6], [z - 3, y - 6, x - 6])
+        r = float(rng.uniform(1.5, 3.0))
+        ball = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
+        label[ball] = 1
+        pet[ball] = float(rng.uniform(4, 20))
+    return ct, pet, label, n_lesions
+
+
+def _case_json(case_id: str, subject_id: str, p: int, e: int, ct: np.ndarray, pet: np.ndarray, label: np.ndarray,
+               affine: np.ndarray, n_lesions: int, spacing_xyz: tuple[float, float, float]) -> dict:
+    """The case.json of exam ``e`` of patient number ``p``: clinical values derived from ``p``, the
+    geometry, fixed scanner and alignment records, lesion statistics and the content hash."""
+    voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
+    content = hashlib.sha256()
+    for arr in (ct, pet, label, affine):
+        content.update(np.ascontiguousarray(arr).tobytes())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "builder_version": "0.1.0",
+        "case_id": case_id,
+        "subject_id": subject_id,
+        "clinical": _clinical(p, e),
+        "geometry": {
+            "shape_zyx": list(ct.shape),
+            "spacing_xyz": list(spacing_xyz),
+            "origin_lps": [float(v) for v in (np.diag([-1, -1, 1]) @ affine[:3, 3])],
+            "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+            "affine_ras": affine.tolist(),
+        },
+        "ct": {"manufacturer": "SIEMENS", "model": "Biograph mCT", "kvp": 120.0},
+        "pet": {
+            "manufacturer": "SIEMENS",
+            "model": "Biograph mCT",
+            "suv": {"factor": 1.1e-4, "time_reference": "series", "units": "BQML"},
+        },
+        "alignment": _alignment(),
+        "lesions": {
+            "count": n_lesions,
+            "tmtv_ml": float(label.sum()) * voxel_ml,
+            "tlg": float((pet * label).sum()) * voxel_ml,
+            "suv_max": float(pet[label > 0].max()) if n_lesions else 0.0,
+            "dmax_mm": 0.0,
+            "items": [],
+        },
+        "qc": {"passed": True, "checks": []},
+        "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti"},
+        "content_hash": content.hexdigest(),
+    }
+
+
+def _clinical(p: int, e: int) -> dict:
+    """Diagnosis, sex and age band alternate with the patient number ``p``; exams are 120 days apart."""
+    diagnosis = "HL" if p % 2 == 0 else "NHL"
+    return {
+        "diagnosis": diagnosis,
+        "subtype": "nodular sclerosis" if diagnosis == "HL" else "DLBCL",
+        "sex": "F" if p % 2 else "M",
+        "age_band": f"{20 + 5 * (p % 10)}-{24 + 5 * (p % 10)}",
+        "exam_index": e,
+        "days_from_first_exam": 120 * e,
+    }
+
+
+def _alignment() -> dict:
+    """A rigid registration record that improved the metric (the same for every fake case)."""
+    return {
+        "method": "rigid",
+        "metric": "mattes_mi",
+        "metric_before": -0.40,
+        "metric_after": -0.50,
+        "improved": True,
+        "decision": "rigid registration applied",
+        "transform": {
+            "type": "Euler3DTransform",
+            "parameters": [0, 0, 0, 1.0, 0.5, 0.0],
+            "center_mm": [0, 0, 0],
+            "matrix": np.eye(4).tolist(),
+        },
+        "shift_mm": 1.1,
+        "seed": 0,
+    }
+
+
+def _write_case(folder: Path, ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine: np.ndarray,
+                case_json: dict) -> None:
+    """The case folder: ct, pet and label NIfTI files and case.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("ct", ct), ("pet", pet), ("label", label)):
+        _save(arr, affine, folder / f"{name}.nii.gz")
+    (folder / "case.json").write_text(json.dumps(case_json, indent=2, sort_keys=True))
+
+
+def _append_id_map(path: Path, id_rows: list[tuple[str, str, str, str]]) -> None:
+    """Append the exams' (exam_id, patient_id, case_id, subject_id) rows to the private ID map."""
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if f.tell() == 0:
+            w.writerow(["exam_id", "patient_id", "case_id", "subject_id"])
+        w.writerows(id_rows)
