@@ -168,23 +168,20 @@ def suv_conversion(series: SeriesInfo, *, exam_id: str) -> SUVConversion:
     return suv_from_headers(headers, series=series, exam_id=exam_id)
 
 
-def suv_from_headers(headers: list[Dataset], *, series: SeriesInfo, exam_id: str) -> SUVConversion:
-    """:func:`suv_conversion` on headers already read (one per slice of the series)."""
-    first = headers[0]
-    notes: list[str] = []
+def _units(first: Dataset, series: SeriesInfo, exam_id: str) -> Units:
+    """The PET's Units; rejects units that cannot be converted to SUVbw."""
     units_text = (text(first, "Units") or "").upper()
     try:
-        units = Units(units_text)
+        return Units(units_text)
     except ValueError:
         raise _fail(
             f"PET Units is '{units_text or 'missing'}'; only BQML, CNTS (Philips) and GML can be converted to SUVbw",
             series, exam_id,
         ) from None
-    if units is Units.GML:
-        return SUVConversion(factor=1.0, units=units, decay_correction=None, time_reference=TimeReference.GML,
-                             decay_time_s=None, dose_bq=None, half_life_s=None, weight_kg=number(first, "PatientWeight"),
-                             notes=("values already SUVbw (GML)",))
 
+
+def _decay_correction(first: Dataset, series: SeriesInfo, exam_id: str, notes: list[str]) -> DecayCorrection:
+    """START or ADMIN from DecayCorrection and CorrectedImage; rejects an image not attenuation and decay corrected."""
     corrected = multi(first, "CorrectedImage")
     decay_text = (text(first, "DecayCorrection") or "").upper()
     if corrected and ("ATTN" not in corrected or "DECY" not in corrected):
@@ -215,7 +212,11 @@ def suv_from_headers(headers: list[Dataset], *, series: SeriesInfo, exam_id: str
         )
     if not corrected:
         notes.append("CorrectedImage missing; relying on DecayCorrection")
+    return decay
 
+
+def _patient_weight(first: Dataset, series: SeriesInfo, exam_id: str) -> float:
+    """PatientWeight in kg; rejects a missing or implausible weight."""
     weight = number(first, "PatientWeight")
     if weight is None or weight <= 0:
         raise _fail("PatientWeight is missing or zero: body-weight SUV needs the weight (kg); add it to the "
@@ -223,6 +224,11 @@ def suv_from_headers(headers: list[Dataset], *, series: SeriesInfo, exam_id: str
     if not 1.0 <= weight <= 400.0:
         raise _fail(f"PatientWeight {weight} is not a plausible weight in kg (grams or pounds?); fix the header",
                     series, exam_id)
+    return weight
+
+
+def _radiopharmaceutical(first: Dataset, series: SeriesInfo, exam_id: str) -> tuple[Dataset, float, float]:
+    """The radiopharmaceutical item, its dose (Bq) and half-life (s); rejects a missing or implausible value."""
     rp_seq = first.get("RadiopharmaceuticalInformationSequence")
     rp = rp_seq[0] if rp_seq else Dataset()
     dose = number(rp, "RadionuclideTotalDose")
@@ -236,7 +242,45 @@ def suv_from_headers(headers: list[Dataset], *, series: SeriesInfo, exam_id: str
     if half_life is None or half_life <= 0:
         raise _fail("RadionuclideHalfLife is missing: the dose cannot be decay-corrected; add it to the export",
                     series, exam_id)
+    return rp, dose, half_life
 
+
+def _philips_counts_factor(first: Dataset, bqml_factor: float, series: SeriesInfo, exam_id: str,
+                           notes: list[str]) -> float:
+    """The SUV factor of Philips CNTS from its private scale factors (7053,1000) or (7053,1009)."""
+    suv_scale = _private_float(first, 0x7053, _PHILIPS_CREATOR, 0x00)
+    activity_scale = _private_float(first, 0x7053, _PHILIPS_CREATOR, 0x09)
+    if suv_scale is not None and suv_scale > 0:
+        notes.append("CNTS: Philips SUV scale factor (7053,1000)")
+        if activity_scale:
+            ours = activity_scale * bqml_factor
+            if abs(ours / suv_scale - 1) > 0.01:
+                notes.append(f"Philips SUV factor differs from activity scale x BQML factor by "
+                             f"{100 * (ours / suv_scale - 1):.2f} %")
+                logger.warning("exam %s: %s", exam_id, notes[-1])
+        return suv_scale
+    if activity_scale is not None and activity_scale > 0:
+        notes.append("CNTS: Philips activity scale factor (7053,1009) x BQML factor")
+        return activity_scale * bqml_factor
+    raise _fail(
+        "Units CNTS without the Philips private scale factors (7053,1000) or (7053,1009): counts cannot "
+        "be converted to SUV; export the series with its private tags (not anonymized away)",
+        series, exam_id,
+    )
+
+
+def suv_from_headers(headers: list[Dataset], *, series: SeriesInfo, exam_id: str) -> SUVConversion:
+    """:func:`suv_conversion` on headers already read (one per slice of the series)."""
+    first = headers[0]
+    notes: list[str] = []
+    units = _units(first, series, exam_id)
+    if units is Units.GML:
+        return SUVConversion(factor=1.0, units=units, decay_correction=None, time_reference=TimeReference.GML,
+                             decay_time_s=None, dose_bq=None, half_life_s=None, weight_kg=number(first, "PatientWeight"),
+                             notes=("values already SUVbw (GML)",))
+    decay = _decay_correction(first, series, exam_id, notes)
+    weight = _patient_weight(first, series, exam_id)
+    rp, dose, half_life = _radiopharmaceutical(first, series, exam_id)
     if decay is DecayCorrection.ADMIN:
         decay_time = 0.0
         reference = TimeReference.ADMIN
@@ -244,30 +288,10 @@ def suv_from_headers(headers: list[Dataset], *, series: SeriesInfo, exam_id: str
         decay_time, reference = _decay_time(headers, rp, series=series, exam_id=exam_id, notes=notes)
     decayed_dose = dose * math.pow(2.0, -decay_time / half_life)
     bqml_factor = weight * 1000.0 / decayed_dose
-
     if units is Units.BQML:
         factor = bqml_factor
     else:  # CNTS: Philips
-        suv_scale = _private_float(first, 0x7053, _PHILIPS_CREATOR, 0x00)
-        activity_scale = _private_float(first, 0x7053, _PHILIPS_CREATOR, 0x09)
-        if suv_scale is not None and suv_scale > 0:
-            factor = suv_scale
-            notes.append("CNTS: Philips SUV scale factor (7053,1000)")
-            if activity_scale:
-                ours = activity_scale * bqml_factor
-                if abs(ours / suv_scale - 1) > 0.01:
-                    notes.append(f"Philips SUV factor differs from activity scale x BQML factor by "
-                                 f"{100 * (ours / suv_scale - 1):.2f} %")
-                    logger.warning("exam %s: %s", exam_id, notes[-1])
-        elif activity_scale is not None and activity_scale > 0:
-            factor = activity_scale * bqml_factor
-            notes.append("CNTS: Philips activity scale factor (7053,1009) x BQML factor")
-        else:
-            raise _fail(
-                "Units CNTS without the Philips private scale factors (7053,1000) or (7053,1009): counts cannot "
-                "be converted to SUV; export the series with its private tags (not anonymized away)",
-                series, exam_id,
-            )
+        factor = _philips_counts_factor(first, bqml_factor, series, exam_id, notes)
     return SUVConversion(factor=factor, units=units, decay_correction=decay, time_reference=reference,
                          decay_time_s=decay_time, dose_bq=dose, half_life_s=half_life, weight_kg=weight,
                          notes=tuple(notes))
