@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from builder.convert._dicom import NotDicomError, multi, read_header, text
 from builder.errors import DiscoveryError, ReadError
@@ -152,6 +153,72 @@ def _iter_files(exam_dir: Path) -> list[Path]:
     return found
 
 
+def _discovery_header(path: Path, exam_id: str) -> Dataset | None:
+    """The header fields discovery needs, or None when the file is not DICOM (logged, skipped)."""
+    try:
+        return read_header(path, _DISCOVERY_TAGS)
+    except NotDicomError:
+        logger.info("exam %s: %s is not a DICOM file; ignored", exam_id, path)
+        return None
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise ReadError(
+            f"the file is corrupt or truncated and its DICOM header cannot be read ({type(e).__name__}: {e}); "
+            "re-export it from the PACS or remove it from the exam folder",
+            exam_id=exam_id,
+            path=path,
+        ) from e
+
+
+def _series_uid(ds: Dataset, path: Path, exam_id: str) -> str | None:
+    """The file's SeriesInstanceUID, or None for a DICOM object without a series (DICOMDIR ...; logged, skipped)."""
+    series_uid = text(ds, "SeriesInstanceUID")
+    if series_uid is None:
+        media_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
+        if media_class == _DICOMDIR_CLASS or text(ds, "SOPClassUID") is not None:
+            logger.info("exam %s: %s is a DICOM object without a series (e.g. DICOMDIR); ignored", exam_id, path)
+            return None
+        # No SOP class and no series: pydicom stopped early because the file ends inside its header.
+        raise ReadError(
+            "the file is corrupt or truncated: its DICOM header ends before the SOP class and series UIDs; "
+            "re-export it from the PACS or remove it from the exam folder",
+            exam_id=exam_id,
+            path=path,
+        )
+    return series_uid
+
+
+def _series_fields(ds: Dataset) -> dict:
+    """The series-level fields that classification and :class:`SeriesInfo` need, from one of its files."""
+    iop = ds.get("ImageOrientationPatient")
+    return {
+        "study_uid": text(ds, "StudyInstanceUID") or "",
+        "for_uid": text(ds, "FrameOfReferenceUID"),
+        "modality": (text(ds, "Modality") or "").upper(),
+        "image_type": multi(ds, "ImageType"),
+        "corrected": multi(ds, "CorrectedImage"),
+        "description": text(ds, "SeriesDescription") or "",
+        "orientation": tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
+        "sop_class": text(ds, "SOPClassUID") or "",
+        "frames": int(ds.get("NumberOfFrames") or 1),
+    }
+
+
+def _series_info(uid: str, g: dict, files: list[Path]) -> SeriesInfo:
+    """One classified series from its fields and files."""
+    kind = _classify(g["modality"], g["image_type"], g["corrected"], g["description"], g["orientation"],
+                     g["sop_class"])
+    return SeriesInfo(
+        series_uid=uid,
+        study_uid=g["study_uid"],
+        frame_of_reference_uid=g["for_uid"],
+        modality=g["modality"],
+        kind=kind,
+        files=files,
+        description=g["description"],
+        image_type=g["image_type"],
+    )
+
+
 def scan_series(exam_dir: Path, exam_id: str) -> tuple[list[SeriesInfo], list[Path]]:
     """Group every DICOM file under ``exam_dir`` into classified series (no choice made).
 
@@ -173,33 +240,11 @@ def scan_series(exam_dir: Path, exam_id: str) -> tuple[list[SeriesInfo], list[Pa
     seen_sop: dict[str, Path] = {}
     skipped: list[Path] = []
     for path in _iter_files(exam_dir):
-        try:
-            ds = read_header(path, _DISCOVERY_TAGS)
-        except NotDicomError:
-            logger.info("exam %s: %s is not a DICOM file; ignored", exam_id, path)
+        ds = _discovery_header(path, exam_id)
+        series_uid = _series_uid(ds, path, exam_id) if ds is not None else None
+        if series_uid is None:
             skipped.append(path)
             continue
-        except Exception as e:  # pydicom raises many types for damaged files
-            raise ReadError(
-                f"the file is corrupt or truncated and its DICOM header cannot be read ({type(e).__name__}: {e}); "
-                "re-export it from the PACS or remove it from the exam folder",
-                exam_id=exam_id,
-                path=path,
-            ) from e
-        series_uid = text(ds, "SeriesInstanceUID")
-        if series_uid is None:
-            media_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
-            if media_class == _DICOMDIR_CLASS or text(ds, "SOPClassUID") is not None:
-                logger.info("exam %s: %s is a DICOM object without a series (e.g. DICOMDIR); ignored", exam_id, path)
-                skipped.append(path)
-                continue
-            # No SOP class and no series: pydicom stopped early because the file ends inside its header.
-            raise ReadError(
-                "the file is corrupt or truncated: its DICOM header ends before the SOP class and series UIDs; "
-                "re-export it from the PACS or remove it from the exam folder",
-                exam_id=exam_id,
-                path=path,
-            )
         sop = text(ds, "SOPInstanceUID")
         if sop is not None:
             if sop in seen_sop:
@@ -210,39 +255,13 @@ def scan_series(exam_dir: Path, exam_id: str) -> tuple[list[SeriesInfo], list[Pa
             seen_sop[sop] = path
         files_by_series[series_uid].append(path)
         if series_uid not in groups:
-            iop = ds.get("ImageOrientationPatient")
-            groups[series_uid] = {
-                "study_uid": text(ds, "StudyInstanceUID") or "",
-                "for_uid": text(ds, "FrameOfReferenceUID"),
-                "modality": (text(ds, "Modality") or "").upper(),
-                "image_type": multi(ds, "ImageType"),
-                "corrected": multi(ds, "CorrectedImage"),
-                "description": text(ds, "SeriesDescription") or "",
-                "orientation": tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
-                "sop_class": text(ds, "SOPClassUID") or "",
-                "frames": int(ds.get("NumberOfFrames") or 1),
-            }
+            groups[series_uid] = _series_fields(ds)
     if not groups:
         raise DiscoveryError(
             f"no DICOM file found under {exam_dir} ({len(skipped)} other files); check the export",
             exam_id=exam_id,
         )
-    series = []
-    for uid, g in groups.items():
-        kind = _classify(g["modality"], g["image_type"], g["corrected"], g["description"], g["orientation"],
-                         g["sop_class"])
-        series.append(
-            SeriesInfo(
-                series_uid=uid,
-                study_uid=g["study_uid"],
-                frame_of_reference_uid=g["for_uid"],
-                modality=g["modality"],
-                kind=kind,
-                files=files_by_series[uid],
-                description=g["description"],
-                image_type=g["image_type"],
-            )
-        )
+    series = [_series_info(uid, g, files_by_series[uid]) for uid, g in groups.items()]
     series.sort(key=lambda s: (s.study_uid, s.kind.value, s.series_uid))
     return series, skipped
 
@@ -251,25 +270,8 @@ def _listing(series: list[SeriesInfo]) -> str:
     return "; ".join(s.summary() for s in series) or "nothing"
 
 
-def discover_exam(exam_dir: Path, exam_id: str) -> ExamSeries:
-    """Find and classify an exam's series and choose the CT/PET pair.
-
-    The PET is the one attenuation-corrected PET series; the CT is the axial CT volume with the
-    most slices in the PET's study and frame of reference. Localizers, non-corrected PET,
-    projections and other objects are kept in ``series`` but not chosen.
-
-    Example:
-        >>> exam = discover_exam(Path("source/dicom/EX0001"), "EX0001")  # doctest: +SKIP
-        >>> [s.kind.value for s in exam.ignored]  # doctest: +SKIP
-        ['ct_localizer', 'pet_nac']
-
-    Raises:
-        DiscoveryError: no or several corrected PET series, no CT, two equally good CTs, or
-            CT and PET in different studies / frames of reference; the message lists what was found.
-        ReadError: a DICOM file's header is unreadable (named by path).
-    """
-    series, skipped = scan_series(exam_dir, exam_id)
-    found = _listing(series)
+def _choose_pet(series: list[SeriesInfo], found: str, exam_id: str) -> SeriesInfo:
+    """The one attenuation-corrected PET series; rejects none or several."""
     pets = [s for s in series if s.kind is SeriesKind.PET_AC]
     if not pets:
         raise DiscoveryError(
@@ -283,7 +285,11 @@ def discover_exam(exam_dir: Path, exam_id: str) -> ExamSeries:
             "in the exam folder",
             exam_id=exam_id,
         )
-    pet = pets[0]
+    return pets[0]
+
+
+def _choose_ct(series: list[SeriesInfo], pet: SeriesInfo, found: str, exam_id: str) -> SeriesInfo:
+    """The axial CT volume with the most slices in the PET's study and frame of reference; rejects a tie."""
     cts = [s for s in series if s.kind is SeriesKind.CT_VOLUME]
     if not cts:
         raise DiscoveryError(
@@ -312,11 +318,40 @@ def discover_exam(exam_dir: Path, exam_id: str) -> ExamSeries:
             "remove the one not to use from the exam folder",
             exam_id=exam_id,
         )
-    ct = same_frame[0]
+    return same_frame[0]
+
+
+def _choose_seg(series: list[SeriesInfo], pet: SeriesInfo, exam_id: str) -> SeriesInfo | None:
+    """The SEG series of the PET's study when there is exactly one (several: none chosen, logged)."""
     segs = [s for s in series if s.kind is SeriesKind.SEG and s.study_uid == pet.study_uid]
     seg = segs[0] if len(segs) == 1 else None
     if len(segs) > 1:
         logger.warning("exam %s: %d SEG series found; none chosen (%s)", exam_id, len(segs), _listing(segs))
+    return seg
+
+
+def discover_exam(exam_dir: Path, exam_id: str) -> ExamSeries:
+    """Find and classify an exam's series and choose the CT/PET pair.
+
+    The PET is the one attenuation-corrected PET series; the CT is the axial CT volume with the
+    most slices in the PET's study and frame of reference. Localizers, non-corrected PET,
+    projections and other objects are kept in ``series`` but not chosen.
+
+    Example:
+        >>> exam = discover_exam(Path("source/dicom/EX0001"), "EX0001")  # doctest: +SKIP
+        >>> [s.kind.value for s in exam.ignored]  # doctest: +SKIP
+        ['ct_localizer', 'pet_nac']
+
+    Raises:
+        DiscoveryError: no or several corrected PET series, no CT, two equally good CTs, or
+            CT and PET in different studies / frames of reference; the message lists what was found.
+        ReadError: a DICOM file's header is unreadable (named by path).
+    """
+    series, skipped = scan_series(exam_dir, exam_id)
+    found = _listing(series)
+    pet = _choose_pet(series, found, exam_id)
+    ct = _choose_ct(series, pet, found, exam_id)
+    seg = _choose_seg(series, pet, exam_id)
     for s in series:
         if s is not ct and s is not pet and s is not seg:
             logger.debug("exam %s: ignored %s", exam_id, s.summary())
