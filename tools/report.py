@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sys
@@ -119,89 +120,130 @@ def _lesions_of_folder(pred_dir: Path, labels_dir: Path, file_ending: str) -> di
     return out
 
 
-def write_results(
-    out_dir: str | os.PathLike, config: str, *, raw_dataset_dir: str | os.PathLike, trainer_dir: str | os.PathLike,
-    test_predictions: str | os.PathLike | None = None,
-) -> list[Path]:
-    """Write the tables, lesion metrics and curves of one trained dataset; returns the files written."""
-    out_dir, raw, trainer_dir = Path(out_dir), Path(raw_dataset_dir), Path(trainer_dir)
+@dataclass(frozen=True)
+class _TrainedDataset:
+    """What the tables of one trained dataset come from: its raw folder, file ending, diagnoses and folds."""
+
+    config: str
+    raw: Path
+    ending: str
+    diagnosis: dict[str, str]
+    summary_paths: dict[int, Path]
+
+
+@dataclass
+class _Results:
+    """The files written so far and the sections of the config's page, in order."""
+
+    out_dir: Path
+    written: list[Path] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+
+    def put(self, name: str, text: str) -> None:
+        """Write one file of ``results/``."""
+        write_atomic(self.out_dir / name, text)
+        self.written.append(self.out_dir / name)
+
+
+def _trained_dataset(config: str, raw: Path, trainer_dir: Path) -> _TrainedDataset:
+    """Read the raw dataset's ``dataset.json`` and find the trained folds' validation summaries."""
     dataset_json = json.loads((raw / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
     diagnosis = dataset_json.get("lymphatlas", {}).get("diagnosis", {})
-    written: list[Path] = []
-
-    def put(name: str, text: str) -> None:
-        write_atomic(out_dir / name, text)
-        written.append(out_dir / name)
-
     summary_paths = rt.find_fold_summaries(trainer_dir)
     if not summary_paths:
         raise FileNotFoundError(f"{trainer_dir}: no fold_k/validation/summary.json; train and validate a fold first")
-    summaries = {k: rt.load_summary(p) for k, p in summary_paths.items()}
-    sections = []
-    table = rt.cv_table(summaries, file_ending=ending)
+    return _TrainedDataset(config, raw, ending, diagnosis, summary_paths)
+
+
+def _write_cv_tables(results: _Results, ds: _TrainedDataset) -> None:
+    """Tables 2-3: the cross-validation table, and one per diagnosis for a model trained on both."""
+    config = ds.config
+    summaries = {k: rt.load_summary(p) for k, p in ds.summary_paths.items()}
+    table = rt.cv_table(summaries, file_ending=ds.ending)
     md = rt.to_markdown(table, title=f"{config}: {len(summaries)}-fold cross-validation, foreground (nnU-Net summary.json)")
-    put(f"{config}_cv.md", md)
-    put(f"{config}_cv.csv", rt.to_csv(table))
-    sections.append(md)
-    groups = sorted({d for d in diagnosis.values() if d})
+    results.put(f"{config}_cv.md", md)
+    results.put(f"{config}_cv.csv", rt.to_csv(table))
+    results.sections.append(md)
+    groups = sorted({d for d in ds.diagnosis.values() if d})
     if len(groups) > 1:  # a model trained on both: report each diagnosis apart, as Tables 2 (HL) and 3 (NHL)
         for dx in groups:
-            cases = {c for c, d in diagnosis.items() if d == dx}
-            sub = rt.cv_table(summaries, cases=cases, file_ending=ending)
+            cases = {c for c, d in ds.diagnosis.items() if d == dx}
+            sub = rt.cv_table(summaries, cases=cases, file_ending=ds.ending)
             md = rt.to_markdown(sub, title=f"{config} model, {dx} cases only")
-            put(f"{config}_{dx}_cv.md", md)
-            put(f"{config}_{dx}_cv.csv", rt.to_csv(sub))
-            sections.append(md)
+            results.put(f"{config}_{dx}_cv.md", md)
+            results.put(f"{config}_{dx}_cv.csv", rt.to_csv(sub))
+            results.sections.append(md)
 
+
+def _write_lesion_tables(results: _Results, ds: _TrainedDataset) -> None:
+    """Lesion-level metrics of the validation folds: per case (csv), per fold and pooled (markdown)."""
     per_case: list[dict] = []
     fold_rows = []
     all_metrics = []
-    for k in sorted(summary_paths):
-        metrics = _lesions_of_folder(summary_paths[k].parent, raw / "labelsTr", ending)
+    for k in sorted(ds.summary_paths):
+        metrics = _lesions_of_folder(ds.summary_paths[k].parent, ds.raw / "labelsTr", ds.ending)
         for case, m in metrics.items():
-            per_case.append({"fold": k, "case": case, "diagnosis": diagnosis.get(case, ""), **m.to_dict()})
+            per_case.append({"fold": k, "case": case, "diagnosis": ds.diagnosis.get(case, ""), **m.to_dict()})
         fold_rows.append((f"Fold {k}", lm.summarize(metrics.values())))
         all_metrics.extend(metrics.values())
     fold_rows.append(("All cases", lm.summarize(all_metrics)))
-    md = lesion_table_markdown(fold_rows, title=f"{config}: lesion-level metrics of the validation folds "
+    md = lesion_table_markdown(fold_rows, title=f"{ds.config}: lesion-level metrics of the validation folds "
                                                  "(18-connected components, autoPET definitions)")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LESION_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(per_case)
-    put(f"{config}_lesions.csv", buf.getvalue())
-    put(f"{config}_lesions.md", md)
-    sections.append(md)
+    results.put(f"{ds.config}_lesions.csv", buf.getvalue())
+    results.put(f"{ds.config}_lesions.md", md)
+    results.sections.append(md)
 
-    if test_predictions is not None and (raw / "labelsTs").is_dir():
-        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-        test_predictions = Path(test_predictions)
-        summary_file = test_predictions / "summary.json"
-        # nnU-Net's own evaluation, so the test row means exactly what the fold rows mean
-        compute_metrics_on_folder(str(raw / "labelsTs"), str(test_predictions), str(summary_file), SimpleITKIO(),
-                                  ending, [1], num_processes=1)
-        test_row = rt.fold_row(rt.load_summary(summary_file))
-        test_table = rt.CVTable([("Test", test_row)])
-        lesions = lm.summarize(_lesions_of_folder(test_predictions, raw / "labelsTs", ending).values())
-        md = (rt.to_markdown(test_table, title=f"{config}: held-out test split (ensemble of the trained folds)")
-              + "\n" + lesion_table_markdown([("Test", lesions)], title=f"{config}: test split, lesion level"))
-        put(f"{config}_test.md", md)
-        sections.append(md)
+def _write_test_table(results: _Results, ds: _TrainedDataset, test_predictions: Path) -> None:
+    """The held-out test split: nnU-Net's metrics of the predictions, then their lesion-level metrics."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+    summary_file = test_predictions / "summary.json"
+    # nnU-Net's own evaluation, so the test row means exactly what the fold rows mean
+    compute_metrics_on_folder(str(ds.raw / "labelsTs"), str(test_predictions), str(summary_file), SimpleITKIO(),
+                              ds.ending, [1], num_processes=1)
+    test_row = rt.fold_row(rt.load_summary(summary_file))
+    test_table = rt.CVTable([("Test", test_row)])
+    lesions = lm.summarize(_lesions_of_folder(test_predictions, ds.raw / "labelsTs", ds.ending).values())
+    md = (rt.to_markdown(test_table, title=f"{ds.config}: held-out test split (ensemble of the trained folds)")
+          + "\n" + lesion_table_markdown([("Test", lesions)], title=f"{ds.config}: test split, lesion level"))
+    results.put(f"{ds.config}_test.md", md)
+    results.sections.append(md)
+
+
+def _plot_fold_curves(results: _Results, ds: _TrainedDataset) -> None:
+    """The training curves of every fold whose final checkpoint is there."""
     from tools.nnunet_run import training_log
 
-    for k in sorted(summary_paths):
-        ckpt = summary_paths[k].parent.parent / "checkpoint_final.pth"
+    for k in sorted(ds.summary_paths):
+        ckpt = ds.summary_paths[k].parent.parent / "checkpoint_final.pth"
         if ckpt.is_file():
-            png = plot_training_curves(training_log(ckpt), out_dir / f"{config}_fold{k}_curves.png",
-                                       title=f"{config}, fold {k}")
-            written.append(png)
-            sections.append(f"![{config} fold {k} training curves]({png.name})\n")
-    put(f"{config}_README.md", "\n".join(sections))
-    return written
+            png = plot_training_curves(training_log(ckpt), results.out_dir / f"{ds.config}_fold{k}_curves.png",
+                                       title=f"{ds.config}, fold {k}")
+            results.written.append(png)
+            results.sections.append(f"![{ds.config} fold {k} training curves]({png.name})\n")
+
+
+def write_results(
+    out_dir: str | os.PathLike, config: str, *, raw_dataset_dir: str | os.PathLike, trainer_dir: str | os.PathLike,
+    test_predictions: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Write the tables, lesion metrics and curves of one trained dataset; returns the files written."""
+    ds = _trained_dataset(config, Path(raw_dataset_dir), Path(trainer_dir))
+    results = _Results(Path(out_dir))
+    _write_cv_tables(results, ds)
+    _write_lesion_tables(results, ds)
+    if test_predictions is not None and (ds.raw / "labelsTs").is_dir():
+        _write_test_table(results, ds, Path(test_predictions))
+    _plot_fold_curves(results, ds)
+    results.put(f"{config}_README.md", "\n".join(results.sections))
+    return results.written
 
 
 def write_index(out_dir: str | os.PathLike, configs: list[str], *, run_info: dict | None = None) -> Path:
