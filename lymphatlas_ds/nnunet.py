@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -258,10 +258,33 @@ def _checked_case(record: _CaseRecord) -> tuple[np.ndarray, np.ndarray, np.ndarr
         label.astype(schema.LABEL_DTYPE, copy=False), affine
 
 
-def _identity(
-    release: _Release, *, config: Config, pet_channel_name: str, file_ending: str, include_test: bool,
-    test_labels: bool,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Spec:
+    """The options that define the dataset's files: its identity, recorded in the state file."""
+
+    config: Config
+    name: str
+    pet_channel_name: str
+    file_ending: str
+    include_test: bool
+    test_labels: bool
+
+    @classmethod
+    def from_options(
+        cls, *, config: Config | str, name: str | None, pet_channel_name: str, file_ending: str, include_test: bool,
+        test_labels: bool,
+    ) -> _Spec:
+        """Check the options and fill in the defaults (test labels imply the test images, the name from the config)."""
+        config = Config(config)
+        _check_options(file_ending, pet_channel_name)
+        if test_labels:
+            include_test = True
+        return cls(config, name or default_name(config), pet_channel_name, file_ending, include_test, test_labels)
+
+
+def _identity(release: _Release, spec: _Spec) -> dict[str, Any]:
+    """What the dataset is made of: the release's cases of the config (with their content hashes) and the options."""
+    config = spec.config
     hashes = release.manifest.get("cases", {})
     cases = sorted(
         c for c, e in release.splits.get("cases", {}).items()
@@ -272,10 +295,10 @@ def _identity(
         "release_version": release.manifest.get("version"),
         "config": config.value,
         "cases_sha256": digest,
-        "channel_names": {str(CT_CHANNEL): schema.CHANNELS[0], str(PET_CHANNEL): pet_channel_name},
-        "file_ending": file_ending,
-        "include_test": include_test,
-        "test_labels": test_labels,
+        "channel_names": {str(CT_CHANNEL): schema.CHANNELS[0], str(PET_CHANNEL): spec.pet_channel_name},
+        "file_ending": spec.file_ending,
+        "include_test": spec.include_test,
+        "test_labels": spec.test_labels,
     }
 
 
@@ -345,28 +368,74 @@ def materialize_nnunet(
         >>> print(r.describe())  # doctest: +SKIP
     """
     start = time.perf_counter()
-    config = Config(config)
-    _check_options(file_ending, pet_channel_name)
-    if test_labels:
-        include_test = True
-    name = name or default_name(config)
-    folder_name = dataset_folder_name(dataset_id, name)
-    raw_dir = Path(raw_dir)
-    identity = _identity(
-        release, config=config, pet_channel_name=pet_channel_name, file_ending=file_ending,
-        include_test=include_test, test_labels=test_labels,
-    )
-    folder = _prepare_folder(raw_dir, folder_name, dataset_id, identity, force=force)
+    spec = _Spec.from_options(config=config, name=name, pet_channel_name=pet_channel_name, file_ending=file_ending,
+                              include_test=include_test, test_labels=test_labels)
+    folder_name = dataset_folder_name(dataset_id, spec.name)
+    identity = _identity(release, spec)
+    folder = _prepare_folder(Path(raw_dir), folder_name, dataset_id, identity, force=force)
     if preprocessed_dir is not None:
         _clear_preprocessed_id(Path(preprocessed_dir), folder_name, dataset_id, force=force)
-    gz = gzip_level if file_ending == ".nii.gz" else None
-    subdirs = {"imagesTr": folder / "imagesTr", "labelsTr": folder / "labelsTr"}
-    if include_test:
-        subdirs["imagesTs"] = folder / "imagesTs"
-    if test_labels:
-        subdirs["labelsTs"] = folder / "labelsTs"
-    for d in subdirs.values():
-        _mkdir(d)
+    layout = _Layout.create(folder, spec)
+    recorded, state = _open_state(folder, identity)
+    result = MaterializeResult(folder, folder_name, 0, 0)
+    writer = _CaseWriter(release, layout, recorded, state, result, progress=progress,
+                         gzip_level=gzip_level if spec.file_ending == ".nii.gz" else None)
+    train_ids, test_ids = writer.write(spec.config, workers=workers)
+    _check_partition(release, spec.config, train_ids, test_ids)
+    _remove_stale(layout, writer.expected)
+    folds = nnunet_splits(release.splits, train_ids)
+    _check_no_leak(release, train_ids, test_ids)
+    result.n_training, result.n_test = len(train_ids), len(test_ids)
+    _write_json(folder / "dataset.json", _dataset_json(release, spec, train_ids, test_ids))
+    result.splits_files += _write_splits(folds, folder, preprocessed_dir)
+    state["complete"] = True
+    _write_json(folder / STATE_FILE, state, sort_keys=True)
+    result.seconds = time.perf_counter() - start
+    logger.info("%s", result.describe())
+    return result
+
+
+class _Pass(NamedTuple):
+    """One split to write, and the subfolders its images and (when written) labels go to."""
+
+    split: Split
+    images: str
+    labels: str | None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The dataset folder: its subfolders, the splits written into them and each case's file names."""
+
+    folder: Path
+    file_ending: str
+    subdirs: dict[str, Path]
+    passes: list[_Pass]
+
+    @classmethod
+    def create(cls, folder: Path, spec: _Spec) -> _Layout:
+        """Make the subfolders the options call for (imagesTr, labelsTr, imagesTs, labelsTs)."""
+        subdirs = {"imagesTr": folder / "imagesTr", "labelsTr": folder / "labelsTr"}
+        if spec.include_test:
+            subdirs["imagesTs"] = folder / "imagesTs"
+        if spec.test_labels:
+            subdirs["labelsTs"] = folder / "labelsTs"
+        for d in subdirs.values():
+            _mkdir(d)
+        passes = [_Pass(Split.TRAIN, "imagesTr", "labelsTr")]
+        if spec.include_test:
+            passes.append(_Pass(Split.TEST, "imagesTs", "labelsTs" if spec.test_labels else None))
+        return cls(folder, spec.file_ending, subdirs, passes)
+
+    def targets(self, case_id: str, where: _Pass) -> list[tuple[str, str]]:
+        """(subfolder, file name) of a case's CT, PET and, when written, label files."""
+        ending = self.file_ending
+        out = [(where.images, f"{case_id}_{channel:04d}{ending}") for channel in (CT_CHANNEL, PET_CHANNEL)]
+        return out + ([(where.labels, f"{case_id}{ending}")] if where.labels is not None else [])
+
+
+def _open_state(folder: Path, identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What an earlier run of this same dataset wrote, and the state of this run (written now if new)."""
     try:
         previous_state = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -377,112 +446,124 @@ def materialize_nnunet(
     state: dict[str, Any] = {"identity": identity, "complete": False, "cases": dict(recorded)}
     if not same:  # a rerun of the same dataset leaves the file (and its mtime) alone until it changes
         _write_json(folder / STATE_FILE, state, sort_keys=True)
-    content_hashes = release.manifest.get("cases", {})
+    return recorded, state
 
-    result = MaterializeResult(folder, folder_name, 0, 0)
-    expected: dict[str, set[str]] = {k: set() for k in subdirs}
 
-    def targets(case_id: str, images: str, labels: str | None) -> list[tuple[str, str]]:
-        out = [(images, f"{case_id}_{CT_CHANNEL:04d}{file_ending}"), (images, f"{case_id}_{PET_CHANNEL:04d}{file_ending}")]
-        return out + ([(labels, f"{case_id}{file_ending}")] if labels is not None else [])
+class _CaseWriter:
+    """Encodes the cases' NIfTI files on a thread pool and writes those that changed, counting into the result."""
 
-    def unchanged(case_id: str, images: str, labels: str | None) -> bool:
+    def __init__(
+        self, release: _Release, layout: _Layout, recorded: dict[str, Any], state: dict[str, Any],
+        result: MaterializeResult, *, gzip_level: int | None, progress: Callable[[int], None] | None,
+    ) -> None:
+        self.release, self.layout, self.recorded, self.state, self.result = release, layout, recorded, state, result
+        self.gzip_level = gzip_level
+        self.progress = progress
+        self.content_hashes = release.manifest.get("cases", {})
+        self.expected: dict[str, set[str]] = {k: set() for k in layout.subdirs}
+        self.case_ids: dict[Split, list[str]] = {Split.TRAIN: [], Split.TEST: []}
+        self.n_done = 0
+        self.pending: set[cf.Future] = set()
+
+    def write(self, config: Config, *, workers: int) -> tuple[list[str], list[str]]:
+        """Write every pass of the layout; returns the train and the test case ids."""
+        with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="materialize") as pool:
+            for where in self.layout.passes:
+                for record in self._records(config, where):
+                    self._submit(pool, record, where)
+                    # bound the decoded cases held in memory: whole-body volumes are 0.5-1 GB each
+                    self._drain(max(3, 3 * workers))
+                    self._note(record.case_id, where)
+            self._drain(0)
+        return self.case_ids[Split.TRAIN], self.case_ids[Split.TEST]
+
+    def _records(self, config: Config, where: _Pass) -> Iterable[_CaseRecord]:
+        """The decoded cases of a pass that need writing; unchanged ones are counted without decoding them."""
+        if not hasattr(self.release, "case_ids"):
+            return self.release.iter_cases(config, where.split)
+        todo = []  # lymphatlas_ds.reader.Release: skip unchanged cases undecoded
+        for case_id in self.release.case_ids(config, where.split):
+            if self._unchanged(case_id, where):
+                self.result.files_skipped += len(self.layout.targets(case_id, where))
+                self._note(case_id, where)
+            else:
+                todo.append(case_id)
+        return self.release.iter_cases(config, where.split, case_ids=todo) if todo else iter(())
+
+    def _unchanged(self, case_id: str, where: _Pass) -> bool:
+        """Whether the files of an earlier run hold this case as the release has it now."""
         # Skipping a case without decoding it needs the same release content *and* the same bytes on disk.
-        entry = recorded.get(case_id)
-        if not entry or content_hashes.get(case_id) is None or entry.get("content_hash") != content_hashes[case_id]:
+        entry = self.recorded.get(case_id)
+        content_hash = self.content_hashes.get(case_id)
+        if not entry or content_hash is None or entry.get("content_hash") != content_hash:
             return False
-        files = {f"{key}/{name}" for key, name in targets(case_id, images, labels)}
+        files = {f"{key}/{name}" for key, name in self.layout.targets(case_id, where)}
         if set(entry.get("files", {})) != files:
             return False
         for rel in files:
             try:
-                if hashlib.sha256((folder / rel).read_bytes()).hexdigest() != entry["files"][rel]:
+                if hashlib.sha256((self.layout.folder / rel).read_bytes()).hexdigest() != entry["files"][rel]:
                     return False
             except OSError:
                 return False
         return True
 
-    def write_file(array: np.ndarray, affine: np.ndarray, case_id: str, key: str, name: str) -> tuple:
-        data = _nifti_bytes(array, affine, gzip_level=gz)
-        written = _write_if_changed(subdirs[key] / name, data)
+    def _submit(self, pool: cf.ThreadPoolExecutor, record: _CaseRecord, where: _Pass) -> None:
+        """Check a decoded case and queue one task per file: the PET file alone is half of a case's work."""
+        arrays = _checked_case(record)
+        case_id = record.case_id
+        self.result.voxel_bytes += sum(a.nbytes for a in arrays[:3])
+        self.state["cases"][case_id] = {"content_hash": self.content_hashes.get(case_id), "files": {}}
+        for array, (key, file_name) in zip(arrays[:3], self.layout.targets(case_id, where)):
+            self.pending.add(pool.submit(self._write_file, array, arrays[3], case_id, key, file_name))
+
+    def _write_file(self, array: np.ndarray, affine: np.ndarray, case_id: str, key: str, name: str) -> tuple:
+        """Encode one volume and write it unless the file holds these bytes already (runs on the pool)."""
+        data = _nifti_bytes(array, affine, gzip_level=self.gzip_level)
+        written = _write_if_changed(self.layout.subdirs[key] / name, data)
         return case_id, f"{key}/{name}", written, len(data), hashlib.sha256(data).hexdigest()
 
-    train_ids: list[str] = []
-    test_ids: list[str] = []
-    passes = [(Split.TRAIN, "imagesTr", "labelsTr")]
-    if include_test:
-        passes.append((Split.TEST, "imagesTs", "labelsTs" if test_labels else None))
-    n_done = 0
-    with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="materialize") as pool:
-        pending: set[cf.Future] = set()
+    def _drain(self, limit: int) -> None:
+        """Wait until at most ``limit`` files are pending; count those written and record their sha256."""
+        while len(self.pending) > limit:
+            done, self.pending = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                case_id, rel, written, size, sha = fut.result()
+                self.result.files_written += written
+                self.result.files_skipped += not written
+                self.result.bytes_written += size if written else 0
+                self.state["cases"][case_id]["files"][rel] = sha
 
-        def drain(limit: int) -> None:
-            nonlocal pending
-            while len(pending) > limit:
-                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    case_id, rel, written, size, sha = fut.result()
-                    result.files_written += written
-                    result.files_skipped += not written
-                    result.bytes_written += size if written else 0
-                    state["cases"][case_id]["files"][rel] = sha
+    def _note(self, case_id: str, where: _Pass) -> None:
+        """A case is done (written or unchanged): its files are expected, the progress callback hears of it."""
+        self.case_ids[where.split].append(case_id)
+        for key, file_name in self.layout.targets(case_id, where):
+            self.expected[key].add(file_name)
+        self.n_done += 1
+        if self.progress is not None:
+            self.progress(self.n_done)
 
-        def note(case_id: str, split: Split, images: str, labels: str | None) -> None:
-            nonlocal n_done
-            (train_ids if split is Split.TRAIN else test_ids).append(case_id)
-            for key, file_name in targets(case_id, images, labels):
-                expected[key].add(file_name)
-            n_done += 1
-            if progress is not None:
-                progress(n_done)
 
-        for split, images, labels in passes:
-            todo = None
-            if hasattr(release, "case_ids"):  # lymphatlas_ds.reader.Release: skip unchanged cases undecoded
-                todo = []
-                for case_id in release.case_ids(config, split):
-                    if unchanged(case_id, images, labels):
-                        result.files_skipped += len(targets(case_id, images, labels))
-                        note(case_id, split, images, labels)
-                    else:
-                        todo.append(case_id)
-                records = release.iter_cases(config, split, case_ids=todo) if todo else iter(())
-            else:
-                records = release.iter_cases(config, split)
-            for record in records:
-                arrays = _checked_case(record)
-                case_id = record.case_id
-                result.voxel_bytes += sum(a.nbytes for a in arrays[:3])
-                state["cases"][case_id] = {"content_hash": content_hashes.get(case_id), "files": {}}
-                # one task per file: the PET file alone is half of a case's work
-                for array, (key, file_name) in zip(arrays[:3], targets(case_id, images, labels)):
-                    pending.add(pool.submit(write_file, array, arrays[3], case_id, key, file_name))
-                # bound the decoded cases held in memory: whole-body volumes are 0.5-1 GB each
-                drain(max(3, 3 * workers))
-                note(case_id, split, images, labels)
-        drain(0)
-    _check_partition(release, config, train_ids, test_ids)
-    for key, d in subdirs.items():  # files of cases that left the release (a rerun after --force)
+def _remove_stale(layout: _Layout, expected: dict[str, set[str]]) -> None:
+    """Delete the files of cases that left the release (a rerun after --force)."""
+    for key, d in layout.subdirs.items():
         for stale in sorted(set(os.listdir(d)) - expected[key]):
             logger.info("removing %s/%s: not part of this dataset", key, stale)
             (d / stale).unlink()
-    folds = nnunet_splits(release.splits, train_ids)
-    _check_no_leak(release, train_ids, test_ids)
-    result.n_training, result.n_test = len(train_ids), len(test_ids)
-    dataset_json = _dataset_json(release, config, name, pet_channel_name, file_ending, train_ids, test_ids)
-    _write_json(folder / "dataset.json", dataset_json)
-    _write_json(folder / SPLITS_FILE, folds)
-    result.splits_files.append(folder / SPLITS_FILE)
+
+
+def _write_splits(
+    folds: list[dict[str, list[str]]], folder: Path, preprocessed_dir: str | os.PathLike | None
+) -> list[Path]:
+    """Write splits_final.json into the raw dataset folder and, when given, its preprocessed folder."""
+    paths = [folder / SPLITS_FILE]
+    _write_json(paths[0], folds)
     if preprocessed_dir is not None:
-        target = Path(preprocessed_dir) / folder_name
+        target = Path(preprocessed_dir) / folder.name
         _mkdir(target)
-        _write_json(target / SPLITS_FILE, folds)
-        result.splits_files.append(target / SPLITS_FILE)
-    state["complete"] = True
-    _write_json(folder / STATE_FILE, state, sort_keys=True)
-    result.seconds = time.perf_counter() - start
-    logger.info("%s", result.describe())
-    return result
+        paths.append(target / SPLITS_FILE)
+        _write_json(paths[-1], folds)
+    return paths
 
 
 def _check_options(file_ending: str, pet_channel_name: str) -> None:
@@ -530,18 +611,18 @@ def _check_no_leak(release: _Release, train_ids: list[str], test_ids: list[str])
         raise SchemaError(f"training cases {leaked[:5]} share a subject with test cases; rebuild the release")
 
 
-def _dataset_json(release: _Release, config: Config, name: str, pet_channel_name: str, file_ending: str,
-                  train_ids: list[str], test_ids: list[str]) -> dict[str, Any]:
+def _dataset_json(release: _Release, spec: _Spec, train_ids: list[str], test_ids: list[str]) -> dict[str, Any]:
     """nnU-Net's dataset.json, with the release's provenance under "lymphatlas"."""
+    config = spec.config
     entries = release.splits.get("cases", {})
     version = release.manifest.get("version")
     return {
-        "channel_names": {str(CT_CHANNEL): schema.CHANNELS[0], str(PET_CHANNEL): pet_channel_name},
+        "channel_names": {str(CT_CHANNEL): schema.CHANNELS[0], str(PET_CHANNEL): spec.pet_channel_name},
         "labels": dict(schema.LABELS),
         "numTraining": len(train_ids),
-        "file_ending": file_ending,
+        "file_ending": spec.file_ending,
         "overwrite_image_reader_writer": "SimpleITKIO",
-        "name": name,
+        "name": spec.name,
         "description": f"{schema.DATASET_NAME} {version} ({config.value}): whole-body FDG PET/CT, lymphoma lesions; "
                        "PET resampled onto the CT grid, PET in SUVbw",
         "reference": release.manifest.get("citation") or CITATION,
