@@ -186,6 +186,26 @@ class Body:
         return (x * self.width * self.scale, y * self.width * self.scale, z * self.scale)
 
 
+@dataclass
+class _Sketch:
+    """Shapes drawn in canonical coordinates (mm of an adult of scale 1) onto one patient, in painting order."""
+
+    s: float  # height scale (z)
+    w: float  # width scale (x and y)
+    shapes: list[Shape] = field(default_factory=list)
+
+    def mm(self, x: float, y: float, z: float) -> tuple[float, float, float]:
+        """Canonical point or radii -> this patient's mm."""
+        return (x * self.w, y * self.w, z * self.s)
+
+    def ell(self, tissue: Tissue, center, radii, **kw) -> None:
+        self.shapes.append(Shape(tissue, "ellipsoid", center=self.mm(*center), radii=self.mm(*radii), **kw))
+
+    def cyl(self, tissue: Tissue, center_xy, radii_xy, z_hi: float, z_lo: float, **kw) -> None:
+        self.shapes.append(Shape(tissue, "cylinder", center=self.mm(*center_xy, 0), radii=self.mm(*radii_xy, 0),
+                                 z_range=(z_hi * self.s, z_lo * self.s), **kw))
+
+
 def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     """A random adult body (scale 0.92-1.08, width 0.9-1.15, a bit narrower for F).
 
@@ -196,15 +216,30 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
     """
     scale = float(rng.uniform(0.92, 1.08))
     width = float(rng.uniform(0.9, 1.15)) * (0.94 if sex == "F" else 1.0)
-    s, w = scale, width * scale
+    sk = _Sketch(scale, width * scale)
+    torso, fat = _trunk(sk, sex)
+    _thighs(sk, fat)
+    _head(sk)
+    _node_fat(sk)
+    _chest(sk)
+    _abdomen(sk, rng)
+    _skeleton(sk, torso)
+    weight = 72.0 * (width / (0.94 if sex == "F" else 1.0)) ** 2 * scale**3 * (0.85 if sex == "F" else 1.0)
+    return Body(
+        shapes=sk.shapes,
+        scale=scale,
+        width=width,
+        z_top=8.0 * scale,
+        z_bottom=-1000.0 * scale,
+        center_mm=(0.0, 0.0, -470.0 * scale),
+        weight_kg=round(float(weight), 1),
+    )
 
-    def P(x, y, z):  # canonical -> patient
-        return (x * w, y * w, z * s)
 
-    def R(a, b, c):
-        return (a * w, b * w, c * s)
-
-    shapes: list[Shape] = []
+def _trunk(sk: _Sketch, sex: str) -> tuple[tuple[tuple[float, float, float], ...], float]:
+    """Skin fat, muscle wall and visceral soft tissue from the neck to the upper thighs; returns the
+    torso contour (z, rx, ry in mm) and the fat thickness (mm)."""
+    s, w = sk.s, sk.w
     # Torso contour (z, rx, ry) from the neck to the upper thighs; thighs are separate cylinders.
     torso = tuple(
         (z * s, rx * w, ry * w)
@@ -222,94 +257,101 @@ def make_body(rng: np.random.Generator, *, sex: str) -> Body:
         ]
     )
     fat = 12.0 * w * (1.2 if sex == "F" else 1.0)
-    shapes.append(Shape(Tissue.FAT, "profile", knots=torso))
-    shapes.append(Shape(Tissue.MUSCLE, "profile", knots=torso, scale_in=fat))
+    sk.shapes.append(Shape(Tissue.FAT, "profile", knots=torso))
+    sk.shapes.append(Shape(Tissue.MUSCLE, "profile", knots=torso, scale_in=fat))
     # Visceral soft tissue inside the muscular wall of the thorax/abdomen/pelvis.
     inner = tuple((z, rx, ry) for z, rx, ry in torso if z <= -300 * s)
-    shapes.append(Shape(Tissue.SOFT, "profile", knots=inner, scale_in=fat + 18.0 * w))
-    def ell(tissue, center, radii, **kw):
-        shapes.append(Shape(tissue, "ellipsoid", center=P(*center), radii=R(*radii), **kw))
+    sk.shapes.append(Shape(Tissue.SOFT, "profile", knots=inner, scale_in=fat + 18.0 * w))
+    return torso, fat
 
-    def cyl(tissue, center_xy, radii_xy, z_hi, z_lo, **kw):
-        shapes.append(Shape(tissue, "cylinder", center=P(*center_xy, 0), radii=R(*radii_xy, 0),
-                            z_range=(z_hi * s, z_lo * s), **kw))
 
+def _thighs(sk: _Sketch, fat: float) -> None:
+    """Thighs: fat, muscle, femur (cortex and marrow), femoral heads."""
     B, M = Tissue.CORTICAL_BONE, Tissue.MARROW
-    # Thighs: fat, muscle, femur (cortex and marrow), femoral heads.
     for side in (-1, 1):
-        cyl(Tissue.FAT, (side * 88, 0), (78, 82), -880, -1080)
-        cyl(Tissue.MUSCLE, (side * 88, 0), (78 - fat / w, 82 - fat / w), -880, -1080)
-        cyl(B, (side * 92, 5), (14, 14), -870, -1080)
-        cyl(M, (side * 92, 5), (8, 8), -885, -1080)
-        ell(B, (side * 90, 0, -865), (24, 24, 24))
-        ell(M, (side * 90, 0, -865), (18, 18, 18))
-    # Head: scalp (soft), skull, brain; face and mandible.
-    head_c, head_r = P(0, 5, -112), R(76, 96, 112)
-    shapes.append(Shape(Tissue.MUSCLE, "ellipsoid", center=head_c, radii=head_r))
-    shapes.append(Shape(B, "ellipsoid", center=head_c, radii=tuple(r - 5 for r in head_r)))
-    shapes.append(Shape(Tissue.BRAIN, "ellipsoid", center=head_c, radii=tuple(r - 12 for r in head_r)))
-    ell(Tissue.SOFT, (0, -35, -190), (45, 40, 35))
-    ell(B, (0, -45, -200), (42, 30, 14), shell=5)
-    # Fat where the nodes live (mediastinum, axillae, supraclavicular fossae), so that nodes show on CT.
-    ell(Tissue.FAT, (0, -35, -400), (38, 45, 70))
+        sk.cyl(Tissue.FAT, (side * 88, 0), (78, 82), -880, -1080)
+        sk.cyl(Tissue.MUSCLE, (side * 88, 0), (78 - fat / sk.w, 82 - fat / sk.w), -880, -1080)
+        sk.cyl(B, (side * 92, 5), (14, 14), -870, -1080)
+        sk.cyl(M, (side * 92, 5), (8, 8), -885, -1080)
+        sk.ell(B, (side * 90, 0, -865), (24, 24, 24))
+        sk.ell(M, (side * 90, 0, -865), (18, 18, 18))
+
+
+def _head(sk: _Sketch) -> None:
+    """Head: scalp (soft), skull, brain; face and mandible."""
+    B = Tissue.CORTICAL_BONE
+    head_c, head_r = sk.mm(0, 5, -112), sk.mm(76, 96, 112)
+    sk.shapes.append(Shape(Tissue.MUSCLE, "ellipsoid", center=head_c, radii=head_r))
+    sk.shapes.append(Shape(B, "ellipsoid", center=head_c, radii=tuple(r - 5 for r in head_r)))
+    sk.shapes.append(Shape(Tissue.BRAIN, "ellipsoid", center=head_c, radii=tuple(r - 12 for r in head_r)))
+    sk.ell(Tissue.SOFT, (0, -35, -190), (45, 40, 35))
+    sk.ell(B, (0, -45, -200), (42, 30, 14), shell=5)
+
+
+def _node_fat(sk: _Sketch) -> None:
+    """Fat where the nodes live (mediastinum, axillae, supraclavicular fossae), so that nodes show on CT."""
+    sk.ell(Tissue.FAT, (0, -35, -400), (38, 45, 70))
     for side in (-1, 1):
-        ell(Tissue.FAT, (side * 148, 15, -330), (22, 35, 40))
-        ell(Tissue.FAT, (side * 60, -10, -272), (26, 26, 18))
+        sk.ell(Tissue.FAT, (side * 148, 15, -330), (22, 35, 40))
+        sk.ell(Tissue.FAT, (side * 60, -10, -272), (26, 26, 18))
+
+
+def _chest(sk: _Sketch) -> None:
+    """Airway, lungs, heart and great vessels."""
     # Airway: trachea from the larynx to the carina, then the main bronchi.
-    cyl(Tissue.AIRWAY, (0, -25), (8, 8), -205, -395)
+    sk.cyl(Tissue.AIRWAY, (0, -25), (8, 8), -205, -395)
     for side in (-1, 1):
-        ell(Tissue.AIRWAY, (side * 22, -18, -405), (20, 6, 14))
+        sk.ell(Tissue.AIRWAY, (side * 22, -18, -405), (20, 6, 14))
     # Lungs inside the chest wall (skin, fat, muscle, ribs: at least ~2.5 cm laterally and
     # posteriorly), so that no axial slice shows lung touching the outside air.
     for side in (-1, 1):
-        ell(Tissue.LUNG, (side * 74, 4, -420), (54, 80, 135))
+        sk.ell(Tissue.LUNG, (side * 74, 4, -420), (54, 80, 135))
     # Heart (blood pool inside a myocardial shell), descending aorta, aortic arch.
-    ell(Tissue.MYOCARDIUM, (22, -30, -470), (58, 50, 55))
-    ell(Tissue.BLOOD, (22, -30, -470), (46, 38, 43))
-    cyl(Tissue.BLOOD, (18, 38), (12, 12), -385, -790)
-    ell(Tissue.BLOOD, (5, 0, -385), (30, 42, 13), shell=9 * w)
-    # Abdomen: liver (patient's right = -x), spleen, kidneys, bladder, stomach with an air cap.
-    ell(Tissue.LIVER, (-62, 0, -575), (95, 82, 78))
-    ell(Tissue.SPLEEN, (92, 45, -575), (38, 50, 55))
+    sk.ell(Tissue.MYOCARDIUM, (22, -30, -470), (58, 50, 55))
+    sk.ell(Tissue.BLOOD, (22, -30, -470), (46, 38, 43))
+    sk.cyl(Tissue.BLOOD, (18, 38), (12, 12), -385, -790)
+    sk.ell(Tissue.BLOOD, (5, 0, -385), (30, 42, 13), shell=9 * sk.w)
+
+
+def _abdomen(sk: _Sketch, rng: np.random.Generator) -> None:
+    """Liver (patient's right = -x), spleen, kidneys, bladder, stomach with an air cap, colon gas."""
+    sk.ell(Tissue.LIVER, (-62, 0, -575), (95, 82, 78))
+    sk.ell(Tissue.SPLEEN, (92, 45, -575), (38, 50, 55))
     for side in (-1, 1):
-        ell(Tissue.KIDNEY, (side * 62, 55, -650), (28, 28, 55))
-    ell(Tissue.BLADDER, (0, -40, -842), (42, 35, 32))
-    ell(Tissue.SOFT, (45, -45, -575), (42, 32, 45))
-    ell(Tissue.AIRWAY, (45, -55, -548), (30, 18, 16))
+        sk.ell(Tissue.KIDNEY, (side * 62, 55, -650), (28, 28, 55))
+    sk.ell(Tissue.BLADDER, (0, -40, -842), (42, 35, 32))
+    sk.ell(Tissue.SOFT, (45, -45, -575), (42, 32, 45))
+    sk.ell(Tissue.AIRWAY, (45, -55, -548), (30, 18, 16))
     # Colon gas: bubbles of random size along the ascending, transverse and descending colon.
     path = [(-100, -5, z) for z in range(-790, -660, 24)] + [(x, -55, -650) for x in range(-90, 91, 30)]
     path += [(100, -5, z) for z in range(-670, -800, -24)]
     for x, y, z in path:
         r = float(rng.uniform(6, 15))
-        ell(Tissue.AIRWAY, (x + rng.normal(0, 5), y + rng.normal(0, 5), z + rng.normal(0, 5)), (r, r * 0.8, r * 0.9))
+        sk.ell(Tissue.AIRWAY, (x + rng.normal(0, 5), y + rng.normal(0, 5), z + rng.normal(0, 5)), (r, r * 0.8, r * 0.9))
+
+
+def _skeleton(sk: _Sketch, torso: tuple[tuple[float, float, float], ...]) -> None:
+    """Spine, ribs, sternum, clavicles, iliac wings and sacrum."""
+    B, M = Tissue.CORTICAL_BONE, Tissue.MARROW
+    s, w = sk.s, sk.w
     # Spine: vertebral bodies between discs (z_period), marrow inside, spinous processes. The
     # cervical spine sits in the back half of the neck; thoracic and lumbar spine further back.
     for y_body, y_spinous, (z_hi, z_lo), (rx, ry), period in (
         (18, 38, (-205, -272), (12, 11), 20),
         (72, 96, (-272, -840), (18, 16), 30),
     ):
-        cyl(B, (0, y_body), (rx, ry), z_hi, z_lo, z_period=period * s, z_duty=0.8)
-        cyl(M, (0, y_body), (rx - 5, ry - 5), z_hi, z_lo, z_period=period * s, z_duty=0.8)
-        cyl(B, (0, y_spinous), (7, 8), z_hi, z_lo, z_period=period * s, z_duty=0.6)
+        sk.cyl(B, (0, y_body), (rx, ry), z_hi, z_lo, z_period=period * s, z_duty=0.8)
+        sk.cyl(M, (0, y_body), (rx - 5, ry - 5), z_hi, z_lo, z_period=period * s, z_duty=0.8)
+        sk.cyl(B, (0, y_spinous), (7, 8), z_hi, z_lo, z_period=period * s, z_duty=0.6)
     # Ribs (an elliptic shell cut into bands), sternum, clavicles, iliac wings, sacrum.
     rib_knots = tuple((z, rx - 14 * w, ry - 12 * w) for z, rx, ry in torso if -640 * s <= z <= -290 * s)
-    shapes.append(Shape(B, "profile", knots=rib_knots, shell=7 * w, z_period=24 * s, z_duty=0.38))
-    cyl(B, (0, -98), (14, 6), -320, -480)
+    sk.shapes.append(Shape(B, "profile", knots=rib_knots, shell=7 * w, z_period=24 * s, z_duty=0.38))
+    sk.cyl(B, (0, -98), (14, 6), -320, -480)
     for side in (-1, 1):
-        ell(B, (side * 70, -55, -285), (62, 9, 8))
-        ell(B, (side * 95, 35, -790), (55, 28, 62), shell=8 * w)
-        ell(M, (side * 95, 35, -790), (47, 20, 54), shell=3 * w)
-    ell(B, (0, 70, -815), (35, 20, 40), shell=6 * w)
-    weight = 72.0 * (width / (0.94 if sex == "F" else 1.0)) ** 2 * scale**3 * (0.85 if sex == "F" else 1.0)
-    return Body(
-        shapes=shapes,
-        scale=scale,
-        width=width,
-        z_top=8.0 * s,
-        z_bottom=-1000.0 * s,
-        center_mm=(0.0, 0.0, -470.0 * s),
-        weight_kg=round(float(weight), 1),
-    )
+        sk.ell(B, (side * 70, -55, -285), (62, 9, 8))
+        sk.ell(B, (side * 95, 35, -790), (55, 28, 62), shell=8 * w)
+        sk.ell(M, (side * 95, 35, -790), (47, 20, 54), shell=3 * w)
+    sk.ell(B, (0, 70, -815), (35, 20, 40), shell=6 * w)
 
 
 # Lymph-node stations in canonical coordinates; sided stations get x *= -1 for the right side.
