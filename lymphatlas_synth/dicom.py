@@ -274,81 +274,114 @@ def pet_datasets(
     zs = [geom.slice_origin(k)[2] for k in range(n)]
     ztop = max(zs)
     out = []
-    manufacturer = study.vendor
     for k in range(n):
         instance = n - k
         ds = base_dataset(study, sop_class=PET_IMAGE_STORAGE, sop_uid=study.uid(spec.series_uid, k), modality="PT")
         ds.ImageType = list(image_type)
-        ds.SeriesDate, ds.SeriesTime = da(timing.series_dt), tm(timing.series_dt)
         # Beds advance from the head end; a slice's acquisition time is its bed's start time.
         bed = int((ztop - zs[k]) // bed_length_mm)
         t = timing.scan_start_dt + dt.timedelta(seconds=bed * timing.bed_seconds)
-        ds.AcquisitionDate, ds.AcquisitionTime = da(t), tm(t)
-        ds.ContentDate, ds.ContentTime = da(timing.series_dt), tm(timing.series_dt)
-        if manufacturer == "siemens":
-            ds.AcquisitionDateTime = dtm(t)
-        ds.SeriesDescription = spec.description
-        ds.BodyPartExamined = "WHOLEBODY"
-        ds.SliceThickness = ds_str(geom.spacing[2])
-        ds.SeriesInstanceUID = spec.series_uid
-        ds.SeriesNumber = spec.series_number
-        ds.InstanceNumber = instance
-        ds.ImagePositionPatient = [ds_str(v) for v in geom.slice_origin(k)]
-        ds.ImageOrientationPatient = [ds_str(v) for v in iop]
-        ds.SliceLocation = ds_str(zs[k])
-        ds.PixelSpacing = [ds_str(geom.spacing[1]), ds_str(geom.spacing[0])]
-        # PET Series / PET Isotope / PET Image modules.
-        ds.SeriesType = ["WHOLE BODY", "IMAGE"]
-        ds.Units = units
-        ds.CountsSource = "EMISSION"
-        ds.NumberOfSlices = n
-        ds.ImageIndex = instance
-        ds.CorrectedImage = list(corrected)
-        ds.DecayCorrection = timing.decay_correction
-        ds.RandomsCorrectionMethod = "DLYD"
-        ds.AttenuationCorrectionMethod = "CT" if "ATTN" in corrected else "NONE"
-        ds.ReconstructionMethod = "OSEM3D 4i5s"
-        ds.ActualFrameDuration = int(timing.bed_seconds * 1000)
-        ref = timing.scan_start_dt if timing.decay_correction == "START" else timing.injection_dt
-        ds.FrameReferenceTime = ds_str((t - timing.scan_start_dt).total_seconds() * 1000)
-        ds.DecayFactor = ds_str(2 ** ((t - ref).total_seconds() / F18_HALF_LIFE_S))
-        ds.DoseCalibrationFactor = "1"
-        ds.SliceSensitivityFactor = "1"
-        radio = Dataset()
-        radio.Radiopharmaceutical = "Fluorodeoxyglucose"
-        radio.RadiopharmaceuticalStartTime = tm(timing.injection_dt)
-        radio.RadiopharmaceuticalStartDateTime = dtm(timing.injection_dt)
-        if timing.write_dose:
-            radio.RadionuclideTotalDose = ds_str(timing.dose_bq)
-        radio.RadionuclideHalfLife = ds_str(F18_HALF_LIFE_S)
-        radio.RadionuclidePositronFraction = "0.9673"
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "C-111A1", "SRT", "^18^Fluorine"
-        radio.RadionuclideCodeSequence = Sequence([code])
-        drug = Dataset()
-        drug.CodeValue, drug.CodingSchemeDesignator, drug.CodeMeaning = "C-B1031", "SRT", "Fluorodeoxyglucose F^18^"
-        radio.RadiopharmaceuticalCodeSequence = Sequence([drug])
-        ds.RadiopharmaceuticalInformationSequence = Sequence([radio])
-        # Per-slice rescale: the slice maximum maps to 32767.
-        peak = float(values[k].max())
-        slope_s = ds_str(peak / 32767.0 if peak > 0 else 1.0)
-        slope = float(slope_s)
-        stored = np.clip(np.rint(values[k] / slope), -32768, 32767).astype(np.int16)
+        _set_pet_times(ds, timing, t, manufacturer=study.vendor)
+        _set_pet_slice(ds, spec, geom, k, instance=instance, iop=iop)
+        _set_pet_image(ds, timing, t, units=units, corrected=corrected, n_slices=n, instance=instance)
+        ds.RadiopharmaceuticalInformationSequence = Sequence([_radiopharmaceutical(timing)])
+        stored, slope = _rescale_pet_slice(ds, values[k])
         written[k] = stored.astype(np.float64) * slope
-        ds.RescaleSlope = slope_s
-        ds.RescaleIntercept = "0"
-        ds.LargestImagePixelValue = int(stored.max())
-        ds["LargestImagePixelValue"].VR = "SS"
-        if manufacturer == "philips" and units == "CNTS":
-            block = ds.private_block(0x7053, PHILIPS_CREATOR, create=True)
-            block.add_new(0x00, "DS", ds_str(suv_per_bqml * counts_per_bqml))
-            block.add_new(0x09, "DS", ds_str(counts_per_bqml))
-        if manufacturer == "ge":
-            block = ds.private_block(0x0009, GE_CREATOR, create=True)
-            block.add_new(0x0D, "DT", dtm(timing.scan_start_dt))  # GE's scan date-time (the decay reference)
+        _set_pet_private(ds, timing, manufacturer=study.vendor, units=units, suv_per_bqml=suv_per_bqml,
+                         counts_per_bqml=counts_per_bqml)
         _image_pixel(ds, stored, bits_stored=16)
         out.append(ds)
     return out, written
+
+
+def _set_pet_times(ds: Dataset, timing: PetTiming, t: dt.datetime, *, manufacturer: str) -> None:
+    """Series and content date/time, and the acquisition time ``t`` of the slice's bed."""
+    ds.SeriesDate, ds.SeriesTime = da(timing.series_dt), tm(timing.series_dt)
+    ds.AcquisitionDate, ds.AcquisitionTime = da(t), tm(t)
+    ds.ContentDate, ds.ContentTime = da(timing.series_dt), tm(timing.series_dt)
+    if manufacturer == "siemens":
+        ds.AcquisitionDateTime = dtm(t)
+
+
+def _set_pet_slice(ds: Dataset, spec: SeriesSpec, geom: SeriesGeometry, k: int, *, instance: int,
+                   iop: list[float]) -> None:
+    """The series and the position of slice ``k`` on ``geom``."""
+    origin = geom.slice_origin(k)
+    ds.SeriesDescription = spec.description
+    ds.BodyPartExamined = "WHOLEBODY"
+    ds.SliceThickness = ds_str(geom.spacing[2])
+    ds.SeriesInstanceUID = spec.series_uid
+    ds.SeriesNumber = spec.series_number
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [ds_str(v) for v in origin]
+    ds.ImageOrientationPatient = [ds_str(v) for v in iop]
+    ds.SliceLocation = ds_str(origin[2])
+    ds.PixelSpacing = [ds_str(geom.spacing[1]), ds_str(geom.spacing[0])]
+
+
+def _set_pet_image(ds: Dataset, timing: PetTiming, t: dt.datetime, *, units: str, corrected: tuple[str, ...],
+                   n_slices: int, instance: int) -> None:
+    """The PET Series and PET Image modules: units, corrections, frame timing and decay factor."""
+    ds.SeriesType = ["WHOLE BODY", "IMAGE"]
+    ds.Units = units
+    ds.CountsSource = "EMISSION"
+    ds.NumberOfSlices = n_slices
+    ds.ImageIndex = instance
+    ds.CorrectedImage = list(corrected)
+    ds.DecayCorrection = timing.decay_correction
+    ds.RandomsCorrectionMethod = "DLYD"
+    ds.AttenuationCorrectionMethod = "CT" if "ATTN" in corrected else "NONE"
+    ds.ReconstructionMethod = "OSEM3D 4i5s"
+    ds.ActualFrameDuration = int(timing.bed_seconds * 1000)
+    ref = timing.scan_start_dt if timing.decay_correction == "START" else timing.injection_dt
+    ds.FrameReferenceTime = ds_str((t - timing.scan_start_dt).total_seconds() * 1000)
+    ds.DecayFactor = ds_str(2 ** ((t - ref).total_seconds() / F18_HALF_LIFE_S))
+    ds.DoseCalibrationFactor = "1"
+    ds.SliceSensitivityFactor = "1"
+
+
+def _radiopharmaceutical(timing: PetTiming) -> Dataset:
+    """The PET Isotope module's item: FDG, injection time, dose (unless withheld) and F-18 half-life."""
+    radio = Dataset()
+    radio.Radiopharmaceutical = "Fluorodeoxyglucose"
+    radio.RadiopharmaceuticalStartTime = tm(timing.injection_dt)
+    radio.RadiopharmaceuticalStartDateTime = dtm(timing.injection_dt)
+    if timing.write_dose:
+        radio.RadionuclideTotalDose = ds_str(timing.dose_bq)
+    radio.RadionuclideHalfLife = ds_str(F18_HALF_LIFE_S)
+    radio.RadionuclidePositronFraction = "0.9673"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "C-111A1", "SRT", "^18^Fluorine"
+    radio.RadionuclideCodeSequence = Sequence([code])
+    drug = Dataset()
+    drug.CodeValue, drug.CodingSchemeDesignator, drug.CodeMeaning = "C-B1031", "SRT", "Fluorodeoxyglucose F^18^"
+    radio.RadiopharmaceuticalCodeSequence = Sequence([drug])
+    return radio
+
+
+def _rescale_pet_slice(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-slice rescale: the slice maximum maps to 32767; returns the stored int16 values and the slope."""
+    peak = float(values.max())
+    slope_s = ds_str(peak / 32767.0 if peak > 0 else 1.0)
+    slope = float(slope_s)
+    stored = np.clip(np.rint(values / slope), -32768, 32767).astype(np.int16)
+    ds.RescaleSlope = slope_s
+    ds.RescaleIntercept = "0"
+    ds.LargestImagePixelValue = int(stored.max())
+    ds["LargestImagePixelValue"].VR = "SS"
+    return stored, slope
+
+
+def _set_pet_private(ds: Dataset, timing: PetTiming, *, manufacturer: str, units: str, suv_per_bqml: float,
+                     counts_per_bqml: float) -> None:
+    """Vendor private tags: Philips' SUV and Bq/ml scale factors (CNTS), GE's scan date-time."""
+    if manufacturer == "philips" and units == "CNTS":
+        block = ds.private_block(0x7053, PHILIPS_CREATOR, create=True)
+        block.add_new(0x00, "DS", ds_str(suv_per_bqml * counts_per_bqml))
+        block.add_new(0x09, "DS", ds_str(counts_per_bqml))
+    if manufacturer == "ge":
+        block = ds.private_block(0x0009, GE_CREATOR, create=True)
+        block.add_new(0x0D, "DT", dtm(timing.scan_start_dt))  # GE's scan date-time (the decay reference)
 
 
 def localizer_dataset(
