@@ -25,7 +25,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lymphatlas_ds.nnunet import MaterializeResult
+    from lymphatlas_ds.reader import Release
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for `tools.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,12 +71,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+@dataclass(frozen=True)
+class _Run:
+    """One baseline run: its options, working and results folders, nnU-Net's folders, the release, step timings."""
+
+    args: argparse.Namespace
+    work: Path
+    results: Path
+    paths: dict[str, Path]
+    release: Release
+    timings: dict[str, float]
+
+
+def _run_info(args: argparse.Namespace, version: str, trainer_name: str, timings: dict[str, float]) -> dict[str, Any]:
+    """The run's settings and timings, as results/run.json and the results page record them."""
+    run_info = {
+        "release": version, "source": str(args.source), "configs": args.configs, "folds": args.folds,
+        "configuration": args.configuration, "trainer": trainer_name, "epochs": args.epochs,
+        "iterations": args.iterations, "device": args.device, "test_time_mirroring": args.tta, "timings_s": timings,
+    }
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            run_info["gpu"] = torch.cuda.get_device_name(0)
+    return run_info
+
+
+def _materialize(run: _Run, config: str, dataset_id: int) -> MaterializeResult:
+    """The config's nnU-Net raw dataset, with the release's folds as nnU-Net's splits."""
     from tqdm import tqdm
 
     from lymphatlas_ds.nnunet import materialize_nnunet
+
+    args = run.args
+    t0 = time.perf_counter()
+    with tqdm(desc=f"materialize {config}", unit="case", disable=args.quiet, file=sys.stderr) as bar:
+        m = materialize_nnunet(run.release, run.paths["nnUNet_raw"], config=config, dataset_id=dataset_id,
+                               preprocessed_dir=run.paths["nnUNet_preprocessed"],
+                               pet_channel_name=args.pet_channel_name, include_test=not args.no_test,
+                               test_labels=not args.no_test, force=args.force,
+                               progress=lambda n: bar.update(n - bar.n))
+    logger.info("%s", m.describe())
+    run.timings[f"{config}/materialize"] = time.perf_counter() - t0
+    return m
+
+
+def _plan_and_train(run: _Run, config: str, dataset_id: int, m: MaterializeResult) -> None:
+    """nnU-Net's plans and preprocessing (kept with --skip-existing), then each fold trained and validated."""
+    from tools import nnunet_run as nr
+
+    args = run.args
+    t0 = time.perf_counter()
+    plans = run.paths["nnUNet_preprocessed"] / m.dataset_name / "nnUNetPlans.json"
+    if not (args.skip_existing and plans.is_file() and m.files_written == 0):
+        nr.plan_and_preprocess(dataset_id, configurations=(args.configuration,), num_processes=args.np)
+    run.timings[f"{config}/plan_and_preprocess"] = time.perf_counter() - t0
+    for fold in args.folds:
+        t0 = time.perf_counter()
+        nr.train_fold(dataset_id, fold, trainer=args.trainer, configuration=args.configuration,
+                      device=args.device, epochs=args.epochs, iterations=args.iterations,
+                      val_iterations=args.val_iterations, skip_existing=args.skip_existing)
+        run.timings[f"{config}/fold_{fold}/train_and_validate"] = time.perf_counter() - t0
+
+
+def _predict_test(run: _Run, config: str, m: MaterializeResult, trainer_dir: Path) -> Path | None:
+    """The held-out test split predicted by the ensemble of the trained folds (None without one)."""
+    from tools import nnunet_run as nr
+
+    args = run.args
+    if args.no_test or not m.n_test:
+        return None
+    t0 = time.perf_counter()
+    test_pred = nr.predict_folder(trainer_dir, m.dataset_dir / "imagesTs",
+                                  run.work / "predictions" / m.dataset_name / "imagesTs", folds=args.folds,
+                                  trainer=args.trainer, device=args.device, use_mirroring=args.tta,
+                                  num_processes=1)
+    run.timings[f"{config}/predict_test"] = time.perf_counter() - t0
+    return test_pred
+
+
+def _baseline_of_config(run: _Run, config: str, dataset_id: int) -> None:
+    """One config end to end: materialize, plan and preprocess, train the folds, predict test, report."""
+    from tools import nnunet_run as nr
+    from tools import report
+
+    m = _materialize(run, config, dataset_id)
+    _plan_and_train(run, config, dataset_id, m)
+    trainer_dir = nr.trainer_output_dir(dataset_id, run.args.trainer, configuration=run.args.configuration)
+    test_pred = _predict_test(run, config, m, trainer_dir)
+    report.write_results(run.results, config, raw_dataset_dir=m.dataset_dir, trainer_dir=trainer_dir,
+                         test_predictions=test_pred)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lymphatlas_ds.reader import Release
     from lymphatlas_ds.source import resolve_release
     from tools import nnunet_run as nr
@@ -82,50 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = nr.set_nnunet_env(work, n_proc_da=args.da_workers)
     trainer_cls = resolve_trainer(args.trainer)  # fail before hours of preprocessing on a typo
     resolved = resolve_release(args.source, version=args.version)
-    release = Release(resolved.path)
-    timings: dict[str, float] = {}
-    run_info = {
-        "release": resolved.version, "source": str(args.source), "configs": args.configs, "folds": args.folds,
-        "configuration": args.configuration, "trainer": trainer_cls.__name__, "epochs": args.epochs,
-        "iterations": args.iterations, "device": args.device, "test_time_mirroring": args.tta, "timings_s": timings,
-    }
-    if args.device == "cuda":
-        import torch
-
-        if torch.cuda.is_available():
-            run_info["gpu"] = torch.cuda.get_device_name(0)
+    run = _Run(args, work, results, paths, Release(resolved.path), timings={})
+    run_info = _run_info(args, resolved.version, trainer_cls.__name__, run.timings)
     for i, config in enumerate(args.configs):
-        dataset_id = args.dataset_id + i
-        t0 = time.perf_counter()
-        with tqdm(desc=f"materialize {config}", unit="case", disable=args.quiet, file=sys.stderr) as bar:
-            m = materialize_nnunet(release, paths["nnUNet_raw"], config=config, dataset_id=dataset_id,
-                                   preprocessed_dir=paths["nnUNet_preprocessed"], pet_channel_name=args.pet_channel_name,
-                                   include_test=not args.no_test, test_labels=not args.no_test, force=args.force,
-                                   progress=lambda n: bar.update(n - bar.n))
-        logger.info("%s", m.describe())
-        timings[f"{config}/materialize"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plans = paths["nnUNet_preprocessed"] / m.dataset_name / "nnUNetPlans.json"
-        if not (args.skip_existing and plans.is_file() and m.files_written == 0):
-            nr.plan_and_preprocess(dataset_id, configurations=(args.configuration,), num_processes=args.np)
-        timings[f"{config}/plan_and_preprocess"] = time.perf_counter() - t0
-        for fold in args.folds:
-            t0 = time.perf_counter()
-            nr.train_fold(dataset_id, fold, trainer=args.trainer, configuration=args.configuration,
-                          device=args.device, epochs=args.epochs, iterations=args.iterations,
-                          val_iterations=args.val_iterations, skip_existing=args.skip_existing)
-            timings[f"{config}/fold_{fold}/train_and_validate"] = time.perf_counter() - t0
-        trainer_dir = nr.trainer_output_dir(dataset_id, args.trainer, configuration=args.configuration)
-        test_pred = None
-        if not args.no_test and m.n_test:
-            t0 = time.perf_counter()
-            test_pred = nr.predict_folder(trainer_dir, m.dataset_dir / "imagesTs",
-                                          work / "predictions" / m.dataset_name / "imagesTs", folds=args.folds,
-                                          trainer=args.trainer, device=args.device, use_mirroring=args.tta,
-                                          num_processes=1)
-            timings[f"{config}/predict_test"] = time.perf_counter() - t0
-        report.write_results(results, config, raw_dataset_dir=m.dataset_dir, trainer_dir=trainer_dir,
-                             test_predictions=test_pred)
+        _baseline_of_config(run, config, args.dataset_id + i)
     index = report.write_index(results, args.configs, run_info=run_info)
     (results / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
     print(f"results: {index}")
