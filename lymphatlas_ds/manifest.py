@@ -228,86 +228,124 @@ def verify_consistency(release_dir: str | Path, manifest: dict[str, Any] | None 
         >>> verify_consistency("lymphatlas")  # doctest: +SKIP
         []
     """
-    import csv
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     root = Path(release_dir)
     manifest = manifest if manifest is not None else read_manifest(root)
     version = str(manifest["version"])
     cases: dict[str, str] = dict(manifest["cases"])
+    problems, splits_cases = _check_splits(root, version, cases)
+    problems += _check_changelog(root, version)
+    shard_problems, in_shards = _check_shards(root, sorted(manifest["files"]), cases, splits_cases)
+    problems += shard_problems
+    problems += _compare(cases, "the shards (data/)", set(in_shards), "case(s)")
+    if CASES_CSV in manifest["files"]:
+        problems += _check_cases_csv(root, cases)
+    return problems
+
+
+def _compare(cases: dict[str, str], where: str, found: set[str], what: str) -> list[ConsistencyProblem]:
+    """The manifest's cases that ``where`` lacks, then those it has beyond them."""
+    problems = []
+    if missing := set(cases) - found:
+        problems.append(ConsistencyProblem(where, f"lacks {len(missing)} case(s) of the manifest: {_ids(missing)}"))
+    if extra := found - set(cases):
+        problems.append(ConsistencyProblem(where, f"has {len(extra)} {what} the manifest does not list: {_ids(extra)}"))
+    return problems
+
+
+def _check_splits(root: Path, version: str, cases: dict[str, str]) -> tuple[list[ConsistencyProblem], dict[str, Any]]:
+    """``splits.json`` against the manifest: its version and its cases; also returns its case entries."""
     problems: list[ConsistencyProblem] = []
-    add = problems.append
-
-    def compare(where: str, found: set[str], what: str) -> None:
-        if missing := set(cases) - found:
-            add(ConsistencyProblem(where, f"lacks {len(missing)} case(s) of the manifest: {_ids(missing)}"))
-        if extra := found - set(cases):
-            add(ConsistencyProblem(where, f"has {len(extra)} {what} the manifest does not list: {_ids(extra)}"))
-
-    # splits.json
     splits_cases: dict[str, Any] = {}
     try:
         splits = json.loads((root / SPLITS_NAME).read_text())
         splits_cases = dict(splits["cases"])
         if str(splits.get("version")) != version:
-            add(ConsistencyProblem(SPLITS_NAME, f"is of version {splits.get('version')}, the manifest says {version}"))
-        compare(SPLITS_NAME, set(splits_cases), "case(s)")
+            problems.append(ConsistencyProblem(
+                SPLITS_NAME, f"is of version {splits.get('version')}, the manifest says {version}"))
+        problems += _compare(cases, SPLITS_NAME, set(splits_cases), "case(s)")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        add(ConsistencyProblem(SPLITS_NAME, f"cannot be read as a splits table ({e})"))
-    # CHANGELOG.md
+        problems.append(ConsistencyProblem(SPLITS_NAME, f"cannot be read as a splits table ({e})"))
+    return problems, splits_cases
+
+
+def _check_changelog(root: Path, version: str) -> list[ConsistencyProblem]:
+    """``CHANGELOG.md`` has a section for the manifest's version."""
     try:
         changelog = (root / CHANGELOG_NAME).read_text()
-        if not re.search(rf"^## {re.escape(version)}[ \t]*$", changelog, re.MULTILINE):
-            add(ConsistencyProblem(CHANGELOG_NAME, f"has no section '## {version}' for the manifest's version"))
     except OSError as e:
-        add(ConsistencyProblem(CHANGELOG_NAME, f"cannot be read ({e.strerror or e})"))
-    # shards
+        return [ConsistencyProblem(CHANGELOG_NAME, f"cannot be read ({e.strerror or e})")]
+    if not re.search(rf"^## {re.escape(version)}[ \t]*$", changelog, re.MULTILINE):
+        return [ConsistencyProblem(CHANGELOG_NAME, f"has no section '## {version}' for the manifest's version")]
+    return []
+
+
+def _check_shards(
+    root: Path, files: list[str], cases: dict[str, str], splits_cases: dict[str, Any]
+) -> tuple[list[ConsistencyProblem], dict[str, str]]:
+    """The shards' rows against the manifest and ``splits.json``; also returns the shard of each case found."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    problems: list[ConsistencyProblem] = []
     in_shards: dict[str, str] = {}
-    for rel in sorted(manifest["files"]):
+    for rel in files:
         match = _SHARD.fullmatch(rel)
         if not rel.startswith("data/"):
             continue
         if match is None:
-            add(ConsistencyProblem(rel, "is not named data/<config>/<split>-NNNNN-of-NNNNN.parquet"))
+            problems.append(ConsistencyProblem(rel, "is not named data/<config>/<split>-NNNNN-of-NNNNN.parquet"))
             continue
         try:
             table = pq.read_table(root / rel, columns=list(_CROSS_COLUMNS))
         except (pa.ArrowException, OSError, ValueError) as e:
-            add(ConsistencyProblem(rel, f"cannot be read ({e})"))
+            problems.append(ConsistencyProblem(rel, f"cannot be read ({e})"))
             continue
         for row in table.to_pylist():
-            case_id = row["case_id"]
-            if case_id in in_shards:
-                add(ConsistencyProblem(rel, f"case {case_id} is also in {in_shards[case_id]}"))
-                continue
-            in_shards[case_id] = rel
-            if str(row["diagnosis"]).lower() != match["config"] or row["split"] != match["split"]:
-                add(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, in the "
-                                            f"{match['config']} {match['split']} shard"))
-            expected = cases.get(case_id)
-            if expected is not None and row["content_hash"] != expected:
-                add(ConsistencyProblem(rel, f"case {case_id} has content hash {str(row['content_hash'])[:16]}..., "
-                                            f"the manifest says {str(expected)[:16]}..."))
-            entry = splits_cases.get(case_id)
-            if entry is not None and (entry.get("diagnosis"), entry.get("split")) != (row["diagnosis"], row["split"]):
-                add(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, {SPLITS_NAME} "
-                                            f"says {entry.get('diagnosis')} {entry.get('split')}"))
-    compare("the shards (data/)", set(in_shards), "case(s)")
-    # metadata/cases.csv
-    if CASES_CSV in manifest["files"]:
-        try:
-            with open(root / CASES_CSV, newline="") as f:
-                rows = list(csv.DictReader(f))
-            compare(CASES_CSV, {r["case_id"] for r in rows}, "case(s)")
-            for r in rows:
-                expected = cases.get(r["case_id"])
-                if expected is not None and r.get("content_hash") not in (None, expected):
-                    add(ConsistencyProblem(CASES_CSV, f"case {r['case_id']} has content hash "
-                                                      f"{str(r['content_hash'])[:16]}..., the manifest says {expected[:16]}..."))
-        except (OSError, KeyError, csv.Error) as e:
-            add(ConsistencyProblem(CASES_CSV, f"cannot be read as the cases table ({e})"))
+            problems += _check_shard_row(rel, match, row, in_shards, cases, splits_cases)
+    return problems, in_shards
+
+
+def _check_shard_row(
+    rel: str, match: re.Match, row: dict[str, Any], in_shards: dict[str, str], cases: dict[str, str],
+    splits_cases: dict[str, Any],
+) -> list[ConsistencyProblem]:
+    """One shard row: its case in no other shard, in the shard of its diagnosis and split, with the manifest's hash."""
+    case_id = row["case_id"]
+    if case_id in in_shards:
+        return [ConsistencyProblem(rel, f"case {case_id} is also in {in_shards[case_id]}")]
+    in_shards[case_id] = rel
+    problems = []
+    if str(row["diagnosis"]).lower() != match["config"] or row["split"] != match["split"]:
+        problems.append(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, in the "
+                                                f"{match['config']} {match['split']} shard"))
+    expected = cases.get(case_id)
+    if expected is not None and row["content_hash"] != expected:
+        problems.append(ConsistencyProblem(rel, f"case {case_id} has content hash {str(row['content_hash'])[:16]}..., "
+                                                f"the manifest says {str(expected)[:16]}..."))
+    entry = splits_cases.get(case_id)
+    if entry is not None and (entry.get("diagnosis"), entry.get("split")) != (row["diagnosis"], row["split"]):
+        problems.append(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, {SPLITS_NAME} "
+                                                f"says {entry.get('diagnosis')} {entry.get('split')}"))
+    return problems
+
+
+def _check_cases_csv(root: Path, cases: dict[str, str]) -> list[ConsistencyProblem]:
+    """``metadata/cases.csv`` lists the manifest's cases with the manifest's content hashes."""
+    import csv
+
+    problems: list[ConsistencyProblem] = []
+    try:
+        with open(root / CASES_CSV, newline="") as f:
+            rows = list(csv.DictReader(f))
+        problems += _compare(cases, CASES_CSV, {r["case_id"] for r in rows}, "case(s)")
+        for r in rows:
+            expected = cases.get(r["case_id"])
+            if expected is not None and r.get("content_hash") not in (None, expected):
+                problems.append(ConsistencyProblem(CASES_CSV, f"case {r['case_id']} has content hash "
+                                                              f"{str(r['content_hash'])[:16]}..., the manifest says "
+                                                              f"{expected[:16]}..."))
+    except (OSError, KeyError, csv.Error) as e:
+        problems.append(ConsistencyProblem(CASES_CSV, f"cannot be read as the cases table ({e})"))
     return problems
 
 
