@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -750,66 +752,97 @@ def align_pet(
         >>> res.record["improved"], res.record["shift_mm"]  # doctest: +SKIP
         (True, 7.9)
     """
-    import time
-
     timings: dict[str, float] = {}
-    identity = sitk.Euler3DTransform()
     record: dict = {"metric": "mattes_mi", "seed": settings.seed}
-    transform: sitk.Transform = identity
-    method = Method.SCANNER
     if settings.register:
-        t0 = time.perf_counter()
-        fixed, moving, mask = _registration_images(ct, pet_suv, body, settings.registration_spacing_mm)
-        identity.SetCenter(tuple(float(c) for c in _bbox_corners(fixed, None).mean(0)))
-        timings["register_prepare"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rigid = register_rigid(fixed, moving, mask, settings=settings)
-        timings["register_rigid"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        # The keep-or-reject decision evaluates the metric over every voxel of the body (exact and
-        # deterministic); on a grid twice as coarse once the image is large, to keep it ~0.2 s.
-        e_fixed, e_mask = fixed, mask
-        if np.prod(fixed.GetSize()) > EVALUATION_MAX_VOXELS:
-            e_fixed = sitk.BinShrink(fixed, [2, 2, 2])
-            if mask is not None:
-                e_mask = sitk.Resample(mask, e_fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-
-        def evaluate(transform: sitk.Transform) -> float:
-            return _evaluate(settings, e_fixed, moving, e_mask, transform)
-
-        before = evaluate(identity)
-        after = evaluate(rigid)
-        timings["register_evaluate"] = time.perf_counter() - t0
-        record["metric_before"] = round(before, 6)
-        record["metric_rigid"] = round(after, 6)
-        improved = after < before - MIN_RELATIVE_IMPROVEMENT * abs(before)
-        best, best_metric = (rigid, after) if improved else (identity, before)
-        if improved:
-            method = Method.RIGID
-        want_bspline = settings.deformable is Deformable.ON or (
-            settings.deformable is Deformable.AUTO and best_metric > AUTO_BSPLINE_METRIC
-        )
-        if want_bspline:
-            t0 = time.perf_counter()
-            composite = register_bspline(fixed, moving, mask, best, settings=settings)
-            metric_b = evaluate(composite)
-            timings["register_bspline"] = time.perf_counter() - t0
-            record["metric_bspline"] = round(metric_b, 6)
-            if metric_b < best_metric - BSPLINE_MIN_RELATIVE_IMPROVEMENT * abs(best_metric):
-                best, best_metric, method = composite, metric_b, Method.RIGID_BSPLINE
-        record["metric_after"] = round(best_metric, 6)
-        record["improved"] = method is not Method.SCANNER
-        transform = best
-        if method is Method.SCANNER:
-            record["decision"] = (
-                f"scanner alignment kept: registration did not improve the metric ({before:.4f} -> {after:.4f})"
-            )
-        else:
-            record["decision"] = f"{method.value} registration applied: metric {before:.4f} -> {best_metric:.4f}"
+        transform, method = _register(ct, pet_suv, body, settings, record, timings)
     else:
+        transform, method = sitk.Euler3DTransform(), Method.SCANNER
         record.update(metric_before=None, metric_after=None, improved=False, decision="registration disabled: scanner alignment")
     record["method"] = method.value
     transform = _rounded(transform)
+    _record_transform(record, transform, method, ct, body)
+    record["interpolation"] = Interpolation(settings.interpolation).value
+    record["transform_file"] = TRANSFORM_FILE  # written beside case.json by the pipeline
+    t0 = time.perf_counter()
+    pet_on_ct = resample_to_reference(
+        pet_suv,
+        ct,
+        transform,
+        interpolation=settings.interpolation,
+    )
+    timings["resample"] = time.perf_counter() - t0
+    return AlignResult(pet_on_ct=pet_on_ct, transform=transform, record=record, timings_s=timings)
+
+
+def _register(
+    ct: sitk.Image, pet_suv: sitk.Image, body: sitk.Image | None, settings: AlignSettings, record: dict,
+    timings: dict[str, float],
+) -> tuple[sitk.Transform, Method]:
+    """The transform to apply and how it was found: rigid, then B-spline when asked, each kept only
+    where it improves the metric over the scanner's alignment; the metrics go into ``record``."""
+    t0 = time.perf_counter()
+    fixed, moving, mask = _registration_images(ct, pet_suv, body, settings.registration_spacing_mm)
+    identity = sitk.Euler3DTransform()
+    identity.SetCenter(tuple(float(c) for c in _bbox_corners(fixed, None).mean(0)))
+    timings["register_prepare"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rigid = register_rigid(fixed, moving, mask, settings=settings)
+    timings["register_rigid"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate = _evaluator(settings, fixed, moving, mask)
+    before = evaluate(identity)
+    after = evaluate(rigid)
+    timings["register_evaluate"] = time.perf_counter() - t0
+    record["metric_before"] = round(before, 6)
+    record["metric_rigid"] = round(after, 6)
+    improved = after < before - MIN_RELATIVE_IMPROVEMENT * abs(before)
+    best, best_metric = (rigid, after) if improved else (identity, before)
+    method = Method.RIGID if improved else Method.SCANNER
+    want_bspline = settings.deformable is Deformable.ON or (
+        settings.deformable is Deformable.AUTO and best_metric > AUTO_BSPLINE_METRIC
+    )
+    if want_bspline:
+        t0 = time.perf_counter()
+        composite = register_bspline(fixed, moving, mask, best, settings=settings)
+        metric_b = evaluate(composite)
+        timings["register_bspline"] = time.perf_counter() - t0
+        record["metric_bspline"] = round(metric_b, 6)
+        if metric_b < best_metric - BSPLINE_MIN_RELATIVE_IMPROVEMENT * abs(best_metric):
+            best, best_metric, method = composite, metric_b, Method.RIGID_BSPLINE
+    record["metric_after"] = round(best_metric, 6)
+    record["improved"] = method is not Method.SCANNER
+    if method is Method.SCANNER:
+        record["decision"] = (
+            f"scanner alignment kept: registration did not improve the metric ({before:.4f} -> {after:.4f})"
+        )
+    else:
+        record["decision"] = f"{method.value} registration applied: metric {before:.4f} -> {best_metric:.4f}"
+    return best, method
+
+
+def _evaluator(
+    settings: AlignSettings, fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None
+) -> Callable[[sitk.Transform], float]:
+    """The keep-or-reject metric of a transform: Mattes MI over every voxel of the body (exact and
+    deterministic), on a grid twice as coarse once the image is large, to keep it ~0.2 s."""
+    e_fixed, e_mask = fixed, mask
+    if np.prod(fixed.GetSize()) > EVALUATION_MAX_VOXELS:
+        e_fixed = sitk.BinShrink(fixed, [2, 2, 2])
+        if mask is not None:
+            e_mask = sitk.Resample(mask, e_fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+    def evaluate(transform: sitk.Transform) -> float:
+        return _evaluate(settings, e_fixed, moving, e_mask, transform)
+
+    return evaluate
+
+
+def _record_transform(
+    record: dict, transform: sitk.Transform, method: Method, ct: sitk.Image, body: sitk.Image | None
+) -> None:
+    """The applied transform in ``record``: its rigid part (parameters, centre, matrix), the B-spline
+    mesh, and how far it moves the body (mean and largest shift, rotation)."""
     rigid_part = transform.GetNthTransform(0) if isinstance(transform, sitk.CompositeTransform) else transform
     rigid_part = sitk.Euler3DTransform(rigid_part)
     record["transform"] = {
@@ -829,14 +862,3 @@ def align_pet(
     record["shift_mm"] = round(mean_shift, 3)
     record["max_shift_mm"] = round(max(max_shift, _max_displacement_mm(transform, _bbox_corners(ct, body_arr))), 3)
     record["rotation_deg"] = round(float(np.degrees(np.linalg.norm(rigid_part.GetParameters()[:3]))), 4)
-    record["interpolation"] = Interpolation(settings.interpolation).value
-    record["transform_file"] = TRANSFORM_FILE  # written beside case.json by the pipeline
-    t0 = time.perf_counter()
-    pet_on_ct = resample_to_reference(
-        pet_suv,
-        ct,
-        transform,
-        interpolation=settings.interpolation,
-    )
-    timings["resample"] = time.perf_counter() - t0
-    return AlignResult(pet_on_ct=pet_on_ct, transform=transform, record=record, timings_s=timings)

@@ -142,40 +142,67 @@ def lesion_statistics(
         ['centroid_mm', 'pet_voxels', 'suv_max', 'suv_max_ct', 'suv_mean', 'suv_peak', 'volume_ml', 'voxels']
     """
     transform = transform if transform is not None else sitk.Euler3DTransform()
+    items = _lesion_items(label, pet_on_ct, ct, pet, transform)
+    items.sort(key=lambda it: (-it["volume_ml"], it["centroid_mm"]))
+    return _whole_body(items)
+
+
+def _label_box(label: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The first voxel (z, y, x) and the slices of the label's bounding box."""
+    nz = np.nonzero(np.any(label, axis=(1, 2)))[0]
+    ny = np.nonzero(np.any(label, axis=(0, 2)))[0]
+    nx = np.nonzero(np.any(label, axis=(0, 1)))[0]
+    lo = np.array([nz[0], ny[0], nx[0]])
+    return lo, tuple(slice(a, b + 1) for a, b in zip(lo, (nz[-1], ny[-1], nx[-1])))
+
+
+def _lesion_items(
+    label: np.ndarray, pet_on_ct: np.ndarray, ct: sitk.Image, pet: sitk.Image, transform: sitk.Transform
+) -> list[dict]:
+    """One ``items`` entry per 26-connected component of ``label``, in scipy's labelling order."""
     pet_arr = sitk.GetArrayViewFromImage(pet)
     kernel = peak_kernel(pet.GetSpacing())
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
-    items = []
-    if np.any(label):
-        # work inside the label's bounding box only: whole-body arrays are ~100 M voxels
-        nz = np.nonzero(np.any(label, axis=(1, 2)))[0]
-        ny = np.nonzero(np.any(label, axis=(0, 2)))[0]
-        nx = np.nonzero(np.any(label, axis=(0, 1)))[0]
-        lo = np.array([nz[0], ny[0], nx[0]])
-        box = tuple(slice(a, b + 1) for a, b in zip(lo, (nz[-1], ny[-1], nx[-1])))
-        components, _ = ndimage.label(label[box] > 0, structure=np.ones((3, 3, 3), bool))
-        for index, sl in enumerate(ndimage.find_objects(components), start=1):
-            if sl is None:
-                continue
-            comp = components[sl] == index
-            offset = lo + np.array([s.start for s in sl])
-            values = np.asarray(pet_on_ct[box][sl][comp], np.float64)
-            comp_idx = np.argwhere(comp) + offset  # z, y, x on the CT grid
-            centre = comp_idx.mean(0)
-            centroid = ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre[::-1]))
-            native = _native_peaks(comp_idx, ct, pet, pet_arr, transform, kernel)
-            suv_max, suv_peak, n_pet = native if native is not None else (0.0, 0.0, 0)
-            items.append({
-                "voxels": int(comp.sum()),
-                "volume_ml": float(comp.sum()) * voxel_ml,
-                "suv_max": suv_max,
-                "suv_peak": suv_peak,
-                "suv_mean": float(values.mean()),
-                "suv_max_ct": float(values.max()),
-                "pet_voxels": n_pet,
-                "centroid_mm": [round(float(c), 3) for c in centroid],
-            })
-    items.sort(key=lambda it: (-it["volume_ml"], it["centroid_mm"]))
+    items: list[dict] = []
+    if not np.any(label):
+        return items
+    # work inside the label's bounding box only: whole-body arrays are ~100 M voxels
+    lo, box = _label_box(label)
+    components, _ = ndimage.label(label[box] > 0, structure=np.ones((3, 3, 3), bool))
+    for index, sl in enumerate(ndimage.find_objects(components), start=1):
+        if sl is None:
+            continue
+        comp = components[sl] == index
+        offset = lo + np.array([s.start for s in sl])
+        values = np.asarray(pet_on_ct[box][sl][comp], np.float64)
+        comp_idx = np.argwhere(comp) + offset  # z, y, x on the CT grid
+        native = _native_peaks(comp_idx, ct, pet, pet_arr, transform, kernel)
+        items.append(_lesion_item(comp_idx, values, native, ct, voxel_ml))
+    return items
+
+
+def _lesion_item(
+    comp_idx: np.ndarray, values: np.ndarray, native: tuple[float, float, int] | None, ct: sitk.Image,
+    voxel_ml: float,
+) -> dict:
+    """One lesion's entry from its CT voxels (z, y, x), its aligned-PET values and its native-grid peaks."""
+    centre = comp_idx.mean(0)
+    centroid = ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre[::-1]))
+    suv_max, suv_peak, n_pet = native if native is not None else (0.0, 0.0, 0)
+    return {
+        "voxels": len(comp_idx),
+        "volume_ml": float(len(comp_idx)) * voxel_ml,
+        "suv_max": suv_max,
+        "suv_peak": suv_peak,
+        "suv_mean": float(values.mean()),
+        "suv_max_ct": float(values.max()),
+        "pet_voxels": n_pet,
+        "centroid_mm": [round(float(c), 3) for c in centroid],
+    }
+
+
+def _whole_body(items: list[dict]) -> dict:
+    """The ``case.json`` "lesions" block: whole-body totals (TMTV, TLG, SUVmax, SUVpeak, Dmax) and ``items``."""
     dmax = 0.0
     if len(items) > 1:
         c = np.array([it["centroid_mm"] for it in items])
