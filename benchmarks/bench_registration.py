@@ -64,32 +64,6 @@ def cohort_variants(n: int, grids: list[dict]) -> list[dict]:
     return out
 
 
-def load_exam(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
-    """CT, PET in SUV and the body mask, read as the builder reads them."""
-    from builder.convert import labels
-    from builder.convert.discover import discover_exam
-    from builder.convert.read import read_series
-    from builder.convert.suv import suv_conversion
-
-    exam = discover_exam(source / "dicom" / exam_id, exam_id)
-    ct, _ = read_series(exam.ct, exam_id=exam_id)
-    pet, _ = read_series(exam.pet, exam_id=exam_id)
-    pet = sitk.Cast(pet, sitk.sitkFloat32) * float(suv_conversion(exam.pet, exam_id=exam_id).factor)
-    body = sitk.GetImageFromArray(labels.body_mask(ct).view(np.uint8))
-    body.CopyInformation(ct)
-    return ct, pet, body
-
-
-def lesion_errors(transform: sitk.Transform, truth: dict) -> np.ndarray:
-    """Found minus true PET position of every lesion centre (N x 3, mm)."""
-    m = np.asarray(truth["misalignment"]["matrix"], float)
-    out = []
-    for les in truth["lesions"]:
-        c = np.asarray(les["center_mm"], float)
-        out.append(np.asarray(transform.TransformPoint(tuple(map(float, c)))) - (m[:3, :3] @ c + m[:3, 3]))
-    return np.asarray(out)
-
-
 def old_align_module():
     """builder/align.py as it was at OLD_COMMIT, imported under another name."""
     src = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:builder/align.py"],
@@ -112,7 +86,9 @@ def register(module, ct, pet, body) -> tuple[sitk.Transform, float]:
 
 def main() -> None:
     from builder.convert import align
-    from lymphatlas_synth.cohort import generate_cohort, load_truth
+    from builder.convert.discover import discover_exam
+    from builder.convert.pipeline import body_image, read_exam
+    from lymphatlas_synth.cohort import generate_cohort, lesion_residuals, load_truth
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--exams", type=int, default=8, help="realistic exams (PET 4 mm)")
@@ -137,7 +113,8 @@ def main() -> None:
             print(f"generated {n} {kind} exams in {time.perf_counter() - t0:.0f} s ({source})", flush=True)
         for exam_id in sorted(p.name for p in (source / "dicom").iterdir()):
             truth = load_truth(source / "truth", exam_id)
-            ct, pet, body = load_exam(source, exam_id)
+            images = read_exam(discover_exam(source / "dicom" / exam_id, exam_id))
+            ct, pet, body = images.ct, images.pet_suv, body_image(images.body, images.ct)
             row = {"kind": kind, "exam": exam_id, "grid": truth["variant"]["grid"],
                    "pet_fov": truth["variant"]["pet_fov"], "position": truth["variant"]["patient_position"],
                    "ct_size": list(ct.GetSize()), "pet_size": list(pet.GetSize()),
@@ -147,7 +124,7 @@ def main() -> None:
                 if module is None:
                     continue
                 transform, seconds = register(module, ct, pet, body)
-                err = lesion_errors(transform, truth)
+                err = lesion_residuals(transform, truth)
                 norm = np.linalg.norm(err, axis=1)
                 row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
                              "residual_mean_xyz_mm": err.mean(0).round(3).tolist(), "seconds": seconds}

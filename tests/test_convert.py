@@ -611,3 +611,26 @@ def test_an_interrupt_keeps_every_case_and_lists_the_unfinished_exams(cohort, tm
     assert pipeline.read_id_map(work) == cohort["id_map"]
     failures = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}
     assert {e: (failures[e]["kind"], failures[e]["stage"]) for e in exams} == {e: ("failed", "interrupted") for e in exams}
+
+
+def test_two_masks_for_one_exam_reject_that_exam_at_labels_naming_both(tmp_path) -> None:
+    """EX0000.nii beside EX0000.nii.gz (SimpleITK reads either name the same way): convert must not
+    pick one silently. Run from a folder outside the checkout, as a maintainer runs it."""
+    import re
+    import shutil
+
+    proc = _run_cli(tmp_path, "synth", "src", "--exams", "2", "--seed", "23", "--size", "small", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    masks = tmp_path / "src" / "masks"
+    shutil.copy(masks / "EX0000.nii.gz", masks / "EX0000.nii")
+    proc = _run_cli(tmp_path, "convert", "src", "work", "--workers", "1", "--quiet", "--no-report")
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)  # 1: some exams rejected
+    failures = {f["exam_id"]: f for f in json.loads((tmp_path / "work" / "failures.json").read_text())}
+    assert list(failures) == ["EX0000"], failures
+    failure = failures["EX0000"]
+    assert (failure["kind"], failure["stage"]) == ("rejected", "labels"), failure
+    assert "two lesion masks" in failure["reason"], failure
+    assert set(re.findall(r"EX0000\.[a-z.]*[a-z]", failure["reason"])) == {"EX0000.nii.gz", "EX0000.nii"}, failure
+    id_map = pipeline.read_id_map(tmp_path / "work")
+    assert "EX0000" not in id_map
+    assert (tmp_path / "work" / "cases" / id_map["EX0001"]["case_id"] / "case.json").is_file()

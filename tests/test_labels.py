@@ -107,6 +107,21 @@ def test_find_mask_reports_missing_and_duplicate(tmp_path) -> None:
         labels.find_mask(tmp_path, "EX1")
 
 
+def test_find_mask_takes_the_one_mask_or_the_exams_seg_and_refuses_nii_beside_nii_gz(tmp_path) -> None:
+    seg = tmp_path / "dicom" / "EX1" / "seg.dcm"
+    with pytest.raises(LabelError, match="no lesion mask"):
+        labels.find_mask(tmp_path / "masks", "EX1")
+    assert labels.find_mask(tmp_path / "masks", "EX1", seg=seg) == (seg, labels.MaskFormat.SEG)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "EX1.nii").write_bytes(b"x")
+    (tmp_path / "masks" / "EX10.nii.gz").write_bytes(b"x")  # another exam's mask
+    assert labels.find_mask(tmp_path / "masks", "EX1", seg=seg) == (tmp_path / "masks" / "EX1.nii", labels.MaskFormat.NIFTI)
+    (tmp_path / "masks" / "EX1.nii.gz").write_bytes(b"x")
+    with pytest.raises(LabelError, match=r"two lesion masks for one exam \(EX1\.nii\.gz, EX1\.nii\)"):
+        labels.find_mask(tmp_path / "masks", "EX1", seg=seg)
+    assert [p.name for p, _ in labels.mask_files(tmp_path / "masks", "EX1")] == ["EX1.nii.gz", "EX1.nii"]
+
+
 def _ct_series(n: int = 6, *, feet_first: bool = False):
     """A small CT series (pydicom's CT_small slice repeated at 5 mm steps) and its SimpleITK image."""
     import pydicom

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from builder.convert import align
 from builder.convert.align import AlignSettings, Deformable, Interpolation, Method
-from lymphatlas_synth.cohort import load_truth
+from lymphatlas_synth.cohort import lesion_residuals, load_truth
 
 MISALIGNMENT = {"max_rotation_deg": 3.0, "max_translation_mm": 10.0}
 PET4 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}
@@ -58,29 +58,17 @@ def _cohort(tmp_path_factory, exams, seed: int) -> Path:
 
 
 def _load(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image, dict]:
-    """CT, PET in SUV and body mask, read as the builder reads them, and the exam's truth."""
-    from builder.convert import labels
+    """CT, PET in SUV and body mask, read by convert's own read step, and the exam's truth."""
     from builder.convert.discover import discover_exam
-    from builder.convert.read import read_series
-    from builder.convert.suv import suv_conversion
+    from builder.convert.pipeline import body_image, read_exam
 
-    exam = discover_exam(source / "dicom" / exam_id, exam_id)
-    ct, _ = read_series(exam.ct, exam_id=exam_id)
-    pet, _ = read_series(exam.pet, exam_id=exam_id)
-    pet = sitk.Cast(pet, sitk.sitkFloat32) * float(suv_conversion(exam.pet, exam_id=exam_id).factor)
-    body = sitk.GetImageFromArray(labels.body_mask(ct).view(np.uint8))
-    body.CopyInformation(ct)
-    return ct, pet, body, load_truth(source / "truth", exam_id)
+    images = read_exam(discover_exam(source / "dicom" / exam_id, exam_id))
+    return images.ct, images.pet_suv, body_image(images.body, images.ct), load_truth(source / "truth", exam_id)
 
 
 def _lesion_errors(transform: sitk.Transform, truth: dict) -> np.ndarray:
     """|T(c) - M c| (mm) at every lesion centre c."""
-    m = np.asarray(truth["misalignment"]["matrix"], float)
-    out = []
-    for les in truth["lesions"]:
-        c = np.asarray(les["center_mm"], float)
-        out.append(np.linalg.norm(np.asarray(transform.TransformPoint(tuple(map(float, c)))) - (m[:3, :3] @ c + m[:3, 3])))
-    return np.asarray(out)
+    return np.linalg.norm(lesion_residuals(transform, truth), axis=1)
 
 
 def _register(ct, pet, body, settings: AlignSettings = AlignSettings()) -> sitk.Euler3DTransform:

@@ -46,19 +46,41 @@ class MaskFormat(str, enum.Enum):
     SEG = "seg"
 
 
-def find_mask(masks_dir: Path, exam_id: str) -> tuple[Path, MaskFormat]:
-    """The exam's mask file in ``SOURCE/masks`` and its format; LabelError when there is none or two."""
+MASK_NAMES = (("{}.nii.gz", MaskFormat.NIFTI), ("{}.nii", MaskFormat.NIFTI), ("{}.seg.dcm", MaskFormat.SEG))
+"""The names an exam's mask may have in ``SOURCE/masks`` (``{}``: the exam id) and their formats."""
+
+
+def mask_format(path: Path) -> MaskFormat:
+    """The format of a mask file, from its name: ``.dcm`` is a DICOM SEG, anything else NIfTI."""
+    return MaskFormat.SEG if path.name.endswith(".dcm") else MaskFormat.NIFTI
+
+
+def mask_files(masks_dir: Path, exam_id: str) -> list[tuple[Path, MaskFormat]]:
+    """Every file of ``masks_dir`` named as the exam's mask (:data:`MASK_NAMES`), with its format."""
     found = []
-    for name, fmt in ((f"{exam_id}.nii.gz", MaskFormat.NIFTI), (f"{exam_id}.nii", MaskFormat.NIFTI),
-                      (f"{exam_id}.seg.dcm", MaskFormat.SEG)):
-        if (masks_dir / name).is_file():
-            found.append((masks_dir / name, fmt))
+    for pattern, fmt in MASK_NAMES:
+        path = masks_dir / pattern.format(exam_id)
+        if path.is_file():
+            found.append((path, fmt))
+    return found
+
+
+def find_mask(masks_dir: Path, exam_id: str, *, seg: Path | None = None) -> tuple[Path, MaskFormat]:
+    """The exam's mask file in ``SOURCE/masks`` and its format; LabelError when there is none or two.
+
+    ``seg``: a DICOM SEG exported in the exam's DICOM folder, taken when ``masks_dir`` holds no mask.
+    Two masks for one exam (``EX1.nii.gz`` and ``EX1.seg.dcm``, or ``EX1.nii`` and ``EX1.nii.gz``,
+    which SimpleITK would not tell apart) reject the exam rather than have one chosen silently.
+
+    Example:
+        >>> find_mask(Path("source/masks"), "EX0001")  # doctest: +SKIP
+        (PosixPath('source/masks/EX0001.nii.gz'), <MaskFormat.NIFTI: 'nifti'>)
+    """
+    found = mask_files(masks_dir, exam_id)
+    if not found and seg is not None:
+        return seg, mask_format(seg)
     if not found:
-        raise LabelError(
-            f"no lesion mask: expected masks/{exam_id}.nii.gz or masks/{exam_id}.seg.dcm in the source folder; "
-            "add the mask or leave the exam out with --exams",
-            exam_id=exam_id,
-        )
+        raise LabelError(f"no lesion mask: expected masks/{exam_id}.nii.gz or masks/{exam_id}.seg.dcm", exam_id=exam_id)
     if len(found) > 1:
         raise LabelError(
             f"two lesion masks for one exam ({', '.join(p.name for p, _ in found)}): keep exactly one",
@@ -150,7 +172,7 @@ def load_mask(path: Path, ct: sitk.Image, *, exam_id: str, fmt: MaskFormat | Non
         >>> label = load_mask(Path("masks/EX0001.seg.dcm"), ct, exam_id="EX0001")  # doctest: +SKIP
     """
     if fmt is None:
-        fmt = MaskFormat.SEG if path.name.endswith(".dcm") else MaskFormat.NIFTI
+        fmt = mask_format(path)
     if fmt is MaskFormat.SEG:
         return load_seg_mask(path, ct, exam_id=exam_id)
     return load_nifti_mask(path, ct, exam_id=exam_id)

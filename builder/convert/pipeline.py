@@ -50,7 +50,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -62,6 +62,13 @@ from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import work_lock
 from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from builder.convert.discover import ExamSeries
+    from builder.convert.read import SeriesMetadata
+    from builder.convert.suv import SUVConversion
 
 logger = logging.getLogger(__name__)
 
@@ -166,22 +173,18 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
-def mask_path(source: Path, exam_id: str) -> Path | None:
-    """The exam's mask in ``SOURCE/masks`` (None when there is none)."""
-    for name in (f"{exam_id}.nii.gz", f"{exam_id}.nii", f"{exam_id}.seg.dcm"):
-        if (source / "masks" / name).is_file():
-            return source / "masks" / name
-    return None
-
-
 def source_hash(job: ExamJob) -> str:
-    """sha256 of the exam's source files (paths and bytes), its mask, clinical row and settings."""
+    """sha256 of the exam's source files (paths and bytes), its masks, clinical row and settings.
+
+    Every file named as the exam's mask counts (:func:`builder.convert.labels.mask_files`): a second
+    mask added beside the first changes the hash, so the exam is converted again (and rejected).
+    """
+    from builder.convert.labels import mask_files
+
     h = hashlib.sha256()
     exam_dir = job.source / "dicom" / job.exam_id
     files = sorted(p for p in exam_dir.rglob("*") if p.is_file())
-    mask = mask_path(job.source, job.exam_id)
-    if mask is not None:
-        files.append(mask)
+    files += [path for path, _ in mask_files(job.source / "masks", job.exam_id)]
     for path in files:
         h.update(str(path.relative_to(job.source)).encode() + b"\0")
         with open(path, "rb") as f:
@@ -277,13 +280,65 @@ def convert_exam(job: ExamJob) -> ExamResult:
     return result
 
 
+class ExamImages(NamedTuple):
+    """One exam as convert reads it (:func:`read_exam`): CT and PET with their headers, the SUV conversion, the body."""
+
+    ct: sitk.Image
+    """int16 HU, the case's grid."""
+    pet_suv: sitk.Image
+    """float32 SUVbw on the PET's own grid."""
+    body: np.ndarray
+    """bool [z, y, x] on the CT grid (:func:`builder.convert.labels.body_mask`)."""
+    ct_meta: SeriesMetadata
+    pet_meta: SeriesMetadata
+    suv: SUVConversion
+
+
+def read_exam(exam: ExamSeries, *, stage: Callable[[str], None] = lambda name: None) -> ExamImages:
+    """Read an exam's CT and PET, convert the PET to SUV and find the body: convert's own read step.
+
+    ``stage`` is told the name of each step as it begins (``read``, ``suv``, ``labels``), so convert
+    times them and names the one an error interrupts. Tests and benchmarks read exams through this
+    function to see exactly what convert aligns.
+
+    Example:
+        >>> images = read_exam(discover_exam(Path("source/dicom/EX0001"), "EX0001"))  # doctest: +SKIP
+        >>> images.pet_suv.GetPixelIDTypeAsString()  # doctest: +SKIP
+        '32-bit float'
+    """
+    import SimpleITK as sitk
+
+    from builder.convert import labels
+    from builder.convert.read import read_series
+    from builder.convert.suv import suv_conversion
+
+    exam_id = exam.exam_id
+    stage("read")
+    ct, ct_meta = read_series(exam.ct, exam_id=exam_id)
+    pet, pet_meta = read_series(exam.pet, exam_id=exam_id)
+    stage("suv")
+    conv = suv_conversion(exam.pet, exam_id=exam_id)
+    pet_suv = sitk.Cast(pet, sitk.sitkFloat32) * float(conv.factor)
+    del pet
+    stage("labels")
+    body = labels.body_mask(ct)
+    return ExamImages(ct, pet_suv, body, ct_meta, pet_meta, conv)
+
+
+def body_image(body: np.ndarray, ct: sitk.Image) -> sitk.Image:
+    """The body mask as a uint8 image on the CT grid: where :func:`~builder.convert.align.align_pet` samples."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(body.view(np.uint8))
+    image.CopyInformation(ct)
+    return image
+
+
 def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     import SimpleITK as sitk
 
-    from builder.convert import align, case, labels, lesions, qc
+    from builder.convert import align, case, lesions, qc
     from builder.convert.discover import discover_exam
-    from builder.convert.read import read_series
-    from builder.convert.suv import suv_conversion
 
     exam_id, settings = job.exam_id, job.settings
     exam_dir = job.source / "dicom" / exam_id
@@ -295,19 +350,10 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
         return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
-    stages.start("read")
-    ct, ct_meta = read_series(exam.ct, exam_id=exam_id)
-    pet, pet_meta = read_series(exam.pet, exam_id=exam_id)
-    stages.start("suv")
-    conv = suv_conversion(exam.pet, exam_id=exam_id)
-    pet_suv = sitk.Cast(pet, sitk.sitkFloat32) * float(conv.factor)
-    del pet
-    stages.start("labels")
-    body = labels.body_mask(ct)
+    ct, pet_suv, body, ct_meta, pet_meta, conv = read_exam(exam, stage=stages.start)
     label, mask_format = _lesion_label(job, exam, ct, body)
     stages.start("align")
-    body_img = sitk.GetImageFromArray(body.view(np.uint8))
-    body_img.CopyInformation(ct)
+    body_img = body_image(body, ct)
     aligned = align.align_pet(ct, pet_suv, settings=settings.align, body=body_img)
     del body_img
     for k, v in aligned.timings_s.items():
@@ -378,15 +424,10 @@ def _unchanged(job: ExamJob, src_hash: str, result: ExamResult) -> bool:
 def _lesion_label(job: ExamJob, exam: Any, ct: Any, body: np.ndarray) -> tuple[np.ndarray, Any]:
     """The lesion mask on the CT grid (masks/<exam>.nii.gz or a DICOM SEG), checked inside the body; its format."""
     from builder.convert import labels
-    from builder.errors import LabelError
 
     exam_id = job.exam_id
-    mpath = mask_path(job.source, exam_id)
-    if mpath is None and exam.seg is not None and exam.seg.files:
-        mpath = exam.seg.files[0]
-    if mpath is None:
-        raise LabelError(f"no lesion mask: expected masks/{exam_id}.nii.gz or masks/{exam_id}.seg.dcm", exam_id=exam_id)
-    mask_format = labels.MaskFormat.SEG if mpath.name.endswith(".dcm") else labels.MaskFormat.NIFTI
+    seg = exam.seg.files[0] if exam.seg is not None and exam.seg.files else None
+    mpath, mask_format = labels.find_mask(job.source / "masks", exam_id, seg=seg)
     label = labels.load_mask(mpath, ct, exam_id=exam_id, fmt=mask_format)
     labels.check_inside_body(label, body, exam_id=exam_id, path=mpath.relative_to(job.source)
                              if mpath.is_relative_to(job.source) else mpath.name)
@@ -486,6 +527,11 @@ def _write_id_map(work: Path, rows: dict[str, dict]) -> None:
     for exam_id in sorted(rows):
         w.writerow({k: rows[exam_id].get(k, "") for k in ID_MAP_COLUMNS})
     write_atomic(work / "private" / ID_MAP, buf.getvalue(), mode=PRIVATE_FILE_MODE)  # owner only, whatever the umask
+
+
+def _write_failures(work: Path, failures: dict[str, dict]) -> None:
+    """``WORK/failures.json``: the entries sorted by exam id."""
+    write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
 
 
 def _read_failures(work: Path) -> dict[str, dict]:
@@ -694,28 +740,16 @@ def convert_cohort(
 def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str], *, settings: ConvertSettings,
                     exams: list[str] | None, workers: int | None, scheduler: str | None, progress: bool,
                     prune: bool) -> RunSummary:
+    """The run itself, under the WORK lock: select the exams, convert them, record every result."""
     from tqdm.auto import tqdm
 
-    from builder.convert import case as case_mod
-    from builder.convert.deid import load_or_create_key
-
     t_start = time.perf_counter()
-    (work / "cases").mkdir(parents=True, exist_ok=True)
-    (work / "private").mkdir(parents=True, exist_ok=True)
-    for name in case_mod.clean_leftovers(work / "cases"):  # safe: we hold the WORK lock, no other run writes
-        logger.info("removed %s left by an interrupted run", name)
-    key = load_or_create_key(work / "private")
+    key = _prepare_work(work)
     id_map = read_id_map(work)
     failures = _read_failures(work)
     present = set(all_exams)
     gone = {e: row.get("case_id", "") for e, row in sorted(id_map.items()) if e not in present}
-    if exams:
-        unknown = sorted(set(exams) - present - set(table))
-        if unknown:
-            raise ExamError(f"--exams names exams not in the source: {', '.join(unknown)}", stage="discover")
-        selected = sorted(set(exams) - set(gone))
-    else:
-        selected = sorted((present | set(table)) - set(gone))
+    selected = _select_exams(exams, present, table, gone)
     n_workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // min(n_workers, max(1, len(selected))))
     jobs = [
@@ -723,74 +757,133 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
                 previous_case_id=(id_map.get(e) or {}).get("case_id") or None, threads=threads)
         for e in selected
     ]
-    results: dict[str, ExamResult] = {}
     bar = tqdm(total=len(jobs), desc="convert", unit="exam", disable=not progress)
-
-    def save_state() -> None:
-        _write_id_map(work, id_map)
-        write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
-
-    def collect(res: ExamResult) -> None:
-        results[res.exam_id] = res
-        if res.status in (Status.REJECTED, Status.FAILED):
-            failures[res.exam_id] = {"exam_id": res.exam_id, "kind": res.status.value, "stage": res.stage,
-                                     "reason": res.reason}
-            old = (id_map.get(res.exam_id) or {}).get("case_id")
-            # Only a content rejection of a changed source retires the earlier case; an error of this run
-            # (disk, memory, a dead worker) never costs a good case or its id_map row.
-            if res.status is Status.REJECTED and res.source_changed and old:
-                id_map.pop(res.exam_id, None)
-                if case_mod.remove_case(work / "cases", old):
-                    res.retired_case = old
-                    logger.warning("retired the earlier case %s of exam %s: its source changed and is now rejected",
-                                   old, res.exam_id)
-        else:
-            failures.pop(res.exam_id, None)
-            old = (id_map.get(res.exam_id) or {}).get("case_id")
-            if old and old != res.case_id:
-                case_mod.remove_case(work / "cases", old)
-            id_map[res.exam_id] = {"exam_id": res.exam_id, "patient_id": res.patient_id or "",
-                                   "case_id": res.case_id, "subject_id": res.subject_id or ""}
-        save_state()
-        bar.set_postfix_str(f"{res.exam_id}: {res.status.value}" + (f" ({res.stage})" if res.stage else ""))
-        bar.update(1)
-
-    pruned: dict[str, str] = {}
+    ledger = _Ledger(work, id_map, failures, bar)
     try:
-        if scheduler:
-            _run_dask(jobs, scheduler, collect)
-        elif n_workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                collect(convert_exam(job))
-        else:
-            _run_local_pool(jobs, n_workers, threads, collect)
+        _run_jobs(jobs, scheduler, n_workers, threads, ledger.collect)
     except KeyboardInterrupt:
-        for job in jobs:
-            if job.exam_id not in results:
-                results[job.exam_id] = ExamResult(job.exam_id, Status.FAILED, stage="interrupted",
-                                                  reason=f"[exam {job.exam_id}] the run was interrupted; rerun")
-                failures[job.exam_id] = {"exam_id": job.exam_id, "kind": "failed", "stage": "interrupted",
-                                         "reason": results[job.exam_id].reason}
-        save_state()
+        ledger.interrupted(jobs)
         raise
     finally:
         bar.close()
-        ordered = [results[k] for k in sorted(results)]
+        ordered = [ledger.results[k] for k in sorted(ledger.results)]
         summary = RunSummary(ordered, time.perf_counter() - t_start, gone=gone)
         _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
     if prune and gone:
         pruned = withdraw_exams(work, list(gone))
         summary.gone, summary.pruned = {}, pruned
         _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
+    _log_summary(summary, work)
+    return summary
+
+
+def _prepare_work(work: Path) -> bytes:
+    """WORK's cases/ and private/ folders, cleared of what an interrupted run left; the de-identification key."""
+    from builder.convert import case as case_mod
+    from builder.convert.deid import load_or_create_key
+
+    (work / "cases").mkdir(parents=True, exist_ok=True)
+    (work / "private").mkdir(parents=True, exist_ok=True)
+    for name in case_mod.clean_leftovers(work / "cases"):  # safe: we hold the WORK lock, no other run writes
+        logger.info("removed %s left by an interrupted run", name)
+    return load_or_create_key(work / "private")
+
+
+def _select_exams(exams: list[str] | None, present: set[str], table: dict, gone: dict[str, str]) -> list[str]:
+    """The exams to convert: ``exams`` (each must be in the source), or every exam of the source and
+    clinical.csv; never one gone from the source."""
+    if exams:
+        unknown = sorted(set(exams) - present - set(table))
+        if unknown:
+            raise ExamError(f"--exams names exams not in the source: {', '.join(unknown)}", stage="discover")
+        return sorted(set(exams) - set(gone))
+    return sorted((present | set(table)) - set(gone))
+
+
+def _run_jobs(jobs: list[ExamJob], scheduler: str | None, n_workers: int, threads: int,
+              collect: Callable[[ExamResult], None]) -> None:
+    """Convert ``jobs`` on a Dask cluster, in this process, or on a local process pool."""
+    if scheduler:
+        _run_dask(jobs, scheduler, collect)
+    elif n_workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            collect(convert_exam(job))
+    else:
+        _run_local_pool(jobs, n_workers, threads, collect)
+
+
+class _Ledger:
+    """The run's bookkeeping, kept by the parent process alone: results, id_map.csv and failures.json."""
+
+    def __init__(self, work: Path, id_map: dict[str, dict], failures: dict[str, dict], bar: Any) -> None:
+        self.work, self.id_map, self.failures, self.bar = work, id_map, failures, bar
+        self.results: dict[str, ExamResult] = {}
+
+    def save(self) -> None:
+        """Write id_map.csv and failures.json as they stand."""
+        _write_id_map(self.work, self.id_map)
+        _write_failures(self.work, self.failures)
+
+    def collect(self, res: ExamResult) -> None:
+        """Record one exam's result (saved at once) and advance the progress bar."""
+        self.results[res.exam_id] = res
+        if res.status in (Status.REJECTED, Status.FAILED):
+            self._failed(res)
+        else:
+            self._converted(res)
+        self.save()
+        self.bar.set_postfix_str(f"{res.exam_id}: {res.status.value}" + (f" ({res.stage})" if res.stage else ""))
+        self.bar.update(1)
+
+    def _failed(self, res: ExamResult) -> None:
+        """A failures.json entry; a rejected changed source also retires the exam's earlier case."""
+        from builder.convert import case as case_mod
+
+        self.failures[res.exam_id] = {"exam_id": res.exam_id, "kind": res.status.value, "stage": res.stage,
+                                      "reason": res.reason}
+        old = (self.id_map.get(res.exam_id) or {}).get("case_id")
+        # Only a content rejection of a changed source retires the earlier case; an error of this run
+        # (disk, memory, a dead worker) never costs a good case or its id_map row.
+        if res.status is Status.REJECTED and res.source_changed and old:
+            self.id_map.pop(res.exam_id, None)
+            if case_mod.remove_case(self.work / "cases", old):
+                res.retired_case = old
+                logger.warning("retired the earlier case %s of exam %s: its source changed and is now rejected",
+                               old, res.exam_id)
+
+    def _converted(self, res: ExamResult) -> None:
+        """The exam's id_map row (its earlier case removed when the case id changed); no failure entry."""
+        from builder.convert import case as case_mod
+
+        self.failures.pop(res.exam_id, None)
+        old = (self.id_map.get(res.exam_id) or {}).get("case_id")
+        if old and old != res.case_id:
+            case_mod.remove_case(self.work / "cases", old)
+        self.id_map[res.exam_id] = {"exam_id": res.exam_id, "patient_id": res.patient_id or "",
+                                    "case_id": res.case_id, "subject_id": res.subject_id or ""}
+
+    def interrupted(self, jobs: list[ExamJob]) -> None:
+        """Record every unfinished exam as failed at stage ``interrupted`` and save."""
+        for job in jobs:
+            if job.exam_id not in self.results:
+                self.results[job.exam_id] = ExamResult(job.exam_id, Status.FAILED, stage="interrupted",
+                                                       reason=f"[exam {job.exam_id}] the run was interrupted; rerun")
+                self.failures[job.exam_id] = {"exam_id": job.exam_id, "kind": "failed", "stage": "interrupted",
+                                              "reason": self.results[job.exam_id].reason}
+        self.save()
+
+
+def _log_summary(summary: RunSummary, work: Path) -> None:
+    """The run's summary line, each rejected or failed exam, and the exams gone from the source."""
     logger.info("%s", summary.line())
     for r in summary.results:
         if r.status in (Status.REJECTED, Status.FAILED):
             logger.info("  %s %s at %s: %s", r.exam_id, r.status.value, r.stage, r.reason)
     if summary.gone:
+        gone = summary.gone
         logger.warning("%d exams of WORK are gone from the source (%s): their cases stay until "
                        "`python -m builder withdraw %s %s` (or convert --prune); release refuses them",
                        len(gone), ", ".join(gone), work, " ".join(gone))
-    return summary
 
 
 def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = False) -> dict[str, str]:
@@ -833,7 +926,7 @@ def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = 
             id_map.pop(exam_id, None)
             failures.pop(exam_id, None)
         _write_id_map(work, id_map)
-        write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+        _write_failures(work, failures)
         build_path = work / BUILD_JSON
         if build_path.is_file():
             try:
