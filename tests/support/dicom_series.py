@@ -105,9 +105,7 @@ def write_series(
     rot = np.eye(3) if rot is None else np.asarray(rot, float)
     row_dir, col_dir = rot[:, 0], rot[:, 1]
     normal = np.cross(row_dir, col_dir)
-    study_uid = study_uid or generate_uid()
-    for_uid = for_uid or generate_uid()
-    series_uid = generate_uid()
+    study_uid, for_uid, series_uid = study_uid or generate_uid(), for_uid or generate_uid(), generate_uid()
     order = list(rng.permutation(n)) if order is None else list(order)
     origin_a = np.asarray(origin, float)
     volume = np.empty((n, rows, cols), dtype=np.int16 if modality == "CT" else np.float32)
@@ -119,60 +117,71 @@ def write_series(
         ds.ImageType = list(image_type)
         # Random by default: deliberately useless for sorting. Peers like dcm2niix rely on it, so they get k + 1.
         ds.InstanceNumber = int(rng.integers(1, 1000)) if random_instance_numbers else k + 1
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in positions[k]]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
-        ds.PixelSpacing = [f"{v}" for v in pixel_spacing]
-        ds.SliceThickness = f"{slice_spacing:.6g}"
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        if modality == "CT":
-            ds.KVP = "120"
-            ds.ConvolutionKernel = "B30f"
-            hu = rng.integers(-1024, 3000, size=(rows, cols)).astype(np.int16)
-            if unsigned:
-                ds.PixelRepresentation = 0
-                ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
-                stored = (hu.astype(np.int32) + 1024).astype(np.uint16)
-            else:
-                ds.PixelRepresentation = 1
-                ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
-                stored = hu
-            volume[k] = hu
-        else:
-            ds.PixelRepresentation = 0
-            slope = float(f"{0.5 + 2.0 * rng.random():.6f}")
-            stored = rng.integers(0, 30000, size=(rows, cols)).astype(np.uint16)
-            ds.RescaleSlope, ds.RescaleIntercept = f"{slope}", "0"
-            ds.Units = "BQML"
-            ds.CorrectedImage = ["ATTN", "DECY"]
-            ds.DecayCorrection = "START"
-            volume[k] = (stored.astype(np.float64) * slope).astype(np.float32)
-        for key, value in (extra or {}).items():
+        _set_image_plane(ds, positions[k], row_dir, col_dir, pixel_spacing, slice_spacing, rows, cols)
+        stored, volume[k] = (_ct_pixels(ds, rng, rows, cols, unsigned=unsigned) if modality == "CT"
+                             else _pet_pixels(ds, rng, rows, cols))
+        for key, value in [*(extra or {}).items(), *(per_slice[k] if per_slice else {}).items()]:
             setattr(ds, key, value)
-        for key, value in ((per_slice or [{}] * n)[k] if per_slice else {}).items():
-            setattr(ds, key, value)
-        if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            ds.PixelData = stored.tobytes()
-            path = folder / (names[i] if names else f"IM{i:04d}.dcm")
-            write_dataset(ds, path, transfer_syntax=transfer_syntax)
-        else:
-            ds.PixelData = stored.tobytes()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.compress(transfer_syntax, stored, generate_instance_uid=False)
-            path = folder / (names[i] if names else f"IM{i:04d}.dcm")
-            write_dataset(ds, path, transfer_syntax=transfer_syntax)
+        path = folder / (names[i] if names else f"IM{i:04d}.dcm")
+        _write_pixels(ds, stored, path, transfer_syntax)
         files.append(path)
-    direction = np.column_stack([row_dir, col_dir, normal])
     return SeriesTruth(
-        files=files, volume=volume, origin=positions[0], direction=direction,
+        files=files, volume=volume, origin=positions[0], direction=np.column_stack([row_dir, col_dir, normal]),
         spacing=(pixel_spacing[1], pixel_spacing[0], slice_spacing), series_uid=series_uid,
         study_uid=study_uid, for_uid=for_uid, positions=positions,
     )
+
+
+def _set_image_plane(ds: Dataset, position: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray,
+                     pixel_spacing: tuple[float, float], slice_spacing: float, rows: int, cols: int) -> None:
+    """Image Plane and the 16-bit monochrome Image Pixel attributes of one slice."""
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
+    ds.PixelSpacing = [f"{v}" for v in pixel_spacing]
+    ds.SliceThickness = f"{slice_spacing:.6g}"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+
+
+def _ct_pixels(ds: Dataset, rng: np.random.Generator, rows: int, cols: int, *,
+               unsigned: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Random HU stored as int16, or as uint16 with intercept -1024 when ``unsigned``; returns (stored, HU)."""
+    ds.KVP = "120"
+    ds.ConvolutionKernel = "B30f"
+    hu = rng.integers(-1024, 3000, size=(rows, cols)).astype(np.int16)
+    if unsigned:
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+        return (hu.astype(np.int32) + 1024).astype(np.uint16), hu
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+    return hu, hu
+
+
+def _pet_pixels(ds: Dataset, rng: np.random.Generator, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint16 values with a random RescaleSlope, in Bq/ml; returns (stored, values)."""
+    ds.PixelRepresentation = 0
+    slope = float(f"{0.5 + 2.0 * rng.random():.6f}")
+    stored = rng.integers(0, 30000, size=(rows, cols)).astype(np.uint16)
+    ds.RescaleSlope, ds.RescaleIntercept = f"{slope}", "0"
+    ds.Units = "BQML"
+    ds.CorrectedImage = ["ATTN", "DECY"]
+    ds.DecayCorrection = "START"
+    return stored, (stored.astype(np.float64) * slope).astype(np.float32)
+
+
+def _write_pixels(ds: Dataset, stored: np.ndarray, path: Path, transfer_syntax: str) -> None:
+    """Set the pixel data (compressed with pydicom's encoders unless little endian) and write the file."""
+    ds.PixelData = stored.tobytes()
+    if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.compress(transfer_syntax, stored, generate_instance_uid=False)
+    write_dataset(ds, path, transfer_syntax=transfer_syntax)
 
 
 def pet_timing(ds_extra: dict | None = None, *, series_dt: dt.datetime, injection_dt: dt.datetime | None,
