@@ -311,6 +311,36 @@ class _ContentHasher:
         return self._digest.hexdigest()
 
 
+def _decode_volume(release: Release, case_id: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One volume of a case and its affine, checked against the schema's dtype.
+
+    The array views the NIfTI bytes in place in arrow's buffer (no copy): drop it to free them.
+    """
+    table = release.read_volume_table(case_id, name)
+    buffer = codec.cell_bytes(table, name, where=f"case {case_id}")
+    array, affine = codec.decode_volume(buffer, copy=False)
+    if array.dtype != np.dtype(_DTYPES[name]):
+        raise SchemaError(
+            f"case {case_id}: {name} is {array.dtype}, the schema says {_DTYPES[name]}; "
+            "the release was not written by a matching builder"
+        )
+    return array, affine
+
+
+def _publish(tmp: Path, path: Path, info: dict[str, Any], case_id: str) -> None:
+    """Write ``case.json`` last (an entry without it is never opened), then rename the built folder into place."""
+    try:
+        with open(tmp / _ENTRY_JSON, "w") as f:
+            f.write(json.dumps(info, sort_keys=True))
+        # Under the entry's lock nobody else publishes it; the check guards a process without the lock.
+        if path.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path / _ENTRY_JSON, case_id, e) from e
+
+
 class DecodedCache:
     """The decoded cache under ``root`` (default :func:`default_cache_dir`).
 
@@ -429,60 +459,14 @@ class DecodedCache:
         return entry
 
     def _build(self, release: Release, case_id: str, content_hash: str, path: Path) -> None:
-        import blosc2
-
+        """Decode a case into a ``.partial`` folder, check it against its content hash, and rename it into place."""
         log.info("decoding case %s of release %s into the cache %s", case_id, release.version, path)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_PARTIAL, dir=path.parent))
         except OSError as e:
             raise _write_error(path, case_id, e) from e
         try:
-            hasher = _ContentHasher()
-            affine = None
-            shape = None
-            foreground = np.zeros((0, 3), np.int32)
-            count = 0
-            for name in _ContentHasher.ORDER:
-                # One volume at a time: the arrow buffer holds the NIfTI bytes, the array views them in place.
-                table = release.read_volume_table(case_id, name)
-                buffer = codec.cell_bytes(table, name, where=f"case {case_id}")
-                array, vol_affine = codec.decode_volume(buffer, copy=False)
-                if array.dtype != np.dtype(_DTYPES[name]):
-                    raise SchemaError(
-                        f"case {case_id}: {name} is {array.dtype}, the schema says {_DTYPES[name]}; "
-                        "the release was not written by a matching builder"
-                    )
-                if shape is None:
-                    shape, affine = array.shape, vol_affine
-                elif array.shape != shape or not np.allclose(vol_affine, affine):
-                    raise SchemaError(f"case {case_id}: {name} is not on the CT grid (shape {array.shape} vs {shape})")
-                hasher.update(name, array)
-                cparams = blosc2.CParams(
-                    codec=blosc2.Codec[CODEC], clevel=self.clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=_nthreads()
-                )
-                chunks = tuple(min(c, s) for c, s in zip(self.chunks, array.shape))
-                blocks = tuple(min(b, c) for b, c in zip(self.blocks, chunks))
-                target = tmp / f"{name}.b2nd"
-                try:
-                    blosc2.asarray(
-                        np.ascontiguousarray(array), urlpath=str(target), mode="w",
-                        chunks=chunks, blocks=blocks, cparams=cparams,
-                    )
-                except (RuntimeError, ValueError, OSError) as e:  # blosc2: "Error while creating the NDArray"
-                    raise _write_error(path / target.name, case_id, e) from e
-                if name == "label":
-                    foreground, count = self._foreground(array, case_id)
-                del array, buffer, table
-                # Hand the volume's bytes back now: arrow's pool would otherwise keep them for the next volume.
-                pa.default_memory_pool().release_unused()
-            assert affine is not None and shape is not None  # noqa: S101 - set in the loop above
-            found = hasher.hexdigest(affine)
-            if found != content_hash:
-                raise IntegrityError(
-                    f"case {case_id} decoded from {release.locate(case_id).shard} does not match its content hash in "
-                    f"the manifest of release {release.version}: the shard is corrupt. Re-download the release, "
-                    "then run `lymphatlas verify`"
-                )
+            shape, affine, foreground, count = self._write_volumes(release, case_id, content_hash, tmp, path)
             try:
                 np.save(tmp / _FOREGROUND, foreground)
             except OSError as e:
@@ -500,20 +484,62 @@ class DecodedCache:
                 "checksum": CHECKSUM,
                 "checksums": {f.name: file_checksum(f) for f in sorted(tmp.iterdir())},
             }
-            # case.json last: an entry without it is never opened.
-            try:
-                with open(tmp / _ENTRY_JSON, "w") as f:
-                    f.write(json.dumps(info, sort_keys=True))
-                # Under the entry's lock nobody else publishes it; the check guards a process without the lock.
-                if path.exists():
-                    shutil.rmtree(tmp)
-                else:
-                    os.replace(tmp, path)
-            except OSError as e:
-                raise _write_error(path / _ENTRY_JSON, case_id, e) from e
+            _publish(tmp, path, info, case_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _write_volumes(
+        self, release: Release, case_id: str, content_hash: str, tmp: Path, path: Path
+    ) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, int]:
+        """Decode, hash and compress the volumes one at a time into ``tmp``; raise unless they match the content hash.
+
+        Returns the grid's shape and affine, the foreground sample and the foreground voxel count.
+        """
+        hasher = _ContentHasher()
+        affine = None
+        shape = None
+        foreground = np.zeros((0, 3), np.int32)
+        count = 0
+        for name in _ContentHasher.ORDER:
+            array, vol_affine = _decode_volume(release, case_id, name)
+            if shape is None:
+                shape, affine = array.shape, vol_affine
+            elif array.shape != shape or not np.allclose(vol_affine, affine):
+                raise SchemaError(f"case {case_id}: {name} is not on the CT grid (shape {array.shape} vs {shape})")
+            hasher.update(name, array)
+            self._compress(array, tmp / f"{name}.b2nd", path, case_id)
+            if name == "label":
+                foreground, count = self._foreground(array, case_id)
+            del array
+            # Hand the volume's bytes back now: arrow's pool would otherwise keep them for the next volume.
+            pa.default_memory_pool().release_unused()
+        assert affine is not None and shape is not None  # noqa: S101 - set in the loop above
+        found = hasher.hexdigest(affine)
+        if found != content_hash:
+            raise IntegrityError(
+                f"case {case_id} decoded from {release.locate(case_id).shard} does not match its content hash in "
+                f"the manifest of release {release.version}: the shard is corrupt. Re-download the release, "
+                "then run `lymphatlas verify`"
+            )
+        return shape, affine, foreground, count
+
+    def _compress(self, array: np.ndarray, target: Path, path: Path, case_id: str) -> None:
+        """Write one volume to ``target`` as a blosc2 array cut into this cache's chunks and blocks."""
+        import blosc2
+
+        cparams = blosc2.CParams(
+            codec=blosc2.Codec[CODEC], clevel=self.clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=_nthreads()
+        )
+        chunks = tuple(min(c, s) for c, s in zip(self.chunks, array.shape))
+        blocks = tuple(min(b, c) for b, c in zip(self.blocks, chunks))
+        try:
+            blosc2.asarray(
+                np.ascontiguousarray(array), urlpath=str(target), mode="w",
+                chunks=chunks, blocks=blocks, cparams=cparams,
+            )
+        except (RuntimeError, ValueError, OSError) as e:  # blosc2: "Error while creating the NDArray"
+            raise _write_error(path / target.name, case_id, e) from e
 
     def _foreground(self, label: np.ndarray, case_id: str) -> tuple[np.ndarray, int]:
         positions = np.argwhere(label > 0)
