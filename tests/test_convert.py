@@ -474,7 +474,7 @@ def test_a_rejected_changed_source_retires_the_earlier_case_and_says_so(cohort, 
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), source / "masks" / f"{exam_id}.nii.gz")
     proc = subprocess.run([sys.executable, "-m", "builder", "convert", str(source), str(work), "--exams", exam_id,
                            "--workers", "1", "--quiet", "--no-report"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[2])})
     assert proc.returncode == 1, proc.stderr
     assert f"retired case {case_id} of {exam_id}" in proc.stdout, proc.stdout
     assert not (work / "cases" / case_id).exists()
@@ -488,7 +488,7 @@ def _run_cli(tmp_path: Path, *args: str, env: dict | None = None):
     import sys
 
     return subprocess.run([sys.executable, "-m", "builder", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[1]), **(env or {})},
+                          env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[2]), **(env or {})},
                           timeout=600)
 
 
@@ -543,7 +543,7 @@ def test_a_second_convert_is_refused_naming_the_holder_or_waits_for_it(cohort, t
         [sys.executable, "-c", "import sys, time; from lymphatlas_ds._lock import work_lock\n"
          "with work_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))",
          str(work), "4"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[1])})
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[2])})
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = _run_cli(tmp_path, "convert", str(cohort["source"]), str(work), "--workers", "1", "--quiet", "--no-report")
