@@ -234,6 +234,37 @@ def generate_cohort(
     size = Size(size)
     out = Path(out)
     truth_dir = Path(truth_dir) if truth_dir is not None else out / "truth"
+    _prepare_folders(out, truth_dir, overwrite=overwrite)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0401]))
+    assignments = _patients(rng, n_exams)
+    chosen = _resolve_variants(variants, n_exams)
+    truths: list[ExamTruth] = []
+    indices: Iterable[int] = range(n_exams)
+    if progress is not None:
+        indices = progress(indices)
+    for i in indices:
+        patient, exam_index = assignments[i]
+        exam_id = f"EX{i:04d}"
+        t = generate_exam(
+            out, truth_dir, exam_id=exam_id, seed=seed, index=i, size=size, patient=patient,
+            exam_index=exam_index, variant=chosen[i],
+        )
+        truths.append(t)
+    _write_clinical(out / "clinical.csv", [t.truth["_clinical"] for t in truths])
+    for t in truths:
+        t.truth.pop("_clinical")
+        _write_json(t.truth_path, t.truth)
+    _write_json(
+        truth_dir / "cohort.json",
+        {"seed": seed, "size": size.value, "exams": [t.exam_id for t in truths],
+         "generator_version": GENERATOR_VERSION},
+    )
+    return truths
+
+
+def _prepare_folders(out: Path, truth_dir: Path, *, overwrite: bool) -> None:
+    """Create ``out`` and ``truth_dir``; a non-empty ``out`` only with ``overwrite``, which first removes
+    the previous cohort (DICOM, masks, clinical table, truth)."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CohortExistsError(f"{out} is not empty; choose a new folder or pass overwrite=True (--overwrite)")
@@ -247,38 +278,15 @@ def generate_cohort(
             shutil.rmtree(truth_dir)
     out.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0401]))
-    assignments = _patients(rng, n_exams)
-    chosen = _resolve_variants(variants, n_exams)
-    truths: list[ExamTruth] = []
-    rows = []
-    indices: Iterable[int] = range(n_exams)
-    if progress is not None:
-        indices = progress(indices)
-    for i in indices:
-        patient, exam_index = assignments[i]
-        exam_id = f"EX{i:04d}"
-        t = generate_exam(
-            out, truth_dir, exam_id=exam_id, seed=seed, index=i, size=size, patient=patient,
-            exam_index=exam_index, variant=chosen[i],
-        )
-        truths.append(t)
-        rows.append(t.truth["_clinical"])
-    # The clinical table, in exam order; notes hold identifying-looking free text.
+
+
+def _write_clinical(path: Path, rows: list[dict]) -> None:
+    """The clinical table, in exam order; notes hold identifying-looking free text."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CLINICAL_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_bytes(out / "clinical.csv", buf.getvalue().encode("utf-8"))
-    for t in truths:
-        t.truth.pop("_clinical")
-        _write_json(t.truth_path, t.truth)
-    _write_json(
-        truth_dir / "cohort.json",
-        {"seed": seed, "size": size.value, "exams": [t.exam_id for t in truths],
-         "generator_version": GENERATOR_VERSION},
-    )
-    return truths
+    _write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def load_truth(truth_dir: str | os.PathLike, exam_id: str) -> dict:
