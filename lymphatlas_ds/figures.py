@@ -383,55 +383,78 @@ def render_case(
         focus, in_lesion = focus_index(case.label, case.pet)
     logger.debug("%s: planes through RAS %s mm (%s)", title or "case", np.round(case.ras(focus), 1).tolist(),
                  "largest lesion" if in_lesion else "volume centre")
-    layers = list(Layer)
+    fig, grid = _case_grid(case, display)
+    heading = f"{title}  -  " if title else ""
+    heading += "planes through the largest lesion" if in_lesion else "no lesion: planes through the volume centre"
+    fig.suptitle(heading, fontsize=12, x=0.01, ha="left")
+    out = CaseFigure(figure=fig, focus=focus, spacing=case.spacing)
+    for row, view in enumerate(View):
+        _draw_plane_row(out, grid, row, view, case, display)
+    ax = fig.add_subplot(grid[:, -1])
+    _draw_mip(ax, case, out.focus, display)
+    out.axes["mip"] = ax
+    return out
+
+
+def _case_grid(case: CanonicalCase, display: Display):
+    """The case figure and its grid: a row per view, a column per layer and a wider one for the MIP."""
+    n_layers = len(Layer)
     # Rows as tall as their anatomy: a whole-body coronal plane (1-2 m) gets more height than an
     # axial one (0.5 m), every panel at the same mm-per-inch scale.
     extent = np.array(case.shape) * np.array(case.spacing)  # mm along R, A, S
     width_in, title_in, gap = 16.0, 0.75, 0.1
-    column_in = width_in * 0.96 / (len(layers) + 1.15 + (len(layers) + 1) * 0.04)
+    column_in = width_in * 0.96 / (n_layers + 1.15 + (n_layers + 1) * 0.04)
     scale = column_in / max(extent[0], extent[1])
     heights = [extent[1], extent[2], extent[2]]
     height_in = min(sum(heights) * scale * (1 + gap) + title_in + 0.1, 30.0)
     fig = _new_figure(width_in, height_in, display.dpi)
-    grid = fig.add_gridspec(3, len(layers) + 1, width_ratios=[1.0] * len(layers) + [1.15], height_ratios=heights,
+    grid = fig.add_gridspec(3, n_layers + 1, width_ratios=[1.0] * n_layers + [1.15], height_ratios=heights,
                             left=0.035, right=0.995, bottom=0.1 / height_in, top=1 - title_in / height_in,
                             wspace=0.04, hspace=gap)
-    heading = f"{title}  -  " if title else ""
-    heading += "planes through the largest lesion" if in_lesion else "no lesion: planes through the volume centre"
-    fig.suptitle(heading, fontsize=12, x=0.01, ha="left")
-    column_titles = {
+    return fig, grid
+
+
+def _column_titles(display: Display) -> dict[Layer, str]:
+    """The title above each layer's column, with the window or scale it is drawn in."""
+    return {
         Layer.CT: f"CT (W{display.ct_window:.0f} / L{display.ct_level:.0f})",
         Layer.PET: f"PET (SUV 0-{display.suv_max:g}, inverted)",
         Layer.FUSION: "PET/CT fusion",
         Layer.CT_LABEL: "CT + label (red)",
         Layer.PET_LABEL: "PET + label (red)",
     }
+
+
+def _draw_plane_row(out: CaseFigure, grid, row: int, view: View, case: CanonicalCase, display: Display) -> None:
+    """One row of the case figure: the plane of ``view`` through the focus, drawn as each layer."""
+    fig, focus = out.figure, out.focus
     lo, hi = display.ct_range
-    out = CaseFigure(figure=fig, focus=focus, spacing=case.spacing)
-    for row, view in enumerate(View):
-        idx = focus[_PLANES[view][0]]
-        spacing_rc = pixel_spacing(case, view)
-        ct2d = plane(case.ct, view, idx)
-        pet2d = plane(case.pet, view, idx)
-        lab2d = plane(case.label, view, idx) > 0 if case.label is not None else None
-        for col, layer in enumerate(layers):
-            ax = fig.add_subplot(grid[row, col])
-            ax.set_facecolor("white")
-            if layer in (Layer.CT, Layer.CT_LABEL):
-                _show(ax, ct2d, spacing_rc, cmap="gray", vmin=lo, vmax=hi)
-            elif layer in (Layer.PET, Layer.PET_LABEL):
-                _show(ax, pet2d, spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.suv_max)
-            else:
-                _show(ax, fusion_rgb(ct2d, pet2d, display), spacing_rc)
-            if layer in (Layer.CT_LABEL, Layer.PET_LABEL) and lab2d is not None:
-                _outline(ax, lab2d, spacing_rc)
-            if layer is Layer.CT:
-                _letters(ax, view)
-                ax.set_ylabel(_plane_title(view, case, focus), fontsize=9)
-            if row == 0:
-                ax.set_title(column_titles[layer], fontsize=9)
-            out.axes[f"{view.value}/{layer.value}"] = ax
-    ax = fig.add_subplot(grid[:, -1])
+    idx = focus[_PLANES[view][0]]
+    spacing_rc = pixel_spacing(case, view)
+    ct2d = plane(case.ct, view, idx)
+    pet2d = plane(case.pet, view, idx)
+    lab2d = plane(case.label, view, idx) > 0 if case.label is not None else None
+    for col, layer in enumerate(Layer):
+        ax = fig.add_subplot(grid[row, col])
+        ax.set_facecolor("white")
+        if layer in (Layer.CT, Layer.CT_LABEL):
+            _show(ax, ct2d, spacing_rc, cmap="gray", vmin=lo, vmax=hi)
+        elif layer in (Layer.PET, Layer.PET_LABEL):
+            _show(ax, pet2d, spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.suv_max)
+        else:
+            _show(ax, fusion_rgb(ct2d, pet2d, display), spacing_rc)
+        if layer in (Layer.CT_LABEL, Layer.PET_LABEL) and lab2d is not None:
+            _outline(ax, lab2d, spacing_rc)
+        if layer is Layer.CT:
+            _letters(ax, view)
+            ax.set_ylabel(_plane_title(view, case, focus), fontsize=9)
+        if row == 0:
+            ax.set_title(_column_titles(display)[layer], fontsize=9)
+        out.axes[f"{view.value}/{layer.value}"] = ax
+
+
+def _draw_mip(ax, case: CanonicalCase, focus: tuple[int, int, int], display: Display) -> None:
+    """The coronal PET MIP with the label's projection outlined and the axial plane's level marked."""
     spacing_rc = pixel_spacing(case, View.CORONAL)
     _show(ax, projection(case.pet, View.CORONAL), spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.mip_suv_max)
     if case.label is not None:
@@ -444,8 +467,6 @@ def render_case(
         ax.plot([x0, x1], [axial_mm, axial_mm], color=_EDGE_COLOR, linewidth=1.5, solid_capstyle="butt",
                 scalex=False, scaley=False)
     ax.set_title(f"PET MIP, coronal (SUV 0-{display.mip_suv_max:g})", fontsize=9)
-    out.axes["mip"] = ax
-    return out
 
 
 def before_registration(
@@ -515,17 +536,7 @@ def render_registration(
     case = CanonicalCase.from_arrays(ct, pet, label, affine_ras)
     if focus is None:
         focus, _ = focus_index(case.label, case.pet)
-    extent = np.array(case.shape) * np.array(case.spacing)  # mm along R, A, S
-    widths = [extent[0], extent[0], extent[1]]
-    row_mm = max(extent[1], extent[2])
-    title_in = 0.6
-    scale = min(12.0 * 0.9 / sum(widths), 5.5 / row_mm)  # inches per mm: 12 in wide, rows at most 5.5 in
-    width_in, height_in = sum(widths) * scale / 0.9 + 0.2, 2 * row_mm * scale * 1.08 + title_in + 0.1
-    fig = _new_figure(max(width_in, 6.0), height_in, display.dpi)
-    grid = fig.add_gridspec(2, 3, width_ratios=widths, left=0.07, right=0.995, bottom=0.1 / height_in,
-                            top=1 - title_in / height_in, wspace=0.04, hspace=0.08)
-    fig.suptitle(f"{title}  -  registration check: PET with CT edges (blue)" if title else
-                 "registration check: PET with CT edges (blue)", fontsize=12, x=0.01, ha="left")
+    fig, grid = _registration_grid(case, title, display)
     out = CaseFigure(figure=fig, focus=focus, spacing=case.spacing)
     for col, view in enumerate(View):
         idx = focus[_PLANES[view][0]]
@@ -538,18 +549,39 @@ def render_registration(
         for row, (when, pet2d) in enumerate(pictures.items()):
             ax = fig.add_subplot(grid[row, col])
             _show(ax, pet2d, spacing_rc, cmap="gray_r", vmin=0.0, vmax=display.suv_max)
-            rows, cols = ct2d.shape
-            x = (np.arange(cols) + 0.5) * spacing_rc[1]
-            y = (np.arange(rows) + 0.5) * spacing_rc[0]
-            levels = [h for h in ct_edges_hu if ct2d.min() < h < ct2d.max()]
-            if levels:
-                ax.contour(x, y, ct2d, levels=levels, colors=[_EDGE_COLOR], linewidths=0.6)
-            rng = _extent(ct2d, spacing_rc)
-            ax.set_xlim(rng[0], rng[1])
-            ax.set_ylim(rng[2], rng[3])
+            _ct_edges(ax, ct2d, spacing_rc, ct_edges_hu)
             if row == 0:
                 ax.set_title(_plane_title(view, case, focus), fontsize=9)
             if col == 0:
                 ax.set_ylabel("before (scanner geometry)" if when == "before" else "after registration", fontsize=9)
             out.axes[f"{when}/{view.value}"] = ax
     return out
+
+
+def _registration_grid(case: CanonicalCase, title: str, display: Display):
+    """The registration figure, titled, and its grid: before and after rows, a column per view."""
+    extent = np.array(case.shape) * np.array(case.spacing)  # mm along R, A, S
+    widths = [extent[0], extent[0], extent[1]]
+    row_mm = max(extent[1], extent[2])
+    title_in = 0.6
+    scale = min(12.0 * 0.9 / sum(widths), 5.5 / row_mm)  # inches per mm: 12 in wide, rows at most 5.5 in
+    width_in, height_in = sum(widths) * scale / 0.9 + 0.2, 2 * row_mm * scale * 1.08 + title_in + 0.1
+    fig = _new_figure(max(width_in, 6.0), height_in, display.dpi)
+    grid = fig.add_gridspec(2, 3, width_ratios=widths, left=0.07, right=0.995, bottom=0.1 / height_in,
+                            top=1 - title_in / height_in, wspace=0.04, hspace=0.08)
+    fig.suptitle(f"{title}  -  registration check: PET with CT edges (blue)" if title else
+                 "registration check: PET with CT edges (blue)", fontsize=12, x=0.01, ha="left")
+    return fig, grid
+
+
+def _ct_edges(ax, ct2d: np.ndarray, spacing_rc: tuple[float, float], levels_hu: tuple[float, ...]) -> None:
+    """Draw the CT iso-contours at ``levels_hu`` that the plane crosses, keeping the panel's extent."""
+    rows, cols = ct2d.shape
+    x = (np.arange(cols) + 0.5) * spacing_rc[1]
+    y = (np.arange(rows) + 0.5) * spacing_rc[0]
+    levels = [h for h in levels_hu if ct2d.min() < h < ct2d.max()]
+    if levels:
+        ax.contour(x, y, ct2d, levels=levels, colors=[_EDGE_COLOR], linewidths=0.6)
+    rng = _extent(ct2d, spacing_rc)
+    ax.set_xlim(rng[0], rng[1])
+    ax.set_ylim(rng[2], rng[3])
