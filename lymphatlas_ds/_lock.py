@@ -70,13 +70,7 @@ def folder_lock(lock_file: str | Path, *, what: str, wait: bool = False) -> Iter
     """
     path = Path(lock_file)
     key = str(path.resolve())
-    with _guard:
-        if _held.get(key):
-            _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
+    if _reenter(key):
         try:
             yield path
         finally:
@@ -84,23 +78,23 @@ def folder_lock(lock_file: str | Path, *, what: str, wait: bool = False) -> Iter
                 _held[key] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
-        from filelock import FileLock, Timeout
+    hold = _flock if fcntl is not None else _filelock
+    with hold(path, key, what=what, wait=wait):
+        yield path
 
-        lock = FileLock(str(path) + ".w")
-        try:
-            lock.acquire(timeout=-1 if wait else 0)
-        except Timeout as e:
-            raise LockedError(f"{what} is in use by another process ({path}); wait for it or pass --wait") from e
-        try:
-            with _guard:
-                _held[key] = 1
-            yield path
-        finally:
-            with _guard:
-                _held.pop(key, None)
-            lock.release()
-        return
+
+def _reenter(key: str) -> bool:
+    """Count one more hold of a lock this process holds already; False when it does not hold it."""
+    with _guard:
+        if _held.get(key):
+            _held[key] += 1
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _flock(path: Path, key: str, *, what: str, wait: bool) -> Iterator[None]:
+    """Hold the kernel's exclusive ``flock`` on ``path``, with this process's details written into the file."""
     # O_RDWR without O_TRUNC: opening must not wipe the holder's details before we own the lock.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -118,7 +112,7 @@ def folder_lock(lock_file: str | Path, *, what: str, wait: bool = False) -> Iter
         with _guard:
             _held[key] = 1
         try:
-            yield path
+            yield
         finally:
             with _guard:
                 _held.pop(key, None)
@@ -126,6 +120,26 @@ def folder_lock(lock_file: str | Path, *, what: str, wait: bool = False) -> Iter
                 os.ftruncate(fd, 0)  # the lock file stays (removing it would race a waiter); empty = free
     finally:
         os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def _filelock(path: Path, key: str, *, what: str, wait: bool) -> Iterator[None]:  # pragma: no cover - Windows
+    """Hold filelock's lock beside ``path`` (where there is no ``fcntl``): no holder details."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".w")
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout as e:
+        raise LockedError(f"{what} is in use by another process ({path}); wait for it or pass --wait") from e
+    try:
+        with _guard:
+            _held[key] = 1
+        yield
+    finally:
+        with _guard:
+            _held.pop(key, None)
+        lock.release()
 
 
 def work_lock(work: str | Path, *, wait: bool = False) -> contextlib.AbstractContextManager[Path]:
