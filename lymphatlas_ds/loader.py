@@ -433,15 +433,8 @@ def load_lymphatlas(
     if decoded is None:
         raise SchemaError("patch mode reads patches from the decoded cache; use cache=True")
     return PatchDataset(
-        release,
-        case_ids,
-        patch_size=patch_size,
-        samples_per_case=samples_per_case,
-        foreground_ratio=foreground_ratio,
-        seed=seed,
-        transform=transform,
-        cache=decoded,
-        progress=progress,
+        release, case_ids, patch_size=patch_size, samples_per_case=samples_per_case, foreground_ratio=foreground_ratio,
+        seed=seed, transform=transform, cache=decoded, progress=progress,
     )
 
 
