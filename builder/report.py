@@ -35,7 +35,7 @@ import numpy as np
 
 from lymphatlas_ds import figures
 from lymphatlas_ds._io import write_atomic
-from lymphatlas_ds.errors import LymphAtlasError
+from lymphatlas_ds.errors import LymphAtlasError, SchemaError
 from lymphatlas_ds.schema import CASE_FILES, CASE_JSON
 
 logger = logging.getLogger(__name__)
@@ -136,8 +136,9 @@ def load_case_volumes(case_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return volumes["ct"][0], volumes["pet"][0], volumes["label"][0], affine
 
 
-def _stamp(case_json_bytes: bytes, display: figures.Display) -> str:
-    h = hashlib.sha256(case_json_bytes)
+def _stamp(case: dict, display: figures.Display) -> str:
+    """What the pictures of a case depend on: its case.json, the figure code and the display settings."""
+    h = hashlib.sha256(json.dumps(case, sort_keys=True).encode())
     h.update(f"figures {figures.FIGURES_VERSION} {display!r}".encode())
     return h.hexdigest()
 
@@ -150,14 +151,15 @@ def render_case_images(
     A case that cannot be drawn (unreadable file, another grid) is reported with the reason in
     the page instead of stopping the whole report.
     """
-    raw = (case_dir / CASE_JSON).read_bytes()
+    from builder.convert.case import read_case_json
+
     try:
-        case = json.loads(raw)
-    except json.JSONDecodeError as e:
-        return CaseImages(case_dir.name, {}, None, None, f"unreadable {CASE_JSON}: {e}; re-run convert for this case")
+        case = read_case_json(case_dir)
+    except SchemaError as e:  # names the file and what to do
+        return CaseImages(case_dir.name, {}, None, None, str(e))
     case_id = case.get("case_id", case_dir.name)
     rel = f"cases/{out_dir.name}"
-    stamp = _stamp(raw, display)
+    stamp = _stamp(case, display)
     stamp_file = out_dir / _STAMP
     views, registration = out_dir / VIEWS_PNG, out_dir / REGISTRATION_PNG
     has_transform = _transform(case) is not None

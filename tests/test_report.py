@@ -184,6 +184,18 @@ def test_an_unreadable_case_is_reported_not_fatal(tmp_path):
     assert rows[cases[1].case_id][-1] == "passed"
 
 
+def test_a_case_json_that_is_not_json_is_reported_not_fatal(tmp_path):
+    work = tmp_path / "work"
+    cases = make_fake_work(work, n_patients=2, shape_zyx=(12, 16, 16))
+    (work / "cases" / cases[0].case_id / "case.json").write_text('{"case_id": ')
+    index = write_report(work)
+    text = html.unescape(index.read_text(encoding="utf-8"))
+    assert f"{cases[0].case_id}/case.json is not valid JSON" in text and "python -m builder convert" in text
+    rows = {r[0]: r for r in _parse(index).tables["cases"][1:]}
+    assert rows[cases[1].case_id][-1] == "passed"
+    assert (index.parent / "cases" / cases[1].case_id / "views.png").is_file()
+
+
 def test_a_qc_rejected_exam_keeps_its_picture(tmp_path):
     from builder.report import write_rejected_figure
 

@@ -171,6 +171,14 @@ def clean_leftovers(cases_dir: Path) -> list[str]:
     return removed
 
 
+def read_case_json(folder: Path) -> dict:
+    """The parsed ``case.json`` of a WORK case folder, unchecked; SchemaError naming the file when it
+    is missing or not JSON. The one place that reads it: :func:`load_case` (which validates it), the
+    convert's skip of unchanged exams and the QC report."""
+    return read_json(Path(folder) / CASE_JSON, what="the case.json of an aligned case folder",
+                     fix="run `python -m builder convert` (again, if this exam was converted before)")
+
+
 def load_case(path: Path, *, arrays: bool = False) -> dict:
     """Read one aligned case folder: its ``case.json`` (validated), optionally the volumes.
 
@@ -184,8 +192,7 @@ def load_case(path: Path, *, arrays: bool = False) -> dict:
     """
     path = Path(path)
     json_path = path / CASE_JSON
-    case = read_json(json_path, what="the case.json of an aligned case folder",
-                     fix="run `python -m builder convert` (again, if this exam was converted before)")
+    case = read_case_json(path)
     missing = [k for k in REQUIRED_KEYS if k not in case]
     if missing:
         raise SchemaError(f"{json_path} lacks {', '.join(missing)}; re-run the convert with this builder version")

@@ -407,11 +407,14 @@ def _check_job(job: ExamJob, exam_dir: Path, result: ExamResult) -> None:
 def _unchanged(job: ExamJob, src_hash: str, result: ExamResult) -> bool:
     """True (the result marked SKIPPED) when the exam's earlier case was made from the same source bytes."""
     if job.previous_case_id:
-        existing = job.work / "cases" / job.previous_case_id / CASE_JSON
-        if existing.is_file():
+        existing = job.work / "cases" / job.previous_case_id
+        if (existing / CASE_JSON).is_file():
+            from builder.convert.case import read_case_json
+            from lymphatlas_ds.errors import SchemaError
+
             try:
-                old = json.loads(existing.read_text())
-            except json.JSONDecodeError:
+                old = read_case_json(existing)
+            except SchemaError:  # unreadable: convert again
                 old = {}
             if old.get("source", {}).get("content_hash") == src_hash:
                 result.status, result.case_id = Status.SKIPPED, job.previous_case_id
