@@ -62,14 +62,6 @@ class Grid1D:
     ys: np.ndarray
     zs: np.ndarray
 
-    @classmethod
-    def from_geometry(cls, size, spacing, origin, direction) -> Grid1D:
-        d = np.asarray(direction, dtype=float).reshape(3, 3)
-        if not np.allclose(np.abs(d), np.eye(3)):
-            raise ValueError(f"the synthetic painter needs an axis-aligned grid, got direction {d.ravel().tolist()}")
-        axes = [origin[a] + d[a, a] * spacing[a] * np.arange(size[a]) for a in range(3)]
-        return cls(*axes)
-
 
 @dataclass
 class Shape:
