@@ -138,7 +138,10 @@ class Release:
             state_dir = default_cache_dir()
         self.state_dir = Path(state_dir) if remember and state_dir is not None else None
         self._verified = _Verified()
-        self._files: dict[str, pq.ParquetFile] = {}
+        # Open parquet files, one set per thread: pyarrow's ParquetFile is not safe to read from two
+        # threads at once (its pre-buffer cache mixes up the ranges: "ReadRangeCache did not find
+        # matching cache entry"), and the cache build, materialize and prepare() read with threads.
+        self._local = threading.local()
         self._shard_rows: dict[str, dict[str, int]] = {}
         if not (self.path / manifest_mod.MANIFEST_NAME).is_file():
             raise SchemaError(
@@ -174,9 +177,13 @@ class Release:
     # Pickled into DataLoader workers: open parquet files and locks stay behind.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_files"] = {}
+        del state["_local"]
         state["_verified"] = _Verified(set(self._verified.seen))
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ manifest, splits, files
 
@@ -284,7 +291,9 @@ class Release:
         return out
 
     def _parquet(self, relpath: str) -> pq.ParquetFile:
-        pf = self._files.get(relpath)
+        """This thread's open handle on a shard (opened on first use)."""
+        files = self._local.__dict__.setdefault("files", {})
+        pf = files.get(relpath)
         if pf is None:
             path = self.file(relpath)
             try:
@@ -294,7 +303,7 @@ class Release:
                     f"{path} is not a readable parquet file ({e}): it is truncated or corrupt. "
                     "Re-download or re-copy the release, then run `lymphatlas verify`"
                 ) from e
-            self._files[relpath] = pf
+            files[relpath] = pf
         return pf
 
     def _read(self, relpath: str, row_group: int | None, columns: list[str]) -> pa.Table:
