@@ -3,9 +3,8 @@ cluster's nodes would start them (console commands, a folder outside the checkou
 then `lymphatlas-build convert --scheduler tcp://...`. The cases must be the local pool's: the same
 case ids and the same content hashes (sha256 over the voxels and the affine).
 
-Both runs keep the scanner alignment (``--no-register``): with registration, a Dask worker and a
-local process pool can still differ in the optimiser's last digits (tests/test_convert.py bounds
-that difference in mm and rad on a LocalCluster); here every byte must agree.
+Both runs register PET to CT: the registration's metric runs in one work unit on one thread, so a
+Dask worker and a local pool process find the same transform and every voxel must agree.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def test_dask_scheduler_and_two_workers_convert_the_local_pools_cases(synthetic_
 
     local = tmp_path / "work_local"
     proc = subprocess.run([str(BIN / "lymphatlas-build"), "convert", str(source), str(local), "--workers", "2",
-                           "--no-register", "--no-report", "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                           "--no-report", "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = _cases(local)
     assert len(expected) == len(truths)
@@ -86,7 +85,7 @@ def test_dask_scheduler_and_two_workers_convert_the_local_pools_cases(synthetic_
         assert ready.returncode == 0 and ready.stdout.strip() == "2", ready.stderr[-2000:]
 
         proc = subprocess.run([str(BIN / "lymphatlas-build"), "convert", str(source), str(cluster), "--scheduler",
-                               address, "--no-register", "--no-report", "--quiet"], cwd=nodes, env=env, capture_output=True, text=True,
+                               address, "--no-report", "--quiet"], cwd=nodes, env=env, capture_output=True, text=True,
                               timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
