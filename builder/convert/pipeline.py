@@ -869,10 +869,10 @@ class _Ledger:
         """Record every unfinished exam as failed at stage ``interrupted`` and save."""
         for job in jobs:
             if job.exam_id not in self.results:
-                self.results[job.exam_id] = ExamResult(job.exam_id, Status.FAILED, stage="interrupted",
-                                                       reason=f"[exam {job.exam_id}] the run was interrupted; rerun")
-                self.failures[job.exam_id] = {"exam_id": job.exam_id, "kind": "failed", "stage": "interrupted",
-                                              "reason": self.results[job.exam_id].reason}
+                res = ExamResult(job.exam_id, Status.FAILED, stage="interrupted",
+                                 reason=f"[exam {job.exam_id}] the run was interrupted; rerun")
+                self.results[job.exam_id] = res
+                self._failed(res)  # a failure entry; a failed exam never retires its earlier case
         self.save()
 
 
