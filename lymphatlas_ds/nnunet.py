@@ -51,6 +51,7 @@ import numpy as np
 
 from lymphatlas_ds import schema
 from lymphatlas_ds._io import write_atomic
+from lymphatlas_ds._target import NNUNET_LAYOUT, check_target
 from lymphatlas_ds.errors import LymphAtlasError, SchemaError
 from lymphatlas_ds.schema import Config, Split
 
@@ -336,6 +337,22 @@ def _prepare_folder(raw_dir: Path, folder_name: str, dataset_id: int, identity: 
     return folder
 
 
+def _guard_targets(release: _Release, raw_dir: Path, folder_name: str, dataset_id: int,
+                   preprocessed_dir: str | os.PathLike | None, *, force: bool) -> None:
+    """Refuse, before anything is written, raw / preprocessed folders that overlap the release read, a WORK
+    folder, a DICOM source, a mirror or a release, and (``force``) dataset folders holding what
+    materialize does not write (:func:`lymphatlas_ds._target.check_target`)."""
+    protected = {"the release read": getattr(release, "path", None)}
+    check_target(raw_dir, command="materialize", protected=protected, layout=None, replace=False)
+    for other in [raw_dir / folder_name, *sorted(raw_dir.glob(f"Dataset{dataset_id:03d}_*"))] if force else []:
+        check_target(other, command="materialize --force", protected=protected, layout=NNUNET_LAYOUT, replace=True)
+    if preprocessed_dir is not None:
+        pre = Path(preprocessed_dir)
+        check_target(pre, command="materialize", protected=protected, layout=None, replace=False)
+        for other in sorted(pre.glob(f"Dataset{dataset_id:03d}_*")) if force else []:
+            check_target(other, command="materialize --force", protected=protected, layout=None, replace=True)
+
+
 def materialize_nnunet(
     release: _Release,
     raw_dir: str | os.PathLike,
@@ -372,6 +389,7 @@ def materialize_nnunet(
                               include_test=include_test, test_labels=test_labels)
     folder_name = dataset_folder_name(dataset_id, spec.name)
     identity = _identity(release, spec)
+    _guard_targets(release, Path(raw_dir), folder_name, dataset_id, preprocessed_dir, force=force)
     folder = _prepare_folder(Path(raw_dir), folder_name, dataset_id, identity, force=force)
     if preprocessed_dir is not None:
         _clear_preprocessed_id(Path(preprocessed_dir), folder_name, dataset_id, force=force)

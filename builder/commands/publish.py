@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.mirror is not None:
         if args.dry_run:
+            from builder.release.publish import guard_mirror
+
+            guard_mirror(args.release, args.mirror)
             version = verify_release(args.release)["version"]
             print(f"would copy {args.release} to {args.mirror / version} and list {version} in {args.mirror / 'versions.json'}")
         else:

@@ -771,11 +771,11 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
         bar.close()
         ordered = [ledger.results[k] for k in sorted(ledger.results)]
         summary = RunSummary(ordered, time.perf_counter() - t_start, gone=gone)
-        _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
+        _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler, source=source)
     if prune and gone:
         pruned = withdraw_exams(work, list(gone))
         summary.gone, summary.pruned = {}, pruned
-        _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler)
+        _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler, source=source)
     _log_summary(summary, work)
     return summary
 
@@ -942,7 +942,8 @@ def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = 
         return removed
 
 
-def _write_build_json(work: Path, settings: ConvertSettings, summary: RunSummary, *, workers: int, scheduler: str | None) -> None:
+def _write_build_json(work: Path, settings: ConvertSettings, summary: RunSummary, *, workers: int, scheduler: str | None,
+                      source: Path | None = None) -> None:
     import importlib.metadata as md
 
     versions = {}
@@ -961,6 +962,8 @@ def _write_build_json(work: Path, settings: ConvertSettings, summary: RunSummary
                 "failed": summary.n_failed},
         "exams": {r.exam_id: {"status": r.status.value, "stage": r.stage} for r in summary.results},
         "gone_from_source": dict(sorted(summary.gone.items())),
+        # Where WORK was converted from: release and publish refuse a target there (lymphatlas_ds._target).
+        "source": str(Path(source).resolve()) if source is not None else None,
     }
     write_atomic(work / BUILD_JSON, json.dumps(build, indent=2, sort_keys=True) + "\n")
 

@@ -43,6 +43,7 @@ import numpy as np
 from lymphatlas_ds import codec, manifest as manifest_mod, schema
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import target_lock, work_lock
+from lymphatlas_ds._target import RELEASE, RELEASE_LAYOUT, check_target
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.manifest import CASES_CSV, CHANGELOG_NAME
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
@@ -438,6 +439,7 @@ def build_release(
     work, release_dir = Path(work), Path(release_dir)
     if not (work / "cases").is_dir():
         raise ReleaseError(f"{work / 'cases'} not found: run `python -m builder convert SOURCE {work}` first")
+    guard_target(work, release_dir, previous=previous, overwrite=overwrite)
     with work_lock(work, wait=wait_for_lock), target_lock(release_dir, what="release folder", wait=wait_for_lock):
         try:
             return _build_release(work, release_dir, version=version, previous=previous, seed=seed,
@@ -480,6 +482,24 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
         raise
     log.info("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
     return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats)
+
+
+def work_source(work: Path) -> Path | None:
+    """The DICOM source WORK was converted from, as the last convert recorded it in build.json (None: unknown)."""
+    try:
+        source = json.loads((work / "build.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source) if isinstance(source, str) and source else None
+
+
+def guard_target(work: Path, release_dir: Path, *, previous: str | Path | None, overwrite: bool) -> None:
+    """Refuse, before anything is written, a target that is, contains or lies inside WORK, its DICOM
+    source, the previous release or a mirror, or (``overwrite``) holds what a release does not
+    (:func:`lymphatlas_ds._target.check_target`)."""
+    check_target(release_dir, command="release", layout=RELEASE_LAYOUT, own_kind=RELEASE, replace=overwrite,
+                 protected={"WORK": work, "the DICOM source of WORK (build.json)": work_source(work),
+                            "the previous release (--previous)": previous})
 
 
 def _check_target(release_dir: Path, *, overwrite: bool) -> None:

@@ -47,6 +47,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from lymphatlas_ds import manifest as manifest_mod
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import LOCK_NAME, folder_lock
+from lymphatlas_ds._target import MIRROR, MIRROR_LAYOUT, check_target
 from lymphatlas_ds.errors import LymphAtlasError
 
 from builder.release import card
@@ -100,6 +101,7 @@ def publish_mirror(release: str | Path, mirror: str | Path, *, wait_for_lock: bo
         PosixPath('mirror/1.0.0')
     """
     release, mirror = Path(release), Path(mirror)
+    guard_mirror(release, mirror)
     try:
         return _publish_mirror(release, mirror, wait_for_lock)
     except OSError as e:
@@ -111,6 +113,14 @@ def publish_mirror(release: str | Path, mirror: str | Path, *, wait_for_lock: bo
             "published versions and versions.json are as they were: free space on that disk (or fix the "
             "permissions) and run again"
         ) from e
+
+
+def guard_mirror(release: str | Path, mirror: str | Path) -> None:
+    """Refuse, before anything is written, a mirror that is, contains or lies inside the release, a WORK
+    folder, a DICOM source or another release, or an existing folder that is not a mirror
+    (:func:`lymphatlas_ds._target.check_target`)."""
+    check_target(mirror, command="publish", layout=MIRROR_LAYOUT, own_kind=MIRROR, replace=True,
+                 protected={"the release being published": release})
 
 
 def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
