@@ -16,7 +16,8 @@ Safety: an entry is built in a temporary folder (``.<entry>.<random>.partial``) 
 place (a rename is atomic), so a reader never sees half an entry; a file lock per entry makes
 concurrent DataLoader workers or processes wait for the one that builds it instead of decoding the
 same case twice. The decoded voxels are checked against the manifest's content hash before the
-entry is published. Each entry's ``case.json`` records a checksum of each of its files (xxh3-128,
+entry is published. Each entry's ``case.json`` records a checksum of each of its files and of its own
+content (geometry, metadata: ``info_checksum``) (xxh3-128,
 a non-cryptographic hash at ~10 GB/s: it guards against corruption such as a flipped bit on disk,
 not against tampering), verified whenever the entry is opened; an entry that fails it is rebuilt
 (``benchmarks/bench_cache.py`` measures what the check costs). ``.partial`` folders left by a
@@ -125,6 +126,14 @@ def file_checksum(path: str | Path) -> str:
         while block := f.read(_READ_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _info_checksum(info: dict[str, Any]) -> str:
+    """The :data:`CHECKSUM` of an entry's ``case.json`` content (its geometry and metadata), itself left out."""
+    import xxhash
+
+    body = {k: v for k, v in info.items() if k != "info_checksum"}
+    return xxhash.xxh3_128(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _write_error(path: Path, case_id: str, error: BaseException) -> CacheError:
@@ -388,6 +397,10 @@ class DecodedCache:
         if info.get("format") != CACHE_FORMAT:
             return None
         if verify:
+            if info.get("info_checksum") != _info_checksum(info):  # the affine, shape and metadata served
+                log.warning("decoded cache file %s does not match its checksum (%s, recorded %s): it is corrupt "
+                            "and is rebuilt", path / _ENTRY_JSON, CHECKSUM, info.get("info_checksum"))
+                return None
             checksums = info.get("checksums") or {}
             for name in (*(f"{n}.b2nd" for n in IMAGE_COLUMNS), _FOREGROUND):
                 try:
@@ -484,6 +497,7 @@ class DecodedCache:
                 "checksum": CHECKSUM,
                 "checksums": {f.name: file_checksum(f) for f in sorted(tmp.iterdir())},
             }
+            info["info_checksum"] = _info_checksum(info)
             _publish(tmp, path, info, case_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

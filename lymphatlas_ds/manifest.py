@@ -205,7 +205,8 @@ SPLITS_NAME = "splits.json"
 CHANGELOG_NAME = "CHANGELOG.md"
 CASES_CSV = "metadata/cases.csv"
 _SHARD = re.compile(r"data/(?P<config>[a-z]+)/(?P<split>[a-z]+)-\d+-of-\d+\.parquet")
-_CROSS_COLUMNS = ("case_id", "content_hash", "diagnosis", "split")
+_PLACEMENT = ("subject_id", "diagnosis", "split", "fold")
+"""The columns of a shard row that ``splits.json`` repeats for each case."""
 
 
 def _ids(values: set[str] | list[str], limit: int = 5) -> str:
@@ -234,11 +235,17 @@ def verify_consistency(release_dir: str | Path, manifest: dict[str, Any] | None 
     cases: dict[str, str] = dict(manifest["cases"])
     problems, splits_cases = _check_splits(root, version, cases)
     problems += _check_changelog(root, version)
-    shard_problems, in_shards = _check_shards(root, sorted(manifest["files"]), cases, splits_cases)
+    shard_problems, rows = _check_shards(root, sorted(manifest["files"]), cases, splits_cases)
     problems += shard_problems
-    problems += _compare(cases, "the shards (data/)", set(in_shards), "case(s)")
+    problems += _compare(cases, "the shards (data/)", set(rows), "case(s)")
+    problems += _check_grouping(rows)
     if CASES_CSV in manifest["files"]:
-        problems += _check_cases_csv(root, cases)
+        problems += _check_cases_csv(root, cases, rows)
+    if not shard_problems:  # the card and changelog are checked against shards that read and agree
+        from lymphatlas_ds._release_text import check_card, check_changelog
+
+        problems += [ConsistencyProblem(path, text) for path, text in
+                     (*check_changelog(root, version, cases, rows), *check_card(root, version, rows))]
     return problems
 
 
@@ -281,13 +288,14 @@ def _check_changelog(root: Path, version: str) -> list[ConsistencyProblem]:
 
 def _check_shards(
     root: Path, files: list[str], cases: dict[str, str], splits_cases: dict[str, Any]
-) -> tuple[list[ConsistencyProblem], dict[str, str]]:
-    """The shards' rows against the manifest and ``splits.json``; also returns the shard of each case found."""
+) -> tuple[list[ConsistencyProblem], dict[str, dict[str, Any]]]:
+    """The shards' rows against the manifest and ``splits.json``; also returns each case's metadata
+    row (the metadata columns only, no volume is read) with its shard under ``"shard"``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     problems: list[ConsistencyProblem] = []
-    in_shards: dict[str, str] = {}
+    in_shards: dict[str, dict[str, Any]] = {}
     for rel in files:
         match = _SHARD.fullmatch(rel)
         if not rel.startswith("data/"):
@@ -296,7 +304,8 @@ def _check_shards(
             problems.append(ConsistencyProblem(rel, "is not named data/<config>/<split>-NNNNN-of-NNNNN.parquet"))
             continue
         try:
-            table = pq.read_table(root / rel, columns=list(_CROSS_COLUMNS))
+            names = pq.read_schema(root / rel).names
+            table = pq.read_table(root / rel, columns=[c for c in schema.METADATA_COLUMNS if c in names])
         except (pa.ArrowException, OSError, ValueError) as e:
             problems.append(ConsistencyProblem(rel, f"cannot be read ({e})"))
             continue
@@ -306,14 +315,15 @@ def _check_shards(
 
 
 def _check_shard_row(
-    rel: str, match: re.Match, row: dict[str, Any], in_shards: dict[str, str], cases: dict[str, str],
+    rel: str, match: re.Match, row: dict[str, Any], in_shards: dict[str, dict[str, Any]], cases: dict[str, str],
     splits_cases: dict[str, Any],
 ) -> list[ConsistencyProblem]:
-    """One shard row: its case in no other shard, in the shard of its diagnosis and split, with the manifest's hash."""
+    """One shard row: its case in no other shard, in the shard of its diagnosis and split, with the
+    manifest's hash and the subject, diagnosis, split and fold that ``splits.json`` gives it."""
     case_id = row["case_id"]
     if case_id in in_shards:
-        return [ConsistencyProblem(rel, f"case {case_id} is also in {in_shards[case_id]}")]
-    in_shards[case_id] = rel
+        return [ConsistencyProblem(rel, f"case {case_id} is also in {in_shards[case_id]['shard']}")]
+    in_shards[case_id] = {**row, "shard": rel}
     problems = []
     if str(row["diagnosis"]).lower() != match["config"] or row["split"] != match["split"]:
         problems.append(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, in the "
@@ -323,27 +333,63 @@ def _check_shard_row(
         problems.append(ConsistencyProblem(rel, f"case {case_id} has content hash {str(row['content_hash'])[:16]}..., "
                                                 f"the manifest says {str(expected)[:16]}..."))
     entry = splits_cases.get(case_id)
-    if entry is not None and (entry.get("diagnosis"), entry.get("split")) != (row["diagnosis"], row["split"]):
-        problems.append(ConsistencyProblem(rel, f"case {case_id} is {row['diagnosis']} {row['split']}, {SPLITS_NAME} "
-                                                f"says {entry.get('diagnosis')} {entry.get('split')}"))
+    if entry is not None and (differ := [c for c in _PLACEMENT if entry.get(c) != row.get(c)]):
+        problems.append(ConsistencyProblem(
+            f"{rel} and {SPLITS_NAME}", f"case {case_id}: " + ", ".join(
+                f"{c} {row.get(c)!r} in the shard, {entry.get(c)!r} in {SPLITS_NAME}" for c in differ)))
     return problems
 
 
-def _check_cases_csv(root: Path, cases: dict[str, str]) -> list[ConsistencyProblem]:
-    """``metadata/cases.csv`` lists the manifest's cases with the manifest's content hashes."""
+def _check_grouping(rows: dict[str, dict[str, Any]]) -> list[ConsistencyProblem]:
+    """Every subject in one split and one fold (test: fold -1; train: 0 to N_FOLDS - 1), as the splits are drawn."""
+    problems = []
+    placed: dict[str, dict[tuple[Any, Any], list[str]]] = {}
+    for case_id, row in sorted(rows.items()):
+        split, fold = row.get("split"), row.get("fold")
+        if (split == "test" and fold != -1) or (split == "train" and fold not in range(schema.N_FOLDS)):
+            problems.append(ConsistencyProblem(row["shard"], f"case {case_id} is in {split} with fold {fold}: test "
+                                                             f"cases have fold -1, train cases 0-{schema.N_FOLDS - 1}"))
+        placed.setdefault(str(row.get("subject_id")), {}).setdefault((split, fold), []).append(case_id)
+    for subject, groups in sorted(placed.items()):
+        if len(groups) > 1:
+            listing = "; ".join(f"{split} fold {fold}: {', '.join(ids)}" for (split, fold), ids in sorted(
+                groups.items(), key=str))
+            problems.append(ConsistencyProblem("the shards (data/)", f"subject {subject} is in more than one split or "
+                                                                     f"fold ({listing}); a subject's cases share one"))
+    return problems
+
+
+def _csv_text(value: Any) -> str:
+    """A shard value as metadata/cases.csv writes it (builder.release.build.cases_csv): lists as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def _check_cases_csv(root: Path, cases: dict[str, str], rows: dict[str, dict[str, Any]]) -> list[ConsistencyProblem]:
+    """``metadata/cases.csv`` lists the manifest's cases, each row equal to its shard row column by column
+    (the content hash, subject, diagnosis, split, fold, ... and the shard file itself)."""
     import csv
 
     problems: list[ConsistencyProblem] = []
     try:
         with open(root / CASES_CSV, newline="") as f:
-            rows = list(csv.DictReader(f))
-        problems += _compare(cases, CASES_CSV, {r["case_id"] for r in rows}, "case(s)")
-        for r in rows:
+            table = list(csv.DictReader(f))
+        problems += _compare(cases, CASES_CSV, {r["case_id"] for r in table}, "case(s)")
+        for r in table:
             expected = cases.get(r["case_id"])
             if expected is not None and r.get("content_hash") not in (None, expected):
                 problems.append(ConsistencyProblem(CASES_CSV, f"case {r['case_id']} has content hash "
                                                               f"{str(r['content_hash'])[:16]}..., the manifest says "
                                                               f"{expected[:16]}..."))
+            elif (shard_row := rows.get(r["case_id"])) is not None:
+                differ = [c for c in (*schema.METADATA_COLUMNS, "shard")
+                          if c in r and c in shard_row and r[c] != _csv_text(shard_row[c])]
+                if differ:
+                    problems.append(ConsistencyProblem(f"{CASES_CSV} and {shard_row['shard']}", f"case {r['case_id']}: " + ", ".join(
+                        f"{c} {r[c]!r} in {CASES_CSV}, {_csv_text(shard_row[c])!r} in the shard" for c in differ)))
     except (OSError, KeyError, csv.Error) as e:
         problems.append(ConsistencyProblem(CASES_CSV, f"cannot be read as the cases table ({e})"))
     return problems
