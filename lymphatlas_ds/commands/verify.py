@@ -1,9 +1,9 @@
 """`lymphatlas verify SOURCE [--version X.Y.Z]`: check a release against its manifest, end to end.
 
 Compares each file's size and sha256 with ``manifest.json`` and reports missing and unlisted
-files; then cross-checks the manifest with the rest of the release: ``splits.json`` (same version,
-same cases), ``CHANGELOG.md`` (a section for the version), the shards' case ids and content hashes
-and ``metadata/cases.csv`` (:func:`lymphatlas_ds.manifest.verify_all`). ``--content`` also decodes
+files; then cross-checks the manifest and the rest of the release against each other: ``splits.json``,
+the shards' metadata columns, ``metadata/cases.csv`` case by case, ``CHANGELOG.md`` and the card's
+counts and configs (:func:`lymphatlas_ds.manifest.verify_all`). ``--content`` also decodes
 every case and compares its voxels with the manifest's content hash. Exit status 0 when everything
 matches, 1 when something does not (each problem is printed), 2 when the source cannot be read at all.
 """
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             what = "sizes" if args.quick else "sizes and sha256"
             content = f", {len(release.manifest['cases'])} cases decoded to their content hash" if args.content else ""
             print(f"release {release.version} at {resolved.path}: {n_files} files OK ({what} match the manifest; "
-                  f"splits, changelog and shards agree with it{content})")
+                  f"splits, cases.csv, shards, changelog and card agree with it{content})")
     return status
 
 
