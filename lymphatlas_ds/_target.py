@@ -6,9 +6,10 @@ anything is written or deleted, a target that
 * is, lies inside or contains a protected folder the caller names (WORK, the DICOM source WORK was
   converted from, the previous release, the release being read), after resolving symlinks: a link
   to WORK is WORK;
-* is or lies inside a folder of the project that the command does not write there (recognised by
-  what it holds, :func:`project_kind`: a WORK folder, a DICOM source, a mirror, a release), so a
-  WORK, source or mirror nobody named is protected too;
+* is, lies inside or directly contains a folder of the project that the command does not write
+  there (recognised by what it holds, :func:`project_kind`: a WORK folder, a DICOM source, a mirror,
+  a release; a mirror's version folders are its own), so a WORK, source or mirror nobody named is
+  protected too;
 * with ``replace`` (``--overwrite``, ``--force``, a mirror being added to), holds anything the
   command would not have written (``layout``): a de-identification key, an id map, DICOM files,
   unrelated files. The message lists what was found.
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -62,8 +64,6 @@ def _release_member(folder: Path, rel: str) -> bool:
     if _RELEASE_FILE.fullmatch(rel):
         return True
     try:  # a file the release's own manifest lists (a file a newer builder adds)
-        import json
-
         return rel in json.loads((folder / "manifest.json").read_text()).get("files", {})
     except (OSError, ValueError, AttributeError):
         return False
@@ -180,6 +180,20 @@ def _overlaps(resolved: Path, protected: Mapping[str, str | os.PathLike | None])
     return problems, named
 
 
+def _contained(resolved: Path, named: set[Path], own_kind: str | None) -> list[str]:
+    """The project folders directly inside ``resolved`` (a mirror's version folders are its own)."""
+    try:
+        children = sorted(p for p in resolved.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # absent, or not a folder: nothing inside
+        return []
+    problems = []
+    for child in children:
+        kind = project_kind(child)
+        if kind is not None and child.resolve() not in named and not (own_kind == MIRROR and kind == RELEASE):
+            problems.append(f"it contains {kind} ({child})")
+    return problems
+
+
 def check_target(
     target: str | os.PathLike,
     *,
@@ -203,6 +217,7 @@ def check_target(
         kind = project_kind(folder)
         if kind is not None and folder not in named and not (folder == resolved and kind == own_kind):
             problems.append(f"it {'is' if folder == resolved else 'lies inside'} {kind} ({folder})")
+    problems += _contained(resolved, named, own_kind)
     if replace and not problems and _exists(resolved, folder=True):
         for kind, files in foreign_files(resolved, layout).items():
             problems.append(f"it holds {_KIND_WORDS[kind]}: {_listing(files)}")

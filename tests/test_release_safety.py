@@ -215,6 +215,7 @@ MATERIALIZE_TARGETS = [
     ("r100", "it is the release read"),
     ("r100/raw", "it lies inside the release read"),
     ("mirror", "it is a mirror"),
+    (".", "it contains a WORK folder"),
 ]
 
 
