@@ -388,8 +388,10 @@ def _check_cases_csv(root: Path, cases: dict[str, str], rows: dict[str, dict[str
                 differ = [c for c in (*schema.METADATA_COLUMNS, "shard")
                           if c in r and c in shard_row and r[c] != _csv_text(shard_row[c])]
                 if differ:
-                    problems.append(ConsistencyProblem(f"{CASES_CSV} and {shard_row['shard']}", f"case {r['case_id']}: " + ", ".join(
-                        f"{c} {r[c]!r} in {CASES_CSV}, {_csv_text(shard_row[c])!r} in the shard" for c in differ)))
+                    listing = ", ".join(f"{c} {r[c]!r} in {CASES_CSV}, {_csv_text(shard_row[c])!r} in the shard"
+                                        for c in differ)
+                    problems.append(ConsistencyProblem(f"{CASES_CSV} and {shard_row['shard']}",
+                                                       f"case {r['case_id']}: {listing}"))
     except (OSError, KeyError, csv.Error) as e:
         problems.append(ConsistencyProblem(CASES_CSV, f"cannot be read as the cases table ({e})"))
     return problems

@@ -402,7 +402,8 @@ def _set_csv_and_shard_fold(release: Path, case_id: str, fold: int) -> None:
     for rel in [r for r in manifest_mod.read_manifest(release)["files"] if r.startswith("data/")]:
         table = pq.read_table(release / rel)
         if case_id in table["case_id"].to_pylist():
-            folds = [fold if c == case_id else f for c, f in zip(table["case_id"].to_pylist(), table["fold"].to_pylist())]
+            folds = [fold if c == case_id else f
+                     for c, f in zip(table["case_id"].to_pylist(), table["fold"].to_pylist())]
             field = table.schema.field("fold")
             table = table.set_column(table.schema.get_field_index("fold"), field, pa.array(folds, type=field.type))
             pq.write_table(table, release / rel, row_group_size=1, compression="zstd")
