@@ -180,6 +180,7 @@ PUBLISH_TARGETS = [
     ("r100", "it is the release being published"),
     ("r100/mirror", "it lies inside the release being published"),
     ("r110", "it is a release"),
+    ("mirror/next", "it lies inside a mirror"),
     (".", "it contains the release being published"),
 ]
 
@@ -229,6 +230,14 @@ def test_materialize_into_a_protected_folder_is_refused_and_changes_nothing(worl
                   *(["--force"] if force else []), cwd=tmp_path)
     refused(result, message)
     assert snapshot(world) == before
+
+
+def test_materialize_with_preprocessed_in_work_is_refused(world, tmp_path):
+    before = snapshot(world)
+    result = user("lymphatlas", "materialize", str(world / "r100"), "--nnunet", str(tmp_path / "raw"), "--preprocessed",
+                  str(world / "work"), "--quiet", cwd=tmp_path)
+    refused(result, "it is a WORK folder")
+    assert snapshot(world) == before and not (tmp_path / "raw").exists()
 
 
 @pytest.mark.parametrize("kind", ["key", "dicom", "notes"])
