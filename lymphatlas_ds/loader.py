@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 
 from lymphatlas_ds import codec
 from lymphatlas_ds.cache import CachedCase, DecodedCache
-from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.errors import SchemaError, SelectionError
 from lymphatlas_ds.reader import Release, _as_config, _as_split
 from lymphatlas_ds.schema import (
     CHANNELS,
@@ -62,6 +62,7 @@ from lymphatlas_ds.schema import (
     IMAGE_COLUMNS,
     LABEL_DTYPE,
     METADATA_COLUMNS,
+    N_FOLDS,
     PET_DTYPE,
     Config,
     Split,
@@ -369,7 +370,11 @@ def select_cases(
     fold: int | None = None,
     subset: Subset | str | None = None,
 ) -> list[str]:
-    """The case ids ``load_lymphatlas`` would use (see its arguments)."""
+    """The case ids ``load_lymphatlas`` would use (see its arguments).
+
+    A fold that does not exist, or whose subset holds no case of the config, raises
+    :class:`SelectionError` naming the release's patients and folds and what to ask instead.
+    """
     config, split = _as_config(config), _as_split(split)
     if (fold is None) != (subset is None):
         raise SchemaError("fold and subset go together: fold=k, subset='train' or 'val' (or neither)")
@@ -377,7 +382,36 @@ def select_cases(
         return release.case_ids(config, split)
     if split is not Split.TRAIN:
         raise SchemaError(f"folds subdivide the train split; split={split.value!r} has no folds (use split='train')")
-    return release.fold_case_ids(fold, subset, config=config)  # type: ignore[arg-type]
+    subset_name = str(getattr(subset, "value", subset))
+    if isinstance(fold, (int, np.integer)) and not 0 <= int(fold) < int(release.splits.get("n_folds", N_FOLDS)):
+        raise SelectionError(_empty_fold_message(release, config, int(fold), subset_name))
+    case_ids = release.fold_case_ids(fold, subset, config=config)  # type: ignore[arg-type]
+    if not case_ids:
+        raise SelectionError(_empty_fold_message(release, config, int(fold), subset_name))
+    return case_ids
+
+
+def _empty_fold_message(release: Release, config: Config, fold: int, subset: str) -> str:
+    """Why fold ``fold`` / ``subset`` of ``config`` is empty: the release's patients, its usable folds, the fix."""
+    entries = release.splits.get("cases", {})
+    n_folds = int(release.splits.get("n_folds", N_FOLDS))
+    in_config = {c: e for c, e in entries.items()
+                 if config is Config.ALL or str(e.get("diagnosis", "")).lower() == config.value}
+    patients = {e["subject_id"] for e in entries.values()}
+    train = {e["subject_id"] for e in in_config.values() if e["split"] == Split.TRAIN.value}
+    folds_of = {k: {e["subject_id"] for e in in_config.values() if e["split"] == Split.TRAIN.value and e["fold"] == k}
+                for k in range(n_folds)}
+    usable = [k for k, val in folds_of.items() if val and train - val]
+    what = "does not exist" if not 0 <= fold < n_folds else f"has no {subset} case in config {config.value}"
+    has = f"folds 0-{n_folds - 1}" if n_folds else "no cross-validation folds (a single training patient)"
+    fix = (f"use fold={usable[0]}" + (f" (folds with a training and a validation patient in config {config.value}: "
+                                      f"{', '.join(map(str, usable))})" if len(usable) > 1 else "")
+           if usable else "train on every training case (split='train' without fold and subset)")
+    return (
+        f"fold {fold} {what} in release {release.version}: it has {len(patients)} patients, {len(train)} of them in "
+        f"the train split of config {config.value}, and {has}. A release with fewer training patients than "
+        f"{N_FOLDS} has one fold per training patient. Instead: {fix}, or use a release with more patients"
+    )
 
 
 def load_lymphatlas(
@@ -422,7 +456,7 @@ def load_lymphatlas(
         source, version=version, hub_cache_dir=hub_cache_dir, verify=verify, state_dir=cache_dir, remember=cache
     )
     case_ids = select_cases(release, config=config, split=split, fold=fold, subset=subset)
-    if not case_ids:
+    if not case_ids:  # a split of a config without cases (a fold without cases raised above)
         log.warning(
             "no case in config %s, split %s (fold %s, subset %s) of release %s",
             _as_config(config).value, _as_split(split).value, fold, subset, release.version,
