@@ -301,3 +301,30 @@ def test_the_client_refuses_a_fold_without_a_case_of_the_config(small_releases, 
     assert f"use fold={hl_folds[0]}" in str(caught.value)
     hl = load_lymphatlas(release.path, config="hl", fold=hl_folds[0], subset="val", cache_dir=tmp_path, progress=False)
     assert hl.case_ids and all(splits["cases"][c]["diagnosis"] == "HL" for c in hl.case_ids)
+
+
+def test_an_update_that_withdraws_a_patient_keeps_the_fold_count_and_every_fold_index_valid():
+    first = cohort(5, seed=11)
+    plan = plan_splits(first, seed=2)
+    train_subjects = sorted({c.subject_id for c in first if plan.placements[c.case_id].split is Split.TRAIN})
+    fold_of = {c.subject_id: plan.placements[c.case_id].fold for c in first}
+    assert plan.n_folds == len(train_subjects) >= 3
+    # the patient of fold 0 is withdrawn: the others keep their folds, up to the last one
+    gone = next(s for s in train_subjects if fold_of[s] == 0)
+    previous = splits_document(plan.placements, version="1.0.0", seed=2, n_folds=plan.n_folds)["cases"]
+    update = plan_splits([c for c in first if c.subject_id != gone], seed=2, previous=previous)
+    assert update.n_folds == plan.n_folds
+    assert all(p.fold < update.n_folds for p in update.placements.values())
+    for case_id, p in update.placements.items():
+        assert (p.split.value, p.fold) == (previous[case_id]["split"], previous[case_id]["fold"])
+
+
+def test_the_baseline_script_refuses_a_fold_the_release_does_not_list(small_releases, tmp_path):
+    release = small_releases[3]
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "train_baseline.py"), "--source",
+           str(release.path), "--work", str(tmp_path / "nn"), "--configs", "all", "--folds", "0", "3",
+           "--trainer", "tiny", "--device", "cpu", "--np", "1", "--quiet"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "lists 2 fold(s)" in proc.stderr and "not --folds [3]" in proc.stderr and "--folds 0 1" in proc.stderr
+    assert not list((tmp_path / "nn").glob("nnUNet_preprocessed/*/nnUNetPlans.json"))  # nothing planned
