@@ -61,7 +61,8 @@ def item_rng(*, seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation stream of item ``index`` in epoch ``epoch``.
 
     Example:
-        >>> int(item_rng(seed=0, epoch=0, index=0).integers(100)) == int(item_rng(seed=0, epoch=0, index=0).integers(100))
+        >>> a, b = item_rng(seed=0, epoch=0, index=0), item_rng(seed=0, epoch=0, index=0)
+        >>> int(a.integers(100)) == int(b.integers(100))
         True
     """
     return np.random.default_rng([int(seed), int(epoch), int(index), AUGMENT_STREAM])

@@ -84,7 +84,10 @@ def _check_folds(cases: list[SplitCase], placed, n_folds: int) -> None:
     """Every fold 0..n_folds-1 has a training and a validation patient; no patient on both sides."""
     subject = {c.case_id: c.subject_id for c in cases}
     train = [c for c, p in placed.items() if p.split is Split.TRAIN]
-    assert all(0 <= placed[c].fold < n_folds for c in train) if n_folds else all(placed[c].fold == NO_FOLD for c in train)
+    if n_folds:
+        assert all(0 <= placed[c].fold < n_folds for c in train)
+    else:
+        assert all(placed[c].fold == NO_FOLD for c in train)
     for k in range(n_folds):
         val = {subject[c] for c in train if placed[c].fold == k}
         rest = {subject[c] for c in train if placed[c].fold != k}

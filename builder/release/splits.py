@@ -3,9 +3,9 @@
 A release has a held-out ``test`` split of patients and ``N_FOLDS`` cross-validation folds on
 the rest (``train``); a release with fewer training patients than that has one fold per training
 patient (so every fold validates on at least one patient and trains on at least one), and one with
-a single training patient has none (``n_folds`` 0, its training cases in fold ``NO_FOLD``). Every exam of a patient lands in the same split and fold, so no patient is
-on both sides of a fold or of the test boundary (nnU-Net's own random per-case split would do
-that). Within each diagnosis (HL / NHL) the test split takes ``round(TEST_FRACTION * patients)``
+a single training patient has none (``n_folds`` 0, its training cases in fold ``NO_FOLD``).
+Every exam of a patient lands in the same split and fold, so no patient is on both sides of a
+fold or of the test boundary (nnU-Net's own random per-case split would do that). Within each diagnosis (HL / NHL) the test split takes ``round(TEST_FRACTION * patients)``
 (at least one patient once there are two), sampled systematically along the lesion-burden order
 from a seeded offset, so it spans light to heavy cases; the other patients go, heaviest first,
 into the fold with the fewest patients, ties broken by the least burden so far, then by a seeded
@@ -252,11 +252,9 @@ def _placements(
         split, fold = _placement_of(subject_bin[case.subject_id])
         placements[case.case_id] = Placement(case.subject_id, case.diagnosis, split, fold)
     # A training case of a release without folds gets its first fold now: that is no move.
-    moved = [
-        c for c in previous
-        if c in placements and (placements[c].split.value, placements[c].fold) != (previous[c]["split"], int(previous[c]["fold"]))
-        and (previous[c]["split"], int(previous[c]["fold"])) != (Split.TRAIN.value, NO_FOLD)
-    ]
+    before = {c: (e["split"], int(e["fold"])) for c, e in previous.items() if c in placements}
+    moved = [c for c, was in before.items()
+             if was != (placements[c].split.value, placements[c].fold) and was != (Split.TRAIN.value, NO_FOLD)]
     if moved:  # cannot happen by construction; a guard for future edits
         raise RuntimeError(f"published cases would move folds: {moved[:5]}")
     return placements
