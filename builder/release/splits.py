@@ -5,8 +5,9 @@ the rest (``train``); a release with fewer training patients than that has one f
 patient (so every fold validates on at least one patient and trains on at least one), and one with
 a single training patient has none (``n_folds`` 0, its training cases in fold ``NO_FOLD``).
 Every exam of a patient lands in the same split and fold, so no patient is on both sides of a
-fold or of the test boundary (nnU-Net's own random per-case split would do that). Within each diagnosis (HL / NHL) the test split takes ``round(TEST_FRACTION * patients)``
-(at least one patient once there are two), sampled systematically along the lesion-burden order
+fold or of the test boundary (nnU-Net's own random per-case split would do that). Within each
+diagnosis (HL / NHL) the test split takes ``round(TEST_FRACTION * patients)`` (at least one
+patient once there are two), sampled systematically along the lesion-burden order
 from a seeded offset, so it spans light to heavy cases; the other patients go, heaviest first,
 into the fold with the fewest patients, ties broken by the least burden so far, then by a seeded
 hash of the patient. The result is deterministic and independent of input order.
