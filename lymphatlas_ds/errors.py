@@ -17,3 +17,7 @@ class IntegrityError(LymphAtlasError):
 
 class SchemaError(LymphAtlasError):
     """A release or a row does not follow lymphatlas_ds.schema."""
+
+
+class SelectionError(SchemaError):
+    """A fold or subset asked of a release holds no case (a small release has fewer folds)."""

@@ -21,6 +21,13 @@ MONAI (``pip install monai``)::
     out = pipeline(to_monai(item))      # [C, X, Y, Z] MetaTensors with the affine and the case id attached
     mt.SaveImage(output_dir="pred", output_postfix="label")(out["label"])   # pred/<case_id>/<case_id>_label.nii.gz
 
+For training, give random transforms to ``load_lymphatlas(transform=...)`` rather than calling them
+on items yourself: there they draw from (seed, epoch, index), the same for any number of DataLoader
+workers (:mod:`lymphatlas_ds.augment`); called by hand, every worker starts from the same MONAI state::
+
+    train = load_lymphatlas(REL, fold=0, subset="train", patch_size=96, seed=0,
+                            transform=mt.Compose([to_monai, mt.RandFlipd(keys=("image", "label"), prob=0.5), to_zyx]))
+
 TorchIO (``pip install torchio``)::
 
     subject = to_torchio(item)          # tio.Subject(ct=, pet=, label=, case_id=, meta=)

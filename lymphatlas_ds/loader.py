@@ -17,10 +17,13 @@ is centred on a random lesion voxel, the rest lie uniformly in the volume; a pat
 the volume (a volume smaller than the patch) is padded with air (-1024 HU), SUV 0 and background.
 
 Randomness: patch ``i`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, e, i])``,
-so a patch depends only on the seed, the epoch and its index, never on which DataLoader worker
-draws it or in what order: ``DataLoader(num_workers=k)`` gives the same epoch for any ``k``. Call
-:meth:`PatchDataset.set_epoch` before each epoch; the epoch lives in shared memory, so workers,
-persistent ones included, see it.
+and the random transforms given as ``transform=`` (MONAI ``RandFlipd`` / ``RandAffined`` or a MONAI
+``Compose``, TorchIO ``RandomAffine``, a callable taking ``rng=``) draw from
+``default_rng([seed, e, i, 1])`` (:mod:`lymphatlas_ds.augment`), whole cases too. An item depends
+only on the seed, the epoch and its index, never on which DataLoader worker makes it or in what
+order: ``DataLoader(num_workers=k)`` gives the same batches for any ``k``, each epoch new ones, the
+same seed the same ones again. Call ``set_epoch`` before each epoch; the epoch lives in shared
+memory, so workers, persistent ones included, see it.
 
 Volumes come from the decoded cache (:mod:`lymphatlas_ds.cache`): each case is decoded once,
 then a patch reads only the compressed chunks it touches, so a worker never holds a whole decoded
@@ -35,6 +38,7 @@ Example:
     >>> train = load_lymphatlas("org/lymphatlas", config="nhl", split="train", fold=0, subset="train",
     ...                         version="1.0.0", patch_size=(128, 128, 128), samples_per_case=4)  # doctest: +SKIP
     >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=4)  # doctest: +SKIP
+    >>> train.set_epoch(0)  # doctest: +SKIP
     >>> batch = next(iter(loader))  # doctest: +SKIP
     >>> batch["image"].shape  # doctest: +SKIP
     torch.Size([2, 2, 128, 128, 128])
@@ -53,8 +57,9 @@ import torch
 from torch.utils.data import Dataset
 
 from lymphatlas_ds import codec
+from lymphatlas_ds.augment import apply_seeded, item_rng
 from lymphatlas_ds.cache import CachedCase, DecodedCache
-from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.errors import SchemaError, SelectionError
 from lymphatlas_ds.reader import Release, _as_config, _as_split
 from lymphatlas_ds.schema import (
     CHANNELS,
@@ -62,6 +67,7 @@ from lymphatlas_ds.schema import (
     IMAGE_COLUMNS,
     LABEL_DTYPE,
     METADATA_COLUMNS,
+    N_FOLDS,
     PET_DTYPE,
     Config,
     Split,
@@ -150,14 +156,27 @@ class _Base(Dataset):
         transform: Transform | None,
         cache: DecodedCache | None,
         progress: bool = True,
+        seed: int = 0,
     ) -> None:
         self.release = release
         self.case_ids = list(case_ids)
         self.transform = transform
         self.cache = cache
         self.progress = progress
+        self.seed = int(seed)
         self._entries: dict[str, CachedCase] = {}
         self._bar: Any = None  # the first-use bar of this process (never pickled into workers)
+        # In shared memory, so DataLoader workers (persistent ones too) see set_epoch() of the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the patches and augmentations of epoch ``epoch`` (new ones each epoch, reproducibly); call it
+        before iterating."""
+        self._epoch.fill_(int(epoch))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -225,8 +244,11 @@ class _Base(Dataset):
         for case_id in self.case_ids:
             self.entry(case_id)
 
-    def _finish(self, item: Item) -> Item:
-        return self.transform(item) if self.transform is not None else item
+    def _finish(self, item: Item, index: int) -> Item:
+        """Apply ``transform``, its random decisions drawn from (seed, epoch, index) (:mod:`lymphatlas_ds.augment`)."""
+        if self.transform is None:
+            return item
+        return apply_seeded(self.transform, item, item_rng(seed=self.seed, epoch=self.epoch, index=index))
 
 
 class CaseDataset(_Base):
@@ -236,6 +258,7 @@ class CaseDataset(_Base):
         return len(self.case_ids)
 
     def __getitem__(self, index: int) -> Item:
+        index = range(len(self))[index]  # IndexError past the end; a negative index counts from it
         case_id = self.case_ids[index]
         if self.cache is not None:
             entry = self.entry(case_id)
@@ -251,7 +274,7 @@ class CaseDataset(_Base):
             "spacing_zyx": _spacing_zyx(row, affine),
             "meta": _meta(row),
         }
-        return self._finish(item)
+        return self._finish(item, index)
 
 
     def _from_shard(self, case_id: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -289,7 +312,7 @@ class PatchDataset(_Base):
         cache: DecodedCache,
         progress: bool = True,
     ) -> None:
-        super().__init__(release, case_ids, transform=transform, cache=cache, progress=progress)
+        super().__init__(release, case_ids, transform=transform, cache=cache, progress=progress, seed=seed)
         patch = _patch_size(patch_size)
         if samples_per_case < 1:
             raise SchemaError(f"samples_per_case must be >= 1, got {samples_per_case}")
@@ -298,17 +321,6 @@ class PatchDataset(_Base):
         self.patch_size = patch
         self.samples_per_case = int(samples_per_case)
         self.foreground_ratio = float(foreground_ratio)
-        self.seed = int(seed)
-        # In shared memory, so DataLoader workers (persistent ones too) see set_epoch() of the main process.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the patches of epoch ``epoch`` (each epoch draws new ones, reproducibly); call it before iterating."""
-        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.case_ids) * self.samples_per_case
@@ -358,7 +370,7 @@ class PatchDataset(_Base):
             "patch_start": torch.from_numpy(start),
             "foreground_centred": centred,
         }
-        return self._finish(item)
+        return self._finish(item, index)
 
 
 def select_cases(
@@ -369,7 +381,11 @@ def select_cases(
     fold: int | None = None,
     subset: Subset | str | None = None,
 ) -> list[str]:
-    """The case ids ``load_lymphatlas`` would use (see its arguments)."""
+    """The case ids ``load_lymphatlas`` would use (see its arguments).
+
+    A fold that does not exist, or whose subset holds no case of the config, raises
+    :class:`SelectionError` naming the release's patients and folds and what to ask instead.
+    """
     config, split = _as_config(config), _as_split(split)
     if (fold is None) != (subset is None):
         raise SchemaError("fold and subset go together: fold=k, subset='train' or 'val' (or neither)")
@@ -377,7 +393,36 @@ def select_cases(
         return release.case_ids(config, split)
     if split is not Split.TRAIN:
         raise SchemaError(f"folds subdivide the train split; split={split.value!r} has no folds (use split='train')")
-    return release.fold_case_ids(fold, subset, config=config)  # type: ignore[arg-type]
+    subset_name = str(getattr(subset, "value", subset))
+    if isinstance(fold, (int, np.integer)) and not 0 <= int(fold) < int(release.splits.get("n_folds", N_FOLDS)):
+        raise SelectionError(_empty_fold_message(release, config, int(fold), subset_name))
+    case_ids = release.fold_case_ids(fold, subset, config=config)  # type: ignore[arg-type]
+    if not case_ids:
+        raise SelectionError(_empty_fold_message(release, config, int(fold), subset_name))
+    return case_ids
+
+
+def _empty_fold_message(release: Release, config: Config, fold: int, subset: str) -> str:
+    """Why fold ``fold`` / ``subset`` of ``config`` is empty: the release's patients, its usable folds, the fix."""
+    entries = release.splits.get("cases", {})
+    n_folds = int(release.splits.get("n_folds", N_FOLDS))
+    in_config = {c: e for c, e in entries.items()
+                 if config is Config.ALL or str(e.get("diagnosis", "")).lower() == config.value}
+    patients = {e["subject_id"] for e in entries.values()}
+    train = {e["subject_id"] for e in in_config.values() if e["split"] == Split.TRAIN.value}
+    folds_of = {k: {e["subject_id"] for e in in_config.values() if e["split"] == Split.TRAIN.value and e["fold"] == k}
+                for k in range(n_folds)}
+    usable = [k for k, val in folds_of.items() if val and train - val]
+    what = "does not exist" if not 0 <= fold < n_folds else f"has no {subset} case in config {config.value}"
+    has = f"folds 0-{n_folds - 1}" if n_folds else "no cross-validation folds (a single training patient)"
+    fix = (f"use fold={usable[0]}" + (f" (folds with a training and a validation patient in config {config.value}: "
+                                      f"{', '.join(map(str, usable))})" if len(usable) > 1 else "")
+           if usable else "train on every training case (split='train' without fold and subset)")
+    return (
+        f"fold {fold} {what} in release {release.version}: it has {len(patients)} patients, {len(train)} of them in "
+        f"the train split of config {config.value}, and {has}. A release with fewer training patients than "
+        f"{N_FOLDS} has one fold per training patient. Instead: {fix}, or use a release with more patients"
+    )
 
 
 def load_lymphatlas(
@@ -409,7 +454,10 @@ def load_lymphatlas(
     ``samples_per_case`` patches per case per epoch. ``cache_dir``: the decoded cache (default
     :func:`lymphatlas_ds.cache.default_cache_dir`). ``verify``: check release files against the
     manifest on first use. ``progress``: a bar on stderr while the first epoch decodes cases into
-    the cache (one per DataLoader worker; ``False`` for none).
+    the cache (one per DataLoader worker; ``False`` for none). ``transform``: applied to each item,
+    its random decisions drawn from (``seed``, epoch, index) (see the module doc); ``seed`` also
+    draws the patches. A ``fold`` that does not exist or holds no case of the config raises
+    :class:`~lymphatlas_ds.errors.SelectionError` (a small release has fewer folds).
 
     Example:
         >>> val = load_lymphatlas("lymphatlas", config="hl", fold=0, subset="val")  # doctest: +SKIP
@@ -422,14 +470,14 @@ def load_lymphatlas(
         source, version=version, hub_cache_dir=hub_cache_dir, verify=verify, state_dir=cache_dir, remember=cache
     )
     case_ids = select_cases(release, config=config, split=split, fold=fold, subset=subset)
-    if not case_ids:
+    if not case_ids:  # a split of a config without cases (a fold without cases raised above)
         log.warning(
             "no case in config %s, split %s (fold %s, subset %s) of release %s",
             _as_config(config).value, _as_split(split).value, fold, subset, release.version,
         )
     decoded = DecodedCache(cache_dir) if cache else None
     if patch_size is None:
-        return CaseDataset(release, case_ids, transform=transform, cache=decoded, progress=progress)
+        return CaseDataset(release, case_ids, transform=transform, cache=decoded, progress=progress, seed=seed)
     if decoded is None:
         raise SchemaError("patch mode reads patches from the decoded cache; use cache=True")
     return PatchDataset(

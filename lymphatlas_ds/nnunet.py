@@ -8,7 +8,8 @@
         labelsTr/<case>.nii.gz         uint8 {0: background, 1: lesion}
         imagesTs/, labelsTs/           the release's test split (only with include_test / test_labels)
         dataset.json                   channel_names, labels, numTraining, file_ending + release version, citation
-        splits_final.json              the release's 5 patient-grouped folds, in nnU-Net's format
+        splits_final.json              the release's patient-grouped folds (5; fewer in a small release), in
+                                       nnU-Net's format; only folds with a training and a validation case
         lymphatlas_materialize.json    what was written from which release (idempotency, --force checks)
 
 and, when ``preprocessed_dir`` is given, also ``preprocessed_dir/Dataset<ID>_<Name>/splits_final.json``.
@@ -104,6 +105,11 @@ class MaterializeResult:
     voxel_bytes: int = 0
     seconds: float = 0.0
     splits_files: list[Path] = field(default_factory=list)
+    folds: list[int] = field(default_factory=list)
+    """Release fold of each fold in splits_final.json (nnU-Net fold i is release fold ``folds[i]``)."""
+    release_folds: int = 0
+    left_out: list[str] = field(default_factory=list)
+    """Why a release fold is not in splits_final.json (nnU-Net could not train it)."""
 
     @property
     def throughput_mb_s(self) -> float:
@@ -145,7 +151,9 @@ def nnunet_splits(
     """The release's folds for ``case_ids`` (train split) in nnU-Net's ``splits_final.json`` format.
 
     Fold k validates on the cases the release placed in fold k and trains on the others. Raises
-    :class:`SchemaError` when a case has no fold or when a subject would sit on both sides.
+    :class:`SchemaError` when a case has no fold or when a subject would sit on both sides. A
+    release without folds (``n_folds`` 0: one training patient, its cases in fold -1) gives ``[]``.
+    A fold may still be empty for a subset of the release (a config): see :func:`trainable_folds`.
 
     Example:
         >>> doc = {"n_folds": 2, "cases": {"a": {"subject_id": "s1", "split": "train", "fold": 0},
@@ -154,14 +162,15 @@ def nnunet_splits(
         [{'train': ['b'], 'val': ['a']}, {'train': ['a'], 'val': ['b']}]
     """
     entries = splits_doc.get("cases", {})
-    n_folds = int(n_folds or splits_doc.get("n_folds", schema.N_FOLDS))
+    n_folds = int(splits_doc.get("n_folds", schema.N_FOLDS) if n_folds is None else n_folds)
     fold_of: dict[str, int] = {}
     for case_id in sorted(set(case_ids)):
         entry = entries.get(case_id)
         if entry is None:
             raise SchemaError(f"case {case_id} is missing from the release's splits.json; the release is inconsistent")
         fold = int(entry.get("fold", -1))
-        if entry.get("split") != Split.TRAIN.value or not 0 <= fold < n_folds:
+        unfolded = n_folds == 0 and fold == -1  # a release without folds
+        if entry.get("split") != Split.TRAIN.value or not (0 <= fold < n_folds or unfolded):
             raise SchemaError(
                 f"case {case_id}: splits.json places it in split {entry.get('split')!r} fold {fold}, "
                 f"expected the train split with a fold in 0..{n_folds - 1}"
@@ -174,6 +183,29 @@ def nnunet_splits(
         folds.append({"train": train, "val": val})
     check_grouped(folds, {c: entries[c].get("subject_id") for c in fold_of})
     return folds
+
+
+def trainable_folds(
+    folds: list[dict[str, list[str]]], *, what: str = "this dataset"
+) -> tuple[list[int], list[str]]:
+    """Which folds nnU-Net can train (at least one training and one validation case), and why the others cannot.
+
+    Returns the release fold numbers kept, in order, and one sentence per fold left out.
+
+    Example:
+        >>> trainable_folds([{"train": ["a"], "val": ["b"]}, {"train": ["a", "b"], "val": []}])
+        ([0], ['release fold 1 has no validation case in this dataset (2 training cases)'])
+    """
+    kept, left_out = [], []
+    for k, fold in enumerate(folds):
+        if fold["train"] and fold["val"]:
+            kept.append(k)
+        else:
+            missing = "validation" if not fold["val"] else "training"
+            left_out.append(f"release fold {k} has no {missing} case in {what} "
+                            f"({len(fold['train'])} training cases)" if fold["train"] else
+                            f"release fold {k} has no {missing} case in {what} ({len(fold['val'])} validation cases)")
+    return kept, left_out
 
 
 def check_grouped(folds: list[dict[str, list[str]]], subject_of: Mapping[str, str | None]) -> None:
@@ -404,8 +436,12 @@ def materialize_nnunet(
     folds = nnunet_splits(release.splits, train_ids)
     _check_no_leak(release, train_ids, test_ids)
     result.n_training, result.n_test = len(train_ids), len(test_ids)
-    _write_json(folder / "dataset.json", _dataset_json(release, spec, train_ids, test_ids))
-    result.splits_files += _write_splits(folds, folder, preprocessed_dir)
+    result.release_folds = len(folds)
+    result.folds, result.left_out = trainable_folds(folds, what=f"config {spec.config.value}")
+    for reason in result.left_out:
+        logger.warning("%s: left out of %s (nnU-Net cannot train it)", reason, SPLITS_FILE)
+    _write_json(folder / "dataset.json", _dataset_json(release, spec, train_ids, test_ids, folds=result.folds))
+    result.splits_files += _write_splits([folds[k] for k in result.folds], folder, preprocessed_dir)
     state["complete"] = True
     _write_json(folder / STATE_FILE, state, sort_keys=True)
     result.seconds = time.perf_counter() - start
@@ -573,14 +609,24 @@ def _remove_stale(layout: _Layout, expected: dict[str, set[str]]) -> None:
 def _write_splits(
     folds: list[dict[str, list[str]]], folder: Path, preprocessed_dir: str | os.PathLike | None
 ) -> list[Path]:
-    """Write splits_final.json into the raw dataset folder and, when given, its preprocessed folder."""
+    """Write splits_final.json into the raw dataset folder and, when given, its preprocessed folder.
+
+    Without a fold nnU-Net can train, no file is written and an earlier one is removed: nnU-Net
+    then trains only on ``all`` cases as told (its own random per-case split would mix patients).
+    """
     paths = [folder / SPLITS_FILE]
-    _write_json(paths[0], folds)
     if preprocessed_dir is not None:
-        target = Path(preprocessed_dir) / folder.name
-        _mkdir(target)
-        paths.append(target / SPLITS_FILE)
-        _write_json(paths[-1], folds)
+        paths.append(Path(preprocessed_dir) / folder.name / SPLITS_FILE)
+    if not folds:
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise _write_error(path, e) from e
+        return []
+    for path in paths:
+        _mkdir(path.parent)
+        _write_json(path, folds)
     return paths
 
 
@@ -629,7 +675,9 @@ def _check_no_leak(release: _Release, train_ids: list[str], test_ids: list[str])
         raise SchemaError(f"training cases {leaked[:5]} share a subject with test cases; rebuild the release")
 
 
-def _dataset_json(release: _Release, spec: _Spec, train_ids: list[str], test_ids: list[str]) -> dict[str, Any]:
+def _dataset_json(
+    release: _Release, spec: _Spec, train_ids: list[str], test_ids: list[str], *, folds: list[int]
+) -> dict[str, Any]:
     """nnU-Net's dataset.json, with the release's provenance under "lymphatlas"."""
     config = spec.config
     entries = release.splits.get("cases", {})
@@ -654,5 +702,7 @@ def _dataset_json(release: _Release, spec: _Spec, train_ids: list[str], test_ids
             # lets a model trained on "all" be reported per diagnosis, as the paper's Tables 2 and 3
             "diagnosis": {c: entries.get(c, {}).get("diagnosis") for c in sorted(train_ids + test_ids)},
             "splits": "patient-grouped folds from the release's splits.json (splits_final.json)",
+            # nnU-Net fold i is the release's fold folds[i]: folds nnU-Net cannot train are left out
+            "folds": folds,
         },
     }

@@ -122,6 +122,13 @@ def _plan_and_train(run: _Run, config: str, dataset_id: int, m: MaterializeResul
     from tools import nnunet_run as nr
 
     args = run.args
+    unlisted = [f for f in args.folds if not 0 <= f < len(m.folds)]
+    if unlisted:  # nnU-Net would train them on a random per-case 80:20 split that mixes patients
+        raise SystemExit(
+            f"{m.dataset_name}: splits_final.json lists {len(m.folds)} fold(s) that nnU-Net can train "
+            f"({m.release_folds} in the release; a small release has fewer), not --folds {unlisted}; "
+            f"pass --folds {' '.join(map(str, range(len(m.folds)))) or '(none: train on all cases with nnU-Net)'}"
+        )
     t0 = time.perf_counter()
     plans = run.paths["nnUNet_preprocessed"] / m.dataset_name / "nnUNetPlans.json"
     if not (args.skip_existing and plans.is_file() and m.files_written == 0):

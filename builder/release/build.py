@@ -617,6 +617,7 @@ def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str,
         shards=written,
         changelog=changelog_text,
         seed=seed,
+        n_folds=doc["n_folds"],
     )
     write_atomic(staging / "README.md", readme, fsync=True)
 

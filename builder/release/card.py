@@ -313,11 +313,13 @@ def render_card(
     seed: int = 0,
     template_path: str | Path = TEMPLATE_PATH,
     repo_id: str | None = None,
+    n_folds: int = schema.N_FOLDS,
 ) -> str:
     """The README.md text of a release: front matter + the template's prose with this release's figures.
 
     Deterministic: nothing depends on the clock (the citation year comes from the template).
-    ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`).
+    ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`). ``n_folds``:
+    the release's fold count (``splits.json``; fewer than ``N_FOLDS`` in a small release).
     """
     data = card_data(statistics, shards)
     card = DatasetCard.from_template(
@@ -327,7 +329,8 @@ def render_card(
         tag=f"v{version}",
         stats=statistics,
         seed=seed,
-        n_folds=schema.N_FOLDS,
+        n_folds=n_folds,
+        max_folds=schema.N_FOLDS,
         test_percent=round(100 * schema.TEST_FRACTION),
         shard_max_mib=schema.SHARD_MAX_BYTES // (1024 * 1024),
         schema_version=schema.SCHEMA_VERSION,

@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from lymphatlas_ds.errors import SourceError
 
@@ -70,17 +71,38 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda n: bar.update(n - bar.n),
         )
     print(result.describe())
-    raw_splits = result.dataset_dir / "splits_final.json"
-    if args.preprocessed:
+    print(fold_summary(result, config=args.config))
+    if result.splits_files and args.preprocessed:
         print(f"patient-grouped folds: {result.splits_files[-1]} (nnU-Net's trainer reads this one)")
-    else:
+    elif result.splits_files:
         print(
-            f"patient-grouped folds: {raw_splits}\n"
+            f"patient-grouped folds: {result.splits_files[0]}\n"
             f"  the `cp` below puts it in $nnUNet_preprocessed/{result.dataset_name}/ (or rerun with --preprocessed "
             "DIR): without it nnU-Net draws random per-case folds that put one patient's exams on both sides"
         )
-    print(next_steps(result.dataset_dir, args.dataset_id, preprocessed=args.preprocessed))
+    print(next_steps(result.dataset_dir, args.dataset_id, preprocessed=args.preprocessed, n_folds=len(result.folds)))
     return 0
+
+
+def fold_summary(result: Any, *, config: str) -> str:
+    """What splits_final.json holds: the folds nnU-Net can train, and each fold left out with the fix."""
+    n, kept = len(result.folds), result.folds
+    if result.release_folds == 0:
+        return ("no cross-validation folds: the release has a single training patient, and a fold needs one "
+                "patient to train on and another to validate on. No splits_final.json is written; train on all "
+                "cases (`nnUNetv2_train ... all`, below), or build a release with more patients for folds")
+    lines = [f"folds: {n} of the release's {result.release_folds} in splits_final.json"
+             + ("" if kept == list(range(n)) else
+                " (nnU-Net " + ", ".join(f"fold {i} = release fold {k}" for i, k in enumerate(kept)) + ")")]
+    for reason in result.left_out:
+        lines.append(f"  left out: {reason}; nnU-Net cannot train a fold without one")
+    if result.left_out:
+        fix = ("materialize --config all (every fold of the release has both)" if config != Config.ALL.value else
+               "an update release with more patients (new patients fill the emptiest folds)")
+        lines.append(f"  to train every fold of the release use {fix}")
+    if not n:
+        lines.append("  no fold left: no splits_final.json is written; train on all cases (`nnUNetv2_train ... all`)")
+    return "\n".join(lines)
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -96,10 +118,13 @@ def _source(args: argparse.Namespace) -> str:
     return source
 
 
-def next_steps(dataset_dir: Path, dataset_id: int, *, preprocessed: str | None) -> str:
-    """nnU-Net's own commands for the paper's baseline on this dataset, ready to paste (one fold shown)."""
+def next_steps(dataset_dir: Path, dataset_id: int, *, preprocessed: str | None, n_folds: int = 5) -> str:
+    """nnU-Net's own commands for the paper's baseline on this dataset, ready to paste (one fold shown).
+
+    ``n_folds``: the folds in splits_final.json; with none, training and prediction use nnU-Net's ``all``.
+    """
     raw = Path(dataset_dir).resolve().parent
-    lines = ["next, with nnU-Net's own commands (the paper: 3d_fullres, folds 0-4, 500 epochs each):"]
+    lines = ["next, with nnU-Net's own commands (the paper: 3d_fullres, 5 folds, 500 epochs each):"]
     env = {"nnUNet_raw": str(raw)}
     env["nnUNet_preprocessed"] = str(Path(preprocessed).resolve()) if preprocessed else str(raw.parent / "nnUNet_preprocessed")
     env["nnUNet_results"] = os.environ.get("nnUNet_results") or str(raw.parent / "nnUNet_results")
@@ -108,7 +133,7 @@ def next_steps(dataset_dir: Path, dataset_id: int, *, preprocessed: str | None) 
             lines.append(f"  export {var}={shlex.quote(value)}")
     if not _trainers_visible():
         lines.append("  python -m lymphatlas_ds.nnunet_trainers   # once: lets nnUNetv2_train find the project's trainers")
-    if not preprocessed:  # the patient-grouped folds go where nnU-Net's trainer reads them
+    if not preprocessed and n_folds:  # the patient-grouped folds go where nnU-Net's trainer reads them
         target = shlex.quote(str(Path(env["nnUNet_preprocessed"]) / Path(dataset_dir).name))
         lines.append(f"  mkdir -p {target} && cp {shlex.quote(str(Path(dataset_dir).resolve() / 'splits_final.json'))} {target}/")
     images_ts = Path(dataset_dir).resolve() / "imagesTs"
@@ -119,9 +144,11 @@ def next_steps(dataset_dir: Path, dataset_id: int, *, preprocessed: str | None) 
     images_ts = shlex.quote(str(images_ts))
     lines += [
         f"  nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity -c 3d_fullres",
-        f"  nnUNetv2_train {dataset_id} 3d_fullres 0 -tr nnUNetTrainer_500epochs      # then folds 1-4",
-        f"  nnUNetv2_predict -i {images_ts} -o predictions -d {dataset_id} -c 3d_fullres -f 0 1 2 3 4 "
-        f"-tr nnUNetTrainer_500epochs{predict_note}",
+        f"  nnUNetv2_train {dataset_id} 3d_fullres {'0' if n_folds else 'all'} -tr nnUNetTrainer_500epochs"
+        + ("      # no folds: every training case" if not n_folds else "" if n_folds == 1 else
+           f"      # then fold{'s' if n_folds > 2 else ''} {'1' if n_folds == 2 else f'1-{n_folds - 1}'}"),
+        f"  nnUNetv2_predict -i {images_ts} -o predictions -d {dataset_id} -c 3d_fullres "
+        f"-f {' '.join(map(str, range(n_folds))) or 'all'} -tr nnUNetTrainer_500epochs{predict_note}",
     ]
     return "\n".join(lines)
 
