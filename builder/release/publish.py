@@ -49,7 +49,7 @@ from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import LOCK_NAME, folder_lock
 from lymphatlas_ds.errors import LymphAtlasError
 
-from builder.release import card
+from builder.release import card, lineage
 from builder.release.build import parse_version
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,10 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
                     f"version {version} is already published in {mirror} with other content; a published version "
                     "never changes: build the release with a new --version"
                 )
-            log.info("version %s is already in %s with the same manifest: nothing to copy", version, mirror)
+            log.warning("version %s is already in %s with the same manifest: nothing to copy, nothing changed",
+                        version, mirror)
         else:
+            _check_mirror_base(manifest, release, mirror)
             staging = mirror / f".{version}.partial"
             if staging.exists():
                 shutil.rmtree(staging)  # left by an interrupted publish
@@ -155,6 +157,46 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
             write_atomic(card_path, root_card, fsync=True)
         log.info("published %s to %s", version, target)
     return target
+
+
+def _check_mirror_base(manifest: dict[str, Any], release: Path, mirror: Path) -> None:
+    """Refuse a release whose recorded base is not the mirror's latest version (:mod:`builder.release.lineage`)."""
+    try:
+        latest = lineage.mirror_latest(mirror)
+        lineage.check_publish_base(manifest, latest.version, latest.manifest, release=release, target=str(mirror))
+    except LymphAtlasError as e:
+        raise PublishError(f"{e}; {mirror} is unchanged") from e
+
+
+def already_published(release: str | Path, mirror: str | Path) -> str | None:
+    """The version of ``release`` when the mirror holds it already with the same manifest (a no-op publish), else None."""
+    try:
+        manifest = manifest_mod.read_manifest(release)
+        target = Path(mirror) / str(manifest["version"])
+        if (target / manifest_mod.MANIFEST_NAME).is_file() and manifest_mod.read_manifest(target) == manifest:
+            return str(manifest["version"])
+    except LymphAtlasError:
+        return None  # publish_mirror reports it
+    return None
+
+
+def _hub_latest_manifest(api: HfApi, repo_id: str, tags: set[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """The newest ``v<X.Y.Z>`` tag of the repo and the manifest.json committed under it."""
+    versions = []
+    for tag in tags:
+        try:
+            versions.append((parse_version(tag.removeprefix("v")), tag))
+        except LymphAtlasError:
+            continue  # not a release tag
+    if not versions:
+        return None, None
+    tag = max(versions)[1]
+    try:
+        path = api.hf_hub_download(repo_id, manifest_mod.MANIFEST_NAME, repo_type="dataset", revision=tag)
+        return tag.removeprefix("v"), json.loads(Path(path).read_text())
+    except (OSError, ValueError, HfHubHTTPError, _HTTP_CLIENT_ERROR) as e:
+        raise PublishError(f"cannot read {manifest_mod.MANIFEST_NAME} of {repo_id} at tag {tag} ({e}): the base of "
+                           "this release cannot be checked against the repo's latest version; nothing was sent") from e
 
 
 @dataclass
@@ -248,6 +290,12 @@ def publish_hub(
         raise PublishError(
             f"{repo_id} already has tag {plan.tag}: a published version never changes; build a new --version"
         )
+    latest_version, latest_manifest = _hub_latest_manifest(api, repo_id, tags)
+    try:
+        lineage.check_publish_base(manifest_mod.read_manifest(release), latest_version, latest_manifest,
+                                   release=release, target=repo_id)
+    except LymphAtlasError as e:
+        raise PublishError(f"{e}; nothing was sent to {repo_id}") from e
     info = api.create_commit(
         repo_id, operations=plan.operations, commit_message=plan.commit_message, repo_type="dataset"
     )
