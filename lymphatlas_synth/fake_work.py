@@ -19,6 +19,10 @@ import numpy as np
 from lymphatlas_ds.schema import SCHEMA_VERSION
 
 
+FAKE_SETTINGS_SHA256 = hashlib.sha256(b"fake-work default settings").hexdigest()
+"""The ``source.settings_sha256`` of every fake case (convert records the sha256 of its settings there)."""
+
+
 @dataclass
 class FakeCase:
     case_id: str
@@ -144,7 +148,8 @@ def _case_json(case_id: str, subject_id: str, p: int, e: int, ct: np.ndarray, pe
             "items": [],
         },
         "qc": {"passed": True, "checks": []},
-        "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti"},
+        "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti",
+                   "settings_sha256": FAKE_SETTINGS_SHA256},
         "content_hash": content.hexdigest(),
     }
 
@@ -179,6 +184,7 @@ def _alignment() -> dict:
         },
         "shift_mm": 1.1,
         "seed": 0,
+        "interpolation": "bounded-cubic",
     }
 
 

@@ -99,6 +99,10 @@ class ConvertSettings:
     def to_dict(self) -> dict:
         return {"align": self.align.to_dict(), "gzip_level": self.gzip_level, "builder_version": BUILDER_VERSION}
 
+    def sha256(self) -> str:
+        """sha256 of :meth:`to_dict` (``case.json`` source.settings_sha256, the release's provenance)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class ExamJob:
@@ -461,7 +465,8 @@ def _case_json(job: ExamJob, exam: Any, ct: Any, shape_zyx: tuple[int, ...], geo
         "alignment": aligned.record,
         "lesions": stats,
         "qc": qc_summary,
-        "source": {"content_hash": src_hash, "mask_format": mask_format.value},
+        "source": {"content_hash": src_hash, "mask_format": mask_format.value,
+                   "settings_sha256": job.settings.sha256()},
     }
 
 

@@ -53,11 +53,13 @@ from builder import __version__ as BUILDER_VERSION
 from builder.convert.case import CaseFileError, load_case, read_volumes
 from builder.release import card, lineage, shards, splits
 from builder.release import changes as changes_mod
+from builder.release import provenance
 
 log = logging.getLogger(__name__)
 
-CSV_EXTRA_COLUMNS = ("shard",)
-"""Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case."""
+CSV_EXTRA_COLUMNS = ("shard", *provenance.PROVENANCE_COLUMNS)
+"""Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case, then how
+the case was made (builder/release/provenance.py)."""
 
 _SUBTYPE_CODES = frozenset(s.value for s in Subtype)
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
@@ -547,7 +549,7 @@ def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str
             f"case {case.case_id}: the voxels of {case.folder} do not match case.json content_hash "
             "(a file changed after convert, or a corrupt copy): re-run convert for this case"
         )
-    row = metadata_row(case, placement, digest)
+    row = {**metadata_row(case, placement, digest), **provenance.case_provenance(case.info)}
     cells = {n: codec.encode_volume(arrays[n], affine, codec.cell_path(case.case_id, n)) for n in IMAGE_COLUMNS}
     return row, cells
 
@@ -631,6 +633,7 @@ def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str,
         shards=written,
         changelog=changelog_text,
         seed=seed,
+        provenance=provenance.summarise(rows),
     )
     write_atomic(staging / "README.md", readme, fsync=True)
 

@@ -313,11 +313,13 @@ def render_card(
     seed: int = 0,
     template_path: str | Path = TEMPLATE_PATH,
     repo_id: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """The README.md text of a release: front matter + the template's prose with this release's figures.
 
     Deterministic: nothing depends on the clock (the citation year comes from the template).
-    ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`).
+    ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`). ``provenance``
+    is :func:`builder.release.provenance.summarise` of the release's rows (what convert used).
     """
     data = card_data(statistics, shards)
     card = DatasetCard.from_template(
@@ -340,6 +342,7 @@ def render_card(
         folder=schema.RELEASE_FOLDER_NAME,
         metadata_columns=list(schema.METADATA_COLUMNS),
         usage=usage_section(version=version, repo_id=repo_id),
+        provenance=provenance or {},
     )
     text = str(card)
     return text if text.endswith("\n") else text + "\n"
