@@ -150,7 +150,10 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
         versions = sorted({*listing.get("versions", []), version}, key=parse_version)
         versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
         versions_doc = {"latest": versions[-1], "versions": versions}
-        write_atomic(mirror / VERSIONS_NAME, json.dumps(versions_doc, indent=2) + "\n", fsync=True)
+        versions_text = json.dumps(versions_doc, indent=2) + "\n"
+        versions_path = mirror / VERSIONS_NAME
+        if not versions_path.is_file() or versions_path.read_text() != versions_text:  # a no-op publish writes nothing
+            write_atomic(versions_path, versions_text, fsync=True)
         root_card = card.mirror_readme(mirror, versions)
         card_path = mirror / MIRROR_CARD_NAME
         if not card_path.is_file() or card_path.read_text(encoding="utf-8") != root_card:
