@@ -102,7 +102,8 @@ def check_chain(mirror: str | Path, versions: list[str]) -> list[ChainProblem]:
 
     Each version after the first must record as its base the version before it, with that
     version's lineage hash; the first must record none. A version of unknown base (an old manifest)
-    is compared with the version before it. In every pair, no common case may change split or fold.
+    or with no base after the first is compared with the version before it. In every pair, no
+    common case may change split or fold.
     """
     mirror = Path(mirror)
     problems: list[ChainProblem] = []
@@ -116,7 +117,8 @@ def check_chain(mirror: str | Path, versions: list[str]) -> list[ChainProblem]:
         before = versions[i - 1] if i else None
         problems += _check_base(version, base_of(manifest), before, manifests)
         base = base_of(manifest)
-        compare_to = before if base is UNKNOWN else (base or {}).get("version")  # type: ignore[union-attr]
+        # Unknown or no base: compare with the version before it (what its users had last).
+        compare_to = before if base is UNKNOWN or base is None else base.get("version")  # type: ignore[union-attr]
         if compare_to and compare_to in manifests:
             problems += _check_folds(mirror, version, compare_to)
     return problems

@@ -373,3 +373,88 @@ class _HubWithLatest:
         raise AssertionError("a refused release must not be committed")
 
     create_tag = create_commit
+
+
+# --- the lineage checks of verify, the CLI's helpers -----------------------------------------------
+
+
+def test_verify_names_a_version_built_without_the_lineage(year, tmp_path):
+    """A mirror whose 1.1.0 records no base (built from scratch) and whose 1.2.0 moved a case: both named."""
+    root, _ = year
+    mirror = tmp_path / "broken"
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        shutil.copytree(root / "mirror" / version, mirror / version)
+    (mirror / "versions.json").write_text(json.dumps({"latest": "1.2.0", "versions": ["1.0.0", "1.1.0", "1.2.0"]}))
+    manifest = json.loads((mirror / "1.1.0" / "manifest.json").read_text())
+    (mirror / "1.1.0" / "manifest.json").write_text(json.dumps({**manifest, "base": None}))
+    proc = _console("lymphatlas", "verify", str(mirror), "--all-versions", "--quick", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "version 1.1.0: records no base (a first release) but follows 1.0.0" in proc.stdout
+    # 1.2.0 names a 1.1.0 whose manifest is not the mirror's any more
+    assert "version 1.2.0: is built on a 1.1.0 whose manifest differs" in proc.stdout
+
+    from lymphatlas_ds.lineage import check_chain
+
+    splits = json.loads((mirror / "1.1.0" / "splits.json").read_text())
+    case_id, entry = sorted(splits["cases"].items())[0]
+    splits["cases"][case_id] = {**entry, "split": "train" if entry["split"] == "test" else "test",
+                                "fold": 0 if entry["split"] == "test" else -1}
+    (mirror / "1.1.0" / "splits.json").write_text(json.dumps(splits))
+    problems = [str(p) for p in check_chain(mirror, ["1.0.0", "1.1.0", "1.2.0"])]
+    assert any(p.startswith("version 1.1.0: 1 case(s) of 1.0.0 changed split or fold") and case_id in p
+               for p in problems), problems
+
+
+def test_synth_first_exam_numbers_cohorts_so_they_merge(tmp_path):
+    from lymphatlas_synth.cohort import generate_cohort
+
+    b = generate_cohort(tmp_path / "b", n_exams=1, seed=2, first_exam=100)
+    assert [t.exam_id for t in b] == ["EX0100"]
+    assert sorted(p.name for p in (tmp_path / "b" / "dicom").iterdir()) == ["EX0100"]
+    assert sorted(p.name for p in (tmp_path / "b" / "truth").iterdir() if p.suffix == ".json") == [
+        "EX0100.json", "cohort.json"]
+    with open(tmp_path / "b" / "clinical.csv", newline="") as f:
+        assert [r["exam_id"] for r in csv.DictReader(f)] == ["EX0100"]
+    proc = _console("builder", "synth", "c", "--exams", "1", "--seed", "3", "--first-exam", "-1", cwd=tmp_path)
+    assert proc.returncode == 2 and "first_exam must be 0 or more" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthetic_good_cohort, tmp_path):
+    """An age corrected in clinical.csv: the case's images are kept as they are (not rewritten), its
+    case.json says the new age band, and both equal a convert from scratch of the corrected source."""
+    from builder.convert.align import AlignSettings
+    from builder.convert.pipeline import ConvertSettings, convert_cohort
+
+    source, _truths = synthetic_good_cohort
+    shutil.copytree(source, tmp_path / "source")
+    settings = ConvertSettings(align=AlignSettings(register=False))
+    work = tmp_path / "work"
+    convert_cohort(tmp_path / "source", work, settings=settings, workers=1, progress=False, exams=["EX0000"])
+    (case_dir,) = [p for p in (work / "cases").iterdir() if not p.name.startswith(".")]
+    images = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in case_dir.iterdir() if p.suffix == ".gz"}
+    clinical = tmp_path / "source" / "clinical.csv"
+    with open(clinical, newline="") as f:
+        rows = list(csv.DictReader(f))
+    row = next(r for r in rows if r["exam_id"] == "EX0000")
+    row["age"] = str(int(float(row["age"])) + 10)
+    with open(clinical, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    summary = convert_cohort(tmp_path / "source", work, settings=settings, workers=1, progress=False,
+                             exams=["EX0000"])
+    (result,) = summary.results
+    assert (result.status.value, result.stage) == ("converted", "metadata")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in case_dir.iterdir() if p.suffix == ".gz"} == images
+    band = int(row["age"]) // 5 * 5
+    info = json.loads((case_dir / "case.json").read_text())
+    assert info["clinical"]["age_band"] == (f"{band}-{band + 4}" if band < 90 else "90+")
+
+    fresh = tmp_path / "fresh"
+    (fresh / "private").mkdir(parents=True)
+    shutil.copy2(work / "private" / "deid.key", fresh / "private" / "deid.key")
+    convert_cohort(tmp_path / "source", fresh, settings=settings, workers=1, progress=False, exams=["EX0000"])
+    again = fresh / "cases" / case_dir.name
+    assert json.loads((again / "case.json").read_text()) == info
+    assert {p.name: p.read_bytes() for p in again.iterdir() if p.suffix == ".gz"} == {k: v[0] for k, v in images.items()}
