@@ -458,3 +458,63 @@ def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthet
     again = fresh / "cases" / case_dir.name
     assert json.loads((again / "case.json").read_text()) == info
     assert {p.name: p.read_bytes() for p in again.iterdir() if p.suffix == ".gz"} == {k: v[0] for k, v in images.items()}
+
+
+class _HubRepo:
+    """A Hub dataset repo at the network boundary whose tags ``v<version>`` hold the mirror's version folders."""
+
+    def __init__(self, mirror: Path, versions: list[str]) -> None:
+        self.mirror, self.versions, self.commits = mirror, versions, []
+
+    def __call__(self, *a, **k):  # stands in for the HfApi class too
+        return self
+
+    def list_repo_refs(self, repo_id, **k):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(tags=[SimpleNamespace(name=f"v{v}") for v in self.versions])
+
+    def hf_hub_download(self, repo_id, filename, revision, **k):
+        assert not filename.startswith("data/"), "the base needs no shard"
+        return str(self.mirror / revision.removeprefix("v") / filename)
+
+    def create_repo(self, *a, **k):
+        pass
+
+    def list_repo_files(self, *a, **k):
+        return []
+
+    def create_commit(self, repo_id, **k):
+        from types import SimpleNamespace
+
+        self.commits.append(k["commit_message"])
+        return SimpleNamespace(oid="c0ffee")
+
+    def create_tag(self, *a, **k):
+        pass
+
+
+def test_release_repo_id_builds_on_the_hub_repos_newest_tag(year, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    root, _ = year
+    mirror = root / "mirror"
+    shutil.copytree(root / "work", tmp_path / "work", ignore=shutil.ignore_patterns(".lock"))
+    repo = _HubRepo(mirror, VERSIONS[:5])  # the repo is at 1.4.0
+    monkeypatch.setattr(huggingface_hub, "HfApi", repo)
+    summary = build_release(tmp_path / "work", tmp_path / "r", version="1.5.1", repo_id="org/lymphatlas")
+    base = json.loads((tmp_path / "r" / "manifest.json").read_text())["base"]
+    assert summary.base_version == "1.4.0"
+    assert base == {"version": "1.4.0", "manifest_sha256": lineage_hash(json.loads((mirror / "1.4.0" / "manifest.json").read_text()))}
+    assert _diff(mirror / "1.4.0", tmp_path / "r")["moved"] == []
+    publish_hub(tmp_path / "r", "org/lymphatlas", api=repo)
+    assert repo.commits == ["LymphAtlas release 1.5.1"]
+    # a repo one version further: the same release is now stale, and refused before any commit
+    with pytest.raises(PublishError, match="latest version of org/lymphatlas is 1.5.0"):
+        publish_hub(tmp_path / "r", "org/lymphatlas", api=_HubRepo(mirror, VERSIONS[:6]))
+    # an empty repo: a first release (WORK never released)
+    (tmp_path / "work" / "releases.json").unlink()
+    monkeypatch.setattr(huggingface_hub, "HfApi", _HubRepo(mirror, []))
+    summary = build_release(tmp_path / "work", tmp_path / "first", version="1.0.0", repo_id="org/new")
+    assert summary.base_version is None
+    assert json.loads((tmp_path / "first" / "manifest.json").read_text())["base"] is None

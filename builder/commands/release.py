@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mirror", type=Path, default=None,
                         help="the local mirror this release is for: an update is built on its latest version")
+    parser.add_argument("--repo-id", default=None,
+                        help="the Hugging Face dataset repo this release is for: an update is built on its newest tag")
     parser.add_argument("--seed", type=int, default=0, help="split seed of a first release (updates reuse the previous one)")
     parser.add_argument("--overwrite", action="store_true", help="replace RELEASE if it exists")
     parser.add_argument("--keep-gone", action="store_true",
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             keep_gone=args.keep_gone,
             wait_for_lock=args.wait,
             mirror=args.mirror,
+            repo_id=args.repo_id,
         )
     changes = summary.changes
     print(

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -415,7 +416,10 @@ def _previous_release(previous: str | Path | None, version: str) -> dict[str, An
         except (json.JSONDecodeError, KeyError) as e:
             raise ReleaseError(f"{versions} has no 'latest' version ({e}); pass the version folder as --previous") from e
         prev = prev / latest
-    prev_manifest = manifest_mod.verify_release(prev, check_sha256=False)
+    if (prev / lineage.HUB_BASE_MARK).is_file():  # a Hub base without shards, its files checked by fetch_hub_base
+        prev_manifest = manifest_mod.read_manifest(prev)
+    else:
+        prev_manifest = manifest_mod.verify_release(prev, check_sha256=False)
     if parse_version(version) <= parse_version(prev_manifest["version"]):
         raise ReleaseError(f"version {version} must be newer than the previous release's {prev_manifest['version']}")
     changelog = prev / CHANGELOG_NAME
@@ -442,6 +446,7 @@ def build_release(
     keep_gone: bool = False,
     wait_for_lock: bool = False,
     mirror: str | Path | None = None,
+    repo_id: str | None = None,
 ) -> ReleaseSummary:
     """Build the release folder ``release_dir`` from the aligned cases of ``work``.
 
@@ -452,7 +457,8 @@ def build_release(
     threads (each holds about one case's voxels twice in memory: 1 GiB at 512x512x300).
 
     ``mirror`` is the local mirror the release is for: the update is built on its latest version
-    (``previous``, if given too, must be that version); see :mod:`builder.release.lineage`.
+    (``previous``, if given too, must be that version); ``repo_id`` the same for a Hub dataset repo
+    (its newest tag's metadata is fetched); see :mod:`builder.release.lineage`.
     ``keep_gone`` releases cases whose exam is gone from the source (refused by default). WORK and
     the target are locked for the build; another build or convert is refused, or waited for with
     ``wait_for_lock``. A write error (a full disk) raises :class:`ReleaseError` naming the path;
@@ -469,7 +475,7 @@ def build_release(
         try:
             return _build_release(work, release_dir, version=version, previous=previous, seed=seed,
                                   overwrite=overwrite, shard_max_bytes=shard_max_bytes, on_case=on_case,
-                                  workers=workers, keep_gone=keep_gone, mirror=mirror)
+                                  workers=workers, keep_gone=keep_gone, mirror=mirror, repo_id=repo_id)
         except OSError as e:
             where = e.filename or release_dir
             raise ReleaseError(
@@ -480,16 +486,18 @@ def build_release(
 
 def _build_release(work: Path, release_dir: Path, *, version: str, previous: str | Path | None, seed: int,
                    overwrite: bool, shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
-                   keep_gone: bool, mirror: str | Path | None = None) -> ReleaseSummary:
+                   keep_gone: bool, mirror: str | Path | None = None, repo_id: str | None = None) -> ReleaseSummary:
     _check_target(release_dir, overwrite=overwrite)
-    prev = _previous_release(lineage.resolve_base(previous, mirror, work, version), version)
+    with tempfile.TemporaryDirectory(prefix=".lymphatlas-base-") as scratch:  # a Hub base's metadata
+        base = lineage.resolve_base(previous, mirror, work, version, repo_id=repo_id, scratch=Path(scratch))
+        prev = _previous_release(base, version)
     if prev is not None and prev["splits"].get("seed") not in (None, seed):
         log.info("reusing the previous release's split seed %s", prev["splits"]["seed"])
         seed = int(prev["splits"]["seed"])
     cases = _releasable_cases(work, keep_gone=keep_gone)
     if prev is not None:
         lineage.check_related(prev["splits"]["cases"], {c.subject_id for c in cases}, work=work,
-                              base_version=prev["manifest"]["version"], mirror_hint=mirror or prev["path"])
+                              base_version=prev["manifest"]["version"], mirror_hint=repo_id or mirror or prev["path"])
     split_cases = [
         splits.SplitCase(c.case_id, c.subject_id, c.diagnosis, float((c.info.get("lesions") or {}).get("tmtv_ml") or 0.0))
         for c in cases

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import LymphAtlasError
 from lymphatlas_ds.lineage import UNKNOWN, base_of, describe_base, lineage_hash
 
+HUB_BASE_MARK = ".hub-base"
+"""Marks a base fetched from the Hub without its shards (:func:`fetch_hub_base`): its metadata files are checked."""
+HUB_BASE_FILES = ("splits.json", "metadata/cases.csv", "CHANGELOG.md")
 RELEASES_NAME = "releases.json"
 """``WORK/releases.json``: the versions released from WORK, oldest first, each with its lineage hash and base."""
 VERSIONS_NAME = "versions.json"
@@ -87,13 +91,20 @@ def _mirror_of(release_folder: Path) -> Path | None:
     return parent if (parent / VERSIONS_NAME).is_file() and not (release_folder / VERSIONS_NAME).is_file() else None
 
 
-def resolve_base(previous: str | Path | None, mirror: str | Path | None, work: str | Path, version: str) -> Path | None:
+def resolve_base(previous: str | Path | None, mirror: str | Path | None, work: str | Path, version: str, *,
+                 repo_id: str | None = None, scratch: Path | None = None) -> Path | None:
     """The folder of the version this release is built on, or ``None`` for a first release.
 
     ``mirror``: its latest version (``previous``, if given too, must be that version). ``previous``
     alone: that folder (a mirror means its latest); a version folder inside a mirror must be the
-    mirror's latest. Neither: a first release, refused when WORK was released before.
+    mirror's latest. ``repo_id``: the Hub repo's newest ``vX.Y.Z`` tag, its metadata fetched into
+    ``scratch`` (:func:`fetch_hub_base`). None of them: a first release, refused when WORK was
+    released before.
     """
+    if repo_id is not None:
+        if previous is not None or mirror is not None:
+            raise LineageError("give one base: --repo-id, --mirror or --previous (the Hub repo's latest is the base)")
+        return fetch_hub_base(repo_id, Path(scratch or "."), work=work, version=version)
     if previous is not None and (Path(previous) / VERSIONS_NAME).is_file() and mirror is None:
         mirror, previous = previous, None  # --previous MIRROR: the mirror's latest version
     if previous is not None and mirror is None:
@@ -114,6 +125,49 @@ def resolve_base(previous: str | Path | None, mirror: str | Path | None, work: s
             f"and may move published cases. Build on the latest: {_fix_release(mirror, version)}"
         )
     return Path(previous)
+
+
+def newest_tag(tags: set[str] | list[str]) -> str | None:
+    """The newest ``vX.Y.Z`` tag, or None when there is none."""
+    found = []
+    for tag in tags:
+        try:
+            found.append((_version_key(tag.removeprefix("v")), tag))
+        except ValueError:
+            continue
+    found = [f for f in found if len(f[0]) == 3 and f[1].startswith("v")]
+    return max(found)[1] if found else None
+
+
+def fetch_hub_base(repo_id: str, dest: Path, *, work: str | Path, version: str, api: Any = None) -> Path | None:
+    """The newest version of a Hub repo as a base folder: its manifest, splits, cases.csv and CHANGELOG
+    (no shard), each checked against the manifest; None when the repo has no version yet."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    try:
+        tag = newest_tag({t.name for t in api.list_repo_refs(repo_id, repo_type="dataset").tags})
+        if tag is None:
+            _refuse_unbased(work, version)
+            return None
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel in (manifest_mod.MANIFEST_NAME, *HUB_BASE_FILES):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(api.hf_hub_download(repo_id, rel, repo_type="dataset", revision=tag), dest / rel)
+    except (OSError, ValueError) as e:
+        raise LineageError(f"cannot read the latest version of the Hub repo {repo_id} ({e}); check the network "
+                           "and the token (HF_TOKEN or `hf auth login`)") from e
+    except Exception as e:  # huggingface_hub's HTTP errors have no common base with OSError
+        raise LineageError(f"cannot read the latest version of the Hub repo {repo_id} ({type(e).__name__}: {e}); "
+                           "check the repo id, the network and the token") from e
+    manifest = manifest_mod.read_manifest(dest)
+    problems = [str(p) for p in manifest_mod.verify_files(dest, {**manifest, "files": {
+        k: v for k, v in manifest["files"].items() if k in HUB_BASE_FILES}}) if p.problem != "unlisted"]
+    if problems:
+        raise LineageError(f"version {manifest['version']} of {repo_id} (tag {tag}) does not match its manifest: "
+                           f"{'; '.join(problems)}; the base cannot be trusted")
+    (dest / HUB_BASE_MARK).write_text(f"{repo_id} {tag}\n")
+    return dest
 
 
 def _refuse_unbased(work: str | Path, version: str) -> None:

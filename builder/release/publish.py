@@ -185,15 +185,9 @@ def already_published(release: str | Path, mirror: str | Path) -> str | None:
 
 def _hub_latest_manifest(api: HfApi, repo_id: str, tags: set[str]) -> tuple[str | None, dict[str, Any] | None]:
     """The newest ``v<X.Y.Z>`` tag of the repo and the manifest.json committed under it."""
-    versions = []
-    for tag in tags:
-        try:
-            versions.append((parse_version(tag.removeprefix("v")), tag))
-        except LymphAtlasError:
-            continue  # not a release tag
-    if not versions:
+    tag = lineage.newest_tag(tags)
+    if tag is None:
         return None, None
-    tag = max(versions)[1]
     try:
         path = api.hf_hub_download(repo_id, manifest_mod.MANIFEST_NAME, repo_type="dataset", revision=tag)
         return tag.removeprefix("v"), json.loads(Path(path).read_text())
