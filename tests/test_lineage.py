@@ -510,8 +510,9 @@ def test_release_repo_id_builds_on_the_hub_repos_newest_tag(year, tmp_path, monk
     publish_hub(tmp_path / "r", "org/lymphatlas", api=repo)
     assert repo.commits == ["LymphAtlas release 1.5.1"]
     # a repo one version further: the same release is now stale, and refused before any commit
-    with pytest.raises(PublishError, match="latest version of org/lymphatlas is 1.5.0"):
+    with pytest.raises(PublishError, match="latest version of org/lymphatlas is 1.5.0") as refused:
         publish_hub(tmp_path / "r", "org/lymphatlas", api=_HubRepo(mirror, VERSIONS[:6]))
+    assert "--version 1.5.1 --repo-id org/lymphatlas" in str(refused.value)
     # an empty repo: a first release (WORK never released)
     (tmp_path / "work" / "releases.json").unlink()
     monkeypatch.setattr(huggingface_hub, "HfApi", _HubRepo(mirror, []))

@@ -49,8 +49,10 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(version).split("."))
 
 
-def _fix_release(mirror: str | Path, version: str | None = None, release: str | Path = "RELEASE") -> str:
-    return f"`python -m builder release WORK {release} --version {version or 'X.Y.Z'} --mirror {mirror} --overwrite`"
+def _fix_release(mirror: str | Path, version: str | None = None, release: str | Path = "RELEASE", *,
+                 hub: bool = False) -> str:
+    target = f"--repo-id {mirror}" if hub else f"--mirror {mirror}"
+    return f"`python -m builder release WORK {release} --version {version or 'X.Y.Z'} {target} --overwrite`"
 
 
 def next_minor(version: str) -> str:
@@ -217,7 +219,7 @@ def record_release(work: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def check_publish_base(manifest: dict[str, Any], latest_version: str | None, latest_manifest: dict[str, Any] | None,
-                       *, release: str | Path, target: str) -> None:
+                       *, release: str | Path, target: str, hub: bool = False) -> None:
     """Refuse to publish ``manifest`` onto a target whose latest version is not its recorded base."""
     version, base = manifest["version"], base_of(manifest)
     if latest_manifest is None:
@@ -228,7 +230,7 @@ def check_publish_base(manifest: dict[str, Any], latest_version: str | None, lat
             )
         return
     fix = _fix_release(target, next_minor(str(latest_version)) if _version_key(version) <= _version_key(
-        str(latest_version)) else version, release)
+        str(latest_version)) else version, release, hub=hub)
     if base is None or base is UNKNOWN:
         raise LineageError(
             f"release {release} ({version}) is {describe_base(manifest)}, but {target} already has versions (latest "

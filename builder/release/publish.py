@@ -290,7 +290,7 @@ def publish_hub(
     latest_version, latest_manifest = _hub_latest_manifest(api, repo_id, tags)
     try:
         lineage.check_publish_base(manifest_mod.read_manifest(release), latest_version, latest_manifest,
-                                   release=release, target=repo_id)
+                                   release=release, target=repo_id, hub=True)
     except LymphAtlasError as e:
         raise PublishError(f"{e}; nothing was sent to {repo_id}") from e
     info = api.create_commit(
