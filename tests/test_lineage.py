@@ -513,6 +513,16 @@ def test_release_repo_id_builds_on_the_hub_repos_newest_tag(year, tmp_path, monk
     with pytest.raises(PublishError, match="latest version of org/lymphatlas is 1.5.0") as refused:
         publish_hub(tmp_path / "r", "org/lymphatlas", api=_HubRepo(mirror, VERSIONS[:6]))
     assert "--version 1.5.1 --repo-id org/lymphatlas" in str(refused.value)
+    # a repo whose splits.json is not the one its manifest lists: no base to trust, nothing built
+    from builder.release.lineage import LineageError
+
+    shutil.copytree(mirror / "1.4.0", tmp_path / "tampered" / "1.4.0")
+    splits = tmp_path / "tampered" / "1.4.0" / "splits.json"
+    splits.write_text(splits.read_text().replace('"fold": 0', '"fold": 1', 1))
+    monkeypatch.setattr(huggingface_hub, "HfApi", _HubRepo(tmp_path / "tampered", ["1.4.0"]))
+    with pytest.raises(LineageError, match="splits.json: sha256"):
+        build_release(tmp_path / "work", tmp_path / "t", version="1.5.2", repo_id="org/lymphatlas")
+    assert not (tmp_path / "t").exists()
     # an empty repo: a first release (WORK never released)
     (tmp_path / "work" / "releases.json").unlink()
     monkeypatch.setattr(huggingface_hub, "HfApi", _HubRepo(mirror, []))
