@@ -421,13 +421,14 @@ def test_synth_first_exam_numbers_cohorts_so_they_merge(tmp_path):
 
 def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthetic_good_cohort, tmp_path):
     """An age corrected in clinical.csv: the case's images are kept as they are (not rewritten), its
-    case.json says the new age band, and both equal a convert from scratch of the corrected source."""
-    from builder.convert.align import AlignSettings
+    case.json says the new age band, and both equal a convert from scratch of the corrected source.
+    Converted with linear interpolation, the release's card and cases.csv say so."""
+    from builder.convert.align import AlignSettings, Interpolation
     from builder.convert.pipeline import ConvertSettings, convert_cohort
 
     source, _truths = synthetic_good_cohort
     shutil.copytree(source, tmp_path / "source")
-    settings = ConvertSettings(align=AlignSettings(register=False))
+    settings = ConvertSettings(align=AlignSettings(register=False, interpolation=Interpolation.LINEAR))
     work = tmp_path / "work"
     convert_cohort(tmp_path / "source", work, settings=settings, workers=1, progress=False, exams=["EX0000"])
     (case_dir,) = [p for p in (work / "cases").iterdir() if not p.name.startswith(".")]
@@ -458,6 +459,13 @@ def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthet
     again = fresh / "cases" / case_dir.name
     assert json.loads((again / "case.json").read_text()) == info
     assert {p.name: p.read_bytes() for p in again.iterdir() if p.suffix == ".gz"} == {k: v[0] for k, v in images.items()}
+
+    build_release(work, tmp_path / "release", version="1.0.0")
+    (row,) = _cases_csv(tmp_path / "release").values()
+    assert (row["interpolation"], row["settings_sha256"]) == ("linear", settings.sha256())
+    assert (row["registration"], row["registration_improved"]) == ("scanner", "False")
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "- PET resampling: linear interpolation" in card and "cubic" not in card.split("## Splits")[0]
 
 
 class _HubRepo:
