@@ -195,7 +195,7 @@ def year(tmp_path_factory):
     proc = _console("builder", "release", str(work), "r1.6.0", "--version", "1.6.0", "--mirror", "mirror",
                     "--quiet", cwd=root)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    truth["1.6.0"] = {"release_stderr": proc.stderr}
+    truth["1.6.0"] = {"release_stderr": proc.stderr, "release_stdout": proc.stdout}
     proc = _console("builder", "publish", "r1.6.0", "--mirror", "mirror", cwd=root)
     assert proc.returncode == 0, proc.stderr
     return root, truth
@@ -262,6 +262,7 @@ def test_each_change_of_the_year_is_in_its_changelog_with_its_fields(year):
     assert not any(d["1.6.0"][k] for k in ("added", "removed", "content", "fields"))
     assert "Update of 1.5.0: 0 added, 0 removed, 0 changed, 0 with metadata changes." in _section(changelog, "1.6.0")
     assert "warning: release 1.6.0 has no change from 1.5.0" in truth["1.6.0"]["release_stderr"]
+    assert "metadata changed 0; built on 1.5.0)" in truth["1.6.0"]["release_stdout"]
 
 
 def test_every_config_and_split_the_cards_list_loads_and_an_emptied_one_is_announced(year):

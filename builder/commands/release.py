@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     changes = summary.changes
     print(
         f"release {summary.version}: {summary.n_cases} cases in {len(summary.shards)} shards at {summary.path} "
-        f"(added {len(changes.added)}, removed {len(changes.removed)}, changed {len(changes.changed)})"
+        f"(added {len(changes.added)}, removed {len(changes.removed)}, changed {len(changes.changed)}, "
+        f"metadata changed {len(changes.metadata)}" + (f"; built on {summary.base_version})" if summary.base_version
+                                                       else "; a first release)")
     )
     if summary.base_version is not None and summary.unchanged:
         print(f"warning: release {summary.version} has no change from {summary.base_version} (no case added, removed "
