@@ -218,9 +218,13 @@ def generate_cohort(
     variants: str | dict | Sequence[dict] | None = None,
     overwrite: bool = False,
     progress: Callable[[Iterable], Iterable] | None = None,
+    first_exam: int = 0,
 ) -> list[ExamTruth]:
     """Write a synthetic cohort of ``n_exams`` exams into ``out`` and its truth into ``truth_dir``.
 
+    Exams are numbered from ``EX<first_exam>`` (``EX0000`` by default), so cohorts written with
+    other seeds and ``first_exam`` values merge into one source without renaming (the UIDs derive
+    from the seed and the exam id, so merged cohorts share none).
     ``truth_dir`` defaults to ``out/truth``. ``out`` must be empty or absent unless ``overwrite``.
     See the module docstring for sizes and variant keys.
 
@@ -231,6 +235,8 @@ def generate_cohort(
     """
     if n_exams < 1:
         raise ValueError(f"n_exams must be at least 1, got {n_exams}")
+    if first_exam < 0:
+        raise ValueError(f"first_exam must be 0 or more, got {first_exam}")
     size = Size(size)
     out = Path(out)
     truth_dir = Path(truth_dir) if truth_dir is not None else out / "truth"
@@ -244,7 +250,7 @@ def generate_cohort(
         indices = progress(indices)
     for i in indices:
         patient, exam_index = assignments[i]
-        exam_id = f"EX{i:04d}"
+        exam_id = f"EX{first_exam + i:04d}"
         t = generate_exam(
             out, truth_dir, exam_id=exam_id, seed=seed, index=i, size=size, patient=patient,
             exam_index=exam_index, variant=chosen[i],

@@ -19,6 +19,10 @@ import numpy as np
 from lymphatlas_ds.schema import SCHEMA_VERSION
 
 
+FAKE_SETTINGS_SHA256 = hashlib.sha256(b"fake-work default settings").hexdigest()
+"""The ``source.settings_sha256`` of every fake case (convert records the sha256 of its settings there)."""
+
+
 @dataclass
 class FakeCase:
     case_id: str
@@ -55,13 +59,19 @@ def make_fake_work(
     spacing_xyz: tuple[float, float, float] = (2.0, 2.0, 3.0),
     case_prefix: str = "LA",
     first_patient: int = 0,
+    exam_prefix: str = "EXAM",
+    volume_seed: int | None = None,
 ) -> list[FakeCase]:
     """Write ``n_patients`` patients (some with two exams) as aligned cases under ``work``.
+
+    Patient ``p`` is subject ``LP-<p><seed>``: a second call with the same seed, an earlier
+    ``first_patient`` and another ``case_prefix`` and ``exam_prefix`` adds new exams of known patients
+    (give another ``volume_seed``, default ``seed``, or their volumes repeat the first call's).
 
     Example:
         >>> cases = make_fake_work(tmp_path / "work", n_patients=4)  # doctest: +SKIP
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if volume_seed is None else volume_seed)
     work = Path(work)
     (work / "cases").mkdir(parents=True, exist_ok=True)
     (work / "private").mkdir(parents=True, exist_ok=True)
@@ -80,7 +90,7 @@ def make_fake_work(
             _write_case(work / "cases" / case_id, ct, pet, label, affine, case_json)
             diagnosis = case_json["clinical"]["diagnosis"]
             cases.append(FakeCase(case_id, subject_id, diagnosis, ct, pet, label, affine, case_json))
-            id_rows.append((f"EXAM{p:04d}{e}", f"PAT{p:04d}", case_id, subject_id))
+            id_rows.append((f"{exam_prefix}{p:04d}{e}", f"PAT{p:04d}", case_id, subject_id))
     _append_id_map(work / "private" / "id_map.csv", id_rows)
     failures = work / "failures.json"
     if not failures.exists():
@@ -144,7 +154,8 @@ def _case_json(case_id: str, subject_id: str, p: int, e: int, ct: np.ndarray, pe
             "items": [],
         },
         "qc": {"passed": True, "checks": []},
-        "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti"},
+        "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti",
+                   "settings_sha256": FAKE_SETTINGS_SHA256},
         "content_hash": content.hexdigest(),
     }
 
@@ -179,6 +190,7 @@ def _alignment() -> dict:
         },
         "shift_mm": 1.1,
         "seed": 0,
+        "interpolation": "bounded-cubic",
     }
 
 

@@ -389,6 +389,11 @@ def test_exam_without_misalignment_is_moved_less_than_half_a_millimetre(tmp_path
 # --- reliability: infrastructure errors, rejections, withdrawal, locks, bad SOURCE -------------------
 
 
+_REIMAGE = pipeline.ConvertSettings(gzip_level=2)
+"""Settings that change every exam's image hash, so a changed exam goes through the image pipeline
+again (a changed clinical row alone re-writes its case.json only: stage ``metadata``)."""
+
+
 def _source_view(cohort, dst: Path, *, drop: tuple[str, ...] = (), age_of: str | None = None, years: int = 1) -> Path:
     """A source that shares the cohort's DICOM and masks through symlinks (no copy), without the exams
     ``drop`` and with the age of ``age_of`` raised by ``years`` (its source hash changes)."""
@@ -439,7 +444,7 @@ def test_a_full_disk_during_a_reconvert_keeps_the_earlier_case_and_its_id_map_ro
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(case_mod, "write_nifti", full_disk)
-    summary = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False)
+    summary = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False, settings=_REIMAGE)
     (result,) = summary.results
     assert result.status is pipeline.Status.FAILED and result.stage == "write", result
     assert "No space left" in result.reason and exam_id in result.reason and "ct.nii.gz" in result.reason
@@ -452,7 +457,8 @@ def test_a_full_disk_during_a_reconvert_keeps_the_earlier_case_and_its_id_map_ro
     assert failure["kind"] == "failed" and failure["stage"] == "write"
     # disk space back: the rerun converts the changed exam into the same case id
     monkeypatch.undo()
-    (again,) = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False).results
+    (again,) = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False,
+                                       settings=_REIMAGE).results
     assert again.status is pipeline.Status.CONVERTED and again.case_id == case_id
     assert exam_id not in {f["exam_id"] for f in json.loads((work / "failures.json").read_text())}
 
@@ -606,7 +612,7 @@ def test_an_interrupt_keeps_every_case_and_lists_the_unfinished_exams(cohort, tm
 
     monkeypatch.setattr(lesions, "lesion_statistics", ctrl_c)  # Ctrl-C while the changed exam converts
     with pytest.raises(KeyboardInterrupt):
-        pipeline.convert_cohort(source, work, exams=exams, workers=1, progress=False)
+        pipeline.convert_cohort(source, work, exams=exams, workers=1, progress=False, settings=_REIMAGE)
     assert {p.name: (p / "case.json").read_bytes() for p in (work / "cases").iterdir()} == before
     assert pipeline.read_id_map(work) == cohort["id_map"]
     failures = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}

@@ -179,9 +179,14 @@ def test_the_hub_copy_verifies_as_committed(releases, tmp_path):
 class RecordingApi:
     """Stands in for HfApi at the network boundary: records the calls publish_hub makes."""
 
-    def __init__(self, files=(), tags=()):
+    def __init__(self, files=(), tags=(), manifests=None):
         self.calls: list[tuple[str, dict]] = []
         self.files, self.tags = list(files), list(tags)
+        self.manifests = dict(manifests or {})  # tag -> the manifest.json committed under it
+
+    def hf_hub_download(self, repo_id, filename, **kw):
+        self.calls.append(("hf_hub_download", {"repo_id": repo_id, "filename": filename, **kw}))
+        return str(self.manifests[kw["revision"]])
 
     def create_repo(self, repo_id, **kw):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
@@ -203,16 +208,17 @@ class RecordingApi:
 
 
 def test_publish_hub_commits_then_tags_that_commit(releases):
-    api = RecordingApi(files=[".gitattributes", "data/nhl/test-00000-of-00009.parquet"], tags=["v1.0.0"])
+    api = RecordingApi(files=[".gitattributes", "data/nhl/test-00000-of-00009.parquet"], tags=["v1.0.0"],
+                       manifests={"v1.0.0": releases / "r100" / "manifest.json"})
     plan = publish_hub(releases / "r110", "org/lymphatlas", api=api)
     names = [name for name, _ in api.calls]
-    assert names == ["create_repo", "list_repo_files", "list_repo_refs", "create_commit", "create_tag"]
-    commit = api.calls[3][1]
+    assert names == ["create_repo", "list_repo_files", "list_repo_refs", "hf_hub_download", "create_commit", "create_tag"]
+    commit = api.calls[4][1]
     assert commit["repo_type"] == "dataset" and commit["operations"] is plan.operations
     assert "data/nhl/test-00000-of-00009.parquet" in [
         op.path_in_repo for op in commit["operations"] if isinstance(op, CommitOperationDelete)
     ]
-    assert api.calls[4][1] == {
+    assert api.calls[5][1] == {
         "repo_id": "org/lymphatlas",
         "tag": "v1.1.0",
         "revision": "c0ffee",

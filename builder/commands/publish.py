@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lymphatlas_ds.manifest import verify_release
 
-    from builder.release.publish import publish_hub, publish_mirror
+    from builder.release.publish import already_published, publish_hub, publish_mirror
 
     if args.mirror is None and args.repo_id is None:
         print("error: give --mirror DIR and/or --repo-id ORG/NAME", file=sys.stderr)
@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
             guard_mirror(args.release, args.mirror)
             version = verify_release(args.release)["version"]
             print(f"would copy {args.release} to {args.mirror / version} and list {version} in {args.mirror / 'versions.json'}")
+        elif (same := already_published(args.release, args.mirror)) is not None:
+            publish_mirror(args.release, args.mirror, wait_for_lock=args.wait)  # checks the copy; changes nothing
+            print(f"warning: version {same} is already published in {args.mirror} with the same manifest: nothing "
+                  "changed (a no-op publish)", file=sys.stderr)
         else:
             print(f"published {publish_mirror(args.release, args.mirror, wait_for_lock=args.wait)}")
     if args.repo_id is not None:

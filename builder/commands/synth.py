@@ -1,4 +1,4 @@
-"""`python -m builder synth OUT --exams N --seed S [--size small|full] [--truth DIR] [--variants all]`."""
+"""`python -m builder synth OUT --exams N --seed S [--first-exam N] [--size small|full] [--truth DIR] [--variants all]`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None,
                         help="'all' cycles every vendor/timing/storage/bad variant over the exams; a JSON object or "
                              "list of objects sets variant keys (see lymphatlas_synth/cohort.py); default: good exams only")
+    parser.add_argument("--first-exam", type=int, default=0, metavar="N",
+                        help="number the exams from EX<N> (default 0), so cohorts of other seeds merge without renaming")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort in OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         truths = generate_cohort(args.out, n_exams=args.exams, seed=args.seed, size=args.size, truth_dir=args.truth,
-                                 variants=variants, overwrite=args.overwrite, progress=progress)
+                                 variants=variants, overwrite=args.overwrite, progress=progress,
+                                 first_exam=args.first_exam)
     except ValueError as e:  # a bad --exams or --variants value: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

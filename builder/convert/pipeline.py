@@ -99,6 +99,10 @@ class ConvertSettings:
     def to_dict(self) -> dict:
         return {"align": self.align.to_dict(), "gzip_level": self.gzip_level, "builder_version": BUILDER_VERSION}
 
+    def sha256(self) -> str:
+        """sha256 of :meth:`to_dict` (``case.json`` source.settings_sha256, the release's provenance)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class ExamJob:
@@ -179,20 +183,34 @@ def source_hash(job: ExamJob) -> str:
     Every file named as the exam's mask counts (:func:`builder.convert.labels.mask_files`): a second
     mask added beside the first changes the hash, so the exam is converted again (and rejected).
     """
+    return source_hashes(job)[0]
+
+
+def source_hashes(job: ExamJob) -> tuple[str, str]:
+    """:func:`source_hash` and the image hash (the same without the clinical row), in one read of the files.
+
+    Two sources with the same image hash give the same voxels: a changed clinical row alone (a
+    corrected diagnosis, an exam renumbered) re-writes the case's metadata, not its images.
+    """
     from builder.convert.labels import mask_files
 
-    h = hashlib.sha256()
+    h, images = hashlib.sha256(), hashlib.sha256()
     exam_dir = job.source / "dicom" / job.exam_id
     files = sorted(p for p in exam_dir.rglob("*") if p.is_file())
     files += [path for path, _ in mask_files(job.source / "masks", job.exam_id)]
     for path in files:
-        h.update(str(path.relative_to(job.source)).encode() + b"\0")
+        name = str(path.relative_to(job.source)).encode() + b"\0"
+        h.update(name)
+        images.update(name)
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+                images.update(block)
     h.update((job.clinical.hash_text() if job.clinical else "").encode())
-    h.update(json.dumps(job.settings.to_dict(), sort_keys=True).encode())
-    return h.hexdigest()
+    settings = json.dumps(job.settings.to_dict(), sort_keys=True).encode()
+    h.update(settings)
+    images.update(settings)
+    return h.hexdigest(), images.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +363,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     stages.start("discover")
     _check_job(job, exam_dir, result)
     stages.start("hash")
-    src_hash = source_hash(job)
-    if _unchanged(job, src_hash, result):
+    src_hash, image_hash = source_hashes(job)
+    if _unchanged(job, src_hash, result) or _metadata_only(job, src_hash, image_hash, result):
         return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
@@ -373,7 +391,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     qc.require_passed(checks, exam_id=exam_id)
     stages.start("deid")
     geometry_ras = affine_ras(ct)
-    case_json = _case_json(job, exam, ct, ct_arr.shape, geometry_ras, src_hash, mask_format,
+    case_json = _case_json(job, exam, ct, ct_arr.shape, geometry_ras, (src_hash, image_hash), mask_format,
                            ct_meta=ct_meta, pet_meta=pet_meta, conv=conv, aligned=aligned, stats=stats,
                            qc_summary=qc.summary(checks))
     leak_check = _leak_check(job, exam)
@@ -424,6 +442,35 @@ def _unchanged(job: ExamJob, src_hash: str, result: ExamResult) -> bool:
     return False
 
 
+def _metadata_only(job: ExamJob, src_hash: str, image_hash: str, result: ExamResult) -> bool:
+    """Re-write only case.json's clinical block when the images and the patient are those of the earlier case.
+
+    True (the result marked CONVERTED at stage ``metadata``) when the earlier case recorded the same
+    image hash (:func:`source_hashes`) and the same subject: its voxels would come out identical.
+    """
+    if not job.previous_case_id:
+        return False
+    from builder.convert import deid
+    from builder.convert.case import read_case_json
+    from lymphatlas_ds.errors import SchemaError
+
+    folder = job.work / "cases" / job.previous_case_id
+    try:
+        old = read_case_json(folder)
+    except SchemaError:
+        return False
+    subject = deid.make_subject_id(job.key, job.clinical.patient_id)
+    if (old.get("source") or {}).get("image_sha256") != image_hash or old.get("subject_id") != subject:
+        return False
+    info = {**old, "clinical": job.clinical.published(), "source": {**old["source"], "content_hash": src_hash}}
+    write_atomic(folder / CASE_JSON, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    result.status, result.case_id, result.subject_id, result.stage = (
+        Status.CONVERTED, job.previous_case_id, subject, "metadata")
+    logger.info("exam %s: clinical row changed, images unchanged: case.json of %s re-written (metadata only)",
+                job.exam_id, job.previous_case_id)
+    return True
+
+
 def _lesion_label(job: ExamJob, exam: Any, ct: Any, body: np.ndarray) -> tuple[np.ndarray, Any]:
     """The lesion mask on the CT grid (masks/<exam>.nii.gz or a DICOM SEG), checked inside the body; its format."""
     from builder.convert import labels
@@ -438,7 +485,7 @@ def _lesion_label(job: ExamJob, exam: Any, ct: Any, body: np.ndarray) -> tuple[n
 
 
 def _case_json(job: ExamJob, exam: Any, ct: Any, shape_zyx: tuple[int, ...], geometry_ras: np.ndarray,
-               src_hash: str, mask_format: Any, *, ct_meta: Any, pet_meta: Any, conv: Any, aligned: Any,
+               hashes: tuple[str, str], mask_format: Any, *, ct_meta: Any, pet_meta: Any, conv: Any, aligned: Any,
                stats: dict, qc_summary: dict) -> dict[str, Any]:
     """The case.json of a converted exam (docs/contracts.md section 3): de-identified ids, scrubbed headers."""
     from builder.convert import deid
@@ -461,7 +508,8 @@ def _case_json(job: ExamJob, exam: Any, ct: Any, shape_zyx: tuple[int, ...], geo
         "alignment": aligned.record,
         "lesions": stats,
         "qc": qc_summary,
-        "source": {"content_hash": src_hash, "mask_format": mask_format.value},
+        "source": {"content_hash": hashes[0], "image_sha256": hashes[1], "mask_format": mask_format.value,
+                   "settings_sha256": job.settings.sha256()},
     }
 
 

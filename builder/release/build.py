@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -31,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,17 +47,21 @@ from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import target_lock, work_lock
 from lymphatlas_ds._target import RELEASE, RELEASE_LAYOUT, check_target
 from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.lineage import BASE_KEY, base_record
 from lymphatlas_ds.manifest import CASES_CSV, CHANGELOG_NAME
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
 
 from builder import __version__ as BUILDER_VERSION
 from builder.convert.case import CaseFileError, load_case, read_volumes
-from builder.release import card, shards, splits
+from builder.release import card, lineage, shards, splits
+from builder.release import changes as changes_mod
+from builder.release import provenance
 
 log = logging.getLogger(__name__)
 
-CSV_EXTRA_COLUMNS = ("shard",)
-"""Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case."""
+CSV_EXTRA_COLUMNS = ("shard", *provenance.PROVENANCE_COLUMNS)
+"""Columns of metadata/cases.csv beyond METADATA_COLUMNS: the shard file that holds the case, then how
+the case was made (builder/release/provenance.py)."""
 
 _SUBTYPE_CODES = frozenset(s.value for s in Subtype)
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
@@ -275,6 +281,15 @@ class CaseChanges:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
+    metadata: tuple[str, ...] = ()  # same content, other metadata or provenance (builder/release/changes.py)
+    details: Mapping[str, str] = field(default_factory=dict)  # case id -> what changed, old -> new
+    moved: tuple[str, ...] = ()  # published cases that changed split or fold (never, by construction)
+    emptied: tuple[str, ...] = ()  # "config/split" pairs that held cases in the base and hold none now
+
+    @property
+    def none(self) -> bool:
+        """Nothing added, removed, changed in content or in metadata."""
+        return not (self.added or self.removed or self.changed or self.metadata or self.emptied)
 
 
 def compare_cases(previous: Mapping[str, str], current: Mapping[str, str]) -> CaseChanges:
@@ -317,16 +332,20 @@ def changelog_section(
     if previous_version is None:
         lines.append(f"First release: {after['cases']} cases of {after['patients']} patients.")
     else:
+        moved = (f"{len(changes.moved)} published case(s) changed split or fold." if changes.moved
+                 else "No published case changed split or fold.")
         lines.append(
             f"Update of {previous_version}: {len(changes.added)} added, {len(changes.removed)} removed, "
-            f"{len(changes.changed)} changed. No published case changed split or fold."
+            f"{len(changes.changed)} changed, {len(changes.metadata)} with metadata changes. {moved}"
         )
     lines += [
         "",
         f"- added ({len(changes.added)}): {listing(changes.added)}",
         f"- removed ({len(changes.removed)}): {listing(changes.removed)}",
         f"- changed ({len(changes.changed)}): {listing(changes.changed)}",
+        f"- metadata changed ({len(changes.metadata)}): {listing(changes.metadata)}",
         "",
+        *changes_mod.render_details(changes.details, list(changes.emptied)),
     ]
     if before is not None:
         lines += [f"| statistic | {previous_version} | {version} |", "|---|---:|---:|"]
@@ -366,6 +385,12 @@ class ReleaseSummary:
     shards: tuple[shards.ShardInfo, ...]
     changes: CaseChanges
     statistics: Mapping[str, Any] = field(default_factory=dict)
+    base_version: str | None = None
+
+    @property
+    def unchanged(self) -> bool:
+        """An update with no change at all from its base (the release CLI warns)."""
+        return self.base_version is not None and self.changes.none
 
 
 def _gone_cases(work: Path) -> dict[str, str]:
@@ -392,7 +417,10 @@ def _previous_release(previous: str | Path | None, version: str) -> dict[str, An
         except (json.JSONDecodeError, KeyError) as e:
             raise ReleaseError(f"{versions} has no 'latest' version ({e}); pass the version folder as --previous") from e
         prev = prev / latest
-    prev_manifest = manifest_mod.verify_release(prev, check_sha256=False)
+    if (prev / lineage.HUB_BASE_MARK).is_file():  # a Hub base without shards, its files checked by fetch_hub_base
+        prev_manifest = manifest_mod.read_manifest(prev)
+    else:
+        prev_manifest = manifest_mod.verify_release(prev, check_sha256=False)
     if parse_version(version) <= parse_version(prev_manifest["version"]):
         raise ReleaseError(f"version {version} must be newer than the previous release's {prev_manifest['version']}")
     changelog = prev / CHANGELOG_NAME
@@ -418,6 +446,8 @@ def build_release(
     workers: int = 2,
     keep_gone: bool = False,
     wait_for_lock: bool = False,
+    mirror: str | Path | None = None,
+    repo_id: str | None = None,
 ) -> ReleaseSummary:
     """Build the release folder ``release_dir`` from the aligned cases of ``work``.
 
@@ -427,6 +457,9 @@ def build_release(
     id as it is written (the CLI's progress bar); ``workers`` cases are read and encoded ahead in
     threads (each holds about one case's voxels twice in memory: 1 GiB at 512x512x300).
 
+    ``mirror`` is the local mirror the release is for: the update is built on its latest version
+    (``previous``, if given too, must be that version); ``repo_id`` the same for a Hub dataset repo
+    (its newest tag's metadata is fetched); see :mod:`builder.release.lineage`.
     ``keep_gone`` releases cases whose exam is gone from the source (refused by default). WORK and
     the target are locked for the build; another build or convert is refused, or waited for with
     ``wait_for_lock``. A write error (a full disk) raises :class:`ReleaseError` naming the path;
@@ -444,7 +477,7 @@ def build_release(
         try:
             return _build_release(work, release_dir, version=version, previous=previous, seed=seed,
                                   overwrite=overwrite, shard_max_bytes=shard_max_bytes, on_case=on_case,
-                                  workers=workers, keep_gone=keep_gone)
+                                  workers=workers, keep_gone=keep_gone, mirror=mirror, repo_id=repo_id)
         except OSError as e:
             where = e.filename or release_dir
             raise ReleaseError(
@@ -455,13 +488,18 @@ def build_release(
 
 def _build_release(work: Path, release_dir: Path, *, version: str, previous: str | Path | None, seed: int,
                    overwrite: bool, shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
-                   keep_gone: bool) -> ReleaseSummary:
+                   keep_gone: bool, mirror: str | Path | None = None, repo_id: str | None = None) -> ReleaseSummary:
     _check_target(release_dir, overwrite=overwrite)
-    prev = _previous_release(previous, version)
+    with tempfile.TemporaryDirectory(prefix=".lymphatlas-base-") as scratch:  # a Hub base's metadata
+        base = lineage.resolve_base(previous, mirror, work, version, repo_id=repo_id, scratch=Path(scratch))
+        prev = _previous_release(base, version)
     if prev is not None and prev["splits"].get("seed") not in (None, seed):
         log.info("reusing the previous release's split seed %s", prev["splits"]["seed"])
         seed = int(prev["splits"]["seed"])
     cases = _releasable_cases(work, keep_gone=keep_gone)
+    if prev is not None:
+        lineage.check_related(prev["splits"]["cases"], {c.subject_id for c in cases}, work=work,
+                              base_version=prev["manifest"]["version"], mirror_hint=repo_id or mirror or prev["path"])
     split_cases = [
         splits.SplitCase(c.case_id, c.subject_id, c.diagnosis, float((c.info.get("lesions") or {}).get("tmtv_ml") or 0.0))
         for c in cases
@@ -475,13 +513,16 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
     try:
         rows, hashes, written = _write_data(staging, {c.case_id: c for c in cases}, placements,
                                             shard_max_bytes=shard_max_bytes, on_case=on_case, workers=workers)
-        changes, stats = _write_metadata(staging, rows, hashes, written, placements, prev, version=version, seed=seed)
+        changes, stats = _write_metadata(staging, rows, hashes, written, placements, prev, version=version, seed=seed,
+                                         removed_reasons=changes_mod.read_withdrawals(work))
         _swap_into_place(staging, release_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    lineage.record_release(work, manifest_mod.read_manifest(release_dir))
     log.info("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
-    return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats)
+    return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats,
+                          base_version=prev["manifest"]["version"] if prev else None)
 
 
 def work_source(work: Path) -> Path | None:
@@ -536,7 +577,7 @@ def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str
             f"case {case.case_id}: the voxels of {case.folder} do not match case.json content_hash "
             "(a file changed after convert, or a corrupt copy): re-run convert for this case"
         )
-    row = metadata_row(case, placement, digest)
+    row = {**metadata_row(case, placement, digest), **provenance.case_provenance(case.info)}
     cells = {n: codec.encode_volume(arrays[n], affine, codec.cell_path(case.case_id, n)) for n in IMAGE_COLUMNS}
     return row, cells
 
@@ -594,7 +635,8 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
 
 def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str, str],
                     written: list[shards.ShardInfo], placements: dict[str, splits.Placement],
-                    prev: dict[str, Any] | None, *, version: str, seed: int) -> tuple[CaseChanges, dict[str, Any]]:
+                    prev: dict[str, Any] | None, *, version: str, seed: int,
+                    removed_reasons: Mapping[str, str] | None = None) -> tuple[CaseChanges, dict[str, Any]]:
     """Write cases.csv, splits.json, CHANGELOG.md, the card (README.md) and, last, manifest.json."""
     write_atomic(staging / CASES_CSV, cases_csv(rows), fsync=True)
     doc = splits.splits_document(placements, version=version, seed=seed)
@@ -602,6 +644,8 @@ def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str,
 
     stats = release_statistics(rows)
     changes = compare_cases(prev["manifest"]["cases"] if prev else {}, hashes)
+    if prev:
+        changes = _detailed(changes, prev, rows, removed_reasons)
     section = changelog_section(
         version,
         changes,
@@ -618,12 +662,30 @@ def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str,
         changelog=changelog_text,
         seed=seed,
         n_folds=doc["n_folds"],
+        provenance=provenance.summarise(rows),
     )
     write_atomic(staging / "README.md", readme, fsync=True)
 
     manifest = manifest_mod.build_manifest(staging, version=version, builder_version=BUILDER_VERSION, cases=hashes)
+    manifest[BASE_KEY] = base_record(prev["manifest"] if prev else None)
     write_atomic(staging / manifest_mod.MANIFEST_NAME, manifest_mod.dumps(manifest), fsync=True)
     return changes, stats
+
+
+def _detailed(changes: CaseChanges, prev: dict[str, Any], rows: list[dict[str, Any]],
+              removed_reasons: Mapping[str, str] | None) -> CaseChanges:
+    """``changes`` with the per-case fields (old -> new), the moved cases and the emptied configs (changes.py)."""
+    from lymphatlas_ds.lineage import moved_cases
+
+    details = changes_mod.case_details(prev["rows"], rows, removed_reasons=removed_reasons or {})
+    now = {r["case_id"]: {"split": r["split"], "fold": r["fold"]} for r in rows}
+    return dataclasses.replace(
+        changes,
+        metadata=changes_mod.metadata_changed(details, changes.changed, changes.removed),
+        details=details,
+        moved=tuple(m.split(":")[0] for m in moved_cases(prev["splits"]["cases"], now)),
+        emptied=tuple(changes_mod.emptied_configs(prev["rows"], rows)),
+    )
 
 
 def _swap_into_place(staging: Path, release_dir: Path) -> None:

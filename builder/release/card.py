@@ -314,12 +314,14 @@ def render_card(
     template_path: str | Path = TEMPLATE_PATH,
     repo_id: str | None = None,
     n_folds: int = schema.N_FOLDS,
+    provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """The README.md text of a release: front matter + the template's prose with this release's figures.
 
     Deterministic: nothing depends on the clock (the citation year comes from the template).
     ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`). ``n_folds``:
-    the release's fold count (``splits.json``; fewer than ``N_FOLDS`` in a small release).
+    the release's fold count (``splits.json``; fewer than ``N_FOLDS`` in a small release). ``provenance``
+    is :func:`builder.release.provenance.summarise` of the release's rows (what convert used).
     """
     data = card_data(statistics, shards)
     card = DatasetCard.from_template(
@@ -343,6 +345,7 @@ def render_card(
         folder=schema.RELEASE_FOLDER_NAME,
         metadata_columns=list(schema.METADATA_COLUMNS),
         usage=usage_section(version=version, repo_id=repo_id),
+        provenance=provenance or {},
     )
     text = str(card)
     return text if text.endswith("\n") else text + "\n"

@@ -50,7 +50,7 @@ from lymphatlas_ds._lock import LOCK_NAME, folder_lock
 from lymphatlas_ds._target import MIRROR, MIRROR_LAYOUT, check_target
 from lymphatlas_ds.errors import LymphAtlasError
 
-from builder.release import card
+from builder.release import card, lineage
 from builder.release.build import parse_version
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ def publish_mirror(release: str | Path, mirror: str | Path, *, wait_for_lock: bo
         PosixPath('mirror/1.0.0')
     """
     release, mirror = Path(release), Path(mirror)
-    guard_mirror(release, mirror)
+    same = already_published(release, mirror)
+    if same is None or release.resolve() != (mirror / same).resolve():
+        guard_mirror(release, mirror)  # a mirror's own version published again is a no-op, checked, not refused
     try:
         return _publish_mirror(release, mirror, wait_for_lock)
     except OSError as e:
@@ -140,8 +142,10 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
                     f"version {version} is already published in {mirror} with other content; a published version "
                     "never changes: build the release with a new --version"
                 )
-            log.info("version %s is already in %s with the same manifest: nothing to copy", version, mirror)
+            log.warning("version %s is already in %s with the same manifest: nothing to copy, nothing changed",
+                        version, mirror)
         else:
+            _check_mirror_base(manifest, release, mirror)
             staging = mirror / f".{version}.partial"
             if staging.exists():
                 shutil.rmtree(staging)  # left by an interrupted publish
@@ -158,13 +162,50 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
         versions = sorted({*listing.get("versions", []), version}, key=parse_version)
         versions = [v for v in versions if (mirror / v / manifest_mod.MANIFEST_NAME).is_file()]
         versions_doc = {"latest": versions[-1], "versions": versions}
-        write_atomic(mirror / VERSIONS_NAME, json.dumps(versions_doc, indent=2) + "\n", fsync=True)
+        versions_text = json.dumps(versions_doc, indent=2) + "\n"
+        versions_path = mirror / VERSIONS_NAME
+        if not versions_path.is_file() or versions_path.read_text() != versions_text:  # a no-op publish writes nothing
+            write_atomic(versions_path, versions_text, fsync=True)
         root_card = card.mirror_readme(mirror, versions)
         card_path = mirror / MIRROR_CARD_NAME
         if not card_path.is_file() or card_path.read_text(encoding="utf-8") != root_card:
             write_atomic(card_path, root_card, fsync=True)
         log.info("published %s to %s", version, target)
     return target
+
+
+def _check_mirror_base(manifest: dict[str, Any], release: Path, mirror: Path) -> None:
+    """Refuse a release whose recorded base is not the mirror's latest version (:mod:`builder.release.lineage`)."""
+    try:
+        latest = lineage.mirror_latest(mirror)
+        lineage.check_publish_base(manifest, latest.version, latest.manifest, release=release, target=str(mirror))
+    except LymphAtlasError as e:
+        raise PublishError(f"{e}; {mirror} is unchanged") from e
+
+
+def already_published(release: str | Path, mirror: str | Path) -> str | None:
+    """The version of ``release`` when the mirror holds it already with the same manifest (a no-op publish), else None."""
+    try:
+        manifest = manifest_mod.read_manifest(release)
+        target = Path(mirror) / str(manifest["version"])
+        if (target / manifest_mod.MANIFEST_NAME).is_file() and manifest_mod.read_manifest(target) == manifest:
+            return str(manifest["version"])
+    except LymphAtlasError:
+        return None  # publish_mirror reports it
+    return None
+
+
+def _hub_latest_manifest(api: HfApi, repo_id: str, tags: set[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """The newest ``v<X.Y.Z>`` tag of the repo and the manifest.json committed under it."""
+    tag = lineage.newest_tag(tags)
+    if tag is None:
+        return None, None
+    try:
+        path = api.hf_hub_download(repo_id, manifest_mod.MANIFEST_NAME, repo_type="dataset", revision=tag)
+        return tag.removeprefix("v"), json.loads(Path(path).read_text())
+    except (OSError, ValueError, HfHubHTTPError, _HTTP_CLIENT_ERROR) as e:
+        raise PublishError(f"cannot read {manifest_mod.MANIFEST_NAME} of {repo_id} at tag {tag} ({e}): the base of "
+                           "this release cannot be checked against the repo's latest version; nothing was sent") from e
 
 
 @dataclass
@@ -258,6 +299,12 @@ def publish_hub(
         raise PublishError(
             f"{repo_id} already has tag {plan.tag}: a published version never changes; build a new --version"
         )
+    latest_version, latest_manifest = _hub_latest_manifest(api, repo_id, tags)
+    try:
+        lineage.check_publish_base(manifest_mod.read_manifest(release), latest_version, latest_manifest,
+                                   release=release, target=repo_id, hub=True)
+    except LymphAtlasError as e:
+        raise PublishError(f"{e}; nothing was sent to {repo_id}") from e
     info = api.create_commit(
         repo_id, operations=plan.operations, commit_message=plan.commit_message, repo_type="dataset"
     )

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -40,6 +41,8 @@ import pyarrow.parquet as pq
 
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, SHARD_MAX_BYTES
+
+from builder.release import provenance
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,7 @@ class _PartialShards:
         self.shard_cases: list[list[str]] = []
         self.writer: pq.ParquetWriter | None = None
         self.current_bytes = 0
+        self.provenance: dict[str, Any] = {}  # case id -> provenance of the current shard (key-value metadata)
 
     def _open_new(self) -> pq.ParquetWriter:
         """Start the next temporary shard."""
@@ -134,17 +138,26 @@ class _PartialShards:
         size = _row_bytes(row)
         if self.writer is None or (self.shard_cases[-1] and self.current_bytes + size > self.max_bytes):
             if self.writer is not None:
-                self.writer.close()
+                self._finish()
             self.writer = self._open_new()
             self.current_bytes = 0
         self.writer.write_table(_row_table(row, self.schema), row_group_size=1)
         self.shard_cases[-1].append(row["case_id"])
+        self.provenance[row["case_id"]] = provenance.shard_entry(row)
         self.current_bytes += size
+
+    def _finish(self) -> None:
+        """Write the shard's provenance (key-value metadata) and close it."""
+        assert self.writer is not None
+        text = json.dumps(self.provenance, sort_keys=True)
+        self.writer.add_key_value_metadata({provenance.SHARD_METADATA_KEY: text})
+        self.writer.close()
+        self.provenance = {}
 
     def close(self) -> None:
         """Finish the last shard."""
         if self.writer is not None:
-            self.writer.close()
+            self._finish()
             self.writer = None
 
     def discard(self) -> None:

@@ -5,7 +5,9 @@ files; then cross-checks the manifest and the rest of the release against each o
 the shards' metadata columns, ``metadata/cases.csv`` case by case, ``CHANGELOG.md`` and the card's
 counts and configs (:func:`lymphatlas_ds.manifest.verify_all`). ``--content`` also decodes
 every case and compares its voxels with the manifest's content hash. Exit status 0 when everything
-matches, 1 when something does not (each problem is printed), 2 when the source cannot be read at all.
+matches, 1 when something does not; on a local mirror, the lineage of its versions too
+(:func:`lymphatlas_ds.lineage.check_chain`: each version built on the one before it, no shared
+case moved split or fold), 1 when it breaks (each problem is printed), 2 when the source cannot be read at all.
 """
 
 from __future__ import annotations
@@ -57,7 +59,29 @@ def run(args: argparse.Namespace) -> int:
             content = f", {len(release.manifest['cases'])} cases decoded to their content hash" if args.content else ""
             print(f"release {release.version} at {resolved.path}: {n_files} files OK ({what} match the manifest; "
                   f"splits, cases.csv, shards, changelog and card agree with it{content})")
-    return status
+    return max(status, _check_lineage(args.source))
+
+
+def _check_lineage(source: str) -> int:
+    """On a local mirror, the chain of its versions (lymphatlas_ds.lineage.check_chain): 0 when it holds, else 1."""
+    from pathlib import Path
+
+    from lymphatlas_ds.lineage import check_chain
+    from lymphatlas_ds.source import VERSIONS_NAME, list_versions
+
+    mirror = Path(source).expanduser()
+    if not (mirror / VERSIONS_NAME).is_file() or (mirror / "manifest.json").is_file():
+        return 0
+    versions = list_versions(mirror)
+    problems = check_chain(mirror, versions)
+    if not problems:
+        print(f"mirror {source}: lineage of {len(versions)} version(s) holds (each built on the one before it, "
+              "no shared case moved split or fold)")
+        return 0
+    print(f"mirror {source}: {len(problems)} lineage problem(s)")
+    for problem in problems:
+        print(f"  {problem}")
+    return 1
 
 
 def _content_problems(release) -> list[str]:
