@@ -744,14 +744,20 @@ def _run_local_pool(jobs: list[ExamJob], n_workers: int, threads: int, collect) 
                                  initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
             in_flight: dict = {}
 
-            def fill() -> None:
+            def fill() -> bool:
+                """Submit pending exams up to ``n_workers`` in flight; False when the pool is broken."""
                 while pending and len(in_flight) < n_workers:
                     job = pending.popleft()
-                    in_flight[pool.submit(convert_exam, job)] = job
+                    try:
+                        in_flight[pool.submit(convert_exam, job)] = job
+                    except BrokenProcessPool:  # a worker died after the last result came back
+                        pending.appendleft(job)
+                        return False
+                return True
 
             try:
-                fill()
-                while in_flight:
+                broken = not fill()
+                while in_flight and not broken:
                     done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                     for fut in done:
                         job = in_flight.pop(fut)
@@ -759,11 +765,10 @@ def _run_local_pool(jobs: list[ExamJob], n_workers: int, threads: int, collect) 
                             collect(fut.result())
                         except BrokenProcessPool:
                             suspects.append(job)
-                    if suspects:
-                        suspects.extend(in_flight.values())
-                        in_flight.clear()
-                        break
-                    fill()
+                    broken = bool(suspects) or not fill()
+                if broken:  # the exams still in flight ran on the broken pool: suspects too
+                    suspects.extend(in_flight.values())
+                    in_flight.clear()
             except BaseException:  # an interrupt (Ctrl-C, SIGTERM): stop the workers, keep what they finished
                 _stop_pool(pool, in_flight, collect)
                 raise
