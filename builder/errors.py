@@ -1,7 +1,13 @@
 """Errors of the builder: each names the exam, the series or file it concerns, and what to do.
 
 Every rejection of an exam is an :class:`ExamError` carrying the pipeline ``stage`` where it
-happened; ``failures.json`` records ``exam_id``, ``stage`` and ``str(error)``.
+happened; ``failures.json`` records ``exam_id``, ``kind``, ``stage`` and ``str(error)``.
+
+Two kinds of error, told apart in one place (:func:`run_fault`): a finding about the exam's content
+(kind ``exam``: the exam is rejected) and an error of the run (kind ``run``: an OSError with an errno
+such as EIO or ENOSPC, a MemoryError, a killed worker, an interrupt), which changes nothing in WORK.
+A stage that wraps whatever a reader raises into its :class:`ExamError` (``raise ReadError(...) from
+e``) needs no classification of its own: an error of the run behind it is still found.
 """
 
 from __future__ import annotations
@@ -93,3 +99,39 @@ class ClinicalError(ExamError):
     """The clinical table lacks the exam or has an invalid value."""
 
     stage = "clinical"
+
+
+class MassRetirementError(ExamError):
+    """A convert would retire (withdraw, prune, replace by a rejection) too many cases at once."""
+
+    stage = "retire"
+
+
+def run_fault(error: BaseException) -> BaseException | None:
+    """The error of the run behind ``error``, or None when ``error`` is a finding about the exam.
+
+    Follows the explicit causes (``raise X from e``) from ``error`` down: a MemoryError, or an
+    OSError carrying an errno (EIO, ENOSPC, ENOENT of a file that vanished, EACCES...), is an error
+    of the run, whichever stage wrapped it. An OSError without an errno is a reader's verdict on the
+    bytes (gzip's BadGzipFile, "cannot identify image file") and stays a finding about the content.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise OSError(5, "Input/output error")
+        ...     except Exception as e:
+        ...         raise ReadError("the file is corrupt") from e
+        ... except ExamError as err:
+        ...     type(run_fault(err)).__name__
+        'OSError'
+        >>> run_fault(ReadError("the file is corrupt")) is None
+        True
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or (isinstance(current, OSError) and current.errno is not None):
+            return current
+        current = current.__cause__
+    return None

@@ -43,6 +43,10 @@ class LockedError(LymphAtlasError):
     """Another process holds the lock of the folder this command writes."""
 
 
+class LockError(LymphAtlasError):
+    """The lock file cannot be created or written (a full disk, a read-only folder): nothing was done."""
+
+
 def holder(lock_file: str | Path) -> str:
     """What the lock file says about its holder ("PID 123 (python -m builder convert ...) since ...")."""
     try:
@@ -96,7 +100,10 @@ def _reenter(key: str) -> bool:
 def _flock(path: Path, key: str, *, what: str, wait: bool) -> Iterator[None]:
     """Hold the kernel's exclusive ``flock`` on ``path``, with this process's details written into the file."""
     # O_RDWR without O_TRUNC: opening must not wipe the holder's details before we own the lock.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _cannot_lock(path, what, e) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -107,8 +114,11 @@ def _flock(path: Path, key: str, *, what: str, wait: bool) -> Iterator[None]:
                 f"{what} is in use: {holder(path)} holds {path}. One writer at a time: wait for it to finish "
                 "and run again, or pass --wait to queue behind it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (_describe_self() + "\n").encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (_describe_self() + "\n").encode("utf-8"), 0)
+        except OSError as e:  # a full disk: the lock is ours but its holder's details cannot be written
+            raise _cannot_lock(path, what, e) from None
         with _guard:
             _held[key] = 1
         try:
@@ -120,6 +130,16 @@ def _flock(path: Path, key: str, *, what: str, wait: bool) -> Iterator[None]:
                 os.ftruncate(fd, 0)  # the lock file stays (removing it would race a waiter); empty = free
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def _cannot_lock(path: Path, what: str, error: OSError) -> LockError:
+    """The error for a lock file that cannot be created or written (a full disk, a read-only folder)."""
+    why = error.strerror or str(error)
+    fix = ("free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "fix the folder's permissions or mount" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+           "check the disk")
+    return LockError(f"cannot create or write the lock file {path} of {what}: {why} ({errno.errorcode.get(error.errno, error.errno)}); "
+                     f"nothing was changed: {fix} and run the same command again")
 
 
 @contextlib.contextmanager
@@ -153,4 +173,4 @@ def target_lock(target: str | Path, *, what: str, wait: bool = False) -> context
     return folder_lock(target.parent / f".{target.name}.lock", what=f"{what} {target}", wait=wait)
 
 
-__all__ = ["LOCK_NAME", "LockedError", "folder_lock", "holder", "target_lock", "work_lock"]
+__all__ = ["LOCK_NAME", "LockError", "LockedError", "folder_lock", "holder", "target_lock", "work_lock"]

@@ -454,7 +454,7 @@ def test_a_full_disk_during_a_reconvert_keeps_the_earlier_case_and_its_id_map_ro
     assert pipeline.read_id_map(work)[exam_id] == cohort["id_map"][exam_id]
     assert sorted(p.name for p in (work / "cases").iterdir()) == sorted(r["case_id"] for r in cohort["id_map"].values())
     failure = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}[exam_id]
-    assert failure["kind"] == "failed" and failure["stage"] == "write"
+    assert failure["kind"] == "run" and failure["stage"] == "write"
     # disk space back: the rerun converts the changed exam into the same case id
     monkeypatch.undo()
     (again,) = pipeline.convert_cohort(source, work, exams=[exam_id], workers=1, progress=False,
@@ -486,7 +486,7 @@ def test_a_rejected_changed_source_retires_the_earlier_case_and_says_so(cohort, 
     assert not (work / "cases" / case_id).exists()
     assert exam_id not in pipeline.read_id_map(work)
     failure = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}[exam_id]
-    assert failure["kind"] == "rejected" and failure["stage"] == "labels"
+    assert failure["kind"] == "exam" and failure["stage"] == "labels"
 
 
 def _run_cli(tmp_path: Path, *args: str, env: dict | None = None):
@@ -616,7 +616,7 @@ def test_an_interrupt_keeps_every_case_and_lists_the_unfinished_exams(cohort, tm
     assert {p.name: (p / "case.json").read_bytes() for p in (work / "cases").iterdir()} == before
     assert pipeline.read_id_map(work) == cohort["id_map"]
     failures = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}
-    assert {e: (failures[e]["kind"], failures[e]["stage"]) for e in exams} == {e: ("failed", "interrupted") for e in exams}
+    assert {e: (failures[e]["kind"], failures[e]["stage"]) for e in exams} == {e: ("run", "interrupted") for e in exams}
 
 
 def test_two_masks_for_one_exam_reject_that_exam_at_labels_naming_both(tmp_path) -> None:
@@ -634,7 +634,7 @@ def test_two_masks_for_one_exam_reject_that_exam_at_labels_naming_both(tmp_path)
     failures = {f["exam_id"]: f for f in json.loads((tmp_path / "work" / "failures.json").read_text())}
     assert list(failures) == ["EX0000"], failures
     failure = failures["EX0000"]
-    assert (failure["kind"], failure["stage"]) == ("rejected", "labels"), failure
+    assert (failure["kind"], failure["stage"]) == ("exam", "labels"), failure
     assert "two lesion masks" in failure["reason"], failure
     assert set(re.findall(r"EX0000\.[a-z.]*[a-z]", failure["reason"])) == {"EX0000.nii.gz", "EX0000.nii"}, failure
     id_map = pipeline.read_id_map(tmp_path / "work")

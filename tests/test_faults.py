@@ -281,7 +281,7 @@ def test_a_full_disk_keeps_every_good_case_and_the_rerun_completes(base, small_d
     assert full.returncode == 3, full.stdout + full.stderr  # 3: errors of this run, nothing lost
     assert "No space left on device" in full.stdout and "Traceback" not in full.stdout + full.stderr
     failures = {f["exam_id"]: f for f in json.loads((work / "failures.json").read_text())}
-    assert failures and all(f["kind"] == "failed" for f in failures.values()), failures
+    assert failures and all(f["kind"] == "run" for f in failures.values()), failures
     _assert_cases_whole(work, kept)
     for exam_id, case_id in kept.items():
         if exam_id in failures:  # not rewritten: exactly the earlier case
@@ -336,7 +336,7 @@ def test_a_killed_worker_is_recorded_retried_and_the_run_goes_on(base, tmp_path)
     assert dead.returncode == 3, dead.stdout + dead.stderr
     assert "BrokenProcessPool" not in dead.stderr and "Traceback" not in dead.stderr
     failures = json.loads((work / "failures.json").read_text())
-    assert [(f["exam_id"], f["kind"], f["stage"]) for f in failures] == [(victim, "failed", "worker")]
+    assert [(f["exam_id"], f["kind"], f["stage"]) for f in failures] == [(victim, "run", "worker")]
     assert "SIGKILL" in failures[0]["reason"]
     others = {e: c for e, c in base["cases"].items() if e != victim}
     _assert_cases_whole(work, others)

@@ -1,9 +1,10 @@
 """`python -m builder convert SOURCE WORK`: DICOM source -> aligned cases (docs/contracts.md section 3).
 
 Exit status: 0 every exam converted or unchanged; 1 some exam rejected (its data fail a check, see
-failures.json); 2 a usage error (bad SOURCE, WORK in use by another run); 3 some exam failed with
-an error of this run (disk full, out of memory, a killed worker): nothing was lost, rerun;
-130 interrupted (Ctrl-C): finished exams are kept, rerun resumes.
+failures.json, kind "exam"); 2 a usage error (bad SOURCE, WORK in use by another run, a run that
+would retire too many cases without --allow-mass-withdrawal); 3 some exam failed with an error of
+this run (disk full, out of memory, a killed worker; kind "run"): nothing was lost, rerun;
+130 interrupted (Ctrl-C or SIGTERM): the workers are stopped, finished exams are kept, rerun resumes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="do not write the QC report at the end")
     parser.add_argument("--prune", action="store_true",
                         help="remove the cases of exams that are gone from the source (as `python -m builder withdraw`)")
+    parser.add_argument("--allow-mass-withdrawal", action="store_true",
+                        help="let this run retire (prune, or replace by a rejection) more than 10%% of WORK's cases "
+                             "(and at least 2); without it such a run retires none and says which and why")
     parser.add_argument("--wait", action="store_true",
                         help="if another run holds WORK, wait for it instead of stopping with an error")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         summary = convert_cohort(
             args.source, args.work, settings=settings, exams=args.exams, workers=args.workers,
             scheduler=args.scheduler, progress=not args.quiet, prune=args.prune, wait_for_lock=args.wait,
+            allow_mass_retirement=args.allow_mass_withdrawal,
         )
     except KeyboardInterrupt:
         print(f"interrupted: finished exams are kept in {args.work}, the others are listed in "

@@ -126,6 +126,11 @@ def load_nifti_mask(path: Path, ct: sitk.Image, *, exam_id: str) -> np.ndarray:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
+        # ITK reports an unreadable disk and a corrupt file alike: read the bytes once more, so an I/O
+        # error (an error of the run, not of the mask) surfaces as the OSError it is.
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
         raise LabelError(f"cannot read the NIfTI mask ({e}); re-export it", exam_id=exam_id, path=path) from e
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         raise LabelError("mask is not a single-channel 3-D image", exam_id=exam_id, path=path)

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import enum
 import hashlib
@@ -45,7 +46,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,7 @@ from builder.convert.align import AlignSettings, affine_lps, affine_ras
 from builder.convert.clinical import ClinicalRecord, RejectedRow, read_clinical
 from builder.convert.deid import PRIVATE_FILE_MODE
 from builder import __version__ as BUILDER_VERSION
-from builder.errors import ExamError
+from builder.errors import ExamError, MassRetirementError, run_fault
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import work_lock
 from lymphatlas_ds.schema import CASE_JSON, SCHEMA_VERSION
@@ -73,6 +74,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ID_MAP = "id_map.csv"
+JOURNAL = "pending"
+"""``WORK/private/pending/<case_id>.json``: the id_map row of a case a worker is about to make visible
+(:func:`_journal_entry`); the parent records the row and removes the entry (:func:`_settle_journal`)."""
 FAILURES = "failures.json"
 BUILD_JSON = "build.json"
 FAULT_ENV = "LYMPHATLAS_FAULT"
@@ -87,6 +91,13 @@ class Status(str, enum.Enum):
     SKIPPED = "skipped"
     REJECTED = "rejected"  # the exam's content fails a check
     FAILED = "failed"  # an error of this run (disk, memory, a killed worker, a bug): nothing is removed
+
+
+FAILURE_KIND = {Status.REJECTED: "exam", Status.FAILED: "run"}
+"""failures.json ``kind``: ``exam`` (a finding about the exam's content) or ``run`` (an error of this run)."""
+MASS_RETIREMENT_FRACTION = 0.10
+"""A convert that would retire more than this fraction of WORK's cases, and at least 2, is refused
+unless ``allow_mass_retirement`` (``--allow-mass-withdrawal``)."""
 
 
 @dataclass(frozen=True)
@@ -177,20 +188,26 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
-def source_hash(job: ExamJob) -> str:
-    """sha256 of the exam's source files (paths and bytes), its masks, clinical row and settings.
+class SourceHashes(NamedTuple):
+    """An exam's source hashes (:func:`source_hashes`), all from one read of its files."""
+
+    content: str
+    """The source with the settings: an unchanged one is skipped (``case.json`` source.content_hash)."""
+    exam: str
+    """The source alone (files, masks, clinical row): only a change of it lets a rejection retire a case
+    (``case.json`` source.exam_hash)."""
+    images: str
+    """The files and masks with the settings, without the clinical row (``case.json`` source.image_sha256):
+    two sources with the same image hash give the same voxels, so a changed clinical row alone (a corrected
+    diagnosis, an exam renumbered) re-writes the case's metadata, not its images."""
+
+
+def source_hashes(job: ExamJob) -> SourceHashes:
+    """sha256 of the exam's source files (paths and bytes), its masks and clinical row, with and without the settings.
 
     Every file named as the exam's mask counts (:func:`builder.convert.labels.mask_files`): a second
     mask added beside the first changes the hash, so the exam is converted again (and rejected).
-    """
-    return source_hashes(job)[0]
-
-
-def source_hashes(job: ExamJob) -> tuple[str, str]:
-    """:func:`source_hash` and the image hash (the same without the clinical row), in one read of the files.
-
-    Two sources with the same image hash give the same voxels: a changed clinical row alone (a
-    corrected diagnosis, an exam renumbered) re-writes the case's metadata, not its images.
+    Other settings or another builder version change ``content`` (the exam is converted again), never ``exam``.
     """
     from builder.convert.labels import mask_files
 
@@ -207,10 +224,16 @@ def source_hashes(job: ExamJob) -> tuple[str, str]:
                 h.update(block)
                 images.update(block)
     h.update((job.clinical.hash_text() if job.clinical else "").encode())
+    exam = h.copy().hexdigest()
     settings = json.dumps(job.settings.to_dict(), sort_keys=True).encode()
     h.update(settings)
     images.update(settings)
-    return h.hexdigest(), images.hexdigest()
+    return SourceHashes(h.hexdigest(), exam, images.hexdigest())
+
+
+def source_hash(job: ExamJob) -> str:
+    """The exam's source hash with the settings (``case.json`` source.content_hash; :func:`source_hashes`)."""
+    return source_hashes(job).content
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +278,10 @@ def _injected_fault(exam_id: str) -> None:
 def convert_exam(job: ExamJob) -> ExamResult:
     """Turn one exam into an aligned case folder; never raises (errors become a rejected or failed result).
 
-    A content error (:class:`ExamError`) gives :attr:`Status.REJECTED`; anything else (OSError,
-    MemoryError, a bug) gives :attr:`Status.FAILED`, an error of this run that costs no earlier case.
+    A finding about the exam's content (an :class:`ExamError` with no error of the run behind it,
+    :func:`builder.errors.run_fault`) gives :attr:`Status.REJECTED`; anything else (an OSError or
+    MemoryError, raised as is or wrapped by a stage's reader, a bug) gives :attr:`Status.FAILED`, an
+    error of this run that costs no earlier case. An interrupt (KeyboardInterrupt) passes through.
 
     Example:
         >>> convert_exam(ExamJob(source, work, "EX0001", record, key, ConvertSettings()))  # doctest: +SKIP
@@ -277,25 +302,34 @@ def convert_exam(job: ExamJob) -> ExamResult:
     try:
         with threadpool_limits(limits=job.threads or 1):
             _convert(job, stages, result)
-    except ExamError as e:
-        e.exam_id = e.exam_id or job.exam_id
-        result.status, result.stage, result.reason = Status.REJECTED, e.stage, str(e)
-        logger.warning("exam %s rejected at %s: %s", job.exam_id, e.stage, e)
-    except (OSError, MemoryError) as e:
-        result.status, result.stage = Status.FAILED, stages.current
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        result.reason = (f"[exam {job.exam_id}] {type(e).__name__} at stage {stages.current}{where}: {why}; an error of "
-                         "this run, not of the exam: any earlier case is kept; free disk space or memory and rerun")
-        logger.error("exam %s failed at %s: %s", job.exam_id, stages.current, result.reason)
     except Exception as e:  # noqa: BLE001 - one exam must never stop the others
-        result.status, result.stage = Status.FAILED, stages.current
-        result.reason = (f"[exam {job.exam_id}] unexpected {type(e).__name__} at stage {stages.current}: {e}; "
-                         "any earlier case is kept; report this with the log (-v)")
-        logger.error("exam %s failed unexpectedly:\n%s", job.exam_id, traceback.format_exc())
+        _record_error(job, stages.current, result, e)
     result.timings_s = stages.stop()
     result.peak_rss_mb = _peak_rss_mb()
     return result
+
+
+def _record_error(job: ExamJob, stage: str, result: ExamResult, error: Exception) -> None:
+    """Fill ``result`` from the error that stopped the exam: a rejection (content) or a failure (this run)."""
+    fault = run_fault(error) if isinstance(error, ExamError) else error if isinstance(error, (OSError, MemoryError)) else None
+    if isinstance(error, ExamError) and fault is None:
+        error.exam_id = error.exam_id or job.exam_id
+        result.status, result.stage, result.reason = Status.REJECTED, error.stage, str(error)
+        logger.warning("exam %s rejected at %s: %s", job.exam_id, error.stage, error)
+        return
+    result.status, result.stage = Status.FAILED, stage
+    if fault is None:  # a bug
+        result.reason = (f"[exam {job.exam_id}] unexpected {type(error).__name__} at stage {stage}: {error}; "
+                         "any earlier case is kept; report this with the log (-v)")
+        logger.error("exam %s failed unexpectedly:\n%s", job.exam_id, traceback.format_exc())
+        return
+    file = getattr(fault, "filename", None) or getattr(error, "path", None)
+    where = f" ({file})" if file else ""
+    why = getattr(fault, "strerror", None) or str(fault) or type(fault).__name__
+    result.reason = (f"[exam {job.exam_id}] {type(fault).__name__} at stage {stage}{where}: {why}; an error of "
+                     "this run, not of the exam: any earlier case is kept; free disk space or memory (or fix the "
+                     "disk) and rerun")
+    logger.error("exam %s failed at %s: %s", job.exam_id, stage, result.reason)
 
 
 class ExamImages(NamedTuple):
@@ -363,8 +397,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     stages.start("discover")
     _check_job(job, exam_dir, result)
     stages.start("hash")
-    src_hash, image_hash = source_hashes(job)
-    if _unchanged(job, src_hash, result) or _metadata_only(job, src_hash, image_hash, result):
+    src_hash = source_hashes(job)
+    if _unchanged(job, src_hash, result) or _metadata_only(job, src_hash, result):
         return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
@@ -391,15 +425,66 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     qc.require_passed(checks, exam_id=exam_id)
     stages.start("deid")
     geometry_ras = affine_ras(ct)
-    case_json = _case_json(job, exam, ct, ct_arr.shape, geometry_ras, (src_hash, image_hash), mask_format,
+    case_json = _case_json(job, exam, ct, ct_arr.shape, geometry_ras, src_hash, mask_format,
                            ct_meta=ct_meta, pet_meta=pet_meta, conv=conv, aligned=aligned, stats=stats,
                            qc_summary=qc.summary(checks))
     leak_check = _leak_check(job, exam)
     stages.start("write")
-    case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
-                    label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
-                    extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)})
+    entry = _journal_entry(job, case_json)  # before the case is visible: no case folder without its row
+    try:
+        case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
+                        label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
+                        extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)})
+    except Exception:
+        entry.unlink(missing_ok=True)  # nothing was made visible
+        raise
     result.status, result.case_id, result.subject_id = Status.CONVERTED, case_json["case_id"], case_json["subject_id"]
+
+
+def _journal_entry(job: ExamJob, case_json: dict) -> Path:
+    """Write the id_map row of the case about to be written (``WORK/private/pending/<case_id>.json``)."""
+    row = {"exam_id": job.exam_id, "patient_id": job.clinical.patient_id, "case_id": case_json["case_id"],
+           "subject_id": case_json["subject_id"]}
+    path = job.work / "private" / JOURNAL / f"{case_json['case_id']}.json"
+    write_atomic(path, json.dumps(row, sort_keys=True) + "\n", mode=PRIVATE_FILE_MODE, fsync=True)
+    return path
+
+
+def _settle_journal(work: Path, id_map: dict[str, dict], present: set[str]) -> list[str]:
+    """Record the id_map row of every case a worker made visible but this process never recorded.
+
+    Each journal entry whose case folder is complete (:func:`~builder.convert.case.load_case`), whose
+    case.json names the entry's case and subject ids and whose exam is still in the source (``present``)
+    is adopted: its row goes into ``id_map`` (an earlier case of the exam under another id is removed, as
+    a conversion does). Every entry is then removed; a folder not adopted is left to :func:`_remove_orphans`.
+    Whether the adopted case still matches its source is for the run to see: it compares the source
+    hashes as for any case (unchanged: skipped; changed: converted again). Returns the adopted exam ids.
+    """
+    from builder.convert import case as case_mod
+    from lymphatlas_ds.errors import SchemaError
+
+    folder = work / "private" / JOURNAL
+    adopted = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            row = json.loads(path.read_text())
+            info = case_mod.load_case(work / "cases" / row["case_id"])
+            complete = info["case_id"] == row["case_id"] and info["subject_id"] == row["subject_id"]
+        except (json.JSONDecodeError, KeyError, TypeError, SchemaError, OSError):
+            complete = False
+        if complete and row["exam_id"] in present:
+            old = (id_map.get(row["exam_id"]) or {}).get("case_id")
+            if old and old != row["case_id"]:
+                case_mod.remove_case(work / "cases", old)
+            id_map[row["exam_id"]] = {k: row.get(k, "") for k in ID_MAP_COLUMNS}
+            adopted.append(row["exam_id"])
+            logger.warning("recorded case %s of exam %s: a worker wrote it while the run was being stopped",
+                           row["case_id"], row["exam_id"])
+    if adopted:
+        _write_id_map(work, id_map)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        path.unlink(missing_ok=True)  # the row is saved (or the case was not adopted): done
+    return adopted
 
 
 def _check_job(job: ExamJob, exam_dir: Path, result: ExamResult) -> None:
@@ -422,8 +507,13 @@ def _check_job(job: ExamJob, exam_dir: Path, result: ExamResult) -> None:
         raise
 
 
-def _unchanged(job: ExamJob, src_hash: str, result: ExamResult) -> bool:
-    """True (the result marked SKIPPED) when the exam's earlier case was made from the same source bytes."""
+def _unchanged(job: ExamJob, src_hash: SourceHashes, result: ExamResult) -> bool:
+    """True (the result marked SKIPPED) when the exam's earlier case was made from the same source and settings.
+
+    Otherwise ``result.source_changed`` says whether the source itself changed (its exam hash; a case
+    written before that hash was recorded compares by its content hash), the only change that lets a
+    rejection retire the earlier case.
+    """
     if job.previous_case_id:
         existing = job.work / "cases" / job.previous_case_id
         if (existing / CASE_JSON).is_file():
@@ -434,15 +524,16 @@ def _unchanged(job: ExamJob, src_hash: str, result: ExamResult) -> bool:
                 old = read_case_json(existing)
             except SchemaError:  # unreadable: convert again
                 old = {}
-            if old.get("source", {}).get("content_hash") == src_hash:
+            recorded = old.get("source", {})
+            if recorded.get("content_hash") == src_hash.content:
                 result.status, result.case_id = Status.SKIPPED, job.previous_case_id
                 result.subject_id = old.get("subject_id")
                 return True
-            result.source_changed = True
+            result.source_changed = recorded.get("exam_hash") != src_hash.exam
     return False
 
 
-def _metadata_only(job: ExamJob, src_hash: str, image_hash: str, result: ExamResult) -> bool:
+def _metadata_only(job: ExamJob, src_hash: SourceHashes, result: ExamResult) -> bool:
     """Re-write only case.json's clinical block when the images and the patient are those of the earlier case.
 
     True (the result marked CONVERTED at stage ``metadata``) when the earlier case recorded the same
@@ -460,9 +551,10 @@ def _metadata_only(job: ExamJob, src_hash: str, image_hash: str, result: ExamRes
     except SchemaError:
         return False
     subject = deid.make_subject_id(job.key, job.clinical.patient_id)
-    if (old.get("source") or {}).get("image_sha256") != image_hash or old.get("subject_id") != subject:
+    if (old.get("source") or {}).get("image_sha256") != src_hash.images or old.get("subject_id") != subject:
         return False
-    info = {**old, "clinical": job.clinical.published(), "source": {**old["source"], "content_hash": src_hash}}
+    source = {**old["source"], "content_hash": src_hash.content, "exam_hash": src_hash.exam}
+    info = {**old, "clinical": job.clinical.published(), "source": source}
     write_atomic(folder / CASE_JSON, json.dumps(info, indent=2, sort_keys=True) + "\n")
     result.status, result.case_id, result.subject_id, result.stage = (
         Status.CONVERTED, job.previous_case_id, subject, "metadata")
@@ -485,7 +577,7 @@ def _lesion_label(job: ExamJob, exam: Any, ct: Any, body: np.ndarray) -> tuple[n
 
 
 def _case_json(job: ExamJob, exam: Any, ct: Any, shape_zyx: tuple[int, ...], geometry_ras: np.ndarray,
-               hashes: tuple[str, str], mask_format: Any, *, ct_meta: Any, pet_meta: Any, conv: Any, aligned: Any,
+               src_hash: SourceHashes, mask_format: Any, *, ct_meta: Any, pet_meta: Any, conv: Any, aligned: Any,
                stats: dict, qc_summary: dict) -> dict[str, Any]:
     """The case.json of a converted exam (docs/contracts.md section 3): de-identified ids, scrubbed headers."""
     from builder.convert import deid
@@ -508,8 +600,8 @@ def _case_json(job: ExamJob, exam: Any, ct: Any, shape_zyx: tuple[int, ...], geo
         "alignment": aligned.record,
         "lesions": stats,
         "qc": qc_summary,
-        "source": {"content_hash": hashes[0], "image_sha256": hashes[1], "mask_format": mask_format.value,
-                   "settings_sha256": job.settings.sha256()},
+        "source": {"content_hash": src_hash.content, "exam_hash": src_hash.exam, "image_sha256": src_hash.images,
+                   "mask_format": mask_format.value, "settings_sha256": job.settings.sha256()},
     }
 
 
@@ -628,6 +720,9 @@ def _worker_init(threads: int, parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:  # the parent died before the line above ran
         os._exit(1)
+    # Ctrl-C in a terminal reaches the whole process group: the parent alone decides (it stops the
+    # workers and records what they finished); a worker must not die half-way on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_parent_watchdog, args=(parent_pid,), daemon=True, name="parent-watchdog").start()
     _set_threads(threads)
 
@@ -664,6 +759,9 @@ def _run_isolated(ctx, job: ExamJob, threads: int) -> ExamResult:
         result = receiver.recv()
     except EOFError:
         result = None
+    except BaseException:  # an interrupt: the exam must not go on being written after the parent has gone
+        proc.kill()
+        raise
     finally:
         receiver.close()
         proc.join()
@@ -690,30 +788,60 @@ def _run_local_pool(jobs: list[ExamJob], n_workers: int, threads: int, collect) 
                                  initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
             in_flight: dict = {}
 
-            def fill() -> None:
+            def fill() -> bool:
+                """Submit pending exams up to ``n_workers`` in flight; False when the pool is broken."""
                 while pending and len(in_flight) < n_workers:
                     job = pending.popleft()
-                    in_flight[pool.submit(convert_exam, job)] = job
-
-            fill()
-            while in_flight:
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job = in_flight.pop(fut)
                     try:
-                        collect(fut.result())
-                    except BrokenProcessPool:
-                        suspects.append(job)
-                if suspects:
+                        in_flight[pool.submit(convert_exam, job)] = job
+                    except BrokenProcessPool:  # a worker died after the last result came back
+                        pending.appendleft(job)
+                        return False
+                return True
+
+            try:
+                broken = not fill()
+                while in_flight and not broken:
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        job = in_flight.pop(fut)
+                        try:
+                            collect(fut.result())
+                        except BrokenProcessPool:
+                            suspects.append(job)
+                    broken = bool(suspects) or not fill()
+                if broken:  # the exams still in flight ran on the broken pool: suspects too
                     suspects.extend(in_flight.values())
                     in_flight.clear()
-                    break
-                fill()
+            except BaseException:  # an interrupt (Ctrl-C, SIGTERM): stop the workers, keep what they finished
+                _stop_pool(pool, in_flight, collect)
+                raise
         if suspects:
             logger.warning("a worker process died while converting %s: retrying each alone in a fresh process",
                            ", ".join(sorted(j.exam_id for j in suspects)))
             for job in sorted(suspects, key=lambda j: j.exam_id):
                 collect(_run_isolated(ctx, job, threads))
+
+
+def _stop_pool(pool: ProcessPoolExecutor, in_flight: dict, collect: Callable[[ExamResult], None]) -> None:
+    """Kill the pool's workers and wait for them to end, then record the exams they had finished.
+
+    Once this returns no worker writes into WORK any more: a case a worker wrote whose result had
+    reached this process is recorded here; one whose result had not is recorded from its journal
+    entry (:meth:`_Ledger.interrupted`). The others are recorded as interrupted.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # {pid: Process}; no public handle
+    for proc in processes:
+        with contextlib.suppress(OSError, ValueError):
+            proc.kill()
+    for proc in processes:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            proc.join()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for fut, job in list(in_flight.items()):
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            in_flight.pop(fut)
+            collect(fut.result())
 
 
 def _run_dask(jobs: list[ExamJob], scheduler: str, collect) -> None:
@@ -759,6 +887,7 @@ def convert_cohort(
     progress: bool = True,
     prune: bool = False,
     wait_for_lock: bool = False,
+    allow_mass_retirement: bool = False,
 ) -> RunSummary:
     """Convert every exam (or ``exams``) of ``source`` into ``work``; parallel, resumable.
 
@@ -767,8 +896,11 @@ def convert_cohort(
     alone writes ``id_map.csv``, ``failures.json`` and ``build.json``, under the WORK lock (another
     convert of the same WORK is refused, or waited for with ``wait_for_lock``). Exams with a case in
     WORK whose DICOM folder is gone from the source are listed in ``summary.gone``; ``prune``
-    removes them (:func:`withdraw_exams`). An interrupt (Ctrl-C) records the unfinished exams as
-    failed and re-raises.
+    removes them (:func:`withdraw_exams`). An interrupt (Ctrl-C, or SIGTERM to this process) stops the
+    worker processes, records every exam they had finished and the unfinished ones as failed, and
+    re-raises KeyboardInterrupt. A run that would retire (prune, or replace by a rejection of a changed
+    source) more than :data:`MASS_RETIREMENT_FRACTION` of WORK's cases, and at least 2, retires none
+    and raises :class:`~builder.errors.MassRetirementError` naming them, unless ``allow_mass_retirement``.
 
     Example:
         >>> s = convert_cohort(Path("source"), Path("work"), workers=2, progress=False)  # doctest: +SKIP
@@ -784,22 +916,29 @@ def convert_cohort(
                         "check the SOURCE argument or the export", stage="discover")
     work.mkdir(parents=True, exist_ok=True)
     with work_lock(work, wait=wait_for_lock):
-        return _convert_locked(source, work, table, all_exams, settings=settings, exams=exams, workers=workers,
-                               scheduler=scheduler, progress=progress, prune=prune)
+        with _terminate_as_interrupt():
+            return _convert_locked(source, work, table, all_exams, settings=settings, exams=exams, workers=workers,
+                                   scheduler=scheduler, progress=progress, prune=prune,
+                                   allow_mass_retirement=allow_mass_retirement)
 
 
 def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str], *, settings: ConvertSettings,
                     exams: list[str] | None, workers: int | None, scheduler: str | None, progress: bool,
-                    prune: bool) -> RunSummary:
+                    prune: bool, allow_mass_retirement: bool) -> RunSummary:
     """The run itself, under the WORK lock: select the exams, convert them, record every result."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     key = _prepare_work(work)
     id_map = read_id_map(work)
-    failures = _read_failures(work)
     present = set(all_exams)
+    _settle_journal(work, id_map, present)
+    _remove_orphans(work, id_map)
+    failures = _read_failures(work)
     gone = {e: row.get("case_id", "") for e, row in sorted(id_map.items()) if e not in present}
+    n_cases = len(id_map)
+    if prune and not allow_mass_retirement:  # before anything is converted: a missing export changes nothing
+        _guard_mass_retirement({e: "gone from the source (--prune)" for e in gone}, id_map, n_cases, work)
     selected = _select_exams(exams, present, table, gone)
     n_workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // min(n_workers, max(1, len(selected))))
@@ -820,12 +959,73 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
         ordered = [ledger.results[k] for k in sorted(ledger.results)]
         summary = RunSummary(ordered, time.perf_counter() - t_start, gone=gone)
         _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler, source=source)
+    if not allow_mass_retirement:
+        why = {e: f"{ledger.results[e].status.value} at {ledger.results[e].stage}: {ledger.results[e].reason}"
+               for e in ledger.to_retire}
+        if prune:
+            why.update({e: "gone from the source (--prune)" for e in gone})
+        _guard_mass_retirement(why, id_map, n_cases, work)
+    ledger.retire()
     if prune and gone:
         pruned = withdraw_exams(work, list(gone))
         summary.gone, summary.pruned = {}, pruned
         _write_build_json(work, settings, summary, workers=n_workers, scheduler=scheduler, source=source)
     _log_summary(summary, work)
     return summary
+
+
+def _guard_mass_retirement(why: dict[str, str], id_map: dict[str, dict], n_cases: int, work: Path) -> None:
+    """Refuse to retire more than :data:`MASS_RETIREMENT_FRACTION` of ``n_cases`` cases, and at least 2.
+
+    ``why``: {exam id: why its case would go}. Raises :class:`MassRetirementError` naming each.
+    """
+    if len(why) < 2 or len(why) <= MASS_RETIREMENT_FRACTION * n_cases:
+        return
+    listing = "; ".join(f"{e} (case {(id_map.get(e) or {}).get('case_id') or 'none'}): {why[e]}" for e in sorted(why))
+    raise MassRetirementError(
+        f"this convert would retire {len(why)} of the {n_cases} cases of {work} (more than "
+        f"{MASS_RETIREMENT_FRACTION:.0%}): {listing}. Nothing was retired: those cases and their id_map rows are "
+        "as they were. Look at the source first (a re-exported clinical.csv, a missing or moved dicom/ folder); "
+        "if these exams really are to go, run the same command again with --allow-mass-withdrawal",
+        stage="retire")
+
+
+def _remove_orphans(work: Path, id_map: dict[str, dict]) -> list[str]:
+    """Remove every case folder of WORK that has no id_map row (after :func:`_settle_journal`); their names.
+
+    Such a folder was made visible by a run killed before it recorded the case, and could not be
+    adopted (incomplete, or its exam is gone from the source): it must not reach a release. If its
+    exam is still in the source, this run converts it again (the same case id).
+    """
+    from builder.convert import case as case_mod
+
+    known = {row.get("case_id") for row in id_map.values()}
+    removed = []
+    for folder in sorted((work / "cases").iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in known:
+            case_mod.remove_case(work / "cases", folder.name)
+            removed.append(folder.name)
+            logger.warning("removed case folder %s: it has no row in %s (a run interrupted before recording it); "
+                           "its exam, if still in the source, is converted again", folder, work / "private" / ID_MAP)
+    return removed
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) handled as Ctrl-C for the block: the run stops its workers
+    and records what they did instead of dying with them still writing. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _prepare_work(work: Path) -> bytes:
@@ -869,6 +1069,7 @@ class _Ledger:
     def __init__(self, work: Path, id_map: dict[str, dict], failures: dict[str, dict], bar: Any) -> None:
         self.work, self.id_map, self.failures, self.bar = work, id_map, failures, bar
         self.results: dict[str, ExamResult] = {}
+        self.to_retire: dict[str, str] = {}  # exam id -> earlier case a content rejection of a changed source retires
 
     def save(self) -> None:
         """Write id_map.csv and failures.json as they stand."""
@@ -883,24 +1084,34 @@ class _Ledger:
         else:
             self._converted(res)
         self.save()
+        if res.status is Status.CONVERTED:  # its row is saved: the journal entry is done
+            (self.work / "private" / JOURNAL / f"{res.case_id}.json").unlink(missing_ok=True)
         self.bar.set_postfix_str(f"{res.exam_id}: {res.status.value}" + (f" ({res.stage})" if res.stage else ""))
         self.bar.update(1)
 
     def _failed(self, res: ExamResult) -> None:
-        """A failures.json entry; a rejected changed source also retires the exam's earlier case."""
-        from builder.convert import case as case_mod
-
-        self.failures[res.exam_id] = {"exam_id": res.exam_id, "kind": res.status.value, "stage": res.stage,
+        """A failures.json entry (kind ``exam`` or ``run``); a rejected changed source is marked for retirement."""
+        self.failures[res.exam_id] = {"exam_id": res.exam_id, "kind": FAILURE_KIND[res.status], "stage": res.stage,
                                       "reason": res.reason}
         old = (self.id_map.get(res.exam_id) or {}).get("case_id")
-        # Only a content rejection of a changed source retires the earlier case; an error of this run
-        # (disk, memory, a dead worker) never costs a good case or its id_map row.
+        # Only a content rejection of a changed source retires the earlier case, at the end of the run
+        # (:meth:`retire`, past the mass-retirement guard); an error of this run (disk, memory, a dead
+        # worker, an interrupt) never costs a good case or its id_map row.
         if res.status is Status.REJECTED and res.source_changed and old:
-            self.id_map.pop(res.exam_id, None)
+            self.to_retire[res.exam_id] = old
+
+    def retire(self) -> None:
+        """Remove the earlier cases (and id_map rows) marked by :meth:`_failed`, and save."""
+        from builder.convert import case as case_mod
+
+        for exam_id, old in sorted(self.to_retire.items()):
+            self.id_map.pop(exam_id, None)
             if case_mod.remove_case(self.work / "cases", old):
-                res.retired_case = old
+                self.results[exam_id].retired_case = old
                 logger.warning("retired the earlier case %s of exam %s: its source changed and is now rejected",
-                               old, res.exam_id)
+                               old, exam_id)
+        self.to_retire.clear()
+        self.save()
 
     def _converted(self, res: ExamResult) -> None:
         """The exam's id_map row (its earlier case removed when the case id changed); no failure entry."""
@@ -914,7 +1125,14 @@ class _Ledger:
                                     "case_id": res.case_id, "subject_id": res.subject_id or ""}
 
     def interrupted(self, jobs: list[ExamJob]) -> None:
-        """Record every unfinished exam as failed at stage ``interrupted`` and save."""
+        """Record the cases the stopped workers made visible (the journal), every other unfinished exam as
+        failed at stage ``interrupted``, and save."""
+        adopted = set(_settle_journal(self.work, self.id_map, {job.exam_id for job in jobs}))
+        for job in jobs:
+            if job.exam_id in adopted and job.exam_id not in self.results:
+                self.results[job.exam_id] = ExamResult(job.exam_id, Status.CONVERTED,
+                                                       case_id=self.id_map[job.exam_id]["case_id"])
+                self.failures.pop(job.exam_id, None)
         for job in jobs:
             if job.exam_id not in self.results:
                 res = ExamResult(job.exam_id, Status.FAILED, stage="interrupted",

@@ -453,6 +453,7 @@ def _read_headers(files: list[Path | str], exam_id: str, uid: str) -> _SeriesHea
         orientations.append([float(v) for v in _required(ds, "ImageOrientationPatient", path, exam_id, uid)])
         ps = [float(v) for v in _required(ds, "PixelSpacing", path, exam_id, uid)]
         this_shape = (int(_required(ds, "Rows", path, exam_id, uid)), int(_required(ds, "Columns", path, exam_id, uid)))
+        _check_declared_size(s, this_shape, exam_id, uid)
         if shape is None:
             shape, spacing_yx = this_shape, ps
         elif this_shape != shape or max(abs(a - b) for a, b in zip(ps, spacing_yx)) > 1e-4:
@@ -467,6 +468,33 @@ def _read_headers(files: list[Path | str], exam_id: str, uid: str) -> _SeriesHea
         intercepts.append(0.0 if intercept is None else intercept)
     return _SeriesHeaders(slices=slices, positions=positions, orientations=orientations, shape=shape,
                           spacing_yx=spacing_yx, slopes=slopes, intercepts=intercepts)
+
+
+MAX_MATRIX = 8192
+"""The largest Rows or Columns a slice may declare (clinical CT and PET: 128-1024; a corrupt header says 65535)."""
+
+
+def _check_declared_size(s: _Slice, shape: tuple[int, int], exam_id: str, uid: str) -> None:
+    """Refuse a header whose declared matrix the file cannot hold, before any pixel buffer is allocated.
+
+    A native (uncompressed) slice needs Rows x Columns x SamplesPerPixel x BitsAllocated/8 bytes of
+    pixel data after its header; a compressed one at most :data:`MAX_MATRIX` pixels a side.
+    """
+    rows, cols = shape
+    if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
+        raise ReadError(f"the header declares a {rows} x {cols} image (Rows x Columns); a slice has 1 to {MAX_MATRIX} "
+                        "pixels a side: the header is corrupt, re-export the series", exam_id=exam_id,
+                        series_uid=uid, path=s.path)
+    if _transfer_syntax(s.ds) not in _NATIVE_SYNTAXES:
+        return
+    samples = int(s.ds.get("SamplesPerPixel") or 1)
+    bits = int(s.ds.get("BitsAllocated") or 16)
+    needed = rows * cols * samples * ((bits + 7) // 8)
+    held = s.path.stat().st_size - s.pixel_offset
+    if needed > held:
+        raise ReadError(f"the header declares a {rows} x {cols} image of {bits}-bit pixels ({needed} bytes), but the "
+                        f"file holds {max(held, 0)} bytes after its header: the header or the file is corrupt, "
+                        "re-export the series", exam_id=exam_id, series_uid=uid, path=s.path)
 
 
 def _check_gantry_tilt(ds: Dataset, exam_id: str, uid: str) -> None:
