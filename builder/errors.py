@@ -1,7 +1,10 @@
 """Errors of the builder: each names the exam, the series or file it concerns, and what to do.
 
 Every rejection of an exam is an :class:`ExamError` carrying the pipeline ``stage`` where it
-happened; ``failures.json`` records ``exam_id``, ``stage`` and ``str(error)``.
+happened; ``failures.json`` records ``exam_id``, ``stage`` and ``str(error)``. ``str(error)`` never
+holds a value read from the source's clinical table or a DICOM identity attribute (failures.json
+and the QC report are shared among the maintainers' team); such values go to ``error.detail``,
+which convert logs and never writes to a file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class ExamError(LymphAtlasError):
         stage: pipeline stage (discover, read, suv, align, labels, qc, deid, write).
         series_uid: the series concerned, where there is one.
         path: the file concerned, where there is one.
+        detail: the identifying values behind the message (a clinical.csv cell, a DICOM PatientID),
+            for the maintainer's log only: never part of ``str(error)``.
     """
 
     stage = "unknown"
@@ -32,8 +37,10 @@ class ExamError(LymphAtlasError):
         series_uid: str | None = None,
         path: str | Path | None = None,
         stage: str | None = None,
+        detail: str | None = None,
     ) -> None:
         self.message = message
+        self.detail = detail
         self.exam_id = exam_id
         self.series_uid = series_uid
         self.path = str(path) if path is not None else None
@@ -93,3 +100,15 @@ class ClinicalError(ExamError):
     """The clinical table lacks the exam or has an invalid value."""
 
     stage = "clinical"
+
+
+class IdentityError(ExamError):
+    """The exam's DICOM identity disagrees with clinical.csv, or its study is already another exam's case."""
+
+    stage = "identity"
+
+
+class KeyFileError(ExamError):
+    """WORK's de-identification key is missing while ids made with it exist, damaged, or --new-key on a used WORK."""
+
+    stage = "deid"

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remove the cases of exams that are gone from the source (as `python -m builder withdraw`)")
     parser.add_argument("--wait", action="store_true",
                         help="if another run holds WORK, wait for it instead of stopping with an error")
+    parser.add_argument("--new-key", action="store_true",
+                        help="create a new de-identification key: only for an empty WORK (a missing key of a WORK "
+                             "with cases is restored from the backup, never replaced)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         summary = convert_cohort(
             args.source, args.work, settings=settings, exams=args.exams, workers=args.workers,
             scheduler=args.scheduler, progress=not args.quiet, prune=args.prune, wait_for_lock=args.wait,
+            new_key=args.new_key,
         )
     except KeyboardInterrupt:
         print(f"interrupted: finished exams are kept in {args.work}, the others are listed in "

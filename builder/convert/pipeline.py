@@ -56,7 +56,7 @@ import numpy as np
 
 from builder.convert.align import AlignSettings, affine_lps, affine_ras
 from builder.convert.clinical import ClinicalRecord, RejectedRow, read_clinical
-from builder.convert.deid import PRIVATE_FILE_MODE
+from builder.convert.deid import MAINTAINERS_FILE_MODE, PRIVATE_FILE_MODE
 from builder import __version__ as BUILDER_VERSION
 from builder.errors import ExamError
 from lymphatlas_ds._io import write_atomic
@@ -262,7 +262,8 @@ def convert_exam(job: ExamJob) -> ExamResult:
     except ExamError as e:
         e.exam_id = e.exam_id or job.exam_id
         result.status, result.stage, result.reason = Status.REJECTED, e.stage, str(e)
-        logger.warning("exam %s rejected at %s: %s", job.exam_id, e.stage, e)
+        # e.detail (clinical.csv cells, DICOM identity values) goes to this log only, never to failures.json
+        logger.warning("exam %s rejected at %s: %s%s", job.exam_id, e.stage, e, f" [log only: {e.detail}]" if e.detail else "")
     except (OSError, MemoryError) as e:
         result.status, result.stage = Status.FAILED, stages.current
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -337,7 +338,7 @@ def body_image(body: np.ndarray, ct: sitk.Image) -> sitk.Image:
 def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     import SimpleITK as sitk
 
-    from builder.convert import align, case, lesions, qc
+    from builder.convert import align, case, identity, lesions, qc
     from builder.convert.discover import discover_exam
 
     exam_id, settings = job.exam_id, job.settings
@@ -350,6 +351,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
         return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
+    stages.start("identity")
+    identity.check_exam(job, exam, lambda: {r["case_id"]: e for e, r in read_id_map(job.work).items() if r.get("case_id")})
     ct, pet_suv, body, ct_meta, pet_meta, conv = read_exam(exam, stage=stages.start)
     label, mask_format = _lesion_label(job, exam, ct, body)
     stages.start("align")
@@ -478,10 +481,12 @@ def _leak_check(job: ExamJob, exam: Any) -> Callable[[Path], None]:
     identifiers += in_headers
 
     def leak_check(folder: Path) -> None:
-        hits = deid.find_identifiers(folder, identifiers, equipment=equipment)
-        if hits:
+        hits = deid.find_identifiers(folder, identifiers, equipment=equipment, show_values=False)
+        if hits:  # the values themselves only in the log (error.detail), never in failures.json
+            values = deid.find_identifiers(folder, identifiers, equipment=equipment)
             raise ExamError(f"identifying data would be published: {'; '.join(hits[:5])}; drop that attribute from "
-                            "what convert writes (builder.convert.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
+                            "what convert writes (builder.convert.deid.scrub) or from the source", exam_id=exam_id,
+                            stage="deid", detail="; ".join(values[:5]))
 
     return leak_check
 
@@ -534,7 +539,8 @@ def _write_id_map(work: Path, rows: dict[str, dict]) -> None:
 
 def _write_failures(work: Path, failures: dict[str, dict]) -> None:
     """``WORK/failures.json``: the entries sorted by exam id."""
-    write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+    write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n",
+                 mode=MAINTAINERS_FILE_MODE)  # exam ids and reasons: the maintainers' group only, whatever the umask
 
 
 def _read_failures(work: Path) -> dict[str, dict]:
@@ -711,6 +717,7 @@ def convert_cohort(
     progress: bool = True,
     prune: bool = False,
     wait_for_lock: bool = False,
+    new_key: bool = False,
 ) -> RunSummary:
     """Convert every exam (or ``exams``) of ``source`` into ``work``; parallel, resumable.
 
@@ -720,7 +727,9 @@ def convert_cohort(
     convert of the same WORK is refused, or waited for with ``wait_for_lock``). Exams with a case in
     WORK whose DICOM folder is gone from the source are listed in ``summary.gone``; ``prune``
     removes them (:func:`withdraw_exams`). An interrupt (Ctrl-C) records the unfinished exams as
-    failed and re-raises.
+    failed and re-raises. The de-identification key must be WORK's own
+    (:func:`builder.convert.deid.work_key`): a missing key with an id_map or cases stops the run
+    before anything is written; ``new_key`` (a new key) is only for an empty WORK.
 
     Example:
         >>> s = convert_cohort(Path("source"), Path("work"), workers=2, progress=False)  # doctest: +SKIP
@@ -737,17 +746,17 @@ def convert_cohort(
     work.mkdir(parents=True, exist_ok=True)
     with work_lock(work, wait=wait_for_lock):
         return _convert_locked(source, work, table, all_exams, settings=settings, exams=exams, workers=workers,
-                               scheduler=scheduler, progress=progress, prune=prune)
+                               scheduler=scheduler, progress=progress, prune=prune, new_key=new_key)
 
 
 def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str], *, settings: ConvertSettings,
                     exams: list[str] | None, workers: int | None, scheduler: str | None, progress: bool,
-                    prune: bool) -> RunSummary:
+                    prune: bool, new_key: bool = False) -> RunSummary:
     """The run itself, under the WORK lock: select the exams, convert them, record every result."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    key = _prepare_work(work)
+    key = _prepare_work(work, new_key=new_key)
     id_map = read_id_map(work)
     failures = _read_failures(work)
     present = set(all_exams)
@@ -763,6 +772,7 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
     bar = tqdm(total=len(jobs), desc="convert", unit="exam", disable=not progress)
     ledger = _Ledger(work, id_map, failures, bar)
     try:
+        jobs = _reject_duplicate_studies(source, jobs, key, id_map, ledger.collect)
         _run_jobs(jobs, scheduler, n_workers, threads, ledger.collect)
     except KeyboardInterrupt:
         ledger.interrupted(jobs)
@@ -780,16 +790,34 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
     return summary
 
 
-def _prepare_work(work: Path) -> bytes:
-    """WORK's cases/ and private/ folders, cleared of what an interrupted run left; the de-identification key."""
+def _prepare_work(work: Path, *, new_key: bool = False) -> bytes:
+    """The de-identification key (checked first: a lost one stops the run before anything is written);
+    WORK's cases/ and private/ folders, cleared of what an interrupted run left."""
     from builder.convert import case as case_mod
-    from builder.convert.deid import load_or_create_key
+    from builder.convert.deid import work_key
 
+    key = work_key(work, new_key=new_key)
     (work / "cases").mkdir(parents=True, exist_ok=True)
     (work / "private").mkdir(parents=True, exist_ok=True)
     for name in case_mod.clean_leftovers(work / "cases"):  # safe: we hold the WORK lock, no other run writes
         logger.info("removed %s left by an interrupted run", name)
-    return load_or_create_key(work / "private")
+    return key
+
+
+def _reject_duplicate_studies(source: Path, jobs: list[ExamJob], key: bytes, id_map: dict[str, dict],
+                              collect: Callable[[ExamResult], None]) -> list[ExamJob]:
+    """Reject (without converting) each exam whose DICOM study another exam holds; the jobs left to run."""
+    from builder.convert.identity import duplicate_studies
+
+    case_of = {e: row.get("case_id", "") for e, row in id_map.items()}
+    rejected = duplicate_studies(source, [j.exam_id for j in jobs], key, case_of)
+    for job in jobs:
+        if job.exam_id in rejected:
+            error, changed = rejected[job.exam_id]
+            logger.warning("exam %s rejected at %s: %s [log only: %s]", job.exam_id, error.stage, error, error.detail)
+            collect(ExamResult(job.exam_id, Status.REJECTED, stage=error.stage, reason=str(error),
+                               patient_id=job.clinical.patient_id if job.clinical else None, source_changed=changed))
+    return [j for j in jobs if j.exam_id not in rejected]
 
 
 def _select_exams(exams: list[str] | None, present: set[str], table: dict, gone: dict[str, str]) -> list[str]:
