@@ -335,27 +335,52 @@ def _token_pattern(value: str) -> re.Pattern[str]:
 _PROJECT_KEY = re.compile(r"[a-z][a-z0-9_]*")
 """How every key the project writes into case.json looks (``suv_peak``, ``metric``): such keys are
 vocabulary, not data, and are not searched (a patient named Peak is no leak in ``"suv_peak"``)."""
+CODED_VALUES = frozenset({
+    # the project's own vocabulary and ids
+    "schema_version", "builder_version", "case_id", "subject_id", "content_hash", "clinical.diagnosis",
+    "clinical.subtype", "clinical.sex", "clinical.age_band", "alignment.method", "alignment.metric",
+    "alignment.interpolation", "alignment.decision", "alignment.transform.type", "alignment.transform_file",
+    "qc.checks[].name", "qc.checks[].threshold", "qc.checks[].value", "lesions.grids.*", "source.content_hash",
+    "source.mask_format", "pet.suv.time_reference", "pet.suv.units", "pet.suv.decay_correction",
+    # DICOM defined terms (code strings) and transfer syntax UIDs
+    "*.modality", "*.patient_position", "*.units", "*.corrected_image[]", "*.decay_correction",
+    "*.transfer_syntax",
+})
+"""case.json values that are codes, not data: the project's own vocabulary (a QC check name ``suv_max``,
+the metric ``mattes_mi``) and DICOM defined terms (CorrectionApplied ``NORM``, DecayCorrection
+``START``), as dotted paths (``[]`` a list item, ``*`` any one key). The leak check does not search
+them, so a patient named Norm or Mattes is no leak; every other string value is searched."""
+
+
+def _coded(path: str) -> bool:
+    if path in CODED_VALUES:
+        return True
+    tail = path.partition(".")[2]  # "pet.units" -> "units": the same code under ct and pet
+    parent = path.rsplit(".", 1)[0]  # "lesions.grids.tlg" -> "lesions.grids"
+    return f"*.{tail}" in CODED_VALUES or f"{parent}.*" in CODED_VALUES
 
 
 def json_texts(data: object) -> list[str]:
-    """The texts of a parsed JSON document that can carry data: every string and integer value, and
-    every key that is not a project key (:data:`_PROJECT_KEY`), e.g. a key made from a source value.
+    """The texts of a parsed case.json that can carry data: every string and integer value except the
+    codes of :data:`CODED_VALUES`, and every key that is not a project key (:data:`_PROJECT_KEY`).
 
     Example:
-        >>> json_texts({"suv_peak": 1.5, "model": "Biograph", "items": [{"Doe^Jane": 3}]})
+        >>> json_texts({"suv_peak": 1.5, "ct": {"model": "Biograph", "modality": "CT"}, "items": [{"Doe^Jane": 3}]})
         ['Biograph', 'Doe^Jane', '3']
     """
     out: list[str] = []
-    stack = [data]
+    stack: list[tuple[str, object]] = [("", data)]
     while stack:
-        item = stack.pop(0)
+        path, item = stack.pop(0)
         if isinstance(item, dict):
             for k, v in item.items():
                 if not _PROJECT_KEY.fullmatch(str(k)):
                     out.append(str(k))
-                stack.append(v)
+                stack.append((f"{path}.{k}" if path else str(k), v))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((f"{path}[]", v) for v in item)
+        elif _coded(path):
+            continue
         elif isinstance(item, str):
             out.append(item)
         elif isinstance(item, int) and not isinstance(item, bool):
