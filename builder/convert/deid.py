@@ -4,14 +4,16 @@
   the patient id, with a secret key kept in ``WORK/private/deid.key``. The same key gives the same
   ids on every run and every release; without the key the ids cannot be recomputed from the
   original identifiers (a plain hash could be, by hashing a list of candidate patient ids).
-  Keep the key with ``WORK/private/id_map.csv``; both stay with the maintainers.
+  Keep the key with ``WORK/private/id_map.csv``; both stay with the maintainers, and back it up:
+  :func:`work_key` never replaces a lost key of a WORK that holds ids made with it.
 * Ages are published in bands of ``schema.AGE_BAND_YEARS`` (90 and over in one band, as in
   HIPAA Safe Harbor); dates only as days from the patient's first exam.
 * Metadata copied from DICOM into ``case.json`` loses every attribute that DICOM PS3.15 Annex E's
   basic confidentiality profile lists as identifying (names, ids, dates and times, UIDs,
   institution, station, operators, device serial numbers, descriptions, free text, weight...).
 * :func:`find_identifiers` is the last line of defence: before a case folder is committed, its
-  names, JSON and decompressed NIfTI headers are searched for the exam's own identifiers, each
+  names, JSON values (not the project's own keys and codes, :data:`CODED_VALUES`) and decompressed
+  NIfTI headers are searched for the exam's own identifiers, each
   matched as a whole token (not inside a longer word or number) of at least
   ``MIN_IDENTIFIER_CHARS`` characters (``MIN_IDENTIFIER_DIGITS`` for all-digit values). Values
   equal to the scanner's equipment strings (Manufacturer, ManufacturerModelName), and a

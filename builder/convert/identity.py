@@ -110,10 +110,11 @@ def check_exam(job: Any, exam: Any, case_owners: Callable[[], Mapping[str, str]]
     """
     key, exam_id = job.key, job.exam_id
     case_id = deid.make_case_id(key, exam.ct.study_uid)
+    # A case folder without an id_map row is no other exam's (an interrupted run's, adopted or removed at start).
     owner = case_owners().get(case_id) if case_id != job.previous_case_id else exam_id
-    if owner not in (None, exam_id) or (owner is None and (job.work / "cases" / case_id).is_dir()):
+    if owner not in (None, exam_id):
         raise IdentityError(
-            f"the exam's DICOM study is already case {case_id} of exam {owner or '(no id_map row)'}: one study is one "
+            f"the exam's DICOM study is already case {case_id} of exam {owner}: one study is one "
             "exam; that case stays as it is. Keep the study under its right exam id (remove the other copy from "
             "dicom/ and clinical.csv) and run again", exam_id=exam_id)
     mismatches, details = [], []
