@@ -269,9 +269,9 @@ def test_a_patient_id_that_is_not_clinical_csvs_rejects_the_exam_hashed_in_failu
 
 
 @pytest.mark.parametrize("edit,expected", [({"sex": "F"}, "PatientSex"), ({"age": "52"}, "PatientBirthDate"),
-                                           ({"age": "36"}, None)])
+                                           ({"age": "38"}, "PatientBirthDate"), ({"age": "37"}, None)])
 def test_sex_and_birth_date_must_agree_with_the_row(base, tmp_path, edit, expected) -> None:
-    """The truth: EX0000's headers say M, born so that the patient is 35 at the exam (36 is within a year)."""
+    """The truth: EX0000's headers say M, born so that the patient is 35 at the exam (37 is within two years)."""
     rows = _rows(base["source"])
     rows[0].update(edit)
     source = _source(base["source"], tmp_path / "source", rows=rows)

@@ -36,8 +36,9 @@ from builder.errors import IdentityError
 
 logger = logging.getLogger(__name__)
 
-AGE_TOLERANCE_YEARS = 1
-"""clinical.csv's age may be counted on another day than the exam's (the referral, a birthday since)."""
+AGE_TOLERANCE_YEARS = 2
+"""clinical.csv's age may be counted on another day than the exam's (the referral, a birthday since) or as
+days / 365 (a spreadsheet formula): a year either way is common; another patient is rarely within two."""
 _TAGS = ("StudyInstanceUID", "PatientID", "PatientSex", "PatientBirthDate")
 
 
