@@ -205,12 +205,14 @@ def test_the_same_study_under_a_second_exam_id_leaves_the_first_case_alone(base,
     source = _source(base["source"], tmp_path / "source", rows=rows, alias={"EX0099": "EX0000"})
     case_id, _ = _expected_ids(base, "EX0000")
     before = _tree(work / "cases")
-    summary = _convert(source, work)
-    result = {r.exam_id: r for r in summary.results}["EX0099"]
+    results = {r.exam_id: r for r in _convert(source, work).results}
+    assert results["EX0000"].status is pipeline.Status.SKIPPED  # the owner of the study: untouched
+    result = results["EX0099"]
     assert result.status is pipeline.Status.REJECTED and result.stage == "identity"
     assert "EX0000" in result.reason and "EX0099" in result.reason
     assert _tree(work / "cases") == before  # the first case byte for byte, no other case
     assert pipeline.read_id_map(work) == base["id_map"]  # its row unchanged, none for EX0099
+    assert set(_failures(work)) == {"EX0099"}
     failure = _failures(work)["EX0099"]
     assert failure["kind"] == "rejected" and "EX0000" in failure["reason"]
     assert base["truths"]["EX0000"]["phi_values"]["study_uid"] not in (work / "failures.json").read_text()
@@ -310,9 +312,29 @@ def test_an_identifier_inside_a_value_is_still_caught(base, tmp_path, attribute,
     work = tmp_path / "work"
     (result,) = _convert(source, work, exams=["EX0000"]).results
     assert result.status is pipeline.Status.REJECTED and result.stage == "deid"
-    assert f"case.json contains a {attribute} value" in result.reason
+    assert f"case.json contains the exam's {attribute}" in result.reason
     assert not any((work / "cases").iterdir())
     assert planted.split()[-1].lower() not in (work / "failures.json").read_text().lower()  # named, not shown
+
+
+def test_the_leak_check_reads_values_in_lists_and_foreign_keys_but_not_the_formats_codes(tmp_path) -> None:
+    """find_identifiers on a hand-made case folder: where a value can hide, and where a word is the format's."""
+    ids = [("PatientName", "Peak"), ("PatientName", "Burkitt"), ("PatientName", "Norm"), ("AccessionNumber", "A2019")]
+
+    def hits(payload: dict) -> list[str]:
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "case.json").write_text(json.dumps(payload))
+        return deid.find_identifiers(folder, ids, show_values=False)
+
+    clean = {"lesions": {"suv_peak": 3.0, "grids": {"suv_peak": "pet"}}, "pet": {"corrected_image": ["NORM", "ATTN"]},
+             "clinical": {"subtype": "Burkitt", "diagnosis": "NHL"}, "qc": {"checks": [{"name": "suv_peak"}]}}
+    assert hits(clean) == []
+    assert hits({"lesions": {"items": [{"volume_ml": 1.0}, {"note": "seen by peak"}]}}) == [
+        "case.json contains the exam's PatientName"]  # a string inside a list
+    assert hits({"ct": {"Peak": 1}}) == ["case.json contains the exam's PatientName"]  # a key that is not the project's
+    assert hits({"clinical": {"subtype": "Burkitt (Dr Norm)"}}) == ["case.json contains the exam's PatientName"] * 2
+    assert hits({"ct": {"reconstruction_method": ["OSEM", "A2019"]}}) == ["case.json contains the exam's AccessionNumber"]
 
 
 # --- clinical.csv as re-exported ---------------------------------------------------------------

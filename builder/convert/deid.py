@@ -339,8 +339,8 @@ _PROJECT_KEY = re.compile(r"[a-z][a-z0-9_]*")
 vocabulary, not data, and are not searched (a patient named Peak is no leak in ``"suv_peak"``)."""
 CODED_VALUES = frozenset({
     # the project's own vocabulary and ids
-    "schema_version", "builder_version", "case_id", "subject_id", "content_hash", "clinical.diagnosis",
-    "clinical.subtype", "clinical.sex", "clinical.age_band", "alignment.method", "alignment.metric",
+    "schema_version", "builder_version", "case_id", "subject_id", "content_hash", "clinical.age_band",
+    "alignment.method", "alignment.metric",
     "alignment.interpolation", "alignment.decision", "alignment.transform.type", "alignment.transform_file",
     "qc.checks[].name", "qc.checks[].threshold", "qc.checks[].value", "lesions.grids.*", "source.content_hash",
     "source.mask_format", "pet.suv.time_reference", "pet.suv.units", "pet.suv.decay_correction",
@@ -354,7 +354,19 @@ the metric ``mattes_mi``) and DICOM defined terms (CorrectionApplied ``NORM``, D
 them, so a patient named Norm or Mattes is no leak; every other string value is searched."""
 
 
-def _coded(path: str) -> bool:
+def _vocabularies() -> dict[str, frozenset[str]]:
+    """case.json values that are codes only when they are a code of their vocabulary (a patient named
+    Burkitt with Burkitt lymphoma is no leak; a name written into ``clinical.subtype`` is)."""
+    from lymphatlas_ds.schema import Diagnosis, Sex, Subtype
+
+    return {"clinical.subtype": frozenset(s.value for s in Subtype),
+            "clinical.diagnosis": frozenset(d.value for d in Diagnosis), "clinical.sex": frozenset(x.value for x in Sex)}
+
+
+def _coded(path: str, value: object = None) -> bool:
+    vocabulary = _vocabularies().get(path)
+    if vocabulary is not None:
+        return value in vocabulary
     if path in CODED_VALUES:
         return True
     tail = path.partition(".")[2]  # "pet.units" -> "units": the same code under ct and pet
@@ -381,7 +393,7 @@ def json_texts(data: object) -> list[str]:
                 stack.append((f"{path}.{k}" if path else str(k), v))
         elif isinstance(item, list):
             stack.extend((f"{path}[]", v) for v in item)
-        elif _coded(path):
+        elif _coded(path, item):
             continue
         elif isinstance(item, str):
             out.append(item)
@@ -448,8 +460,8 @@ def find_identifiers(
         if path == folder or path.name not in own_names:
             for value, (attribute, pattern) in needles.items():
                 if pattern.search(path.name):
-                    shown = f"the {attribute} value {value!r}" if show_values else f"a {attribute} value"
-                    hits.append(f"the name {rel!r} contains {shown}" if show_values else f"a file name contains {shown}")
+                    hits.append(f"the name {rel!r} contains the {attribute} value {value!r}" if show_values
+                                else f"a file name contains the exam's {attribute}")
         if not path.is_file():
             continue
         text = _searched_text(path)
@@ -458,7 +470,7 @@ def find_identifiers(
         for value, (attribute, pattern) in needles.items():
             if pattern.search(text):
                 hits.append(f"{rel} contains the {attribute} value {value!r}" if show_values
-                            else f"{rel} contains a {attribute} value")
+                            else f"{rel} contains the exam's {attribute}")
     return hits
 
 
