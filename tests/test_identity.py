@@ -358,8 +358,9 @@ def test_dates_re_exported_as_dd_mm_yyyy_refuse_the_table_and_change_nothing(bas
     assert _tree(work) == before
 
 
-def test_a_latin1_clinical_csv_is_read_as_the_same_table(base, work, tmp_path) -> None:
+def test_a_latin1_clinical_csv_is_read_as_the_same_table(base, work, tmp_path, caplog) -> None:
     """Patient ids with accents: the cp1252 file gives the ids the UTF-8 file gives, and case ids are unchanged."""
+    caplog.set_level(logging.INFO, logger="builder.convert.clinical")
     rows = _rows(base["source"])
     text = _csv_text(rows)
     utf8 = _source(base["source"], tmp_path / "utf8", clinical=text.encode("utf-8"))
@@ -372,6 +373,7 @@ def test_a_latin1_clinical_csv_is_read_as_the_same_table(base, work, tmp_path) -
     b = _source(base["source"], tmp_path / "b", clinical=_csv_text(accented).encode("latin-1"))
     table_a, table_b = read_clinical(a / "clinical.csv"), read_clinical(b / "clinical.csv")
     assert table_a == table_b and table_b["EX0000"].patient_id.endswith("-Müller-Jérôme")
+    assert "is not UTF-8: read as cp1252" in caplog.text  # said once per read, for the maintainer to re-save
     summary = _convert(latin, work)
     assert summary.n_skipped == 3, summary.line()  # the same table: nothing reconverted
     assert pipeline.read_id_map(work) == base["id_map"]
