@@ -8,6 +8,9 @@ Two kinds of error, told apart in one place (:func:`run_fault`): a finding about
 such as EIO or ENOSPC, a MemoryError, a killed worker, an interrupt), which changes nothing in WORK.
 A stage that wraps whatever a reader raises into its :class:`ExamError` (``raise ReadError(...) from
 e``) needs no classification of its own: an error of the run behind it is still found.
+``str(error)`` never holds a value read from the source's clinical table or a DICOM identity
+attribute (failures.json and the QC report are shared among the maintainers' team); such values go to
+``error.detail``, which convert logs and never writes to a file.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class ExamError(LymphAtlasError):
         stage: pipeline stage (discover, read, suv, align, labels, qc, deid, write).
         series_uid: the series concerned, where there is one.
         path: the file concerned, where there is one.
+        detail: the identifying values behind the message (a clinical.csv cell, a DICOM PatientID),
+            for the maintainer's log only: never part of ``str(error)``.
     """
 
     stage = "unknown"
@@ -38,8 +43,10 @@ class ExamError(LymphAtlasError):
         series_uid: str | None = None,
         path: str | Path | None = None,
         stage: str | None = None,
+        detail: str | None = None,
     ) -> None:
         self.message = message
+        self.detail = detail
         self.exam_id = exam_id
         self.series_uid = series_uid
         self.path = str(path) if path is not None else None
@@ -135,3 +142,15 @@ def run_fault(error: BaseException) -> BaseException | None:
             return current
         current = current.__cause__
     return None
+
+
+class IdentityError(ExamError):
+    """The exam's DICOM identity disagrees with clinical.csv, or its study is already another exam's case."""
+
+    stage = "identity"
+
+
+class KeyFileError(ExamError):
+    """WORK's de-identification key is missing while ids made with it exist, damaged, or --new-key on a used WORK."""
+
+    stage = "deid"

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.convert.deid import MAINTAINERS_FILE_MODE
 from lymphatlas_ds import figures
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import LymphAtlasError, SchemaError
@@ -107,7 +108,7 @@ def write_report(
         shown = [render_case_images(d, out / "cases" / d.name, force=force, display=display) for d in iterator]
     index = out / "index.html"
     page = render_html(shown, failures=failures, build=build, display=display, out=out)
-    write_atomic(index, page.encode("utf-8"))
+    write_atomic(index, page.encode("utf-8"), mode=MAINTAINERS_FILE_MODE)  # lists failures.json: the maintainers' group only
     logger.info("QC report of %d cases and %d rejected exams: %s", len(shown), len(failures), index)
     return index
 

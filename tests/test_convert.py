@@ -7,7 +7,9 @@ in WORK with that truth (never with an earlier output of the converter).
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import os
 from pathlib import Path
@@ -253,22 +255,31 @@ def test_rerun_skips_unchanged_exams_and_reconverts_changed_ones(cohort, tmp_pat
     assert summary.n_skipped == len(before)
     assert summary.n_converted == 0
     assert {p.name: (p / "case.json").read_bytes() for p in (work / "cases").iterdir()} == before
-    # a changed clinical row (the age, a decade later: another age band) changes that exam's source hash only
+    # a changed clinical row (the subtype, corrected: the age must stay the DICOM birth date's) changes that
+    # exam's source hash only
     exam_id = next(e for e, t in cohort["truths"].items() if expected_outcome(cohort, t)[0] == "accept")
     work2 = tmp_path / "work2"
     import shutil
 
     shutil.copytree(work, work2)
-    source2 = _source_view(cohort, tmp_path / "source2", age_of=exam_id, years=10)
+    source2 = _source_view(cohort, tmp_path / "source2")
+    text = (source2 / "clinical.csv").read_text().splitlines(keepends=True)
+    row = next(i for i, line in enumerate(text) if line.startswith(exam_id + ","))
+    fields = next(csv.reader([text[row]]))
+    fields[6] = "other"  # the subtype column: a code of both diagnoses
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(fields)
+    text[row] = out.getvalue()
+    (source2 / "clinical.csv").write_text("".join(text))
     s2 = pipeline.convert_cohort(source2, work2, exams=[exam_id], workers=1, progress=False)
     assert [r.status for r in s2.results] == [pipeline.Status.CONVERTED]
     case_id = cohort["id_map"][exam_id]["case_id"]
     assert s2.results[0].case_id == case_id  # same exam, same id
     new = json.loads((work2 / "cases" / case_id / "case.json").read_text())
     old = json.loads(before[case_id])
-    assert new["clinical"]["age_band"] != old["clinical"]["age_band"]
-    assert {k: v for k, v in new["clinical"].items() if k != "age_band"} == \
-        {k: v for k, v in old["clinical"].items() if k != "age_band"}
+    assert new["clinical"]["subtype"] == "other" != old["clinical"]["subtype"]
+    assert {k: v for k, v in new["clinical"].items() if k != "subtype"} == \
+        {k: v for k, v in old["clinical"].items() if k != "subtype"}
     assert new["content_hash"] == old["content_hash"]  # same voxels: deterministic conversion
 
 

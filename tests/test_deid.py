@@ -224,5 +224,5 @@ def test_a_site_whose_station_name_is_its_scanner_model_converts_and_a_real_leak
     summary = pipeline.convert_cohort(source, tmp_path / "work2", exams=["EX0000"], workers=1, progress=False)
     [result] = summary.results
     assert result.status is pipeline.Status.REJECTED and result.stage == "deid"
-    assert "case.json contains the PatientName value" in result.reason
+    assert "case.json contains the exam's PatientName" in result.reason and name not in result.reason  # named, not shown
     assert not list((tmp_path / "work2" / "cases").iterdir())

@@ -1,9 +1,10 @@
 """`python -m builder convert SOURCE WORK`: DICOM source -> aligned cases (docs/contracts.md section 3).
 
 Exit status: 0 every exam converted or unchanged; 1 some exam rejected (its data fail a check, see
-failures.json, kind "exam"); 2 a usage error (bad SOURCE, WORK in use by another run, a run that
-would retire too many cases without --allow-mass-withdrawal); 3 some exam failed with an error of
-this run (disk full, out of memory, a killed worker; kind "run"): nothing was lost, rerun;
+failures.json, kind "exam"); 2 a usage error (bad SOURCE, WORK in use by another run, WORK's
+de-identification key missing, a clinical.csv that cannot be read as a table, a run that would retire
+too many cases without --allow-mass-withdrawal: nothing was written); 3 some exam failed with an error
+of this run (disk full, out of memory, a killed worker; kind "run"): nothing was lost, rerun;
 130 interrupted (Ctrl-C or SIGTERM): the workers are stopped, finished exams are kept, rerun resumes.
 """
 
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(and at least 2); without it such a run retires none and says which and why")
     parser.add_argument("--wait", action="store_true",
                         help="if another run holds WORK, wait for it instead of stopping with an error")
+    parser.add_argument("--new-key", action="store_true",
+                        help="create a new de-identification key: only for an empty WORK (a missing key of a WORK "
+                             "with cases is restored from the backup, never replaced)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.work, settings=settings, exams=args.exams, workers=args.workers,
             scheduler=args.scheduler, progress=not args.quiet, prune=args.prune, wait_for_lock=args.wait,
             allow_mass_retirement=args.allow_mass_withdrawal,
+            new_key=args.new_key,
         )
     except KeyboardInterrupt:
         print(f"interrupted: finished exams are kept in {args.work}, the others are listed in "

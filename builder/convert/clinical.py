@@ -8,9 +8,16 @@ spellings are mapped through the explicit table :data:`SUBTYPE_SYNONYMS`; anythi
 a subtype cell that carries a hospital name or a date, rejects the row).
 
 A row with an invalid value does not stop the table: it becomes a :class:`RejectedRow` whose
-exam is rejected at stage ``clinical`` with the row's line number and value (the other exams go
-on). A table that cannot be read as a whole (no file, a missing column, an exam twice, an empty
-exam id) raises :class:`~builder.errors.ClinicalError`.
+exam is rejected at stage ``clinical`` with the row's line number and column (the other exams go
+on); the cell's value itself goes to the convert log only (``error.detail``), never to
+failures.json or the QC report. A table that cannot be read as a whole raises
+:class:`~builder.errors.ClinicalError` before anything is converted, so that a re-exported
+spreadsheet never rejects (and retires) exams one by one: no file, a missing column (``subtype``
+included: write an empty cell for an unknown subtype), an exam twice, an empty exam id or one that
+is not a plain name (``../x``, a path separator), an exam date in any other form than YYYY-MM-DD
+(``03/03/2019``, ``2019-03-03 00:00:00``: the whole column is in another format), a file in another
+encoding than UTF-8 (with or without BOM) or Windows-1252/Latin-1 (read as such, logged), or
+separated by semicolons.
 
 Example:
     >>> table = read_clinical(Path("source/clinical.csv"))  # doctest: +SKIP
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
+import logging
 import math
 import re
 from collections import defaultdict
@@ -32,7 +41,18 @@ from builder.convert.deid import age_band
 from builder.errors import ClinicalError
 from lymphatlas_ds.schema import Diagnosis, Sex, Subtype
 
-REQUIRED_COLUMNS = ("exam_id", "patient_id", "exam_date", "sex", "age", "diagnosis")
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("exam_id", "patient_id", "exam_date", "sex", "age", "diagnosis", "subtype")
+"""``notes`` is optional (never read); ``subtype`` is required, an empty cell meaning ``unknown``: a
+table without the column is refused rather than have every exam published as ``unknown``."""
+ENCODINGS = ("utf-8-sig", "cp1252")
+"""Tried in this order: UTF-8 (with or without BOM), then Windows-1252, which spreadsheet programs
+write as "CSV" on Windows and which reads Latin-1 text the same (the one exception, bytes
+0x80-0x9F, are control characters in Latin-1 that no table holds)."""
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_EXAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""An exam id is a plain folder name: letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit."""
 _SEX_ALIASES = {"F": Sex.F, "FEMALE": Sex.F, "M": Sex.M, "MALE": Sex.M, "O": Sex.O, "": Sex.O, "U": Sex.O}
 MAX_AGE = 120
 
@@ -188,13 +208,23 @@ class RejectedRow:
     line: int
     reason: str
     path: str
+    detail: str = ""
+    """The rejected cell's value (for the log only: ``ClinicalError.detail``)."""
 
     def check(self) -> None:
-        """Raise the row's :class:`ClinicalError` (its line number, the value and what is allowed)."""
-        raise ClinicalError(self.reason, exam_id=self.exam_id, path=self.path)
+        """Raise the row's :class:`ClinicalError` (its line number, the column and what is allowed)."""
+        raise ClinicalError(self.reason, exam_id=self.exam_id, path=self.path, detail=self.detail or None)
 
     def published(self) -> dict:
-        raise ClinicalError(self.reason, exam_id=self.exam_id, path=self.path)
+        raise ClinicalError(self.reason, exam_id=self.exam_id, path=self.path, detail=self.detail or None)
+
+
+class _CellError(ValueError):
+    """An invalid cell: ``str()`` names line and column (saved in failures.json), ``detail`` the value (log only)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def _fail(message: str, *, path: Path, exam_id: str | None = None) -> ClinicalError:
@@ -202,7 +232,7 @@ def _fail(message: str, *, path: Path, exam_id: str | None = None) -> ClinicalEr
 
 
 def _parse_age(text: str, where: str) -> int | None:
-    """Whole years, or None for an empty cell; ValueError with the message otherwise."""
+    """Whole years, or None for an empty cell; _CellError otherwise."""
     if not text:
         return None
     try:
@@ -210,58 +240,109 @@ def _parse_age(text: str, where: str) -> int | None:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or not 0 <= value <= MAX_AGE:
-        raise ValueError(f"{where}: age {text!r} is not a number of years in 0-{MAX_AGE}; "
-                         "write the age at the exam in years, or leave the cell empty")
+        raise _CellError(f"{where}: age is not a number of years in 0-{MAX_AGE}; "
+                         "write the age at the exam in years, or leave the cell empty", f"age {text!r}")
     return int(value)
 
 
 def _parse_row(row: dict[str, str], where: str) -> dict:
-    """The parsed values of one row; ValueError naming the first invalid value."""
+    """The parsed values of one row; _CellError naming the first invalid column (its value in ``detail``)."""
     try:
         date = dt.date.fromisoformat(row["exam_date"])
     except ValueError:
-        raise ValueError(f"{where}: exam_date {row['exam_date']!r} is not YYYY-MM-DD") from None
+        raise _CellError(f"{where}: exam_date is not a date of the calendar in the form YYYY-MM-DD; correct the cell",
+                         f"exam_date {row['exam_date']!r}") from None
     sex = _SEX_ALIASES.get(row["sex"].upper())
     if sex is None:
-        raise ValueError(f"{where}: sex {row['sex']!r} is not F, M or O")
+        raise _CellError(f"{where}: sex is not F, M or O (or empty)", f"sex {row['sex']!r}")
     age = _parse_age(row["age"], where)
     try:
         diagnosis = Diagnosis(row["diagnosis"].upper())
     except ValueError:
-        raise ValueError(f"{where}: diagnosis {row['diagnosis']!r} is not HL or NHL") from None
+        raise _CellError(f"{where}: diagnosis is not HL or NHL", f"diagnosis {row['diagnosis']!r}") from None
     raw_subtype = row.get("subtype", "")
     subtype = parse_subtype(raw_subtype)
     if subtype is None:
-        raise ValueError(
-            f"{where}: subtype {raw_subtype!r} is not a code of the subtype vocabulary (free text is never "
-            f"published); write one of {allowed_subtypes()} (common spellings are accepted: "
-            "builder.convert.clinical.SUBTYPE_SYNONYMS)"
+        raise _CellError(
+            f"{where}: subtype is not a code of the subtype vocabulary (free text is never published nor saved; "
+            f"its value is in the convert log); write one of {allowed_subtypes()} (common spellings are "
+            "accepted: builder.convert.clinical.SUBTYPE_SYNONYMS)", f"subtype {raw_subtype!r}"
         )
     if subtype.diagnosis is not None and subtype.diagnosis is not diagnosis:
-        raise ValueError(
-            f"{where}: subtype {raw_subtype!r} ({subtype.value}) is a {subtype.diagnosis.value} subtype but the "
-            f"diagnosis is {diagnosis.value}; correct one of the two"
+        raise _CellError(
+            f"{where}: subtype {subtype.value} is a {subtype.diagnosis.value} subtype but the "
+            f"diagnosis is {diagnosis.value}; correct one of the two", f"subtype {raw_subtype!r}"
         )
     return dict(exam_date=date, sex=sex, age=age, diagnosis=diagnosis, subtype=subtype)
+
+
+def _decode(path: Path) -> str:
+    """The text of ``path`` in the first of :data:`ENCODINGS` that decodes it; ClinicalError otherwise."""
+    data = path.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise _fail("clinical.csv holds NUL bytes (saved as UTF-16 \"Unicode text\"?); save it again as "
+                    "\"CSV UTF-8 (comma delimited)\"", path=path)
+    for encoding in ENCODINGS:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if encoding != ENCODINGS[0]:
+            logger.info("%s is not UTF-8: read as %s (Windows-1252 / Latin-1); save it as CSV UTF-8 to silence "
+                        "this", path, encoding)
+        return text
+    raise _fail(f"clinical.csv is neither UTF-8 nor Windows-1252/Latin-1 text; save it again as \"CSV UTF-8 "
+                "(comma delimited)\"", path=path)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of clinical.csv as {column: stripped cell}; ClinicalError for a table that cannot be read."""
+    text = _decode(path)
+    first = text.lstrip("\ufeff").split("\n", 1)[0]
+    if ";" in first and "," not in first:
+        raise _fail("clinical.csv is separated by semicolons (a spreadsheet's regional setting); save it again "
+                    "as comma-separated CSV", path=path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        hint = (" (subtype: add the column; an empty cell means unknown)" if "subtype" in missing else "")
+        raise _fail(f"clinical.csv lacks the column(s) {', '.join(missing)} (found {', '.join(columns)}){hint}",
+                    path=path)
+    return [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+            for row in reader]
+
+
+def _check_table(rows: list[dict[str, str]], path: Path) -> None:
+    """Table-level checks: exam ids that are plain names, exam dates all in the contract's YYYY-MM-DD form."""
+    for line, row in enumerate(rows, start=2):
+        exam_id = row.get("exam_id", "")
+        if exam_id and (not _EXAM_ID.fullmatch(exam_id) or exam_id in (".", "..")):
+            raise _fail(f"clinical.csv line {line}: exam_id {exam_id!r} is not a plain name (letters, digits, '.', "
+                        "'_', '-', starting with a letter or digit; no path separator, no '..'); it names the "
+                        "exam's folder dicom/<exam_id>: rename the exam", path=path)
+    others = [(line, row["exam_date"]) for line, row in enumerate(rows, start=2)
+              if row.get("exam_date") and not _ISO_DATE.fullmatch(row["exam_date"])]
+    if others:
+        line, value = others[0]
+        raise _fail(
+            f"clinical.csv column exam_date: {len(others)} of {len(rows)} rows are not in the form YYYY-MM-DD (e.g. "
+            f"line {line}: {value!r}); the table was probably re-exported by a spreadsheet program. Nothing was "
+            "converted or removed. Save the column as YYYY-MM-DD (e.g. 2019-03-21; in a spreadsheet, format the "
+            "cells as yyyy-mm-dd) and run again", path=path)
 
 
 def read_clinical(path: Path) -> dict[str, ClinicalRecord | RejectedRow]:
     """Parse and validate ``clinical.csv``; exam index and relative days per patient.
 
-    Raises ClinicalError for a table that cannot be read (no file, a missing column, an empty
-    exam id, an exam twice). A row with an invalid patient id, date, sex, age, diagnosis or
-    subtype is returned as a :class:`RejectedRow` naming its line and value.
+    Raises ClinicalError for a table that cannot be read (see the module doc). A row with an
+    invalid patient id, date, sex, age, diagnosis or subtype is returned as a :class:`RejectedRow`
+    naming its line and column (its value in ``detail``, for the log).
     """
     if not path.is_file():
         raise _fail("clinical.csv not found in the source folder; it is part of the source contract", path=path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise _fail(f"clinical.csv lacks the column(s) {', '.join(missing)} (found {', '.join(columns)})", path=path)
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
-                for row in reader]
+    rows = _read_rows(path)
+    _check_table(rows, path)
     parsed: dict[str, dict] = {}
     rejected: dict[str, RejectedRow] = {}
     dates: dict[str, tuple[str, dt.date]] = {}  # every valid (patient, date), rejected rows too
@@ -282,10 +363,10 @@ def read_clinical(path: Path) -> dict[str, ClinicalRecord | RejectedRow]:
             pass
         try:
             if not patient_id:
-                raise ValueError(f"{where}: empty patient_id")
+                raise _CellError(f"{where}: empty patient_id")
             values = _parse_row(row, where)
-        except ValueError as e:
-            rejected[exam_id] = RejectedRow(exam_id, patient_id, line, str(e), str(path))
+        except _CellError as e:
+            rejected[exam_id] = RejectedRow(exam_id, patient_id, line, str(e), str(path), e.detail)
             continue
         parsed[exam_id] = dict(exam_id=exam_id, patient_id=patient_id, **values)
     # Exam order per patient over every dated row, so fixing a rejected row does not renumber the others.

@@ -4,14 +4,16 @@
   the patient id, with a secret key kept in ``WORK/private/deid.key``. The same key gives the same
   ids on every run and every release; without the key the ids cannot be recomputed from the
   original identifiers (a plain hash could be, by hashing a list of candidate patient ids).
-  Keep the key with ``WORK/private/id_map.csv``; both stay with the maintainers.
+  Keep the key with ``WORK/private/id_map.csv``; both stay with the maintainers, and back it up:
+  :func:`work_key` never replaces a lost key of a WORK that holds ids made with it.
 * Ages are published in bands of ``schema.AGE_BAND_YEARS`` (90 and over in one band, as in
   HIPAA Safe Harbor); dates only as days from the patient's first exam.
 * Metadata copied from DICOM into ``case.json`` loses every attribute that DICOM PS3.15 Annex E's
   basic confidentiality profile lists as identifying (names, ids, dates and times, UIDs,
   institution, station, operators, device serial numbers, descriptions, free text, weight...).
 * :func:`find_identifiers` is the last line of defence: before a case folder is committed, its
-  names, JSON and decompressed NIfTI headers are searched for the exam's own identifiers, each
+  names, JSON values (not the project's own keys and codes, :data:`CODED_VALUES`) and decompressed
+  NIfTI headers are searched for the exam's own identifiers, each
   matched as a whole token (not inside a longer word or number) of at least
   ``MIN_IDENTIFIER_CHARS`` characters (``MIN_IDENTIFIER_DIGITS`` for all-digit values). Values
   equal to the scanner's equipment strings (Manufacturer, ManufacturerModelName), and a
@@ -52,6 +54,9 @@ KEY_FILE = "deid.key"
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 """Modes of ``WORK/private`` and of its files (the key, id_map.csv): the owner only."""
+MAINTAINERS_FILE_MODE = 0o640
+"""Mode of WORK's files that name exams and why they failed (failures.json, the QC report's index):
+the owner and the maintainers' group, nobody else. They carry no identifying value (only keyed hashes)."""
 MIN_IDENTIFIER_CHARS = 4
 """Shorter identifying values (a two-letter name part) are not searched: as whole tokens they
 would match ordinary words of the case folder, and they identify nobody on their own."""
@@ -94,20 +99,80 @@ _IDENTIFYING_PARTS = re.compile(r"(^|_)(date|time|datetime|uid|uids|name|names|a
 _ALLOWED = frozenset({"decay_time_s", "time_reference", "half_life_s", "acquisition_duration_s", "frame_duration_ms"})
 
 
+def work_has_identities(work: Path) -> list[str]:
+    """What in ``work`` was derived with its key: ``private/id_map.csv`` and case folders under ``cases/``.
+
+    Empty for an empty (or new) WORK. Folders whose name starts with ``.`` are temporary, not cases.
+    """
+    work = Path(work)
+    found = []
+    id_map = work / "private" / "id_map.csv"
+    if id_map.is_file():
+        found.append(str(id_map))
+    cases = work / "cases"
+    if cases.is_dir():
+        n = sum(1 for p in cases.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if n:
+            found.append(f"{n} case folder(s) in {cases}")
+    return found
+
+
+def work_key(work: Path, *, new_key: bool = False) -> bytes:
+    """WORK's de-identification key; a new one only for a WORK that holds no identities yet.
+
+    * the key file exists: it is read (``new_key`` is then refused: WORK is not empty);
+    * no key and WORK holds an id_map.csv or case folders (:func:`work_has_identities`): a hard
+      error naming the key file and the backup to restore it from; nothing is created, since a
+      new key would give every exam a new case id and every patient a new subject id;
+    * no key and nothing derived from one: a new key is created (the first convert of a WORK, or
+      an explicit ``new_key``).
+
+    Raises :class:`~builder.errors.KeyFileError`.
+
+    Example:
+        >>> key = work_key(Path("work"))  # doctest: +SKIP
+    """
+    from builder.errors import KeyFileError
+
+    work = Path(work)
+    private_dir = work / "private"
+    path = private_dir / KEY_FILE
+    derived = work_has_identities(work)
+    if new_key and (path.exists() or derived):
+        what = ", ".join(([str(path)] if path.exists() else []) + derived)
+        raise KeyFileError(f"--new-key is only for an empty WORK, and {work} already holds {what}; a new key "
+                           "would change every case id and subject id. Leave out --new-key (the existing key is "
+                           "used), or give an empty WORK folder", path=path)
+    if not path.exists() and derived:
+        raise KeyFileError(
+            f"the de-identification key {path} is missing, but {work} holds {', '.join(derived)} made with it. "
+            f"Restore {KEY_FILE} from the maintainers' backup into {private_dir} (0600) and run again; nothing "
+            "was written. Without the original key every case id and subject id would change (a patient could "
+            "move between splits). Only if the key is truly lost: convert into a new, empty WORK with --new-key "
+            "and publish it as a new dataset lineage", path=path)
+    return load_or_create_key(private_dir)
+
+
 def load_or_create_key(private_dir: Path) -> bytes:
     """The maintainers' secret de-identification key (created once, 32 random bytes).
+
+    Use :func:`work_key`, which refuses to create a key for a WORK whose ids came from a lost one.
 
     Example:
         >>> key = load_or_create_key(work / "private")  # doctest: +SKIP
     """
+    from builder.errors import KeyFileError
+
     secure_private_dir(private_dir)
     path = private_dir / KEY_FILE
     if path.exists():
-        key = bytes.fromhex(path.read_text().strip())
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except (ValueError, UnicodeDecodeError):
+            key = b""
         if len(key) < 16:
-            from builder.errors import ExamError
-
-            raise ExamError(f"{path} holds a key shorter than 16 bytes; restore the original key file", stage="deid")
+            raise KeyFileError(f"{path} is not a key of at least 16 bytes written as hex digits (damaged or "
+                               "truncated); restore the original key file from the maintainers' backup", path=path)
         return key
     key = secrets.token_bytes(32)
     tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
@@ -269,23 +334,116 @@ def _token_pattern(value: str) -> re.Pattern[str]:
     return re.compile(r"(?<![^\W_])(?<!\d\.)" + re.escape(value.strip()) + r"(?![^\W_])(?!\.\d)", re.IGNORECASE)
 
 
+_PROJECT_KEY = re.compile(r"[a-z][a-z0-9_]*")
+"""How every key the project writes into case.json looks (``suv_peak``, ``metric``): such keys are
+vocabulary, not data, and are not searched (a patient named Peak is no leak in ``"suv_peak"``)."""
+CODED_VALUES = frozenset({
+    # the project's own vocabulary and ids
+    "schema_version", "builder_version", "case_id", "subject_id", "content_hash", "clinical.age_band",
+    "alignment.method", "alignment.metric",
+    "alignment.interpolation", "alignment.decision", "alignment.transform.type", "alignment.transform_file",
+    "qc.checks[].name", "qc.checks[].threshold", "qc.checks[].value", "lesions.grids.*", "source.content_hash",
+    "source.mask_format", "pet.suv.time_reference", "pet.suv.units", "pet.suv.decay_correction",
+    # DICOM defined terms (code strings) and transfer syntax UIDs
+    "*.modality", "*.patient_position", "*.units", "*.corrected_image[]", "*.decay_correction",
+    "*.transfer_syntax",
+})
+"""case.json values that are codes, not data: the project's own vocabulary (a QC check name ``suv_max``,
+the metric ``mattes_mi``) and DICOM defined terms (CorrectionApplied ``NORM``, DecayCorrection
+``START``), as dotted paths (``[]`` a list item, ``*`` any one key). The leak check does not search
+them, so a patient named Norm or Mattes is no leak; every other string value is searched."""
+
+
+def _vocabularies() -> dict[str, frozenset[str]]:
+    """case.json values that are codes only when they are a code of their vocabulary (a patient named
+    Burkitt with Burkitt lymphoma is no leak; a name written into ``clinical.subtype`` is)."""
+    from lymphatlas_ds.schema import Diagnosis, Sex, Subtype
+
+    return {"clinical.subtype": frozenset(s.value for s in Subtype),
+            "clinical.diagnosis": frozenset(d.value for d in Diagnosis), "clinical.sex": frozenset(x.value for x in Sex)}
+
+
+def _coded(path: str, value: object = None) -> bool:
+    vocabulary = _vocabularies().get(path)
+    if vocabulary is not None:
+        return value in vocabulary
+    if path in CODED_VALUES:
+        return True
+    tail = path.partition(".")[2]  # "pet.units" -> "units": the same code under ct and pet
+    parent = path.rsplit(".", 1)[0]  # "lesions.grids.tlg" -> "lesions.grids"
+    return f"*.{tail}" in CODED_VALUES or f"{parent}.*" in CODED_VALUES
+
+
+def json_texts(data: object) -> list[str]:
+    """The texts of a parsed case.json that can carry data: every string and integer value except the
+    codes of :data:`CODED_VALUES`, and every key that is not a project key (:data:`_PROJECT_KEY`).
+
+    Example:
+        >>> json_texts({"suv_peak": 1.5, "ct": {"model": "Biograph", "modality": "CT"}, "items": [{"Doe^Jane": 3}]})
+        ['Biograph', 'Doe^Jane', '3']
+    """
+    out: list[str] = []
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, item = stack.pop(0)
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not _PROJECT_KEY.fullmatch(str(k)):
+                    out.append(str(k))
+                stack.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[]", v) for v in item)
+        elif _coded(path, item):
+            continue
+        elif isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append(str(item))
+    return out
+
+
+def _searched_text(path: Path) -> str | None:
+    """What of a case folder's file is searched: the values of a JSON file (not its keys), a NIfTI
+    header with its extensions, the whole of any other text file; None for other files."""
+    if path.name.endswith((".nii", ".nii.gz")):
+        return nifti_header_text(path).decode("utf-8", errors="replace")
+    if path.suffix not in (".json", ".csv", ".txt", ".md"):
+        return None
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if path.suffix == ".json":
+        import json
+
+        try:
+            return "\n".join(json_texts(json.loads(text)))
+        except json.JSONDecodeError:
+            return text  # not JSON after all: every character is searched
+    return text
+
+
 def find_identifiers(
     folder: Path,
     identifiers: Iterable[tuple[str, str] | str],
     *,
     equipment: Iterable[str] = (),
+    show_values: bool = True,
 ) -> list[str]:
-    """Where any identifying value appears in ``folder``: file and folder names, text files (JSON,
-    CSV), and decompressed NIfTI headers with their extensions. Empty when clean.
+    """Where any identifying value appears in ``folder``: file and folder names (other than the
+    project's own: ``case.json``, ``ct.nii.gz``...), the values of JSON files (strings, integers, keys
+    that are not project keys), other text files (CSV...), and decompressed NIfTI headers with their
+    extensions. Empty when clean.
 
     ``identifiers`` are ``(attribute, value)`` pairs (a bare string is attribute "identifier");
     each value is matched case-insensitively as a whole token (see the module doc), and values
-    that are ``equipment`` strings are skipped. Each hit names the file, the attribute and the value.
+    that are ``equipment`` strings are skipped. Each hit names the file, the attribute and the value
+    (``show_values=False``: not the value, for a message saved in failures.json).
 
     Example:
         >>> find_identifiers(case_dir, [("PatientID", "PAT0001")], equipment=["Biograph Vision 600"])  # doctest: +SKIP
         ["case.json contains the PatientID value 'PAT0001'"]
     """
+    from lymphatlas_ds.schema import CASE_FILES, CASE_JSON
+
+    own_names = {CASE_JSON, *CASE_FILES.values(), "transform.tfm"}
     equipment = [e for e in equipment if e]
     needles: dict[str, tuple[str, re.Pattern[str]]] = {}
     for item in identifiers:
@@ -299,19 +457,30 @@ def find_identifiers(
     hits = []
     for path in sorted([folder, *folder.rglob("*")]):
         rel = path.relative_to(folder).as_posix() if path != folder else path.name
-        for value, (attribute, pattern) in needles.items():
-            if pattern.search(path.name):
-                hits.append(f"the name {rel!r} contains the {attribute} value {value!r}")
+        if path == folder or path.name not in own_names:
+            for value, (attribute, pattern) in needles.items():
+                if pattern.search(path.name):
+                    hits.append(f"the name {rel!r} contains the {attribute} value {value!r}" if show_values
+                                else f"a file name contains the exam's {attribute}")
         if not path.is_file():
             continue
-        if path.name.endswith((".nii", ".nii.gz")):
-            data = nifti_header_text(path)
-        elif path.suffix in (".json", ".csv", ".txt", ".md"):
-            data = path.read_bytes()
-        else:
+        text = _searched_text(path)
+        if text is None:
             continue
-        text = data.decode("utf-8", errors="replace")
         for value, (attribute, pattern) in needles.items():
             if pattern.search(text):
-                hits.append(f"{rel} contains the {attribute} value {value!r}")
+                hits.append(f"{rel} contains the {attribute} value {value!r}" if show_values
+                            else f"{rel} contains the exam's {attribute}")
     return hits
+
+
+def phi_digest(key: bytes, value: object) -> str:
+    """A short keyed hash of an identifying value, for messages kept in shared files (failures.json,
+    the QC report): two values can be told equal or different, neither can be read back.
+
+    Example:
+        >>> phi_digest(b"k" * 32, "PAT-1") == phi_digest(b"k" * 32, " PAT-1 "), phi_digest(b"k" * 32, "PAT-1")[:5]
+        (True, 'hash ')
+    """
+    digest = hmac.new(key, b"phi\x00" + str(value).strip().encode(), hashlib.sha256).hexdigest()
+    return f"hash {digest[:ID_HEX_DIGITS]}"

@@ -57,7 +57,7 @@ import numpy as np
 
 from builder.convert.align import AlignSettings, affine_lps, affine_ras
 from builder.convert.clinical import ClinicalRecord, RejectedRow, read_clinical
-from builder.convert.deid import PRIVATE_FILE_MODE
+from builder.convert.deid import MAINTAINERS_FILE_MODE, PRIVATE_FILE_MODE
 from builder import __version__ as BUILDER_VERSION
 from builder.errors import ExamError, MassRetirementError, run_fault
 from lymphatlas_ds._io import write_atomic
@@ -315,7 +315,9 @@ def _record_error(job: ExamJob, stage: str, result: ExamResult, error: Exception
     if isinstance(error, ExamError) and fault is None:
         error.exam_id = error.exam_id or job.exam_id
         result.status, result.stage, result.reason = Status.REJECTED, error.stage, str(error)
-        logger.warning("exam %s rejected at %s: %s", job.exam_id, error.stage, error)
+        # error.detail (clinical.csv cells, DICOM identity values) goes to this log only, never to failures.json
+        detail = f" [log only: {error.detail}]" if getattr(error, "detail", None) else ""
+        logger.warning("exam %s rejected at %s: %s%s", job.exam_id, error.stage, error, detail)
         return
     result.status, result.stage = Status.FAILED, stage
     if fault is None:  # a bug
@@ -389,7 +391,7 @@ def body_image(body: np.ndarray, ct: sitk.Image) -> sitk.Image:
 def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     import SimpleITK as sitk
 
-    from builder.convert import align, case, lesions, qc
+    from builder.convert import align, case, identity, lesions, qc
     from builder.convert.discover import discover_exam
 
     exam_id, settings = job.exam_id, job.settings
@@ -402,6 +404,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
         return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
+    stages.start("identity")
+    identity.check_exam(job, exam, lambda: {r["case_id"]: e for e, r in read_id_map(job.work).items() if r.get("case_id")})
     ct, pet_suv, body, ct_meta, pet_meta, conv = read_exam(exam, stage=stages.start)
     label, mask_format = _lesion_label(job, exam, ct, body)
     stages.start("align")
@@ -618,10 +622,12 @@ def _leak_check(job: ExamJob, exam: Any) -> Callable[[Path], None]:
     identifiers += in_headers
 
     def leak_check(folder: Path) -> None:
-        hits = deid.find_identifiers(folder, identifiers, equipment=equipment)
-        if hits:
+        hits = deid.find_identifiers(folder, identifiers, equipment=equipment, show_values=False)
+        if hits:  # the values themselves only in the log (error.detail), never in failures.json
+            values = deid.find_identifiers(folder, identifiers, equipment=equipment)
             raise ExamError(f"identifying data would be published: {'; '.join(hits[:5])}; drop that attribute from "
-                            "what convert writes (builder.convert.deid.scrub) or from the source", exam_id=exam_id, stage="deid")
+                            "what convert writes (builder.convert.deid.scrub) or from the source", exam_id=exam_id,
+                            stage="deid", detail="; ".join(values[:5]))
 
     return leak_check
 
@@ -674,7 +680,8 @@ def _write_id_map(work: Path, rows: dict[str, dict]) -> None:
 
 def _write_failures(work: Path, failures: dict[str, dict]) -> None:
     """``WORK/failures.json``: the entries sorted by exam id."""
-    write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n")
+    write_atomic(work / FAILURES, json.dumps(sorted(failures.values(), key=lambda f: f["exam_id"]), indent=2) + "\n",
+                 mode=MAINTAINERS_FILE_MODE)  # exam ids and reasons: the maintainers' group only, whatever the umask
 
 
 def _read_failures(work: Path) -> dict[str, dict]:
@@ -888,6 +895,7 @@ def convert_cohort(
     prune: bool = False,
     wait_for_lock: bool = False,
     allow_mass_retirement: bool = False,
+    new_key: bool = False,
 ) -> RunSummary:
     """Convert every exam (or ``exams``) of ``source`` into ``work``; parallel, resumable.
 
@@ -900,7 +908,9 @@ def convert_cohort(
     worker processes, records every exam they had finished and the unfinished ones as failed, and
     re-raises KeyboardInterrupt. A run that would retire (prune, or replace by a rejection of a changed
     source) more than :data:`MASS_RETIREMENT_FRACTION` of WORK's cases, and at least 2, retires none
-    and raises :class:`~builder.errors.MassRetirementError` naming them, unless ``allow_mass_retirement``.
+    and raises :class:`~builder.errors.MassRetirementError` naming them, unless ``allow_mass_retirement``. The de-identification key must be WORK's own
+    (:func:`builder.convert.deid.work_key`): a missing key with an id_map or cases stops the run
+    before anything is written; ``new_key`` (a new key) is only for an empty WORK.
 
     Example:
         >>> s = convert_cohort(Path("source"), Path("work"), workers=2, progress=False)  # doctest: +SKIP
@@ -919,17 +929,18 @@ def convert_cohort(
         with _terminate_as_interrupt():
             return _convert_locked(source, work, table, all_exams, settings=settings, exams=exams, workers=workers,
                                    scheduler=scheduler, progress=progress, prune=prune,
-                                   allow_mass_retirement=allow_mass_retirement)
+                                   allow_mass_retirement=allow_mass_retirement,
+                                   new_key=new_key)
 
 
 def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str], *, settings: ConvertSettings,
                     exams: list[str] | None, workers: int | None, scheduler: str | None, progress: bool,
-                    prune: bool, allow_mass_retirement: bool) -> RunSummary:
+                    prune: bool, allow_mass_retirement: bool, new_key: bool = False) -> RunSummary:
     """The run itself, under the WORK lock: select the exams, convert them, record every result."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    key = _prepare_work(work)
+    key = _prepare_work(work, new_key=new_key)
     id_map = read_id_map(work)
     present = set(all_exams)
     _settle_journal(work, id_map, present)
@@ -950,6 +961,7 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
     bar = tqdm(total=len(jobs), desc="convert", unit="exam", disable=not progress)
     ledger = _Ledger(work, id_map, failures, bar)
     try:
+        jobs = _reject_duplicate_studies(source, jobs, key, id_map, ledger.collect)
         _run_jobs(jobs, scheduler, n_workers, threads, ledger.collect)
     except KeyboardInterrupt:
         ledger.interrupted(jobs)
@@ -1028,16 +1040,34 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _prepare_work(work: Path) -> bytes:
-    """WORK's cases/ and private/ folders, cleared of what an interrupted run left; the de-identification key."""
+def _prepare_work(work: Path, *, new_key: bool = False) -> bytes:
+    """The de-identification key (checked first: a lost one stops the run before anything is written);
+    WORK's cases/ and private/ folders, cleared of what an interrupted run left."""
     from builder.convert import case as case_mod
-    from builder.convert.deid import load_or_create_key
+    from builder.convert.deid import work_key
 
+    key = work_key(work, new_key=new_key)
     (work / "cases").mkdir(parents=True, exist_ok=True)
     (work / "private").mkdir(parents=True, exist_ok=True)
     for name in case_mod.clean_leftovers(work / "cases"):  # safe: we hold the WORK lock, no other run writes
         logger.info("removed %s left by an interrupted run", name)
-    return load_or_create_key(work / "private")
+    return key
+
+
+def _reject_duplicate_studies(source: Path, jobs: list[ExamJob], key: bytes, id_map: dict[str, dict],
+                              collect: Callable[[ExamResult], None]) -> list[ExamJob]:
+    """Reject (without converting) each exam whose DICOM study another exam holds; the jobs left to run."""
+    from builder.convert.identity import duplicate_studies
+
+    case_of = {e: row.get("case_id", "") for e, row in id_map.items()}
+    rejected = duplicate_studies(source, [j.exam_id for j in jobs], key, case_of)
+    for job in jobs:
+        if job.exam_id in rejected:
+            error, changed = rejected[job.exam_id]
+            logger.warning("exam %s rejected at %s: %s [log only: %s]", job.exam_id, error.stage, error, error.detail)
+            collect(ExamResult(job.exam_id, Status.REJECTED, stage=error.stage, reason=str(error),
+                               patient_id=job.clinical.patient_id if job.clinical else None, source_changed=changed))
+    return [j for j in jobs if j.exam_id not in rejected]
 
 
 def _select_exams(exams: list[str] | None, present: set[str], table: dict, gone: dict[str, str]) -> list[str]:
