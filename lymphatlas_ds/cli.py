@@ -43,8 +43,21 @@ def dispatch(
     """Parse ``argv``, run ``<package>.<command>.run(args)`` and turn LymphAtlasError into exit status 2.
 
     ``quiet_loggers``: other libraries' loggers held at WARNING unless ``--verbose`` (their INFO
-    lines would drown the pipeline's own).
+    lines would drown the pipeline's own). A closed stdout (``... | head -1``), met while running or
+    at the final flush (``--help`` included), ends quietly with status 141.
     """
+    try:
+        try:
+            return _dispatch(argv, prog=prog, description=description, package=package, commands=commands,
+                             level=level, log_format=log_format, quiet_loggers=quiet_loggers)
+        finally:  # on return and on argparse's exit alike: a closed pipe shows here, not at the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _parser(prog: str, description: str, package: str, commands: Mapping[str, str]) -> tuple:
+    """The top-level parser, each command's parser and module."""
     from lymphatlas_ds import __version__
     from lymphatlas_ds.schema import SCHEMA_VERSION
 
@@ -57,6 +70,12 @@ def dispatch(
         modules[name] = importlib.import_module(f"{package}.{name}")
         parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         modules[name].add_arguments(parsers[name])
+    return parser, parsers, modules
+
+
+def _dispatch(argv: list[str] | None, *, prog: str, description: str, package: str, commands: Mapping[str, str],
+              level: int, log_format: str, quiet_loggers: tuple[str, ...]) -> int:
+    parser, parsers, modules = _parser(prog, description, package, commands)
     args, extra = parser.parse_known_args(argv)
     if extra:  # the command's own usage, not the top-level one (argparse's default)
         parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
@@ -65,14 +84,10 @@ def dispatch(
         for name in quiet_loggers:
             logging.getLogger(name).setLevel(max(level, logging.WARNING))
     try:
-        status = int(modules[args.command].run(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-        return status
+        return int(modules[args.command].run(args) or 0)
     except LymphAtlasError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        return _closed_pipe()
 
 
 def _closed_pipe() -> int:

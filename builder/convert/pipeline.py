@@ -928,7 +928,7 @@ def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = 
                 case_mod.remove_case(work / "cases", case_id)
                 shutil.rmtree(work / "qc" / "cases" / case_id, ignore_errors=True)  # its QC pictures
             removed[exam_id] = case_id
-            logger.info("withdrew exam %s (case %s)", exam_id, case_id or "none")
+            logger.debug("withdrew exam %s (case %s)", exam_id, case_id or "none")
         # The id_map row goes last: should a removal fail, a rerun still knows the case.
         for exam_id in removed:
             id_map.pop(exam_id, None)

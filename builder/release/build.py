@@ -480,7 +480,7 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
+    log.debug("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
     return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats)
 
 
