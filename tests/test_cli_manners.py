@@ -32,6 +32,8 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "LYMPHATLAS_CACHE": str(root / "cache"), **extra}
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env.pop("PYTHONPATH", None)
+    if "PYTHONUNBUFFERED" not in extra:  # a user's default: stdout block-buffered into a pipe
+        env.pop("PYTHONUNBUFFERED", None)
     return env
 
 
@@ -66,11 +68,13 @@ def test_a_closed_pipe_ends_quietly(small_release, cmd):
         assert proc.stdout.count("\n") == 1 and proc.stdout.strip()
 
 
-def test_a_reader_gone_before_the_first_line_gives_141_and_no_traceback(small_release):
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_reader_gone_before_the_first_line_gives_141_and_no_traceback(small_release, unbuffered):
     root, _release = small_release
     reader, writer = os.pipe()
     os.close(reader)  # the reader is gone before the command writes anything
-    proc = subprocess.run([str(BIN / "lymphatlas"), "info", "lymphatlas"], cwd=root, env=_env(root), stdout=writer,
+    env = _env(root, **({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {}))
+    proc = subprocess.run([str(BIN / "lymphatlas"), "info", "lymphatlas"], cwd=root, env=env, stdout=writer,
                           stderr=subprocess.PIPE, text=True, timeout=300)
     os.close(writer)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
