@@ -134,3 +134,18 @@ def test_an_io_error_midway_leaves_the_target_as_it_was(monai_run, tmp_path, mon
     assert len(calls) >= 5
     assert (_digests(target) == before) if force else not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["monai_data"] if force else [])
+
+
+def test_a_subject_in_train_and_test_is_refused_before_the_folder_appears(monai_run, tmp_path):
+    from lymphatlas_ds import monai_datalist
+    from lymphatlas_ds.errors import SchemaError
+    from lymphatlas_ds.reader import Release
+
+    _root, _out, release, splits, _proc = monai_run
+    leaky = Release(release.path)
+    test_case = next(c for c, e in splits.items() if e["split"] == "test")
+    train_case = next(c for c, e in splits.items() if e["split"] == "train")
+    leaky.splits["cases"][test_case]["subject_id"] = splits[train_case]["subject_id"]  # as a broken release would
+    with pytest.raises(SchemaError, match="share a subject"):
+        monai_datalist.materialize_monai(leaky, tmp_path / "monai_data")
+    assert list(tmp_path.iterdir()) == []
