@@ -1,7 +1,8 @@
 """`python -m builder convert SOURCE WORK`: DICOM source -> aligned cases (docs/contracts.md section 3).
 
 Exit status: 0 every exam converted or unchanged; 1 some exam rejected (its data fail a check, see
-failures.json); 2 a usage error (bad SOURCE, WORK in use by another run); 3 some exam failed with
+failures.json); 2 a usage error (bad SOURCE, WORK in use by another run, a --scheduler that cannot be
+reached: nothing written); 3 some exam failed with
 an error of this run (disk full, out of memory, a killed worker): nothing was lost, rerun;
 130 interrupted (Ctrl-C): finished exams are kept, rerun resumes.
 """
