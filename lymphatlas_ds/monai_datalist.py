@@ -116,7 +116,7 @@ def datalist(release, train_ids: Iterable[str], test_ids: Iterable[str], config:
     test = [_entry(c, Split.TEST, cases[c].get("subject_id")) for c in test_ids]
     version = release.manifest.get("version")
     return {
-        "name": f"{schema.DATASET_NAME}",
+        "name": schema.DATASET_NAME,
         "description": f"{schema.DATASET_NAME} {version} ({config.value}): whole-body FDG PET/CT, lymphoma lesions; "
                        "PET resampled onto the CT grid, PET in SUVbw",
         "release": version,
