@@ -109,7 +109,7 @@ def write_report(
     index = out / "index.html"
     page = render_html(shown, failures=failures, build=build, display=display, out=out)
     write_atomic(index, page.encode("utf-8"), mode=MAINTAINERS_FILE_MODE)  # lists failures.json: the maintainers' group only
-    logger.info("QC report of %d cases and %d rejected exams: %s", len(shown), len(failures), index)
+    logger.debug("QC report of %d cases and %d rejected exams: %s", len(shown), len(failures), index)
     return index
 
 

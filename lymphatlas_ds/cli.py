@@ -4,6 +4,10 @@ Each command lives in ``lymphatlas_ds/commands/<name>.py`` with ``add_arguments(
 ``run(args) -> int``; heavy imports happen inside ``run``. Errors of the LymphAtlasError family are
 printed as one clear line and exit with status 2. :func:`dispatch` also serves the maintainers'
 ``python -m builder``.
+
+Manners: an unknown option of a command is reported with that command's usage; output cut short by
+a closed pipe (``lymphatlas info ... | head -1``) ends quietly with status 141 (128 + SIGPIPE, what
+the shell reports for any command a pipe closes on).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Mapping
 
@@ -38,8 +43,21 @@ def dispatch(
     """Parse ``argv``, run ``<package>.<command>.run(args)`` and turn LymphAtlasError into exit status 2.
 
     ``quiet_loggers``: other libraries' loggers held at WARNING unless ``--verbose`` (their INFO
-    lines would drown the pipeline's own).
+    lines would drown the pipeline's own). A closed stdout (``... | head -1``), met while running or
+    at the final flush (``--help`` included), ends quietly with status 141.
     """
+    try:
+        try:
+            return _dispatch(argv, prog=prog, description=description, package=package, commands=commands,
+                             level=level, log_format=log_format, quiet_loggers=quiet_loggers)
+        finally:  # on return and on argparse's exit alike: a closed pipe shows here, not at the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _parser(prog: str, description: str, package: str, commands: Mapping[str, str]) -> tuple:
+    """The top-level parser, each command's parser and module."""
     from lymphatlas_ds import __version__
     from lymphatlas_ds.schema import SCHEMA_VERSION
 
@@ -47,11 +65,20 @@ def dispatch(
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (release schema {SCHEMA_VERSION})")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
+    modules, parsers = {}, {}
     for name, help_text in commands.items():
         modules[name] = importlib.import_module(f"{package}.{name}")
-        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        modules[name].add_arguments(parsers[name])
+    return parser, parsers, modules
+
+
+def _dispatch(argv: list[str] | None, *, prog: str, description: str, package: str, commands: Mapping[str, str],
+              level: int, log_format: str, quiet_loggers: tuple[str, ...]) -> int:
+    parser, parsers, modules = _parser(prog, description, package, commands)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage, not the top-level one (argparse's default)
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else level, format=log_format)
     if not args.verbose:
         for name in quiet_loggers:
@@ -61,6 +88,14 @@ def dispatch(
     except LymphAtlasError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: drop what is left unwritten, exit with the shell's status for SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush then writes nowhere, quietly
+    os.close(devnull)
+    return 128 + 13
 
 
 def main(argv: list[str] | None = None) -> int:

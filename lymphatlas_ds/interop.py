@@ -90,7 +90,8 @@ def _require(module: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"{module} is not installed; install it with `pip install lymphatlas-ds[{extra}]` (or `pip install {extra}`)"
+            f"{module} is not installed; install it with `pip install {extra}` (or, in a clone of the project, "
+            f"`pip install \".[{extra}]\"`)"
         ) from e
 
 

@@ -78,10 +78,10 @@ def _cases(release: Path, *, split: str, config: str = "all", fold: int | None =
 def test_card_streaming_exits_cleanly_in_5_of_5_runs(user_folder):
     root, _ = user_folder
     code = _block(root / "lymphatlas" / "README.md", "streaming=True")
-    assert 'datasets.load_dataset("./lymphatlas", "nhl", split="train", streaming=True)' in code
+    assert 'datasets.load_dataset(os.getcwd(), "nhl", split="train", streaming=True)' in code
     train = _cases(root / "lymphatlas", split="train", config="nhl")
     for run in range(5):
-        proc = _python(code, root)
+        proc = _python(code, root / "lymphatlas")  # the card's lines run where it is read
         # 134: "terminate called without an active exception" at interpreter exit; 124/timeout: the hang
         assert proc.returncode == 0, f"run {run}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert proc.stdout.strip() in train, proc.stdout
@@ -112,10 +112,10 @@ def test_card_datasets_lines_load_filter_and_decode_the_true_volumes(user_folder
     code = _block(root / "lymphatlas" / "README.md", "filters=")
     code += (
         "\nimport json, numpy as np\n"
-        "np.save('ct.npy', np.asarray(ct))\n"
+        f"np.save({str(root / 'ct.npy')!r}, np.asarray(ct))\n"
         "print(json.dumps({'case': case['case_id'], 'ids': sorted(ds['case_id']), 'fold1': sorted(fold1['case_id'])}))\n"
     )
-    proc = _python(code, root)
+    proc = _python(code, root / "lymphatlas")  # the card's lines run where it is read
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     release = root / "lymphatlas"
@@ -133,10 +133,11 @@ def test_card_hf_torch_gives_torch_items_with_the_true_voxels(user_folder):
     code += (
         "\nimport numpy as np, torch\n"
         "assert isinstance(item['image'], torch.Tensor)\n"
-        "np.save('image.npy', item['image'].numpy()); np.save('label.npy', item['label'].numpy())\n"
+        f"np.save({str(root / 'image.npy')!r}, item['image'].numpy()); "
+        f"np.save({str(root / 'label.npy')!r}, item['label'].numpy())\n"
         "print(item['case_id'])\n"
     )
-    proc = _python(code, root)
+    proc = _python(code, root / "lymphatlas")
     assert proc.returncode == 0, proc.stderr[-3000:]
     case = truth[proc.stdout.strip().splitlines()[-1]]
     image, label = np.load(root / "image.npy"), np.load(root / "label.npy")
@@ -171,7 +172,8 @@ def test_no_card_shows_a_bare_name_or_an_install_that_does_not_work(user_folder)
     local = (root / "lymphatlas" / "README.md").read_text()
     hub = hub_readme(local, repo_id="org/lymphatlas", version="1.0.0")
     mirror = (root / "mirror" / "README.md").read_text()
-    assert _load_dataset_sources(local) and all(s.startswith("./") for s in _load_dataset_sources(local))
+    # a local copy's card reads the folder that holds it (a release or a mirror's version folder), never a name
+    assert not _load_dataset_sources(local) and local.count("load_dataset(os.getcwd(),") >= 3
     assert _load_dataset_sources(mirror) and all(s.startswith("./") for s in _load_dataset_sources(mirror))
     assert set(_load_dataset_sources(hub)) == {"org/lymphatlas"}
     for call in re.findall(r"load_dataset\([^\n]*", hub):

@@ -148,7 +148,7 @@ def test_hub_plan_adds_every_file_with_the_manifest_hashes_and_deletes_stale_sha
     # The Hub's card names the repo and the tag; the committed manifest lists that card's hash.
     hub_card = adds["README.md"].path_or_fileobj.decode()
     assert 'load_dataset("org/lymphatlas", "nhl", split="train", revision="v1.1.0")' in hub_card
-    assert 'load_dataset("./' not in hub_card and (release / "README.md").read_text().count('load_dataset("./') >= 3
+    assert 'load_dataset("./' not in hub_card and (release / "README.md").read_text().count('load_dataset(os.getcwd()') >= 3
     hub_manifest = json.loads(adds["manifest.json"].path_or_fileobj)
     assert {k: v for k, v in hub_manifest.items() if k != "files"} == {k: v for k, v in manifest.items() if k != "files"}
     for rel, entry in hub_manifest["files"].items():

@@ -100,13 +100,12 @@ def _run_info(args: argparse.Namespace, version: str, trainer_name: str, timings
 
 def _materialize(run: _Run, config: str, dataset_id: int) -> MaterializeResult:
     """The config's nnU-Net raw dataset, with the release's folds as nnU-Net's splits."""
-    from tqdm import tqdm
-
     from lymphatlas_ds.nnunet import materialize_nnunet
+    from lymphatlas_ds.progress import progress_bar
 
     args = run.args
     t0 = time.perf_counter()
-    with tqdm(desc=f"materialize {config}", unit="case", disable=args.quiet, file=sys.stderr) as bar:
+    with progress_bar(desc=f"materialize {config}", unit="case", disable=args.quiet, file=sys.stderr) as bar:
         m = materialize_nnunet(run.release, run.paths["nnUNet_raw"], config=config, dataset_id=dataset_id,
                                preprocessed_dir=run.paths["nnUNet_preprocessed"],
                                pet_channel_name=args.pet_channel_name, include_test=not args.no_test,

@@ -2,8 +2,8 @@
 
 Exit status: 0 every exam converted or unchanged; 1 some exam rejected (its data fail a check, see
 failures.json, kind "exam"); 2 a usage error (bad SOURCE, WORK in use by another run, WORK's
-de-identification key missing, a clinical.csv that cannot be read as a table, a run that would retire
-too many cases without --allow-mass-withdrawal: nothing was written); 3 some exam failed with an error
+de-identification key missing, a --scheduler that cannot be reached, a clinical.csv that cannot be read
+as a table, a run that would retire too many cases without --allow-mass-withdrawal: nothing was written); 3 some exam failed with an error
 of this run (disk full, out of memory, a killed worker; kind "run"): nothing was lost, rerun;
 130 interrupted (Ctrl-C or SIGTERM): the workers are stopped, finished exams are kept, rerun resumes.
 """

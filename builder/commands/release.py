@@ -31,12 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from lymphatlas_ds.progress import progress_bar
 
     from builder.release.build import build_release, list_work_cases
 
     total = len(list_work_cases(args.work))
-    with tqdm(total=total, unit="case", desc=f"release {args.version}", disable=args.quiet) as bar:
+    with progress_bar(total=total, unit="case", desc=f"release {args.version}", disable=args.quiet) as bar:
         summary = build_release(
             args.work,
             args.release,

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from lymphatlas_ds.progress import progress_bar
 
     from lymphatlas_ds._lock import work_lock
     from lymphatlas_ds.errors import LymphAtlasError
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from builder.report import write_report
 
     def progress(cases):
-        return tqdm(cases, desc="QC pictures", unit="case", disable=args.quiet)
+        return progress_bar(cases, desc="QC pictures", unit="case", disable=args.quiet)
 
     if not args.work.is_dir():
         raise LymphAtlasError(f"WORK folder {args.work} does not exist; run `python -m builder convert SOURCE "

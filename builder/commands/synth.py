@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from lymphatlas_ds.progress import progress_bar
 
     from lymphatlas_synth.cohort import generate_cohort
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--variants must be 'all' or JSON (e.g. '{{\"vendor\": \"ge\"}}'): {e}") from e
 
     def progress(items):
-        return tqdm(items, desc="exams", unit="exam", disable=args.quiet)
+        return progress_bar(items, desc="exams", unit="exam", disable=args.quiet)
 
     try:
         truths = generate_cohort(args.out, n_exams=args.exams, seed=args.seed, size=args.size, truth_dir=args.truth,

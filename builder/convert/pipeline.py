@@ -919,6 +919,10 @@ def convert_cohort(
     """
     source, work = Path(source), Path(work)
     _check_source(source)
+    if scheduler:  # a scheduler that cannot be reached is reported before WORK or the key is created
+        from builder.convert.scheduler import check_scheduler
+
+        check_scheduler(scheduler)
     table = read_clinical(source / "clinical.csv")
     all_exams = list_exams(source)
     if not all_exams and not table:
@@ -937,7 +941,7 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
                     exams: list[str] | None, workers: int | None, scheduler: str | None, progress: bool,
                     prune: bool, allow_mass_retirement: bool, new_key: bool = False) -> RunSummary:
     """The run itself, under the WORK lock: select the exams, convert them, record every result."""
-    from tqdm.auto import tqdm
+    from lymphatlas_ds.progress import progress_bar
 
     t_start = time.perf_counter()
     key = _prepare_work(work, new_key=new_key)
@@ -958,7 +962,7 @@ def _convert_locked(source: Path, work: Path, table: dict, all_exams: list[str],
                 previous_case_id=(id_map.get(e) or {}).get("case_id") or None, threads=threads)
         for e in selected
     ]
-    bar = tqdm(total=len(jobs), desc="convert", unit="exam", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="convert", unit="exam", disable=not progress)
     ledger = _Ledger(work, id_map, failures, bar)
     try:
         jobs = _reject_duplicate_studies(source, jobs, key, id_map, ledger.collect)
@@ -1174,13 +1178,14 @@ class _Ledger:
 
 def _log_summary(summary: RunSummary, work: Path) -> None:
     """The run's summary line, each rejected or failed exam, and the exams gone from the source."""
-    logger.info("%s", summary.line())
+    # DEBUG: `python -m builder convert` prints all of this on stdout; a log line would show it twice
+    logger.debug("%s", summary.line())
     for r in summary.results:
         if r.status in (Status.REJECTED, Status.FAILED):
-            logger.info("  %s %s at %s: %s", r.exam_id, r.status.value, r.stage, r.reason)
+            logger.debug("  %s %s at %s: %s", r.exam_id, r.status.value, r.stage, r.reason)
     if summary.gone:
         gone = summary.gone
-        logger.warning("%d exams of WORK are gone from the source (%s): their cases stay until "
+        logger.debug("%d exams of WORK are gone from the source (%s): their cases stay until "
                        "`python -m builder withdraw %s %s` (or convert --prune); release refuses them",
                        len(gone), ", ".join(gone), work, " ".join(gone))
 
@@ -1219,7 +1224,7 @@ def withdraw_exams(work: str | Path, exams: list[str], *, wait_for_lock: bool = 
                 case_mod.remove_case(work / "cases", case_id)
                 shutil.rmtree(work / "qc" / "cases" / case_id, ignore_errors=True)  # its QC pictures
             removed[exam_id] = case_id
-            logger.info("withdrew exam %s (case %s)", exam_id, case_id or "none")
+            logger.debug("withdrew exam %s (case %s)", exam_id, case_id or "none")
         # The id_map row goes last: should a removal fail, a rerun still knows the case.
         for exam_id in removed:
             id_map.pop(exam_id, None)

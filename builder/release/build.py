@@ -520,7 +520,7 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
         shutil.rmtree(staging, ignore_errors=True)
         raise
     lineage.record_release(work, manifest_mod.read_manifest(release_dir))
-    log.info("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
+    log.debug("release %s: %d cases in %d shards at %s", version, len(rows), len(written), release_dir)
     return ReleaseSummary(release_dir, version, len(rows), tuple(written), changes, stats,
                           base_version=prev["manifest"]["version"] if prev else None)
 

@@ -66,7 +66,12 @@ USAGE_END = "<!-- usage: end -->"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 USAGE_TEMPLATE = """\
-{%- set src = repo_id if repo_id else "./" ~ folder -%}
+{#- local copy: run in the folder that holds the card (a release folder or a mirror's version folder);
+    datasets 5.2 refuses load_dataset(".") ("dataset_name should be specified"), hence os.getcwd() -#}
+{%- set src = repo_id if repo_id else "." -%}
+{%- set py_src = '"' ~ repo_id ~ '"' if repo_id else "os.getcwd()" -%}
+{%- set py_os = "" if repo_id else "import os  # run in the folder that holds this card: os.getcwd() is its path\n" -%}
+{%- set raw = "./nnUNet_raw" if repo_id else "~/nnUNet_raw" -%}
 {%- set pin = ', revision="' ~ tag ~ '"' if repo_id else "" -%}
 {%- set ver = ' --version ' ~ version if repo_id else "" -%}
 {%- if repo_id -%}
@@ -74,20 +79,21 @@ This card is the Hub copy of release {{ version }}: the repo `{{ repo_id }}`, ta
 the version with `revision="{{ tag }}"` (without it, `datasets` reads the newest commit). A gated
 repo needs a login first: `hf auth login` (or `HF_TOKEN`).
 {%- else -%}
-This card belongs to the local release folder `{{ folder }}` (version {{ version }}). Give
-`datasets` its path, never a bare name (a bare name is a Hub repo id, and `datasets` falls back to
-whatever copy of that name its cache saw last). In a local mirror each version is its own folder,
-`./mirror/{{ version }}`; `./mirror` itself reads the newest version.
+This card belongs to a local copy of release {{ version }}: a release folder, or the version folder
+`mirror/{{ version }}` of a local mirror (`mirror` itself reads the newest version). The lines below
+run in the folder that holds this card, whose path is `os.getcwd()` (`.` in a shell); from elsewhere
+give that folder's path, never a bare name (a bare name is a Hub repo id, and `datasets` falls back
+to whatever copy of that name its cache saw last).
 {%- endif %}
 
 With Hugging Face `datasets` (the Nifti columns decode to nibabel images):
 
 ```python
-from datasets import load_dataset
-ds = load_dataset("{{ src }}", "nhl", split="train"{{ pin }})
+{{ py_os }}from datasets import load_dataset
+ds = load_dataset({{ py_src }}, "nhl", split="train"{{ pin }})
 case = ds[0]
 ct = case["ct"].get_fdata()          # [x, y, z] as nibabel returns it
-fold1 = load_dataset("{{ src }}", "nhl", split="train"{{ pin }}, filters=[("fold", "==", 1)])
+fold1 = load_dataset({{ py_src }}, "nhl", split="train"{{ pin }}, filters=[("fold", "==", 1)])
 ```
 
 Streaming (the `import lymphatlas_ds` makes the process exit cleanly: without it, leaving a
@@ -95,37 +101,45 @@ streamed parquet file before its end can abort the interpreter at exit, an upstr
 apache/arrow#45214 and huggingface/datasets#7566):
 
 ```python
-import datasets, lymphatlas_ds
-ds = datasets.load_dataset("{{ src }}", "nhl", split="train"{{ pin }}, streaming=True)
-print(next(iter(ds))["case_id"])
+{{ py_os }}import datasets, lymphatlas_ds
+stream = datasets.load_dataset({{ py_src }}, "nhl", split="train"{{ pin }}, streaming=True)
+print(next(iter(stream))["case_id"])
 ```
 
-`with_format("torch")` and `"numpy"` fail on the Nifti columns (upstream); `hf_torch` gives torch
-items from a `datasets.Dataset` instead:
+`with_format("numpy")` works and holds each volume as a 0-d object array around its nibabel image
+(`ds.with_format("numpy")[0]["ct"].item().get_fdata()`); `with_format("torch")` fails on the Nifti
+columns (upstream). `hf_torch` gives torch items from a `datasets.Dataset` instead:
 
 ```python
 from lymphatlas_ds import hf_torch
 item = hf_torch(ds)[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(", ") }}), "label": uint8 [1, Z, Y, X], "affine", ...}
 ```
 
-The `lymphatlas_ds` client (torch loader, nnU-Net export, the `lymphatlas` command) is not on
-PyPI: install it from the project's source tree, `pip install <checkout>`, or as the wheel built
-there, `pip wheel --no-deps -w dist <checkout>` then `pip install dist/lymphatlas_ds-*.whl`.
+Reading with `datasets` needs only `pip install datasets nibabel`. The `lymphatlas_ds` client (torch
+loader, nnU-Net and MONAI export, the `lymphatlas` command) is on no package index: in a clone of
+the project's repository run `pip install .` (`pip install ".[monai]"` adds MONAI).
 
 ```python
-from lymphatlas_ds import load_lymphatlas
-train = load_lymphatlas("{{ src }}", {% if repo_id %}version="{{ version }}", {% endif %}config="nhl", split="train", fold=0, subset="train")
+{{ py_os }}from lymphatlas_ds import load_lymphatlas
+train = load_lymphatlas({{ py_src }}, {% if repo_id %}version="{{ version }}", {% endif %}config="nhl", split="train", fold=0, subset="train")
 sample = train[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(", ") }}), "label": [1, Z, Y, X], ...}
 ```
 
 For nnU-Net v2 (channels `_0000` = CT, `_0001` = PET, with a patient-grouped `splits_final.json`):
 
 ```bash
-lymphatlas materialize {{ src }}{{ ver }} --nnunet ./nnUNet_raw --config all
+lymphatlas materialize {{ src }}{{ ver }} --nnunet {{ raw }} --config all
 ```
 
 It prints nnU-Net's own commands for the dataset it wrote (`nnUNetv2_plan_and_preprocess`,
 `nnUNetv2_train ... -tr nnUNetTrainer_500epochs`, the paper's setting, and `nnUNetv2_predict`).
+
+For MONAI: NIfTI files and a `datalist.json` in MONAI's decathlon format, each training entry with
+its patient-grouped `fold`, for `monai.data.load_decathlon_datalist`:
+
+```bash
+lymphatlas materialize {{ src }}{{ ver }} --monai {{ raw | replace("nnUNet_raw", "lymphatlas_monai") }} --config all
+```
 
 Check a copy against its manifest: `lymphatlas verify {{ src }}{{ ver }}`.
 """

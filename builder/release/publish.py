@@ -170,7 +170,7 @@ def _publish_mirror(release: Path, mirror: Path, wait_for_lock: bool) -> Path:
         card_path = mirror / MIRROR_CARD_NAME
         if not card_path.is_file() or card_path.read_text(encoding="utf-8") != root_card:
             write_atomic(card_path, root_card, fsync=True)
-        log.info("published %s to %s", version, target)
+        log.debug("published %s to %s", version, target)
     return target
 
 
@@ -312,5 +312,5 @@ def publish_hub(
     api.create_tag(
         repo_id, tag=plan.tag, revision=info.oid, tag_message=plan.commit_message, repo_type="dataset"
     )
-    log.info("published %s to %s at %s (tag %s)", plan.version, repo_id, info.oid, plan.tag)
+    log.debug("published %s to %s at %s (tag %s)", plan.version, repo_id, info.oid, plan.tag)
     return plan

@@ -21,8 +21,12 @@ from lymphatlas_ds.schema import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nnunet", metavar="RAW_DIR", required=True,
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--nnunet", metavar="RAW_DIR",
                         help="nnU-Net raw folder (nnUNet_raw); the dataset goes to RAW_DIR/Dataset<ID>_<Name>/")
+    target.add_argument("--monai", metavar="DIR",
+                        help="a new folder DIR: NIfTI files and datalist.json (MONAI's decathlon format, the "
+                             "release's folds) for monai.data.load_decathlon_datalist")
     parser.add_argument("source", nargs="?", default=None,
                         help="release folder, local mirror (with --version), or Hugging Face repo id")
     parser.add_argument("--source", dest="source_option", metavar="SOURCE", default=None,
@@ -54,15 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from lymphatlas_ds.nnunet import materialize_nnunet
+    from lymphatlas_ds.progress import progress_bar
     from lymphatlas_ds.reader import Release
     from lymphatlas_ds.source import resolve_release
 
     source = _source(args)
     release = Release(resolve_release(source, version=args.version).path)
-    with tqdm(desc="materialize", unit="case", disable=args.quiet, file=sys.stderr) as bar:
+    if args.monai is not None:
+        return _run_monai(args, release)
+    with progress_bar(desc="materialize", unit="case", disable=args.quiet) as bar:
         result = materialize_nnunet(
             release, args.nnunet, config=args.config, dataset_id=args.dataset_id, name=args.name,
             preprocessed_dir=args.preprocessed, pet_channel_name=args.pet_channel_name,
@@ -103,6 +108,19 @@ def fold_summary(result: Any, *, config: str) -> str:
     if not n:
         lines.append("  no fold left: no splits_final.json is written; train on all cases (`nnUNetv2_train ... all`)")
     return "\n".join(lines)
+
+
+def _run_monai(args: argparse.Namespace, release) -> int:
+    from lymphatlas_ds.monai_datalist import materialize_monai
+    from lymphatlas_ds.progress import progress_bar
+
+    with progress_bar(desc="materialize --monai", unit="case", disable=args.quiet) as bar:
+        result = materialize_monai(release, args.monai, config=args.config, force=args.force, workers=args.workers,
+                                   gzip_level=args.gzip_level, progress=lambda: bar.update(1))
+    print(result.describe())
+    print(f"load it with MONAI: monai.data.load_decathlon_datalist({str(result.datalist)!r}, True, \"training\"); "
+          "validate fold k on the entries whose \"fold\" is k")
+    return 0
 
 
 def _source(args: argparse.Namespace) -> str:

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from lymphatlas_ds.progress import progress_bar
 
     from lymphatlas_ds.reader import Release
     from lymphatlas_ds.source import list_versions, resolve_release
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         resolved = resolve_release(args.source, version=version)
         release = Release(resolved.path, verify=False, remember=False)
         total = sum(int(entry["size"]) for entry in release.manifest["files"].values())
-        with tqdm(total=total, desc=f"verify {release.version}", unit="B", unit_scale=True, disable=args.quiet,
+        with progress_bar(total=total, desc=f"verify {release.version}", unit="B", unit_scale=True, disable=args.quiet,
                   file=sys.stderr, leave=False) as bar:
             problems: list = release.verify_all(check_sha256=not args.quick, progress=bar.update)
         if args.content and not problems:
