@@ -278,3 +278,36 @@ def test_a_bspline_refinement_without_a_metric_gain_is_not_applied(shifted_phant
     assert not isinstance(res.transform, sitk.CompositeTransform)
     assert res.record["metric_after"] == res.record["metric_rigid"]
     np.testing.assert_allclose(_applied_shift(res), (12.0, -6.0, 0.0), atol=1e-6)
+
+
+# --- de-identification: the pipeline's leak check, on a default run ------------------------------------
+
+
+def test_an_accession_number_in_a_published_column_rejects_the_exam_at_the_leak_check(
+    synthetic_good_cohort, tmp_path, monkeypatch
+) -> None:
+    """The exam's AccessionNumber (from its own DICOM header) planted in case.json's clinical block: the
+    convert rejects the exam at stage deid, naming the attribute, and publishes nothing of it."""
+    import pydicom
+
+    from builder.convert import clinical, pipeline
+    from builder.convert.align import AlignSettings
+
+    source = synthetic_good_cohort[0]
+    first = sorted(p for p in (source / "dicom" / "EX0000").rglob("*") if p.is_file())[0]
+    accession = str(pydicom.dcmread(first, stop_before_pixels=True).AccessionNumber)
+    patient_ids = {row.split(",")[1] for row in (source / "clinical.csv").read_text().splitlines()[1:]}
+    assert len(accession) >= 6 and accession not in patient_ids  # only AccessionNumber can name it
+    published = clinical.ClinicalRecord.published
+    monkeypatch.setattr(clinical.ClinicalRecord, "published", lambda self: {**published(self), "subtype": accession})
+    work = tmp_path / "work"
+    settings = pipeline.ConvertSettings(align=AlignSettings(register=False))
+    summary = pipeline.convert_cohort(source, work, settings=settings, exams=["EX0000"], workers=1, progress=False)
+    [result] = summary.results
+    assert result.status is pipeline.Status.REJECTED and result.stage == "deid", (result.status, result.reason)
+    assert f"case.json contains the AccessionNumber value {accession.lower()!r}" in result.reason
+    assert not list((work / "cases").iterdir())
+    failures = json.loads((work / "failures.json").read_text())
+    assert [(f["exam_id"], f["stage"]) for f in failures] == [("EX0000", "deid")]
+    id_map = work / "private" / "id_map.csv"
+    assert not id_map.exists() or "EX0000" not in id_map.read_text()

@@ -87,6 +87,9 @@ def _check_patch(item, truth):
     corner = want.affine @ np.array([*start[::-1], 1.0])
     np.testing.assert_allclose(item["affine"].numpy() @ np.array([0, 0, 0, 1.0]), corner, atol=1e-4)
     np.testing.assert_allclose(item["affine"].numpy()[:3, :3], want.affine[:3, :3], atol=1e-6)
+    # the case's voxel size in array order (z, y, x): 3, 2, 2 mm here, so reversed it differs
+    np.testing.assert_allclose(item["spacing_zyx"].numpy(), np.linalg.norm(want.affine[:3, :3], axis=0)[::-1])
+    np.testing.assert_allclose(item["spacing_zyx"].numpy(), SPACING[::-1])
 
 
 def test_patches_are_crops_of_the_case_and_foreground_centred_ones_hold_lesion(built):
@@ -101,7 +104,11 @@ def test_patches_are_crops_of_the_case_and_foreground_centred_ones_hold_lesion(b
         if item["foreground_centred"]:
             centred += 1
             assert item["label"].sum() > 0
-            # centred: the patch centre (up to clipping at the border) is a lesion voxel's neighbourhood
+            # centred on a lesion voxel v: start = v - size // 2, clipped to the volume
+            lesion = np.argwhere(truth[item["case_id"]].label > 0)
+            room = np.asarray(truth[item["case_id"]].label.shape) - np.array([8, 10, 12])
+            starts = np.clip(lesion - np.array([8, 10, 12]) // 2, 0, room)
+            assert (starts == item["patch_start"].numpy()).all(axis=1).any(), item["patch_start"]
     # 50% requested; cases without lesions fall back to uniform patches
     with_fg = sum(truth[c].label.any() for c in ds.case_ids) * 6
     assert 0.25 * with_fg <= centred <= 0.75 * with_fg
