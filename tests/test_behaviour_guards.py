@@ -311,3 +311,35 @@ def test_an_accession_number_in_a_published_column_rejects_the_exam_at_the_leak_
     assert [(f["exam_id"], f["stage"]) for f in failures] == [("EX0000", "deid")]
     id_map = work / "private" / "id_map.csv"
     assert not id_map.exists() or "EX0000" not in id_map.read_text()
+
+
+# --- the phantoms' truth does not come from the builder ---------------------------------------------------
+
+
+def test_phantom_truth_is_mapped_by_the_generators_own_arithmetic(monkeypatch) -> None:
+    """A sphere seen through a rotation about z by 90 degrees and a shift: its PET image's hot centre is
+    where the test's own rotation puts it, even with the builder's matrix code broken."""
+    from builder.convert import align
+    from lymphatlas_synth.phantoms import Sphere, affine_of, make_grid, sample
+
+    monkeypatch.setattr(align, "transform_matrix", lambda t: np.eye(4))  # a wrong builder matrix
+    t = sitk.Euler3DTransform()
+    t.SetCenter((10.0, 0.0, 0.0))
+    t.SetRotation(0.0, 0.0, math.pi / 2)
+    t.SetTranslation((0.0, 0.0, 5.0))
+    # CT point p -> R (p - c) + c + shift, R = rotation by +90 degrees about z: (x, y) -> (-y, x)
+    centre_ct = np.array([30.0, 0.0, 0.0])
+    centre_pet = np.array([10.0 - 0.0, 30.0 - 10.0, 5.0])
+    np.testing.assert_allclose(affine_of(t)[:3, :3] @ centre_ct + affine_of(t)[:3, 3], centre_pet, atol=1e-9)
+    grid = make_grid(tuple(centre_pet), 40.0, 2.0)
+    image = sample(Sphere(tuple(centre_ct), 5.0, 5.0), grid, t)  # no voxel centre at r = 5 mm
+    hot = np.argwhere(sitk.GetArrayViewFromImage(image) > 0).mean(0)[::-1]
+    np.testing.assert_allclose(grid.TransformContinuousIndexToPhysicalPoint(tuple(hot)), centre_pet, atol=1e-6)
+    with pytest.raises(ValueError, match="not affine"):
+        affine_of(_warped(grid))
+
+
+def _warped(grid: sitk.Image) -> sitk.Transform:
+    bspline = sitk.BSplineTransformInitializer(grid, [2, 2, 2], order=3)
+    bspline.SetParameters(tuple(np.random.default_rng(1).uniform(-3, 3, len(bspline.GetParameters()))))
+    return bspline
