@@ -121,10 +121,11 @@ def test_philips_counts_with_suv_scale_factor():
     assert c.factor == pytest.approx(vendor, rel=1e-9)
 
 
-def test_philips_counts_with_activity_scale_only():
+@pytest.mark.parametrize("activity_scale", [1.73, 0.41])  # Bq/ml per count, either side of 1
+def test_philips_counts_with_activity_scale_only(activity_scale):
     series = INJECTION + dt.timedelta(minutes=60)
-    c = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), None, 1.73))
-    assert c.factor == pytest.approx(1.73 * expected_factor(3600), rel=1e-9)
+    c = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), None, activity_scale))
+    assert c.factor == pytest.approx(activity_scale * expected_factor(3600), rel=1e-9)
 
 
 def test_philips_counts_without_private_factors_rejected():
@@ -223,7 +224,9 @@ def test_to_dict_holds_every_field_by_its_case_json_name():
         "notes": ["CorrectedImage missing; relying on DecayCorrection"],
     }
     gml = conv(headers(units="GML", series_dt=series, injection_dt=INJECTION)).to_dict()
-    assert gml["decay_correction"] is None and gml["factor"] == 1.0 and gml["time_reference"] == "gml"
+    assert gml == {"factor": 1.0, "units": "GML", "decay_correction": None, "time_reference": "gml",
+                   "decay_time_s": None, "dose_bq": None, "half_life_s": None, "weight_kg": WEIGHT,
+                   "notes": ["values already SUVbw (GML)"]}
 
 
 def test_acquisition_datetime_alone_is_read_as_the_beds_time():
