@@ -248,3 +248,22 @@ def test_statistics_through_a_bspline_refinement_read_where_it_maps() -> None:
     composite.AddTransform(bspline)
     s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, ct), transform=composite)
     assert s["items"][0]["suv_max"] == pytest.approx(7.0) and s["items"][0]["pet_voxels"] == 64
+
+
+def test_a_pet_voxel_the_mask_barely_touches_is_not_read_and_a_tiny_lesion_keeps_its_most_covered_voxel() -> None:
+    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
+    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[8:12, 8:12, 8:12] = 1  # PET voxels 4-5 on every axis, fully
+    label[8, 8, 12] = 1  # one 8 ul CT voxel in PET voxel (4, 4, 6): 1/8 covered
+    pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
+    pet[4:6, 4:6, 4:6] = 3.0
+    pet[4, 4, 6] = 40.0
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert s["items"][0]["pet_voxels"] == 8 and s["items"][0]["suv_max"] == pytest.approx(3.0)
+    tiny = np.zeros(ct.GetSize()[::-1], np.uint8)
+    tiny[8, 8, 11:13] = 1  # x 21-25 mm: one CT voxel in PET x voxel 5, one in 6
+    tiny[8, 9, 12] = 1  # a second one in PET x voxel 6: it is covered most (2/8)
+    pet[4, 4, 5], pet[4, 4, 6] = 30.0, 2.0
+    s = lesions.lesion_statistics(tiny, np.zeros(tiny.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert s["items"][0]["pet_voxels"] == 1 and s["items"][0]["suv_max"] == pytest.approx(2.0)
