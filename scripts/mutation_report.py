@@ -22,11 +22,11 @@ from pathlib import Path
 def _functions(path: Path) -> dict[str, str]:
     """Source of every top-level function and method of the mutated module, by mutmut's name."""
     text = path.read_text()
-    tree = ast.parse(text)
+    lines = text.splitlines()
     out: dict[str, str] = {}
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
-            out[node.name] = ast.get_source_segment(text, node) or ""
+            out[node.name] = "\n".join(lines[node.lineno - 1:node.end_lineno])
     return out
 
 
