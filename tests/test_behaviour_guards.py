@@ -343,3 +343,42 @@ def _warped(grid: sitk.Image) -> sitk.Transform:
     bspline = sitk.BSplineTransformInitializer(grid, [2, 2, 2], order=3)
     bspline.SetParameters(tuple(np.random.default_rng(1).uniform(-3, 3, len(bspline.GetParameters()))))
     return bspline
+
+
+def test_a_candidate_equal_to_the_scanner_alignment_is_no_improvement(aligned_phantom, monkeypatch) -> None:
+    from builder.convert import align
+
+    ct, pet, body = aligned_phantom
+    _crafted_rigid(monkeypatch, (0.0, 0.0, 0.0))  # the identity itself: the same metric, not better
+    res = align.align_pet(ct, pet, settings=_settings(), body=body)
+    assert res.record["metric_rigid"] == res.record["metric_before"]
+    assert res.record["method"] == "scanner" and res.record["improved"] is False
+    assert res.record["decision"].startswith("scanner alignment kept")
+    assert (res.record["metric"], res.record["seed"], res.record["interpolation"], res.record["transform_file"]) == (
+        "mattes_mi", 0, "linear", align.TRANSFORM_FILE)
+
+
+def test_a_bspline_refinement_with_a_metric_gain_is_applied(shifted_phantom, monkeypatch) -> None:
+    """The rigid candidate is the identity (no gain: not applied); the refinement moves every control
+    point by the true shift, which a cubic B-spline reproduces exactly inside its domain: applied."""
+    from builder.convert import align
+
+    ct, pet, body = shifted_phantom
+    _crafted_rigid(monkeypatch, (0.0, 0.0, 0.0))
+
+    def shifting(fixed, moving, mask, rigid, *, settings, **kw):
+        bspline = sitk.BSplineTransformInitializer(fixed, [2, 2, 2], order=3)
+        n = len(bspline.GetParameters()) // 3
+        bspline.SetParameters((12.0,) * n + (-6.0,) * n + (0.0,) * n)
+        return sitk.CompositeTransform([rigid, bspline])
+
+    monkeypatch.setattr(align, "register_bspline", shifting)
+    res = align.align_pet(ct, pet, settings=_settings("on"), body=body)
+    assert res.record["metric_rigid"] == res.record["metric_before"]
+    assert res.record["metric_bspline"] < res.record["metric_before"] * (1 - 0.02)
+    assert res.record["method"] == "rigid+bspline" and res.record["improved"] is True
+    assert res.record["metric_after"] == res.record["metric_bspline"]
+    assert res.record["decision"].startswith("rigid+bspline registration applied")
+    np.testing.assert_allclose(_applied_shift(res), (12.0, -6.0, 0.0), atol=1e-6)
+    node = ct.TransformPhysicalPointToIndex((40.0, -20.0, 120.0))
+    assert res.pet_on_ct[node] > 5.0
