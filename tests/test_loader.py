@@ -254,3 +254,16 @@ def test_first_use_shows_a_bar_while_the_cache_fills(built, tmp_path, capsys):
     quiet = load_lymphatlas(path, split="test", cache_dir=tmp_path / "c2", progress=False)
     quiet[0]
     assert "into the cache" not in capsys.readouterr().err
+
+
+def test_spacing_in_array_order_from_the_row_or_else_from_the_affine():
+    from lymphatlas_ds.loader import _spacing_zyx
+
+    # a rotated, anisotropic affine: 0.8 x 1.5 x 3 mm voxels (x, y, z), rotated 30 degrees about z
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([0.8, 1.5, 3.0])
+    np.testing.assert_allclose(_spacing_zyx({}, affine).numpy(), [3.0, 1.5, 0.8], atol=1e-12)
+    # the row's own spacing wins where it is recorded
+    np.testing.assert_allclose(_spacing_zyx({"spacing_xyz": [0.7, 0.9, 2.5]}, affine).numpy(), [2.5, 0.9, 0.7])
+    assert _spacing_zyx({}, affine).dtype == torch.float64
