@@ -63,17 +63,42 @@ def make_grid(center: tuple[float, float, float], extent_mm: float, spacing, *, 
     return img
 
 
+def affine_of(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 matrix of an affine ``transform`` (CT point -> PET point), measured by mapping points
+    with SimpleITK itself: the image of the origin and of 100 mm along each axis. The generator's own
+    arithmetic, so that a wrong matrix in the builder (``builder.convert.align``) cannot move the truth
+    with it. A non-affine transform (a B-spline) is refused.
+
+    Example:
+        >>> t = sitk.TranslationTransform(3, (1.0, 2.0, 3.0))
+        >>> affine_of(t)[:3, 3].tolist()
+        [1.0, 2.0, 3.0]
+    """
+    step = 100.0
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)), float)
+    m = np.eye(4)
+    m[:3, 3] = origin
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = step
+        m[:3, axis] = (np.asarray(transform.TransformPoint(tuple(unit)), float) - origin) / step
+    probes = np.random.default_rng(0).uniform(-500.0, 500.0, (4, 3))
+    mapped = np.array([transform.TransformPoint(tuple(map(float, p))) for p in probes])
+    if not np.allclose(mapped, probes @ m[:3, :3].T + m[:3, 3], atol=1e-6):
+        raise ValueError(f"{transform.GetName()} is not affine: a phantom sampled through it has no closed form; "
+                         "pass its affine part")
+    return m
+
+
 def sample(sphere: Sphere, grid: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
     """``sphere`` sampled at ``grid``'s voxel centres (the PET's native voxels), float32.
 
-    With ``transform`` (CT point -> PET point, as the builder records it) the sphere lives in the
-    CT frame: the PET voxel at q shows the activity at ``transform^-1(q)``.
+    With ``transform`` (CT point -> PET point, as the builder records it; affine) the sphere lives in
+    the CT frame: the PET voxel at q shows the activity at ``transform^-1(q)``.
     """
     pts = grid_points(grid)
     if transform is not None:
-        from builder.convert.align import transform_matrix
-
-        inv = np.linalg.inv(transform_matrix(transform))
+        inv = np.linalg.inv(affine_of(transform))
         pts = pts @ inv[:3, :3].T + inv[:3, 3]
     out = sitk.GetImageFromArray(sphere.activity(pts).astype(np.float32))
     out.CopyInformation(grid)

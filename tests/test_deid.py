@@ -226,3 +226,53 @@ def test_a_site_whose_station_name_is_its_scanner_model_converts_and_a_real_leak
     assert result.status is pipeline.Status.REJECTED and result.stage == "deid"
     assert "case.json contains the exam's PatientName" in result.reason and name not in result.reason  # named, not shown
     assert not list((tmp_path / "work2" / "cases").iterdir())
+
+
+def test_header_identifiers_reads_every_guarded_value_and_each_name_part(tmp_path) -> None:
+    """What the pipeline's leak check looks for, read back from a written DICOM header."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom_dataset(PatientName="DOE^JANE^Q", PatientID="PAT0042", AccessionNumber="A20240305123",
+                         OtherPatientIDs=["OPI-1", "OPI-2"], StationName="PETCT01", Manufacturer="SIEMENS",
+                         ManufacturerModelName="Biograph Vision 600", InstitutionName="", StudyID="7")
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.128", "1.2.3.4.5"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    (tmp_path / "broken.dcm").write_bytes(b"not dicom")
+    identifiers, equipment = deid.header_identifiers([tmp_path / "broken.dcm", path])
+    assert sorted(identifiers) == sorted([
+        ("PatientName", "DOE^JANE^Q"), ("PatientName", "DOE"), ("PatientName", "JANE"), ("PatientName", "Q"),
+        ("PatientID", "PAT0042"), ("OtherPatientIDs", "OPI-1"), ("OtherPatientIDs", "OPI-2"),
+        ("AccessionNumber", "A20240305123"), ("StationName", "PETCT01"), ("StudyID", "7"),
+    ])
+    assert sorted(equipment) == ["Biograph Vision 600", "SIEMENS"]
+
+
+def pydicom_dataset(**attributes):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize("name", ["id_map.csv", "notes.txt", "README.md", "ct.nii"])
+def test_find_identifiers_reads_csv_text_markdown_and_plain_nifti(tmp_path, name) -> None:
+    folder = tmp_path / "LA-2"
+    folder.mkdir()
+    if name.endswith(".nii"):
+        import nibabel as nib
+
+        img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+        img.header["descrip"] = b"A20240305123"
+        nib.save(img, folder / name)
+    else:
+        (folder / name).write_text("case,accession\nLA-2,A20240305123\n")
+    (folder / "other.bin").write_bytes(b"A20240305123")  # not a format the release publishes: not read
+    assert deid.find_identifiers(folder, [("AccessionNumber", "A20240305123")]) == [
+        f"{name} contains the AccessionNumber value 'a20240305123'"]

@@ -147,3 +147,123 @@ def test_empty_label_and_lesion_outside_the_pet() -> None:
     far = _grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
     s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=_image(np.ones((4, 4, 4)), far))
     assert s["count"] == 1 and s["items"][0]["suv_max"] == 0.0 and s["items"][0]["pet_voxels"] == 0
+
+
+# --- cases the mutation run (scripts/mutation.sh) found unchecked ------------------------------------------
+
+
+def test_nothing_found_reads_zero_everywhere() -> None:
+    ct = _grid((8, 8, 8), (1.0, 1.0, 1.0))
+    s = lesions.lesion_statistics(np.zeros((8, 8, 8), np.uint8), np.ones((8, 8, 8), np.float32), ct,
+                                  pet=_image(np.ones((8, 8, 8)), ct))
+    assert s["suv_peak"] == 0.0
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:4, 2:4, 2:4] = 1
+    far = _grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
+    s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=_image(np.ones((4, 4, 4)), far))
+    assert (s["items"][0]["suv_peak"], s["suv_peak"], s["dmax_mm"]) == (0.0, 0.0, 0.0)
+
+
+def test_a_pet_voxel_half_covered_belongs_to_the_lesion_and_a_less_covered_one_does_not() -> None:
+    # CT 2 mm, PET 4 mm with faces on CT faces: a 2 x 4 x 4 mm part of the mask covers half a PET voxel
+    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
+    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[8:12, 8:12, 8:12] = 1  # 15-23 mm: PET voxels 4 and 5 fully on every axis
+    label[8:12, 8:12, 12] = 1  # x 23-25 mm: half of PET x voxel 6 (23-27 mm)
+    label[8:10, 8:10, 13] = 1  # x 25-27 mm, y and z half: with the row above, PET y/z voxel 4 of x 6 -> 5/8
+    pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
+    pet[4:6, 4:6, 4:6] = 3.0
+    pet[5, 5, 6] = 8.0  # covered by half: in the lesion
+    pet[4:6, 4:6, 7] = 50.0  # not covered at all
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    (item,) = s["items"]
+    assert item["pet_voxels"] == 8 + 4 and item["suv_max"] == pytest.approx(8.0)
+    pet[5, 5, 6] = 1.0
+    pet[4, 4, 6] = 9.0  # 5/8 covered: in the lesion
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert s["items"][0]["suv_max"] == pytest.approx(9.0)
+
+
+def test_a_lesion_on_the_pet_border_reads_its_voxels_and_no_activity_beyond_the_field_of_view() -> None:
+    ct = _grid((12, 12, 12), (2.0, 2.0, 2.0))
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[0:3, 0:2, 0:4] = 1  # in the corner voxel (0, 0, 0) of the PET, which is this same grid
+    pet = np.full((12, 12, 12), 4.0, np.float32)
+    pet[0, 0, 0] = 6.0
+    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    (item,) = s["items"]
+    assert item["suv_max"] == pytest.approx(6.0) and item["pet_voxels"] == 24
+    # the sphere reaches past the volume there: outside counts as no activity (the kernel's own weights)
+    k = lesions.peak_kernel((2.0, 2.0, 2.0))
+    h = k.shape[0] // 2
+    best = 0.0
+    for z, y, x in np.argwhere(label):
+        window = np.zeros_like(k)
+        lo = np.array([z, y, x]) - h
+        src = tuple(slice(max(a, 0), a + 2 * h + 1) for a in lo)
+        dst = tuple(slice(max(-a, 0), max(-a, 0) + (s_.stop - s_.start)) for a, s_ in zip(lo, src))
+        window[dst] = pet[src][tuple(slice(0, d.stop - d.start) for d in dst)]
+        best = max(best, float((window * k).sum()))
+    assert item["suv_peak"] == pytest.approx(best, rel=1e-9) and best < 4.0 - 0.1  # every sphere reaches out
+    last = np.zeros((12, 12, 12), np.uint8)
+    last[11, 11, 11] = 1  # the PET's last voxel
+    assert lesions.lesion_statistics(last, pet, ct, pet=_image(pet, ct))["items"][0]["pet_voxels"] == 1
+
+
+def test_suvpeak_off_centre_in_each_axis_and_centroids_to_the_micrometre() -> None:
+    ct = _grid((40, 36, 32), (2.0, 2.0, 2.0), (0.1234, -3.4567, 7.8912))
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[3:29, 6:30, 9:37] = 1
+    pet = np.where(label > 0, 2.0, 1.0).astype(np.float32)
+    pet[5:18, 14:27, 11:24] = 10.0  # a 26 mm cube, at different offsets along z, y and x
+    pet[20, 8, 30] = 30.0
+    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    (item,) = s["items"]
+    assert item["suv_max"] == pytest.approx(30.0) and item["suv_peak"] == pytest.approx(10.0, rel=1e-6)
+    want = [0.1234 + 2 * 22.5, -3.4567 + 2 * 17.5, 7.8912 + 2 * 15.5]
+    assert item["centroid_mm"] == [round(v, 3) for v in want]
+
+
+def test_peak_kernel_axes_follow_the_spacing() -> None:
+    # spacing x 1, y 2, z 4 mm: the 6.2 mm sphere reaches into the voxels whose near face is within
+    # 6.2 mm of the centre: 6, 3 and 2 voxels (faces at 5.5, 5 and 6 mm)
+    k = lesions.peak_kernel((1.0, 2.0, 4.0), normalise=False)
+    assert k.shape == (5, 7, 13)
+    assert k[0].sum() < k[1].sum() and k[:, 0].sum() < k[:, 3].sum()
+
+
+def test_statistics_through_a_bspline_refinement_read_where_it_maps() -> None:
+    # a refinement with no displacement on top of a shift: the same PET voxels as the shift alone
+    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[8:12, 8:12, 8:12] = 1
+    pet = np.ones((20, 20, 20), np.float32)
+    pet[8:12, 8:12, 12:16] = 5.0
+    pet[9, 10, 14] = 7.0
+    shift = sitk.TranslationTransform(3, (8.0, 0.0, 0.0))
+    bspline = sitk.BSplineTransformInitializer(ct, [2, 2, 2], order=3)
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(shift)
+    composite.AddTransform(bspline)
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, ct), transform=composite)
+    assert s["items"][0]["suv_max"] == pytest.approx(7.0) and s["items"][0]["pet_voxels"] == 64
+
+
+def test_a_pet_voxel_the_mask_barely_touches_is_not_read_and_a_tiny_lesion_keeps_its_most_covered_voxel() -> None:
+    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
+    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
+    label = np.zeros(ct.GetSize()[::-1], np.uint8)
+    label[8:12, 8:12, 8:12] = 1  # PET voxels 4-5 on every axis, fully
+    label[8, 8, 12] = 1  # one 8 ul CT voxel in PET voxel (4, 4, 6): 1/8 covered
+    pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
+    pet[4:6, 4:6, 4:6] = 3.0
+    pet[4, 4, 6] = 40.0
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert s["items"][0]["pet_voxels"] == 8 and s["items"][0]["suv_max"] == pytest.approx(3.0)
+    tiny = np.zeros(ct.GetSize()[::-1], np.uint8)
+    tiny[8, 8, 11:13] = 1  # x 21-25 mm: one CT voxel in PET x voxel 5, one in 6
+    tiny[8, 9, 12] = 1  # a second one in PET x voxel 6: it is covered most (2/8)
+    pet[4, 4, 5], pet[4, 4, 6] = 30.0, 2.0
+    s = lesions.lesion_statistics(tiny, np.zeros(tiny.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    assert s["items"][0]["pet_voxels"] == 1 and s["items"][0]["suv_max"] == pytest.approx(2.0)

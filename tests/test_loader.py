@@ -87,6 +87,9 @@ def _check_patch(item, truth):
     corner = want.affine @ np.array([*start[::-1], 1.0])
     np.testing.assert_allclose(item["affine"].numpy() @ np.array([0, 0, 0, 1.0]), corner, atol=1e-4)
     np.testing.assert_allclose(item["affine"].numpy()[:3, :3], want.affine[:3, :3], atol=1e-6)
+    # the case's voxel size in array order (z, y, x): 3, 2, 2 mm here, so reversed it differs
+    np.testing.assert_allclose(item["spacing_zyx"].numpy(), np.linalg.norm(want.affine[:3, :3], axis=0)[::-1])
+    np.testing.assert_allclose(item["spacing_zyx"].numpy(), SPACING[::-1])
 
 
 def test_patches_are_crops_of_the_case_and_foreground_centred_ones_hold_lesion(built):
@@ -101,7 +104,11 @@ def test_patches_are_crops_of_the_case_and_foreground_centred_ones_hold_lesion(b
         if item["foreground_centred"]:
             centred += 1
             assert item["label"].sum() > 0
-            # centred: the patch centre (up to clipping at the border) is a lesion voxel's neighbourhood
+            # centred on a lesion voxel v: start = v - size // 2, clipped to the volume
+            lesion = np.argwhere(truth[item["case_id"]].label > 0)
+            room = np.asarray(truth[item["case_id"]].label.shape) - np.array([8, 10, 12])
+            starts = np.clip(lesion - np.array([8, 10, 12]) // 2, 0, room)
+            assert (starts == item["patch_start"].numpy()).all(axis=1).any(), item["patch_start"]
     # 50% requested; cases without lesions fall back to uniform patches
     with_fg = sum(truth[c].label.any() for c in ds.case_ids) * 6
     assert 0.25 * with_fg <= centred <= 0.75 * with_fg
@@ -247,3 +254,16 @@ def test_first_use_shows_a_bar_while_the_cache_fills(built, tmp_path, capsys):
     quiet = load_lymphatlas(path, split="test", cache_dir=tmp_path / "c2", progress=False)
     quiet[0]
     assert "into the cache" not in capsys.readouterr().err
+
+
+def test_spacing_in_array_order_from_the_row_or_else_from_the_affine():
+    from lymphatlas_ds.loader import _spacing_zyx
+
+    # a rotated, anisotropic affine: 0.8 x 1.5 x 3 mm voxels (x, y, z), rotated 30 degrees about z
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([0.8, 1.5, 3.0])
+    np.testing.assert_allclose(_spacing_zyx({}, affine).numpy(), [3.0, 1.5, 0.8], atol=1e-12)
+    # the row's own spacing wins where it is recorded
+    np.testing.assert_allclose(_spacing_zyx({"spacing_xyz": [0.7, 0.9, 2.5]}, affine).numpy(), [2.5, 0.9, 0.7])
+    assert _spacing_zyx({}, affine).dtype == torch.float64

@@ -121,10 +121,11 @@ def test_philips_counts_with_suv_scale_factor():
     assert c.factor == pytest.approx(vendor, rel=1e-9)
 
 
-def test_philips_counts_with_activity_scale_only():
+@pytest.mark.parametrize("activity_scale", [1.73, 0.41])  # Bq/ml per count, either side of 1
+def test_philips_counts_with_activity_scale_only(activity_scale):
     series = INJECTION + dt.timedelta(minutes=60)
-    c = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), None, 1.73))
-    assert c.factor == pytest.approx(1.73 * expected_factor(3600), rel=1e-9)
+    c = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), None, activity_scale))
+    assert c.factor == pytest.approx(activity_scale * expected_factor(3600), rel=1e-9)
 
 
 def test_philips_counts_without_private_factors_rejected():
@@ -209,3 +210,107 @@ def test_cohort_missing_dose_rejected(synthetic_cohort):
     with pytest.raises(SUVError, match="dose") as err:
         suv_conversion(exam.pet, exam_id=t["exam_id"])
     assert err.value.stage == t["reject_stage"] == "suv"
+
+
+# --- boundaries and header forms (scripts/mutation.sh survivors of the SUV module) -------------------
+
+
+def test_to_dict_holds_every_field_by_its_case_json_name():
+    series = INJECTION + dt.timedelta(minutes=60)
+    c = conv(headers(series_dt=series, injection_dt=INJECTION, corrected=None))
+    assert c.to_dict() == {
+        "factor": expected_factor(3600), "units": "BQML", "decay_correction": "START", "time_reference": "series",
+        "decay_time_s": 3600.0, "dose_bq": DOSE, "half_life_s": HALF_LIFE, "weight_kg": WEIGHT,
+        "notes": ["CorrectedImage missing; relying on DecayCorrection"],
+    }
+    gml = conv(headers(units="GML", series_dt=series, injection_dt=INJECTION)).to_dict()
+    assert gml == {"factor": 1.0, "units": "GML", "decay_correction": None, "time_reference": "gml",
+                   "decay_time_s": None, "dose_bq": None, "half_life_s": None, "weight_kg": WEIGHT,
+                   "notes": ["values already SUVbw (GML)"]}
+
+
+def test_acquisition_datetime_alone_is_read_as_the_beds_time():
+    # a re-created series whose beds carry only AcquisitionDateTime (no AcquisitionDate / Time)
+    beds = INJECTION + dt.timedelta(minutes=55)
+    hs = headers(series_dt=INJECTION + dt.timedelta(minutes=90), injection_dt=INJECTION)
+    for k, ds in enumerate(hs):
+        del ds.AcquisitionDate, ds.AcquisitionTime
+        ds.AcquisitionDateTime = (beds + dt.timedelta(minutes=3 * k)).strftime("%Y%m%d%H%M%S.%f")
+    c = conv(hs)
+    assert c.time_reference is TimeReference.ACQUISITION and c.decay_time_s == pytest.approx(55 * 60)
+    assert c.notes == ("series time after (or without) acquisition time: earliest acquisition time used",)
+
+
+@pytest.mark.parametrize("weight,ok", [(1.0, True), (400.0, True), (0.99, False), (400.5, False)])
+def test_plausible_weight_bounds_are_inclusive(weight, ok):
+    args = dict(series_dt=INJECTION + dt.timedelta(hours=1), injection_dt=INJECTION, weight_kg=weight)
+    if ok:
+        assert conv(headers(**args)).factor == pytest.approx(expected_factor(3600, weight=weight), rel=1e-9)
+    else:
+        with pytest.raises(SUVError, match="not a plausible weight"):
+            conv(headers(**args))
+
+
+@pytest.mark.parametrize("field,value,phrase", [("weight_kg", 0.0, "missing or zero"), ("dose_bq", 0.0, "is missing"),
+                                                ("half_life_s", 0.0, "RadionuclideHalfLife is missing")])
+def test_zero_weight_dose_or_half_life_is_missing_not_implausible(field, value, phrase):
+    with pytest.raises(SUVError, match=phrase):
+        conv(headers(series_dt=INJECTION + dt.timedelta(hours=1), injection_dt=INJECTION, **{field: value}))
+
+
+def test_smallest_plausible_dose_and_no_radiopharmaceutical_sequence():
+    c = conv(headers(series_dt=INJECTION + dt.timedelta(hours=1), injection_dt=INJECTION, dose_bq=1e6))
+    assert c.factor == pytest.approx(expected_factor(3600, dose=1e6), rel=1e-9)
+    hs = headers(series_dt=INJECTION + dt.timedelta(hours=1), injection_dt=INJECTION)
+    for ds in hs:
+        del ds.RadiopharmaceuticalInformationSequence
+    with pytest.raises(SUVError, match="RadionuclideTotalDose"):
+        conv(hs)
+
+
+@pytest.mark.parametrize("minutes", [0, 24 * 60])
+def test_decay_time_of_zero_and_of_a_day_are_accepted(minutes):
+    c = conv(headers(series_dt=INJECTION + dt.timedelta(minutes=minutes), injection_dt=INJECTION))
+    assert c.decay_time_s == pytest.approx(minutes * 60) and c.factor == pytest.approx(expected_factor(minutes * 60))
+    # a time-only injection at the scan's time of day is that day's, not the day before
+    same = conv(headers(series_dt=INJECTION + dt.timedelta(minutes=minutes), injection_dt=INJECTION,
+                        start_time_only=True))
+    assert same.decay_time_s == 0.0
+
+
+def test_start_time_only_without_a_series_date_uses_the_scan_date():
+    hs = headers(series_dt=INJECTION + dt.timedelta(minutes=50), injection_dt=INJECTION, start_time_only=True)
+    for ds in hs:
+        del ds.SeriesDate, ds.SeriesTime
+    c = conv(hs)
+    assert c.time_reference is TimeReference.ACQUISITION and c.decay_time_s == pytest.approx(50 * 60)
+
+
+def test_philips_factors_that_agree_give_no_note_and_a_zero_suv_factor_is_not_used():
+    series = INJECTION + dt.timedelta(minutes=60)
+    ours = 1.73 * expected_factor(3600)
+    c = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), ours * 1.009, 1.73))
+    assert c.factor == pytest.approx(ours * 1.009) and c.notes == ("CNTS: Philips SUV scale factor (7053,1000)",)
+    zero = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), 0.0, 1.73))
+    assert zero.factor == pytest.approx(ours, rel=1e-9)
+    assert zero.notes == ("CNTS: Philips activity scale factor (7053,1009) x BQML factor",)
+    with pytest.raises(SUVError, match="7053"):
+        conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), 0.0, 0.0))
+
+
+def test_private_values_without_a_dictionary_entry_are_read_from_their_bytes():
+    # implicit VR files of a reader without the private dictionary: the values arrive as raw bytes
+    series = INJECTION + dt.timedelta(minutes=60)
+    hs = headers(units="CNTS", series_dt=series, injection_dt=INJECTION)
+    for ds in hs:
+        block = ds.private_block(0x7053, "Philips PET Private Group", create=True)
+        block.add_new(0x00, "UN", b"0.00123 ")
+        block.add_new(0x09, "UN", b"1.73\x00")
+    assert conv(hs).factor == pytest.approx(0.00123)
+    first_bed = INJECTION + dt.timedelta(minutes=61)
+    hs = headers(series_dt=INJECTION + dt.timedelta(minutes=90), injection_dt=INJECTION, acquisition_dt=first_bed)
+    for ds in hs:
+        block = ds.private_block(0x0009, "GEMS_PETD_01", create=True)
+        block.add_new(0x0D, "UN", (first_bed - dt.timedelta(seconds=95)).strftime("%Y%m%d%H%M%S.%f").encode() + b"\x00")
+    assert conv(hs).decay_time_s == pytest.approx(61 * 60 - 95)
+    assert conv(hs).notes == ("series time after acquisition time: GE private scan date/time (0009,100D) used",)
