@@ -192,16 +192,6 @@ def test_case_json_statistics_match_the_generator_pet(chain):
                 assert item["suv_peak"] <= item["suv_max"] + 1e-6
 
 
-def _truth_pet(chain: dict, exam_id: str, truth: dict) -> sitk.Image:
-    """The generator's PET (SUV) on its native grid, placed where the truth geometry says it is."""
-    image = sitk.GetImageFromArray(np.load(chain["truth"] / exam_id / "pet_suv.npy").astype(np.float32))
-    g = truth["pet"]
-    image.SetOrigin(tuple(map(float, g["origin"])))
-    image.SetSpacing(tuple(map(float, g["spacing"])))
-    image.SetDirection(tuple(map(float, np.ravel(g["direction"]))))
-    return image
-
-
 def test_saved_transform_is_the_true_misalignment_and_maps_the_generator_pet_onto_the_published_one(chain):
     """The transform saved beside case.json against the generator's truth: it maps every lesion centre
     where the true misalignment does (sub-millimetre), and it carries the generator's own PET (not
@@ -217,7 +207,7 @@ def test_saved_transform_is_the_true_misalignment_and_maps_the_generator_pet_ont
         errors = np.linalg.norm(lesion_residuals(transform, truth), axis=1)
         assert len(errors) and errors.max() < 1.0, (case_id, errors)
         published = sitk.ReadImage(str(folder / "pet.nii.gz"))
-        again = resample_to_reference(_truth_pet(chain, row["exam_id"], truth), published, transform,
+        again = resample_to_reference(_truth_pet(chain, row["exam_id"]), published, transform,
                                       interpolation=Interpolation(case["alignment"]["interpolation"]))
         want, got = sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(published)
         assert want.shape == got.shape
