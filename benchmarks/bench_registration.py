@@ -26,7 +26,7 @@ exam closes the output.
 Usage::
 
     python benchmarks/bench_registration.py [--seed 2026] [--exams 8] [--coarse 4] [--scanner 4]
-        [--generators project,independent] [--workdir DIR] [--json OUT] [--no-old]
+        [--groups independent:realistic,project:realistic,...] [--workdir DIR] [--json OUT] [--no-old]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ LAYOUTS = [{}, {"pet_fov": "short", "patient_position": "FFS"}, {"patient_positi
 GOALS = {"coarse": (0.6, None), "realistic": (0.5, 1.0), "scanner": (0.5, 1.0)}
 Z_BIAS_GOAL_MM = 0.2
 TIME_RATIO_GOAL = 1.5
+GENERATORS = ("project", "independent")
 FOREIGN_SIZES = {"coarse": "small", "realistic": "medium", "scanner": "full"}
 
 
@@ -135,12 +136,13 @@ def main() -> None:
     from builder.convert.pipeline import body_image, read_exam
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, default=2026, help="cohort seed (each group adds an offset)")
+    parser.add_argument("--seed", type=int, default=2026,
+                        help="cohort seed: a group's is seed + 10 x grid index (coarse, realistic, scanner) + generator index")
     parser.add_argument("--exams", type=int, default=8, help="project realistic exams")
     parser.add_argument("--coarse", type=int, default=4, help="project coarse-PET exams")
     parser.add_argument("--scanner", type=int, default=4, help="exams at scanner sizes, per generator")
-    parser.add_argument("--generators", default="project,independent")
-    parser.add_argument("--grids", default="coarse,realistic,scanner")
+    parser.add_argument("--groups", default=",".join(f"{g}:{k}" for g in GENERATORS for k in GOALS),
+                        help="generator:grid[:seed] groups in the order to run them (default: every pair)")
     parser.add_argument("--workdir", type=Path, help="keep the generated cohorts here (reused when present)")
     parser.add_argument("--json", type=Path, help="also write the per-exam results as JSON")
     parser.add_argument("--no-old", action="store_true", help="skip the previous recipe")
@@ -151,29 +153,29 @@ def main() -> None:
     old = None if args.no_old else old_align_module()
     counts = {"coarse": args.coarse, "realistic": args.exams, "scanner": args.scanner}
     rows = []
-    for gen in args.generators.split(","):
-        for k, grid in enumerate(args.grids.split(",")):
-            seed = args.seed + 10 * k + (0 if gen == "project" else 1)
-            exams = (project_exams if gen == "project" else foreign_exams)(work, grid, counts[grid], seed)
-            for exam_id, folder, truth, residuals, desc in exams:
-                images = read_exam(discover_exam(folder, exam_id))
-                ct, pet, body = images.ct, images.pet_suv, body_image(images.body, images.ct)
-                row = {"generator": gen, "grid": grid, "seed": seed, "exam": exam_id, "layout": desc,
-                       "ct_spacing": [round(s, 3) for s in ct.GetSpacing()],
-                       "pet_spacing": [round(s, 3) for s in pet.GetSpacing()],
-                       "ct_size": list(ct.GetSize()), "lesions": len(truth["lesions"])}
-                for name, module in (("new", align), ("old", old)):
-                    if module is None:
-                        continue
-                    transform, cpu, wall = register(module, ct, pet, body)
-                    err = residuals(transform)
-                    norm = np.linalg.norm(err, axis=1)
-                    row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
-                                 "residual_mean_xyz_mm": err.mean(0).round(3).tolist(), "cpu_s": cpu, "wall_s": wall}
-                rows.append(row)
-                _print_row(row)
-                if args.json:
-                    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    for group in args.groups.split(","):
+        gen, grid, *own_seed = group.split(":")
+        seed = int(own_seed[0]) if own_seed else args.seed + 10 * list(GOALS).index(grid) + GENERATORS.index(gen)
+        exams = (project_exams if gen == "project" else foreign_exams)(work, grid, counts[grid], seed)
+        for exam_id, folder, truth, residuals, desc in exams:
+            images = read_exam(discover_exam(folder, exam_id))
+            ct, pet, body = images.ct, images.pet_suv, body_image(images.body, images.ct)
+            row = {"generator": gen, "grid": grid, "seed": seed, "exam": exam_id, "layout": desc,
+                   "ct_spacing": [round(s, 3) for s in ct.GetSpacing()],
+                   "pet_spacing": [round(s, 3) for s in pet.GetSpacing()],
+                   "ct_size": list(ct.GetSize()), "lesions": len(truth["lesions"])}
+            for name, module in (("new", align), ("old", old)):
+                if module is None:
+                    continue
+                transform, cpu, wall = register(module, ct, pet, body)
+                err = residuals(transform)
+                norm = np.linalg.norm(err, axis=1)
+                row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
+                             "residual_mean_xyz_mm": err.mean(0).round(3).tolist(), "cpu_s": cpu, "wall_s": wall}
+            rows.append(row)
+            _print_row(row)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
     _summary(rows)
     _table(rows)
 

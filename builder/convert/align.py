@@ -54,6 +54,11 @@ REGISTRATION_WORK_UNITS = 1
 # and interpolation along it is linear. At 1.5, 4 mm PET on 3 mm CT slices stays linear along z:
 # upsampling z too cost 1.8x SimpleITK's linear resampling at full size, in-plane only 1.3x
 # (benchmarks/bench_resample.py), and the result stays between trilinear and the native voxels.
+# SUVmax with the true transform at 3 mm CT slices (issue 20): on the independent generator (PET
+# slices 3 mm, ratio 1: only a threshold below 1 would upsample) a cubic z adds 0.24 % on average
+# (at most 0.74 %, 11 lesions); on the project's (PET 4 mm, ratio 1.33) 1.6 % (at most 5.3 %, a
+# 5 mm lesion; 10 lesions), every value either way between trilinear and the native maximum. Kept:
+# the gain is on small lesions of one generator and costs 1.8x linear resampling, over the 1.5x goal.
 UPSAMPLE_MIN_RATIO = 1.5
 # Above this many voxels the before/after metric is evaluated on a 2x coarser fixed grid.
 EVALUATION_MAX_VOXELS = 2_000_000
