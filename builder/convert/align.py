@@ -150,6 +150,9 @@ class AlignSettings:
     bin and biased the optimum along z by up to +1.4 mm on realistic exams; 64 removed most of
     it (128 was noisier). The keep-or-reject evaluation uses :data:`EVALUATION_HISTOGRAM_BINS`."""
     registration_spacing_mm: float = REGISTRATION_SPACING_MM
+    fov_margin_mm: float = FOV_MARGIN_MM
+    """The metric samples body voxels whose PET counterpart lies at least this far inside the PET's
+    field of view (:func:`_overlap_mask`)."""
     interpolation: Interpolation = Interpolation.BOUNDED_CUBIC
 
     def to_dict(self) -> dict:
@@ -166,6 +169,10 @@ class AlignSettings:
             "min_step": self.min_step,
             "histogram_bins": self.histogram_bins,
             "registration_spacing_mm": self.registration_spacing_mm,
+            "fov_margin_mm": self.fov_margin_mm,
+            # the rest of the metric's recipe (constants), so that a changed recipe converts again
+            "axial_surface_margin_mm": AXIAL_SURFACE_MARGIN_MM,
+            "metric_sampling": "regular",
             "interpolation": self.interpolation.value,
         }
 
@@ -709,7 +716,7 @@ def register_rigid(
     ``fixed``/``moving``/``mask`` come from :func:`_registration_images`. Returns the transform
     mapping CT points to PET points, centred on the body. Each resolution level samples the
     metric from a fixed set of points: the body voxels whose PET counterpart under the transform
-    reached so far lies inside the PET at least :data:`FOV_MARGIN_MM` from its edges
+    reached so far lies inside the PET at least ``settings.fov_margin_mm`` from its edges
     (:func:`_overlap_mask`), so the region follows the transform from level to level and no sample
     leaves the PET within one.
     """
@@ -725,7 +732,7 @@ def register_rigid(
     levels = list(zip(settings.shrink_factors, settings.smoothing_sigmas))
     iterations: list[int] = []
     for level, (shrink, sigma) in enumerate(levels):
-        region = _overlap_mask(fixed, mask, moving, [current], FOV_MARGIN_MM)
+        region = _overlap_mask(fixed, mask, moving, [current], settings.fov_margin_mm)
         last = level == len(levels) - 1
         r = _method(
             settings, region, n_voxels=_n_sampled(fixed, region), shrink_factors=(shrink,),
@@ -870,7 +877,7 @@ def _register(
     timings["register_rigid"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # one sampling region for every transform compared: inside the PET under both
-    region = _overlap_mask(fixed, mask, moving, [identity, rigid], FOV_MARGIN_MM)
+    region = _overlap_mask(fixed, mask, moving, [identity, rigid], settings.fov_margin_mm)
     evaluate = _evaluator(settings, fixed, moving, region)
     before = evaluate(identity)
     after = evaluate(rigid)
