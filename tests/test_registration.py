@@ -10,10 +10,18 @@ or tighter where the measured error is well below them. The recipe before 64 bin
 samples left up to 1.0 mm mean at PET 4 mm and 1.4 mm at PET 8 mm
 (``benchmarks/bench_registration.py``); moving the found transform by 0.3 mm along z fails all
 three exams.
+
+The independent generator (``../shared/phantoms``, :mod:`tests.support.foreign_phantoms`) is
+converted and registered on a seed drawn per run (printed; ``LYMPHATLAS_REGISTRATION_SEED``
+replays it) against issue 20's bounds: realistic grids at most 0.5 mm mean and 1.0 mm worst lesion,
+coarse PET at most 0.6 mm mean, per exam.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +36,8 @@ MISALIGNMENT = {"max_rotation_deg": 3.0, "max_translation_mm": 10.0}
 PET4 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 4.0, "pet_fwhm_mm": 6.5}
 PET8 = {"ct_px": 2.0, "ct_dz": 3.0, "pet_px": 8.0, "pet_fwhm_mm": 8.0}
 # (variant, mean bound, worst-lesion bound) per exam: the goal, or near the measured error where
-# that is well below it (measured mean / worst: 0.11 / 0.15, 0.50 / 0.67, 0.67 / 0.81 mm)
+# that is well below it (measured mean / worst: 0.15 / 0.20, 0.37 / 0.41, 0.73 / 0.83 mm; before
+# issue 20's sampling region 0.11 / 0.15, 0.50 / 0.67, 0.67 / 0.81 mm)
 EXAMS = [
     ({"grid": PET4}, 0.25, 0.3),
     ({"grid": PET4, "pet_fov": "short", "patient_position": "FFS"}, 0.5, 0.8),
@@ -57,13 +66,18 @@ def _cohort(tmp_path_factory, exams, seed: int) -> Path:
     return source
 
 
-def _load(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image, dict]:
-    """CT, PET in SUV and body mask, read by convert's own read step, and the exam's truth."""
+def _images(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """CT, PET in SUV and body mask of an exam, read by convert's own read step."""
     from builder.convert.discover import discover_exam
     from builder.convert.pipeline import body_image, read_exam
 
     images = read_exam(discover_exam(source / "dicom" / exam_id, exam_id))
-    return images.ct, images.pet_suv, body_image(images.body, images.ct), load_truth(source / "truth", exam_id)
+    return images.ct, images.pet_suv, body_image(images.body, images.ct)
+
+
+def _load(source: Path, exam_id: str) -> tuple[sitk.Image, sitk.Image, sitk.Image, dict]:
+    """CT, PET in SUV and body mask (:func:`_images`) and the exam's truth."""
+    return *_images(source, exam_id), load_truth(source / "truth", exam_id)
 
 
 def _lesion_errors(transform: sitk.Transform, truth: dict) -> np.ndarray:
@@ -144,21 +158,103 @@ def larger(tmp_path_factory) -> Path:
     return _cohort(tmp_path_factory, SLOW_EXAMS, seed=57)
 
 
-# EX0004 (CT 2 x 3 mm, PET 4 mm, short FOV) ends at 0.57 mm mean (worst lesion 0.94 mm): the
-# remaining systematic +0.2..+0.4 mm along z (see docs/design.md) puts it past the 0.5 mm goal.
+# EX0004 (CT 2 x 3 mm, PET 4 mm, short FOV) ended at 0.57 mm mean with the metric sampled at
+# random over the whole body (a strict xfail until issue 20); 0.44 / 0.72 mm since.
 _SLOW_IDS = [f"EX{k:04d}" for k in range(len(SLOW_EXAMS))]
-_SLOW_PARAMS = [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="0.57 mm mean: residual z bias, issue 11 goal not met"))
-    if k == 4 else k
-    for k in range(len(SLOW_EXAMS))
-]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", _SLOW_PARAMS, ids=_SLOW_IDS)
+@pytest.mark.parametrize("k", range(len(SLOW_EXAMS)), ids=_SLOW_IDS)
 def test_rigid_registration_meets_tre_bounds_on_a_larger_cohort(larger, k) -> None:
     """Eight more exams (CT 1-2 mm in-plane, 2-3 mm slices; PET 4 and 8 mm), each within its bounds."""
     variant, mean_bound, worst_bound = SLOW_EXAMS[k]
     ct, pet, body, truth = _load(larger, f"EX{k:04d}")
     errors = _lesion_errors(_register(ct, pet, body), truth)
     assert errors.mean() <= mean_bound and errors.max() <= worst_bound, (truth["exam_id"], variant, errors.round(3))
+
+
+# --------------------------------------------------------------------------------------------
+# the independent generator (shared/phantoms/foreign_cohort.py): its own body, PET field of view
+# and 6.5 mm PSF. Sampling the whole CT body, registration left 1.2-1.9 mm along z on every
+# realistic exam of it (issue 20): the shoulders' flat step, located by the CT's 3 mm slices only
+# to within a slice, pulled the metric's optimum towards the feet.
+
+SEED_ENV = "LYMPHATLAS_REGISTRATION_SEED"
+
+
+@pytest.fixture(scope="module")
+def foreign_seed() -> int:
+    """A seed drawn per run (printed; ``LYMPHATLAS_REGISTRATION_SEED=N`` replays it)."""
+    from tests.support import foreign_phantoms
+
+    if foreign_phantoms.foreign_script() is None:
+        pytest.skip(foreign_phantoms.missing_reason())
+    value = os.environ.get(SEED_ENV)
+    seed = int(value) if value else random.SystemRandom().randrange(1, 1_000_000)
+    print(f"independent generator seed {seed} (replay: {SEED_ENV}={seed})")
+    return seed
+
+
+def _foreign(tmp_path_factory, seed: int, size: str, limit: int) -> tuple[Path, list[dict]]:
+    from tests.support import foreign_phantoms
+
+    root = tmp_path_factory.mktemp(f"foreign_{size}_{seed}")
+    truths = foreign_phantoms.generate(root / "source", root / "truth", seed=seed, size=size, limit=limit)
+    return root / "source", truths
+
+
+def _foreign_errors(matrix, truth: dict) -> np.ndarray:
+    from tests.support import foreign_phantoms
+
+    return foreign_phantoms.lesion_residuals(np.asarray(matrix, float), truth)
+
+
+def test_convert_meets_tre_bounds_on_the_independent_generator(tmp_path_factory, foreign_seed) -> None:
+    """Two realistic exams of the independent generator (CT ~2 mm, 3 mm slices; PET ~4 mm, 6.5 mm
+    PSF), converted as `convert` runs them: the transform case.json records puts every lesion centre
+    within issue 20's bounds (mean at most 0.5 mm, worst lesion at most 1.0 mm, per exam)."""
+    from builder.convert import pipeline
+
+    source, truths = _foreign(tmp_path_factory, foreign_seed, "medium", limit=2)
+    assert len(truths) == 2, [t["exam_id"] for t in truths]
+    work = tmp_path_factory.mktemp("foreign_work")
+    summary = pipeline.convert_cohort(source, work, workers=1, progress=False)
+    assert summary.n_converted == 2, (foreign_seed, summary.line())
+    ids = pipeline.read_id_map(work)
+    for truth in truths:
+        case = json.loads((work / "cases" / ids[truth["exam_id"]]["case_id"] / "case.json").read_text())
+        alignment = case["alignment"]
+        errors = _foreign_errors(alignment["transform"]["matrix"], truth)
+        tre = np.linalg.norm(errors, axis=1)
+        what = (f"seed {foreign_seed} exam {truth['exam_id']} ({truth['variant']}): TRE per lesion "
+                f"{tre.round(3).tolist()} mm, mean residual xyz {errors.mean(0).round(3).tolist()} mm")
+        assert alignment["method"] == Method.RIGID.value and alignment["improved"] is True, (what, alignment["decision"])
+        assert tre.mean() <= 0.5 and tre.max() <= 1.0, what
+
+
+def test_rigid_registration_meets_the_coarse_bound_on_the_independent_generator(tmp_path_factory, foreign_seed) -> None:
+    """Coarse grids of the independent generator (CT 3.9 mm, PET 7.8 mm): mean TRE at most 0.6 mm
+    per exam (issue 20), on its first four layouts (vendors, feet first)."""
+    source, truths = _foreign(tmp_path_factory, foreign_seed, "small", limit=4)
+    assert len(truths) == 4, [t["exam_id"] for t in truths]
+    for truth in truths:
+        ct, pet, body = _images(source, truth["exam_id"])
+        errors = _foreign_errors(align.transform_matrix(_register(ct, pet, body)), truth)
+        tre = np.linalg.norm(errors, axis=1)
+        assert tre.mean() <= 0.6, (f"seed {foreign_seed} exam {truth['exam_id']} ({truth['variant']}): TRE per lesion "
+                                   f"{tre.round(3).tolist()} mm, mean residual xyz {errors.mean(0).round(3).tolist()} mm")
+
+
+@pytest.mark.slow
+def test_rigid_registration_meets_tre_bounds_on_independent_scanner_sizes(tmp_path_factory, foreign_seed) -> None:
+    """Two exams of the independent generator at a scanner's sizes (CT 512 x 512 at ~1 mm, PET ~4 mm):
+    mean at most 0.5 mm and worst lesion at most 1.0 mm per exam."""
+    source, truths = _foreign(tmp_path_factory, foreign_seed, "full", limit=2)
+    for truth in truths:
+        ct, pet, body = _images(source, truth["exam_id"])
+        errors = _foreign_errors(align.transform_matrix(_register(ct, pet, body)), truth)
+        tre = np.linalg.norm(errors, axis=1)
+        assert tre.mean() <= 0.5 and tre.max() <= 1.0, (
+            f"seed {foreign_seed} exam {truth['exam_id']}: TRE per lesion {tre.round(3).tolist()} mm, "
+            f"mean residual xyz {errors.mean(0).round(3).tolist()} mm")
+
