@@ -117,7 +117,7 @@ def project_exams(work: Path, grid: str, n: int, seed: int):
 def foreign_exams(work: Path, grid: str, n: int, seed: int):
     """The same for a cohort of the independent generator (its accepted exams; ``n`` limits scanner sizes)."""
     from builder.convert.align import transform_matrix
-    from tests.support import foreign_phantoms
+    from lymphatlas_synth import foreign as foreign_phantoms
 
     size = FOREIGN_SIZES[grid]
     root = work / f"independent-{size}-{seed}"

@@ -433,20 +433,26 @@ def materialize_nnunet(
     train_ids, test_ids = writer.write(spec.config, workers=workers)
     _check_partition(release, spec.config, train_ids, test_ids)
     _remove_stale(layout, writer.expected)
-    folds = nnunet_splits(release.splits, train_ids)
     _check_no_leak(release, train_ids, test_ids)
     result.n_training, result.n_test = len(train_ids), len(test_ids)
+    _write_folds(release, spec, folder, preprocessed_dir, train_ids, test_ids, result)
+    state["complete"] = True
+    _write_json(folder / STATE_FILE, state, sort_keys=True)
+    result.seconds = time.perf_counter() - start
+    logger.info("%s", result.describe())
+    return result
+
+
+def _write_folds(release: _Release, spec: _Spec, folder: Path, preprocessed_dir: str | os.PathLike | None,
+                 train_ids: list[str], test_ids: list[str], result: MaterializeResult) -> None:
+    """dataset.json and splits_final.json with the folds nnU-Net can train (:func:`trainable_folds`)."""
+    folds = nnunet_splits(release.splits, train_ids)
     result.release_folds = len(folds)
     result.folds, result.left_out = trainable_folds(folds, what=f"config {spec.config.value}")
     for reason in result.left_out:
         logger.warning("%s: left out of %s (nnU-Net cannot train it)", reason, SPLITS_FILE)
     _write_json(folder / "dataset.json", _dataset_json(release, spec, train_ids, test_ids, folds=result.folds))
     result.splits_files += _write_splits([folds[k] for k in result.folds], folder, preprocessed_dir)
-    state["complete"] = True
-    _write_json(folder / STATE_FILE, state, sort_keys=True)
-    result.seconds = time.perf_counter() - start
-    logger.info("%s", result.describe())
-    return result
 
 
 class _Pass(NamedTuple):

@@ -421,8 +421,8 @@ def test_synth_first_exam_numbers_cohorts_so_they_merge(tmp_path):
 
 
 def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthetic_good_cohort, tmp_path):
-    """An age corrected in clinical.csv: the case's images are kept as they are (not rewritten), its
-    case.json says the new age band, and both equal a convert from scratch of the corrected source.
+    """A subtype corrected in clinical.csv: the case's images are kept as they are (not rewritten), its
+    case.json says the new subtype, and both equal a convert from scratch of the corrected source.
     Converted with linear interpolation, the release's card and cases.csv say so."""
     from builder.convert.align import AlignSettings, Interpolation
     from builder.convert.pipeline import ConvertSettings, convert_cohort
@@ -438,7 +438,9 @@ def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthet
     with open(clinical, newline="") as f:
         rows = list(csv.DictReader(f))
     row = next(r for r in rows if r["exam_id"] == "EX0000")
-    row["age"] = str(int(float(row["age"])) + 10)
+    # a corrected subtype (another code of the same diagnosis): the DICOM identity still agrees with the row
+    new_subtype = {"HL": ("mixed cellularity", "nodular sclerosis"), "NHL": ("follicular", "DLBCL")}[row["diagnosis"]]
+    row["subtype"] = new_subtype[0] if row["subtype"] != new_subtype[0] else new_subtype[1]
     with open(clinical, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -449,9 +451,8 @@ def test_a_clinical_change_rewrites_case_json_without_the_image_pipeline(synthet
     (result,) = summary.results
     assert (result.status.value, result.stage) == ("converted", "metadata")
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in case_dir.iterdir() if p.suffix == ".gz"} == images
-    band = int(row["age"]) // 5 * 5
     info = json.loads((case_dir / "case.json").read_text())
-    assert info["clinical"]["age_band"] == (f"{band}-{band + 4}" if band < 90 else "90+")
+    assert info["clinical"]["subtype"] == row["subtype"]
 
     fresh = tmp_path / "fresh"
     (fresh / "private").mkdir(parents=True)
@@ -538,3 +539,31 @@ def test_release_repo_id_builds_on_the_hub_repos_newest_tag(year, tmp_path, monk
     summary = build_release(tmp_path / "work", tmp_path / "first", version="1.0.0", repo_id="org/new")
     assert summary.base_version is None
     assert json.loads((tmp_path / "first" / "manifest.json").read_text())["base"] is None
+
+
+def test_a_clinical_change_that_contradicts_the_dicom_is_checked_not_rewritten(synthetic_good_cohort, tmp_path):
+    """The metadata-only path still checks the patient: an age 10 years off the DICOM birth date is
+    rejected at identity, and no case.json ever says the contradicting age band."""
+    from builder.convert.align import AlignSettings
+    from builder.convert.pipeline import ConvertSettings, convert_cohort
+
+    source, _truths = synthetic_good_cohort
+    shutil.copytree(source, tmp_path / "source")
+    settings = ConvertSettings(align=AlignSettings(register=False))
+    work = tmp_path / "work"
+    convert_cohort(tmp_path / "source", work, settings=settings, workers=1, progress=False, exams=["EX0000"])
+    clinical = tmp_path / "source" / "clinical.csv"
+    with open(clinical, newline="") as f:
+        rows = list(csv.DictReader(f))
+    row = next(r for r in rows if r["exam_id"] == "EX0000")
+    row["age"] = str(int(float(row["age"])) + 10)
+    with open(clinical, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (result,) = convert_cohort(tmp_path / "source", work, settings=settings, workers=1, progress=False,
+                               exams=["EX0000"]).results
+    assert (result.status.value, result.stage) == ("rejected", "identity")
+    band = int(row["age"]) // 5 * 5
+    for case_json in (work / "cases").glob("*/case.json"):
+        assert json.loads(case_json.read_text())["clinical"]["age_band"] != f"{band}-{band + 4}"

@@ -11,7 +11,7 @@ samples left up to 1.0 mm mean at PET 4 mm and 1.4 mm at PET 8 mm
 (``benchmarks/bench_registration.py``); moving the found transform by 0.3 mm along z fails all
 three exams.
 
-The independent generator (``../shared/phantoms``, :mod:`tests.support.foreign_phantoms`) is
+The independent generator (``../shared/phantoms``, :mod:`lymphatlas_synth.foreign`) is
 converted and registered on a seed drawn per run (printed; ``LYMPHATLAS_REGISTRATION_SEED``
 replays it) against issue 20's bounds: realistic grids at most 0.5 mm mean and 1.0 mm worst lesion,
 coarse PET at most 0.6 mm mean, per exam.
@@ -185,7 +185,7 @@ SEED_ENV = "LYMPHATLAS_REGISTRATION_SEED"
 @pytest.fixture(scope="module")
 def foreign_seed() -> int:
     """A seed drawn per run (printed; ``LYMPHATLAS_REGISTRATION_SEED=N`` replays it)."""
-    from tests.support import foreign_phantoms
+    from lymphatlas_synth import foreign as foreign_phantoms
 
     if foreign_phantoms.foreign_script() is None:
         pytest.skip(foreign_phantoms.missing_reason())
@@ -196,7 +196,7 @@ def foreign_seed() -> int:
 
 
 def _foreign(tmp_path_factory, seed: int, size: str, limit: int) -> tuple[Path, list[dict]]:
-    from tests.support import foreign_phantoms
+    from lymphatlas_synth import foreign as foreign_phantoms
 
     root = tmp_path_factory.mktemp(f"foreign_{size}_{seed}")
     truths = foreign_phantoms.generate(root / "source", root / "truth", seed=seed, size=size, limit=limit)
@@ -204,7 +204,7 @@ def _foreign(tmp_path_factory, seed: int, size: str, limit: int) -> tuple[Path, 
 
 
 def _foreign_errors(matrix, truth: dict) -> np.ndarray:
-    from tests.support import foreign_phantoms
+    from lymphatlas_synth import foreign as foreign_phantoms
 
     return foreign_phantoms.lesion_residuals(np.asarray(matrix, float), truth)
 

@@ -400,12 +400,14 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     _check_job(job, exam_dir, result)
     stages.start("hash")
     src_hash = source_hashes(job)
-    if _unchanged(job, src_hash, result) or _metadata_only(job, src_hash, result):
+    if _unchanged(job, src_hash, result):
         return
     stages.start("discover")
     exam = discover_exam(exam_dir, exam_id)
-    stages.start("identity")
+    stages.start("identity")  # before a metadata-only rewrite too: a changed row must still be this exam's patient
     identity.check_exam(job, exam, lambda: {r["case_id"]: e for e, r in read_id_map(job.work).items() if r.get("case_id")})
+    if _metadata_only(job, src_hash, result):
+        return
     ct, pet_suv, body, ct_meta, pet_meta, conv = read_exam(exam, stage=stages.start)
     label, mask_format = _lesion_label(job, exam, ct, body)
     stages.start("align")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 ENV = "LYMPHATLAS_FOREIGN_PHANTOMS"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "foreign_cohort.py"
 
 
