@@ -567,3 +567,21 @@ def test_a_clinical_change_that_contradicts_the_dicom_is_checked_not_rewritten(s
     band = int(row["age"]) // 5 * 5
     for case_json in (work / "cases").glob("*/case.json"):
         assert json.loads(case_json.read_text())["clinical"]["age_band"] != f"{band}-{band + 4}"
+
+
+def test_a_withdrawal_reason_is_a_code_never_free_text(tmp_path):
+    """The CHANGELOG publishes the reason: free text (which could name a patient or a hospital) is refused
+    before anything is removed; a code is recorded."""
+    work = tmp_path / "work"
+    make_fake_work(work, n_patients=2, seed=SEED, shape_zyx=SHAPE)
+    before = sorted(p.name for p in (work / "cases").iterdir())
+    proc = _console("builder", "withdraw", str(work), before[0], "--reason", "Mr Smith called on 2024-03-02",
+                    cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "consent withdrawn" in proc.stderr
+    assert sorted(p.name for p in (work / "cases").iterdir()) == before and not (work / "withdrawals.json").exists()
+    proc = _console("builder", "withdraw", str(work), before[0], "--reason", "consent withdrawn", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert before[0] not in {p.name for p in (work / "cases").iterdir()}
+    from builder.release.changes import read_withdrawals
+
+    assert read_withdrawals(work) == {before[0]: "consent withdrawn"}

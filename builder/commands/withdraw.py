@@ -1,4 +1,4 @@
-"""`python -m builder withdraw WORK ID... [--reason TEXT]`: remove exams (consent withdrawn, deleted) from WORK.
+"""`python -m builder withdraw WORK ID... [--reason CODE]`: remove exams (consent withdrawn, deleted) from WORK.
 
 An ID is an exam id as in the source, a case id, or a subject id (``LP-...``: every exam of that
 patient, listed before anything is removed). Their case folders, QC pictures, id_map rows and
@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("work", type=Path, help="WORK folder written by `python -m builder convert`")
     parser.add_argument("exams", nargs="+", metavar="ID",
                         help="exam ids as in the source, case ids, or subject ids (every exam of the patient)")
-    parser.add_argument("--reason", default="withdrawn (no reason given)",
-                        help="why (e.g. 'consent withdrawn'): the next release's CHANGELOG shows it per case")
+    from builder.release.changes import WITHDRAWAL_REASONS
+
+    parser.add_argument("--reason", choices=WITHDRAWAL_REASONS, default=None,
+                        help="why, as a code (the next release's CHANGELOG shows it per case, so never free text)")
     parser.add_argument("--wait", action="store_true", help="if another run holds WORK, wait for it")
 
 

@@ -99,6 +99,19 @@ def emptied_configs(base_rows: list[dict[str, Any]], rows: list[dict[str, Any]])
     return sorted(config_splits(base_rows) - config_splits(rows))
 
 
+WITHDRAWAL_REASONS = ("consent withdrawn", "data error", "duplicate", "quality control", "other")
+"""The reasons ``withdraw --reason`` takes: codes, never free text, since the public CHANGELOG shows them
+(a maintainer's sentence could name a patient, a date or a hospital)."""
+
+
+def check_reason(reason: str) -> str:
+    """``reason`` when it is one of :data:`WITHDRAWAL_REASONS`, else a ValueError naming them."""
+    if reason not in WITHDRAWAL_REASONS:
+        raise ValueError(f"withdrawal reason {reason!r} is not one of {', '.join(WITHDRAWAL_REASONS)}: the reason is "
+                         "published in the CHANGELOG, so it is a code, never free text (keep details in your own records)")
+    return reason
+
+
 def read_withdrawals(work: str | Path) -> dict[str, str]:
     """``{case id: reason}`` recorded by ``withdraw --reason`` in WORK; {} when there is no record."""
     path = Path(work) / WITHDRAWALS_NAME
@@ -106,14 +119,17 @@ def read_withdrawals(work: str | Path) -> dict[str, str]:
         return {}
     try:
         cases = json.loads(path.read_text())["cases"]
-        return {str(c): str(entry.get("reason") or "withdrawn") for c, entry in cases.items()}
+        # a reason that is no code (a record written before codes) is published as plain "withdrawn"
+        return {str(c): entry.get("reason") if entry.get("reason") in WITHDRAWAL_REASONS else "withdrawn"
+                for c, entry in cases.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SchemaError(f"{path} is not a withdrawal record ({e}); fix it or remove it (reasons are then not "
                           "shown in the CHANGELOG)") from e
 
 
-def record_withdrawals(work: str | Path, cases: Mapping[str, str], *, reason: str) -> None:
+def record_withdrawals(work: str | Path, cases: Mapping[str, str], *, reason: str | None) -> None:
     """Add ``{case id: subject id}`` with ``reason`` to ``WORK/withdrawals.json`` (the next CHANGELOG shows it)."""
+    reason = None if reason is None else check_reason(reason)  # None: published as plain "withdrawn"
     path = Path(work) / WITHDRAWALS_NAME
     doc = json.loads(path.read_text()) if path.is_file() else {"cases": {}}
     for case_id, subject_id in cases.items():
