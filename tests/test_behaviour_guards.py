@@ -23,18 +23,11 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from builder.convert.discover import SeriesInfo, SeriesKind
 from builder.convert.suv import TimeReference, suv_from_headers
 from tests.support.dicom_series import pet_timing
+from tests.support.small_data import DOSE, HALF_LIFE, INJECTION, SERIES, WEIGHT, grid, image_like
 
 # --- SUV: vendor factors that differ from the textbook one --------------------------------------------
-
-HALF_LIFE = 6586.2  # F-18, s
-DOSE = 350e6  # Bq
-WEIGHT = 72.0  # kg
-INJECTION = dt.datetime(2024, 3, 5, 9, 12, 30)
-SERIES = SeriesInfo(series_uid="1.2.3", study_uid="1.2", frame_of_reference_uid="1.2.4", modality="PT",
-                    kind=SeriesKind.PET_AC, files=[])
 
 
 def _bqml_factor(decay_s: float) -> float:
@@ -92,24 +85,11 @@ def test_ge_private_scan_start_is_the_decay_reference_when_it_differs_from_the_f
 # --- lesion statistics: Dmax over every pair, SUVpeak searched over the lesion ---------------------------
 
 
-def _grid(size, spacing, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
-    img = sitk.Image(size, sitk.sitkFloat32)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    return img
-
-
-def _image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(arr.astype(np.float32))
-    out.CopyInformation(like)
-    return out
-
-
 def test_dmax_is_the_farthest_pair_of_centroids_not_the_two_largest_lesions() -> None:
     from builder.convert.lesions import lesion_statistics
 
     spacing, origin = (2.0, 2.0, 3.0), (-50.0, 10.0, 100.0)
-    ct = _grid((64, 48, 40), spacing, origin)
+    ct = grid((64, 48, 40), spacing, origin)
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     # (z, y, x) start and edge of each cube: two large lesions close together, two small ones far apart
     cubes = [((10, 10, 10), 8), ((10, 10, 22), 7), ((2, 2, 2), 2), ((35, 42, 58), 3)]
@@ -118,7 +98,7 @@ def test_dmax_is_the_farthest_pair_of_centroids_not_the_two_largest_lesions() ->
     centres = np.array([[origin[a] + spacing[a] * (start[2 - a] + (n - 1) / 2) for a in range(3)]
                         for start, n in cubes])  # x, y, z in mm (identity direction)
     pairs = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
-    s = lesion_statistics(label, np.ones(label.shape, np.float32), ct, pet=_image(np.ones(label.shape), ct))
+    s = lesion_statistics(label, np.ones(label.shape, np.float32), ct, pet=image_like(np.ones(label.shape), ct))
     assert s["count"] == 4
     assert s["dmax_mm"] == pytest.approx(pairs.max(), abs=1e-3)  # lesions 2 and 3, the smallest
     assert s["dmax_mm"] > pairs[0, 1] + 50.0  # the two largest are 36 mm apart
@@ -127,14 +107,14 @@ def test_dmax_is_the_farthest_pair_of_centroids_not_the_two_largest_lesions() ->
 def test_suvpeak_is_the_hottest_1_ml_sphere_in_the_lesion_not_the_one_at_its_hottest_voxel() -> None:
     from builder.convert.lesions import lesion_statistics
 
-    ct = _grid((40, 30, 30), (2.0, 2.0, 2.0))
+    ct = grid((40, 30, 30), (2.0, 2.0, 2.0))
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[5:25, 5:25, 5:35] = 1
     pet = np.full(label.shape, 1.0, np.float32)
     pet[5:25, 5:25, 5:35] = 2.0  # the lesion's rim
     pet[8:21, 8:21, 8:21] = 10.0  # a 26 mm cube of SUV 10: a 1 ml sphere (r 6.2 mm) fits inside it
     pet[14, 14, 30] = 20.0  # one hot voxel, away from that cube, in SUV 2 surroundings
-    s = lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    s = lesion_statistics(label, pet, ct, pet=image_like(pet, ct))
     (item,) = s["items"]
     assert item["suv_max"] == pytest.approx(20.0)
     # a sphere inside the cube averages SUV 10 whatever its weights; one on the hot voxel averages

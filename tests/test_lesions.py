@@ -10,23 +10,11 @@ import pytest
 import SimpleITK as sitk
 
 from builder.convert import lesions
+from tests.support.small_data import grid, image_like
 
 
-def _grid(size, spacing, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
-    img = sitk.Image(size, sitk.sitkFloat32)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    return img
-
-
-def _image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(arr.astype(np.float32))
-    out.CopyInformation(like)
-    return out
-
-
-def test_volumes_mean_tlg_centroids_and_dmax_on_the_ct_grid() -> None:
-    ct = _grid((60, 50, 40), (2.0, 2.0, 4.0), (10.0, 20.0, 30.0))  # 16 ul voxels
+def test_volumes_mean_tlg_centroids_and_dmax_on_the_ctgrid() -> None:
+    ct = grid((60, 50, 40), (2.0, 2.0, 4.0), (10.0, 20.0, 30.0))  # 16 ul voxels
     shape = ct.GetSize()[::-1]
     label = np.zeros(shape, np.uint8)
     pet = np.full(shape, 1.0, np.float32)
@@ -36,7 +24,7 @@ def test_volumes_mean_tlg_centroids_and_dmax_on_the_ct_grid() -> None:
     label[30:33, 40:43, 50:53] = 1  # lesion B: 3 x 3 x 3 of SUV 2, far away
     pet[30:33, 40:43, 50:53] = 2.0
     # the native PET is this same grid here (identity transform)
-    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    s = lesions.lesion_statistics(label, pet, ct, pet=image_like(pet, ct))
     voxel_ml = 2.0 * 2.0 * 4.0 / 1000.0
     assert s["count"] == 2
     a, b = s["items"]  # largest first
@@ -56,9 +44,9 @@ def test_volumes_mean_tlg_centroids_and_dmax_on_the_ct_grid() -> None:
 
 def test_suvmax_is_read_on_the_native_pet_through_the_transform() -> None:
     # CT 2 mm, PET 4 mm; the PET shows the anatomy moved by +8 mm in x (two PET voxels)
-    ct = _grid((40, 40, 40), (2.0, 2.0, 2.0))
+    ct = grid((40, 40, 40), (2.0, 2.0, 2.0))
     # PET voxel faces on CT voxel faces (odd mm), so each CT voxel lies in one PET voxel
-    pet_grid = _grid((24, 20, 20), (4.0, 4.0, 4.0), (-3.0, 1.0, 1.0))
+    pet_grid = grid((24, 20, 20), (4.0, 4.0, 4.0), (-3.0, 1.0, 1.0))
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[18:22, 18:22, 18:22] = 1  # an 8 mm cube: voxels 35-43 mm on every axis
     pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
@@ -68,37 +56,37 @@ def test_suvmax_is_read_on_the_native_pet_through_the_transform() -> None:
     pet[10, 10, 15] = 50.0  # a hot neighbour outside the lesion (the bladder next door)
     pet[10, 10, 10] = 40.0  # where the lesion would be read without the transform
     shift = sitk.TranslationTransform(3, (8.0, 0.0, 0.0))
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid),
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid),
                                   transform=shift)
     (item,) = s["items"]
     assert item["suv_max"] == pytest.approx(7.5)
     assert item["pet_voxels"] == 8  # each 4 mm voxel of the lesion fully covered by the 2 mm mask
-    without = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    without = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     assert without["items"][0]["suv_max"] == pytest.approx(40.0)
 
 
 def test_lesion_smaller_than_half_a_pet_voxel_keeps_the_voxel_it_covers() -> None:
-    ct = _grid((40, 40, 40), (1.0, 1.0, 1.0))
-    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0))
+    ct = grid((40, 40, 40), (1.0, 1.0, 1.0))
+    pet_grid = grid((10, 10, 10), (4.0, 4.0, 4.0))
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[19:21, 19:21, 19:21] = 1  # 8 ul in one 64 ul PET voxel: cover 1/8
     pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
     pet[5, 5, 5] = 3.0  # the PET voxel holding points 18-22 mm
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     assert s["items"][0]["suv_max"] == pytest.approx(3.0) and s["items"][0]["pet_voxels"] == 1
 
 
 @pytest.mark.parametrize("pet_mm", [2.0, 4.0, 5.0])
 def test_suvpeak_of_a_linear_ramp_is_the_ramp_at_the_sphere_centre(pet_mm: float) -> None:
     # a symmetric averaging sphere reads a linear field at its centre, whatever the voxel size
-    ct = _grid((50, 50, 50), (2.0, 2.0, 2.0))
+    ct = grid((50, 50, 50), (2.0, 2.0, 2.0))
     n = int(100 / pet_mm)
-    pet_grid = _grid((n, n, n), (pet_mm, pet_mm, pet_mm), (0.3, 0.3, 0.3))
+    pet_grid = grid((n, n, n), (pet_mm, pet_mm, pet_mm), (0.3, 0.3, 0.3))
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[15:35, 15:35, 15:35] = 1  # voxels 29-69 mm on every axis
     z, y, x = np.indices(pet_grid.GetSize()[::-1]) * pet_mm + 0.3
     pet = 2.0 + 0.05 * x + 0.02 * y + 0.01 * z
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     item = s["items"][0]
     # SUVmax: a PET voxel whose centre lies within half a voxel of the lesion (29-69 mm), none hotter
     near = (x >= 29 - pet_mm / 2) & (x <= 69 + pet_mm / 2) & (y >= 29 - pet_mm / 2) & (y <= 69 + pet_mm / 2) \
@@ -124,12 +112,12 @@ def test_suvpeak_sphere_has_the_radius_of_1_ml() -> None:
 
 
 def test_suvpeak_of_a_single_hot_voxel_is_diluted_by_the_sphere() -> None:
-    ct = _grid((40, 40, 40), (2.0, 2.0, 2.0))
+    ct = grid((40, 40, 40), (2.0, 2.0, 2.0))
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[10:30, 10:30, 10:30] = 1
     pet = np.where(label > 0, 5.0, 1.0).astype(np.float32)
     pet[20, 20, 20] = 50.0
-    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    s = lesions.lesion_statistics(label, pet, ct, pet=image_like(pet, ct))
     item = s["items"][0]
     w_centre = lesions.peak_kernel((2.0, 2.0, 2.0))[3, 3, 3]
     assert item["suv_max"] == pytest.approx(50.0)
@@ -138,14 +126,14 @@ def test_suvpeak_of_a_single_hot_voxel_is_diluted_by_the_sphere() -> None:
 
 
 def test_empty_label_and_lesion_outside_the_pet() -> None:
-    ct = _grid((8, 8, 8), (1.0, 1.0, 1.0))
+    ct = grid((8, 8, 8), (1.0, 1.0, 1.0))
     s = lesions.lesion_statistics(np.zeros((8, 8, 8), np.uint8), np.ones((8, 8, 8), np.float32), ct,
-                                  pet=_image(np.ones((8, 8, 8)), ct))
+                                  pet=image_like(np.ones((8, 8, 8)), ct))
     assert (s["count"], s["tmtv_ml"], s["tlg"], s["suv_max"], s["dmax_mm"], s["items"]) == (0, 0.0, 0.0, 0.0, 0.0, [])
     label = np.zeros((8, 8, 8), np.uint8)
     label[2, 2, 2] = label[3, 3, 3] = 1  # corner-connected: 26-connectivity joins them
-    far = _grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
-    s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=_image(np.ones((4, 4, 4)), far))
+    far = grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
+    s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=image_like(np.ones((4, 4, 4)), far))
     assert s["count"] == 1 and s["items"][0]["suv_max"] == 0.0 and s["items"][0]["pet_voxels"] == 0
 
 
@@ -153,21 +141,21 @@ def test_empty_label_and_lesion_outside_the_pet() -> None:
 
 
 def test_nothing_found_reads_zero_everywhere() -> None:
-    ct = _grid((8, 8, 8), (1.0, 1.0, 1.0))
+    ct = grid((8, 8, 8), (1.0, 1.0, 1.0))
     s = lesions.lesion_statistics(np.zeros((8, 8, 8), np.uint8), np.ones((8, 8, 8), np.float32), ct,
-                                  pet=_image(np.ones((8, 8, 8)), ct))
+                                  pet=image_like(np.ones((8, 8, 8)), ct))
     assert s["suv_peak"] == 0.0
     label = np.zeros((8, 8, 8), np.uint8)
     label[2:4, 2:4, 2:4] = 1
-    far = _grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
-    s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=_image(np.ones((4, 4, 4)), far))
+    far = grid((4, 4, 4), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
+    s = lesions.lesion_statistics(label, np.ones((8, 8, 8), np.float32), ct, pet=image_like(np.ones((4, 4, 4)), far))
     assert (s["items"][0]["suv_peak"], s["suv_peak"], s["dmax_mm"]) == (0.0, 0.0, 0.0)
 
 
 def test_a_pet_voxel_half_covered_belongs_to_the_lesion_and_a_less_covered_one_does_not() -> None:
     # CT 2 mm, PET 4 mm with faces on CT faces: a 2 x 4 x 4 mm part of the mask covers half a PET voxel
-    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
-    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
+    ct = grid((20, 20, 20), (2.0, 2.0, 2.0))
+    pet_grid = grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[8:12, 8:12, 8:12] = 1  # 15-23 mm: PET voxels 4 and 5 fully on every axis
     label[8:12, 8:12, 12] = 1  # x 23-25 mm: half of PET x voxel 6 (23-27 mm)
@@ -176,22 +164,22 @@ def test_a_pet_voxel_half_covered_belongs_to_the_lesion_and_a_less_covered_one_d
     pet[4:6, 4:6, 4:6] = 3.0
     pet[5, 5, 6] = 8.0  # covered by half: in the lesion
     pet[4:6, 4:6, 7] = 50.0  # not covered at all
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     (item,) = s["items"]
     assert item["pet_voxels"] == 8 + 4 and item["suv_max"] == pytest.approx(8.0)
     pet[5, 5, 6] = 1.0
     pet[4, 4, 6] = 9.0  # 5/8 covered: in the lesion
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     assert s["items"][0]["suv_max"] == pytest.approx(9.0)
 
 
 def test_a_lesion_on_the_pet_border_reads_its_voxels_and_no_activity_beyond_the_field_of_view() -> None:
-    ct = _grid((12, 12, 12), (2.0, 2.0, 2.0))
+    ct = grid((12, 12, 12), (2.0, 2.0, 2.0))
     label = np.zeros((12, 12, 12), np.uint8)
     label[0:3, 0:2, 0:4] = 1  # in the corner voxel (0, 0, 0) of the PET, which is this same grid
     pet = np.full((12, 12, 12), 4.0, np.float32)
     pet[0, 0, 0] = 6.0
-    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    s = lesions.lesion_statistics(label, pet, ct, pet=image_like(pet, ct))
     (item,) = s["items"]
     assert item["suv_max"] == pytest.approx(6.0) and item["pet_voxels"] == 24
     # the sphere reaches past the volume there: outside counts as no activity (the kernel's own weights)
@@ -208,17 +196,17 @@ def test_a_lesion_on_the_pet_border_reads_its_voxels_and_no_activity_beyond_the_
     assert item["suv_peak"] == pytest.approx(best, rel=1e-9) and best < 4.0 - 0.1  # every sphere reaches out
     last = np.zeros((12, 12, 12), np.uint8)
     last[11, 11, 11] = 1  # the PET's last voxel
-    assert lesions.lesion_statistics(last, pet, ct, pet=_image(pet, ct))["items"][0]["pet_voxels"] == 1
+    assert lesions.lesion_statistics(last, pet, ct, pet=image_like(pet, ct))["items"][0]["pet_voxels"] == 1
 
 
 def test_suvpeak_off_centre_in_each_axis_and_centroids_to_the_micrometre() -> None:
-    ct = _grid((40, 36, 32), (2.0, 2.0, 2.0), (0.1234, -3.4567, 7.8912))
+    ct = grid((40, 36, 32), (2.0, 2.0, 2.0), (0.1234, -3.4567, 7.8912))
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[3:29, 6:30, 9:37] = 1
     pet = np.where(label > 0, 2.0, 1.0).astype(np.float32)
     pet[5:18, 14:27, 11:24] = 10.0  # a 26 mm cube, at different offsets along z, y and x
     pet[20, 8, 30] = 30.0
-    s = lesions.lesion_statistics(label, pet, ct, pet=_image(pet, ct))
+    s = lesions.lesion_statistics(label, pet, ct, pet=image_like(pet, ct))
     (item,) = s["items"]
     assert item["suv_max"] == pytest.approx(30.0) and item["suv_peak"] == pytest.approx(10.0, rel=1e-6)
     want = [0.1234 + 2 * 22.5, -3.4567 + 2 * 17.5, 7.8912 + 2 * 15.5]
@@ -235,7 +223,7 @@ def test_peak_kernel_axes_follow_the_spacing() -> None:
 
 def test_statistics_through_a_bspline_refinement_read_where_it_maps() -> None:
     # a refinement with no displacement on top of a shift: the same PET voxels as the shift alone
-    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
+    ct = grid((20, 20, 20), (2.0, 2.0, 2.0))
     label = np.zeros((20, 20, 20), np.uint8)
     label[8:12, 8:12, 8:12] = 1
     pet = np.ones((20, 20, 20), np.float32)
@@ -246,24 +234,24 @@ def test_statistics_through_a_bspline_refinement_read_where_it_maps() -> None:
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(shift)
     composite.AddTransform(bspline)
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, ct), transform=composite)
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, ct), transform=composite)
     assert s["items"][0]["suv_max"] == pytest.approx(7.0) and s["items"][0]["pet_voxels"] == 64
 
 
 def test_a_pet_voxel_the_mask_barely_touches_is_not_read_and_a_tiny_lesion_keeps_its_most_covered_voxel() -> None:
-    ct = _grid((20, 20, 20), (2.0, 2.0, 2.0))
-    pet_grid = _grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
+    ct = grid((20, 20, 20), (2.0, 2.0, 2.0))
+    pet_grid = grid((10, 10, 10), (4.0, 4.0, 4.0), (1.0, 1.0, 1.0))  # PET voxel k spans 4k - 1 .. 4k + 3 mm
     label = np.zeros(ct.GetSize()[::-1], np.uint8)
     label[8:12, 8:12, 8:12] = 1  # PET voxels 4-5 on every axis, fully
     label[8, 8, 12] = 1  # one 8 ul CT voxel in PET voxel (4, 4, 6): 1/8 covered
     pet = np.ones(pet_grid.GetSize()[::-1], np.float32)
     pet[4:6, 4:6, 4:6] = 3.0
     pet[4, 4, 6] = 40.0
-    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     assert s["items"][0]["pet_voxels"] == 8 and s["items"][0]["suv_max"] == pytest.approx(3.0)
     tiny = np.zeros(ct.GetSize()[::-1], np.uint8)
     tiny[8, 8, 11:13] = 1  # x 21-25 mm: one CT voxel in PET x voxel 5, one in 6
     tiny[8, 9, 12] = 1  # a second one in PET x voxel 6: it is covered most (2/8)
     pet[4, 4, 5], pet[4, 4, 6] = 30.0, 2.0
-    s = lesions.lesion_statistics(tiny, np.zeros(tiny.shape, np.float32), ct, pet=_image(pet, pet_grid))
+    s = lesions.lesion_statistics(tiny, np.zeros(tiny.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     assert s["items"][0]["pet_voxels"] == 1 and s["items"][0]["suv_max"] == pytest.approx(2.0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 
 from builder.release.splits import NO_FOLD, SplitCase, assign_splits, plan_splits, splits_document
 from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Split
+from tests.support.small_data import split_cohort
 
 SIZES = (1, 2, 3, 4, 5, 7)
 BIN = Path(sys.executable).parent
@@ -30,16 +30,7 @@ BIN = Path(sys.executable).parent
 # ---------------------------------------------------------------------- splits only
 
 
-def cohort(n_patients: int, *, seed: int = 0, prefix: str = "P", start: int = 0) -> list[SplitCase]:
-    """About 30 % HL, 1-4 exams per patient, skewed lesion burden (as tests/test_splits.py)."""
-    rng = random.Random(seed)
-    cases = []
-    for p in range(start, start + n_patients):
-        subject = f"{prefix}{p:04d}"
-        diagnosis = "HL" if rng.random() < 0.3 else "NHL"
-        for e in range(rng.choice([1, 1, 2, 3, 4])):
-            cases.append(SplitCase(f"C-{subject}-{e}", subject, diagnosis, rng.lognormvariate(3.0, 1.2)))
-    return cases
+cohort = split_cohort
 
 
 def _sha(text: str) -> str:

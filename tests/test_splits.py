@@ -11,18 +11,10 @@ import pytest
 from builder.release.splits import SplitCase, assign_splits, splits_document
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import N_FOLDS, TEST_FRACTION, Split
+from tests.support.small_data import split_cohort
 
 
-def cohort(n_patients: int, *, seed: int = 0, prefix: str = "P", start: int = 0) -> list[SplitCase]:
-    """A cohort like the paper's: about 30 % HL, 1-4 exams per patient, skewed lesion burden."""
-    rng = random.Random(seed)
-    cases = []
-    for p in range(start, start + n_patients):
-        subject = f"{prefix}{p:04d}"
-        diagnosis = "HL" if rng.random() < 0.3 else "NHL"
-        for e in range(rng.choice([1, 1, 2, 3, 4])):
-            cases.append(SplitCase(f"C-{subject}-{e}", subject, diagnosis, rng.lognormvariate(3.0, 1.2)))
-    return cases
+cohort = split_cohort
 
 
 def bins_by_subject(cases, placed):

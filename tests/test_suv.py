@@ -12,13 +12,7 @@ from builder.convert.discover import SeriesInfo, SeriesKind
 from builder.errors import SUVError
 from builder.convert.suv import DecayCorrection, TimeReference, Units, suv_conversion, suv_from_headers
 from tests.support.dicom_series import pet_timing, write_series
-
-HALF_LIFE = 6586.2  # F-18, s
-DOSE = 350e6  # Bq
-WEIGHT = 72.0  # kg
-INJECTION = dt.datetime(2024, 3, 5, 9, 12, 30)
-SERIES = SeriesInfo(series_uid="1.2.3", study_uid="1.2", frame_of_reference_uid="1.2.4", modality="PT",
-                    kind=SeriesKind.PET_AC, files=[])
+from tests.support.small_data import DOSE, HALF_LIFE, INJECTION, SERIES, WEIGHT
 
 
 def expected_factor(decay_s: float, *, weight=WEIGHT, dose=DOSE, half_life=HALF_LIFE) -> float:
