@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,15 @@ def read_json(path: str | Path, *, what: str, fix: str) -> Any:
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SchemaError(f"{path} is not valid JSON ({e}): expected {what}; {fix}") from e
+
+
+def replace_folder(src: Path, dst: Path, *, old_prefix: str = ".old-") -> None:
+    """Move the finished folder ``src`` to ``dst`` by renames only; an existing ``dst`` is first renamed
+    aside (``<old_prefix><name>-<random>``, a hidden sibling a later clean-up recognises), then deleted."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{old_prefix}{dst.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

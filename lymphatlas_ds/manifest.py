@@ -359,7 +359,7 @@ def _check_grouping(rows: dict[str, dict[str, Any]]) -> list[ConsistencyProblem]
     return problems
 
 
-def _csv_text(value: Any) -> str:
+def csv_text(value: Any) -> str:
     """A shard value as metadata/cases.csv writes it (builder.release.build.cases_csv): lists as JSON."""
     if value is None:
         return ""
@@ -386,9 +386,9 @@ def _check_cases_csv(root: Path, cases: dict[str, str], rows: dict[str, dict[str
                                                               f"{expected[:16]}..."))
             elif (shard_row := rows.get(r["case_id"])) is not None:
                 differ = [c for c in (*schema.METADATA_COLUMNS, "shard")
-                          if c in r and c in shard_row and r[c] != _csv_text(shard_row[c])]
+                          if c in r and c in shard_row and r[c] != csv_text(shard_row[c])]
                 if differ:
-                    listing = ", ".join(f"{c} {r[c]!r} in {CASES_CSV}, {_csv_text(shard_row[c])!r} in the shard"
+                    listing = ", ".join(f"{c} {r[c]!r} in {CASES_CSV}, {csv_text(shard_row[c])!r} in the shard"
                                         for c in differ)
                     problems.append(ConsistencyProblem(f"{CASES_CSV} and {shard_row['shard']}",
                                                        f"case {r['case_id']}: {listing}"))

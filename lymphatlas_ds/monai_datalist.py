@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lymphatlas_ds import schema
+from lymphatlas_ds._io import replace_folder
 from lymphatlas_ds._target import Layout, check_target
 from lymphatlas_ds.errors import LymphAtlasError
 from lymphatlas_ds.nnunet import _checked_case, _nifti_bytes, check_grouped, nnunet_splits
@@ -159,7 +160,7 @@ def materialize_monai(
                                            gzip_level=gzip_level, progress=progress)
         doc = datalist(release, train_ids, test_ids, config)
         (tmp / DATALIST).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, out)
+        replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, permissions, an I/O error: a message, no traceback
@@ -168,14 +169,3 @@ def materialize_monai(
                 "is as it was. Free disk space (or fix the permissions) and run the same command again") from e
         raise
     return MonaiResult(out, out / DATALIST, len(train_ids), len(test_ids), doc["n_folds"], size + test_size)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old one (``force``) is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

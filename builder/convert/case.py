@@ -27,6 +27,7 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
+from lymphatlas_ds import _io
 from lymphatlas_ds._io import read_json
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.schema import CASE_FILES, CASE_JSON, CT_DTYPE, LABEL_DTYPE, PET_DTYPE, SCHEMA_VERSION
@@ -139,14 +140,8 @@ def write_case(
 
 
 def replace_folder(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (renames only)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{OLD_PREFIX}{dst.name}-{uuid.uuid4().hex[:8]}")
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (renames only; the old one as OLD_PREFIX)."""
+    _io.replace_folder(src, dst, old_prefix=OLD_PREFIX)
 
 
 def remove_case(cases_dir: Path, case_id: str) -> bool:

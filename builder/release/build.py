@@ -221,14 +221,6 @@ def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str)
 # --- statistics, CSV, changelog ---------------------------------------------------------------
 
 
-def _csv_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple):
-        return json.dumps(list(value))
-    return str(value)
-
-
 def cases_csv(rows: list[dict[str, Any]]) -> str:
     """metadata/cases.csv text: METADATA_COLUMNS + the shard, rows sorted by case id; lists as JSON."""
     out = io.StringIO()
@@ -236,7 +228,7 @@ def cases_csv(rows: list[dict[str, Any]]) -> str:
     columns = [*METADATA_COLUMNS, *CSV_EXTRA_COLUMNS]
     writer.writerow(columns)
     for row in sorted(rows, key=lambda r: r["case_id"]):
-        writer.writerow([_csv_value(row.get(c)) for c in columns])
+        writer.writerow([manifest_mod.csv_text(row.get(c)) for c in columns])
     return out.getvalue()
 
 
