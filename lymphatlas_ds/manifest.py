@@ -238,7 +238,7 @@ def verify_consistency(release_dir: str | Path, manifest: dict[str, Any] | None 
     shard_problems, rows = _check_shards(root, sorted(manifest["files"]), cases, splits_cases)
     problems += shard_problems
     problems += _compare(cases, "the shards (data/)", set(rows), "case(s)")
-    problems += _check_grouping(rows)
+    problems += _check_grouping(rows, _n_folds(root))
     if CASES_CSV in manifest["files"]:
         problems += _check_cases_csv(root, cases, rows)
     if not shard_problems:  # the card and changelog are checked against shards that read and agree
@@ -340,15 +340,27 @@ def _check_shard_row(
     return problems
 
 
-def _check_grouping(rows: dict[str, dict[str, Any]]) -> list[ConsistencyProblem]:
-    """Every subject in one split and one fold (test: fold -1; train: 0 to N_FOLDS - 1), as the splits are drawn."""
+def _n_folds(root: Path) -> int:
+    """``splits.json``'s ``n_folds`` (a small release has fewer than N_FOLDS, one training patient none)."""
+    try:
+        n = json.loads((root / SPLITS_NAME).read_text()).get("n_folds", schema.N_FOLDS)
+    except (OSError, ValueError, AttributeError):
+        return schema.N_FOLDS  # _check_splits reports an unreadable splits.json
+    return n if isinstance(n, int) and 0 <= n <= schema.N_FOLDS else schema.N_FOLDS
+
+
+def _check_grouping(rows: dict[str, dict[str, Any]], n_folds: int = schema.N_FOLDS) -> list[ConsistencyProblem]:
+    """Every subject in one split and one fold (test: fold -1; train: 0 to n_folds - 1, or -1 in a release
+    without folds), as the splits are drawn."""
     problems = []
     placed: dict[str, dict[tuple[Any, Any], list[str]]] = {}
+    train_folds = range(n_folds) if n_folds else (-1,)
     for case_id, row in sorted(rows.items()):
         split, fold = row.get("split"), row.get("fold")
-        if (split == "test" and fold != -1) or (split == "train" and fold not in range(schema.N_FOLDS)):
+        if (split == "test" and fold != -1) or (split == "train" and fold not in train_folds):
             problems.append(ConsistencyProblem(row["shard"], f"case {case_id} is in {split} with fold {fold}: test "
-                                                             f"cases have fold -1, train cases 0-{schema.N_FOLDS - 1}"))
+                                                             f"cases have fold -1, train cases "
+                                                             f"{'0-' + str(n_folds - 1) if n_folds else '-1 (no folds)'}"))
         placed.setdefault(str(row.get("subject_id")), {}).setdefault((split, fold), []).append(case_id)
     for subject, groups in sorted(placed.items()):
         if len(groups) > 1:

@@ -166,6 +166,15 @@ def _materialize(release: Path, cwd: Path, *options: str) -> subprocess.Complete
 
 
 @pytest.mark.parametrize("n_patients", SIZES)
+def test_every_small_release_verifies_as_typed(small_releases, tmp_path, n_patients):
+    """`lymphatlas verify` on releases with fewer folds than 5, or none (training cases in fold -1)."""
+    release = small_releases[n_patients]
+    proc = subprocess.run(["lymphatlas", "verify", str(release.path)], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("n_patients", SIZES)
 def test_materialize_lists_only_folds_nnunet_can_train(small_releases, tmp_path, n_patients):
     release = small_releases[n_patients]
     truth = release.truth
