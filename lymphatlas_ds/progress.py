@@ -68,9 +68,14 @@ class PlainProgress:
         self._last_n, self._last_t = self.n, time.monotonic()
         if self.disable:
             return
-        of = f"/{self.total:g}" if self.total is not None else ""
+        of = f"/{_count(self.total)}" if self.total is not None else ""
         extra = f" ({self.postfix})" if self.postfix else ""
-        print(f"{self.desc}: {self.n:g}{of} {self.unit}{extra}", file=self.file, flush=True)
+        print(f"{self.desc}: {_count(self.n)}{of} {self.unit}{extra}", file=self.file, flush=True)
+
+
+def _count(value: float) -> str:
+    """A count as a reader wants it in a log: whole numbers in full (45711700 B, not 4.57117e+07)."""
+    return f"{int(value)}" if float(value).is_integer() else f"{value:.1f}"
 
 
 def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> Any:
