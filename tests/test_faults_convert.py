@@ -100,19 +100,21 @@ def _released_cases(release: Path) -> set[str]:
 # --- interrupts: real signals to a real `python -m builder convert` ----------------------------------
 
 
-def _wait_for_busy_workers(proc, n: int, timeout: float = 120.0) -> None:
-    """Until ``n`` worker processes of ``proc`` are well into an exam (past their start-up)."""
+def _wait_for_workers(proc, n: int, timeout: float = 120.0) -> None:
+    """Until ``proc`` has ``n`` worker processes, then 3 s more: each has taken an exam and is held in
+    the test's delay (60 s), so no exam can finish before the signal."""
     import psutil
 
     deadline = time.monotonic() + timeout
     while True:
-        assert time.monotonic() < deadline and proc.poll() is None, "the convert never had its workers at work"
+        assert time.monotonic() < deadline and proc.poll() is None, "the convert never started its workers"
         try:
-            busy = [c for c in psutil.Process(proc.pid).children()
-                    if "resource_tracker" not in " ".join(c.cmdline()) and c.cpu_times().user > 1.5]
+            workers = [c for c in psutil.Process(proc.pid).children()
+                       if "resource_tracker" not in " ".join(c.cmdline())]
         except psutil.NoSuchProcess:
-            busy = []
-        if len(busy) >= n:
+            workers = []
+        if len(workers) >= n:
+            time.sleep(3.0)
             return
         time.sleep(0.05)
 
@@ -120,8 +122,10 @@ def _wait_for_busy_workers(proc, n: int, timeout: float = 120.0) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_parent_alone_stops_its_workers_and_leaves_no_orphan_case(base, tmp_path, sig) -> None:
     work = _fresh_work(base, tmp_path / "work")  # the base's key: the same exams get the same case ids
-    proc = _start("convert", str(base["source"]), str(work), "--workers", "2", *CONVERT, cwd=tmp_path)
-    _wait_for_busy_workers(proc, 2)
+    # every exam held 60 s in its worker: the signal lands while both workers have an exam in flight
+    proc = _start("convert", str(base["source"]), str(work), "--workers", "2", *CONVERT, cwd=tmp_path,
+                  env={pipeline.FAULT_ENV: "delay:*:60"})
+    _wait_for_workers(proc, 2)
     proc.send_signal(sig)  # to the parent process alone, as a terminal's kill or a scheduler sends it
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 130, stderr
@@ -146,7 +150,9 @@ def test_an_interrupted_case_of_a_withdrawn_exam_is_never_released(base, tmp_pat
     `release`: the withdrawn exam's case is not in the release, whether its case was recorded before
     the interrupt or left without an id_map row by a worker the interrupt overtook."""
     work = _fresh_work(base, tmp_path / "work")
-    proc = _start("convert", str(base["source"]), str(work), "--workers", "2", *CONVERT, cwd=tmp_path)
+    last = sorted(base["cases"])[-1]  # held 60 s in its worker: still in flight when the others are done
+    proc = _start("convert", str(base["source"]), str(work), "--workers", "2", *CONVERT, cwd=tmp_path,
+                  env={pipeline.FAULT_ENV: f"delay:{last}:60"})
     deadline = time.monotonic() + 180
     while not _visible_cases(work):  # the first case is visible: interrupt while the other exam converts
         assert time.monotonic() < deadline and proc.poll() is None, "no case was ever written"

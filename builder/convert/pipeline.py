@@ -82,7 +82,9 @@ BUILD_JSON = "build.json"
 FAULT_ENV = "LYMPHATLAS_FAULT"
 """Test hook, read by :func:`_injected_fault` only: ``kill-worker:EXAM_ID`` makes the process that
 converts that exam kill itself with SIGKILL (as the OOM killer would); ``kill-worker:EXAM_ID:FLAG``
-does so only while the file FLAG does not exist, creating it first (the retry then succeeds)."""
+does so only while the file FLAG does not exist, creating it first (the retry then succeeds);
+``delay:EXAM_ID:SECONDS`` (``*`` for every exam) holds that exam's worker for SECONDS before it starts,
+so a signal sent meanwhile lands while the exam is in flight, however fast the machine."""
 ID_MAP_COLUMNS = ("exam_id", "patient_id", "case_id", "subject_id")
 
 
@@ -262,6 +264,11 @@ class _Stages:
 def _injected_fault(exam_id: str) -> None:
     """The one place that reads :data:`FAULT_ENV` (fault-injection tests); a no-op when it is unset."""
     spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("delay:"):
+        _, target, seconds = spec.split(":", 2)
+        if target in ("*", exam_id):
+            time.sleep(float(seconds))
+        return
     if not spec.startswith("kill-worker:"):
         return
     _, target, *flag = spec.split(":", 2)
