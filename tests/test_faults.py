@@ -51,10 +51,17 @@ def _cli(*args: str, cwd: Path, env: dict | None = None, module: str = "builder"
                           env={**ENV, **(env or {})}, timeout=600)
 
 
+def _terminal_signals() -> None:
+    """In the child: SIGINT as a terminal gives it. A suite started in the background by a non-interactive
+    shell (`.ci/run &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str, cwd: Path, env: dict | None = None, module: str = "builder") -> subprocess.Popen:
     # A session of its own: every process the run starts (workers too) carries its id.
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})}, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})}, start_new_session=True,
+                            preexec_fn=_terminal_signals)
 
 
 def _session_alive(sid: int) -> list[int]:
