@@ -17,6 +17,7 @@ from lymphatlas_ds.schema import CHANNELS, LABELS, Config, Split
 
 if TYPE_CHECKING:
     from lymphatlas_ds.loader import hf_torch, load_lymphatlas
+    from lymphatlas_ds.predict import predict_case, save_prediction
     from lymphatlas_ds.reader import Release
 
 __version__ = "0.1.0"
@@ -34,10 +35,13 @@ __all__ = [
     "__version__",
     "hf_torch",
     "load_lymphatlas",
+    "predict_case",
+    "save_prediction",
 ]
 
 # Imported on first use: `import lymphatlas_ds` (the CLI, the builder) should not pay for torch.
-_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "hf_torch": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.reader"}
+_LAZY = {"load_lymphatlas": "lymphatlas_ds.loader", "hf_torch": "lymphatlas_ds.loader", "Release": "lymphatlas_ds.reader",
+         "predict_case": "lymphatlas_ds.predict", "save_prediction": "lymphatlas_ds.predict"}
 
 # Streaming a parquet dataset with `datasets` can abort the interpreter at exit (upstream pyarrow
 # bug): importing the package makes the exit wait for pyarrow's reader threads (see _exit_guard).

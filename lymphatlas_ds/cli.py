@@ -26,6 +26,7 @@ COMMANDS = {
     "verify": "check every file of a release against its manifest (size, sha256)",
     "materialize": "write an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json, splits_final.json)",
     "show": "render one case (three views, PET MIP, fusion, label outline) to a PNG",
+    "evaluate": "a model's predictions against the release's labels: Tables 2-3, lesion-level metrics, report",
 }
 
 

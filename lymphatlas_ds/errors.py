@@ -21,3 +21,7 @@ class SchemaError(LymphAtlasError):
 
 class SelectionError(SchemaError):
     """A fold or subset asked of a release holds no case (a small release has fewer folds)."""
+
+
+class EvaluationError(LymphAtlasError):
+    """Predictions that cannot be evaluated against a release: missing, unknown, off-grid or non-binary."""

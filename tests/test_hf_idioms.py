@@ -192,7 +192,7 @@ def test_hf_torch_is_exported_and_the_public_names_stay_few():
     from lymphatlas_ds.loader import hf_torch
 
     assert lymphatlas_ds.hf_torch is hf_torch and "hf_torch" in lymphatlas_ds.__all__
-    assert len(lymphatlas_ds.__all__) <= 12
+    assert len(lymphatlas_ds.__all__) <= 14  # 12 + the two prediction helpers (save_prediction, predict_case)
 
 
 def test_no_message_suggests_huggingface_cli():

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS: tuple[str, ...] = ("Dice", "IoU", "FN", "FP", "TP", "n_pred", "n_ref")
-"""Columns of the paper's Tables 2-3, named as in nnU-Net's summary.json."""
+from lymphatlas_ds.metrics import METRICS, mean_over_cases  # (one copy, shared with `lymphatlas evaluate`)
 
 RATIO_METRICS = ("Dice", "IoU")
 """Printed with 5 decimals (the paper's precision); voxel counts with 2."""
@@ -67,19 +66,12 @@ def case_identifier(per_case: dict, file_ending: str = ".nii.gz") -> str:
 
 def _foreground_mean(per_case: list[dict]) -> dict[str, float]:
     # The same two steps as nnunetv2.evaluation.evaluate_predictions.compute_metrics_on_folder:
-    # nanmean over cases per label, then mean over the foreground labels.
+    # nanmean over cases per label (lymphatlas_ds.metrics.mean_over_cases), then mean over the foreground labels.
     if not per_case:
         return {m: math.nan for m in METRICS}
     labels = [k for k in per_case[0]["metrics"] if str(k) not in ("0", "(0,)")]
-    out = {}
-    for m in METRICS:
-        per_label = []
-        for k in labels:
-            values = np.array([float(c["metrics"][k][m]) for c in per_case], dtype=float)
-            # np.nanmean warns on all-NaN input and returns NaN, exactly what nnU-Net stores
-            per_label.append(np.nan if np.all(np.isnan(values)) else float(np.nanmean(values)))
-        out[m] = float(np.mean(per_label))
-    return out
+    per_label = [mean_over_cases([c["metrics"][k] for c in per_case]) for k in labels]
+    return {m: float(np.mean([row[m] for row in per_label])) for m in METRICS}
 
 
 def fold_row(summary: dict, *, cases: Collection[str] | None = None, file_ending: str = ".nii.gz") -> dict[str, float]:
