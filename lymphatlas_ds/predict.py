@@ -59,8 +59,8 @@ def save_prediction(
 ) -> Path:
     """Write ``array`` (``[Z, Y, X]`` or ``[1, Z, Y, X]`` in the item's order) as NIfTI on the item's grid.
 
-    ``path`` is a ``.nii.gz`` / ``.nii`` file, or a folder (existing, or ending in ``/``), where the
-    file is ``<case_id>.nii.gz``, the name ``lymphatlas evaluate`` and nnU-Net look for. A label
+    ``path`` is a ``.nii.gz`` / ``.nii`` file, or a folder (existing, ending in ``/`` or without a
+    suffix; made when missing), where the file is ``<case_id>.nii.gz``, the name ``lymphatlas evaluate`` and nnU-Net look for. A label
     (``label=True``) is stored as ``uint8`` (bool or integer values 0..255; a float array of whole
     numbers is accepted, probabilities are refused); ``label=False`` stores ``float32``. The file is
     written to a temporary name and renamed; the same input gives the same bytes. Returns the path.
@@ -82,8 +82,9 @@ def save_prediction(
             "pass the prediction in the item's axis order (after MONAI/TorchIO, convert back with interop.to_zyx)"
         )
     values = _as_label(values, case_id) if label else values.astype(np.float32)
+    as_folder = str(path).endswith(("/", os.sep))
     path = Path(path)
-    if path.is_dir() or str(path).endswith(("/", os.sep)):
+    if as_folder or path.is_dir() or not path.suffix:
         if not case_id:
             raise ValueError("the item has no 'case_id' to name the file: give a file path")
         path = path / f"{case_id}.nii.gz"

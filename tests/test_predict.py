@@ -1,0 +1,114 @@
+"""Prediction helpers (lymphatlas_ds.predict): files on the case's grid, sliding-window inference.
+
+Ground truth: the fake WORK cases the release is built from (arrays and RAS affines), and the
+label files the nnU-Net materializer writes for the same cases; MONAI's sliding_window_inference
+is the peer of the fallback.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lymphatlas_ds import load_lymphatlas, predict_case, save_prediction
+from lymphatlas_ds.evaluate import evaluate
+from lymphatlas_ds.nnunet import materialize_nnunet
+from lymphatlas_ds.predict import sliding_window
+from lymphatlas_ds.reader import Release
+from tests.support.releases import build_fake_release
+
+SPACING_XYZ = (2.0, 2.5, 3.0)
+SHAPE_ZYX = (20, 24, 28)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    release = build_fake_release(root, n_patients=4, seed=9, shape_zyx=SHAPE_ZYX, spacing_xyz=SPACING_XYZ)
+    items = load_lymphatlas(release.path, split="train", cache_dir=root / "cache")
+    return release, items
+
+
+def test_save_prediction_writes_the_case_grid_as_uint8(built, tmp_path):
+    release, items = built
+    reader = Release(release.path, remember=False)
+    raw = materialize_nnunet(reader, tmp_path / "raw", dataset_id=509, workers=1).dataset_dir
+    for index in range(len(items)):
+        item = items[index]
+        case = release.truth[item["case_id"]]
+        path = save_prediction(item, item["label"], tmp_path / "pred/")
+        assert path == tmp_path / "pred" / f"{item['case_id']}.nii.gz"
+        img = nib.load(path)
+        assert img.get_data_dtype() == np.uint8
+        assert img.shape == case.label.shape[::-1]
+        np.testing.assert_allclose(img.affine, case.affine, atol=1e-4)
+        np.testing.assert_array_equal(np.asanyarray(img.dataobj), case.label.transpose(2, 1, 0))
+        # the same grid, header and voxels as the label nnU-Net trains on
+        peer = nib.load(raw / "labelsTr" / f"{item['case_id']}.nii.gz")
+        assert peer.shape == img.shape and peer.get_data_dtype() == img.get_data_dtype()
+        np.testing.assert_allclose(img.affine, peer.affine, atol=1e-6)
+        assert img.header.get_sform(coded=True)[1] == peer.header.get_sform(coded=True)[1] == 1
+        np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(peer.dataobj))
+    # evaluate reads them back as a perfect prediction
+    result = evaluate(tmp_path / "pred", reader, split="train")
+    assert all(r["dice"] == 1.0 for r in result.cases if r["n_ref"] > 0)
+
+
+def test_save_prediction_takes_tensors_bools_and_refuses_probabilities(built, tmp_path):
+    release, items = built
+    item = items[0]
+    label = item["label"][0]
+    first = save_prediction(item, label.bool(), tmp_path / "a.nii.gz")
+    again = save_prediction(item, label.numpy().astype(np.float32), tmp_path / "b.nii.gz")
+    assert first.read_bytes() == again.read_bytes()  # same voxels, same bytes (deterministic, uint8 both)
+    with pytest.raises(ValueError, match="non-integer"):
+        save_prediction(item, label.float() * 0.5, tmp_path / "c.nii.gz")
+    with pytest.raises(ValueError, match=r"shape \(28, 24, 20\)"):
+        save_prediction(item, label.numpy().transpose(2, 1, 0), tmp_path / "d.nii.gz")
+    probs = save_prediction(item, label.float() * 0.5, tmp_path / "e.nii.gz", label=False)
+    assert nib.load(probs).get_data_dtype() == np.float32
+    assert not (tmp_path / "c.nii.gz").exists()
+
+
+class _PetAbove(torch.nn.Module):
+    """Logits of "PET > threshold": a model whose right answer is known voxel for voxel."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, 1:2] - self.threshold) * self.scale
+
+
+def test_predict_case_stitches_windows_into_the_whole_case(built):
+    release, items = built
+    model = _PetAbove(3.0).eval()
+    for index in range(2):
+        item = items[index]
+        pet = release.truth[item["case_id"]].pet
+        want = (pet > 3.0).astype(np.uint8)
+        for use_monai in (True, False):
+            got = predict_case(model, item, roi_size=(8, 10, 12), overlap=0.5, sw_batch_size=3, use_monai=use_monai)
+            assert got.dtype == np.uint8 and got.shape == pet.shape
+            np.testing.assert_array_equal(got, want)
+        logits = predict_case(model, item, roi_size=16, output="logits", use_monai=False)
+        np.testing.assert_allclose(logits[0].numpy(), pet - 3.0, atol=1e-5)
+
+
+def test_fallback_sliding_window_equals_monai():
+    pytest.importorskip("monai", reason="MONAI is not installed")
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1).eval()  # a window's border sees zero padding: overlaps differ
+    image = torch.randn(1, 2, 13, 17, 11)
+    for roi, overlap in (((8, 8, 8), 0.25), ((5, 9, 11), 0.5), ((13, 4, 6), 0.0)):
+        with torch.no_grad():
+            peer = sliding_window_inference(image, roi, 2, conv, overlap=overlap, mode="constant")
+            mine = sliding_window(image, roi, conv, sw_batch_size=2, overlap=overlap)
+        np.testing.assert_allclose(mine.numpy(), peer.as_tensor().numpy() if hasattr(peer, "as_tensor") else peer.numpy(),
+                                   atol=1e-5)
