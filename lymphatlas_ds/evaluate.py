@@ -282,7 +282,8 @@ def _check_grid(case_id: str, path: Path, shape_zyx: tuple[int, ...], affine: np
         return
     raise EvaluationError(
         f"case {case_id}: prediction {path} is not on the release's grid for that case: "
-        f"prediction shape (x, y, z) {tuple(shape_zyx[::-1])}, affine {_fmt_affine(affine)}; "
+        f"prediction shape (x, y, z) {tuple(shape_zyx[::-1])}, affine {_fmt_affine(affine)}"
+        f"{' (the grid its DICOM SEG frames span)' if path.name.endswith(SEG_ENDINGS) else ''}; "
         f"release label shape {tuple(ref_shape_zyx[::-1])}, affine {_fmt_affine(ref_affine)}. "
         "Write predictions on the case's grid and orientation (lymphatlas_ds.save_prediction does), "
         "or resample them onto it (nearest neighbour) before evaluating"

@@ -294,3 +294,53 @@ def test_lesion_hits_follow_an_instance_map(tmp_path):
     assert hits.metrics.fn_volume_ml == 8.0 and hits.metrics.n_ref_lesions == 2
     with pytest.raises(ValueError, match="instance map"):
         metrics.lesion_hits(ref, pred, voxel_volume_ml=1.0, reference_instances=instances * 0)
+
+
+# ------------------------------------------------------------------------------------------- DICOM SEG
+
+
+def _seg_of(case, folder: Path, *, reverse: bool, shift_mm: float = 0.0):
+    """A DICOM SEG (highdicom) of ``case.label`` over CT slices written on the case's grid (moved ``shift_mm`` along z)."""
+    hd = pytest.importorskip("highdicom", reason="highdicom is not installed")
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from tests.support.dicom_series import write_series
+
+    z, y, x = case.label.shape
+    spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
+    origin_lps = np.diag([-1.0, -1.0, 1.0]) @ case.affine[:3, 3] + [0.0, 0.0, shift_mm]
+    extra = {"PatientBirthDate": "", "PatientSex": "", "StudyDate": "20200101", "StudyTime": "120000", "StudyID": "1",
+             "AccessionNumber": "", "ReferringPhysicianName": "", "SeriesNumber": 1}
+    truth = write_series(folder / "ct", n=z, rows=y, cols=x, pixel_spacing=(spacing[1], spacing[0]),
+                         slice_spacing=spacing[2], origin=tuple(origin_lps), extra=extra)
+    ct = sorted((pydicom.dcmread(f) for f in truth.files), key=lambda d: float(d.ImagePositionPatient[2]))
+    step = -1 if reverse else 1
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(name="model", version="1",
+                                                                    family=codes.DCM.ArtificialIntelligence))
+    return hd.seg.Segmentation(
+        source_images=ct[::step], pixel_array=case.label.astype(bool)[::step],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[description],
+        series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+
+
+def test_dicom_seg_predictions_are_placed_on_the_case_grid(built, tmp_path):
+    release, reader = built
+    case_id = _case_with_lesions(release, reader)
+    case = release.truth[case_id]
+    for reverse in (False, True):  # frames in either slice order
+        out = tmp_path / f"seg{reverse}"
+        out.mkdir()
+        _seg_of(case, tmp_path / f"ct{reverse}", reverse=reverse).save_as(out / f"{case_id}.seg.dcm")
+        row = evaluate(out, reader).case(case_id)
+        assert (row["dice"], row["tp"]) == (1.0, float(case.label.sum()))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    _seg_of(case, tmp_path / "ct_moved", reverse=False, shift_mm=7.0).save_as(moved / f"{case_id}.seg.dcm")
+    with pytest.raises(EvaluationError, match=rf"case {case_id}: prediction .* not on the release's grid") as info:
+        evaluate(moved, reader)
+    assert "DICOM SEG frames" in str(info.value) and "(28, 24, 20)" in str(info.value)
