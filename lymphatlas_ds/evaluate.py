@@ -220,10 +220,15 @@ def _reference_lesions(
     pet_values = None
     for lesion_id, voxels, overlap in zip(hits.lesion_ids.tolist(), hits.voxels.tolist(), hits.overlap.tolist()):
         joined = table.get((case_id, int(lesion_id))) if table is not None else None
+        if joined is not None and joined.get("voxels") is not None and int(joined["voxels"]) != int(voxels):
+            # another labelling (connectivity) than metrics.label_lesions: the ids name other lesions
+            log.warning("case %s lesion %s: %s voxels in the release's lesion table, %s here; not joined",
+                        case_id, lesion_id, joined["voxels"], voxels)
+            joined = None
         row: dict[str, Any] = {"lesion_id": int(lesion_id), "voxels": int(voxels),
                                "volume_ml": float(voxels) * voxel_ml}
         if joined is not None:
-            row.update({k: v for k, v in joined.items() if k not in ("case_id", "lesion_id", "id")})
+            row.update({k: v for k, v in joined.items() if k not in ("case_id", "lesion_id", "id", "voxels")})
             row["lesion_source"] = "release"
         else:
             if pet_values is None:

@@ -344,3 +344,45 @@ def test_dicom_seg_predictions_are_placed_on_the_case_grid(built, tmp_path):
     with pytest.raises(EvaluationError, match=rf"case {case_id}: prediction .* not on the release's grid") as info:
         evaluate(moved, reader)
     assert "DICOM SEG frames" in str(info.value) and "(28, 24, 20)" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- lesion table join
+
+
+def test_missed_lesions_are_joined_with_the_release_lesion_table(built, tmp_path):
+    """A release with per-lesion rows (metadata/lesions.csv in its manifest): hits and misses carry their columns."""
+    import json
+    import shutil
+
+    from lymphatlas_ds.manifest import sha256_file
+
+    release, _ = built
+    copy = tmp_path / "release"
+    shutil.copytree(release.path, copy)
+    reader = Release(copy, remember=False)
+    case_id = _case_with_lesions(release, reader)
+    case = release.truth[case_id]
+    comps, n = ndimage.label(case.label, structure=STRUCTURE_18)
+    lines = ["case_id,lesion_id,voxels,suv_peak,region"]
+    for k in range(1, n + 1):
+        voxels = int((comps == k).sum())
+        lines.append(f"{case_id},{k},{voxels if k != 1 else voxels + 1},{10.0 + k},region{k}")  # lesion 1: another labelling
+    table = copy / "metadata" / "lesions.csv"
+    table.write_text("\n".join(lines) + "\n")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["metadata/lesions.csv"] = {"sha256": sha256_file(table), "size": table.stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    cut = case.label.copy()
+    cut[comps == 2] = 0
+    pred = _write(tmp_path / "pred" / f"{case_id}.nii.gz", cut, case.affine).parent
+    result = evaluate(pred, Release(copy, remember=False))
+    rows = {r["lesion_id"]: r for r in result.lesions}
+    assert rows[2]["lesion_source"] == "release" and rows[2]["region"] == "region2" and rows[2]["suv_peak"] == 12.0
+    assert [(r["case_id"], r["lesion_id"], r["region"]) for r in result.missed] == [(case_id, 2, "region2")]
+    # a row whose voxel count disagrees names another lesion: not joined, computed instead
+    assert rows[1]["lesion_source"] == "computed" and rows[1].get("region") is None
+    assert rows[1]["suv_max"] == pytest.approx(float(case.pet[comps == 1].max()))
+    out = tmp_path / "report"
+    write_report(result, out)
+    header = (out / "lesions.csv").read_text().splitlines()[0].split(",")
+    assert {"region", "suv_peak", "lesion_source", "volume_ml", "detected"} <= set(header)
