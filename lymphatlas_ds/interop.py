@@ -19,7 +19,10 @@ MONAI (``pip install monai``)::
         mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
     ])
     out = pipeline(to_monai(item))      # [C, X, Y, Z] MetaTensors with the affine and the case id attached
-    mt.SaveImage(output_dir="pred", output_postfix="label")(out["label"])   # pred/<case_id>/<case_id>_label.nii.gz
+    # a label on the case's grid (not resampled), as `lymphatlas evaluate` reads it: pred/<case_id>.nii.gz, uint8
+    # (SaveImage's default output_dtype is float32; lymphatlas_ds.save_prediction does the same from an item)
+    mt.SaveImage(output_dir="pred", output_postfix="", separate_folder=False, output_dtype=np.uint8,
+                 resample=False)(to_monai(item)["label"])
 
 For training, give random transforms to ``load_lymphatlas(transform=...)`` rather than calling them
 on items yourself: there they draw from (seed, epoch, index), the same for any number of DataLoader
@@ -101,7 +104,8 @@ def to_monai(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
     The RAS affine goes into each MetaTensor's ``affine`` (MONAI's convention for images it loads
     from NIfTI), so MONAI's spatial transforms (``Spacingd``, ``Orientationd``, crops) keep the
     geometry right. The case id goes into the ``filename_or_obj`` metadata, so MONAI's ``SaveImage``
-    writes one file per case (``<case_id>/<case_id>_<postfix>.nii.gz``). Other keys pass through.
+    writes one file per case (``<case_id>.nii.gz`` with ``output_postfix="", separate_folder=False``;
+    give ``output_dtype=np.uint8`` for a label, float32 otherwise). Other keys pass through.
 
     Example:
         >>> out = to_monai(item)  # doctest: +SKIP

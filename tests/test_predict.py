@@ -112,3 +112,21 @@ def test_fallback_sliding_window_equals_monai():
             mine = sliding_window(image, roi, conv, sw_batch_size=2, overlap=overlap)
         np.testing.assert_allclose(mine.numpy(), peer.as_tensor().numpy() if hasattr(peer, "as_tensor") else peer.numpy(),
                                    atol=1e-5)
+
+
+def test_the_readme_saveimage_recipe_writes_what_evaluate_reads(built, tmp_path):
+    pytest.importorskip("monai", reason="MONAI is not installed")
+    from monai import transforms as mt
+
+    from lymphatlas_ds.interop import to_monai
+
+    release, items = built
+    for index in range(len(items)):
+        item = items[index]
+        # the README's line, as written there
+        mt.SaveImage(output_dir=str(tmp_path / "pred"), output_postfix="", separate_folder=False, output_dtype=np.uint8,
+                     resample=False, print_log=False)(to_monai(item)["label"])
+        img = nib.load(tmp_path / "pred" / f"{item['case_id']}.nii.gz")
+        assert img.get_data_dtype() == np.uint8
+    result = evaluate(tmp_path / "pred", Release(release.path, remember=False), split="train")
+    assert len(result.cases) == len(items) and all(r["fn"] == r["fp"] == 0 for r in result.cases)
