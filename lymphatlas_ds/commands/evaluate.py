@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--split", choices=("train", "test"), default=None,
                        help="evaluate every case of a split (all must be predicted)")
     parser.add_argument("--no-verify", action="store_true", help="do not check the release files against the manifest")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _f(value: float, digits: int) -> str:
@@ -35,10 +36,13 @@ def _f(value: float, digits: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from lymphatlas_ds.evaluate import evaluate, write_report
+    from lymphatlas_ds.progress import progress_bar
     from lymphatlas_ds.reader import Release
 
     release = Release.from_source(args.release, version=args.version, verify=not args.no_verify)
-    result = evaluate(args.predictions, release, config=args.config, fold=args.fold, split=args.split)
+    with progress_bar(desc="evaluate", unit="case", disable=args.quiet) as bar:
+        result = evaluate(args.predictions, release, config=args.config, fold=args.fold, split=args.split,
+                          progress=lambda n: bar.update(n - bar.n))
     written = write_report(result, args.out)
     for name, row in result.folds["all"].items():
         print(f"{name}: {row['n_cases']} cases, Dice {_f(row['dice'], 5)}, IoU {_f(row['iou'], 5)}, "
