@@ -130,3 +130,49 @@ def test_the_readme_saveimage_recipe_writes_what_evaluate_reads(built, tmp_path)
         assert img.get_data_dtype() == np.uint8
     result = evaluate(tmp_path / "pred", Release(release.path, remember=False), split="train")
     assert len(result.cases) == len(items) and all(r["fn"] == r["fp"] == 0 for r in result.cases)
+
+
+@pytest.mark.slow
+def test_a_monai_unet_trains_predicts_and_is_evaluated(built, tmp_path):
+    """The README's loop: patches with augmentation on 2 workers, 20 iterations of a small MONAI UNet,
+    sliding-window prediction of the validation cases, saved and evaluated."""
+    pytest.importorskip("monai", reason="MONAI is not installed")
+    from monai import transforms as mt
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from lymphatlas_ds.interop import to_monai, to_zyx
+
+    release, _ = built
+    reader = Release(release.path, remember=False)
+    fold = next(k for k in range(int(reader.splits["n_folds"])) if reader.fold_case_ids(k, "val"))
+    aug = mt.Compose([to_monai, mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0), to_zyx])
+    train = load_lymphatlas(release.path, fold=fold, subset="train", patch_size=16, seed=0, transform=aug,
+                            cache_dir=tmp_path / "cache")
+    loader = torch.utils.data.DataLoader(train, batch_size=2, num_workers=2, shuffle=False)
+    torch.manual_seed(0)
+    model = UNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 16), strides=(2,), num_res_units=0)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    iterations = 0
+    while iterations < 20:
+        train.set_epoch(iterations)
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch["image"]), batch["label"].long())
+            loss.backward()
+            optimizer.step()
+            iterations += 1
+            if iterations == 20:
+                break
+    model.eval()
+    val = load_lymphatlas(release.path, fold=fold, subset="val", cache_dir=tmp_path / "cache")
+    for item in val:
+        label = predict_case(model, item, roi_size=16, sw_batch_size=4)
+        assert label.shape == tuple(item["label"].shape[1:]) and set(np.unique(label)) <= {0, 1}
+        save_prediction(item, label, tmp_path / "pred")
+    result = evaluate(tmp_path / "pred", reader, fold=fold)
+    assert sorted(r["case_id"] for r in result.cases) == sorted(reader.fold_case_ids(fold, "val"))
+    for row in result.cases:  # the figures are consistent with the files, whatever the model learned
+        truth = release.truth[row["case_id"]].label
+        assert row["n_ref"] == truth.sum() and row["tp"] + row["fn"] == row["n_ref"]
