@@ -176,3 +176,24 @@ def test_a_monai_unet_trains_predicts_and_is_evaluated(built, tmp_path):
     for row in result.cases:  # the figures are consistent with the files, whatever the model learned
         truth = release.truth[row["case_id"]].label
         assert row["n_ref"] == truth.sum() and row["tp"] + row["fn"] == row["n_ref"]
+
+
+def test_an_nnunet_output_folder_is_evaluated_as_it_is(built, tmp_path):
+    """nnU-Net's writer (SimpleITK) on the materialized grid, plus the JSON files nnU-Net leaves beside them."""
+    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed")
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    release, _ = built
+    reader = Release(release.path, remember=False)
+    raw = materialize_nnunet(reader, tmp_path / "raw", dataset_id=508, workers=1).dataset_dir
+    out = tmp_path / "fold_0" / "validation"
+    out.mkdir(parents=True)
+    io = SimpleITKIO()
+    for label_file in sorted((raw / "labelsTr").glob("*.nii.gz")):
+        seg, properties = io.read_seg(str(label_file))
+        io.write_seg(seg[0].astype(np.uint8), str(out / label_file.name), properties)
+    for name in ("summary.json", "dataset.json", "plans.json", "predict_from_raw_data_args.json"):
+        (out / name).write_text("{}")
+    result = evaluate(out, reader, split="train")
+    assert len(result.cases) == len(reader.case_ids("all", "train"))
+    assert all(r["fn"] == r["fp"] == 0 and r["detection_sensitivity"] == 1.0 for r in result.cases if r["n_ref"] > 0)
