@@ -212,12 +212,14 @@ def _release_lesion_rows(release: Any) -> dict[tuple[str, int], dict[str, Any]] 
 
 
 def _reference_lesions(
-    case_id: str, hits: M.LesionHits, *, voxel_ml: float, instances: np.ndarray,
+    case_id: str, hits: M.LesionHits, *, voxel_ml: float,
     pet: Callable[[], np.ndarray], table: Mapping[tuple[str, int], Mapping[str, Any]] | None,
 ) -> list[dict[str, Any]]:
     """One row per reference lesion: id, voxels, volume_ml, suv_max (+ the release table's columns)."""
+    from scipy import ndimage
+
     rows = []
-    pet_values = None
+    suv_max: dict[int, float] | None = None
     for lesion_id, voxels, overlap in zip(hits.lesion_ids.tolist(), hits.voxels.tolist(), hits.overlap.tolist()):
         joined = table.get((case_id, int(lesion_id))) if table is not None else None
         if joined is not None and joined.get("voxels") is not None and int(joined["voxels"]) != int(voxels):
@@ -231,9 +233,10 @@ def _reference_lesions(
             row.update({k: v for k, v in joined.items() if k not in ("case_id", "lesion_id", "id", "voxels")})
             row["lesion_source"] = "release"
         else:
-            if pet_values is None:
-                pet_values = pet()
-            row["suv_max"] = float(pet_values[instances == lesion_id].max())
+            if suv_max is None:  # the PET is read only when a lesion is not in the release's table
+                ids = hits.lesion_ids.tolist()
+                suv_max = dict(zip(ids, (float(v) for v in ndimage.maximum(pet()[hits.box], hits.instances, ids))))
+            row["suv_max"] = suv_max[int(lesion_id)]
             row["lesion_source"] = "computed"
         row["detected"] = bool(overlap > 0)
         row["overlap_voxels"] = int(overlap)
@@ -327,7 +330,7 @@ def evaluate(
         >>> [(r["case_id"], r["lesion_id"], round(r["volume_ml"], 2)) for r in ev.missed]  # doctest: +SKIP
         [('LA-0000001', 2, 0.41)]
     """
-    from lymphatlas_ds.reader import Release, _as_config
+    from lymphatlas_ds.reader import Release, _as_config, _diagnoses
 
     if not isinstance(release, Release):
         release = Release.from_source(release, version=version)
@@ -335,7 +338,8 @@ def evaluate(
     if fold is not None and split is not None:
         raise EvaluationError("give --fold (a fold's validation cases) or --split, not both")
     predicted = find_predictions(predictions)
-    known = set(release.case_ids(config, Split.TRAIN)) | set(release.case_ids(config, Split.TEST))
+    wanted = {d.value for d in _diagnoses(config)}
+    known = {c for c, e in release.splits["cases"].items() if e.get("diagnosis") in wanted}  # no shard read
     selection = f"fold {fold} (validation)" if fold is not None else f"split {split}" if split else "predicted cases"
     where = f"release {release.version} config {config.value}" + (f", {selection}" if fold is not None or split else "")
     case_ids = _check_cases(predicted, _expected_cases(release, config, fold, split), known, where, str(predictions))
@@ -368,10 +372,8 @@ def _evaluate_case(release: Any, case_id: str, path: Path, *, connectivity: int,
     prediction = _check_values(case_id, path, array)
     voxel_ml = float(np.prod(np.linalg.norm(ref_affine[:3, :3], axis=0))) / 1000.0
     voxels = M.voxel_metrics(reference, prediction)
-    instances, _ = M.label_lesions(reference, connectivity=connectivity)
-    hits = M.lesion_hits(reference, prediction, voxel_volume_ml=voxel_ml, connectivity=connectivity,
-                         reference_instances=instances)
-    lesion_rows = _reference_lesions(case_id, hits, voxel_ml=voxel_ml, instances=instances,
+    hits = M.lesion_hits(reference, prediction, voxel_volume_ml=voxel_ml, connectivity=connectivity)
+    lesion_rows = _reference_lesions(case_id, hits, voxel_ml=voxel_ml,
                                      pet=lambda: release.read_volume(case_id, "pet")[0], table=table)
     m = hits.metrics
     row = {c: voxels[n] for c, n in zip(VOXEL_COLUMNS, M.METRICS)}

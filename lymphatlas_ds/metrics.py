@@ -144,13 +144,17 @@ class LesionHits:
     """Which reference lesions a prediction touches, and the lesion-level errors of the case.
 
     ``lesion_ids[i]`` (ids of the reference instance map) has ``voxels[i]`` voxels and
-    ``overlap[i]`` of them predicted; it is detected when ``overlap[i] > 0``.
+    ``overlap[i]`` of them predicted; it is detected when ``overlap[i] > 0``. ``instances`` is the
+    reference instance map inside ``box`` (the slices of the masks' foreground box), e.g. for
+    per-lesion statistics of another volume on the same grid: ``ndimage.maximum(pet[box], instances, ids)``.
     """
 
     lesion_ids: np.ndarray
     voxels: np.ndarray
     overlap: np.ndarray
     metrics: LesionMetrics
+    instances: np.ndarray
+    box: tuple[slice, ...]
 
     @property
     def detected(self) -> np.ndarray:
@@ -215,7 +219,7 @@ def lesion_hits(
         n_pred_components=n_pred,
         n_fp_components=int(false_pos.sum()),
     )
-    return LesionHits(ids, ref_sizes[ids], ref_hit[ids], metrics)
+    return LesionHits(ids, ref_sizes[ids], ref_hit[ids], metrics, ref_lab, box)
 
 
 def _foreground_box(*masks: np.ndarray) -> tuple[slice, ...]:
