@@ -127,6 +127,9 @@ def test_one_lesion_removed_is_named_with_its_volume(built, tmp_path):
     assert [(r["case_id"], int(r["lesion_id"])) for r in lesions] == [(case_id, removed)]
     assert f"| {case_id} | {removed} |" in (out / "report.md").read_text()
     assert (out / "detection_by_volume.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again"
+    write_report(evaluate(pred, reader, fold=fold), again)
+    assert all((again / p.name).read_bytes() == p.read_bytes() for p in out.iterdir())  # deterministic output
     # pooled detection: every lesion of the fold but one
     total = sum(ndimage.label(release.truth[c].label, structure=STRUCTURE_18)[1] for c in val)
     fold_row = result.folds["all"][f"Fold {fold}"]
