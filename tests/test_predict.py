@@ -197,3 +197,17 @@ def test_an_nnunet_output_folder_is_evaluated_as_it_is(built, tmp_path):
     result = evaluate(out, reader, split="train")
     assert len(result.cases) == len(reader.case_ids("all", "train"))
     assert all(r["fn"] == r["fp"] == 0 and r["detection_sensitivity"] == 1.0 for r in result.cases if r["n_ref"] > 0)
+
+
+@pytest.mark.gpu
+def test_predict_case_runs_windows_on_the_gpu_and_gives_the_cpu_result(built):
+    release, items = built
+    item = items[0]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1)).eval()
+    cpu = predict_case(model, item, roi_size=(8, 12, 12), output="logits", use_monai=False)
+    for use_monai in (False, True):
+        gpu = predict_case(model.to("cuda"), item, roi_size=(8, 12, 12), output="logits", use_monai=use_monai)
+        assert gpu.device.type == "cpu"  # the whole case stays on the CPU; windows ran on the model's device
+        np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), atol=1e-4)
+        model = model.to("cpu")
