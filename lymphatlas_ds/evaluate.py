@@ -260,6 +260,8 @@ def _expected_cases(release: Any, config: Config, fold: int | None, split: str |
 
 def _check_cases(predicted: Mapping[str, Path], expected: list[str] | None, known: set[str], where: str,
                  pred_dir: str) -> list[str]:
+    if expected is not None and not expected:
+        raise EvaluationError(f"{where} holds no case: nothing to evaluate (`lymphatlas info` lists the folds and splits)")
     unknown = sorted(set(predicted) - known)
     if unknown:
         raise EvaluationError(

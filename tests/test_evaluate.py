@@ -186,6 +186,12 @@ def test_missing_unknown_and_non_binary_predictions_are_refused(built, tmp_path)
         evaluate(pred, reader, fold=fold)
     listed = str(info.value).split(f"no prediction in {pred}: ")[1].split(". ")[0]
     assert listed.split(", ") == val[1:]
+    other = "hl" if reader.splits["cases"][val[0]]["diagnosis"] == "NHL" else "nhl"
+    if not reader.fold_case_ids(fold, "val", config=other):  # a config whose fold is empty: nothing to evaluate
+        with pytest.raises(EvaluationError, match="holds no case"):
+            evaluate(pred, reader, fold=fold, config=other)
+    with pytest.raises(EvaluationError, match=rf"name no case of release .* config {other}.*{val[0]}"):
+        evaluate(pred, reader, config=other)
     _write(tmp_path / "unknown" / "LA-9999999.nii.gz", release.truth[val[0]].label, release.truth[val[0]].affine)
     with pytest.raises(EvaluationError, match="LA-9999999"):
         evaluate(tmp_path / "unknown", reader)
