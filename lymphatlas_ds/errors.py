@@ -21,3 +21,10 @@ class SchemaError(LymphAtlasError):
 
 class SelectionError(SchemaError):
     """A fold or subset asked of a release holds no case (a small release has fewer folds)."""
+
+
+class MissingDependencyError(LymphAtlasError, ModuleNotFoundError):
+    """An optional package that a feature needs is not installed; the message names what to install.
+
+    A ``ModuleNotFoundError`` too, so ``except ImportError`` around an import keeps working.
+    """

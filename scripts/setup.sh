@@ -25,7 +25,7 @@ pip install --quiet --no-deps "nnunetv2==2.8.1" "dynamic-network-architectures==
 TORCH_PIN=$(mktemp)
 trap 'rm -f "$TORCH_PIN"' EXIT
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_PIN"
-pip install --quiet -c "$TORCH_PIN" -e ".[builder,nnunet-deps,monai,torchio,dev]" 2>&1 | grep -v "is ignored" || true
+pip install --quiet -c "$TORCH_PIN" -e ".[torch,builder,nnunet-deps,monai,torchio,dev]" 2>&1 | grep -v "is ignored" || true
 # timm (nnU-Net's Primus/EVA architectures) needs a torchvision built for the installed torch: where one
 # installs and imports (a CUDA torch from PyPI), add both; beside the CPU torch build it does not, so skip.
 if python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
