@@ -8,6 +8,7 @@
     splits.json          case -> split and fold (builder/release/splits.py)
     metadata/cases.csv   one row per case, no images
     data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/release/shards.py)
+    wheels/lymphatlas_ds-<version>-py3-none-any.whl     the client wheel (builder/release/client_wheel.py)
 
 The release is assembled in a hidden sibling folder and renamed into place, so an interrupted run
 never leaves a half release under the final name. Nothing depends on the clock or on file system
