@@ -175,6 +175,15 @@ def test_each_role_installs_into_a_fresh_environment(wheel, tmp_path):
     assert out.strip() == "None"
     proc = subprocess.run([str(builder.parent / "lymphatlas-build"), "convert", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # a release built there ships the client wheel repacked from the installed files: the same files as the
+    # wheel pip installed, and a wheel pip accepts
+    out = _run(builder, f"import os; os.environ['LYMPHATLAS_CACHE'] = {str(tmp_path / 'cache')!r}\n"
+                        "from builder.release.client_wheel import client_wheel; print(client_wheel())", tmp_path)
+    repacked = Path(out.strip())
+    with zipfile.ZipFile(wheel) as z, zipfile.ZipFile(repacked) as r:
+        assert {n for n in r.namelist() if not n.endswith("RECORD")} == {n for n in z.namelist() if not n.endswith("RECORD")}
+        assert all(r.read(n) == z.read(n) for n in z.namelist() if not n.endswith("RECORD"))
+    _pip(builder, "--dry-run", "--no-deps", str(repacked))
 
     client = _venv(tmp_path / "client_env")
     _pip(client, f"{wheel}[torch]", torch_pin)

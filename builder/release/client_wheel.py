@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lymphatlas_ds import __version__
 from lymphatlas_ds._io import write_atomic
+from lymphatlas_ds.errors import LymphAtlasError
 from lymphatlas_ds.cache import default_cache_dir
 
 WHEELS_FOLDER = "wheels"
@@ -68,7 +69,8 @@ def _build_from_source(root: Path, out: Path) -> Path:
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                                "-w", str(Path(tmp) / "dist"), str(src)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the client wheel from {root} failed: {proc.stderr.strip()[-2000:]}")
+            raise LymphAtlasError(f"building the client wheel for wheels/ from {root} failed (pip wheel): "
+                                  f"{proc.stderr.strip()[-2000:]}")
         (built,) = (Path(tmp) / "dist").glob("lymphatlas_ds-*.whl")
         shutil.copyfile(built, out)
     return out
@@ -91,7 +93,7 @@ def _repack_installed(out: Path) -> Path:
             continue
         entries[name] = (base / name).read_bytes()
     if info is None:
-        raise RuntimeError(f"{DISTRIBUTION} is installed without its dist-info: cannot ship the client wheel")
+        raise LymphAtlasError(f"{DISTRIBUTION} is installed without its dist-info: cannot ship the client wheel; reinstall it")
     record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}"
               for n, b in sorted(entries.items())]
     entries[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
