@@ -10,7 +10,9 @@ with the ecosystem's own tools. The card's prose claims are checked against ``da
 Excluded, and why: the card's ``pip install`` line would install into the test's own environment,
 so here it runs as pip's dry run of the same argument (the wheel exists where the card says and is
 a valid wheel with that extra); the slow test installs it as written into a fresh virtual
-environment and loads the release there. The bibtex block is not a command.
+environment and loads the release there. The bibtex block is not a command. The Hub copy's card
+(``publish --repo-id``) differs in its usage section only: its ``hf download`` line needs the network
+and is not run here; its ``pip install`` has the local line's form.
 """
 
 from __future__ import annotations
