@@ -42,9 +42,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_500epochs
+try:
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_500epochs
+except ModuleNotFoundError as e:  # nnU-Net (or torch) not installed: one line that says what to install
+    if e.name and e.name.split(".")[0] not in ("torch", "nnunetv2"):
+        raise
+    from lymphatlas_ds._optional import missing
+
+    raise missing(e.name, "lymphatlas_ds.nnunet_trainers (nnU-Net's trainers)") from e
 
 __all__ = ["nnUNetTrainer_500epochs", "nnUNetTrainer_LymphAtlasTiny"]
 
