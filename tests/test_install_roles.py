@@ -140,6 +140,11 @@ def test_a_missing_package_is_named_in_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: lymphatlas-build convert needs SimpleITK")
     assert "[builder]" in proc.stderr
     assert not (tmp_path / "work").exists()
+    (tmp_path / "no_nnunet").mkdir()
+    env = _blocking(tmp_path / "no_nnunet", ("nnunetv2",))
+    proc = subprocess.run([sys.executable, "-m", "lymphatlas_ds.nnunet_trainers"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith("`pip install nnunetv2`"), proc.stderr
 
 
 def _venv(path: Path) -> Path:
