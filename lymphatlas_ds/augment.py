@@ -46,7 +46,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ModuleNotFoundError as e:  # the client's torch extra is not installed: one line that says what to install
+    from lymphatlas_ds._optional import missing
+
+    raise missing(e.name or "torch", "lymphatlas_ds.augment") from e
 
 from lymphatlas_ds.transforms import Compose
 

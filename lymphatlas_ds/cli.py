@@ -2,7 +2,8 @@
 
 Each command lives in ``lymphatlas_ds/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; heavy imports happen inside ``run``. Errors of the LymphAtlasError family are
-printed as one clear line and exit with status 2. :func:`dispatch` also serves the maintainers'
+printed as one clear line and exit with status 2, and so is a missing optional package (the builder's
+extra, torch: what to install). :func:`dispatch` also serves the maintainers'
 ``python -m builder``.
 
 Manners: an unknown option of a command is reported with that command's usage; output cut short by
@@ -88,6 +89,13 @@ def _dispatch(argv: list[str] | None, *, prog: str, description: str, package: s
         return int(modules[args.command].run(args) or 0)
     except LymphAtlasError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package of another role (the builder's, torch): say what to install
+        if not e.name or e.name.split(".")[0] in ("lymphatlas_ds", "builder", "lymphatlas_synth"):
+            raise
+        from lymphatlas_ds._optional import missing
+
+        print(f"error: {missing(e.name, f'{prog} {args.command}')}", file=sys.stderr)
         return 2
 
 

@@ -25,3 +25,10 @@ class SelectionError(SchemaError):
 
 class EvaluationError(LymphAtlasError):
     """Predictions that cannot be evaluated against a release: missing, unknown, off-grid or non-binary."""
+
+
+class MissingDependencyError(LymphAtlasError, ModuleNotFoundError):
+    """An optional package that a feature needs is not installed; the message names what to install.
+
+    A ``ModuleNotFoundError`` too, so ``except ImportError`` around an import keeps working.
+    """

@@ -53,8 +53,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+try:
+    import torch
+except ModuleNotFoundError as e:  # the client's torch extra is not installed: one line that says what to install
+    from lymphatlas_ds._optional import missing
+
+    raise missing(e.name or "torch", "load_lymphatlas / hf_torch (lymphatlas_ds.loader)") from e
+from torch.utils.data import Dataset  # noqa: E402 - after the check above
 
 from lymphatlas_ds import codec
 from lymphatlas_ds.augment import apply_seeded, item_rng

@@ -10,8 +10,11 @@ not beside the CPU torch build) the walk into the subpackages ends in ``No modul
 :func:`install` writes one module, ``nnUNetTrainer_LymphAtlas.py``, into that folder. It
 re-exports the trainers below, so nnU-Net's lookup finds them (and the paper's
 ``nnUNetTrainer_500epochs``) among the top-level modules, before it would reach a module that
-needs ``timm``. The module holds a single import, so it follows this package when it is
-upgraded; ``python -m lymphatlas_ds.nnunet_trainers --remove`` takes it away.
+needs ``timm``. Any other name nnU-Net asks it for goes to :func:`stock_trainer`, which walks
+nnU-Net's trainer folder in nnU-Net's own order but steps over the modules whose third-party
+imports are missing here (``primus``: timm), so the stock variants (``-tr nnUNetTrainer_5epochs``,
+``nnUNetTrainerDiceCELoss_noSmooth``, ...) are found as well. The module holds two imports, so it
+follows this package when it is upgraded; ``python -m lymphatlas_ds.nnunet_trainers --remove`` takes it away.
 
     python -m lymphatlas_ds.nnunet_trainers          # once per environment (scripts/setup.sh does it)
     nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer_500epochs           # the paper's setting
@@ -31,14 +34,24 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_500epochs
+try:
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_500epochs
+except ModuleNotFoundError as e:  # nnU-Net (or torch) not installed: one line that says what to install
+    if e.name and e.name.split(".")[0] not in ("torch", "nnunetv2"):
+        raise
+    from lymphatlas_ds._optional import missing
+
+    raise missing(e.name, "lymphatlas_ds.nnunet_trainers (nnU-Net's trainers)") from e
 
 __all__ = ["nnUNetTrainer_500epochs", "nnUNetTrainer_LymphAtlasTiny"]
 
@@ -48,6 +61,7 @@ SHIM_TEXT = (
     "visible to nnU-Net's trainer lookup. Remove with `python -m lymphatlas_ds.nnunet_trainers --remove`.\"\"\"\n"
     "try:\n"
     "    from lymphatlas_ds.nnunet_trainers import *  # noqa: F401,F403\n"
+    "    from lymphatlas_ds.nnunet_trainers import stock_trainer as __getattr__  # nnU-Net's own variants\n"
     "except ModuleNotFoundError as e:  # lymphatlas-ds uninstalled: stay out of nnU-Net's way\n"
     "    if not (e.name or '').startswith('lymphatlas_ds'):\n"
     "        raise\n"
@@ -73,6 +87,55 @@ class nnUNetTrainer_LymphAtlasTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net's nam
 
     def _do_i_compile(self) -> bool:
         return False
+
+
+def _trainer_modules(folder: Path, package: str) -> Iterator[str]:
+    """The modules under ``folder`` in the order of nnU-Net's lookup: a folder's modules, then its subpackages."""
+    entries = list(pkgutil.iter_modules([str(folder)]))
+    yield from (f"{package}.{name}" for _, name, is_package in entries if not is_package)
+    for _, name, is_package in entries:
+        if is_package:
+            yield from _trainer_modules(folder / name, f"{package}.{name}")
+
+
+_SHIM_MODULE = "nnunetv2.training.nnUNetTrainer." + SHIM_NAME.removesuffix(".py")
+_walking = False
+
+
+def stock_trainer(name: str) -> type:
+    """nnU-Net's own trainer class ``name``, found as nnU-Net finds it, past modules that cannot import here.
+
+    The module that :func:`install` writes answers nnU-Net's ``hasattr(module, name)`` with this
+    function, so ``nnUNetv2_train ... -tr nnUNetTrainer_5epochs`` finds the stock class before the
+    walk reaches ``primus`` (which needs timm). A module that fails with a missing third-party
+    package is stepped over; any other error is raised. ``AttributeError`` when no module has it.
+
+    Example:
+        >>> stock_trainer("nnUNetTrainer_5epochs").__module__  # doctest: +SKIP
+        'nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs'
+    """
+    global _walking
+    if name.startswith("__") or _walking:  # import machinery probes (__path__, ...), or a lookup from inside the walk
+        raise AttributeError(name)
+    skipped = []
+    _walking = True
+    try:
+        for module_name in _trainer_modules(trainer_folder(), "nnunetv2.training.nnUNetTrainer"):
+            if module_name == _SHIM_MODULE:
+                continue
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if (e.name or "").split(".")[0] in ("nnunetv2", "lymphatlas_ds"):
+                    raise
+                skipped.append(f"{module_name} (needs {e.name})")
+                continue
+            found = getattr(module, name, None)
+            if isinstance(found, type):
+                return found
+    finally:
+        _walking = False
+    raise AttributeError(f"no nnU-Net trainer {name!r}" + (f"; not searched: {', '.join(skipped)}" if skipped else ""))
 
 
 def trainer_folder() -> Path:

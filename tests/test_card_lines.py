@@ -6,6 +6,13 @@ later blocks use ``ds`` and ``sample``), each bash line and each inline ``lympha
 in a shell, with HOME in a temporary folder (the card writes ``~/nnUNet_raw`` and
 ``~/lymphatlas_monai``). Exit status 0 and no traceback for each; what they wrote is then read back
 with the ecosystem's own tools. The card's prose claims are checked against ``datasets`` itself.
+
+Excluded, and why: the card's ``pip install`` line would install into the test's own environment,
+so here it runs as pip's dry run of the same argument (the wheel exists where the card says and is
+a valid wheel with that extra); the slow test installs it as written into a fresh virtual
+environment and loads the release there. The bibtex block is not a command. The Hub copy's card
+(``publish --repo-id``) differs in its usage section only: its ``hf download`` line needs the network
+and is not run here; its ``pip install`` has the local line's form.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ def blocks(readme: str) -> tuple[str, list[str]]:
     return python, [line for line in bash if line] + inline
 
 
+def runnable(line: str) -> str:
+    """A card line as the test runs it: `pip install ...` as pip's dry run (see the module docstring)."""
+    if line.startswith("pip install "):
+        return line.replace("pip install ", f"{sys.executable} -m pip install --dry-run --no-deps --no-index ", 1)
+    return line
+
+
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
     from builder.release.publish import publish_mirror
@@ -54,6 +68,7 @@ def test_every_card_line_runs_where_the_card_is_read(copies, tmp_path, where):
     python, shell = blocks((folder / "README.md").read_text())
     assert "load_dataset(" in python and any(line.startswith("lymphatlas materialize") for line in shell)
     assert "<checkout>" not in (folder / "README.md").read_text()
+    assert any(line.startswith('pip install "./wheels/lymphatlas_ds-') for line in shell)
     env = {**os.environ, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "LYMPHATLAS_CACHE": str(tmp_path / "cache"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf"), "PATH": str(BIN) + os.pathsep + os.environ["PATH"]}
     env.pop("PYTHONPATH", None)
@@ -63,7 +78,7 @@ def test_every_card_line_runs_where_the_card_is_read(copies, tmp_path, where):
                           timeout=600)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, python + proc.stderr[-3000:]
     for line in shell:
-        proc = subprocess.run(["bash", "-c", line], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(["bash", "-c", runnable(line)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stdout}\n{proc.stderr}"
     splits = json.loads((folder / "splits.json").read_text())["cases"]
     n_train = sum(e["split"] == "train" for e in splits.values())
@@ -73,6 +88,31 @@ def test_every_card_line_runs_where_the_card_is_read(copies, tmp_path, where):
 
     datalist = load_decathlon_datalist(str(tmp_path / "lymphatlas_monai" / "datalist.json"), True, "training")
     assert len(datalist) == n_train
+
+
+@pytest.mark.slow
+def test_the_cards_install_line_installs_the_client_into_a_fresh_environment(copies, tmp_path):
+    """The local mirror's card: its `pip install` line as written, in a fresh venv (no system site-packages),
+    then the card's load_lymphatlas block there. torch 2.13.0 first: the CPU build on this machine's disk
+    (without it, pip would fetch a CUDA build of several GB); that pin is this machine's, not the card's."""
+    import venv
+
+    _root, folders = copies
+    folder = folders["mirror"]
+    readme = (folder / "README.md").read_text()
+    (line,) = [line for line in blocks(readme)[1] if line.startswith("pip install ")]
+    env_dir = tmp_path / "client_env"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH=str(env_dir / "bin") + os.pathsep + os.environ["PATH"], HOME=str(tmp_path),
+               LYMPHATLAS_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    for cmd in ("pip install -q torch==2.13.0", line):
+        proc = subprocess.run(["bash", "-c", cmd], cwd=folder, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
+    code = next(code for lang, code in FENCE.findall(readme) if lang == "python" and "load_lymphatlas(" in code)
+    proc = subprocess.run([str(env_dir / "bin" / "python"), "-c", code + "\nprint(tuple(sample['image'].shape)[0])"],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "2", proc.stderr[-3000:]
 
 
 def test_the_cards_with_format_claims_hold_in_datasets(copies):

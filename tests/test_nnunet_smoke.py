@@ -46,6 +46,42 @@ def test_nnunets_own_lookup_finds_the_project_trainers(monkeypatch):
     assert recursive_find_trainer_class_by_name("nnUNetTrainer_500epochs") is resolve_trainer("paper")
 
 
+def test_nnunet_train_finds_its_stock_variants_in_this_environment(tmp_path):
+    """`nnUNetv2_train ... -tr nnUNetTrainer_5epochs` as typed: the trainer lookup walks nnU-Net's trainer folder,
+    whose `primus` module needs timm (not importable beside the CPU torch build). The lookup must get past it
+    and fail only later, on the dataset id that does not exist; before, it ended in "No module named 'timm'"."""
+    from lymphatlas_ds import nnunet_trainers
+
+    nnunet_trainers.install()  # idempotent; scripts/setup.sh has done it
+    env = {**os.environ, "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path),
+           "nnUNet_results": str(tmp_path)}
+    env.pop("nnUNet_extTrainer", None)
+    train = Path(sys.executable).parent / "nnUNetv2_train"
+    proc = subprocess.run([str(train), "999", "3d_fullres", "0", "-tr", "nnUNetTrainer_5epochs", "-device", "cpu"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "timm" not in proc.stderr, proc.stderr[-3000:]
+    assert "Could not find a dataset with the ID 999" in proc.stderr, proc.stderr[-3000:]
+    # the class nnU-Net found is nnU-Net's own, from its variants folder (a dry lookup, as nnUNetv2_predict does)
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+            "for name in ('nnUNetTrainer_5epochs', 'nnUNetTrainerDiceCELoss_noSmooth', 'nnUNetTrainer_LymphAtlasTiny'):\n"
+            "    print(name, find(name).__module__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = dict(line.split() for line in proc.stdout.splitlines())
+    assert found == {"nnUNetTrainer_5epochs": "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs",
+                     "nnUNetTrainerDiceCELoss_noSmooth": "nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss",
+                     "nnUNetTrainer_LymphAtlasTiny": "lymphatlas_ds.nnunet_trainers"}
+
+
+def test_the_stock_lookup_raises_what_is_not_a_missing_dependency(monkeypatch):
+    from lymphatlas_ds import nnunet_trainers
+
+    with pytest.raises(AttributeError, match="no nnU-Net trainer 'nnUNetTrainer_NoSuchThing'.*primus.*timm"):
+        nnunet_trainers.stock_trainer("nnUNetTrainer_NoSuchThing")
+    with pytest.raises(AttributeError):
+        nnunet_trainers.stock_trainer("__path__")
+
+
 def test_the_installed_module_stays_out_of_the_way_without_the_package():
     from lymphatlas_ds.nnunet_trainers import SHIM_TEXT
 

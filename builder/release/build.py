@@ -8,6 +8,7 @@
     splits.json          case -> split and fold (builder/release/splits.py)
     metadata/cases.csv   one row per case, no images
     data/<hl|nhl>/<train|test>-0000i-of-0000N.parquet   (builder/release/shards.py)
+    wheels/lymphatlas_ds-<version>-py3-none-any.whl     the client wheel (builder/release/client_wheel.py)
 
 The release is assembled in a hidden sibling folder and renamed into place, so an interrupted run
 never leaves a half release under the final name. Nothing depends on the clock or on file system
@@ -53,7 +54,7 @@ from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Spl
 
 from builder import __version__ as BUILDER_VERSION
 from builder.convert.case import CaseFileError, load_case, read_volumes
-from builder.release import card, lineage, shards, splits
+from builder.release import card, client_wheel, lineage, shards, splits
 from builder.release import changes as changes_mod
 from builder.release import provenance
 
@@ -657,6 +658,7 @@ def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str,
         provenance=provenance.summarise(rows),
     )
     write_atomic(staging / "README.md", readme, fsync=True)
+    client_wheel.ship(staging)  # the card's install line: wheels/lymphatlas_ds-<version>-py3-none-any.whl
 
     manifest = manifest_mod.build_manifest(staging, version=version, builder_version=BUILDER_VERSION, cases=hashes)
     manifest[BASE_KEY] = base_record(prev["manifest"] if prev else None)

@@ -35,6 +35,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from lymphatlas_ds import schema
 from lymphatlas_ds.schema import Config, Split
 
+from builder.release import client_wheel
 from builder.release.shards import ShardInfo, features
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "dataset_card.md"  # a link to the repository's, a copy in the wheel
@@ -116,8 +117,22 @@ item = hf_torch(ds)[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(",
 ```
 
 Reading with `datasets` needs only `pip install datasets nibabel`. The `lymphatlas_ds` client (torch
-loader, nnU-Net and MONAI export, the `lymphatlas` command) is on no package index: in a clone of
-the project's repository run `pip install .` (`pip install ".[monai]"` adds MONAI).
+loader, nnU-Net and MONAI export, the `lymphatlas` command) is on no package index: this release
+ships its wheel, `wheels/{{ wheel }}`. Its `[torch]` extra adds torch for `load_lymphatlas`
+(`[torch,monai]` adds MONAI as well; without an extra, the `lymphatlas` command only):
+{% if repo_id %}
+```bash
+hf download {{ repo_id }} wheels/{{ wheel }} --repo-type dataset --revision {{ tag }} --local-dir lymphatlas_client
+pip install "./lymphatlas_client/wheels/{{ wheel }}[torch]"
+```
+
+A public repo also installs straight from its URL:
+`pip install "lymphatlas-ds[torch] @ https://huggingface.co/datasets/{{ repo_id }}/resolve/{{ tag }}/wheels/{{ wheel }}"`.
+{%- else %}
+```bash
+pip install "./wheels/{{ wheel }}[torch]"
+```
+{%- endif %}
 
 ```python
 {{ py_os }}from lymphatlas_ds import load_lymphatlas
@@ -238,7 +253,8 @@ def usage_section(*, version: str, repo_id: str | None = None, folder: str = sch
     if repo_id is not None and not _REPO_ID.match(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repo id of the form ORG/NAME")
     text = jinja2.Template(USAGE_TEMPLATE, keep_trailing_newline=True).render(
-        version=version, tag=f"v{version}", repo_id=repo_id, folder=folder, channels=schema.CHANNELS
+        version=version, tag=f"v{version}", repo_id=repo_id, folder=folder, channels=schema.CHANNELS,
+        wheel=client_wheel.WHEEL_NAME,
     )
     return f"{USAGE_BEGIN}\n{text.strip()}\n{USAGE_END}"
 
