@@ -19,6 +19,23 @@ from typing import Any
 
 from lymphatlas_ds.errors import SchemaError
 
+CACHE_ENV = "LYMPHATLAS_CACHE"
+"""Environment variable naming the client's cache folder (decoded cases, the release wheel)."""
+
+
+def default_cache_dir() -> Path:
+    """The client's cache folder: ``$LYMPHATLAS_CACHE``, ``$XDG_CACHE_HOME/lymphatlas`` or ``~/.cache/lymphatlas``.
+
+    Example:
+        >>> default_cache_dir().name  # doctest: +SKIP
+        'lymphatlas'
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lymphatlas"
+
 
 def write_atomic(path: str | Path, data: bytes | str, *, mode: int | None = None, fsync: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder renamed into place.

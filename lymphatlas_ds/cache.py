@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from lymphatlas_ds import codec
+from lymphatlas_ds._io import CACHE_ENV, default_cache_dir
 from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError
 from lymphatlas_ds.schema import CT_DTYPE, IMAGE_COLUMNS, LABEL_DTYPE, PET_DTYPE
 
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "LYMPHATLAS_CACHE"
 CACHE_FORMAT = 3
 """Bumped when the entry layout changes; entries of another format are rebuilt."""
 
@@ -149,20 +149,6 @@ def _write_error(path: Path, case_id: str, error: BaseException) -> CacheError:
         f"cannot write the decoded cache file {path} of case {case_id}: {cause}. Free disk space there, or point "
         "the cache elsewhere (cache_dir=... or the LYMPHATLAS_CACHE variable); nothing half-written is kept"
     )
-
-
-def default_cache_dir() -> Path:
-    """The client's cache folder: ``$LYMPHATLAS_CACHE``, ``$XDG_CACHE_HOME/lymphatlas`` or ``~/.cache/lymphatlas``.
-
-    Example:
-        >>> default_cache_dir().name  # doctest: +SKIP
-        'lymphatlas'
-    """
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lymphatlas"
 
 
 def _remove_partials(version_dir: Path) -> list[Path]:

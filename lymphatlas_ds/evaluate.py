@@ -167,7 +167,7 @@ def _read_seg(path: Path, ref_shape_zyx: tuple[int, ...], ref_affine_ras: np.nda
     try:
         import highdicom as hd
     except ImportError as e:
-        raise EvaluationError(f"{path}: reading DICOM SEG needs highdicom (`pip install highdicom`)") from e
+        raise EvaluationError(f"{path}: reading DICOM SEG needs highdicom (`pip install highdicom`, or the client's `seg` extra)") from e
     try:
         seg = hd.seg.segread(str(path))
         volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)

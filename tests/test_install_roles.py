@@ -85,7 +85,7 @@ def test_the_wheel_declares_torch_only_for_the_client(wheel):
 @pytest.mark.parametrize(("package", "allowed"), [
     ("builder", ("", "builder")),
     ("lymphatlas_synth", ("", "builder")),
-    ("lymphatlas_ds", ("", "torch", "nnunet")),
+    ("lymphatlas_ds", ("", "torch", "nnunet", "monai", "seg")),
 ])
 def test_every_import_is_declared_for_its_role(wheel, package, allowed):
     """An import of an undeclared package works here (the dev environment has everything) and fails for a user."""

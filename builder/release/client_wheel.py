@@ -29,10 +29,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lymphatlas_ds import __version__
-from lymphatlas_ds._io import write_atomic
+from builder import __version__  # the one distribution: builder and client share its version
+from lymphatlas_ds._io import default_cache_dir, write_atomic
 from lymphatlas_ds.errors import LymphAtlasError
-from lymphatlas_ds.cache import default_cache_dir
 
 WHEELS_FOLDER = "wheels"
 WHEEL_NAME = f"lymphatlas_ds-{__version__}-py3-none-any.whl"
