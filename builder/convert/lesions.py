@@ -231,27 +231,33 @@ BODY_REGION_HU = -500.0
 LUNG_SLICE_FRACTION = 0.10
 """A slice belongs to the lungs when its internal air covers at least this fraction of the largest
 slice's: the trachea (~2-3 cm2) and bowel gas stay below it, lungs (up to ~250 cm2) above."""
-PELVIS_FRACTION = 0.5
+NECK_AREA_FRACTION = 0.5
+"""Above the lungs' largest slice, the neck begins where the trunk's cross-section falls below this
+fraction of its area there (the shoulders: a neck is about a quarter of a chest)."""
+PELVIS_FRACTION = 0.35
 """The abdomen / pelvis boundary lies this fraction of the way from the trunk's bottom (the crotch, or
-the CT's last slice) up to the lung base: iliac crest to perineum is about half of diaphragm to perineum."""
+the CT's last slice) up to the lung base (the iliac crests lie about a third of the way from the
+perineum to the diaphragm)."""
 
 
 def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
     """A function of a CT voxel position (z, y, x, may be fractional) -> its :class:`BodyRegion`.
 
-    A simple, CT-only rule on axial levels (~4 mm in-plane copy of the CT); it is an
-    approximation of anatomical regions, good to a few centimetres at each boundary:
+    A simple, CT-only rule on axial levels (~4 mm in-plane copy of the CT); an approximation of the
+    anatomical regions, good to a few centimetres at each boundary, no organ segmentation:
 
     * **lungs**: per axial slice, the air (< :data:`LUNG_HU`) not connected to the air around the
       patient; lung slices are the contiguous run around the slice with the most of it where it
-      covers at least :data:`LUNG_SLICE_FRACTION` of that maximum;
-    * **trunk axis**: the in-plane centroid of the body on that largest lung slice; on each slice the
-      trunk is the body component (> :data:`BODY_REGION_HU`) that holds this point; the trunk's
-      lowest slice is the crotch (or the CT's last slice);
+      covers at least :data:`LUNG_SLICE_FRACTION` of that maximum; their lowest is the lung base;
+    * **trunk**: on each slice the body component (> :data:`BODY_REGION_HU`, holes filled) holding
+      the body's in-plane centroid on the largest lung slice; its lowest slice is the crotch (or the
+      CT's last slice);
     * **limbs**: outside the trunk component of its slice (an arm beside the chest, a leg); else
-    * **head-neck** above the lung apex, **thorax** between apex and base, below the base
-      **abdomen** then **pelvis** (:data:`PELVIS_FRACTION` of the way from the crotch up to the base);
-    * **unknown**: no lungs in the CT (a partial field of view), so no landmark.
+    * **head-neck** above the shoulders (the first slice above the largest lung slice where the trunk's
+      area falls below :data:`NECK_AREA_FRACTION` of its area there), **thorax** from there to the
+      lung base, then **abdomen**, and **pelvis** below :data:`PELVIS_FRACTION` of the way from the
+      crotch up to the lung base;
+    * **unknown**: no lungs in the CT (a partial field of view): no landmark.
 
     Levels are physical (LPS S axis), so head-first and feet-first scans read alike.
 
@@ -262,55 +268,53 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
     """
     spacing = ct.GetSpacing()
     factors = [max(1, int(round(4.0 / s))) for s in spacing[:2]] + [1]
-    small = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors)) if factors != [1, 1, 1] else sitk.GetArrayFromImage(ct)
+    small = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors) if factors != [1, 1, 1] else ct)
     nz = small.shape[0]
     tissue = small > BODY_REGION_HU
+    filled = np.zeros_like(tissue)
     lung_area = np.zeros(nz)
-    structure2d = ndimage.generate_binary_structure(2, 1)
     for z in range(nz):
-        air = ~tissue[z]
-        lab, n = ndimage.label(air, structure=structure2d)
-        if n == 0:
-            continue
-        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        inner = ~np.isin(lab, edge) & (small[z] < LUNG_HU)
-        lung_area[z] = inner.sum()
-    # physical S coordinate (LPS z) of each slice: superior is larger
-    a = np.asarray(ct.GetDirection(), float).reshape(3, 3) @ np.diag(spacing)
-    s_of = lambda k: float(ct.GetOrigin()[2] + a[2, 2] * k)  # noqa: E731 - axial slices: S depends on k only
+        filled[z] = ndimage.binary_fill_holes(tissue[z])
+        lung_area[z] = np.count_nonzero(filled[z] & (small[z] < LUNG_HU))  # air enclosed by the body
     if lung_area.max() <= 0:
         return lambda _p: BodyRegion.UNKNOWN
+    a = np.asarray(ct.GetDirection(), float).reshape(3, 3) @ np.diag(spacing)
+    s_of = lambda k: float(ct.GetOrigin()[2] + a[2, 2] * k)  # noqa: E731 - axial slices: S depends on k only
+    up = 1 if a[2, 2] > 0 else -1  # the index step towards the head
     top = int(np.argmax(lung_area))
     keep = lung_area >= LUNG_SLICE_FRACTION * lung_area[top]
-    lo = hi = top
-    while lo > 0 and keep[lo - 1]:
-        lo -= 1
-    while hi < nz - 1 and keep[hi + 1]:
-        hi += 1
-    lung_s = sorted((s_of(lo), s_of(hi)))  # (base, apex) in S
-    filled = ndimage.binary_fill_holes(tissue[top])
-    cy, cx = (float(v) for v in ndimage.center_of_mass(filled))
-    iy, ix = int(round(cy)), int(round(cx))
+    k = top
+    while 0 <= k - up < nz and keep[k - up]:
+        k -= up
+    lung_base = s_of(k)
+    cy, cx = (int(round(float(v))) for v in ndimage.center_of_mass(filled[top]))
     trunk = np.zeros(tissue.shape, bool)
     for z in range(nz):
-        lab, _ = ndimage.label(ndimage.binary_fill_holes(tissue[z]))
-        if lab[iy, ix]:
-            trunk[z] = lab == lab[iy, ix]
+        lab, _ = ndimage.label(filled[z])
+        if lab[cy, cx]:
+            trunk[z] = lab == lab[cy, cx]
+    chest = np.count_nonzero(trunk[top])
+    k, neck = top, math.inf
+    while 0 <= k + up < nz:
+        k += up
+        if np.count_nonzero(trunk[k]) < NECK_AREA_FRACTION * chest:
+            neck = s_of(k) - 0.5 * abs(a[2, 2])  # the boundary between the last chest slice and the first neck one
+            break
     trunk_slices = [s_of(z) for z in range(nz) if trunk[z].any()]
-    bottom_s = min(trunk_slices) if trunk_slices else min(s_of(0), s_of(nz - 1))
-    pelvis_top = bottom_s + PELVIS_FRACTION * (lung_s[0] - bottom_s)
+    bottom = min(trunk_slices)
+    pelvis_top = bottom + PELVIS_FRACTION * (lung_base - bottom)
 
     def region(position_zyx: np.ndarray) -> BodyRegion:
         z, y, x = (float(v) for v in position_zyx)
-        k = min(max(int(round(z)), 0), nz - 1)
+        kz = min(max(int(round(z)), 0), nz - 1)
         j = min(max(int(y // factors[1]), 0), trunk.shape[1] - 1)
         i = min(max(int(x // factors[0]), 0), trunk.shape[2] - 1)
         s = s_of(z)
-        if not trunk[k, j, i]:
+        if not trunk[kz, j, i]:
             return BodyRegion.LIMBS
-        if s > lung_s[1]:
+        if s > neck:
             return BodyRegion.HEAD_NECK
-        if s >= lung_s[0]:
+        if s >= lung_base:
             return BodyRegion.THORAX
         return BodyRegion.ABDOMEN if s > pelvis_top else BodyRegion.PELVIS
 
