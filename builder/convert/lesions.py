@@ -250,8 +250,8 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
       patient; lung slices are the contiguous run around the slice with the most of it where it
       covers at least :data:`LUNG_SLICE_FRACTION` of that maximum; their lowest is the lung base;
     * **trunk**: on each slice the body component (> :data:`BODY_REGION_HU`, holes filled) holding
-      the body's in-plane centroid on the largest lung slice; its lowest slice is the crotch (or the
-      CT's last slice);
+      the body's in-plane centroid on the largest lung slice (above the chest, where the head may not
+      hold that point, the largest component); its lowest slice is the crotch (or the CT's last slice);
     * **limbs**: outside the trunk component of its slice (an arm beside the chest, a leg); else
     * **head-neck** above the shoulders (the first slice above the largest lung slice where the trunk's
       area falls below :data:`NECK_AREA_FRACTION` of its area there), **thorax** from there to the
@@ -290,9 +290,11 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
     cy, cx = (int(round(float(v))) for v in ndimage.center_of_mass(filled[top]))
     trunk = np.zeros(tissue.shape, bool)
     for z in range(nz):
-        lab, _ = ndimage.label(filled[z])
+        lab, n = ndimage.label(filled[z])
         if lab[cy, cx]:
             trunk[z] = lab == lab[cy, cx]
+        elif n and (z - top) * up > 0:  # above the chest (the vertex, a tilted head): the largest component
+            trunk[z] = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
     chest = np.count_nonzero(trunk[top])
     k, neck = top, math.inf
     while 0 <= k + up < nz:
@@ -300,8 +302,7 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
         if np.count_nonzero(trunk[k]) < NECK_AREA_FRACTION * chest:
             neck = s_of(k) - 0.5 * abs(a[2, 2])  # the boundary between the last chest slice and the first neck one
             break
-    trunk_slices = [s_of(z) for z in range(nz) if trunk[z].any()]
-    bottom = min(trunk_slices)
+    bottom = min(s_of(z) for z in range(nz) if trunk[z].any())
     pelvis_top = bottom + PELVIS_FRACTION * (lung_base - bottom)
 
     def region(position_zyx: np.ndarray) -> BodyRegion:
