@@ -38,7 +38,9 @@ SITE_REGION = {"neck": "head-neck", "axilla": "thorax", "mediastinum": "thorax",
 
 @pytest.fixture(scope="module")
 def foreign_release(tmp_path_factory) -> dict:
-    """Three exams of the independent generator (a seed drawn per run, printed), converted and released."""
+    """Three exams of the independent generator (a seed drawn per run, printed), converted and released
+    (about 3 minutes on a loaded 2-core machine: the tests that use it are marked slow; the default run
+    checks the lesions config against the project's generator in tests/test_end_to_end.py)."""
     from builder.convert import pipeline
     from builder.release.build import build_release
     from lymphatlas_synth import foreign as foreign_phantoms
@@ -68,6 +70,7 @@ def _lesion_rows(release: Path, **kwargs) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_lesion_table_matches_the_independent_generator_lesion_by_lesion(foreign_release) -> None:
     rows = _lesion_rows(foreign_release["release"])
     seed = foreign_release["seed"]
@@ -98,6 +101,7 @@ def test_lesion_table_matches_the_independent_generator_lesion_by_lesion(foreign
     assert checked >= 6
 
 
+@pytest.mark.slow
 def test_lesions_config_filters_in_plain_datasets(foreign_release) -> None:
     truth_big = sum(les["mask_volume_ml"] > 1.0 for t in foreign_release["truths"] for les in t["lesions"])
     truth_small = sum(les["mask_volume_ml"] <= 1.0 for t in foreign_release["truths"] for les in t["lesions"])
@@ -106,6 +110,7 @@ def test_lesions_config_filters_in_plain_datasets(foreign_release) -> None:
     assert len(_lesion_rows(foreign_release["release"])) == truth_big + truth_small
 
 
+@pytest.mark.slow
 def test_instance_map_of_the_work_case_is_the_label_numbered_as_the_table(foreign_release) -> None:
     """instances.nii.gz (convert) against the label and the truth's lesion voxel counts."""
     import nibabel as nib
@@ -294,3 +299,24 @@ def test_patch_items_carry_the_case_instance_ids(fake, tmp_path) -> None:
         expect = by_case[item["case_id"]][z:z + 8, y:y + 8, x:x + 8]
         got = item["instances"][0][: expect.shape[0], : expect.shape[1], : expect.shape[2]]
         assert np.array_equal(got.numpy(), expect.numpy())
+
+
+def test_release_refuses_lesion_items_that_are_not_the_labels_lesions(tmp_path) -> None:
+    """A case.json whose items disagree with its label (a lesion's voxel count, or no per-lesion items:
+    an older convert) stops the release naming the case; nothing is written."""
+    from builder.release.build import ReleaseError, build_release
+    from lymphatlas_synth.fake_work import make_fake_work
+
+    cases = make_fake_work(tmp_path / "work", n_patients=2, seed=3, shape_zyx=(10, 14, 14))
+    case = next(c for c in cases if c.case_json["lesions"]["count"])
+    path = tmp_path / "work" / "cases" / case.case_id / "case.json"
+    info = json.loads(path.read_text())
+    info["lesions"]["items"][0]["voxels"] += 1
+    path.write_text(json.dumps(info))
+    with pytest.raises(ReleaseError, match=f"case {case.case_id}: case.json lists"):
+        build_release(tmp_path / "work", tmp_path / "release", version="1.0.0")
+    assert not (tmp_path / "release").exists()
+    info["lesions"]["items"] = []
+    path.write_text(json.dumps(info))
+    with pytest.raises(ReleaseError, match=f"case {case.case_id}: case.json has no per-lesion items"):
+        build_release(tmp_path / "work", tmp_path / "release", version="1.0.0")
