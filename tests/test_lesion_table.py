@@ -289,16 +289,21 @@ def test_load_lymphatlas_instances_match_the_lesion_rows(fake, tmp_path) -> None
 def test_patch_items_carry_the_case_instance_ids(fake, tmp_path) -> None:
     from lymphatlas_ds import load_lymphatlas
 
-    ds = load_lymphatlas(fake.path, split="train", instances=True, patch_size=(8, 8, 8), samples_per_case=2,
+    # small patches centred on lesion voxels: many hold one lesion that is not the case's largest, whose id a
+    # patch labelled on its own would renumber to 1
+    ds = load_lymphatlas(fake.path, split="train", instances=True, patch_size=(5, 5, 5), samples_per_case=8,
                          foreground_ratio=1.0, cache_dir=tmp_path / "cache", progress=False)
     whole = load_lymphatlas(fake.path, split="train", instances=True, cache_dir=tmp_path / "cache", progress=False)
     by_case = {whole[i]["case_id"]: whole[i]["instances"][0] for i in range(len(whole))}
+    seen_other = False
     for i in range(len(ds)):
         item = ds[i]
         z, y, x = (int(v) for v in item["patch_start"])
-        expect = by_case[item["case_id"]][z:z + 8, y:y + 8, x:x + 8]
+        expect = by_case[item["case_id"]][z:z + 5, y:y + 5, x:x + 5]
         got = item["instances"][0][: expect.shape[0], : expect.shape[1], : expect.shape[2]]
         assert np.array_equal(got.numpy(), expect.numpy())
+        seen_other |= bool((expect > 1).any() and not (expect == 1).any())
+    assert seen_other  # some patch holds only a lesion other than the largest
 
 
 def test_release_refuses_lesion_items_that_are_not_the_labels_lesions(tmp_path) -> None:
