@@ -488,7 +488,7 @@ def preview_images(
 ) -> dict[str, bytes]:
     """PNG bytes of the release's ``preview`` config: ``"mip"`` (coronal PET MIP, inverted, lesion
     outlines in red) and ``"fusion"`` (axial PET/CT fusion through the largest lesion, its outline in
-    red; the volume centre without lesions). Same orientation rules as :func:`render_case`.
+    blue, which the "hot" PET colours do not hide; the volume centre without lesions). Same orientation rules as :func:`render_case`.
 
     Example:
         >>> png = preview_images(ct, pet, label, affine)["mip"]  # doctest: +SKIP
@@ -513,7 +513,8 @@ def preview_images(
     def draw_fusion(ax) -> None:
         _show(ax, fused, axial_rc)
         if case.label is not None:
-            _outline(ax, plane(case.label, View.AXIAL, k) > 0, axial_rc, linewidth=0.8)
+            # red would vanish in the "hot" PET colours: the fusion's outline is the edge colour
+            _outline(ax, plane(case.label, View.AXIAL, k) > 0, axial_rc, color=_EDGE_COLOR, linewidth=1.2)
         _letters(ax, View.AXIAL)
 
     return {"mip": _panel(mip, mip_rc, height_px=height_px, draw=draw_mip),

@@ -158,8 +158,8 @@ def test_preview_config_loads_with_plain_datasets_in_a_subprocess_and_its_images
 
 
 def test_preview_images_show_the_lesions_in_red_where_the_label_projects(fake) -> None:
-    """The MIP's red outline pixels lie around the label's coronal projection: a case without any
-    lesion has none, a case with lesions has some."""
+    """The MIP's red outline pixels (the label's coronal projection) and the fusion's blue ones (the
+    largest lesion's axial cut): a case without any lesion has none, a case with lesions has some."""
     import io
 
     import pyarrow.parquet as pq
@@ -171,6 +171,10 @@ def test_preview_images_show_the_lesions_in_red_where_the_label_projects(fake) -
             red = (rgb[..., 0] > 180) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
             has_lesion = bool(fake.truth[row["case_id"]].label.any())
             assert bool(red.any()) == has_lesion, row["case_id"]
+            # the fusion cuts through the largest lesion: its outline (blue, over the hot PET colours) shows
+            fused = np.asarray(Image.open(io.BytesIO(row["fusion"]["bytes"])).convert("RGB")).astype(int)
+            blue = (fused[..., 2] > 180) & (fused[..., 0] < 100)
+            assert bool(blue.any()) == has_lesion, row["case_id"]
 
 
 def test_preview_row_groups_stay_under_the_viewer_limit(fake) -> None:
