@@ -481,9 +481,8 @@ def load_lymphatlas(
     the cache (one per DataLoader worker; ``False`` for none). ``transform``: applied to each item,
     its random decisions drawn from (``seed``, epoch, index) (see the module doc); ``seed`` also
     draws the patches. A ``fold`` that does not exist or holds no case of the config raises
-    :class:`~lymphatlas_ds.errors.SelectionError` (a small release has fewer folds).
-    ``instances=True``: each item also holds ``"instances"``, the label's lesion instance map, whose
-    ids are the ``lesion_id`` of the release's ``lesions`` config (see the module doc).
+    :class:`~lymphatlas_ds.errors.SelectionError` (a small release has fewer folds). ``instances=True``
+    adds the label's lesion ids (the ``lesions`` config's ``lesion_id``) as ``"instances"``.
 
     Example:
         >>> val = load_lymphatlas("lymphatlas", config="hl", fold=0, subset="val")  # doctest: +SKIP
@@ -502,15 +501,13 @@ def load_lymphatlas(
             _as_config(config).value, _as_split(split).value, fold, subset, release.version,
         )
     decoded = DecodedCache(cache_dir) if cache else None
+    common = dict(seed=seed, transform=transform, cache=decoded, progress=progress, instances=instances)
     if patch_size is None:
-        return CaseDataset(release, case_ids, transform=transform, cache=decoded, progress=progress, seed=seed,
-                           instances=instances)
+        return CaseDataset(release, case_ids, **common)
     if decoded is None:
         raise SchemaError("patch mode reads patches from the decoded cache; use cache=True")
-    return PatchDataset(
-        release, case_ids, patch_size=patch_size, samples_per_case=samples_per_case, foreground_ratio=foreground_ratio,
-        seed=seed, transform=transform, cache=decoded, progress=progress, instances=instances,
-    )
+    return PatchDataset(release, case_ids, patch_size=patch_size, samples_per_case=samples_per_case,
+                        foreground_ratio=foreground_ratio, **common)
 
 
 # ---------------------------------------------------------------------- Hugging Face datasets

@@ -102,8 +102,7 @@ def write_case(
     ``check(folder)`` runs on the complete temporary folder before it is renamed into place
     (the de-identification leak check); if it raises, nothing is published. ``extra_files``
     ({name: text}) are written beside case.json (the applied transform, ``transform.tfm``).
-    ``instances`` (uint16, the label's lesion instance map, :func:`lymphatlas_ds.lesions.label_instances`)
-    is written as ``instances.nii.gz``; it must hold a lesion wherever the label does and nowhere else.
+    ``instances`` (the label's uint16 lesion instance map, ``label_instances``) goes to ``instances.nii.gz``.
 
     Example:
         >>> write_case(tmp / "cases", {"case_id": "LA-00000001", ...}, ct=ct, pet=pet, label=lab, affine_ras=a)  # doctest: +SKIP
@@ -115,12 +114,7 @@ def write_case(
         if arr.shape != ct.shape:
             raise SchemaError(f"{name} shape {arr.shape} != ct shape {ct.shape} (case {case_json.get('case_id')})")
     if instances is not None:
-        if instances.dtype != np.dtype(INSTANCES_DTYPE) or instances.shape != label.shape:
-            raise SchemaError(f"instances must be {INSTANCES_DTYPE} {label.shape}, got {instances.dtype} {instances.shape} "
-                              f"(case {case_json.get('case_id')})")
-        if not np.array_equal(instances > 0, label > 0):
-            raise SchemaError(f"the instance map of case {case_json.get('case_id')} differs from its label: "
-                              "compute it with lymphatlas_ds.lesions.label_instances(label)")
+        _check_instances(instances, label, case_json.get("case_id"))
         arrays = dict(arrays, instances=instances)
     case_id = case_json["case_id"]
     cases_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +143,16 @@ def write_case(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _check_instances(instances: np.ndarray, label: np.ndarray, case_id: str | None) -> None:
+    """Refuse an instance map that is not uint16 on the label's grid, or not the label voxel for voxel."""
+    if instances.dtype != np.dtype(INSTANCES_DTYPE) or instances.shape != label.shape:
+        raise SchemaError(f"instances must be {INSTANCES_DTYPE} {label.shape}, got {instances.dtype} {instances.shape} "
+                          f"(case {case_id})")
+    if not np.array_equal(instances > 0, label > 0):
+        raise SchemaError(f"the instance map of case {case_id} differs from its label: "
+                          "compute it with lymphatlas_ds.lesions.label_instances(label)")
 
 
 def replace_folder(src: Path, dst: Path) -> None:

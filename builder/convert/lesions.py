@@ -253,12 +253,9 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
       the body's in-plane centroid on the largest lung slice (above the chest, where the head may not
       hold that point, the largest component); its lowest slice is the crotch (or the CT's last slice);
     * **limbs**: outside the trunk component of its slice (an arm beside the chest, a leg); else
-    * **head-neck** above the shoulders (the first slice above the largest lung slice where the trunk's
-      area falls below :data:`NECK_AREA_FRACTION` of its area there), **thorax** from there to the
-      lung base, then **abdomen**, and **pelvis** below :data:`PELVIS_FRACTION` of the way from the
-      crotch up to the lung base;
+    * **head-neck** above the shoulders (:func:`_neck_slice`), **thorax** from there to the lung base,
+      then **abdomen**, and **pelvis** below :data:`PELVIS_FRACTION` of the way from the crotch up to it;
     * **unknown**: no lungs in the CT (a partial field of view): no landmark.
-
     Levels are physical (LPS S axis), so head-first and feet-first scans read alike.
 
     Example:
@@ -269,13 +266,8 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
     spacing = ct.GetSpacing()
     factors = [max(1, int(round(4.0 / s))) for s in spacing[:2]] + [1]
     small = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors) if factors != [1, 1, 1] else ct)
-    nz = small.shape[0]
-    tissue = small > BODY_REGION_HU
-    filled = np.zeros_like(tissue)
-    lung_area = np.zeros(nz)
-    for z in range(nz):
-        filled[z] = ndimage.binary_fill_holes(tissue[z])
-        lung_area[z] = np.count_nonzero(filled[z] & (small[z] < LUNG_HU))  # air enclosed by the body
+    filled, lung_area = _body_and_lungs(small)
+    nz = len(lung_area)
     if lung_area.max() <= 0:
         return lambda _p: BodyRegion.UNKNOWN
     a = np.asarray(ct.GetDirection(), float).reshape(3, 3) @ np.diag(spacing)
@@ -287,21 +279,9 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
     while 0 <= k - up < nz and keep[k - up]:
         k -= up
     lung_base = s_of(k)
-    cy, cx = (int(round(float(v))) for v in ndimage.center_of_mass(filled[top]))
-    trunk = np.zeros(tissue.shape, bool)
-    for z in range(nz):
-        lab, n = ndimage.label(filled[z])
-        if lab[cy, cx]:
-            trunk[z] = lab == lab[cy, cx]
-        elif n and (z - top) * up > 0:  # above the chest (the vertex, a tilted head): the largest component
-            trunk[z] = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
-    chest = np.count_nonzero(trunk[top])
-    k, neck = top, math.inf
-    while 0 <= k + up < nz:
-        k += up
-        if np.count_nonzero(trunk[k]) < NECK_AREA_FRACTION * chest:
-            neck = s_of(k) - 0.5 * abs(a[2, 2])  # the boundary between the last chest slice and the first neck one
-            break
+    trunk = _trunk(filled, top, up)
+    k = _neck_slice(trunk, top, up)
+    neck = math.inf if k is None else s_of(k) - 0.5 * abs(a[2, 2])  # between the last chest and the first neck slice
     bottom = min(s_of(z) for z in range(nz) if trunk[z].any())
     pelvis_top = bottom + PELVIS_FRACTION * (lung_base - bottom)
 
@@ -320,6 +300,42 @@ def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
         return BodyRegion.ABDOMEN if s > pelvis_top else BodyRegion.PELVIS
 
     return region
+
+
+def _body_and_lungs(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the body, each axial slice's tissue with its holes filled; the enclosed air per slice) of a CT array."""
+    tissue = small > BODY_REGION_HU
+    filled = np.zeros_like(tissue)
+    lung_area = np.zeros(small.shape[0])
+    for z in range(small.shape[0]):
+        filled[z] = ndimage.binary_fill_holes(tissue[z])
+        lung_area[z] = np.count_nonzero(filled[z] & (small[z] < LUNG_HU))  # air enclosed by the body
+    return filled, lung_area
+
+
+def _trunk(filled: np.ndarray, top: int, up: int) -> np.ndarray:
+    """The trunk's component on each slice: the one holding the body's centroid on slice ``top`` (above it,
+    where a head may not hold that point, the largest); ``up`` is the index step towards the head."""
+    cy, cx = (int(round(float(v))) for v in ndimage.center_of_mass(filled[top]))
+    trunk = np.zeros(filled.shape, bool)
+    for z in range(filled.shape[0]):
+        lab, n = ndimage.label(filled[z])
+        if lab[cy, cx]:
+            trunk[z] = lab == lab[cy, cx]
+        elif n and (z - top) * up > 0:  # above the chest (the vertex, a tilted head): the largest component
+            trunk[z] = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+    return trunk
+
+
+def _neck_slice(trunk: np.ndarray, top: int, up: int) -> int | None:
+    """The first slice above ``top`` whose trunk area falls below NECK_AREA_FRACTION of it there (None: none)."""
+    chest = np.count_nonzero(trunk[top])
+    k = top
+    while 0 <= k + up < trunk.shape[0]:
+        k += up
+        if np.count_nonzero(trunk[k]) < NECK_AREA_FRACTION * chest:
+            return k
+    return None
 
 
 def _whole_body(items: list[dict]) -> dict:
