@@ -143,11 +143,14 @@ def _front_matter_configs(text: str) -> dict[str, set[str]] | None:
         return None
 
 
-def _expected_configs(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, set[str]]:
-    """The configs and splits the builder lists: each with at least one case (schema.Config)."""
+def _expected_configs(rows: Mapping[str, Mapping[str, Any]], root: Path | None = None) -> dict[str, set[str]]:
+    """The configs and splits the builder lists: each with at least one case (schema.Config), and the
+    lesions and preview configs with every split that has a case, where the release has their folder
+    (a release of an older builder has none)."""
     out: dict[str, set[str]] = {}
+    side = [c for c in (schema.LESIONS_CONFIG, schema.PREVIEW_CONFIG) if root is not None and (root / c).is_dir()]
     for row in rows.values():
-        for config in (schema.Config.ALL.value, str(row.get("diagnosis", "")).lower()):
+        for config in (schema.Config.ALL.value, str(row.get("diagnosis", "")).lower(), *side):
             out.setdefault(config, set()).add(str(row.get("split")))
     return out
 
@@ -182,7 +185,7 @@ def check_card(root: Path, version: str, rows: Mapping[str, Mapping[str, Any]]) 
         expected = ", ".join(f"fold {f}: {counts['folds'][f]}" for f in range(n_folds))
         problems += _mismatch(CARD_NAME, "train examinations per", " ".join(per_fold.group(1).split()), expected)
     configs = _front_matter_configs(text)
-    expected_configs = _expected_configs(rows)
+    expected_configs = _expected_configs(rows, root)
     if configs != expected_configs:
         problems.append((CARD_NAME, f"its configs are {_configs_text(configs)}, the shards give "
                                     f"{_configs_text(expected_configs)}"))

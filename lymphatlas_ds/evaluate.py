@@ -52,7 +52,7 @@ import numpy as np
 from lymphatlas_ds import metrics as M
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.errors import EvaluationError
-from lymphatlas_ds.schema import Config, Split
+from lymphatlas_ds.schema import LESIONS_CONFIG, Config, Split
 
 log = logging.getLogger(__name__)
 
@@ -193,18 +193,16 @@ def _read_seg(path: Path, ref_shape_zyx: tuple[int, ...], ref_affine_ras: np.nda
 def _release_lesion_rows(release: Any) -> dict[tuple[str, int], dict[str, Any]] | None:
     """The release's per-lesion rows keyed by (case_id, lesion id), or None when it has no lesion table."""
     files = release.manifest.get("files", {})
-    candidates = [p for p in ("metadata/lesions.csv",) if p in files]
-    candidates += sorted(p for p in files if p.startswith("data/lesions/") and p.endswith(".parquet"))
+    candidates = sorted(p for p in files if p.startswith(f"{LESIONS_CONFIG}/") and p.endswith(".parquet"))
     if not candidates:
         return None
     import pyarrow as pa
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    tables = [pacsv.read_csv(release.file(p)) if p.endswith(".csv") else pq.read_table(release.file(p)) for p in candidates]
+    tables = [pq.read_table(release.file(p)) for p in candidates]
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for row in pa.concat_tables(tables, promote_options="default").to_pylist():
-        lesion_id = row.get("lesion_id", row.get("id"))
+        lesion_id = row.get("lesion_id")
         if row.get("case_id") is None or lesion_id is None:
             continue
         rows[(str(row["case_id"]), int(lesion_id))] = {k: v for k, v in row.items() if not isinstance(v, (bytes, dict))}

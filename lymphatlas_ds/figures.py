@@ -195,30 +195,22 @@ def pixel_spacing(case: CanonicalCase, view: View) -> tuple[float, float]:
 def focus_index(label: np.ndarray | None, pet: np.ndarray | None = None) -> tuple[tuple[int, int, int], bool]:
     """The canonical voxel the views cut through, and whether it lies in a lesion.
 
-    The largest lesion (26-connected component of the label) gives the point: its voxel nearest
-    to its centre of mass, so a curved lesion still shows in all three planes. Without lesions the
-    centre of the volume is used.
+    The largest lesion (instance 1 of :func:`lymphatlas_ds.lesions.label_instances`, the lesion the
+    release's lesion table calls 1) gives the point: its voxel nearest to its centre of mass, so a
+    curved lesion still shows in all three planes. Without lesions the centre of the volume is used.
     """
-    from scipy import ndimage
+    from lymphatlas_ds.lesions import label_instances
 
     shape = (label if label is not None else pet).shape  # type: ignore[union-attr]
     centre = tuple(int(s // 2) for s in shape)
     if label is None:
         return centre, False  # type: ignore[return-value]
-    # Crop to the label's bounding box first: labelling a whole-body grid costs memory for nothing.
-    spans = []
-    for axis in range(3):
-        hit = np.flatnonzero(np.any(label, axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return centre, False  # type: ignore[return-value]
-        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    box = np.asarray(label[tuple(spans)]) > 0
-    components, n = ndimage.label(box, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(components.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    biggest = np.argwhere(components == int(np.argmax(sizes)))
+    instances, n = label_instances(np.asarray(label))  # labels inside the lesions' bounding box only
+    if n == 0:
+        return centre, False  # type: ignore[return-value]
+    biggest = np.argwhere(instances == 1)
     nearest = biggest[np.argmin(((biggest - biggest.mean(axis=0)) ** 2).sum(axis=1))]
-    return tuple(int(v + s.start) for v, s in zip(nearest, spans)), True  # type: ignore[return-value]
+    return tuple(int(v) for v in nearest), True  # type: ignore[return-value]
 
 
 @dataclass
@@ -467,6 +459,66 @@ def _draw_mip(ax, case: CanonicalCase, focus: tuple[int, int, int], display: Dis
         ax.plot([x0, x1], [axial_mm, axial_mm], color=_EDGE_COLOR, linewidth=1.5, solid_capstyle="butt",
                 scalex=False, scaley=False)
     ax.set_title(f"PET MIP, coronal (SUV 0-{display.mip_suv_max:g})", fontsize=9)
+
+
+PREVIEW_HEIGHT_PX = 384
+"""Height of the preview images (the Hub viewer's thumbnails; a few tens of kB each)."""
+
+
+def _panel(image: np.ndarray, spacing_rc: tuple[float, float], *, height_px: int, draw) -> bytes:
+    """One borderless panel of ``image`` (mm aspect) ``height_px`` tall as PNG bytes; ``draw(ax)`` paints it."""
+    rows_mm, cols_mm = image.shape[0] * spacing_rc[0], image.shape[1] * spacing_rc[1]
+    dpi = 100
+    height_in = height_px / dpi
+    width_in = max(height_in * cols_mm / rows_mm, 0.5)
+    fig = _new_figure(width_in, height_in, dpi)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    draw(ax)
+    return CaseFigure(figure=fig).png_bytes()
+
+
+def preview_images(
+    ct: np.ndarray,
+    pet: np.ndarray,
+    label: np.ndarray | None,
+    affine_ras: np.ndarray,
+    *,
+    display: Display = DEFAULT_DISPLAY,
+    height_px: int = PREVIEW_HEIGHT_PX,
+) -> dict[str, bytes]:
+    """PNG bytes of the release's ``preview`` config: ``"mip"`` (coronal PET MIP, inverted, lesion
+    outlines in red) and ``"fusion"`` (axial PET/CT fusion through the largest lesion, its outline in
+    blue, which the "hot" PET colours do not hide; the volume centre without lesions). Same orientation rules as :func:`render_case`.
+
+    Example:
+        >>> png = preview_images(ct, pet, label, affine)["mip"]  # doctest: +SKIP
+        >>> png[:4]  # doctest: +SKIP
+        b'\x89PNG'
+    """
+    case = CanonicalCase.from_arrays(ct, pet, label, affine_ras)
+    focus, _ = focus_index(case.label, case.pet)
+    mip_rc = pixel_spacing(case, View.CORONAL)
+    mip = projection(case.pet, View.CORONAL)
+
+    def draw_mip(ax) -> None:
+        _show(ax, mip, mip_rc, cmap="gray_r", vmin=0.0, vmax=display.mip_suv_max)
+        if case.label is not None:
+            _outline(ax, projection(case.label, View.CORONAL) > 0, mip_rc, linewidth=0.8)
+        _letters(ax, View.CORONAL, color=_EDGE_COLOR)
+
+    axial_rc = pixel_spacing(case, View.AXIAL)
+    k = focus[_PLANES[View.AXIAL][0]]
+    fused = fusion_rgb(plane(case.ct, View.AXIAL, k), plane(case.pet, View.AXIAL, k), display)
+
+    def draw_fusion(ax) -> None:
+        _show(ax, fused, axial_rc)
+        if case.label is not None:
+            # red would vanish in the "hot" PET colours: the fusion's outline is the edge colour
+            _outline(ax, plane(case.label, View.AXIAL, k) > 0, axial_rc, color=_EDGE_COLOR, linewidth=1.2)
+        _letters(ax, View.AXIAL)
+
+    return {"mip": _panel(mip, mip_rc, height_px=height_px, draw=draw_mip),
+            "fusion": _panel(fused, axial_rc, height_px=height_px, draw=draw_fusion)}
 
 
 def before_registration(

@@ -59,7 +59,8 @@ except ModuleNotFoundError as e:  # the client's torch extra is not installed: o
 from lymphatlas_ds.schema import CHANNELS
 
 Item = dict[str, Any]
-SPATIAL_KEYS = ("image", "label")
+SPATIAL_KEYS = ("image", "label", "instances")
+"""The voxel keys of an item (``instances`` only with ``load_lymphatlas(..., instances=True)``)."""
 
 
 def _flip_axes(value: Any) -> Any:
@@ -124,12 +125,14 @@ def to_monai(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
     out = to_xyz(item, keys=keys)
     meta = {"filename_or_obj": str(item["case_id"])} if item.get("case_id") is not None else {}
     for k in keys:
-        out[k] = monai_data.MetaTensor(torch.as_tensor(out[k]), affine=affine.clone(), meta=dict(meta))
+        if k in out:
+            out[k] = monai_data.MetaTensor(torch.as_tensor(out[k]), affine=affine.clone(), meta=dict(meta))
     return out
 
 
 def to_torchio(item: Item) -> Any:
-    """A TorchIO ``Subject`` with ``ct`` and ``pet`` ``ScalarImage`` and a ``label`` ``LabelMap``, plus ``case_id`` and ``meta``.
+    """A TorchIO ``Subject`` with ``ct`` and ``pet`` ``ScalarImage`` and a ``label`` ``LabelMap``, plus ``case_id`` and ``meta``
+    (and an ``instances`` ``LabelMap`` when the item has one).
 
     Example:
         >>> subject = to_torchio(item)  # doctest: +SKIP
@@ -141,12 +144,16 @@ def to_torchio(item: Item) -> Any:
     xyz = to_xyz(item)
     image = torch.as_tensor(xyz["image"])
     channels = {name.lower(): image[i : i + 1] for i, name in enumerate(CHANNELS)}
+    extra = {}
+    if "instances" in xyz:  # load_lymphatlas(..., instances=True): the lesion instance map, a second LabelMap
+        extra["instances"] = tio.LabelMap(tensor=torch.as_tensor(xyz["instances"]).contiguous(), affine=affine)
     return tio.Subject(
         ct=tio.ScalarImage(tensor=channels["ct"].contiguous(), affine=affine),
         pet=tio.ScalarImage(tensor=channels["pet"].contiguous(), affine=affine),
         label=tio.LabelMap(tensor=torch.as_tensor(xyz["label"]).contiguous(), affine=affine),
         case_id=item.get("case_id"),
         meta=item.get("meta", {}),
+        **extra,
     )
 
 

@@ -10,6 +10,10 @@ An item is a dict::
      "spacing_zyx": float64 [3]      mm, in the order of the array axes,
      "meta": dict                    the release's metadata columns (ids, diagnosis, sex, age band, stats...)}
 
+``instances=True`` adds ``"instances"``: int32 [1, Z, Y, X], the lesion instance map of the label
+(:func:`lymphatlas_ds.lesions.label_instances`: 0 background, ``lesion_id`` of the release's
+``lesions`` config elsewhere, 26-connected, id 1 the largest; in patch mode the case's ids, cropped).
+
 Patch mode (``patch_size=(z, y, x)``) adds ``"patch_start"`` (int64 [3], the patch's first voxel
 in the case, z y x) and ``"foreground_centred"`` (bool). Patches are drawn as nnU-Net draws
 them: a fraction ``foreground_ratio`` (default 0.33, nnU-Net's ``oversample_foreground_percent``)
@@ -151,6 +155,14 @@ def _cached_image(entry: CachedCase, box: tuple[slice, slice, slice], shape: tup
     return torch.from_numpy(image)
 
 
+def _instances(label_zyx: np.ndarray) -> torch.Tensor:
+    """int32 [1, Z, Y, X] lesion instance map of a label (torch has no full uint16 support)."""
+    from lymphatlas_ds.lesions import label_instances
+
+    ids, _ = label_instances(label_zyx)
+    return torch.from_numpy(ids.astype(np.int32))[None]
+
+
 class _Base(Dataset):
     """Shared state: the release, the case list and the decoded cache."""
 
@@ -163,7 +175,9 @@ class _Base(Dataset):
         cache: DecodedCache | None,
         progress: bool = True,
         seed: int = 0,
+        instances: bool = False,
     ) -> None:
+        self.instances = bool(instances)
         self.release = release
         self.case_ids = list(case_ids)
         self.transform = transform
@@ -280,6 +294,8 @@ class CaseDataset(_Base):
             "spacing_zyx": _spacing_zyx(row, affine),
             "meta": _meta(row),
         }
+        if self.instances:
+            item["instances"] = _instances(np.asarray(label))
         return self._finish(item, index)
 
 
@@ -317,8 +333,10 @@ class PatchDataset(_Base):
         transform: Transform | None,
         cache: DecodedCache,
         progress: bool = True,
+        instances: bool = False,
     ) -> None:
-        super().__init__(release, case_ids, transform=transform, cache=cache, progress=progress, seed=seed)
+        super().__init__(release, case_ids, transform=transform, cache=cache, progress=progress, seed=seed,
+                         instances=instances)
         patch = _patch_size(patch_size)
         if samples_per_case < 1:
             raise SchemaError(f"samples_per_case must be >= 1, got {samples_per_case}")
@@ -376,6 +394,11 @@ class PatchDataset(_Base):
             "patch_start": torch.from_numpy(start),
             "foreground_centred": centred,
         }
+        if self.instances:  # the case's ids: label the whole case, then crop (a patch alone would renumber)
+            whole = _instances(np.asarray(entry.read("label")))[0]
+            patch_ids = torch.zeros(self.patch_size, dtype=whole.dtype)
+            patch_ids[inner] = whole[box]
+            item["instances"] = patch_ids[None]
         return self._finish(item, index)
 
 
@@ -449,6 +472,7 @@ def load_lymphatlas(
     hub_cache_dir: str | Path | None = None,
     verify: bool = True,
     progress: bool = True,
+    instances: bool = False,
 ) -> CaseDataset | PatchDataset:
     """A LymphAtlas release as a torch ``Dataset`` (see the module doc for items and sampling).
 
@@ -463,7 +487,8 @@ def load_lymphatlas(
     the cache (one per DataLoader worker; ``False`` for none). ``transform``: applied to each item,
     its random decisions drawn from (``seed``, epoch, index) (see the module doc); ``seed`` also
     draws the patches. A ``fold`` that does not exist or holds no case of the config raises
-    :class:`~lymphatlas_ds.errors.SelectionError` (a small release has fewer folds).
+    :class:`~lymphatlas_ds.errors.SelectionError` (a small release has fewer folds). ``instances=True``
+    adds the label's lesion ids (the ``lesions`` config's ``lesion_id``) as ``"instances"``.
 
     Example:
         >>> val = load_lymphatlas("lymphatlas", config="hl", fold=0, subset="val")  # doctest: +SKIP
@@ -482,14 +507,13 @@ def load_lymphatlas(
             _as_config(config).value, _as_split(split).value, fold, subset, release.version,
         )
     decoded = DecodedCache(cache_dir) if cache else None
+    common = dict(seed=seed, transform=transform, cache=decoded, progress=progress, instances=instances)
     if patch_size is None:
-        return CaseDataset(release, case_ids, transform=transform, cache=decoded, progress=progress, seed=seed)
+        return CaseDataset(release, case_ids, **common)
     if decoded is None:
         raise SchemaError("patch mode reads patches from the decoded cache; use cache=True")
-    return PatchDataset(
-        release, case_ids, patch_size=patch_size, samples_per_case=samples_per_case, foreground_ratio=foreground_ratio,
-        seed=seed, transform=transform, cache=decoded, progress=progress,
-    )
+    return PatchDataset(release, case_ids, patch_size=patch_size, samples_per_case=samples_per_case,
+                        foreground_ratio=foreground_ratio, **common)
 
 
 # ---------------------------------------------------------------------- Hugging Face datasets

@@ -241,11 +241,66 @@ def verify_consistency(release_dir: str | Path, manifest: dict[str, Any] | None 
     problems += _check_grouping(rows, _n_folds(root))
     if CASES_CSV in manifest["files"]:
         problems += _check_cases_csv(root, cases, rows)
-    if not shard_problems:  # the card and changelog are checked against shards that read and agree
+    if not shard_problems:
+        problems += _check_lesions(root, sorted(manifest["files"]), rows)  # the card and changelog are checked against shards that read and agree
         from lymphatlas_ds._release_text import check_card, check_changelog
 
         problems += [ConsistencyProblem(path, text) for path, text in
                      (*check_changelog(root, version, cases, rows), *check_card(root, version, rows))]
+    return problems
+
+
+def _check_lesions(root: Path, files: list[str], rows: dict[str, dict[str, Any]]) -> list[ConsistencyProblem]:
+    """The lesions config against the main config's rows (a release of an older builder has none):
+    each row's case is in the main config with the same subject, diagnosis, split and fold; each case
+    has ``lesion_count`` rows with ids 1..n, whose volumes add up to its ``tmtv_ml`` and whose
+    highest SUVmax is its ``suv_max``; the preview config lists exactly the main config's cases."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    where = f"the {schema.LESIONS_CONFIG} config ({schema.LESIONS_CONFIG}/)"
+    lesion_files = [f for f in files if f.startswith(f"{schema.LESIONS_CONFIG}/") and f.endswith(".parquet")]
+    if not lesion_files:
+        return []
+    problems: list[ConsistencyProblem] = []
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for rel in lesion_files:
+            for r in pq.read_table(root / rel).to_pylist():
+                by_case.setdefault(r["case_id"], []).append(r)
+    except (OSError, ValueError, KeyError) as e:
+        return [ConsistencyProblem(where, f"cannot be read ({e})")]
+    unknown = set(by_case) - set(rows)
+    if unknown:
+        problems.append(ConsistencyProblem(where, f"has lesions of {len(unknown)} case(s) not in data/: {_ids(unknown)}"))
+    for case_id, row in sorted(rows.items()):
+        mine = by_case.get(case_id, [])
+        n = int(row.get("lesion_count") or 0)
+        if sorted(r["lesion_id"] for r in mine) != list(range(1, n + 1)):
+            problems.append(ConsistencyProblem(where, f"case {case_id} has lesion ids {sorted(r['lesion_id'] for r in mine)[:8]}, "
+                                                      f"data/ says lesion_count {n} (ids 1..{n})"))
+            continue
+        for r in mine:
+            for key in ("subject_id", "diagnosis", "split", "fold"):
+                if r[key] != row.get(key):
+                    problems.append(ConsistencyProblem(where, f"case {case_id} lesion {r['lesion_id']} has {key} "
+                                                              f"{r[key]!r}, data/ says {row.get(key)!r}"))
+        volume = sum(float(r["volume_ml"]) for r in mine)
+        if not math.isclose(volume, float(row.get("tmtv_ml") or 0.0), rel_tol=1e-9, abs_tol=1e-9):
+            problems.append(ConsistencyProblem(where, f"case {case_id}: its lesions add up to {volume:.6g} ml, data/ "
+                                                      f"says tmtv_ml {row.get('tmtv_ml')}"))
+        hottest = max((float(r["suv_max"]) for r in mine), default=0.0)
+        if mine and not math.isclose(hottest, float(row.get("suv_max") or 0.0), rel_tol=1e-9, abs_tol=1e-9):
+            problems.append(ConsistencyProblem(where, f"case {case_id}: its hottest lesion has SUVmax {hottest:.6g}, "
+                                                      f"data/ says suv_max {row.get('suv_max')}"))
+    preview = [f for f in files if f.startswith(f"{schema.PREVIEW_CONFIG}/") and f.endswith(".parquet")]
+    if preview:
+        try:
+            seen = {c for rel in preview for c in pq.read_table(root / rel, columns=["case_id"]).column(0).to_pylist()}
+        except (OSError, ValueError, KeyError) as e:
+            return [*problems, ConsistencyProblem(f"the {schema.PREVIEW_CONFIG} config", f"cannot be read ({e})")]
+        problems += _compare({c: "" for c in rows}, f"the {schema.PREVIEW_CONFIG} config", seen, "case(s)")
     return problems
 
 

@@ -7,7 +7,7 @@ Tables 2-3 columns): TP, FP, FN voxel counts of the foreground, ``n_pred = TP + 
 when neither mask has a foreground voxel (nnU-Net's convention; aggregation skips them there).
 
 Lesion level, as the autoPET challenge defines it on connected components
-(:data:`CONNECTIVITY` = 18, autoPET's own choice):
+(:data:`CONNECTIVITY` = 26, the release's lesion labelling; autoPET's script uses 18):
 
 - **false-positive volume**: total volume (ml) of predicted components that touch no reference voxel;
 - **false-negative volume**: total volume (ml) of reference lesions that no predicted voxel touches;
@@ -37,34 +37,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+
+from lymphatlas_ds.lesions import _RANK, LESION_CONNECTIVITY, label_instances
 
 METRICS: tuple[str, ...] = ("Dice", "IoU", "FN", "FP", "TP", "n_pred", "n_ref")
 """Columns of the paper's Tables 2-3, named as in nnU-Net's summary.json."""
 
-CONNECTIVITY = 18
-"""Voxel connectivity of a lesion (autoPET's evaluation uses 18-connected components)."""
+CONNECTIVITY = LESION_CONNECTIVITY
+"""Voxel connectivity of a lesion: the release's (26, as its ``lesion_count`` and ``lesions`` config).
+autoPET's own evaluation script uses 18; lesions touching only at an edge or corner count once here."""
 
-CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+CONNECTIVITY_RANK = _RANK
 """Voxel connectivity -> the ``rank`` of :func:`scipy.ndimage.generate_binary_structure` (3-D)."""
 
 
 def label_lesions(mask: np.ndarray, *, connectivity: int = CONNECTIVITY) -> tuple[np.ndarray, int]:
     """Connected components of a 3-D mask (any non-zero voxel is foreground): ``(instances, n)``.
 
-    Ids run 1..n in scipy's raster order (the order of each component's first voxel in C order).
+    The release's own labelling (:func:`lymphatlas_ds.lesions.label_instances`): ids run 1..n by
+    decreasing size, so they are the ``lesion_id`` of the release's ``lesions`` config.
 
     Example:
         >>> m = np.zeros((3, 3, 3), np.uint8); m[0, 0, 0] = m[2, 2, 2] = 1
         >>> label_lesions(m)[1]
         2
     """
-    try:
-        structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
-    except KeyError as e:
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}") from e
-    labelled, n = ndimage.label(np.asarray(mask) != 0, structure=structure)
-    return labelled, int(n)
+    return label_instances(mask, connectivity=connectivity)
 
 
 def _check_pair(reference: np.ndarray, prediction: np.ndarray) -> None:

@@ -181,3 +181,54 @@ METADATA_COLUMNS: dict[str, str] = {
 
 CASE_FILES: dict[str, str] = {name: f"{name}.nii.gz" for name in IMAGE_COLUMNS}
 CASE_JSON = "case.json"
+
+# --- lesion instances, the `lesions` config and the `preview` config (issue 22) ----------------
+INSTANCES_FILE = "instances.nii.gz"
+"""The aligned case's lesion instance map (uint16, :mod:`lymphatlas_ds.lesions`) beside ``label.nii.gz``."""
+INSTANCES_DTYPE = "uint16"
+
+LESIONS_CONFIG = "lesions"
+"""The config of one row per lesion (``load_dataset(repo, "lesions")``), files ``lesions/<split>-*.parquet``."""
+PREVIEW_CONFIG = "preview"
+"""The Hub viewer's config: PNG images and the metadata columns, files ``preview/<split>-*.parquet``."""
+PREVIEW_GALLERY_DIR = "preview/gallery"
+"""PNG MIPs the card shows (a few cases of the release)."""
+
+
+class BodyRegion(str, enum.Enum):
+    """Where a lesion lies, from the CT (:func:`builder.convert.lesions.body_regions` gives the rule)."""
+
+    HEAD_NECK = "head-neck"
+    THORAX = "thorax"
+    ABDOMEN = "abdomen"
+    PELVIS = "pelvis"
+    LIMBS = "limbs"
+    UNKNOWN = "unknown"  # no lungs found in the CT (a partial field of view): no landmark to place it
+
+
+# Columns of the lesions config, one row per lesion (bounding boxes in the NIfTI (x, y, z) voxel order
+# of the Nifti cells, inclusive; ``lesion_id`` = the lesion's value in the instance map).
+LESION_COLUMNS: dict[str, str] = {
+    "case_id": "string",
+    "subject_id": "string",
+    "diagnosis": "string",
+    "split": "string",
+    "fold": "int32",
+    "lesion_id": "int32",
+    "voxels": "int64",
+    "volume_ml": "float64",
+    "suv_max": "float64",  # native PET grid (builder.convert.lesions)
+    "suv_peak": "float64",  # native PET grid, 1 ml sphere
+    "suv_mean": "float64",  # aligned PET on the CT grid
+    "tlg": "float64",  # suv_mean * volume_ml
+    "centroid_lps": "list<float64>[3]",  # mm, DICOM patient coordinates
+    "bbox_min_xyz": "list<int32>[3]",
+    "bbox_max_xyz": "list<int32>[3]",
+    "body_region": "string",  # a BodyRegion value
+}
+
+PREVIEW_IMAGE_COLUMNS: tuple[str, ...] = ("mip", "fusion")
+"""Image columns of the preview config: coronal PET MIP with lesion outlines, axial fusion through the largest lesion."""
+PREVIEW_COLUMNS: tuple[str, ...] = ("case_id", "subject_id", "diagnosis", "subtype", "sex", "age_band", "split",
+                                    "fold", "lesion_count", "tmtv_ml", "suv_max")
+"""Metadata columns of the preview config (a subset of METADATA_COLUMNS)."""

@@ -93,4 +93,38 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["NUMERIC", "SUMMARY_KEYS", "aggregate", "first_exams", "summary"]
+def lesion_table(case_rows: Iterable[Mapping[str, Any]], lesion_rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The card's lesion table, per diagnosis and for all cases, from the rows of the ``lesions`` config
+    (one per lesion) and the case rows (so a case without lesion counts 0 lesions).
+
+    Returns ``{group: {"cases", "lesions", "per_case", "volume_ml", "suv_max", "body_region"}}`` for
+    ``group`` in ``all`` and each diagnosis: ``per_case``, ``volume_ml`` and ``suv_max`` are
+    :func:`summary` dicts (lesions per case; each lesion's volume and SUVmax), ``body_region``
+    counts lesions per region.
+
+    Example:
+        >>> t = lesion_table([{"case_id": "a", "diagnosis": "HL"}, {"case_id": "b", "diagnosis": "HL"}],
+        ...                  [{"case_id": "a", "diagnosis": "HL", "volume_ml": 2.0, "suv_max": 9.0, "body_region": "thorax"}])
+        >>> t["HL"]["per_case"]["mean"], t["HL"]["volume_ml"]["max"], t["all"]["body_region"]
+        (0.5, 2.0, {'thorax': 1})
+    """
+    cases = list(case_rows)
+    lesions = list(lesion_rows)
+    out: dict[str, Any] = {}
+    for group in ["all", *sorted({r["diagnosis"] for r in cases})]:
+        mine = [r for r in cases if group == "all" or r["diagnosis"] == group]
+        ids = {r["case_id"] for r in mine}
+        les = [r for r in lesions if r["case_id"] in ids]
+        per_case = Counter(r["case_id"] for r in les)
+        out[group] = {
+            "cases": len(mine),
+            "lesions": len(les),
+            "per_case": summary(per_case.get(c, 0) for c in sorted(ids)),
+            "volume_ml": summary(r.get("volume_ml") for r in les),
+            "suv_max": summary(r.get("suv_max") for r in les),
+            "body_region": dict(sorted(Counter(r.get("body_region") or "unknown" for r in les).items())),
+        }
+    return out
+
+
+__all__ = ["NUMERIC", "SUMMARY_KEYS", "aggregate", "first_exams", "lesion_table", "summary"]

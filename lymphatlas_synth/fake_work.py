@@ -121,7 +121,6 @@ def _case_json(case_id: str, subject_id: str, p: int, e: int, ct: np.ndarray, pe
                affine: np.ndarray, n_lesions: int, spacing_xyz: tuple[float, float, float]) -> dict:
     """The case.json of exam ``e`` of patient number ``p``: clinical values derived from ``p``, the
     geometry, fixed scanner and alignment records, lesion statistics and the content hash."""
-    voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
     content = hashlib.sha256()
     for arr in (ct, pet, label, affine):
         content.update(np.ascontiguousarray(arr).tobytes())
@@ -145,19 +144,28 @@ def _case_json(case_id: str, subject_id: str, p: int, e: int, ct: np.ndarray, pe
             "suv": {"factor": 1.1e-4, "time_reference": "series", "units": "BQML"},
         },
         "alignment": _alignment(),
-        "lesions": {
-            "count": n_lesions,
-            "tmtv_ml": float(label.sum()) * voxel_ml,
-            "tlg": float((pet * label).sum()) * voxel_ml,
-            "suv_max": float(pet[label > 0].max()) if n_lesions else 0.0,
-            "dmax_mm": 0.0,
-            "items": [],
-        },
+        "lesions": _lesions(ct, pet, label, affine, spacing_xyz),
         "qc": {"passed": True, "checks": []},
         "source": {"content_hash": hashlib.sha256(case_id.encode()).hexdigest(), "mask_format": "nifti",
                    "settings_sha256": FAKE_SETTINGS_SHA256},
         "content_hash": content.hexdigest(),
     }
+
+
+def _lesions(ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine: np.ndarray,
+             spacing_xyz: tuple[float, float, float]) -> dict:
+    """The case.json "lesions" block as convert computes it (``builder.convert.lesions``), the PET
+    being on the CT grid already (identity transform): what the release's lesions config reads."""
+    import SimpleITK as sitk
+
+    from builder.convert.lesions import lesion_statistics
+
+    ct_img = sitk.GetImageFromArray(ct)
+    ct_img.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    ct_img.SetOrigin(tuple(float(v) for v in np.diag([-1, -1, 1]) @ affine[:3, 3]))
+    pet_img = sitk.GetImageFromArray(pet)
+    pet_img.CopyInformation(ct_img)
+    return lesion_statistics(label, pet, ct_img, pet=pet_img)
 
 
 def _clinical(p: int, e: int) -> dict:

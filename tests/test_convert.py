@@ -198,8 +198,8 @@ def test_lesion_statistics_match_truth(cohort) -> None:
             continue
         # each component of the generator's mask is one item: same voxels, same centroid
         for count, centroid in zip(counts, centroids):
-            item = min(items, key=lambda it: np.linalg.norm(np.subtract(it["centroid_mm"], centroid)))
-            np.testing.assert_allclose(item["centroid_mm"], centroid, atol=2e-3, err_msg=exam_id)
+            item = min(items, key=lambda it: np.linalg.norm(np.subtract(it["centroid_lps"], centroid)))
+            np.testing.assert_allclose(item["centroid_lps"], centroid, atol=2e-3, err_msg=exam_id)
             assert item["voxels"] == count and item["volume_ml"] == pytest.approx(count * voxel_ml, rel=1e-12)
         # Dmax: the farthest pair of those centroids (any pair, not the two largest)
         dmax = float(np.linalg.norm(centroids[:, None] - centroids[None], axis=-1).max())
@@ -207,7 +207,7 @@ def test_lesion_statistics_match_truth(cohort) -> None:
         for les in truth["lesions"]:
             centre = np.linalg.solve(_lps(truth["ct"]), [*les["center_mm"], 1.0])[:3]
             k = components[tuple(np.clip(np.rint(centre[::-1]).astype(int), 0, np.asarray(components.shape) - 1))]
-            item = min(items, key=lambda it: np.linalg.norm(np.subtract(it["centroid_mm"], centroids[k - 1])))
+            item = min(items, key=lambda it: np.linalg.norm(np.subtract(it["centroid_lps"], centroids[k - 1])))
             if k == 0 or counts[k - 1] != les["n_voxels"]:
                 continue  # centre off the mask (a thin lesion) or two truth lesions touching: one component
             # volume: exact voxel count of the truth lesion

@@ -192,6 +192,52 @@ def test_case_json_statistics_match_the_generator_pet(chain):
                 assert item["suv_peak"] <= item["suv_max"] + 1e-6
 
 
+STATION_REGION = {"cervical": "head-neck", "axillary": "thorax", "mediastinal": "thorax", "hilar": "thorax",
+                  "para-aortic": "abdomen", "inguinal": "pelvis"}
+"""The generator's stations whose body region is unambiguous (supraclavicular, iliac, spleen and bone
+lie within a few centimetres of a region boundary)."""
+
+
+def test_lesions_config_matches_the_generator_truth_lesion_by_lesion(chain):
+    """The release's lesions config, read with plain `datasets`, against the generator's mask and PET:
+    one row per 26-connected component of the truth mask (scipy on the truth, not the builder's
+    labelling), each truth lesion's voxel count and volume exactly, its SUVmax within the bounds the
+    generator's own PET gives (tests/test_convert.py), and the body region of its station."""
+    import datasets
+    from scipy import ndimage
+
+    from tests.test_convert import _lps, _pet_truth_suvmax
+
+    rows = []
+    for split in ("train", "test"):
+        if any(p.name.startswith(split) for p in (chain["release"] / "lesions").iterdir()):
+            rows += datasets.load_dataset(str(chain["release"]), "lesions", split=split).to_list()
+    checked = regions = 0
+    for case_id, ids in chain["id_map"].items():
+        truth = chain["truths"][ids["exam_id"]]
+        mine = [r for r in rows if r["case_id"] == case_id]
+        mask = np.load(chain["truth"] / ids["exam_id"] / "mask.npy")
+        components, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
+        assert len(mine) == n, case_id
+        voxel_ml = float(np.prod(truth["ct"]["spacing"])) / 1000.0
+        for les in truth["lesions"]:
+            centre = np.linalg.solve(_lps(truth["ct"]), [*les["center_mm"], 1.0])[:3]
+            k = components[tuple(np.clip(np.rint(centre[::-1]).astype(int), 0, np.asarray(mask.shape) - 1))]
+            if k == 0 or np.count_nonzero(components == k) != les["n_voxels"]:
+                continue  # centre off the mask (a thin lesion) or two truth lesions touching: one component
+            row = min(mine, key=lambda r: np.linalg.norm(np.subtract(r["centroid_lps"], les["center_mm"])))
+            where = (case_id, les["station"])
+            assert row["voxels"] == les["n_voxels"], where
+            assert row["volume_ml"] == pytest.approx(les["n_voxels"] * voxel_ml, rel=1e-12), where
+            lower, upper = _pet_truth_suvmax({"truth_dir": chain["truth"]}, ids["exam_id"], truth, les)
+            assert lower * 0.99 <= row["suv_max"] <= upper * 1.01, (where, lower, upper)
+            if les["station"] in STATION_REGION:
+                assert row["body_region"] == STATION_REGION[les["station"]], where
+                regions += 1
+            checked += 1
+    assert checked >= 5 and regions >= 3
+
+
 def test_saved_transform_is_the_true_misalignment_and_maps_the_generator_pet_onto_the_published_one(chain):
     """The transform saved beside case.json against the generator's truth: it maps every lesion centre
     where the true misalignment does (sub-millimetre), and it carries the generator's own PET (not

@@ -28,7 +28,7 @@ from tests.support.releases import build_fake_release
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACING_XYZ = (2.0, 2.5, 3.0)
 VOXEL_ML = float(np.prod(SPACING_XYZ)) / 1000.0
-STRUCTURE_18 = ndimage.generate_binary_structure(3, 2)
+STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)  # the release's lesion connectivity
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,18 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     release = build_fake_release(root, n_patients=6, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING_XYZ)
     return release, Release(release.path, remember=False)
+
+
+def _lesions_by_size(label: np.ndarray) -> tuple[np.ndarray, int]:
+    """The release's lesion ids, recomputed here: 26-connected components numbered by decreasing voxel count,
+    ties in scipy's raster order (the order of each component's first voxel)."""
+    comps, n = ndimage.label(label, structure=STRUCTURE_26)
+    sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+    order = sorted(range(n), key=lambda k: -sizes[k])  # sorted() is stable
+    remap = np.zeros(n + 1, np.int64)
+    for new, old in enumerate(order, start=1):
+        remap[old + 1] = new
+    return remap[comps], n
 
 
 def _write(path: Path, label_zyx: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> Path:
@@ -56,7 +68,7 @@ def _truth_predictions(release, folder: Path, case_ids) -> Path:
 
 def _case_with_lesions(release, reader, n: int = 2) -> str:
     for case_id in reader.case_ids("all", "train"):
-        if ndimage.label(release.truth[case_id].label, structure=STRUCTURE_18)[1] >= n:
+        if ndimage.label(release.truth[case_id].label, structure=STRUCTURE_26)[1] >= n:
             return case_id
     raise AssertionError(f"the fake release has no train case with {n} lesions")
 
@@ -69,7 +81,7 @@ def test_truth_masks_score_dice_one_and_find_every_lesion(built, tmp_path):
     assert sorted(r["case_id"] for r in result.cases) == sorted(train)
     for row in result.cases:
         truth = release.truth[row["case_id"]].label
-        n_lesions = ndimage.label(truth, structure=STRUCTURE_18)[1]
+        n_lesions = ndimage.label(truth, structure=STRUCTURE_26)[1]
         assert (row["dice"], row["iou"], row["fn"], row["fp"]) == (1.0, 1.0, 0.0, 0.0)
         assert row["tp"] == row["n_ref"] == row["n_pred"] == float(truth.sum())
         assert (row["n_ref_lesions"], row["n_detected"], row["detection_sensitivity"]) == (n_lesions, n_lesions, 1.0)
@@ -85,7 +97,7 @@ def test_truth_masks_score_dice_one_and_find_every_lesion(built, tmp_path):
     # the reference lesions' volumes and SUVmax come from the truth arrays
     for row in result.lesions:
         case = release.truth[row["case_id"]]
-        comps, _ = ndimage.label(case.label, structure=STRUCTURE_18)
+        comps, _ = _lesions_by_size(case.label)
         inside = comps == row["lesion_id"]
         assert row["voxels"] == int(inside.sum())
         assert row["volume_ml"] == pytest.approx(inside.sum() * VOXEL_ML)
@@ -99,8 +111,8 @@ def test_one_lesion_removed_is_named_with_its_volume(built, tmp_path):
     val = reader.fold_case_ids(fold, "val")
     pred = _truth_predictions(release, tmp_path / "pred", val)
     case = release.truth[case_id]
-    comps, n = ndimage.label(case.label, structure=STRUCTURE_18)
-    removed = 2  # the second component in scipy's raster order
+    comps, n = _lesions_by_size(case.label)
+    removed = 2  # the second largest lesion
     cut = case.label.copy()
     cut[comps == removed] = 0
     _write(pred / f"{case_id}.nii.gz", cut, case.affine)
@@ -131,7 +143,7 @@ def test_one_lesion_removed_is_named_with_its_volume(built, tmp_path):
     write_report(evaluate(pred, reader, fold=fold), again)
     assert all((again / p.name).read_bytes() == p.read_bytes() for p in out.iterdir())  # deterministic output
     # pooled detection: every lesion of the fold but one
-    total = sum(ndimage.label(release.truth[c].label, structure=STRUCTURE_18)[1] for c in val)
+    total = sum(ndimage.label(release.truth[c].label, structure=STRUCTURE_26)[1] for c in val)
     fold_row = result.folds["all"][f"Fold {fold}"]
     assert (fold_row["n_ref_lesions"], fold_row["n_detected"]) == (total, total - 1)
     by_volume = [r for r in result.detection if r["by"] == "volume_ml"]
@@ -359,39 +371,30 @@ def test_dicom_seg_predictions_are_placed_on_the_case_grid(built, tmp_path):
 
 
 def test_missed_lesions_are_joined_with_the_release_lesion_table(built, tmp_path):
-    """A release with per-lesion rows (metadata/lesions.csv in its manifest): hits and misses carry their columns."""
-    import json
-    import shutil
-
-    from lymphatlas_ds.manifest import sha256_file
+    """The release's lesions config: a missed lesion is named by its lesion_id there and carries its columns."""
+    import pyarrow.parquet as pq
 
     release, _ = built
-    copy = tmp_path / "release"
-    shutil.copytree(release.path, copy)
-    reader = Release(copy, remember=False)
+    reader = Release(release.path, remember=False)
     case_id = _case_with_lesions(release, reader)
     case = release.truth[case_id]
-    comps, n = ndimage.label(case.label, structure=STRUCTURE_18)
-    lines = ["case_id,lesion_id,voxels,suv_peak,region"]
-    for k in range(1, n + 1):
-        voxels = int((comps == k).sum())
-        lines.append(f"{case_id},{k},{voxels if k != 1 else voxels + 1},{10.0 + k},region{k}")  # lesion 1: another labelling
-    table = copy / "metadata" / "lesions.csv"
-    table.write_text("\n".join(lines) + "\n")
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"]["metadata/lesions.csv"] = {"sha256": sha256_file(table), "size": table.stat().st_size}
-    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    table = [r for f in sorted((release.path / "lesions").glob("*.parquet"))
+             for r in pq.read_table(f).to_pylist() if r["case_id"] == case_id]
+    comps, n = ndimage.label(case.label, structure=STRUCTURE_26)
+    sizes = [int((comps == k).sum()) for k in range(1, n + 1)]
+    assert sorted(r["voxels"] for r in table) == sorted(sizes)  # the table is the truth's lesions
+    unique = [r for r in table if sizes.count(r["voxels"]) == 1]
+    target = unique[-1]  # the smallest lesion told apart by its size
     cut = case.label.copy()
-    cut[comps == 2] = 0
+    cut[comps == sizes.index(target["voxels"]) + 1] = 0
     pred = _write(tmp_path / "pred" / f"{case_id}.nii.gz", cut, case.affine).parent
-    result = evaluate(pred, Release(copy, remember=False))
-    rows = {r["lesion_id"]: r for r in result.lesions}
-    assert rows[2]["lesion_source"] == "release" and rows[2]["region"] == "region2" and rows[2]["suv_peak"] == 12.0
-    assert [(r["case_id"], r["lesion_id"], r["region"]) for r in result.missed] == [(case_id, 2, "region2")]
-    # a row whose voxel count disagrees names another lesion: not joined, computed instead
-    assert rows[1]["lesion_source"] == "computed" and rows[1].get("region") is None
-    assert rows[1]["suv_max"] == pytest.approx(float(case.pet[comps == 1].max()))
+    result = evaluate(pred, reader)
+    missed = result.missed
+    assert [(r["case_id"], r["lesion_id"]) for r in missed] == [(case_id, target["lesion_id"])]
+    assert missed[0]["lesion_source"] == "release"
+    assert missed[0]["body_region"] == target["body_region"] and missed[0]["suv_peak"] == target["suv_peak"]
+    assert all(r["lesion_source"] == "release" for r in result.lesions if r["case_id"] == case_id)
     out = tmp_path / "report"
     write_report(result, out)
     header = (out / "lesions.csv").read_text().splitlines()[0].split(",")
-    assert {"region", "suv_peak", "lesion_source", "volume_ml", "detected"} <= set(header)
+    assert {"body_region", "suv_peak", "lesion_source", "volume_ml", "detected"} <= set(header)

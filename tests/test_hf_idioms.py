@@ -181,7 +181,7 @@ def test_no_card_shows_a_bare_name_or_an_install_that_does_not_work(user_folder)
     assert "lymphatlas materialize org/lymphatlas --version 1.0.0" in hub
     # the Hub card keeps its front matter: configs, features, access terms
     data = DatasetCard(hub).data
-    assert [c["config_name"] for c in data.configs] == ["all", "hl", "nhl"]
+    assert [c["config_name"] for c in data.configs] == ["all", "hl", "nhl", "lesions", "preview"]
     assert data.extra_gated_prompt and "Affiliation" in data.extra_gated_fields
     for text in (local, hub, mirror, (REPO / "README.md").read_text(), (REPO / "docs" / "design.md").read_text()):
         assert "pip install lymphatlas-ds" not in text

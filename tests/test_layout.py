@@ -21,7 +21,7 @@ PACKAGES = ("builder", "lymphatlas_ds", "lymphatlas_synth")
 CODE_FOLDERS = (*PACKAGES, "tools", "benchmarks")
 # The client modules the builder may import: docs/design.md lists them as the shared layer.
 SHARED_LAYER = {"schema", "codec", "manifest", "lineage", "_io", "_lock", "_target", "errors", "statistics", "metrics", "figures", "cli",
-                "progress"}
+                "progress", "lesions"}
 # One screen: from the `def` line to the function's last line, docstring included.
 MAX_FUNCTION_LINES = 60
 

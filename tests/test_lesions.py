@@ -32,14 +32,14 @@ def test_volumes_mean_tlg_centroids_and_dmax_on_the_ctgrid() -> None:
     assert a["suv_max"] == pytest.approx(9.0) and a["suv_max_ct"] == pytest.approx(9.0)
     assert a["suv_mean"] == pytest.approx((209 * 4.0 + 9.0) / 210)
     assert b["voxels"] == 27 and b["suv_max"] == pytest.approx(2.0) and b["suv_mean"] == pytest.approx(2.0)
-    np.testing.assert_allclose(a["centroid_mm"], [10 + 2 * 13, 20 + 2 * 12.5, 30 + 4 * 7], atol=1e-6)
-    np.testing.assert_allclose(b["centroid_mm"], [10 + 2 * 51, 20 + 2 * 41, 30 + 4 * 31], atol=1e-6)
+    np.testing.assert_allclose(a["centroid_lps"], [10 + 2 * 13, 20 + 2 * 12.5, 30 + 4 * 7], atol=1e-6)
+    np.testing.assert_allclose(b["centroid_lps"], [10 + 2 * 51, 20 + 2 * 41, 30 + 4 * 31], atol=1e-6)
     assert s["tmtv_ml"] == pytest.approx(237 * voxel_ml)
     assert s["tlg"] == pytest.approx(210 * voxel_ml * a["suv_mean"] + 27 * voxel_ml * 2.0)
     assert s["suv_max"] == pytest.approx(9.0)
-    assert s["dmax_mm"] == pytest.approx(np.linalg.norm(np.subtract(a["centroid_mm"], b["centroid_mm"])))
+    assert s["dmax_mm"] == pytest.approx(np.linalg.norm(np.subtract(a["centroid_lps"], b["centroid_lps"])))
     assert s["grids"] == {"volume_ml": "ct", "suv_mean": "ct", "tlg": "ct", "suv_max": "pet", "suv_peak": "pet",
-                          "dmax_mm": "ct"}
+                          "dmax_mm": "ct", "body_region": "ct"}
 
 
 def test_suvmax_is_read_on_the_native_pet_through_the_transform() -> None:
@@ -210,7 +210,7 @@ def test_suvpeak_off_centre_in_each_axis_and_centroids_to_the_micrometre() -> No
     (item,) = s["items"]
     assert item["suv_max"] == pytest.approx(30.0) and item["suv_peak"] == pytest.approx(10.0, rel=1e-6)
     want = [0.1234 + 2 * 22.5, -3.4567 + 2 * 17.5, 7.8912 + 2 * 15.5]
-    assert item["centroid_mm"] == [round(v, 3) for v in want]
+    assert item["centroid_lps"] == [round(v, 3) for v in want]
 
 
 def test_peak_kernel_axes_follow_the_spacing() -> None:

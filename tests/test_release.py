@@ -41,7 +41,7 @@ def test_layout_and_every_config_and_split_loads_with_datasets(released):
     release = root / RELEASE_FOLDER_NAME
     splits = json.loads((release / "splits.json").read_text())
     assert set(splits["cases"]) == set(truth) and splits["n_folds"] == 5
-    assert datasets.get_dataset_config_names(str(release)) == ["all", "hl", "nhl"]
+    assert datasets.get_dataset_config_names(str(release)) == ["all", "hl", "nhl", "lesions", "preview"]
     seen = []
     for config in ("all", "hl", "nhl"):
         for split in ("train", "test"):
@@ -129,8 +129,8 @@ def test_card_front_matter_parses_and_statistics_come_from_the_data(released):
     root, truth, _ = released
     card = DatasetCard.load(root / RELEASE_FOLDER_NAME / "README.md")
     assert card.data.license == "other"
-    assert [c["config_name"] for c in card.data.configs] == ["all", "hl", "nhl"]
-    infos = {i["config_name"]: i for i in card.data.dataset_info}
+    assert [c["config_name"] for c in card.data.configs] == ["all", "hl", "nhl", "lesions", "preview"]
+    infos = {i["config_name"]: i for i in card.data.dataset_info if i["config_name"] in ("all", "hl", "nhl")}
     for config, info in infos.items():
         # no split sizes: datasets would compare them with what it read and refuse filters= (test_hf_idioms)
         assert "splits" not in info and {f["name"] for f in info["features"]} >= {"ct", "pet", "label", "fold"}
@@ -267,6 +267,7 @@ def test_a_voxel_changed_after_convert_is_refused(released, tmp_path):
 def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
     """A case written by builder.convert.case.write_case (convert's writer) with an oblique, non-float32 affine."""
     from builder.convert.case import write_case
+    from lymphatlas_synth.fake_work import _lesions
 
     work = tmp_path / "work"
     make_fake_work(work, n_patients=3)
@@ -287,6 +288,8 @@ def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
     label = (pet > 3).astype(np.uint8)
     info = dict(base, case_id="LA-OBLIQUE", subject_id="LP-OBLIQUE")
     info["geometry"] = dict(base["geometry"], shape_zyx=list(shape), affine_ras=affine.tolist())
+    # the lesion items of this label (the release checks them against it), as fake work computes them
+    info["lesions"] = _lesions(ct, pet, label, affine, tuple(np.linalg.norm(affine[:3, :3], axis=0)))
     write_case(work / "cases", info, ct=ct, pet=pet, label=label, affine_ras=affine)
     build_release(work, tmp_path / "r", version="1.0.0")
     ds = datasets.load_dataset(str(tmp_path / "r"), "all")

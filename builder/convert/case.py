@@ -30,7 +30,8 @@ import numpy as np
 from lymphatlas_ds import _io
 from lymphatlas_ds._io import read_json
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.schema import CASE_FILES, CASE_JSON, CT_DTYPE, LABEL_DTYPE, PET_DTYPE, SCHEMA_VERSION
+from lymphatlas_ds.schema import (CASE_FILES, CASE_JSON, CT_DTYPE, INSTANCES_DTYPE, INSTANCES_FILE, LABEL_DTYPE,
+                                  PET_DTYPE, SCHEMA_VERSION)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def write_case(
     level: int = GZIP_LEVEL,
     check: Callable[[Path], None] | None = None,
     extra_files: dict[str, str] | None = None,
+    instances: np.ndarray | None = None,
 ) -> Path:
     """Write one aligned case atomically into ``cases_dir/<case_id>/`` and return that folder.
 
@@ -100,6 +102,7 @@ def write_case(
     ``check(folder)`` runs on the complete temporary folder before it is renamed into place
     (the de-identification leak check); if it raises, nothing is published. ``extra_files``
     ({name: text}) are written beside case.json (the applied transform, ``transform.tfm``).
+    ``instances`` (the label's uint16 lesion instance map, ``label_instances``) goes to ``instances.nii.gz``.
 
     Example:
         >>> write_case(tmp / "cases", {"case_id": "LA-00000001", ...}, ct=ct, pet=pet, label=lab, affine_ras=a)  # doctest: +SKIP
@@ -110,6 +113,9 @@ def write_case(
             raise SchemaError(f"{name} must be {_DTYPES[name]}, got {arr.dtype} (case {case_json.get('case_id')})")
         if arr.shape != ct.shape:
             raise SchemaError(f"{name} shape {arr.shape} != ct shape {ct.shape} (case {case_json.get('case_id')})")
+    if instances is not None:
+        _check_instances(instances, label, case_json.get("case_id"))
+        arrays = dict(arrays, instances=instances)
     case_id = case_json["case_id"]
     cases_dir.mkdir(parents=True, exist_ok=True)
     final = cases_dir / case_id
@@ -118,8 +124,8 @@ def write_case(
     try:
         # zlib and sha256 release the GIL: the three files compress while the hash runs
         with ThreadPoolExecutor(max_workers=4) as pool:
-            digest = pool.submit(content_hash, ct, pet, label, affine_ras)
-            futures = [pool.submit(write_nifti, tmp / CASE_FILES[name], arr, affine_ras, level=level)
+            digest = pool.submit(content_hash, ct, pet, label, affine_ras)  # instances derive from label: not hashed
+            futures = [pool.submit(write_nifti, tmp / CASE_FILES.get(name, INSTANCES_FILE), arr, affine_ras, level=level)
                        for name, arr in arrays.items()]
             for fut in futures:
                 fut.result()
@@ -137,6 +143,16 @@ def write_case(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _check_instances(instances: np.ndarray, label: np.ndarray, case_id: str | None) -> None:
+    """Refuse an instance map that is not uint16 on the label's grid, or not the label voxel for voxel."""
+    if instances.dtype != np.dtype(INSTANCES_DTYPE) or instances.shape != label.shape:
+        raise SchemaError(f"instances must be {INSTANCES_DTYPE} {label.shape}, got {instances.dtype} {instances.shape} "
+                          f"(case {case_id})")
+    if not np.array_equal(instances > 0, label > 0):
+        raise SchemaError(f"the instance map of case {case_id} differs from its label: "
+                          "compute it with lymphatlas_ds.lesions.label_instances(label)")
 
 
 def replace_folder(src: Path, dst: Path) -> None:

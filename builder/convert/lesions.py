@@ -3,7 +3,12 @@ metadata, the dataset card and ``lymphatlas info`` aggregate (paper 2.4).
 
 Each value is read on the grid that clinical practice reads it on:
 
-* **Lesions** are the 26-connected components of the mask, on the CT grid (where they were drawn).
+* **Lesions** are the connected components of the mask on the CT grid (where they were drawn), as
+  :func:`lymphatlas_ds.lesions.label_instances` numbers them (26-connectivity, id 1 = the largest):
+  the instance map convert writes (``instances.nii.gz``) and the ``lesion_id`` of each item.
+* **Bounding box** (``bbox_min_xyz`` / ``bbox_max_xyz``, inclusive CT voxel indices in NIfTI (x, y, z)
+  order) and **centroid** (``centroid_lps``, mm, DICOM patient coordinates) on the CT grid.
+* **Body region** of the centroid, from CT landmarks only (:func:`body_regions`).
 * **Volume, TMTV** (total metabolic tumour volume): voxel counts of the CT mask x the CT voxel volume.
 * **SUVmax** and **SUVpeak** on the **native PET grid**, as a PET workstation reads them: resampling
   onto the CT grid can only smooth or (unbounded cubic) invent activity, and a peak depends on
@@ -14,8 +19,8 @@ Each value is read on the grid that clinical practice reads it on:
   mean of a 1 ml sphere (radius 6.2 mm, partial-volume weights on the PET voxels) centred on one
   of them.
 * **SUVmean** on the CT grid: the mean of the aligned PET over the CT mask, i.e. the activity
-  integrated over the drawn volume divided by that volume; so **TLG** (total lesion glycolysis)
-  = sum over lesions of SUVmean x volume is the integral of SUV over the mask, in ml.
+  integrated over the drawn volume divided by that volume; a lesion's **TLG** (total lesion
+  glycolysis) is SUVmean x volume, the case's the sum over lesions: the integral of SUV over the mask, in ml.
 * **Dmax**: the largest distance between two lesion centroids (CT mask, LPS mm), the lymphoma
   dissemination marker.
 
@@ -28,16 +33,21 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from lymphatlas_ds.lesions import label_instances
+from lymphatlas_ds.schema import BodyRegion
+
 SUV_PEAK_VOLUME_ML = 1.0
 """PERCIST's SUVpeak sphere: 1 ml (radius (3 / (4 pi))^(1/3) cm = 6.2 mm)."""
 PET_VOXEL_MIN_COVER = 0.5
 """A PET voxel belongs to a lesion when the CT mask covers at least this fraction of its volume."""
-GRIDS = {"volume_ml": "ct", "suv_mean": "ct", "tlg": "ct", "suv_max": "pet", "suv_peak": "pet", "dmax_mm": "ct"}
+GRIDS = {"volume_ml": "ct", "suv_mean": "ct", "tlg": "ct", "suv_max": "pet", "suv_peak": "pet", "dmax_mm": "ct",
+         "body_region": "ct"}
 """Which grid each statistic is read on (recorded in case.json)."""
 _SUBSAMPLES = 7  # per axis, for the partial-volume weights of the SUVpeak sphere
 
@@ -126,25 +136,31 @@ def lesion_statistics(
     *,
     pet: sitk.Image,
     transform: sitk.Transform | None = None,
+    instances: np.ndarray | None = None,
 ) -> dict:
     """Per-lesion and whole-body statistics of ``label`` (uint8 [z, y, x] on the CT grid).
 
     ``pet_on_ct`` is the aligned PET (SUV) on the CT grid, ``pet`` the native PET (SUV) and
-    ``transform`` the applied registration (CT point -> PET point; identity when None). Returns
-    the ``case.json`` "lesions" block: count, tmtv_ml, tlg, suv_max, suv_peak, dmax_mm, grids,
-    items (per lesion: voxels, volume_ml, suv_max, suv_peak, suv_mean, suv_max_ct, pet_voxels,
-    centroid_mm). ``suv_max_ct`` is the highest value of the aligned PET in the mask, kept to
-    compare the two grids.
+    ``transform`` the applied registration (CT point -> PET point; identity when None);
+    ``instances`` the label's instance map (:func:`lymphatlas_ds.lesions.label_instances`,
+    computed here when None). Returns the ``case.json`` "lesions" block: count, tmtv_ml, tlg,
+    suv_max, suv_peak, dmax_mm, grids, connectivity, items (per lesion, in instance-id order:
+    lesion_id, voxels, volume_ml, suv_max, suv_peak, suv_mean, tlg, suv_max_ct, pet_voxels,
+    centroid_lps, bbox_min_xyz, bbox_max_xyz, body_region). ``suv_max_ct`` is the highest value of
+    the aligned PET in the mask, kept to compare the two grids.
 
     Example:
         >>> s = lesion_statistics(label, pet_on_ct, ct, pet=pet_suv, transform=t)  # doctest: +SKIP
-        >>> sorted(s["items"][0])  # doctest: +SKIP
-        ['centroid_mm', 'pet_voxels', 'suv_max', 'suv_max_ct', 'suv_mean', 'suv_peak', 'volume_ml', 'voxels']
+        >>> s["items"][0]["lesion_id"], s["items"][0]["body_region"]  # doctest: +SKIP
+        (1, 'thorax')
     """
+    from lymphatlas_ds.lesions import LESION_CONNECTIVITY
+
     transform = transform if transform is not None else sitk.Euler3DTransform()
-    items = _lesion_items(label, pet_on_ct, ct, pet, transform)
-    items.sort(key=lambda it: (-it["volume_ml"], it["centroid_mm"]))
-    return _whole_body(items)
+    if instances is None:
+        instances, _ = label_instances(label)
+    items = _lesion_items(instances, pet_on_ct, ct, pet, transform)
+    return dict(_whole_body(items), connectivity=LESION_CONNECTIVITY)
 
 
 def _label_box(label: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -157,18 +173,19 @@ def _label_box(label: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
 
 
 def _lesion_items(
-    label: np.ndarray, pet_on_ct: np.ndarray, ct: sitk.Image, pet: sitk.Image, transform: sitk.Transform
+    instances: np.ndarray, pet_on_ct: np.ndarray, ct: sitk.Image, pet: sitk.Image, transform: sitk.Transform
 ) -> list[dict]:
-    """One ``items`` entry per 26-connected component of ``label``, in scipy's labelling order."""
+    """One ``items`` entry per lesion of the instance map, in id order (1 = the largest)."""
     pet_arr = sitk.GetArrayViewFromImage(pet)
     kernel = peak_kernel(pet.GetSpacing())
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
     items: list[dict] = []
-    if not np.any(label):
+    if not np.any(instances):
         return items
-    # work inside the label's bounding box only: whole-body arrays are ~100 M voxels
-    lo, box = _label_box(label)
-    components, _ = ndimage.label(label[box] > 0, structure=np.ones((3, 3, 3), bool))
+    # work inside the lesions' bounding box only: whole-body arrays are ~100 M voxels
+    lo, box = _label_box(instances)
+    components = instances[box]
+    regions = body_regions(ct)
     for index, sl in enumerate(ndimage.find_objects(components), start=1):
         if sl is None:
             continue
@@ -177,7 +194,8 @@ def _lesion_items(
         values = np.asarray(pet_on_ct[box][sl][comp], np.float64)
         comp_idx = np.argwhere(comp) + offset  # z, y, x on the CT grid
         native = _native_peaks(comp_idx, ct, pet, pet_arr, transform, kernel)
-        items.append(_lesion_item(comp_idx, values, native, ct, voxel_ml))
+        item = _lesion_item(comp_idx, values, native, ct, voxel_ml)
+        items.append({"lesion_id": index, **item, "body_region": regions(comp_idx.mean(0)).value})
     return items
 
 
@@ -189,23 +207,142 @@ def _lesion_item(
     centre = comp_idx.mean(0)
     centroid = ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre[::-1]))
     suv_max, suv_peak, n_pet = native if native is not None else (0.0, 0.0, 0)
+    volume_ml = float(len(comp_idx)) * voxel_ml
+    suv_mean = float(values.mean())
     return {
         "voxels": len(comp_idx),
-        "volume_ml": float(len(comp_idx)) * voxel_ml,
+        "volume_ml": volume_ml,
         "suv_max": suv_max,
         "suv_peak": suv_peak,
-        "suv_mean": float(values.mean()),
+        "suv_mean": suv_mean,
+        "tlg": suv_mean * volume_ml,
         "suv_max_ct": float(values.max()),
         "pet_voxels": n_pet,
-        "centroid_mm": [round(float(c), 3) for c in centroid],
+        "centroid_lps": [round(float(c), 3) for c in centroid],
+        "bbox_min_xyz": [int(v) for v in comp_idx.min(0)[::-1]],
+        "bbox_max_xyz": [int(v) for v in comp_idx.max(0)[::-1]],
     }
+
+
+LUNG_HU = -400.0
+"""Air inside the body below this HU is lung (or airway, bowel gas)."""
+BODY_REGION_HU = -500.0
+"""The patient's tissue above this HU (as :data:`builder.convert.labels.BODY_HU`)."""
+LUNG_SLICE_FRACTION = 0.10
+"""A slice belongs to the lungs when its internal air covers at least this fraction of the largest
+slice's: the trachea (~2-3 cm2) and bowel gas stay below it, lungs (up to ~250 cm2) above."""
+NECK_AREA_FRACTION = 0.5
+"""Above the lungs' largest slice, the neck begins where the trunk's cross-section falls below this
+fraction of its area there (the shoulders: a neck is about a quarter of a chest)."""
+PELVIS_FRACTION = 0.35
+"""The abdomen / pelvis boundary lies this fraction of the way from the trunk's bottom (the crotch, or
+the CT's last slice) up to the lung base (the iliac crests lie about a third of the way from the
+perineum to the diaphragm)."""
+
+
+def body_regions(ct: sitk.Image) -> Callable[[np.ndarray], BodyRegion]:
+    """A function of a CT voxel position (z, y, x, may be fractional) -> its :class:`BodyRegion`.
+
+    A simple, CT-only rule on axial levels (~4 mm in-plane copy of the CT); an approximation of the
+    anatomical regions, good to a few centimetres at each boundary, no organ segmentation:
+
+    * **lungs**: per axial slice, the air (< :data:`LUNG_HU`) not connected to the air around the
+      patient; lung slices are the contiguous run around the slice with the most of it where it
+      covers at least :data:`LUNG_SLICE_FRACTION` of that maximum; their lowest is the lung base;
+    * **trunk**: on each slice the body component (> :data:`BODY_REGION_HU`, holes filled) holding
+      the body's in-plane centroid on the largest lung slice (above the chest, where the head may not
+      hold that point, the largest component); its lowest slice is the crotch (or the CT's last slice);
+    * **limbs**: outside the trunk component of its slice (an arm beside the chest, a leg); else
+    * **head-neck** above the shoulders (:func:`_neck_slice`), **thorax** from there to the lung base,
+      then **abdomen**, and **pelvis** below :data:`PELVIS_FRACTION` of the way from the crotch up to it;
+    * **unknown**: no lungs in the CT (a partial field of view): no landmark.
+    Levels are physical (LPS S axis), so head-first and feet-first scans read alike.
+
+    Example:
+        >>> region = body_regions(ct)  # doctest: +SKIP
+        >>> region(np.array([120.0, 256.0, 256.0])).value  # doctest: +SKIP
+        'thorax'
+    """
+    spacing = ct.GetSpacing()
+    factors = [max(1, int(round(4.0 / s))) for s in spacing[:2]] + [1]
+    small = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors) if factors != [1, 1, 1] else ct)
+    filled, lung_area = _body_and_lungs(small)
+    nz = len(lung_area)
+    if lung_area.max() <= 0:
+        return lambda _p: BodyRegion.UNKNOWN
+    a = np.asarray(ct.GetDirection(), float).reshape(3, 3) @ np.diag(spacing)
+    s_of = lambda k: float(ct.GetOrigin()[2] + a[2, 2] * k)  # noqa: E731 - axial slices: S depends on k only
+    up = 1 if a[2, 2] > 0 else -1  # the index step towards the head
+    top = int(np.argmax(lung_area))
+    keep = lung_area >= LUNG_SLICE_FRACTION * lung_area[top]
+    k = top
+    while 0 <= k - up < nz and keep[k - up]:
+        k -= up
+    lung_base = s_of(k)
+    trunk = _trunk(filled, top, up)
+    k = _neck_slice(trunk, top, up)
+    neck = math.inf if k is None else s_of(k) - 0.5 * abs(a[2, 2])  # between the last chest and the first neck slice
+    bottom = min(s_of(z) for z in range(nz) if trunk[z].any())
+    pelvis_top = bottom + PELVIS_FRACTION * (lung_base - bottom)
+
+    def region(position_zyx: np.ndarray) -> BodyRegion:
+        z, y, x = (float(v) for v in position_zyx)
+        kz = min(max(int(round(z)), 0), nz - 1)
+        j = min(max(int(y // factors[1]), 0), trunk.shape[1] - 1)
+        i = min(max(int(x // factors[0]), 0), trunk.shape[2] - 1)
+        s = s_of(z)
+        if not trunk[kz, j, i]:
+            return BodyRegion.LIMBS
+        if s > neck:
+            return BodyRegion.HEAD_NECK
+        if s >= lung_base:
+            return BodyRegion.THORAX
+        return BodyRegion.ABDOMEN if s > pelvis_top else BodyRegion.PELVIS
+
+    return region
+
+
+def _body_and_lungs(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the body, each axial slice's tissue with its holes filled; the enclosed air per slice) of a CT array."""
+    tissue = small > BODY_REGION_HU
+    filled = np.zeros_like(tissue)
+    lung_area = np.zeros(small.shape[0])
+    for z in range(small.shape[0]):
+        filled[z] = ndimage.binary_fill_holes(tissue[z])
+        lung_area[z] = np.count_nonzero(filled[z] & (small[z] < LUNG_HU))  # air enclosed by the body
+    return filled, lung_area
+
+
+def _trunk(filled: np.ndarray, top: int, up: int) -> np.ndarray:
+    """The trunk's component on each slice: the one holding the body's centroid on slice ``top`` (above it,
+    where a head may not hold that point, the largest); ``up`` is the index step towards the head."""
+    cy, cx = (int(round(float(v))) for v in ndimage.center_of_mass(filled[top]))
+    trunk = np.zeros(filled.shape, bool)
+    for z in range(filled.shape[0]):
+        lab, n = ndimage.label(filled[z])
+        if lab[cy, cx]:
+            trunk[z] = lab == lab[cy, cx]
+        elif n and (z - top) * up > 0:  # above the chest (the vertex, a tilted head): the largest component
+            trunk[z] = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+    return trunk
+
+
+def _neck_slice(trunk: np.ndarray, top: int, up: int) -> int | None:
+    """The first slice above ``top`` whose trunk area falls below NECK_AREA_FRACTION of it there (None: none)."""
+    chest = np.count_nonzero(trunk[top])
+    k = top
+    while 0 <= k + up < trunk.shape[0]:
+        k += up
+        if np.count_nonzero(trunk[k]) < NECK_AREA_FRACTION * chest:
+            return k
+    return None
 
 
 def _whole_body(items: list[dict]) -> dict:
     """The ``case.json`` "lesions" block: whole-body totals (TMTV, TLG, SUVmax, SUVpeak, Dmax) and ``items``."""
     dmax = 0.0
     if len(items) > 1:
-        c = np.array([it["centroid_mm"] for it in items])
+        c = np.array([it["centroid_lps"] for it in items])
         dmax = float(np.sqrt(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)).max())
     return {
         "count": len(items),
@@ -219,4 +356,4 @@ def _whole_body(items: list[dict]) -> dict:
     }
 
 
-__all__ = ["GRIDS", "PET_VOXEL_MIN_COVER", "SUV_PEAK_VOLUME_ML", "lesion_statistics", "peak_kernel"]
+__all__ = ["GRIDS", "PET_VOXEL_MIN_COVER", "SUV_PEAK_VOLUME_ML", "body_regions", "lesion_statistics", "peak_kernel"]

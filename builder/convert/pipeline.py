@@ -400,6 +400,7 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
 
     from builder.convert import align, case, identity, lesions, qc
     from builder.convert.discover import discover_exam
+    from lymphatlas_ds.lesions import label_instances
 
     exam_id, settings = job.exam_id, job.settings
     exam_dir = job.source / "dicom" / exam_id
@@ -427,7 +428,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     pet_arr = sitk.GetArrayViewFromImage(pet_img)
     fov_fraction = _lesion_fov_fraction(label, ct, pet_suv, aligned.transform)
     stages.start("statistics")
-    stats = lesions.lesion_statistics(label, pet_arr, ct, pet=pet_suv, transform=aligned.transform)
+    instances, _ = label_instances(label)
+    stats = lesions.lesion_statistics(label, pet_arr, ct, pet=pet_suv, transform=aligned.transform, instances=instances)
     del pet_suv
     stages.start("qc")
     ct_arr = sitk.GetArrayViewFromImage(ct)  # a view: `ct` stays alive until the case is written
@@ -447,7 +449,8 @@ def _convert(job: ExamJob, stages: _Stages, result: ExamResult) -> None:
     try:
         case.write_case(job.work / "cases", case_json, ct=ct_arr, pet=pet_arr.astype(np.float32, copy=False),
                         label=label, affine_ras=geometry_ras, level=settings.gzip_level, check=leak_check,
-                        extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)})
+                        extra_files={align.TRANSFORM_FILE: align.transform_text(aligned.transform)},
+                        instances=instances)
     except Exception:
         entry.unlink(missing_ok=True)  # nothing was made visible
         raise

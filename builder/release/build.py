@@ -51,9 +51,12 @@ from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.lineage import BASE_KEY, base_record
 from lymphatlas_ds.manifest import CASES_CSV, CHANGELOG_NAME
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, Diagnosis, Split, Subtype
+from lymphatlas_ds.statistics import lesion_table as lesion_aggregate
 
 from builder import __version__ as BUILDER_VERSION
 from builder.convert.case import CaseFileError, load_case, read_volumes
+from builder.release import lesions as lesions_mod
+from builder.release import preview as preview_mod
 from builder.release import card, client_wheel, lineage, shards, splits
 from builder.release import changes as changes_mod
 from builder.release import provenance
@@ -504,10 +507,16 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
         shutil.rmtree(staging)  # left by an interrupted run
     staging.mkdir(parents=True)
     try:
+        extras: dict[str, CaseExtras] = {}
         rows, hashes, written = _write_data(staging, {c.case_id: c for c in cases}, placements,
-                                            shard_max_bytes=shard_max_bytes, on_case=on_case, workers=workers)
+                                            shard_max_bytes=shard_max_bytes, on_case=on_case, workers=workers,
+                                            extras=extras)
+        lesion_rows = [r for c in sorted(extras) for r in extras[c].lesion_rows]
+        side = {"lesions": lesions_mod.write_lesions(staging, lesion_rows, {r["split"] for r in rows}),
+                "preview": preview_mod.write_preview(staging, rows, {c: e.preview for c, e in extras.items()})}
         changes, stats = _write_metadata(staging, rows, hashes, written, placements, prev, version=version, seed=seed,
-                                         removed_reasons=changes_mod.read_withdrawals(work))
+                                         removed_reasons=changes_mod.read_withdrawals(work),
+                                         lesion_rows=lesion_rows, side_files=side)
         _swap_into_place(staging, release_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -561,8 +570,9 @@ def _releasable_cases(work: Path, *, keep_gone: bool) -> list[WorkCase]:
     return cases
 
 
-def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A case's metadata row and encoded volume cells, after checking its voxels against case.json."""
+def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str, Any], dict[str, Any], CaseExtras]:
+    """A case's metadata row, encoded volume cells and its lesion rows and preview images, after
+    checking its voxels (and its lesion items) against case.json."""
     arrays, affine = read_case_volumes(case)
     digest = manifest_mod.content_hash(arrays["ct"], arrays["pet"], arrays["label"], affine)
     if case.info.get("content_hash") != digest:
@@ -570,18 +580,32 @@ def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str
             f"case {case.case_id}: the voxels of {case.folder} do not match case.json content_hash "
             "(a file changed after convert, or a corrupt copy): re-run convert for this case"
         )
+    lesions_mod.check_items(case.case_id, case.info, arrays["label"])
     row = {**metadata_row(case, placement, digest), **provenance.case_provenance(case.info)}
+    extras = CaseExtras(lesions_mod.lesion_rows(case.info, row),
+                        preview_mod.preview_cells(case.case_id, arrays["ct"], arrays["pet"], arrays["label"], affine))
     cells = {n: codec.encode_volume(arrays[n], affine, codec.cell_path(case.case_id, n)) for n in IMAGE_COLUMNS}
-    return row, cells
+    return row, cells, extras
+
+
+@dataclasses.dataclass
+class CaseExtras:
+    """What a case adds to the lesions and preview configs."""
+
+    lesion_rows: list[dict[str, Any]]
+    preview: dict[str, dict[str, Any]]
 
 
 def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
                 shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
+                extras: dict[str, CaseExtras] | None = None,
                 ) -> tuple[list[dict[str, Any]], dict[str, str], list[shards.ShardInfo]]:
-    """Write ``data/<config>/<split>-*.parquet``; return the metadata rows, the content hashes and the shards."""
+    """Write ``data/<config>/<split>-*.parquet``; return the metadata rows, the content hashes and the
+    shards; each case's lesion rows and preview images go to ``extras`` (case id -> :class:`CaseExtras`)."""
     rows: list[dict[str, Any]] = []
     hashes: dict[str, str] = {}
     written: list[shards.ShardInfo] = []
+    extras = {} if extras is None else extras
 
     def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
         # Read and encode the next cases in threads while the current one is compressed and
@@ -594,7 +618,8 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
                 for case_id in itertools.islice(queue, workers):
                     pending.append(pool.submit(_prepare_case, by_id[case_id], placements[case_id]))
                 while pending:
-                    row, cells = pending.popleft().result()
+                    row, cells, extra = pending.popleft().result()
+                    extras[row["case_id"]] = extra
                     for case_id in itertools.islice(queue, 1):
                         pending.append(pool.submit(_prepare_case, by_id[case_id], placements[case_id]))
                     hashes[row["case_id"]] = row["content_hash"]
@@ -629,8 +654,12 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
 def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str, str],
                     written: list[shards.ShardInfo], placements: dict[str, splits.Placement],
                     prev: dict[str, Any] | None, *, version: str, seed: int,
-                    removed_reasons: Mapping[str, str] | None = None) -> tuple[CaseChanges, dict[str, Any]]:
-    """Write cases.csv, splits.json, CHANGELOG.md, the card (README.md) and, last, manifest.json."""
+                    removed_reasons: Mapping[str, str] | None = None, lesion_rows: list[dict[str, Any]] | None = None,
+                    side_files: Mapping[str, list[str]] | None = None) -> tuple[CaseChanges, dict[str, Any]]:
+    """Write cases.csv, splits.json, CHANGELOG.md, the card (README.md) and, last, manifest.json.
+
+    ``lesion_rows`` (the lesions config's rows) give the card's lesion table; ``side_files`` the files of the
+    lesions and preview configs (``{"lesions": [...], "preview": [...]}``) the card's YAML and gallery name."""
     write_atomic(staging / CASES_CSV, cases_csv(rows), fsync=True)
     doc = splits.splits_document(placements, version=version, seed=seed)
     write_atomic(staging / splits.SPLITS_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n", fsync=True)
@@ -656,6 +685,8 @@ def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str,
         seed=seed,
         n_folds=doc["n_folds"],
         provenance=provenance.summarise(rows),
+        lesion_statistics=lesion_aggregate(rows, lesion_rows or []),
+        side_files=side_files or {},
     )
     write_atomic(staging / "README.md", readme, fsync=True)
     client_wheel.ship(staging)  # the card's install line: wheels/lymphatlas_ds-<version>-py3-none-any.whl

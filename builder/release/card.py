@@ -174,8 +174,20 @@ def _shards_of(shards: Sequence[ShardInfo], config: Config, split: Split) -> lis
     return [s for s in shards if _in_config(s.path, config) and Path(s.path).name.startswith(split.value + "-")]
 
 
-def configs_yaml(shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
-    """The ``configs:`` entries of the card: all (default), hl, nhl, each with its train and test split.
+def _side_configs(side_files: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """The ``lesions`` and ``preview`` configs (schema.LESIONS_CONFIG / PREVIEW_CONFIG) from their files."""
+    out = []
+    for name in (schema.LESIONS_CONFIG, schema.PREVIEW_CONFIG):
+        files = [{"split": s.value, "path": f"{name}/{s.value}-*.parquet"} for s in Split
+                 if any(f.startswith(f"{name}/{s.value}-") and f.endswith(".parquet") for f in side_files.get(name, ()))]
+        if files:
+            out.append({"config_name": name, "data_files": files})
+    return out
+
+
+def configs_yaml(shards: Sequence[ShardInfo], side_files: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """The ``configs:`` entries of the card: all (default), hl, nhl, each with its train and test split,
+    then ``lesions`` and ``preview`` (``side_files``: their files in the release, by config).
 
     A split with no case (possible in a small release) is left out: ``datasets`` cannot resolve a
     pattern that matches no file.
@@ -189,10 +201,11 @@ def configs_yaml(shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
         if config is Config.ALL:
             entry["default"] = True
         out.append(entry)
-    return out
+    return out + _side_configs(side_files or {})
 
 
-def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
+def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo],
+                      side_files: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """``dataset_info`` per config: the features and the shard bytes, no split sizes (see the module doc).
 
     The number of cases per split is in the card's prose and in ``metadata/cases.csv``.
@@ -204,10 +217,16 @@ def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]
             continue
         info = datasets.DatasetInfo(features=features(), config_name=config.value, download_size=size, dataset_size=size)
         out.append(info._to_yaml_dict())
+    from builder.release import lesions, preview
+
+    for entry in _side_configs(side_files or {}):
+        feats = lesions.features() if entry["config_name"] == schema.LESIONS_CONFIG else preview.features()
+        out.append(datasets.DatasetInfo(features=feats, config_name=entry["config_name"])._to_yaml_dict())
     return out
 
 
-def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> DatasetCardData:
+def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo],
+              side_files: Mapping[str, Sequence[str]] | None = None) -> DatasetCardData:
     """The card's YAML front matter as ``DatasetCardData``."""
     n = int(statistics.get("cases", 0))
     size_category = "n<1K" if n < 1000 else "1K<n<10K"
@@ -219,8 +238,8 @@ def card_data(statistics: Mapping[str, Any], shards: Sequence[ShardInfo]) -> Dat
         tags=["medical", "pet-ct", "fdg-pet", "lymphoma", "3d", "nifti", "nnunet", "segmentation"],
         pretty_name=f"{schema.DATASET_NAME}: whole-body FDG PET/CT lymphoma segmentation",
         size_categories=[size_category],
-        configs=configs_yaml(shards),
-        dataset_info=dataset_info_yaml(statistics, shards),
+        configs=configs_yaml(shards, side_files),
+        dataset_info=dataset_info_yaml(statistics, shards, side_files),
         extra_gated_prompt=GATED_PROMPT,
         extra_gated_fields=GATED_FIELDS,
     )
@@ -345,6 +364,8 @@ def render_card(
     repo_id: str | None = None,
     n_folds: int = schema.N_FOLDS,
     provenance: Mapping[str, Any] | None = None,
+    lesion_statistics: Mapping[str, Any] | None = None,
+    side_files: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """The README.md text of a release: front matter + the template's prose with this release's figures.
 
@@ -352,8 +373,13 @@ def render_card(
     ``repo_id`` renders the usage lines of the Hub copy (see :func:`usage_section`). ``n_folds``:
     the release's fold count (``splits.json``; fewer than ``N_FOLDS`` in a small release). ``provenance``
     is :func:`builder.release.provenance.summarise` of the release's rows (what convert used).
+    ``lesion_statistics`` is :func:`lymphatlas_ds.statistics.lesion_table` of the lesions config's rows;
+    ``side_files`` the files of the lesions and preview configs (their YAML configs and the gallery).
     """
-    data = card_data(statistics, shards)
+    from lymphatlas_ds.lesions import LESION_CONNECTIVITY
+
+    side_files = side_files or {}
+    data = card_data(statistics, shards, side_files)
     card = DatasetCard.from_template(
         data,
         template_path=str(template_path),
@@ -376,6 +402,11 @@ def render_card(
         metadata_columns=list(schema.METADATA_COLUMNS),
         usage=usage_section(version=version, repo_id=repo_id),
         provenance=provenance or {},
+        lesion_stats=lesion_statistics or {},
+        lesions_config=schema.LESIONS_CONFIG,
+        preview_config=schema.PREVIEW_CONFIG,
+        connectivity=LESION_CONNECTIVITY,
+        gallery=[f for f in side_files.get(schema.PREVIEW_CONFIG, ()) if f.endswith(".png")],
     )
     text = str(card)
     return text if text.endswith("\n") else text + "\n"

@@ -90,10 +90,44 @@ def _content_problems(release) -> list[str]:
     from lymphatlas_ds.schema import Split
 
     problems = []
+    lesions = _lesion_voxels(release)
     for split in Split:
         for case_id in release.case_ids("all", split):
             try:
-                release.read_case(case_id, check_content=True)
+                record = release.read_case(case_id, check_content=True)
             except LymphAtlasError as e:
                 problems.append(f"case {case_id}: {e}")
+                continue
+            if lesions is not None:
+                problems += _instance_problems(case_id, record.label, lesions.get(case_id, {}))
     return problems
+
+
+def _lesion_voxels(release) -> dict[str, dict[int, int]] | None:
+    """{case_id: {lesion_id: voxels}} of the release's lesions config; None for a release without one."""
+    import pyarrow.parquet as pq
+
+    from lymphatlas_ds.schema import LESIONS_CONFIG
+
+    files = [f for f in release.manifest["files"] if f.startswith(f"{LESIONS_CONFIG}/") and f.endswith(".parquet")]
+    if not files:
+        return None
+    out: dict[str, dict[int, int]] = {}
+    for rel in files:
+        for r in pq.read_table(release.file(rel), columns=["case_id", "lesion_id", "voxels"]).to_pylist():
+            out.setdefault(r["case_id"], {})[int(r["lesion_id"])] = int(r["voxels"])
+    return out
+
+
+def _instance_problems(case_id: str, label, want: dict[int, int]) -> list[str]:
+    """The label's instance map (lymphatlas_ds.lesions.label_instances) against the lesions config's rows."""
+    import numpy as np
+
+    from lymphatlas_ds.lesions import label_instances
+
+    instances, n = label_instances(label)
+    have = {i + 1: int(c) for i, c in enumerate(np.bincount(instances.ravel(), minlength=n + 1)[1:])}
+    if have != want:
+        return [f"case {case_id}: its label has lesions (id: voxels) {sorted(have.items())[:5]}, the lesions config "
+                f"lists {sorted(want.items())[:5]}"]
+    return []

@@ -1,0 +1,113 @@
+"""The release's ``preview`` config, for the Hugging Face dataset viewer: ``preview/<split>-*.parquet``.
+
+The viewer shows nothing of a Nifti cell, and a full-size case's row group is far over its limit
+(286 MiB). The preview holds, per case, two PNG images (``datasets.Image``) and the metadata columns
+of :data:`lymphatlas_ds.schema.PREVIEW_COLUMNS`: ``mip``, the coronal PET MIP with the lesion
+outlines, and ``fusion``, an axial PET/CT fusion through the largest lesion
+(:func:`lymphatlas_ds.figures.preview_images`). Rows are a few tens of kB: row groups of
+:data:`ROW_GROUP_ROWS` rows stay far under the viewer's limit (a test reads it from the parquet
+metadata). The card's gallery shows the MIPs of a few cases (``preview/gallery/<case_id>.png``,
+:func:`gallery_cases`).
+
+Example:
+    >>> images = preview_cells(case_id, ct, pet, label, affine)  # doctest: +SKIP
+    >>> sorted(images)  # doctest: +SKIP
+    ['fusion', 'mip']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from builder.release.shards import _feature
+from lymphatlas_ds.schema import (METADATA_COLUMNS, PREVIEW_COLUMNS, PREVIEW_CONFIG, PREVIEW_GALLERY_DIR,
+                                  PREVIEW_IMAGE_COLUMNS, Split)
+
+ROW_GROUP_ROWS = 64
+"""Cases per row group: at ~100 kB per row, a few MiB per group (the viewer's limit is 286 MiB)."""
+VIEWER_ROW_GROUP_LIMIT = 286 * 1024 * 1024
+"""The Hub dataset viewer's largest row group (uncompressed bytes) it will show."""
+GALLERY_SIZE = 6
+"""Cases in the card's gallery."""
+
+
+def features() -> datasets.Features:
+    """The ``datasets.Features`` of a preview row: metadata columns, then the Image columns."""
+    spec: dict[str, Any] = {name: _feature(METADATA_COLUMNS[name]) for name in PREVIEW_COLUMNS}
+    spec.update({name: datasets.Image() for name in PREVIEW_IMAGE_COLUMNS})
+    return datasets.Features(spec)
+
+
+def preview_cells(case_id: str, ct: np.ndarray, pet: np.ndarray, label: np.ndarray,
+                  affine_ras: np.ndarray) -> dict[str, dict[str, Any]]:
+    """The Image cells (``{"bytes", "path"}``) of one case, from its ``[z, y, x]`` arrays."""
+    from lymphatlas_ds.figures import preview_images
+
+    images = preview_images(ct, pet, label, affine_ras)
+    return {name: {"bytes": images[name], "path": f"{case_id}_{name}.png"} for name in PREVIEW_IMAGE_COLUMNS}
+
+
+def shard_path(split: Split | str) -> str:
+    """``preview/<split>-00000-of-00001.parquet``."""
+    return f"{PREVIEW_CONFIG}/{Split(split).value}-00000-of-00001.parquet"
+
+
+def gallery_cases(rows: Sequence[Mapping[str, Any]], n: int = GALLERY_SIZE) -> list[str]:
+    """The cases the card shows: the largest TMTV of each diagnosis in turn (HL, NHL, HL, ...), ids
+    breaking ties; deterministic and independent of the shard order."""
+    by_dx: dict[str, list[Mapping[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (-(r.get("tmtv_ml") or 0.0), r["case_id"])):
+        by_dx.setdefault(r["diagnosis"], []).append(r)
+    out: list[str] = []
+    queues = [by_dx[d] for d in sorted(by_dx)]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0)["case_id"])
+    return out
+
+
+def gallery_path(case_id: str) -> str:
+    return f"{PREVIEW_GALLERY_DIR}/{case_id}.png"
+
+
+def write_preview(staging: Path, rows: Iterable[Mapping[str, Any]], cells: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Write ``preview/<split>-*.parquet`` (rows: the metadata rows; ``cells``: case id -> Image cells)
+    and the gallery PNGs; return the files written (release-relative)."""
+    rows = list(rows)
+    schema = features().arrow_schema
+    written = []
+    for split in Split:
+        mine = sorted((r for r in rows if r["split"] == split.value), key=lambda r: r["case_id"])
+        if not mine:
+            continue
+        table = pa.Table.from_pylist([{**{k: r[k] for k in PREVIEW_COLUMNS}, **cells[r["case_id"]]} for r in mine],
+                                     schema=schema)
+        rel = shard_path(split)
+        _write(staging / rel, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS,
+                                                         compression="zstd", write_page_index=False))
+        written.append(rel)
+    for case_id in gallery_cases(rows):
+        rel = gallery_path(case_id)
+        data = cells[case_id]["mip"]["bytes"]
+        _write(staging / rel, lambda tmp: tmp.write_bytes(data))
+        written.append(rel)
+    return written
+
+
+def _write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+__all__ = ["GALLERY_SIZE", "ROW_GROUP_ROWS", "VIEWER_ROW_GROUP_LIMIT", "features", "gallery_cases", "gallery_path",
+           "preview_cells", "shard_path", "write_preview"]
