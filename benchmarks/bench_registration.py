@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_registration.py [--seed 2026] [--exams 8] [--coarse 8] [--scanner 4] [--jobs 2]
         [--groups independent:realistic,project:realistic,...] [--workdir DIR] [--json OUT] [--no-old]
+    python benchmarks/bench_registration.py --from-json OUT   # the tables of a saved run
 """
 
 from __future__ import annotations
@@ -184,7 +185,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="exams registered at once, in worker processes (each exam's times are its worker's)")
     parser.add_argument("--no-old", action="store_true", help="skip the previous recipe")
+    parser.add_argument("--from-json", type=Path, help="print the summary and tables of a run's --json file, register nothing")
     args = parser.parse_args()
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+        _summary(rows)
+        _table(rows)
+        return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_registration_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -250,7 +257,7 @@ def _summary(rows: list[dict]) -> None:
             ratio = new_t / old_t
             print(f"time ({key}) per exam: new {new_t.mean():.2f} s, old {old_t.mean():.2f} s, ratio of totals "
                   f"{new_t.sum() / old_t.sum():.2f}x, per exam {ratio.min():.2f}-{ratio.max():.2f}x "
-                  f"(goal <= {TIME_RATIO_GOAL}x)")
+                  f"(goal <= {TIME_RATIO_GOAL}x; over it: {int(np.sum(ratio > TIME_RATIO_GOAL))} of {len(ratio)})")
 
 
 def _cell(r: dict | None) -> str:
