@@ -196,26 +196,25 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_registration_"))
     work.mkdir(parents=True, exist_ok=True)
     counts = {"coarse": args.coarse, "realistic": args.exams, "scanner": args.scanner}
-    tasks = []
-    for group in args.groups.split(","):
-        gen, grid, *own_seed = group.split(":")
-        seed = int(own_seed[0]) if own_seed else args.seed + 10 * list(GOALS).index(grid) + GENERATORS.index(gen)
-        for exam_id, folder, truth, desc in (project_exams if gen == "project" else foreign_exams)(
-                work, grid, counts[grid], seed):
-            tasks.append((gen, grid, seed, exam_id, folder, truth, desc, not args.no_old))
     rows = []
+    pool = None
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = pool.map(measure, tasks)
-    else:
-        results = map(measure, tasks)
-    for row in results:
-        rows.append(row)
-        _print_row(row)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        pool = ProcessPoolExecutor(args.jobs)
+    for group in args.groups.split(","):  # one group at a time: its cohort is generated, then measured
+        gen, grid, *own_seed = group.split(":")
+        seed = int(own_seed[0]) if own_seed else args.seed + 10 * list(GOALS).index(grid) + GENERATORS.index(gen)
+        tasks = [(gen, grid, seed, exam_id, folder, truth, desc, not args.no_old)
+                 for exam_id, folder, truth, desc in (project_exams if gen == "project" else foreign_exams)(
+                     work, grid, counts[grid], seed)]
+        for row in (pool.map(measure, tasks) if pool else map(measure, tasks)):
+            rows.append(row)
+            _print_row(row)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if pool:
+        pool.shutdown()
     _summary(rows)
     _table(rows)
 
