@@ -25,8 +25,9 @@ exam closes the output.
 
 Usage::
 
-    python benchmarks/bench_registration.py [--seed 2026] [--exams 8] [--coarse 4] [--scanner 4]
+    python benchmarks/bench_registration.py [--seed 2026] [--exams 8] [--coarse 8] [--scanner 4] [--jobs 2]
         [--groups independent:realistic,project:realistic,...] [--workdir DIR] [--json OUT] [--no-old]
+    python benchmarks/bench_registration.py --from-json OUT   # the tables of a saved run
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def register(module, ct, pet, body):
 
 def project_exams(work: Path, grid: str, n: int, seed: int):
     """(exam id, exam folder, truth, residual function, description) of a project cohort."""
-    from lymphatlas_synth.cohort import generate_cohort, lesion_residuals, load_truth
+    from lymphatlas_synth.cohort import generate_cohort, load_truth
 
     grids = {"realistic": REALISTIC_GRIDS, "coarse": [COARSE_GRID], "scanner": [None]}[grid]
     source = work / f"project-{grid}-{n}-{seed}"
@@ -111,12 +112,11 @@ def project_exams(work: Path, grid: str, n: int, seed: int):
         truth = load_truth(source / "truth", exam_id)
         v = truth["variant"]
         desc = f"{v.get('pet_fov', 'matched')} {v.get('patient_position', 'HFS')}"
-        yield exam_id, source / "dicom" / exam_id, truth, lambda t, truth=truth: lesion_residuals(t, truth), desc
+        yield exam_id, source / "dicom" / exam_id, truth, desc
 
 
 def foreign_exams(work: Path, grid: str, n: int, seed: int):
     """The same for a cohort of the independent generator (its accepted exams; ``n`` limits scanner sizes)."""
-    from builder.convert.align import transform_matrix
     from lymphatlas_synth import foreign as foreign_phantoms
 
     size = FOREIGN_SIZES[grid]
@@ -126,56 +126,95 @@ def foreign_exams(work: Path, grid: str, n: int, seed: int):
                                        limit=n if grid == "scanner" else None)
     print(f"independent {size} cohort (seed {seed}) ready in {time.perf_counter() - t0:.0f} s", flush=True)
     for truth in truths:
-        yield (truth["exam_id"], root / "source" / "dicom" / truth["exam_id"], truth,
-               lambda t, truth=truth: foreign_phantoms.lesion_residuals(transform_matrix(t), truth), truth["variant"])
+        yield truth["exam_id"], root / "source" / "dicom" / truth["exam_id"], truth, truth["variant"]
 
 
-def main() -> None:
+def residuals(generator: str, transform, truth: dict) -> np.ndarray:
+    """Found minus true PET position of every lesion centre (N x 3, LPS mm) under ``transform``."""
+    if generator == "project":
+        from lymphatlas_synth.cohort import lesion_residuals
+
+        return lesion_residuals(transform, truth)
+    from builder.convert.align import transform_matrix
+    from lymphatlas_synth import foreign as foreign_phantoms
+
+    return foreign_phantoms.lesion_residuals(transform_matrix(transform), truth)
+
+
+_OLD = {}
+
+
+def measure(task: tuple) -> dict:
+    """One exam registered with the current recipe and (unless ``with_old`` is false) the old one, in
+    this process: the row of the table. Runs in a worker process with ``--jobs``."""
     from builder.convert import align
     from builder.convert.discover import discover_exam
     from builder.convert.pipeline import body_image, read_exam
 
+    gen, grid, seed, exam_id, folder, truth, desc, with_old = task
+    if with_old and "module" not in _OLD:
+        _OLD["module"] = old_align_module()
+    images = read_exam(discover_exam(folder, exam_id))
+    ct, pet, body = images.ct, images.pet_suv, body_image(images.body, images.ct)
+    row = {"generator": gen, "grid": grid, "seed": seed, "exam": exam_id, "layout": desc,
+           "ct_spacing": [round(s, 3) for s in ct.GetSpacing()],
+           "pet_spacing": [round(s, 3) for s in pet.GetSpacing()],
+           "ct_size": list(ct.GetSize()), "lesions": len(truth["lesions"])}
+    for name, module in (("new", align), ("old", _OLD.get("module") if with_old else None)):
+        if module is None:
+            continue
+        transform, cpu, wall = register(module, ct, pet, body)
+        err = residuals(gen, transform, truth)
+        norm = np.linalg.norm(err, axis=1)
+        row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
+                     "residual_mean_xyz_mm": err.mean(0).round(3).tolist(), "cpu_s": cpu, "wall_s": wall}
+    return row
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=2026,
                         help="cohort seed: a group's is seed + 10 x grid index (coarse, realistic, scanner) + generator index")
     parser.add_argument("--exams", type=int, default=8, help="project realistic exams")
-    parser.add_argument("--coarse", type=int, default=4, help="project coarse-PET exams")
+    parser.add_argument("--coarse", type=int, default=8, help="project coarse-PET exams")
     parser.add_argument("--scanner", type=int, default=4, help="exams at scanner sizes, per generator")
-    parser.add_argument("--groups", default=",".join(f"{g}:{k}" for g in GENERATORS for k in GOALS),
+    parser.add_argument("--groups", default=",".join(f"{g}:{k}" for k in GOALS for g in GENERATORS),
                         help="generator:grid[:seed] groups in the order to run them (default: every pair)")
     parser.add_argument("--workdir", type=Path, help="keep the generated cohorts here (reused when present)")
     parser.add_argument("--json", type=Path, help="also write the per-exam results as JSON")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="exams registered at once, in worker processes (each exam's times are its worker's)")
     parser.add_argument("--no-old", action="store_true", help="skip the previous recipe")
+    parser.add_argument("--from-json", type=Path, help="print the summary and tables of a run's --json file, register nothing")
     args = parser.parse_args()
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+        _summary(rows)
+        _table(rows)
+        return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_registration_"))
     work.mkdir(parents=True, exist_ok=True)
-    old = None if args.no_old else old_align_module()
     counts = {"coarse": args.coarse, "realistic": args.exams, "scanner": args.scanner}
     rows = []
-    for group in args.groups.split(","):
+    pool = None
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs)
+    for group in args.groups.split(","):  # one group at a time: its cohort is generated, then measured
         gen, grid, *own_seed = group.split(":")
         seed = int(own_seed[0]) if own_seed else args.seed + 10 * list(GOALS).index(grid) + GENERATORS.index(gen)
-        exams = (project_exams if gen == "project" else foreign_exams)(work, grid, counts[grid], seed)
-        for exam_id, folder, truth, residuals, desc in exams:
-            images = read_exam(discover_exam(folder, exam_id))
-            ct, pet, body = images.ct, images.pet_suv, body_image(images.body, images.ct)
-            row = {"generator": gen, "grid": grid, "seed": seed, "exam": exam_id, "layout": desc,
-                   "ct_spacing": [round(s, 3) for s in ct.GetSpacing()],
-                   "pet_spacing": [round(s, 3) for s in pet.GetSpacing()],
-                   "ct_size": list(ct.GetSize()), "lesions": len(truth["lesions"])}
-            for name, module in (("new", align), ("old", old)):
-                if module is None:
-                    continue
-                transform, cpu, wall = register(module, ct, pet, body)
-                err = residuals(transform)
-                norm = np.linalg.norm(err, axis=1)
-                row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
-                             "residual_mean_xyz_mm": err.mean(0).round(3).tolist(), "cpu_s": cpu, "wall_s": wall}
+        tasks = [(gen, grid, seed, exam_id, folder, truth, desc, not args.no_old)
+                 for exam_id, folder, truth, desc in (project_exams if gen == "project" else foreign_exams)(
+                     work, grid, counts[grid], seed)]
+        for row in (pool.map(measure, tasks) if pool else map(measure, tasks)):
             rows.append(row)
             _print_row(row)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if pool:
+        pool.shutdown()
     _summary(rows)
     _table(rows)
 
@@ -217,22 +256,38 @@ def _summary(rows: list[dict]) -> None:
             ratio = new_t / old_t
             print(f"time ({key}) per exam: new {new_t.mean():.2f} s, old {old_t.mean():.2f} s, ratio of totals "
                   f"{new_t.sum() / old_t.sum():.2f}x, per exam {ratio.min():.2f}-{ratio.max():.2f}x "
-                  f"(goal <= {TIME_RATIO_GOAL}x)")
+                  f"(goal <= {TIME_RATIO_GOAL}x; over it: {int(np.sum(ratio > TIME_RATIO_GOAL))} of {len(ratio)})")
+
+
+def _cell(r: dict | None) -> str:
+    """One exam's columns: exam, grids, TRE mean / worst, residual x, y, z, CPU s, ratio to the old recipe."""
+    if r is None:
+        return "| | | | | | |"
+    n, o = r["new"], r.get("old")
+    ct = "x".join(f"{s:g}" for s in r["ct_spacing"][1:])
+    pet = "x".join(f"{s:g}" for s in r["pet_spacing"][1:])
+    res = ", ".join(f"{v:+.2f}" for v in n["residual_mean_xyz_mm"])
+    old = f"{o['tre_mean_mm']:.2f} / {o['tre_max_mm']:.2f}" if o else "-"
+    ratio = f"{n['cpu_s'] / o['cpu_s']:.2f}" if o else "-"
+    return (f"| {r['exam']} ({ct}, PET {pet}) | {n['tre_mean_mm']:.2f} / {n['tre_max_mm']:.2f} | {res} | "
+            f"{n['cpu_s']:.1f} | {ratio} | {old} |")
 
 
 def _table(rows: list[dict]) -> None:
-    print("\n| generator | grid | seed | exam | CT mm | PET mm | TRE mean / worst (mm) | residual x, y, z (mm) "
-          "| CPU s | old TRE mean / worst | old residual z | old CPU s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        n, o = r["new"], r.get("old")
-        ct = "x".join(f"{s:g}" for s in r["ct_spacing"][1:])
-        pet = "x".join(f"{s:g}" for s in r["pet_spacing"][1:])
-        res = ", ".join(f"{v:+.2f}" for v in n["residual_mean_xyz_mm"])
-        old = (f"{o['tre_mean_mm']:.2f} / {o['tre_max_mm']:.2f} | {o['residual_mean_xyz_mm'][2]:+.2f} | {o['cpu_s']:.1f} | "
-               f"{n['cpu_s'] / o['cpu_s']:.2f}") if o else "- | - | - | -"
-        print(f"| {r['generator']} | {r['grid']} | {r['seed']} | {r['exam']} | {ct} | {pet} | "
-              f"{n['tre_mean_mm']:.2f} / {n['tre_max_mm']:.2f} | {res} | {n['cpu_s']:.1f} | {old} |")
+    """Per grid one markdown table, the two generators side by side (exam k of each on row k)."""
+    head = "exam (CT in-plane x slice, PET mm) | TRE mean / worst | residual x, y, z (LPS) | CPU s | new/old | old TRE"
+    for grid in GOALS:
+        sel = {g: [r for r in rows if r["grid"] == grid and r["generator"] == g] for g in GENERATORS}
+        if not any(sel.values()):
+            continue
+        seeds = ", ".join(f"{g} {sel[g][0]['seed']}" for g in GENERATORS if sel[g])
+        print(f"\n{grid} (seeds {seeds}; mm, CPU seconds of the registration)\n")
+        print("| # | " + " | ".join(f"{g}: {h}" if i == 0 else h for g in GENERATORS
+                                    for i, h in enumerate(head.split(" | "))) + " |")
+        print("|---" * (1 + 2 * len(head.split(" | "))) + "|")
+        for k in range(max(len(v) for v in sel.values())):
+            cells = "".join(_cell(sel[g][k] if k < len(sel[g]) else None)[:-1] for g in GENERATORS)
+            print(f"| {k + 1} {cells}|")
 
 
 if __name__ == "__main__":

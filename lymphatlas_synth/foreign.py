@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,20 @@ def generate(source: Path, truth: Path, *, seed: int, size: str, limit: int | No
     if script is None:
         raise FileNotFoundError(missing_reason())
     if not (truth.is_dir() and any(truth.glob("*.json"))):
-        cmd = [sys.executable, str(script), "--out", str(source), "--truth", str(truth), "--seed", str(seed),
+        # written beside, renamed once complete: an interrupted run leaves no truth folder behind
+        # that a later call would take for a whole cohort
+        part_source, part_truth = source.with_name(source.name + ".partial"), truth.with_name(truth.name + ".partial")
+        for folder in (part_source, part_truth, source):
+            shutil.rmtree(folder, ignore_errors=True)
+        cmd = [sys.executable, str(script), "--out", str(part_source), "--truth", str(part_truth), "--seed", str(seed),
                "--size", size]
         if limit is not None:
             cmd += ["--limit", str(limit)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{script.name} --seed {seed} --size {size} failed ({done.returncode}): {done.stderr[-2000:]}")
+        part_source.rename(source)
+        part_truth.rename(truth)
     truths = [json.loads(p.read_text()) for p in sorted(truth.glob("*.json"))]
     return [t for t in truths if t["expected_outcome"] == "ok"]
 

@@ -258,3 +258,28 @@ def test_rigid_registration_meets_tre_bounds_on_independent_scanner_sizes(tmp_pa
             f"seed {foreign_seed} exam {truth['exam_id']}: TRE per lesion {tre.round(3).tolist()} mm, "
             f"mean residual xyz {errors.mean(0).round(3).tolist()} mm")
 
+
+
+def test_an_interrupted_independent_cohort_is_generated_again(tmp_path, monkeypatch) -> None:
+    """A generator run that fails after writing part of its truth leaves no truth folder, so the next
+    call generates the cohort again instead of taking the part for the whole (seen: a benchmark
+    stopped mid-generation, then run again, found one exam of nine)."""
+    from lymphatlas_synth import foreign as foreign_phantoms
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / foreign_phantoms.SCRIPT).write_text(
+        "import argparse, json, os, pathlib, sys\n"
+        "ap = argparse.ArgumentParser(); [ap.add_argument(a) for a in ('--out', '--truth', '--seed', '--size', '--limit')]\n"
+        "a = ap.parse_args(); t = pathlib.Path(a.truth); t.mkdir(parents=True); pathlib.Path(a.out).mkdir(parents=True)\n"
+        "for i in range(3):\n"
+        "    (t / f'E{i}.json').write_text(json.dumps({'exam_id': f'E{i}', 'expected_outcome': 'ok'}))\n"
+        "    if i == 0 and os.environ.get('FAIL_AFTER_ONE'): sys.exit(3)\n")
+    monkeypatch.setenv(foreign_phantoms.ENV, str(fake))
+    monkeypatch.setenv("FAIL_AFTER_ONE", "1")
+    with pytest.raises(RuntimeError, match="--seed 5 --size small failed"):
+        foreign_phantoms.generate(tmp_path / "source", tmp_path / "truth", seed=5, size="small")
+    assert not (tmp_path / "truth").exists() and not (tmp_path / "source").exists()
+    monkeypatch.delenv("FAIL_AFTER_ONE")
+    truths = foreign_phantoms.generate(tmp_path / "source", tmp_path / "truth", seed=5, size="small")
+    assert [t["exam_id"] for t in truths] == ["E0", "E1", "E2"]
