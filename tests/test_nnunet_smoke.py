@@ -1,6 +1,6 @@
 """CPU smoke run of the baseline: materialize -> plan/preprocess -> train (tiny) -> predict -> report.
 
-The slow test runs ``tools/train_baseline.py`` as a user would (about 1-3 minutes on 2 cores) and
+The slow test runs ``tools/train_baseline.py`` as a user would (minutes on 2 cores) and
 checks its outputs against the fake cohort's truth and against nnU-Net's own logs and metrics.
 The fast tests cover the trainer lookup that makes prediction with a project trainer possible.
 """
