@@ -134,16 +134,9 @@ def _global_state_seeded(seed: int) -> Iterator[None]:
 
 def _through_torchio(transform: Callable[..., Any], item: Item) -> Item:
     """Apply a TorchIO transform to an item through a ``Subject`` and return an item on the subject's grid."""
-    from lymphatlas_ds.interop import to_torchio, to_zyx
-    from lymphatlas_ds.schema import CHANNELS
+    from lymphatlas_ds.interop import from_torchio, to_torchio
 
-    subject = transform(to_torchio(item))
-    image = torch.cat([subject[name.lower()].data for name in CHANNELS]).to(torch.float32)
-    affine = np.asarray(subject[CHANNELS[0].lower()].affine, dtype=np.float64)
-    out = {**item, **to_zyx({"image": image, "label": subject["label"].data})}
-    out["affine"] = torch.from_numpy(affine.copy())
-    out["spacing_zyx"] = torch.from_numpy(np.linalg.norm(affine[:3, :3], axis=0)[::-1].copy())
-    return out
+    return {**item, **from_torchio(transform(to_torchio(item)))}
 
 
 def _keep_label_dtype(before: Item, after: Any) -> Any:

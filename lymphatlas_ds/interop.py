@@ -33,8 +33,16 @@ workers (:mod:`lymphatlas_ds.augment`); called by hand, every worker starts from
 
 TorchIO (``pip install torchio``)::
 
-    subject = to_torchio(item)          # tio.Subject(ct=, pet=, label=, case_id=, meta=)
+    subject = to_torchio(item)          # tio.Subject(ct=, pet=, label=, case_id=, meta=, ...)
     subject = tio.Resample(4.0)(subject)
+
+Back to items: :func:`from_monai` and :func:`from_torchio` give a LymphAtlas item again
+(``[C, Z, Y, X]`` plain tensors, the affine and ``spacing_zyx`` of the transformed grid, the
+other keys as they were) with the label back in its integer dtype (uint8) when the library made
+it floats holding whole numbers (TorchIO's ``RandomAffine`` and MONAI's spatial transforms with
+nearest interpolation do): a batch mixing uint8 and float32 labels collates in the main process
+but fails in DataLoader workers (``default_collate`` stacks into a shared buffer of the first
+item's dtype).
 
 Example:
     >>> import torch
@@ -56,7 +64,7 @@ except ModuleNotFoundError as e:  # the client's torch extra is not installed: o
 
     raise missing(e.name or "torch", "lymphatlas_ds.interop") from e
 
-from lymphatlas_ds.schema import CHANNELS
+from lymphatlas_ds.schema import CHANNELS, ITEM_KEYS, LABEL_DTYPE
 
 Item = dict[str, Any]
 SPATIAL_KEYS = ("image", "label", "instances")
@@ -130,9 +138,87 @@ def to_monai(item: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS) -> Item:
     return out
 
 
+_GRID_KEYS = ("image", "label", "affine", "spacing_zyx")  # what the images carry in a Subject / MetaTensor
+
+
+def _integer_label(label: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``label`` in ``dtype`` again when a library made it floats holding whole numbers in its range."""
+    if not label.is_floating_point() or dtype.is_floating_point:
+        return label
+    info = torch.iinfo(dtype)
+    if label.numel() and not (torch.equal(label, label.round()) and info.min <= float(label.min())
+                              and float(label.max()) <= info.max):
+        return label  # interpolated (a soft label): left as floats on purpose
+    return label.to(dtype)
+
+
+def _grid_keys(affine: np.ndarray) -> Item:
+    affine = np.asarray(affine, dtype=np.float64)
+    return {"affine": torch.from_numpy(affine.copy()),
+            "spacing_zyx": torch.from_numpy(np.linalg.norm(affine[:3, :3], axis=0)[::-1].copy())}
+
+
+def from_monai(data: Item, *, keys: tuple[str, ...] = SPATIAL_KEYS,
+               label_dtype: torch.dtype = getattr(torch, LABEL_DTYPE)) -> Item:
+    """A LymphAtlas item from MONAI's ``[C, X, Y, Z]`` dictionary (the inverse of :func:`to_monai`).
+
+    ``keys`` become plain ``[C, Z, Y, X]`` tensors; ``affine`` and ``spacing_zyx`` are the image
+    MetaTensor's (the grid after MONAI's spatial transforms); ``label`` gets ``label_dtype`` back
+    when it holds whole numbers; a missing ``case_id`` is taken from ``filename_or_obj``; other keys
+    pass through.
+
+    Example:
+        >>> back = from_monai(to_monai(item))  # doctest: +SKIP
+        >>> back["label"].dtype  # doctest: +SKIP
+        torch.uint8
+    """
+    out = to_zyx(dict(data), keys=keys)
+    source = next((data[k] for k in keys if hasattr(data.get(k), "affine")), None)
+    if source is not None:
+        out.update(_grid_keys(torch.as_tensor(source.affine).numpy()))
+        if out.get("case_id") is None and getattr(source, "meta", {}).get("filename_or_obj"):
+            out["case_id"] = str(source.meta["filename_or_obj"])
+    if isinstance(out.get("label"), torch.Tensor):
+        out["label"] = _integer_label(out["label"], label_dtype)
+    return _in_item_order(out)
+
+
+def from_torchio(subject: Any, *, label_dtype: torch.dtype = getattr(torch, LABEL_DTYPE)) -> Item:
+    """A LymphAtlas item from a ``Subject`` made by :func:`to_torchio` (the inverse, after any TorchIO transform).
+
+    ``image`` is ``[2, Z, Y, X]`` float32 from the ``ct`` and ``pet`` images, ``label`` ``[1, Z, Y, X]``
+    in ``label_dtype`` when it holds whole numbers (TorchIO's ``RandomAffine`` returns float32),
+    ``affine`` / ``spacing_zyx`` those of the subject's grid; ``case_id``, ``meta`` and the item's
+    other keys come back from the subject.
+
+    Example:
+        >>> back = from_torchio(tio.RandomAffine()(to_torchio(item)))  # doctest: +SKIP
+        >>> back["label"].dtype, back["image"].shape[0]  # doctest: +SKIP
+        (torch.uint8, 2)
+    """
+    images = [subject[name.lower()] for name in CHANNELS]
+    label = subject["label"]
+    out = {k: v for k, v in dict(subject).items() if k not in (*(n.lower() for n in CHANNELS), "label", "instances")}
+    image = torch.cat([torch.as_tensor(im.data) for im in images]).to(torch.float32)
+    voxels = {"image": image, "label": _integer_label(torch.as_tensor(label.data), label_dtype)}
+    if "instances" in subject:  # the lesion instance map: ids stay integers after interpolation (nearest)
+        voxels["instances"] = _integer_label(torch.as_tensor(subject["instances"].data), torch.int32)
+    out.update(to_zyx(voxels))
+    out.update(_grid_keys(images[0].affine))
+    return _in_item_order(out)
+
+
+def _in_item_order(item: Item) -> Item:
+    """``item`` with the keys of ``schema.ITEM_KEYS`` first, in that order, then the others."""
+    return {**{k: item[k] for k in ITEM_KEYS if k in item}, **{k: v for k, v in item.items() if k not in ITEM_KEYS}}
+
+
 def to_torchio(item: Item) -> Any:
-    """A TorchIO ``Subject`` with ``ct`` and ``pet`` ``ScalarImage`` and a ``label`` ``LabelMap``, plus ``case_id`` and ``meta``
-    (and an ``instances`` ``LabelMap`` when the item has one).
+    """A TorchIO ``Subject`` with ``ct`` and ``pet`` ``ScalarImage`` and a ``label`` ``LabelMap``, plus the item's other keys
+(``instances`` as a second ``LabelMap`` when the item has one).
+
+    ``case_id``, ``meta``, ``patch_start`` and ``foreground_centred`` travel as the subject's
+    values, so :func:`from_torchio` gives the whole item back.
 
     Example:
         >>> subject = to_torchio(item)  # doctest: +SKIP
@@ -154,6 +240,7 @@ def to_torchio(item: Item) -> Any:
         case_id=item.get("case_id"),
         meta=item.get("meta", {}),
         **extra,
+        **{k: v for k, v in item.items() if k not in (*_GRID_KEYS, "case_id", "meta", "instances")},
     )
 
 

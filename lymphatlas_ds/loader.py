@@ -8,14 +8,17 @@ An item is a dict::
      "affine": float64 [4, 4]        RAS, maps (x, y, z, 1) voxel indices of *this* array to mm
                                      (NIfTI's order: index the array as [z, y, x]),
      "spacing_zyx": float64 [3]      mm, in the order of the array axes,
-     "meta": dict                    the release's metadata columns (ids, diagnosis, sex, age band, stats...)}
+     "meta": dict                    the release's metadata columns but the geometry ones (ids, diagnosis,
+                                     sex, age band, lesion statistics...),
+     "patch_start": int64 [3]        the array's first voxel in the case, z y x (zeros for a whole case),
+     "foreground_centred": bool      whether the patch sampler centred it on a lesion voxel (False for a whole case)}
 
 ``instances=True`` adds ``"instances"``: int32 [1, Z, Y, X], the lesion instance map of the label
 (:func:`lymphatlas_ds.lesions.label_instances`: 0 background, ``lesion_id`` of the release's
 ``lesions`` config elsewhere, 26-connected, id 1 the largest; in patch mode the case's ids, cropped).
 
-Patch mode (``patch_size=(z, y, x)``) adds ``"patch_start"`` (int64 [3], the patch's first voxel
-in the case, z y x) and ``"foreground_centred"`` (bool). Patches are drawn as nnU-Net draws
+Every item has these keys (``schema.ITEM_KEYS``), whole case or patch, from ``load_lymphatlas`` or
+from :func:`hf_torch` (docs/contracts.md, "Items"). Patches (``patch_size=(z, y, x)``) are drawn as nnU-Net draws
 them: a fraction ``foreground_ratio`` (default 0.33, nnU-Net's ``oversample_foreground_percent``)
 is centred on a random lesion voxel, the rest lie uniformly in the volume; a patch reaching past
 the volume (a volume smaller than the patch) is padded with air (-1024 HU), SUV 0 and background.
@@ -67,7 +70,7 @@ except ModuleNotFoundError as e:  # the client's torch extra is not installed: o
 from torch.utils.data import Dataset  # noqa: E402 - after the check above
 
 from lymphatlas_ds import codec
-from lymphatlas_ds.augment import apply_seeded, item_rng
+from lymphatlas_ds.augment import AUGMENT_STREAM, apply_seeded, item_rng
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError, SelectionError
 from lymphatlas_ds.reader import Release, _as_config, _as_split
@@ -75,6 +78,7 @@ from lymphatlas_ds.schema import (
     CHANNELS,
     CT_DTYPE,
     IMAGE_COLUMNS,
+    ITEM_KEYS,
     LABEL_DTYPE,
     METADATA_COLUMNS,
     N_FOLDS,
@@ -127,6 +131,31 @@ def _patch_size(value: Any) -> tuple[int, int, int]:
             f"got {value!r}"
         )
     return patch  # type: ignore[return-value]
+
+
+def _whole_case_keys() -> dict[str, Any]:
+    """``patch_start`` and ``foreground_centred`` of an item that is a whole case."""
+    return {"patch_start": torch.zeros(3, dtype=torch.int64), "foreground_centred": False}
+
+
+def _draw_start(
+    shape: Sequence[int], patch: Sequence[int], foreground_ratio: float, foreground_count: int,
+    foreground: Callable[[], np.ndarray], rng: np.random.Generator,
+) -> tuple[np.ndarray, bool]:
+    """The first voxel (z, y, x) of a random patch, and whether it is centred on a lesion voxel (nnU-Net's rule).
+
+    ``foreground()`` gives lesion voxel indices ``[n, 3]`` (called only when a centred patch is drawn).
+    """
+    shape_a, patch_a = np.asarray(shape), np.asarray(patch)
+    room = np.maximum(shape_a - patch_a, 0)
+    # Decide first, so the stream of draws does not depend on the case having foreground.
+    want_foreground = rng.random() < foreground_ratio
+    if want_foreground and foreground_count > 0:
+        locations = foreground()
+        centre = locations[rng.integers(len(locations))]
+        start = np.clip(centre - patch_a // 2, 0, room)
+        return start.astype(np.int64), True
+    return rng.integers(0, room + 1).astype(np.int64), False
 
 
 def _spacing_zyx(row: dict[str, Any], affine: np.ndarray) -> torch.Tensor:
@@ -293,6 +322,7 @@ class CaseDataset(_Base):
             "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
             "spacing_zyx": _spacing_zyx(row, affine),
             "meta": _meta(row),
+            **_whole_case_keys(),
         }
         if self.instances:
             item["instances"] = _instances(np.asarray(label))
@@ -350,17 +380,8 @@ class PatchDataset(_Base):
         return len(self.case_ids) * self.samples_per_case
 
     def _start(self, entry: CachedCase, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-        shape = np.asarray(entry.shape)
-        patch = np.asarray(self.patch_size)
-        room = np.maximum(shape - patch, 0)
-        # Decide first, so the stream of draws does not depend on the case having foreground.
-        want_foreground = rng.random() < self.foreground_ratio
-        if want_foreground and entry.foreground_count > 0:
-            locations = entry.foreground()
-            centre = locations[rng.integers(len(locations))]
-            start = np.clip(centre - patch // 2, 0, room)
-            return start.astype(np.int64), True
-        return rng.integers(0, room + 1).astype(np.int64), False
+        return _draw_start(entry.shape, self.patch_size, self.foreground_ratio, entry.foreground_count,
+                           entry.foreground, rng)
 
     def __getitem__(self, index: int) -> Item:
         if not 0 <= index < len(self):
@@ -529,50 +550,202 @@ def _volume(value: Any) -> tuple[np.ndarray, np.ndarray]:
     raise SchemaError(f"cannot read a volume from a {type(value).__name__}; expected a datasets Nifti value")
 
 
+def _hf_case_item(row: dict[str, Any]) -> Item:
+    """A whole-case item (``schema.ITEM_KEYS``) from one ``datasets`` row of a LymphAtlas release."""
+    ct, affine = _volume(row["ct"])
+    pet, _ = _volume(row["pet"])
+    label, _ = _volume(row["label"])
+    meta = _meta(row)
+    # columns a user added (``ds.map``) travel in meta too; the release's geometry columns are the tensors
+    meta.update({k: v for k, v in row.items()
+                 if k not in meta and k not in (*IMAGE_COLUMNS, *_GEOMETRY_COLUMNS)})
+    return {
+        "image": _image(np.asarray(ct), np.asarray(pet)),
+        "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)[None]),
+        "case_id": row.get("case_id"),
+        "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
+        "spacing_zyx": _spacing_zyx(row, affine),
+        "meta": meta,
+        **_whole_case_keys(),
+    }
+
+
+def _crop_item(case: Item, start: np.ndarray, patch: tuple[int, int, int], centred: bool) -> Item:
+    """The patch of a whole-case item at ``start`` (z, y, x), padded as :class:`PatchDataset` pads."""
+    shape = np.asarray(case["label"].shape[1:])
+    stop = np.minimum(start + np.asarray(patch), shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    inner = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))
+    image = torch.empty((len(CHANNELS), *patch), dtype=torch.float32)
+    image[_CT].fill_(PAD_VALUES["ct"])
+    image[_PET].fill_(PAD_VALUES["pet"])
+    image[(slice(None), *inner)] = case["image"][(slice(None), *box)]
+    label = torch.full((1, *patch), PAD_VALUES["label"], dtype=case["label"].dtype)
+    label[(slice(None), *inner)] = case["label"][(slice(None), *box)]
+    affine = case["affine"].numpy().copy()
+    # Shift the origin to the patch's first voxel: the affine indexes (x, y, z), start is (z, y, x).
+    affine[:3, 3] = affine[:3, :3] @ start[::-1].astype(np.float64) + affine[:3, 3]
+    return {**case, "image": image, "label": label, "affine": torch.from_numpy(affine),
+            "patch_start": torch.from_numpy(start.astype(np.int64)), "foreground_centred": bool(centred)}
+
+
+def _draw_patch(case: Item, patch: tuple[int, int, int], foreground_ratio: float, rng: np.random.Generator) -> Item:
+    """A random patch of a whole-case item, drawn by :class:`PatchDataset`'s rule from ``rng``."""
+    label = case["label"][0].numpy()
+    count = int(np.count_nonzero(label))
+    start, centred = _draw_start(label.shape, patch, foreground_ratio, count,
+                                 lambda: np.argwhere(label > 0).astype(np.int32), rng)
+    return _crop_item(case, start, patch, centred)
+
+
 def hf_torch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """A ``datasets`` ``with_transform`` function giving items shaped like ``load_lymphatlas``'s.
+    """A ``datasets`` ``with_transform`` function giving ``load_lymphatlas``'s whole-case items.
 
     ``datasets``' ``with_format("torch")`` fails on Nifti columns (``TypeError: object of type
-    'Nifti1ImageWrapper' has no len()``); this builds ``image`` [2, Z, Y, X] float32 (CT, PET),
-    ``label`` [1, Z, Y, X] uint8, ``affine`` and ``spacing_zyx`` tensors from the ``ct`` / ``pet`` /
-    ``label`` columns (decoded or, faster, ``Nifti(decode=False)`` raw cells: see
-    :func:`hf_torch`), and keeps the other columns as they are.
+    'Nifti1ImageWrapper' has no len()``); this builds the items of the module doc (``image``
+    [2, Z, Y, X] float32 (CT, PET), ``label`` [1, Z, Y, X] uint8, ``affine``, ``spacing_zyx``,
+    ``case_id``, the metadata columns under ``meta``, ``patch_start`` zeros, ``foreground_centred``
+    False) from the ``ct`` / ``pet`` / ``label`` columns (decoded or, faster, ``Nifti(decode=False)``
+    raw cells: see :func:`hf_torch`).
 
     Example:
         >>> ds = datasets.load_dataset("lymphatlas", "nhl", split="train")  # doctest: +SKIP
         >>> item = ds.with_transform(hf_torch_transform)[0]  # doctest: +SKIP
-        >>> item["image"].shape[0]  # doctest: +SKIP
-        2
+        >>> item["image"].shape[0], item["meta"]["diagnosis"]  # doctest: +SKIP
+        (2, 'NHL')
     """
     missing = [name for name in IMAGE_COLUMNS if name not in batch]
     if missing:
         raise SchemaError(f"the dataset lacks the Nifti columns {missing}; is it a LymphAtlas release?")
     n = len(batch[IMAGE_COLUMNS[0]])
-    out: dict[str, list[Any]] = {k: v for k, v in batch.items() if k not in (*IMAGE_COLUMNS, *_GEOMETRY_COLUMNS)}
-    out.update(image=[], label=[], affine=[], spacing_zyx=[])
-    for i in range(n):
-        ct, affine = _volume(batch["ct"][i])
-        pet, _ = _volume(batch["pet"][i])
-        label, _ = _volume(batch["label"][i])
-        out["image"].append(_image(np.asarray(ct), np.asarray(pet)))
-        out["label"].append(torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)[None]))
-        out["affine"].append(torch.from_numpy(np.array(affine, dtype=np.float64)))
-        row = {"spacing_xyz": batch["spacing_xyz"][i]} if "spacing_xyz" in batch else {}
-        out["spacing_zyx"].append(_spacing_zyx(row, affine))
-    return out
+    items = [_hf_case_item({k: v[i] for k, v in batch.items()}) for i in range(n)]
+    return {k: [item[k] for item in items] for k in ITEM_KEYS}
 
 
-def hf_torch(dataset: Any) -> Any:
-    """A ``datasets.Dataset`` of a LymphAtlas release made to return torch items (see :func:`hf_torch_transform`).
+class _HFBase:
+    """Options and the shared epoch of the ``hf_torch`` datasets that sample patches or augment."""
 
-    The Nifti columns are switched to raw cells (``Nifti(decode=False)``) first, so the project's
-    codec reads the voxels in place instead of nibabel parsing a file object per volume.
+    def __init__(self, dataset: Any, *, patch_size: Any, samples_per_case: int, foreground_ratio: float,
+                 seed: int, transform: Transform | None) -> None:
+        self.dataset = dataset
+        self.patch_size = None if patch_size is None else _patch_size(patch_size)
+        if samples_per_case < 1:
+            raise SchemaError(f"samples_per_case must be >= 1, got {samples_per_case}")
+        if self.patch_size is None and samples_per_case != 1:
+            raise SchemaError("samples_per_case needs patch_size (whole cases are one item per case)")
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise SchemaError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+        self.samples_per_case = int(samples_per_case)
+        self.foreground_ratio = float(foreground_ratio)
+        self.seed = int(seed)
+        self.transform = transform
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the patches and augmentations of epoch ``epoch``; call it before iterating."""
+        self._epoch.fill_(int(epoch))
+        if hasattr(self.dataset, "set_epoch"):  # a streamed dataset's shuffle buffer follows the epoch too
+            self.dataset.set_epoch(int(epoch))
+
+    def _make(self, case: Item, rng: np.random.Generator, augment_rng: np.random.Generator) -> Item:
+        item = case if self.patch_size is None else _draw_patch(case, self.patch_size, self.foreground_ratio, rng)
+        return item if self.transform is None else apply_seeded(self.transform, item, augment_rng)
+
+
+class HFCaseDataset(_HFBase, Dataset):
+    """A ``datasets.Dataset`` of a release as a torch ``Dataset`` of whole cases or patches (see :func:`hf_torch`).
+
+    Item ``i`` is patch ``i % samples_per_case`` of row ``i // samples_per_case``, drawn from
+    ``default_rng([seed, epoch, i])`` like :func:`load_lymphatlas`'s (the same patch for the same
+    case at the same index), its ``transform`` from ``[seed, epoch, i, 1]``. Each item decodes its
+    whole case (the HF route has no decoded cache): use ``samples_per_case`` > 1 with a
+    ``DataLoader`` ``batch_size`` that takes them together, or ``load_lymphatlas`` for speed.
+    """
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.samples_per_case
+
+    def __getitem__(self, index: int) -> Item:
+        if not 0 <= index < len(self):
+            raise IndexError(f"item index {index} out of range for {len(self)} items")
+        case = _hf_case_item(self.dataset[index // self.samples_per_case])
+        return self._make(case, np.random.default_rng([self.seed, self.epoch, index]),
+                          item_rng(seed=self.seed, epoch=self.epoch, index=index))
+
+
+def _case_key(case_id: str) -> int:
+    """A stable 64-bit number for a case id (the streamed route's stand-in for an item index)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(str(case_id).encode()).digest()[:8], "little")
+
+
+class HFStreamDataset(_HFBase, torch.utils.data.IterableDataset):
+    """A streamed (``streaming=True``) release as a torch ``IterableDataset`` of whole cases or patches.
+
+    A stream has no item index: patch ``k`` of a case is drawn from ``default_rng([seed, epoch,
+    key, k])`` and its ``transform`` from ``[seed, epoch, key, k, 1]``, ``key`` a hash of the case
+    id, so the items do not depend on the order or on the DataLoader worker (``datasets`` hands
+    each worker whole shards of the stream).
+    """
+
+    def __iter__(self) -> Any:
+        epoch = self.epoch
+        for row in self.dataset:
+            case = _hf_case_item(row)
+            key = _case_key(case["case_id"])
+            for k in range(self.samples_per_case):
+                yield self._make(case, np.random.default_rng([self.seed, epoch, key, k]),
+                                 np.random.default_rng([self.seed, epoch, key, k, AUGMENT_STREAM]))
+
+
+def hf_torch(
+    dataset: Any,
+    *,
+    patch_size: int | tuple[int, int, int] | None = None,
+    samples_per_case: int = 1,
+    foreground_ratio: float = DEFAULT_FOREGROUND_RATIO,
+    seed: int = 0,
+    transform: Transform | None = None,
+) -> Any:
+    """A ``datasets`` dataset of a LymphAtlas release made to return ``load_lymphatlas``'s torch items.
+
+    The items have the keys and dtypes of :func:`load_lymphatlas`'s (``schema.ITEM_KEYS``; the
+    metadata columns under ``meta``). The Nifti columns are switched to raw cells
+    (``Nifti(decode=False)``) first, so the project's codec reads the voxels in place instead of
+    nibabel parsing a file object per volume.
+
+    - a ``datasets.Dataset``, no option: the same ``datasets.Dataset`` with
+      :func:`hf_torch_transform` (indexing, ``filter``, ``select`` keep working);
+    - ``patch_size=`` (with ``samples_per_case``, ``foreground_ratio``, ``seed``) or ``transform=``:
+      an :class:`HFCaseDataset` (a torch ``Dataset`` with ``set_epoch``) whose patches and
+      augmentations are drawn as ``load_lymphatlas``'s, so batches of equal-sized patches collate;
+    - a ``datasets.IterableDataset`` (``streaming=True``): an :class:`HFStreamDataset` (a torch
+      ``IterableDataset``) of whole cases or patches.
 
     Example:
         >>> item = hf_torch(datasets.load_dataset("lymphatlas", "hl", split="test"))[0]  # doctest: +SKIP
+        >>> train = hf_torch(datasets.load_dataset("lymphatlas", "all", split="train"), patch_size=96,
+        ...                  samples_per_case=2, seed=0)  # doctest: +SKIP
+        >>> loader = torch.utils.data.DataLoader(train, batch_size=2, num_workers=1)  # doctest: +SKIP
     """
     import datasets
 
+    missing = [name for name in IMAGE_COLUMNS if name not in (dataset.column_names or IMAGE_COLUMNS)]
+    if missing:
+        raise SchemaError(f"the dataset lacks the Nifti columns {missing}; is it a LymphAtlas release?")
     for name in IMAGE_COLUMNS:
         dataset = dataset.cast_column(name, datasets.Nifti(decode=False))
-    return dataset.with_transform(hf_torch_transform)
+    options = {"patch_size": patch_size, "samples_per_case": samples_per_case, "foreground_ratio": foreground_ratio,
+               "seed": seed, "transform": transform}
+    if isinstance(dataset, datasets.IterableDataset):
+        return HFStreamDataset(dataset, **options)
+    if patch_size is None and transform is None:
+        if samples_per_case != 1:
+            raise SchemaError("samples_per_case needs patch_size (whole cases are one item per case)")
+        return dataset.with_transform(hf_torch_transform)
+    return HFCaseDataset(dataset, **options)

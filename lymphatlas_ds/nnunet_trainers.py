@@ -21,9 +21,12 @@ follows this package when it is upgraded; ``python -m lymphatlas_ds.nnunet_train
     nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer_LymphAtlasTiny -device cpu   # a CI smoke run
 
 ``nnUNetTrainer_LymphAtlasTiny`` exists for CPU smoke tests: nnU-Net's smallest stock trainer
-(``nnUNetTrainer_1epoch``) still runs 250 training + 50 validation iterations. The tiny one runs 2
-epochs of 3 + 1 iterations and predicts without test-time mirroring. It checks that the pipeline
-runs; it is not a model.
+(``nnUNetTrainer_1epoch``) still runs 250 training + 50 validation iterations on the planned patch
+(160x128x112 on the demo cohort), batch and network. The tiny one runs 2 epochs of 3 + 1 iterations
+with batch 1, a patch of at most 64 voxels per axis and the planned U-Net cut to its first 4 stages
+(:func:`tiny_configuration`; the cut plans go into the results folder's ``plans.json``, so
+``nnUNetv2_predict`` builds the same network), and predicts without test-time mirroring. It checks
+that the pipeline runs; it is not a model.
 
 Example:
     >>> from lymphatlas_ds.nnunet_trainers import installed_path  # doctest: +SKIP
@@ -40,11 +43,15 @@ import pkgutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from copy import deepcopy
+from math import prod
 from pathlib import Path
+from typing import Any
 
 try:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_500epochs
 except ModuleNotFoundError as e:  # nnU-Net (or torch) not installed: one line that says what to install
     if e.name and e.name.split(".")[0] not in ("torch", "nnunetv2"):
@@ -68,11 +75,64 @@ SHIM_TEXT = (
 )
 
 
+TINY_MAX_PATCH = 64
+"""Largest patch edge (voxels) of the tiny trainer."""
+TINY_STAGES = 4
+"""Resolution stages kept of the planned U-Net (encoder and decoder)."""
+TINY_BATCH = 1
+
+
+def tiny_configuration(configuration: dict[str, Any], *, max_patch: int = TINY_MAX_PATCH,
+                       stages: int = TINY_STAGES, batch_size: int = TINY_BATCH) -> dict[str, Any]:
+    """A planned nnU-Net configuration (inheritance resolved) made small: batch, patch and U-Net depth.
+
+    The network keeps its first ``stages`` stages (features, kernels, strides, convolutions per
+    stage); each patch edge is the planned one capped at ``max_patch`` and rounded down to a
+    multiple of the kept strides' product along that axis, as the U-Net needs.
+
+    Example:
+        >>> plans = {"patch_size": [160, 128, 112], "batch_size": 2, "architecture": {"arch_kwargs": {
+        ...     "n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
+        ...     "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5, "kernel_sizes": [[3, 3, 3]] * 6,
+        ...     "n_conv_per_stage": [2] * 6, "n_conv_per_stage_decoder": [2] * 5}}}
+        >>> tiny = tiny_configuration(plans)
+        >>> tiny["patch_size"], tiny["batch_size"], tiny["architecture"]["arch_kwargs"]["features_per_stage"]
+        ([64, 64, 64], 1, [32, 64, 128, 256])
+    """
+    out = deepcopy(configuration)
+    arch = out["architecture"]["arch_kwargs"]
+    keep = min(int(stages), int(arch["n_stages"]))
+    arch["n_stages"] = keep
+    for key in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
+        if isinstance(arch.get(key), (list, tuple)):
+            arch[key] = list(arch[key])[:keep]
+    if isinstance(arch.get("n_conv_per_stage_decoder"), (list, tuple)):
+        arch["n_conv_per_stage_decoder"] = list(arch["n_conv_per_stage_decoder"])[: keep - 1]
+    strides = [s if isinstance(s, (list, tuple)) else [s] * len(out["patch_size"]) for s in arch["strides"]]
+    patch = []
+    for axis, planned in enumerate(out["patch_size"]):
+        step = prod(int(s[axis]) for s in strides)
+        patch.append(max(step, min(int(planned), int(max_patch)) // step * step))
+    out["patch_size"] = patch
+    out["batch_size"] = int(batch_size)
+    return out
+
+
 class nnUNetTrainer_LymphAtlasTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
-    """A few iterations of the stock trainer: for CI on CPU, not for results."""
+    """A few iterations of a small copy of the planned model: for CI on CPU, not for results.
+
+    Batch 1, patch edges of at most 64 voxels, the U-Net's first 4 stages (:func:`tiny_configuration`),
+    2 epochs of 3 training + 1 validation iterations, no mirroring.
+    """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # nnU-Net reads patch, batch and network from the plans (and saves them as the results folder's
+        # plans.json, which nnUNetv2_predict builds the network from): make the configuration small there.
+        plans = deepcopy(plans)
+        resolved = PlansManager(plans)._internal_resolve_configuration_inheritance(configuration)
+        resolved.pop("inherits_from", None)
+        plans["configurations"][configuration] = tiny_configuration(resolved)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 2
         self.num_iterations_per_epoch = 3

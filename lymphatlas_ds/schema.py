@@ -142,6 +142,11 @@ CT_DTYPE = "int16"  # Hounsfield units
 PET_DTYPE = "float32"  # SUVbw
 LABEL_DTYPE = "uint8"  # {0, 1}
 
+ITEM_KEYS: tuple[str, ...] = (
+    "image", "label", "case_id", "affine", "spacing_zyx", "meta", "patch_start", "foreground_centred",
+)
+"""Keys of every torch item (``load_lymphatlas`` and ``hf_torch``, whole cases and patches; docs/contracts.md "Items")."""
+
 AGE_BAND_YEARS = 5
 """Ages are published in bands of this many years (de-identification)."""
 

@@ -201,7 +201,7 @@ def test_datasets_load_dataset_with_the_torch_transform(built, raw):
         np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
         np.testing.assert_allclose(item["affine"].numpy(), want.affine, atol=1e-5)
         np.testing.assert_allclose(item["spacing_zyx"].numpy(), SPACING[::-1])
-        assert item["subject_id"] == want.subject_id
+        assert item["meta"]["subject_id"] == want.subject_id and "subject_id" not in item
     batch = DataLoader(ds, batch_size=2)
     assert next(iter(batch))["image"].shape[:2] == (2, 2)
 

@@ -1,6 +1,6 @@
 """CPU smoke run of the baseline: materialize -> plan/preprocess -> train (tiny) -> predict -> report.
 
-The slow test runs ``tools/train_baseline.py`` as a user would (about 1-3 minutes on 2 cores) and
+The slow test runs ``tools/train_baseline.py`` as a user would (minutes on 2 cores) and
 checks its outputs against the fake cohort's truth and against nnU-Net's own logs and metrics.
 The fast tests cover the trainer lookup that makes prediction with a project trainer possible.
 """
@@ -88,6 +88,75 @@ def test_the_installed_module_stays_out_of_the_way_without_the_package():
     code = f"import sys; sys.modules['lymphatlas_ds'] = None\nexec({SHIM_TEXT!r})\nprint('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def _demo_plans() -> dict:
+    """The 3d_fullres plans nnU-Net 2.8 made for the demo cohort (scripts/demo.sh: 7 training cases of
+    ~171x128x128 voxels at 6 x 3.9 x 3.9 mm): patch 160x128x112, batch 2, a 6-stage PlainConvUNet."""
+    conv = "torch.nn.modules.conv.Conv3d"
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320], "conv_op": conv,
+                            "kernel_sizes": [[3, 3, 3]] * 6,
+                            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1]],
+                            "n_conv_per_stage": [2] * 6, "n_conv_per_stage_decoder": [2] * 5, "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": [160, 128, 112], "median_image_size_in_voxels": [171.0, 128.0, 128.0],
+              "spacing": [6.0, 3.90625, 3.90625], "normalization_schemes": ["CTNormalization", "ZScoreNormalization"],
+              "use_mask_for_norm": [False, False], "architecture": arch, "batch_dice": False}
+    return {"dataset_name": "Dataset501_LymphAtlas", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [6.0, 3.90625, 3.90625],
+            "original_median_shape_after_transp": [171, 128, 128], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "configurations": {"3d_fullres": config}, "experiment_planner_used": "ExperimentPlanner",
+            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
+
+
+def test_the_tiny_trainer_is_small_where_nnunet_reads_its_model(tmp_path, monkeypatch):
+    """Batch 1, a 64^3 patch and 4 of the 6 planned stages, in the trainer and in the plans it saves for
+    nnUNetv2_predict; nnU-Net's own network builder makes a net that takes the patch."""
+    import torch
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = _demo_plans()
+    dataset_json = {"channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "lesion": 1},
+                    "numTraining": 7, "file_ending": ".nii.gz"}
+    trainer = nnUNetTrainer_LymphAtlasTiny({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json,
+                                           device=torch.device("cpu"))
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [160, 128, 112]  # the caller's plans untouched
+    saved = PlansManager(trainer.plans_manager.plans).get_configuration("3d_fullres")  # what plans.json gets
+    for config in (trainer.configuration_manager, saved):
+        assert config.patch_size == [64, 64, 64] and config.batch_size == 1
+        assert config.network_arch_init_kwargs["n_stages"] == 4
+        assert config.network_arch_init_kwargs["features_per_stage"] == [32, 64, 128, 256]
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (2, 3, 1)
+    net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 2, 2,
+                                             enable_deep_supervision=True)
+    full = trainer.build_network_architecture(PlansManager(plans), PlansManager(plans).get_configuration("3d_fullres"),
+                                              2, 2, enable_deep_supervision=True)
+    with torch.no_grad():
+        outputs = net(torch.zeros(1, 2, 64, 64, 64))
+    assert [tuple(o.shape) for o in outputs] == [(1, 2, 64, 64, 64), (1, 2, 32, 32, 32), (1, 2, 16, 16, 16)]
+    n_tiny, n_full = (sum(p.numel() for p in m.parameters()) for m in (net, full))
+    assert n_tiny < 0.2 * n_full
+
+
+def test_tiny_patch_edges_are_multiples_of_the_kept_strides():
+    from lymphatlas_ds.nnunet_trainers import tiny_configuration
+
+    config = _demo_plans()["configurations"]["3d_fullres"]
+    config["patch_size"] = [40, 128, 20]  # below the cap on two axes: rounded down to a multiple of 2^3 = 8
+    config["architecture"]["arch_kwargs"]["strides"][1] = [2, 1, 2]  # the first axis is halved only twice
+    tiny = tiny_configuration(config)
+    assert tiny["patch_size"] == [40, 64, 16]
+    three = tiny_configuration(_demo_plans()["configurations"]["3d_fullres"], stages=3)
+    assert three["architecture"]["arch_kwargs"]["n_conv_per_stage_decoder"] == [2, 2]
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ columns (upstream). `hf_torch` gives torch items from a `datasets.Dataset` inste
 
 ```python
 from lymphatlas_ds import hf_torch
-item = hf_torch(ds)[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(", ") }}), "label": uint8 [1, Z, Y, X], "affine", ...}
+item = hf_torch(ds)[0]   # {"image": float32 [2, Z, Y, X] ({{ channels | join(", ") }}), "label": uint8 [1, Z, Y, X], "affine", "meta", ...}
 ```
 
 Reading with `datasets` needs only `pip install datasets nibabel`. The `lymphatlas_ds` client (torch
