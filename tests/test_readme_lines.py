@@ -30,6 +30,8 @@ EXCLUDED = {
     "bash scripts/mutation.sh": "mutation testing, 30-40 minutes, not in CI",
     "dask scheduler --port 8786": "a cluster across nodes; tests/test_cluster.py starts a real scheduler and two workers",
     "@article": "a citation, not a command",
+    "lymphatlas evaluate pred": "needs a model's predictions for every case of the fold; tests/test_evaluate.py runs this "
+                                "command in a subprocess from another folder on predictions written for a release",
 }
 USER_BASH = "lymphatlas info"
 BUILDER_BASH = "python -m builder synth"
