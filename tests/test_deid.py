@@ -29,6 +29,25 @@ def test_ids_are_stable_keyed_and_not_plain_hashes(tmp_path) -> None:
     assert s.startswith("LP-") and s == deid.make_subject_id(key, "PAT-0001")
 
 
+def test_ids_are_the_documented_hmac_of_a_domain_and_the_identifier() -> None:
+    # docs/contracts.md: "LA-" + hex(HMAC-SHA256(key, "case\\0" + StudyInstanceUID))[:8], "LP-" + ... "subject\\0"
+    # + patient id; phi_digest's "hash " + ... "phi\\0" + the stripped value. Recomputed with the standard library
+    # (equal to `printf 'case\\0UID' | openssl dgst -sha256 -mac HMAC -macopt hexkey:...`).
+    import hmac
+
+    key = bytes(range(32))
+
+    def mac(message: bytes) -> str:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()[:8]
+
+    uid, patient = "1.2.840.113619.2.55.3.604688119", "PAT-0001 Ünïcode"
+    assert deid.make_case_id(key, uid) == "LA-" + mac(b"case\x00" + uid.encode())
+    assert deid.make_subject_id(key, patient) == "LP-" + mac(b"subject\x00" + patient.encode("utf-8"))
+    assert deid.phi_digest(key, "  PAT-0001 ") == "hash " + mac(b"phi\x00PAT-0001")
+    # the domains keep a case id and a subject id of the same text apart
+    assert deid.make_case_id(key, "X1")[3:] != deid.make_subject_id(key, "X1")[3:]
+
+
 @pytest.mark.parametrize("age,band", [(0, "0-4"), (4, "0-4"), (45, "45-49"), (49, "45-49"), (89, "85-89"),
                                       (90, "90+"), (104, "90+")])
 def test_age_bands(age, band) -> None:
