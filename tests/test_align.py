@@ -356,3 +356,69 @@ def test_bounded_cubic_does_not_depend_on_the_thread_count() -> None:
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _small_pet_crossing_the_ct() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """A 4 mm PET (a hot block on a noisy background, one voxel below 0) and a rotated 1.5-2 mm CT grid
+    that crosses its field of view's edges."""
+    rng = np.random.default_rng(1)
+    arr = rng.gamma(2.0, 0.2, (12, 14, 16)).astype(np.float32)
+    arr[4:8, 5:9, 6:10] += 10.0  # sharp edges: the cubic rings below 0 around them
+    arr[2, 3, 3] = -0.5
+    pet = sitk.GetImageFromArray(arr)
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    pet.SetOrigin((-30.0, -34.0, -26.0))
+    ct = sitk.Image((40, 44, 30), sitk.sitkInt16)
+    ct.SetSpacing((1.5, 1.5, 2.0))
+    ct.SetOrigin((-40.0, -44.0, -36.0))
+    return pet, ct, arr
+
+
+def test_unbounded_cubic_and_linear_paths_equal_scipys_splines_clamped_at_0_and_0_outside_the_fov() -> None:
+    from scipy import ndimage
+
+    pet, ct, arr = _small_pet_crossing_the_ct()
+    c = _continuous_index(pet, ct, ROTATION)
+    size = np.asarray(pet.GetSize(), float)
+    inside = np.all((c >= -0.5) & (c < size - 0.5), axis=-1)
+    assert 0.3 < inside.mean() < 0.9
+    cubic = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, ROTATION, interpolation=Interpolation.CUBIC))
+    linear = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, ROTATION, interpolation=Interpolation.LINEAR))
+    assert cubic.dtype == linear.dtype == np.float32
+    assert np.all(cubic[~inside] == 0.0) and np.all(linear[~inside] == 0.0)
+    # CUBIC: the cubic B-spline of the PET (scipy, mirror boundary as ITK's), negatives set to 0; compared
+    # three voxels away from the edges, where the boundary condition no longer matters
+    peer = ndimage.map_coordinates(arr.astype(np.float64), [c[..., 2 - a] for a in range(3)], order=3, mode="mirror")
+    interior = np.all((c >= 3) & (c <= size - 4), axis=-1)
+    assert (peer[interior] < 0).sum() > 100 and ((peer[interior] > 0) & (peer[interior] < 1)).sum() > 100
+    np.testing.assert_allclose(cubic[interior], np.maximum(peer[interior], 0.0), atol=1e-5)
+    # LINEAR: trilinear of the PET clamped at 0 (edge values up to the field of view's edge)
+    clamped = sitk.Clamp(pet, lowerBound=0.0)
+    np.testing.assert_allclose(linear[inside], _trilinear(clamped, ct, ROTATION)[inside], atol=1e-5)
+    assert linear.min() == 0.0 and np.abs(linear[inside] - _trilinear(pet, ct, ROTATION)[inside]).max() > 0.05
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["aligned", "flipped-xy"])
+def test_bounded_cubic_field_of_view_edges_fall_exactly_on_ct_points(flip: bool) -> None:
+    # CT points at PET continuous index -1, -0.5, 0, ..., n - 0.5, n on every axis (axis-aligned rows, and with
+    # the PET's x and y flipped, rows that run backwards through it): [-0.5, n - 0.5) is inside, as pet_fov_mask
+    n = np.array([5, 6, 7])  # PET x, y, z voxels of 4 mm
+    arr = np.random.default_rng(2).uniform(1.0, 3.0, n[::-1]).astype(np.float32)
+    pet = sitk.GetImageFromArray(arr)
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    sign = np.array([-1.0, -1.0, 1.0]) if flip else np.ones(3)
+    pet.SetDirection(tuple(np.diag(sign).ravel()))
+    pet.SetOrigin(tuple(np.where(sign < 0, 4.0 * (n - 1), 0.0)))  # the same extent either way
+    ct = sitk.Image(tuple(int(v) for v in 2 * n + 5), sitk.sitkInt16)  # 2 mm, from index -1 to n + 1.5
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((-4.0, -4.0, -4.0))
+    # the PET continuous index of every CT point, by hand: (p - origin) / 4 along each (flipped) axis
+    axes = [(-4.0 + 2.0 * np.arange(int(2 * v + 5)) - (4.0 * (v - 1) if s < 0 else 0.0)) * s / 4.0
+            for v, s in zip(n, sign)]
+    inside_axis = [(a >= -0.5) & (a < v - 0.5) for a, v in zip(axes, n)]
+    want = inside_axis[2][:, None, None] & inside_axis[1][None, :, None] & inside_axis[0][None, None, :]
+    assert all(((a == -0.5).any() and (a == v - 0.5).any()) for a, v in zip(axes, n))  # points on both edges
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(align.pet_fov_mask(pet, ct)) > 0, want)
+    for method in Interpolation:
+        out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, interpolation=method))
+        np.testing.assert_array_equal(out > 0, want, err_msg=method.value)
