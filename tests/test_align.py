@@ -108,6 +108,22 @@ def ct() -> sitk.Image:
     return make_ct()
 
 
+@pytest.fixture(scope="module")
+def registered(ct):
+    """(PET, align_pet's result) of the phantom misaligned by ``rot`` degrees and ``trans`` mm, rigid only:
+    registered once per module, shared by the recovery and determinism tests."""
+    done: dict = {}
+
+    def get(rot, trans):
+        if (rot, trans) not in done:
+            pet = make_pet(align.transform_matrix(euler(rot, trans)))
+            done[rot, trans] = pet, align.align_pet(ct, pet, settings=AlignSettings(deformable=Deformable.OFF),
+                                                    body=body_image(ct))
+        return done[rot, trans]
+
+    return get
+
+
 def _node_errors(found: sitk.Transform, truth: np.ndarray) -> np.ndarray:
     errs = []
     for c, _ in NODES:
@@ -129,11 +145,9 @@ def test_transform_matrix_matches_simpleitk() -> None:
     [((0.0, 0.0, 1.0), (6.0, 4.0, -3.0)), ((2.0, -1.5, 2.0), (-8.0, 5.0, 6.0))],
     ids=["6-4-3mm-1deg", "8mm-2deg"],
 )
-def test_rigid_registration_recovers_known_misalignment(ct, rot, trans) -> None:
-    truth = euler(rot, trans)
-    m = align.transform_matrix(truth)
-    pet = make_pet(m)
-    res = align.align_pet(ct, pet, settings=AlignSettings(deformable=Deformable.OFF), body=body_image(ct))
+def test_rigid_registration_recovers_known_misalignment(ct, registered, rot, trans) -> None:
+    m = align.transform_matrix(euler(rot, trans))
+    _, res = registered(rot, trans)
     errors = _node_errors(res.transform, m)
     assert errors.mean() < 1.5, errors
     assert res.record["method"] == Method.RIGID.value
@@ -170,18 +184,21 @@ def test_registration_that_worsens_the_metric_keeps_scanner_alignment(ct, monkey
     assert res.record["shift_mm"] == 0.0
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_registration_is_deterministic(ct, threads) -> None:
-    pet = make_pet(align.transform_matrix(euler((0, 0, 1.0), (5.0, -3.0, 2.0))))
+def test_registration_is_deterministic(ct, registered) -> None:
+    # the recovery test's registration is the reference: the same record at 1, 2 and 3 threads, and twice
+    # at 3 (thread timing); 4 registrations besides the shared one (12 when each thread count made its own)
+    pet, reference = registered((0.0, 0.0, 1.0), (6.0, 4.0, -3.0))
     s = AlignSettings(deformable=Deformable.OFF)
-    reference = align.align_pet(ct, pet, settings=s, body=body_image(ct)).record
     old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    runs = {}
     try:  # the result must not depend on the machine's core count or on thread timing
-        runs = [align.align_pet(ct, pet, settings=s, body=body_image(ct)).record for _ in range(3)]
+        for key, threads in (("1", 1), ("2", 2), ("3", 3), ("3 again", 3)):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            runs[key] = align.align_pet(ct, pet, settings=s, body=body_image(ct)).record
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
-    assert all(r == reference for r in runs)
+    assert reference.record["method"] == Method.RIGID.value
+    assert {k: r == reference.record for k, r in runs.items()} == {k: True for k in runs}
 
 
 def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
@@ -356,3 +373,69 @@ def test_bounded_cubic_does_not_depend_on_the_thread_count() -> None:
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _small_pet_crossing_the_ct() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """A 4 mm PET (a hot block on a noisy background, one voxel below 0) and a rotated 1.5-2 mm CT grid
+    that crosses its field of view's edges."""
+    rng = np.random.default_rng(1)
+    arr = rng.gamma(2.0, 0.2, (12, 14, 16)).astype(np.float32)
+    arr[4:8, 5:9, 6:10] += 10.0  # sharp edges: the cubic rings below 0 around them
+    arr[2, 3, 3] = -0.5
+    pet = sitk.GetImageFromArray(arr)
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    pet.SetOrigin((-30.0, -34.0, -26.0))
+    ct = sitk.Image((40, 44, 30), sitk.sitkInt16)
+    ct.SetSpacing((1.5, 1.5, 2.0))
+    ct.SetOrigin((-40.0, -44.0, -36.0))
+    return pet, ct, arr
+
+
+def test_unbounded_cubic_and_linear_paths_equal_scipys_splines_clamped_at_0_and_0_outside_the_fov() -> None:
+    from scipy import ndimage
+
+    pet, ct, arr = _small_pet_crossing_the_ct()
+    c = _continuous_index(pet, ct, ROTATION)
+    size = np.asarray(pet.GetSize(), float)
+    inside = np.all((c >= -0.5) & (c < size - 0.5), axis=-1)
+    assert 0.3 < inside.mean() < 0.9
+    cubic = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, ROTATION, interpolation=Interpolation.CUBIC))
+    linear = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, ROTATION, interpolation=Interpolation.LINEAR))
+    assert cubic.dtype == linear.dtype == np.float32
+    assert np.all(cubic[~inside] == 0.0) and np.all(linear[~inside] == 0.0)
+    # CUBIC: the cubic B-spline of the PET (scipy, mirror boundary as ITK's), negatives set to 0; compared
+    # three voxels away from the edges, where the boundary condition no longer matters
+    peer = ndimage.map_coordinates(arr.astype(np.float64), [c[..., 2 - a] for a in range(3)], order=3, mode="mirror")
+    interior = np.all((c >= 3) & (c <= size - 4), axis=-1)
+    assert (peer[interior] < 0).sum() > 100 and ((peer[interior] > 0) & (peer[interior] < 1)).sum() > 100
+    np.testing.assert_allclose(cubic[interior], np.maximum(peer[interior], 0.0), atol=1e-5)
+    # LINEAR: trilinear of the PET clamped at 0 (edge values up to the field of view's edge)
+    clamped = sitk.Clamp(pet, lowerBound=0.0)
+    np.testing.assert_allclose(linear[inside], _trilinear(clamped, ct, ROTATION)[inside], atol=1e-5)
+    assert linear.min() == 0.0 and np.abs(linear[inside] - _trilinear(pet, ct, ROTATION)[inside]).max() > 0.05
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["aligned", "flipped-xy"])
+def test_bounded_cubic_field_of_view_edges_fall_exactly_on_ct_points(flip: bool) -> None:
+    # CT points at PET continuous index -1, -0.5, 0, ..., n - 0.5, n on every axis (axis-aligned rows, and with
+    # the PET's x and y flipped, rows that run backwards through it): [-0.5, n - 0.5) is inside, as pet_fov_mask
+    n = np.array([5, 6, 7])  # PET x, y, z voxels of 4 mm
+    arr = np.random.default_rng(2).uniform(1.0, 3.0, n[::-1]).astype(np.float32)
+    pet = sitk.GetImageFromArray(arr)
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    sign = np.array([-1.0, -1.0, 1.0]) if flip else np.ones(3)
+    pet.SetDirection(tuple(np.diag(sign).ravel()))
+    pet.SetOrigin(tuple(np.where(sign < 0, 4.0 * (n - 1), 0.0)))  # the same extent either way
+    ct = sitk.Image(tuple(int(v) for v in 2 * n + 5), sitk.sitkInt16)  # 2 mm, from index -1 to n + 1.5
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((-4.0, -4.0, -4.0))
+    # the PET continuous index of every CT point, by hand: (p - origin) / 4 along each (flipped) axis
+    axes = [(-4.0 + 2.0 * np.arange(int(2 * v + 5)) - (4.0 * (v - 1) if s < 0 else 0.0)) * s / 4.0
+            for v, s in zip(n, sign)]
+    inside_axis = [(a >= -0.5) & (a < v - 0.5) for a, v in zip(axes, n)]
+    want = inside_axis[2][:, None, None] & inside_axis[1][None, :, None] & inside_axis[0][None, None, :]
+    assert all(((a == -0.5).any() and (a == v - 0.5).any()) for a, v in zip(axes, n))  # points on both edges
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(align.pet_fov_mask(pet, ct)) > 0, want)
+    for method in Interpolation:
+        out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, interpolation=method))
+        np.testing.assert_array_equal(out > 0, want, err_msg=method.value)

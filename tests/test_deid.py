@@ -29,6 +29,25 @@ def test_ids_are_stable_keyed_and_not_plain_hashes(tmp_path) -> None:
     assert s.startswith("LP-") and s == deid.make_subject_id(key, "PAT-0001")
 
 
+def test_ids_are_the_documented_hmac_of_a_domain_and_the_identifier() -> None:
+    # docs/contracts.md: "LA-" + hex(HMAC-SHA256(key, "case\\0" + StudyInstanceUID))[:8], "LP-" + ... "subject\\0"
+    # + patient id; phi_digest's "hash " + ... "phi\\0" + the stripped value. Recomputed with the standard library
+    # (equal to `printf 'case\\0UID' | openssl dgst -sha256 -mac HMAC -macopt hexkey:...`).
+    import hmac
+
+    key = bytes(range(32))
+
+    def mac(message: bytes) -> str:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()[:8]
+
+    uid, patient = "1.2.840.113619.2.55.3.604688119", "PAT-0001 Ünïcode"
+    assert deid.make_case_id(key, uid) == "LA-" + mac(b"case\x00" + uid.encode())
+    assert deid.make_subject_id(key, patient) == "LP-" + mac(b"subject\x00" + patient.encode("utf-8"))
+    assert deid.phi_digest(key, "  PAT-0001 ") == "hash " + mac(b"phi\x00PAT-0001")
+    # the domains keep a case id and a subject id of the same text apart
+    assert deid.make_case_id(key, "X1")[3:] != deid.make_subject_id(key, "X1")[3:]
+
+
 @pytest.mark.parametrize("age,band", [(0, "0-4"), (4, "0-4"), (45, "45-49"), (49, "45-49"), (89, "85-89"),
                                       (90, "90+"), (104, "90+")])
 def test_age_bands(age, band) -> None:
@@ -276,3 +295,60 @@ def test_find_identifiers_reads_csv_text_markdown_and_plain_nifti(tmp_path, name
     (folder / "other.bin").write_bytes(b"A20240305123")  # not a format the release publishes: not read
     assert deid.find_identifiers(folder, [("AccessionNumber", "A20240305123")]) == [
         f"{name} contains the AccessionNumber value 'a20240305123'"]
+
+
+def test_json_texts_searches_every_value_but_the_documented_codes() -> None:
+    # the rule of CODED_VALUES and the vocabularies, case by case: what is searched and what is a code
+    doc = {
+        "case_id": "LA-1", "Doe^Jane": 1.5, "count": 123456, "flag": True, "ratio": 0.5,
+        "clinical": {"subtype": "DLBCL", "diagnosis": "NHL", "sex": "F", "age_band": "45-49", "note": "Jane"},
+        "pet": {"units": "BQML", "corrected_image": ["NORM", "ATTN"], "suv": {"units": "SUVbw"}},
+        "ct": {"modality": "CT", "model": "Biograph", "extra": {"units": "Janeunit"}},
+        "lesions": {"grids": {"tlg": "ct"}, "tag": "lesionname"},
+        "qc": {"checks": [{"name": "suv_max", "value": 3, "threshold": 2, "detail": "Dr Who"}]},
+        "units": "topunits",
+    }
+    want = ["Doe^Jane", "123456", "Jane", "Biograph", "Janeunit", "lesionname", "Dr Who", "topunits"]
+    assert sorted(deid.json_texts(doc)) == sorted(want)
+    # a value of a vocabulary is a code only when it is one of the vocabulary's codes
+    assert deid.json_texts({"clinical": {"subtype": "Jane Doe", "sex": "Jane", "diagnosis": "Doe"}}) == [
+        "Jane Doe", "Jane", "Doe"]
+
+
+def test_the_leak_check_reads_past_skipped_values_and_files_and_nifti_extensions(tmp_path) -> None:
+    import json as json_mod
+
+    import nibabel as nib
+
+    folder = tmp_path / "LA-3"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"PAT0042")  # sorted first, not a published format: skipped, not a stop
+    (folder / "case.json").write_text(json_mod.dumps({"pet": {"corrected_image": ["NORM"]}, "ct": {"model": "Biograph Vision 600"}}))
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header["descrip"] = b"A20240305123"  # in the header proper
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"patient DOE^JANE PAT0042"))  # after it
+    nib.save(img, folder / "pet.nii.gz")
+    ids = [("OtherPatientIDs", ""), ("StationName", "Biograph"), ("PatientName", "Norm"), ("PatientID", "PAT0042"),
+           ("AccessionNumber", "A20240305123")]
+    hits = deid.find_identifiers(folder, ids, equipment=["Biograph Vision 600"])
+    # an empty value and an equipment string are skipped, the next identifiers still searched; NORM is a code
+    assert hits == ["pet.nii.gz contains the PatientID value 'pat0042'",
+                    "pet.nii.gz contains the AccessionNumber value 'a20240305123'"]
+    assert deid.find_identifiers(folder, ids, equipment=["Biograph Vision 600"], show_values=False) == [
+        "pet.nii.gz contains the exam's PatientID", "pet.nii.gz contains the exam's AccessionNumber"]
+
+
+def test_a_key_file_needs_16_bytes_and_a_new_key_has_32(tmp_path) -> None:
+    key = deid.load_or_create_key(tmp_path / "new")
+    assert len(key) == 32 and (tmp_path / "new" / deid.KEY_FILE).read_text().strip() == key.hex()
+    for n, ok in ((16, True), (15, False)):
+        private = tmp_path / f"k{n}"
+        private.mkdir()
+        (private / deid.KEY_FILE).write_text("ab" * n + "\n")
+        if ok:
+            assert deid.load_or_create_key(private) == b"\xab" * n
+        else:
+            from builder.errors import KeyFileError
+
+            with pytest.raises(KeyFileError, match="at least 16 bytes"):
+                deid.load_or_create_key(private)

@@ -180,6 +180,52 @@ def test_an_interrupted_case_of_a_withdrawn_exam_is_never_released(base, tmp_pat
     assert released == {c for e, c in base["cases"].items() if e != withdrawn}, (released, by_case)
 
 
+def test_a_convert_killed_with_sigkill_mid_way_loses_no_case_and_shows_no_half_case(base, tmp_path) -> None:
+    """kill -9 of the whole run (parent and workers, as a power cut or the OOM killer of a cgroup would)
+    while it replaces every case of a converted WORK: one exam is held in its worker, so the kill lands with
+    cases already replaced and one still in flight. Every case is still there, whole (its voxels match its
+    hash), each id_map row has its case, no visible case lacks a row, and the rerun completes. The default
+    suite's version of tests/test_faults.py's random kills (those run with --runslow)."""
+    import os
+
+    work = _copy_work(base, tmp_path / "work")
+    exams = sorted(base["cases"])
+    # every exam's source changed (mask re-encoded, age + 1): each case is converted and swapped in again
+    source = _source_view(base["source"], tmp_path / "source", age_of=tuple(exams))
+    inode = {e: (work / "cases" / c).stat().st_ino for e, c in base["cases"].items()}
+    held = exams[0]
+    proc = _start("convert", str(source), str(work), "--workers", "2", *CONVERT, cwd=tmp_path,
+                  env={pipeline.FAULT_ENV: f"delay:{held}:120"})
+    deadline = time.monotonic() + 240
+
+    def replaced() -> set[str]:
+        out = set()
+        for e, c in base["cases"].items():
+            try:
+                if (work / "cases" / c).stat().st_ino != inode[e]:
+                    out.add(e)
+            except FileNotFoundError:
+                pass
+        return out
+
+    while replaced() != set(exams[1:]):
+        assert time.monotonic() < deadline and proc.poll() is None, (replaced(), proc.stderr.read())
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the session: parent and workers at once, no handler runs
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    _assert_no_orphans(proc.pid, timeout=5)
+    _assert_cases_whole(work, base["cases"])  # the replaced ones and the one in flight
+    _assert_no_orphan_case(work)
+    assert _visible_cases(work) == set(base["cases"].values())
+    assert (work / "cases" / base["cases"][held]).stat().st_ino == inode[held]  # the held one was never touched
+    rerun = _cli("convert", str(source), str(work), "--workers", "2", *CONVERT, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    _assert_cases_whole(work, base["cases"])
+    assert replaced() == set(exams)
+    assert not [p.name for p in (work / "cases").iterdir() if p.name.startswith(".")]
+    assert _failures(work) == {}
+
+
 def _journal(work: Path, row: dict) -> None:
     path = work / "private" / pipeline.JOURNAL / f"{row['case_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

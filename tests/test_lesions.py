@@ -255,3 +255,37 @@ def test_a_pet_voxel_the_mask_barely_touches_is_not_read_and_a_tiny_lesion_keeps
     pet[4, 4, 5], pet[4, 4, 6] = 30.0, 2.0
     s = lesions.lesion_statistics(tiny, np.zeros(tiny.shape, np.float32), ct, pet=image_like(pet, pet_grid))
     assert s["items"][0]["pet_voxels"] == 1 and s["items"][0]["suv_max"] == pytest.approx(2.0)
+
+
+def test_a_lesion_reaching_one_voxel_past_the_pets_last_index_reads_only_the_voxels_inside() -> None:
+    # CT 12^3 and PET 10^3 on the same 2 mm grid: CT voxels 10 and 11 lie beyond the PET's last index 9
+    ct = grid((12, 12, 12), (2.0, 2.0, 2.0))
+    pet_grid = grid((10, 10, 10), (2.0, 2.0, 2.0))
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[7:11, 8:11, 6:11] = 1  # z 7-10, y 8-10, x 6-10: index 10 is one past the PET on every axis
+    pet = np.ones((10, 10, 10), np.float32)
+    pet[7:10, 8:10, 6:10] = 3.0
+    pet[9, 9, 9] = 7.0  # the last voxel of the PET, in the lesion
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
+    (item,) = s["items"]
+    assert item["voxels"] == 4 * 3 * 5 and item["pet_voxels"] == 3 * 2 * 4  # the PET part only
+    assert item["suv_max"] == pytest.approx(7.0)
+    label[:] = 0
+    label[10:12, 10:12, 10:12] = 1  # wholly beyond the PET's last index: nothing is read
+    s = lesions.lesion_statistics(label, np.zeros(label.shape, np.float32), ct, pet=image_like(pet, pet_grid))
+    assert (s["items"][0]["pet_voxels"], s["items"][0]["suv_max"], s["items"][0]["suv_peak"]) == (0, 0.0, 0.0)
+
+
+def test_suvpeak_at_the_far_corner_of_a_lesion_is_read_where_it_is_on_every_axis() -> None:
+    # the crop around the lesion starts at a different index on each axis (7, 9, 11): a peak read at
+    # positions shifted by another axis' start misses the lesion's far corner, where a ramp rising
+    # along z, y and x peaks (a symmetric sphere's mean on a ramp is the ramp at its centre)
+    ct = grid((30, 30, 30), (2.0, 2.0, 2.0))
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[10:20, 12:22, 14:24] = 1
+    z, y, x = np.meshgrid(*(np.arange(30.0),) * 3, indexing="ij")
+    pet = (1.0 + 0.5 * z + 0.3 * y + 0.2 * x).astype(np.float32)
+    s = lesions.lesion_statistics(label, pet, ct, pet=image_like(pet, ct))
+    corner = 1.0 + 0.5 * 19 + 0.3 * 21 + 0.2 * 23
+    assert s["items"][0]["suv_peak"] == pytest.approx(corner, rel=1e-5)
+    assert s["items"][0]["suv_max"] == pytest.approx(corner, rel=1e-6)

@@ -139,6 +139,41 @@ def test_patch_larger_than_the_volume_is_padded(built):
     assert (item["image"][1, z:] == 0).all() and (item["label"][0, z:] == 0).all()
 
 
+def test_a_patch_padded_along_one_axis_is_cropped_at_its_start_along_the_others(built):
+    # the volume is 20 x 24 x 28: a 26 x 10 x 12 patch pads z only, and starts anywhere along y and x
+    _, truth, _ = built
+    ds = load(built, patch_size=(26, 10, 12), samples_per_case=4, foreground_ratio=0.5, seed=11)
+    starts = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        want = truth[item["case_id"]]
+        z0, y0, x0 = item["patch_start"].tolist()
+        starts.add((y0, x0))
+        assert z0 == 0 and 0 <= y0 <= 24 - 10 and 0 <= x0 <= 28 - 12
+        box = (slice(0, 20), slice(y0, y0 + 10), slice(x0, x0 + 12))
+        assert item["image"].shape == (2, 26, 10, 12) and item["label"].shape == (1, 26, 10, 12)
+        np.testing.assert_array_equal(item["image"][0, :20].numpy(), want.ct[box].astype(np.float32))
+        np.testing.assert_array_equal(item["image"][1, :20].numpy(), want.pet[box])
+        np.testing.assert_array_equal(item["label"][0, :20].numpy(), want.label[box])
+        assert (item["image"][0, 20:] == PAD_VALUES["ct"]).all() and (item["image"][1, 20:] == PAD_VALUES["pet"]).all()
+        assert (item["label"][0, 20:] == PAD_VALUES["label"]).all()
+        corner = want.affine @ np.array([x0, y0, z0, 1.0])
+        np.testing.assert_allclose(item["affine"].numpy()[:, 3], corner, atol=1e-4)
+    assert any(y0 > 0 and x0 > 0 for y0, x0 in starts)  # the crop offsets were exercised
+
+
+def test_a_patch_is_foreground_centred_when_its_uniform_draw_is_below_the_ratio_strictly(built):
+    # each patch draws u ~ U[0, 1) from default_rng([seed, epoch, index]) first; centred iff u < ratio,
+    # so a ratio of 0 never centres and P(centred) is the ratio exactly. A ratio equal to u does not centre.
+    _, truth, _ = built
+    ds = load(built, patch_size=(4, 4, 4), samples_per_case=1, foreground_ratio=0.5, seed=2)
+    index = next(i for i, c in enumerate(ds.case_ids) if truth[c].label.any())
+    u = float(np.random.default_rng([2, 0, index]).random())
+    for ratio, centred in ((u, False), (float(np.nextafter(u, 1.0)), True)):
+        ds = load(built, patch_size=(4, 4, 4), samples_per_case=1, foreground_ratio=ratio, seed=2)
+        assert ds[index]["foreground_centred"] is centred, ratio
+
+
 def _epoch(ds, workers, epoch=0, loader=None):
     ds.set_epoch(epoch)
     if loader is None:

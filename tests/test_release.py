@@ -368,6 +368,40 @@ def test_a_full_disk_names_the_path_and_leaves_the_previous_release(released, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [".rel.lock", "rel"]  # no partial folder left
 
 
+def test_a_release_killed_with_sigkill_while_it_writes_leaves_the_previous_release(released, tmp_path):
+    """`python -m builder release --overwrite` killed with SIGKILL once its hidden .partial folder holds
+    files: the release folder is the previous one byte for byte and verifies; the rerun completes and clears
+    what the killed run left. The default suite's version of tests/test_faults.py's random kills."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _, _ = released
+    target = tmp_path / "rel"
+    shutil.copytree(root / RELEASE_FOLDER_NAME, target)
+    before = _files(target)
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "builder", "release", str(root / "work"), str(target), "--version", "1.0.0",
+            "--overwrite", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".rel.partial"
+    deadline = time.monotonic() + 180
+    while not (partial.is_dir() and any(p.is_file() for p in partial.rglob("*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert target.is_dir() and _files(target) == before  # not half: the previous release, as it was
+    verify_release(target)
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _files(target) == before  # the same WORK and version: the same bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rel.lock", "rel"]  # the killed run's .partial cleared
+
+
 def test_a_second_build_of_the_same_release_is_refused_naming_the_holder(released, tmp_path):
     import os
     import subprocess

@@ -440,9 +440,12 @@ def _row_intervals(to_index: np.ndarray, shape_zyx: tuple[int, int, int], lo: np
         if abs(step[d]) < 1e-12:
             stop[(a > 0) | (b <= 0)] = 0
             continue
-        i0, i1 = (a / step[d], b / step[d]) if step[d] > 0 else (b / step[d], a / step[d])
-        first = np.maximum(first, np.ceil(i0 - 1e-9))
-        stop = np.minimum(stop, np.ceil(i1 - 1e-9))
+        if step[d] > 0:  # a / step <= i < b / step
+            first = np.maximum(first, np.ceil(a / step[d] - 1e-9))
+            stop = np.minimum(stop, np.ceil(b / step[d] - 1e-9))
+        else:  # a row running backwards: b / step < i <= a / step
+            first = np.maximum(first, np.floor(b / step[d] + 1e-9) + 1)
+            stop = np.minimum(stop, np.floor(a / step[d] + 1e-9) + 1)
     first = np.clip(first, 0, nx).astype(np.int64)
     stop = np.clip(stop, 0, nx).astype(np.int64)
     stop = np.maximum(stop, first)
