@@ -586,7 +586,7 @@ def test_a_second_convert_is_refused_naming_the_holder_or_waits_for_it(cohort, t
         assert holder.stdout.readline().strip() == "held"
         proc = _run_cli(tmp_path, "convert", str(cohort["source"]), str(work), "--workers", "1", "--quiet", "--no-report")
         assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert f"PID {holder.pid}" in proc.stderr and "(python -c " in proc.stderr and "--wait" in proc.stderr
+        assert f"PID {holder.pid}" in proc.stderr and f"({Path(sys.executable).name} -c " in proc.stderr and "--wait" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert (work / "cases" / ".tmp-LA-0000beef-1234").is_dir()  # the refused run touched nothing
         t0 = time.monotonic()
