@@ -99,16 +99,26 @@ class ShardInfo:
     max_row_group_bytes: int = 0
 
 
+def _leaf_paths(name: str, type_: pa.DataType) -> list[str]:
+    """Parquet column paths of an arrow field (``spacing_xyz.list.element``, ``ct.bytes``): per-column options use them."""
+    if pa.types.is_struct(type_):
+        return [p for child in type_ for p in _leaf_paths(f"{name}.{child.name}", child.type)]
+    if pa.types.is_list(type_) or pa.types.is_fixed_size_list(type_) or pa.types.is_large_list(type_):
+        return _leaf_paths(f"{name}.list.element", type_.value_type)
+    return [name]
+
+
 def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     meta_cols = list(METADATA_COLUMNS)
     # The cells are gzip already: stored as they are (zstd over deflate gains nothing and costs time).
-    compression = {c: "zstd" for c in meta_cols}
-    compression.update({f"{name}.{part}": "none" for name in IMAGE_COLUMNS for part in ("bytes", "path")})
+    meta_leaves = [p for c in meta_cols for p in _leaf_paths(c, schema.field(c).type)]
+    compression = {p: "zstd" for p in meta_leaves}
+    compression.update({p: "none" for c in IMAGE_COLUMNS for p in _leaf_paths(c, schema.field(c).type)})
     return pq.ParquetWriter(
         path,
         schema,
         compression=compression,
-        compression_level={c: ZSTD_LEVEL for c in meta_cols},
+        compression_level={p: ZSTD_LEVEL for p in meta_leaves},
         use_dictionary=[c for c in meta_cols if METADATA_COLUMNS[c] == "string"],
         write_statistics=meta_cols,
         # A page index / bloom filters on blobs would cost space for nothing.
