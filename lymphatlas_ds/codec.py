@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow as pa
 
-from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.errors import IntegrityError, SchemaError
 
 try:  # ISA-L's deflate: 3-4x zlib's speed at level 1-2, same format (the builder extra installs it)
     from isal import isal_zlib as _zlib
@@ -139,13 +139,13 @@ def _inflate(buffer: memoryview, where: Any) -> memoryview:
             if inflate.eof or pos < 0:
                 break
     except _zlib.error as e:
-        raise SchemaError(f"Nifti cell {where!r} is not valid gzip ({e}); re-download the shard") from e
+        raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download it") from e
     if pos != size or not inflate.eof or inflate.unused_data:
         # a volume of 4 GiB or more (ISIZE wraps), concatenated gzip members, or a truncated cell
         try:
             return memoryview(zlib.decompress(bytes(buffer), _GZIP_WBITS))
         except zlib.error as e:
-            raise SchemaError(f"Nifti cell {where!r} is not valid gzip ({e}); re-download the shard") from e
+            raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download it") from e
     return memoryview(out)
 
 

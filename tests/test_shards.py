@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from builder.release.shards import arrow_schema, features, shard_name, write_shards
 from lymphatlas_ds import codec
-from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.errors import IntegrityError, SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS
 from tests.support.releases import datasets_cache_in_tmp  # noqa: F401 (fixture)
 
@@ -96,7 +96,7 @@ def test_codec_errors_name_the_cell():
     with pytest.raises(SchemaError, match="LA-9_ct.nii.*truncated"):
         codec.decode_volume({"bytes": cell["bytes"][:-10], "path": cell["path"]})
     cell = codec.encode_volume(np.random.default_rng(0).normal(0, 99, (9, 9, 9)).astype(np.int16), np.eye(4), "LA-9_ct")
-    with pytest.raises(SchemaError, match="LA-9_ct.nii.gz.*gzip.*re-download"):
+    with pytest.raises(IntegrityError, match="LA-9_ct.nii.gz.*gzip.*re-download"):
         codec.decode_volume({"bytes": cell["bytes"][:-10], "path": cell["path"]})
     with pytest.raises(SchemaError, match="not a NIfTI-1"):
         codec.decode_volume({"bytes": b"x" * 400, "path": "bad.nii"})
