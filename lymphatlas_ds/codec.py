@@ -73,8 +73,9 @@ def encode_volume(
     """Turn a ``[z, y, x]`` array and its RAS affine into a ``datasets.Nifti`` cell.
 
     ``name`` becomes the cell's ``path`` (``.nii.gz``, or ``.nii`` with ``level=None``, is appended
-    when missing); use :func:`cell_path` for shard rows. The bytes are gzip at ``level`` (``None``:
-    an uncompressed NIfTI file). The dtype is kept as given (no scaling), so decoding returns the
+    when missing); use :func:`cell_path` for shard rows. The bytes are gzip at ``level`` (a
+    ``memoryview`` of the compressed stream, not copied into ``bytes``), or with ``level=None`` an
+    uncompressed NIfTI file (``bytes``). The dtype is kept as given (no scaling), so decoding returns the
     identical voxels. The output is deterministic: the same inputs give the same bytes.
 
     Example:
@@ -109,14 +110,15 @@ def encode_volume(
     return {"bytes": _gzip_nifti(image, level), "path": path}
 
 
-def _gzip_nifti(image: nib.Nifti1Image, level: int) -> bytes:
+def _gzip_nifti(image: nib.Nifti1Image, level: int) -> memoryview:
     """``gzip(image.to_bytes())``, written by nibabel through a gzip stream: the voxels go out in
     nibabel's chunks, so no raw copy of the volume is made. No file name and mtime 0 in the gzip
     header: the same volume gives the same bytes."""
     out = io.BytesIO()
     with _GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0, filename="") as stream:
         image.to_file_map(image.make_file_map({"image": stream, "header": stream}))
-    return out.getvalue()
+    # A view of the stream's own buffer: getvalue() would copy it (one more cell in memory at the peak).
+    return out.getbuffer()
 
 
 def _inflate(buffer: memoryview, where: Any) -> memoryview:
