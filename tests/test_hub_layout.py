@@ -174,3 +174,30 @@ def test_dataset_info_sizes_are_what_datasets_measures_and_filters_work(small_re
         # datasets' arrays may carry a validity bitmap more or less than the builder's: a few bytes per row
         assert abs(info["dataset_size"] - arrow) <= 64 * sum(v[1] for k, v in measured.items() if k.startswith(config + "/"))
         assert info["dataset_size"] != info["download_size"]
+
+
+# ------------------------------------------------------------------ release memory
+
+_BUILD = """
+import json, resource, sys
+from pathlib import Path
+from builder.release.build import build_release
+build_release(Path(sys.argv[1]), Path(sys.argv[2]), version="1.0.0")
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_release_of_full_size_cases_peaks_under_2_gb(tmp_path):
+    """4 cases of 512 x 512 x 250 (437.5 MiB of voxels each): the release process's own peak RSS (kernel's
+    ru_maxrss) stays under 2 GB (before: 2.2-4.2 GB at 3-12 cases); every case reads back true."""
+    ids = make_large_work(tmp_path / "work", n_cases=4, shape_zyx=(250, 512, 512))
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path / "work"), str(tmp_path / "release")],
+                          cwd=REPO, capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    print(f"release of 4 full-size cases: peak RSS {peak / 1e9:.2f} GB")
+    assert peak < 2e9
+    reader = Release(tmp_path / "release", remember=False)
+    assert sorted(reader.case_ids("all", "train") + reader.case_ids("all", "test")) == sorted(ids)
+    reader.read_case(ids[-1], check_content=True)
