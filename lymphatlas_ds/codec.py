@@ -141,17 +141,21 @@ def _inflate(buffer: memoryview, where: Any) -> memoryview:
             if inflate.eof or pos < 0:
                 break
     except _zlib.error as e:
-        raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download it") from e
+        raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download "
+                             "or re-copy the release, then run `lymphatlas verify`") from e
     if pos != size or not inflate.eof or inflate.unused_data:
         # a volume of 4 GiB or more (ISIZE wraps), concatenated gzip members, or a truncated cell
         try:
             return memoryview(zlib.decompress(bytes(buffer), _GZIP_WBITS))
         except zlib.error as e:
-            raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download it") from e
+            raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download "
+                             "or re-copy the release, then run `lymphatlas verify`") from e
     return memoryview(out)
 
 
-def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def decode_volume(
+    cell: dict[str, Any] | bytes | memoryview, *, copy: bool = True, where: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(array_zyx, affine_ras)`` from a Nifti cell (or its bytes).
 
     Accepts the gzipped NIfTI-1 bytes written by :func:`encode_volume`, uncompressed NIfTI bytes
@@ -159,7 +163,7 @@ def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = Tru
     ``pyarrow.BinaryScalar.as_buffer()``. A gzip cell is inflated into a new buffer that the
     returned (writable) array owns. An uncompressed cell is copied with ``copy=True``; with
     ``copy=False`` the returned array is then a read-only view of the given buffer (no voxel copy):
-    keep the buffer alive while using it.
+    keep the buffer alive while using it. ``where`` names the cell in errors (default: its path).
 
     Example:
         >>> cell = encode_volume(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.eye(4), "p")
@@ -167,7 +171,7 @@ def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = Tru
         7.0
     """
     data: Any = cell.get("bytes") if isinstance(cell, dict) else cell
-    where = cell.get("path") if isinstance(cell, dict) else None
+    where = (cell.get("path") if isinstance(cell, dict) else None) if where is None else where
     if data is None:
         raise SchemaError(f"Nifti cell {where!r} has no bytes; releases embed the volume bytes in the shard")
     buffer = memoryview(data).cast("B")
