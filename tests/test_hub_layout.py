@@ -201,3 +201,32 @@ def test_release_of_full_size_cases_peaks_under_2_gb(tmp_path):
     reader = Release(tmp_path / "release", remember=False)
     assert sorted(reader.case_ids("all", "train") + reader.case_ids("all", "test")) == sorted(ids)
     reader.read_case(ids[-1], check_content=True)
+
+
+# ------------------------------------------------------------------ plain streaming
+
+_STREAM = "from datasets import load_dataset; ds = load_dataset({path!r}, 'all', split='train', streaming=True); print(next(iter(ds))['case_id'])"
+
+
+def _stream_runs(release: Path, ids: list[str], cwd: Path, runs: int) -> None:
+    """``runs`` fresh interpreters that stream the first case with plain ``datasets`` and exit at once."""
+    aborts = []
+    for run in range(runs):
+        proc = _plain_python(_STREAM.format(path=str(release)), cwd)
+        # 134: "terminate called without an active exception" (upstream apache/arrow#45214); timeout: the hang
+        if proc.returncode != 0:
+            aborts.append((run, proc.returncode, proc.stderr[-500:]))
+            continue
+        assert proc.stdout.strip().splitlines()[-1] in ids
+    assert not aborts, f"{len(aborts)} of {runs} runs did not exit cleanly: {aborts}"
+
+
+def test_plain_datasets_streaming_exits_cleanly_5_of_5(large_release, tmp_path):
+    release, ids = large_release
+    _stream_runs(release, ids, tmp_path / "user", 5)
+
+
+@pytest.mark.slow
+def test_plain_datasets_streaming_exits_cleanly_50_of_50(large_release, tmp_path):
+    release, ids = large_release
+    _stream_runs(release, ids, tmp_path / "user", 50)
