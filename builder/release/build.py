@@ -632,11 +632,11 @@ def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str
     return row, cells
 
 
-RELEASE_MEMORY_BUDGET = 1280 * 2**20
+RELEASE_MEMORY_BUDGET = 640 * 2**20
 """Voxel bytes (raw, as in case.json's shape) of the cases a release holds at once: read and encoded
-ahead in threads, or being written. A case larger than the budget is handled alone. Each case in
-flight costs about its largest volume plus its cells (about 0.45x its voxels); measured peak RSS in
-benchmarks/bench_shards.py --release."""
+ahead in threads, or being written. A case larger than the budget is handled alone. 640 MiB keeps one
+512x512x250 case (437.5 MiB) in flight: 4 such cases peak at 1.86 GB RSS (1280 MiB, two in flight:
+2.39 GB; tests/test_hub_layout.py, slow). A 600-slice case alone still peaks at 3.6 GB."""
 
 
 def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
