@@ -13,12 +13,22 @@ the builder does, and the lesion label.
 
     python benchmarks/bench_shards.py --size full        # 512 x 512 x 300
     python benchmarks/bench_shards.py --size small       # 128 x 128 x 80, a quick look
+
+``--release 3 6 12 [--slices 250] [--long 600]``: the release at scale (issue 21). A fake WORK of
+full-size cases (``lymphatlas_synth.fake_work.make_large_work``: 512 x 512 x SLICES, one volume set
+hard-linked), then ``build_release`` in a fresh process for 3, 6 and 12 cases and for one case of
+LONG slices; for each: wall time, the process's peak RSS (its own ``ru_maxrss``), the largest row
+group (parquet ``total_byte_size``, the Hub viewer's number) and bytes on disk; then, on one case's
+volumes, the cells' encode time against zstd-3 of the same raw NIfTI bytes (interleaved, best of 3).
+``--builder TREE`` runs another checkout's builder (a before figure). Needs about 0.3 GB of disk
+per case and one case's voxels in memory at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import sys
 import tempfile
 import time
@@ -110,7 +120,7 @@ def gzip_cells(cases: list[dict], affine: np.ndarray, folder: Path) -> tuple[lis
     for i, case in enumerate(cases):
         cells = {}
         for name in IMAGE_COLUMNS:
-            raw = codec.encode_volume(case[name], affine, f"c{i}_{name}")["bytes"]
+            raw = codec.encode_volume(case[name], affine, f"c{i}_{name}", level=None)["bytes"]
             cells[name] = {"bytes": gzip.compress(raw, compresslevel=6), "path": f"c{i}_{name}.nii.gz"}
             if i == 1:
                 (folder / f"{name}.nii.gz").write_bytes(cells[name]["bytes"])
@@ -162,11 +172,119 @@ def print_layouts(results: dict[str, tuple[int, float]], best: dict[str, float],
         print(f"{label:38s} {size / 2**20:9.1f} {size / base_size:9.3f} {enc:9.2f} {dec:9.3f} {base / dec:8.1f}x")
 
 
+_BUILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from builder.release.build import build_release
+t = time.perf_counter()
+build_release(Path(sys.argv[2]), Path(sys.argv[3]), version="1.0.0")
+print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def _release_row(tree: Path, work: Path, out: Path) -> dict:
+    """Build a release of ``work`` in a fresh interpreter with ``tree``'s builder; its time, peak RSS and shards."""
+    import json
+    import shutil
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(tree), str(work), str(out)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"release of {work} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    files = sorted(out.glob("data/*/*.parquet"))
+    groups = [pq.read_metadata(f).row_group(i).total_byte_size for f in files for i in range(pq.read_metadata(f).num_row_groups)]
+    row.update(max_row_group=max(groups), n_groups=len(groups), disk=sum(f.stat().st_size for f in files))
+    shutil.rmtree(out)
+    return row
+
+
+def _subset_work(work: Path, ids: list[str], target: Path) -> Path:
+    """A WORK folder holding the first cases of ``work`` (hard links, no copy)."""
+    import shutil
+
+    (target / "cases").mkdir(parents=True)
+    shutil.copytree(work / "private", target / "private", copy_function=os.link)
+    shutil.copy(work / "failures.json", target)
+    for case_id in ids:
+        shutil.copytree(work / "cases" / case_id, target / "cases" / case_id, copy_function=os.link)
+    return target
+
+
+def encode_vs_zstd(shape: tuple[int, int, int], repeat: int = 3) -> tuple[float, float, int, int]:
+    """Best-of-``repeat`` seconds to encode one case's cells (gzip, codec.encode_volume) and to zstd-3
+    the same raw NIfTI bytes (what the parquet writer did before), interleaved; and both sizes."""
+    from lymphatlas_synth.fake_work import large_volumes
+
+    volumes = dict(zip(IMAGE_COLUMNS, large_volumes(shape)))
+    affine = affine_of(shape)
+    raws = {n: codec.encode_volume(v, affine, n, level=None)["bytes"] for n, v in volumes.items()}
+    zstd = pa.Codec("zstd", compression_level=3)
+    best = [float("inf"), float("inf")]
+    sizes = [0, 0]
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sizes[0] = sum(len(codec.encode_volume(v, affine, n)["bytes"]) for n, v in volumes.items())
+        best[0] = min(best[0], time.perf_counter() - t)
+        t = time.perf_counter()
+        sizes[1] = sum(zstd.compress(r, asbytes=False).size for r in raws.values())
+        best[1] = min(best[1], time.perf_counter() - t)
+    return best[0], best[1], sizes[0], sizes[1]
+
+
+def release_main(args: argparse.Namespace) -> None:
+    from lymphatlas_synth.fake_work import make_large_work
+
+    tree = Path(args.builder or Path(__file__).resolve().parent.parent)
+    shape = (args.slices, 512, 512)
+    raw_case = int(np.prod(shape)) * 7
+    print(f"builder: {tree}; cases {shape} (z, y, x): {raw_case / 2**20:.1f} MiB of voxels each")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        ids = make_large_work(tmp / "work", n_cases=max(args.release), shape_zyx=shape)
+        print(f"fake WORK of {len(ids)} cases in {time.perf_counter() - t:.0f} s")
+        rows = []
+        for n in args.release:
+            work = _subset_work(tmp / "work", ids[:n], tmp / f"work{n}")
+            rows.append((f"{n} x {args.slices} slices", _release_row(tree, work, tmp / f"release{n}")))
+        shutil_rmtree(tmp / "work")
+        if args.long:
+            long_shape = (args.long, 512, 512)
+            make_large_work(tmp / "long", n_cases=1, shape_zyx=long_shape)
+            rows.append((f"1 x {args.long} slices", _release_row(tree, tmp / "long", tmp / "release-long")))
+        print(f"\n{'release':18s} {'wall s':>8s} {'s/case':>7s} {'peak RSS GB':>11s} {'max row group MiB':>17s} {'disk MiB':>9s}")
+        for label, r in rows:
+            n = int(label.split()[0])
+            print(f"{label:18s} {r['wall_s']:8.1f} {r['wall_s'] / n:7.1f} {r['peak_rss'] / 1e9:11.2f} "
+                  f"{r['max_row_group'] / 2**20:17.1f} {r['disk'] / 2**20:9.1f}")
+    cells_s, zstd_s, cells_b, zstd_b = encode_vs_zstd(shape)
+    print(f"\nencode one case's cells (gzip, ISA-L level {codec.GZIP_LEVEL}): {cells_s:.2f} s, {cells_b / 2**20:.1f} MiB; "
+          f"zstd-3 of the same raw NIfTI bytes: {zstd_s:.2f} s, {zstd_b / 2**20:.1f} MiB; "
+          f"ratio {cells_s / zstd_s:.2f}x time, {cells_b / zstd_b:.3f}x bytes (best of 3, interleaved)")
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="full")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--release", type=int, nargs="+", help="measure releases of these numbers of full-size cases")
+    parser.add_argument("--slices", type=int, default=250, help="slices of the full-size cases (--release)")
+    parser.add_argument("--long", type=int, default=600, help="slices of the long case (--release; 0: none)")
+    parser.add_argument("--builder", help="a checkout whose builder runs the releases (default: this one)")
+    parser.add_argument("--tmp", help="folder for the fake WORK and releases (default: the system's)")
     args = parser.parse_args()
+    if args.release:
+        release_main(args)
+        return
     shape = SIZES[args.size]
     t = time.perf_counter()
     cases = [synth_case(shape, seed) for seed in (0, 1)]
@@ -181,18 +299,25 @@ def main() -> None:
         gz_cells, gzip_encode = gzip_cells(cases, affine, tmp)
         base_size = sum((tmp / f"{n}.nii.gz").stat().st_size for n in IMAGE_COLUMNS)
         raw_cells = [
+            {name: codec.encode_volume(case[name], affine, f"c{i}_{name}", level=None) for name in IMAGE_COLUMNS}
+            for i, case in enumerate(cases)
+        ]
+        t = time.perf_counter()
+        isal_cells = [
             {name: codec.encode_volume(case[name], affine, f"c{i}_{name}") for name in IMAGE_COLUMNS}
             for i, case in enumerate(cases)
         ]
-        layouts = [("gzip-6 cells, parquet uncompressed", gz_cells, "none", None)]
-        layouts += [(f"raw cells, parquet zstd-{lv}", raw_cells, "zstd", lv) for lv in (1, 3, 9)]
+        isal_encode = (time.perf_counter() - t) / 2
+        layouts = [("gzip-6 cells, parquet uncompressed", gz_cells, "none", None, gzip_encode)]
+        layouts += [(f"ISA-L {codec.GZIP_LEVEL} cells (the release's), uncompressed", isal_cells, "none", None, isal_encode)]
+        layouts += [(f"raw cells, parquet zstd-{lv}", raw_cells, "zstd", lv, 0.0) for lv in (1, 3, 9)]
         results = {}
         decoders = {"baseline": partial(read_niigz, tmp)}
-        for k, (label, cells, compression, level) in enumerate(layouts):
+        for k, (label, cells, compression, level, cell_encode) in enumerate(layouts):
             path = tmp / f"shard{k}.parquet"
-            results[label] = write_layout(path, cells, compression=compression, level=level, gzip_encode=gzip_encode)
+            results[label] = write_layout(path, cells, compression=compression, level=level, gzip_encode=cell_encode)
             decoders[label] = partial(decode_case, path)
-        del raw_cells, gz_cells, cases
+        del raw_cells, gz_cells, isal_cells, cases
 
         best = best_times(decoders, args.repeat)
         print(f"\nbaseline  3 x .nii.gz (gzip 6) via nibabel: {base_size / 2**20:8.1f} MiB, "

@@ -313,7 +313,7 @@ def _decode_volume(release: Release, case_id: str, name: str) -> tuple[np.ndarra
     """
     table = release.read_volume_table(case_id, name)
     buffer = codec.cell_bytes(table, name, where=f"case {case_id}")
-    array, affine = codec.decode_volume(buffer, copy=False)
+    array, affine = codec.decode_volume(buffer, copy=False, where=f"case {case_id} {name}")
     if array.dtype != np.dtype(_DTYPES[name]):
         raise SchemaError(
             f"case {case_id}: {name} is {array.dtype}, the schema says {_DTYPES[name]}; "

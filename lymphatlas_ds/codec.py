@@ -1,16 +1,19 @@
 """The byte layout of a volume cell in a release shard, and nothing else knows it.
 
 A shard row holds each volume (``ct``, ``pet``, ``label``) as a ``datasets.Nifti`` cell:
-``{"bytes": <an uncompressed NIfTI-1 file>, "path": "<case_id>_<name>.nii"}``. The bytes are not
-gzipped because the parquet file is zstd-compressed as a whole: measured on a 512x512x300 case
-(``benchmarks/bench_shards.py``), raw NIfTI under zstd is about as small as ``.nii.gz`` and
-decodes several times faster. Plain ``datasets`` decodes these cells with nibabel (it gunzips
-only when it sees the gzip magic), so any client can read them; :func:`decode_volume` is the fast
-path that views the voxels in place instead of copying them through a file object.
+``{"bytes": <a gzipped NIfTI-1 file>, "path": "<case_id>_<name>.nii.gz"}``. The cells are
+compressed themselves (gzip, written with ISA-L's fast deflate) and the parquet file stores them
+as they are, so a row group's size in the parquet metadata (``total_byte_size``, what the Hub's
+dataset viewer checks against its 286 MiB limit) is the compressed size of the case, not its raw
+voxels. Measured on a synthetic 512x512x300 case (``benchmarks/bench_shards.py``): about 1.03x the
+bytes of raw NIfTI under parquet zstd-3, encoded 1.5-3x faster. Plain ``datasets`` decodes these
+cells with nibabel (it gunzips when it sees the gzip magic), so any client can read them;
+:func:`decode_volume` inflates straight into the array it returns (no second copy) and also
+accepts raw NIfTI cells (releases before this layout).
 
 Arrays are numpy ``[z, y, x]`` (SimpleITK order); the NIfTI data block is ``[x, y, z]`` in
 Fortran order, which is the same memory seen through the reversed axes, so neither direction
-copies voxels. Affines are RAS (NIfTI convention), written as sform and qform with code 1
+transposes voxels. Affines are RAS (NIfTI convention), written as sform and qform with code 1
 ("scanner"); since NIfTI-1 stores them as float32, the exact float64 affine also travels in a
 JSON comment extension (``{"lymphatlas_affine_ras": [16 numbers]}``) that :func:`decode_volume`
 returns, so the decoded affine equals the case's ``affine`` column bit for bit.
@@ -20,7 +23,7 @@ Example:
     >>> ct = np.zeros((3, 4, 5), np.int16)
     >>> cell = encode_volume(ct, np.eye(4), "LA-0001_ct")
     >>> cell["path"]
-    'LA-0001_ct.nii'
+    'LA-0001_ct.nii.gz'
     >>> array, affine = decode_volume(cell)
     >>> array.shape, array.dtype.name
     ((3, 4, 5), 'int16')
@@ -28,35 +31,52 @@ Example:
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
+import zlib
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pyarrow as pa
 
-from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.errors import IntegrityError, SchemaError
+
+try:  # ISA-L's deflate: 3-4x zlib's speed at level 1-2, same format (the builder extra installs it)
+    from isal import isal_zlib as _zlib
+    from isal.igzip import IGzipFile as _GzipFile
+except ImportError:  # pragma: no cover - plain zlib reads and writes the same cells, slower
+    from gzip import GzipFile as _GzipFile
+    _zlib = zlib  # type: ignore[assignment]
 
 NIFTI_SUFFIX = ".nii"
+GZIP_SUFFIX = ".gz"
+GZIP_LEVEL = 1
+"""Deflate level of the cells (ISA-L levels 0-3; measured in benchmarks/bench_shards.py: level 1 is
+within 4 % of zstd-3's bytes at a fraction of its time; higher levels barely shrink noisy volumes)."""
 _GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_WBITS = 31  # zlib's window bits for a gzip stream
+_CHUNK = 16 * 2**20  # bytes inflated at a time: no whole-volume temporary
 AFFINE_KEY = "lymphatlas_affine_ras"
 """Key of the JSON comment extension that carries the float64 affine (NIfTI-1's sform is float32)."""
 _COMMENT_CODE = 6  # NIFTI_ECODE_COMMENT
 
 
 def cell_path(case_id: str, name: str) -> str:
-    """The ``path`` of a Nifti cell: ``cell_path("LA-1", "ct") == "LA-1_ct.nii"``."""
-    return f"{case_id}_{name}{NIFTI_SUFFIX}"
+    """The ``path`` of a Nifti cell: ``cell_path("LA-1", "ct") == "LA-1_ct.nii.gz"``."""
+    return f"{case_id}_{name}{NIFTI_SUFFIX}{GZIP_SUFFIX}"
 
 
-def encode_volume(array_zyx: np.ndarray, affine_ras: np.ndarray, name: str) -> dict[str, Any]:
+def encode_volume(
+    array_zyx: np.ndarray, affine_ras: np.ndarray, name: str, *, level: int | None = GZIP_LEVEL
+) -> dict[str, Any]:
     """Turn a ``[z, y, x]`` array and its RAS affine into a ``datasets.Nifti`` cell.
 
-    ``name`` becomes the cell's ``path`` (``.nii`` is appended when missing); use
-    :func:`cell_path` for shard rows. The dtype is kept as given (no scaling), so decoding returns
-    the identical voxels. The output is deterministic: the same inputs give the same bytes.
+    ``name`` becomes the cell's ``path`` (``.nii.gz``, or ``.nii`` with ``level=None``, is appended
+    when missing); use :func:`cell_path` for shard rows. The bytes are gzip at ``level`` (a
+    ``memoryview`` of the compressed stream, not copied into ``bytes``), or with ``level=None`` an
+    uncompressed NIfTI file (``bytes``). The dtype is kept as given (no scaling), so decoding returns the
+    identical voxels. The output is deterministic: the same inputs give the same bytes.
 
     Example:
         >>> cell = encode_volume(np.ones((2, 2, 2), np.uint8), np.eye(4), "x_label")
@@ -82,17 +102,68 @@ def encode_volume(array_zyx: np.ndarray, affine_ras: np.ndarray, name: str) -> d
     # (ignored by other readers) so that decoding returns the affine the case was built with.
     exact = json.dumps({AFFINE_KEY: [float(v) for v in affine.ravel()]})
     header.extensions.append(nib.nifti1.Nifti1Extension(_COMMENT_CODE, exact.encode()))
-    path = name if name.endswith(NIFTI_SUFFIX) else name + NIFTI_SUFFIX
-    return {"bytes": image.to_bytes(), "path": path}
+    if level is None:
+        path = name if name.endswith(NIFTI_SUFFIX) else name + NIFTI_SUFFIX
+        return {"bytes": image.to_bytes(), "path": path}
+    suffix = NIFTI_SUFFIX + GZIP_SUFFIX
+    path = name if name.endswith(suffix) else name.removesuffix(NIFTI_SUFFIX) + suffix
+    return {"bytes": _gzip_nifti(image, level), "path": path}
 
 
-def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _gzip_nifti(image: nib.Nifti1Image, level: int) -> memoryview:
+    """``gzip(image.to_bytes())``, written by nibabel through a gzip stream: the voxels go out in
+    nibabel's chunks, so no raw copy of the volume is made. No file name and mtime 0 in the gzip
+    header: the same volume gives the same bytes."""
+    out = io.BytesIO()
+    with _GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0, filename="") as stream:
+        image.to_file_map(image.make_file_map({"image": stream, "header": stream}))
+    # A view of the stream's own buffer: getvalue() would copy it (one more cell in memory at the peak).
+    return out.getbuffer()
+
+
+def _inflate(buffer: memoryview, where: Any) -> memoryview:
+    """Gunzip a cell into a writable buffer of its own, in chunks (the size comes from the gzip trailer)."""
+    size = int.from_bytes(buffer[-4:], "little")  # ISIZE: the size mod 2**32
+    out = np.empty(size, np.uint8)
+    inflate = _zlib.decompressobj(_GZIP_WBITS)
+    pos = 0
+    try:
+        for start in range(0, len(buffer), _CHUNK):
+            piece: Any = buffer[start:start + _CHUNK]
+            while piece and not inflate.eof:
+                part = inflate.decompress(piece, _CHUNK)
+                if pos + len(part) > size:
+                    pos = -1
+                    break
+                out[pos:pos + len(part)] = np.frombuffer(part, np.uint8)
+                pos += len(part)
+                piece = inflate.unconsumed_tail
+            if inflate.eof or pos < 0:
+                break
+    except _zlib.error as e:
+        raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download "
+                             "or re-copy the release, then run `lymphatlas verify`") from e
+    if pos != size or not inflate.eof or inflate.unused_data:
+        # a volume of 4 GiB or more (ISIZE wraps), concatenated gzip members, or a truncated cell
+        try:
+            return memoryview(zlib.decompress(bytes(buffer), _GZIP_WBITS))
+        except zlib.error as e:
+            raise IntegrityError(f"Nifti cell {where!r} is not valid gzip ({e}): the shard is corrupt; re-download "
+                             "or re-copy the release, then run `lymphatlas verify`") from e
+    return memoryview(out)
+
+
+def decode_volume(
+    cell: dict[str, Any] | bytes | memoryview, *, copy: bool = True, where: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(array_zyx, affine_ras)`` from a Nifti cell (or its bytes).
 
-    Accepts the uncompressed NIfTI-1 bytes written by :func:`encode_volume`, gzipped NIfTI bytes
-    (as ``datasets`` allows), or any buffer such as ``pyarrow.BinaryScalar.as_buffer()``. With
-    ``copy=False`` the returned array is a read-only view of the given buffer (no voxel copy);
-    keep the buffer alive while using it.
+    Accepts the gzipped NIfTI-1 bytes written by :func:`encode_volume`, uncompressed NIfTI bytes
+    (``level=None``, and releases before the gzip cells), or any buffer such as
+    ``pyarrow.BinaryScalar.as_buffer()``. A gzip cell is inflated into a new buffer that the
+    returned (writable) array owns. An uncompressed cell is copied with ``copy=True``; with
+    ``copy=False`` the returned array is then a read-only view of the given buffer (no voxel copy):
+    keep the buffer alive while using it. ``where`` names the cell in errors (default: its path).
 
     Example:
         >>> cell = encode_volume(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.eye(4), "p")
@@ -100,12 +171,13 @@ def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = Tru
         7.0
     """
     data: Any = cell.get("bytes") if isinstance(cell, dict) else cell
-    where = cell.get("path") if isinstance(cell, dict) else None
+    where = (cell.get("path") if isinstance(cell, dict) else None) if where is None else where
     if data is None:
         raise SchemaError(f"Nifti cell {where!r} has no bytes; releases embed the volume bytes in the shard")
     buffer = memoryview(data).cast("B")
+    owned = False
     if bytes(buffer[:2]) == _GZIP_MAGIC:
-        buffer = memoryview(gzip.decompress(buffer))
+        buffer, owned = _inflate(buffer, where), True
     try:
         header = nib.Nifti1Header.from_fileobj(io.BytesIO(buffer[:348]), check=True)
     except Exception as e:  # nibabel raises several types for a bad header
@@ -128,8 +200,10 @@ def decode_volume(cell: dict[str, Any] | bytes | memoryview, *, copy: bool = Tru
     if slope is not None and (slope != 1 or (inter or 0) != 0):
         # Cells written by another tool may carry scaling; honour it as nibabel would.
         array = array * slope + (inter or 0)
-    elif copy or not dtype.isnative:
+    elif not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="), copy=True)
+    elif copy and not owned:
+        array = array.copy()
     return array, affine
 
 

@@ -336,7 +336,8 @@ class CaseDataset(_Base):
         label = affine = None
         for name in IMAGE_COLUMNS:
             table = self.release.read_volume_table(case_id, name)
-            array, affine = codec.decode_volume(codec.cell_bytes(table, name, where=f"case {case_id}"), copy=False)
+            array, affine = codec.decode_volume(codec.cell_bytes(table, name, where=f"case {case_id}"), copy=False,
+                                                where=f"case {case_id} {name}")
             if name == "label":
                 label = np.array(array, dtype=_DTYPES["label"])
                 continue

@@ -68,15 +68,49 @@ def content_hash(ct: np.ndarray, pet: np.ndarray, label: np.ndarray, affine_ras:
         >>> content_hash(a, a, a, np.eye(4)) == content_hash(a, a, a, np.eye(4))
         True
     """
-    digest = hashlib.sha256()
-    for array, dtype in (
-        (ct, schema.CT_DTYPE),
-        (pet, schema.PET_DTYPE),
-        (label, schema.LABEL_DTYPE),
-        (affine_ras, "float64"),
-    ):
-        digest.update(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
-    return digest.hexdigest()
+    digest = ContentHash()
+    for name, array in zip(schema.IMAGE_COLUMNS, (ct, pet, label)):
+        digest.update(name, array)
+    return digest.hexdigest(affine_ras)
+
+
+_HASH_DTYPES = {"ct": schema.CT_DTYPE, "pet": schema.PET_DTYPE, "label": schema.LABEL_DTYPE}
+
+
+class ContentHash:
+    """:func:`content_hash` one volume at a time (``ct``, then ``pet``, then ``label``, then the affine),
+    so a caller can let each volume go before reading the next. A volume already in its dtype and
+    C order is hashed in place (no copy).
+
+    Example:
+        >>> a = np.ones((2, 3, 4))
+        >>> h = ContentHash()
+        >>> for name in ("ct", "pet", "label"):
+        ...     h.update(name, a)
+        >>> h.hexdigest(np.eye(4)) == content_hash(a, a, a, np.eye(4))
+        True
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._next = 0
+
+    def update(self, name: str, array: np.ndarray) -> None:
+        expected = schema.IMAGE_COLUMNS[self._next] if self._next < len(schema.IMAGE_COLUMNS) else None
+        if name != expected:
+            raise ValueError(f"content hash: volume {name!r} given where {expected!r} comes next")
+        self._put(array, _HASH_DTYPES[name])
+        self._next += 1
+
+    def hexdigest(self, affine_ras: np.ndarray) -> str:
+        if self._next != len(schema.IMAGE_COLUMNS):
+            raise ValueError(f"content hash: only {list(schema.IMAGE_COLUMNS[:self._next])} given")
+        self._put(affine_ras, "float64")
+        return self._digest.hexdigest()
+
+    def _put(self, array: np.ndarray, dtype: str) -> None:
+        data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+        self._digest.update(memoryview(data.reshape(-1)).cast("B"))
 
 
 def release_files(release_dir: str | Path) -> list[str]:

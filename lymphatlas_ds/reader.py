@@ -428,7 +428,8 @@ class Release:
     def read_volume(self, case_id: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(array_zyx, affine_ras)`` of one volume (``ct``, ``pet`` or ``label``) of a case."""
         table = self.read_volume_table(case_id, name)
-        return codec.decode_volume(codec.cell_bytes(table, name, where=f"case {case_id}"), copy=True)
+        return codec.decode_volume(codec.cell_bytes(table, name, where=f"case {case_id}"), copy=True,
+                                   where=f"case {case_id} {name}")
 
     def read_case(
         self, case_id: str, *, columns: Iterable[str] = IMAGE_COLUMNS, check_content: bool = False

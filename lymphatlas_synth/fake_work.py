@@ -218,3 +218,113 @@ def _append_id_map(path: Path, id_rows: list[tuple[str, str, str, str]]) -> None
         if f.tell() == 0:
             w.writerow(["exam_id", "patient_id", "case_id", "subject_id"])
         w.writerows(id_rows)
+
+
+def large_volumes(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CT, PET and label of a whole-body-sized case, made quickly (seconds, not minutes) for memory
+    and size measurements: CT in HU (air, a body ellipse breathing with z, lungs, spine, noise of
+    12-18 HU), PET made at PET resolution (~3 voxels in-plane, noisy SUV, hot balls) and linearly
+    interpolated onto the CT grid, so its float32 voxels compress like a resampled PET does; the
+    label is PET > 4. The same seed gives the same volumes.
+
+    Example:
+        >>> ct, pet, label = large_volumes((250, 512, 512))  # doctest: +SKIP
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    z, y, x = shape_zyx
+    yy, xx = np.ogrid[0:y, 0:x]
+    cy, cx = y / 2, x / 2
+    fov = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.49 * x) ** 2
+    bone = (xx - cx) ** 2 + (yy - (cy + 0.16 * y)) ** 2 <= (0.03 * x) ** 2
+    lung = ((np.abs(xx - cx) - 0.17 * x) / (0.1 * x)) ** 2 + ((yy - cy) / (0.13 * y)) ** 2 <= 1
+    ct = np.empty(shape_zyx, np.int16)
+    templates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for k in range(z):
+        level = int(round(8 * np.sin(k / 25)))  # 17 body sizes, built once each
+        if level not in templates:
+            body = ((xx - cx) / (0.36 * x * (1 + 0.01 * level))) ** 2 + ((yy - cy) / (0.24 * y)) ** 2 <= 1
+            base = np.full((y, x), -1000.0, np.float32)
+            base[body] = 40.0
+            base[bone & body] = 700.0
+            templates[level] = (base, np.where(body, 18.0, 10.0).astype(np.float32))
+        base, sigma = templates[level]
+        sl = base.copy()
+        if z * 0.45 < k < z * 0.75:
+            sl[lung & (base > -999)] = -850.0
+        sl += rng.standard_normal((y, x), dtype=np.float32) * sigma
+        sl[~fov] = -1024
+        ct[k] = np.round(sl)
+    py, px = max(y // 3, 8), max(x // 3, 8)
+    pet = np.empty(shape_zyx, np.float32)
+    body_low = (ct[:, ::3, ::3] > -300)[:, :py, :px]
+    # SUV ~1.2 in the body; the air is not 0 on a reconstructed PET (noise of ~0.02 SUV over the field of view)
+    pet_low = np.where(body_low, rng.gamma(8.0, 0.15, body_low.shape), rng.gamma(2.0, 0.01, body_low.shape))
+    pet_low = pet_low.astype(np.float32)
+    zz, yl, xl = np.ogrid[0:z, 0:py, 0:px]
+    for _ in range(12):  # hot lesions
+        c = rng.integers([z // 8, py // 3, px // 3], [z * 7 // 8, py * 2 // 3, px * 2 // 3])
+        r = rng.uniform(1.5, 4.0)
+        pet_low[(zz - c[0]) ** 2 + (yl - c[1]) ** 2 + (xl - c[2]) ** 2 <= r * r] = rng.uniform(5, 25)
+    for k0 in range(0, z, 32):  # in-plane linear interpolation, a slab at a time
+        slab = ndimage.zoom(pet_low[k0:k0 + 32], (1, y / py, x / px), order=1)
+        pet[k0:k0 + 32] = np.clip(slab[:, :y, :x], 0, None)
+    label = (pet > 4.0).astype(np.uint8)
+    return ct, pet, label
+
+
+def make_large_work(work: Path, *, n_cases: int, shape_zyx: tuple[int, int, int] = (250, 512, 512),
+                    spacing_xyz: tuple[float, float, float] = (0.98, 0.98, 3.0), seed: int = 0) -> list[str]:
+    """A WORK folder of ``n_cases`` full-size cases (one per patient) that share one set of
+    :func:`large_volumes` (hard links to one copy of the files: cheap on disk and in time); each
+    case.json is complete and its content hash true. Returns the case ids.
+
+    For measurements of the release at scale (memory, row-group sizes), not for statistics.
+
+    Example:
+        >>> make_large_work(tmp_path / "work", n_cases=12)  # doctest: +SKIP
+    """
+    import copy
+    import os
+
+    try:
+        from isal import igzip as gz
+    except ImportError:  # pragma: no cover
+        import gzip as gz  # type: ignore[no-redef]
+
+    work = Path(work)
+    (work / "cases").mkdir(parents=True, exist_ok=True)
+    (work / "private").mkdir(parents=True, exist_ok=True)
+    ct, pet, label = large_volumes(shape_zyx, seed)
+    z, y, x = shape_zyx
+    affine = _affine_ras(spacing_xyz, (-x * spacing_xyz[0] / 2, -y * spacing_xyz[1] / 2, -400.0))
+    n_lesions = 12
+    template = work / "private" / "large-volumes"
+    template.mkdir(exist_ok=True)
+    for name, arr in (("ct", ct), ("pet", pet), ("label", label)):
+        img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), affine)
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+        (template / f"{name}.nii.gz").write_bytes(gz.compress(img.to_bytes(), 1, mtime=0))
+    base = _case_json("T", "T", 0, 0, ct, pet, label, affine, n_lesions, spacing_xyz)
+    del ct, pet, label
+    ids, id_rows = [], []
+    for p in range(n_cases):
+        case_id, subject_id = f"LA-L{p:05d}{seed:02d}", f"LP-L{p:05d}{seed:02d}"
+        info = copy.deepcopy(base)
+        info.update(case_id=case_id, subject_id=subject_id, clinical=_clinical(p, 0))
+        info["source"]["content_hash"] = hashlib.sha256(case_id.encode()).hexdigest()
+        folder = work / "cases" / case_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("ct", "pet", "label"):
+            target = folder / f"{name}.nii.gz"
+            if not target.exists():
+                os.link(template / f"{name}.nii.gz", target)
+        (folder / "case.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        ids.append(case_id)
+        id_rows.append((f"EXAML{p:05d}", f"PATL{p:05d}", case_id, subject_id))
+    _append_id_map(work / "private" / "id_map.csv", id_rows)
+    if not (work / "failures.json").exists():
+        (work / "failures.json").write_text("[]\n")
+    return ids

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from builder.release.shards import arrow_schema, features, shard_name, write_shards
 from lymphatlas_ds import codec
-from lymphatlas_ds.errors import SchemaError
+from lymphatlas_ds.errors import IntegrityError, SchemaError
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS
 from tests.support.releases import datasets_cache_in_tmp  # noqa: F401 (fixture)
 
@@ -46,14 +46,16 @@ def _volumes(rng: np.random.Generator, shape=(7, 9, 11)):
 def test_codec_round_trip_and_nibabel_reads_the_same_voxels(name):
     array = _volumes(np.random.default_rng(1))[name]
     cell = codec.encode_volume(array, OBLIQUE, codec.cell_path("LA-1", name))
-    assert cell["path"] == f"LA-1_{name}.nii"
-    assert cell["bytes"][:2] != b"\x1f\x8b"  # raw NIfTI, the parquet codec compresses
+    assert cell["path"] == f"LA-1_{name}.nii.gz"
+    assert cell["bytes"][:2] == b"\x1f\x8b"  # a gzip cell: the row group's size is its compressed size
+    raw = gzip.decompress(cell["bytes"])  # the peer: Python's own gzip
+    assert raw == codec.encode_volume(array, OBLIQUE, "x", level=None)["bytes"]  # the same NIfTI file, compressed
     decoded, affine = codec.decode_volume(cell)
     assert decoded.dtype == array.dtype and decoded.shape == array.shape
     np.testing.assert_array_equal(decoded, array)
     np.testing.assert_array_equal(affine, OBLIQUE)  # exact, from the float64 comment extension
     # The peer: nibabel reading the cell as a NIfTI file ([x, y, z] order) sees the same voxels.
-    image = nib.Nifti1Image.from_bytes(cell["bytes"])
+    image = nib.Nifti1Image.from_bytes(raw)
     np.testing.assert_array_equal(np.asanyarray(image.dataobj), array.transpose(2, 1, 0))
     np.testing.assert_allclose(image.affine, OBLIQUE, atol=1e-4)  # other readers: the float32 sform
     assert image.header["sform_code"] == 1 and image.header["qform_code"] == 1
@@ -61,17 +63,25 @@ def test_codec_round_trip_and_nibabel_reads_the_same_voxels(name):
 
 def test_codec_view_is_read_only_and_copy_is_writable():
     array = _volumes(np.random.default_rng(2))["pet"]
-    cell = codec.encode_volume(array, np.eye(4), "x")
+    cell = codec.encode_volume(array, np.eye(4), "x", level=None)  # a raw cell (releases before gzip cells)
     view, _ = codec.decode_volume(cell, copy=False)
     assert not view.flags.writeable and view.flags.c_contiguous
     copied, _ = codec.decode_volume(cell)
     copied[0, 0, 0] = -1.0  # must not raise
+    # A gzip cell is inflated into a buffer the array owns: writable either way, and not shared.
+    cell = codec.encode_volume(array, np.eye(4), "x")
+    inflated, _ = codec.decode_volume(cell, copy=False)
+    assert inflated.flags.writeable and inflated.flags.c_contiguous
+    inflated[0, 0, 0] = -1.0
+    np.testing.assert_array_equal(codec.decode_volume(cell)[0], array)
 
 
 def test_codec_accepts_gzipped_cells_and_scaled_files():
     array = _volumes(np.random.default_rng(3))["ct"]
-    cell = codec.encode_volume(array, np.eye(4), "x")
-    np.testing.assert_array_equal(codec.decode_volume({"bytes": gzip.compress(cell["bytes"]), "path": "x.nii.gz"})[0], array)
+    cell = codec.encode_volume(array, np.eye(4), "x", level=None)
+    # Any gzip writer's output (Python's gzip at level 9, with a file name and a time stamp) and raw NIfTI.
+    np.testing.assert_array_equal(codec.decode_volume({"bytes": gzip.compress(cell["bytes"], 9), "path": "x.nii.gz"})[0], array)
+    np.testing.assert_array_equal(codec.decode_volume(cell)[0], array)
     # A file written by another tool with slope/intercept (as dcm2niix does): values as nibabel scales them.
     image = nib.Nifti1Image(array.transpose(2, 1, 0), np.eye(4))
     image.header.set_slope_inter(2.0, -1024.0)
@@ -82,8 +92,11 @@ def test_codec_accepts_gzipped_cells_and_scaled_files():
 
 
 def test_codec_errors_name_the_cell():
-    cell = codec.encode_volume(np.zeros((4, 4, 4), np.int16), np.eye(4), "LA-9_ct")
+    cell = codec.encode_volume(np.zeros((4, 4, 4), np.int16), np.eye(4), "LA-9_ct", level=None)
     with pytest.raises(SchemaError, match="LA-9_ct.nii.*truncated"):
+        codec.decode_volume({"bytes": cell["bytes"][:-10], "path": cell["path"]})
+    cell = codec.encode_volume(np.random.default_rng(0).normal(0, 99, (9, 9, 9)).astype(np.int16), np.eye(4), "LA-9_ct")
+    with pytest.raises(IntegrityError, match="LA-9_ct.nii.gz.*gzip.*re-download"):
         codec.decode_volume({"bytes": cell["bytes"][:-10], "path": cell["path"]})
     with pytest.raises(SchemaError, match="not a NIfTI-1"):
         codec.decode_volume({"bytes": b"x" * 400, "path": "bad.nii"})
@@ -138,7 +151,11 @@ def test_shards_are_bounded_one_case_per_row_group_and_load_with_datasets(tmp_pa
         assert info.size == path.stat().st_size < bound + 32 * 1024
         meta = pq.ParquetFile(path).metadata
         assert meta.num_row_groups == meta.num_rows == len(info.case_ids)
-        assert all(meta.row_group(0).column(c).compression == "ZSTD" for c in range(meta.num_columns))
+        codecs = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c).compression
+                  for c in range(meta.num_columns)}
+        # gzip cells stored as they are (the viewer's row-group size is then their size), metadata zstd
+        assert {codecs[f"{n}.bytes"] for n in IMAGE_COLUMNS} == {"UNCOMPRESSED"}
+        assert {c for p, c in codecs.items() if p.split(".")[0] in METADATA_COLUMNS} == {"ZSTD"}
         hf = json.loads(pq.read_schema(path).metadata[b"huggingface"])
         assert hf["info"]["features"]["ct"]["_type"] == "Nifti"
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "data/hl/*.parquet"), split="train")
@@ -181,7 +198,7 @@ def test_a_bad_row_names_the_case_and_leaves_no_file(tmp_path):
 
 def test_a_stale_affine_extension_loses_to_an_edited_sform():
     cell = codec.encode_volume(np.zeros((2, 3, 4), np.int16), OBLIQUE, "x")
-    image = nib.Nifti1Image.from_bytes(cell["bytes"])
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(cell["bytes"]))
     moved = OBLIQUE.copy()
     moved[:3, 3] += 10.0
     image.set_sform(moved, code=1)

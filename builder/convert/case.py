@@ -22,7 +22,7 @@ import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import nibabel as nib
 import numpy as np
@@ -230,15 +230,17 @@ class CaseFileError(SchemaError):
         self.path = path
 
 
-def read_volumes(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_volumes(folder: Path, names: Iterable[str] = tuple(CASE_FILES)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The ct / pet / label volumes of a WORK case folder: ``{name: (array, header RAS affine)}``.
 
     Arrays are ``[z, y, x]`` views in the stored dtype (``dataobj``; ``get_fdata`` would give
     float64). The one reader of a case's NIfTI files: :func:`load_case`, the release
     (``builder.release.build.read_case_volumes``) and the QC report use it, each adding its checks.
+    ``names`` reads only those volumes (the release reads one at a time to bound its memory).
     """
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, file in CASE_FILES.items():
+    for name in names:
+        file = CASE_FILES[name]
         path = Path(folder) / file
         try:
             image = nib.load(path)

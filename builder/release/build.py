@@ -141,37 +141,83 @@ def case_affine(case: WorkCase) -> np.ndarray:
     return affine
 
 
+def read_case_volume(case: WorkCase, name: str, affine_ras: np.ndarray | None = None) -> np.ndarray:
+    """Read one volume (``ct``, ``pet`` or ``label``) of a case as a ``[z, y, x]`` array in its schema dtype.
+
+    Checks that it lies on case.json's grid (shape and affine, the header's float32 sform against
+    case.json's float64 affine) and, for the label, that it holds only 0 and 1.
+    """
+    affine_ras = case_affine(case) if affine_ras is None else affine_ras
+    file = schema.CASE_FILES[name]
+    try:
+        data, header_affine = _read_nifti_once(case.folder / file)
+    except CaseFileError as e:
+        raise ReleaseError(f"case {case.case_id}: {e}") from e
+    array = np.ascontiguousarray(_as_dtype(data, _DTYPES[name], f"case {case.case_id} {file}"))
+    if not np.allclose(header_affine, affine_ras, rtol=1e-6, atol=1e-3):
+        raise ReleaseError(
+            f"case {case.case_id}: the affine of {file} differs from case.json geometry.affine_ras; "
+            "the files are not on the case's CT grid: re-run convert for this case"
+        )
+    expected = tuple(case.info["geometry"].get("shape_zyx", array.shape))
+    if tuple(array.shape) != expected:
+        raise ReleaseError(f"case {case.case_id}: {file} is {array.shape}, case.json says {expected}; "
+                           "the volumes must share the case's CT grid")
+    if name == "label" and array.size and int(array.max()) > 1:  # uint8: {0, 1} iff max <= 1
+        raise ReleaseError(f"case {case.case_id}: label.nii.gz holds values other than 0 and 1")
+    return array
+
+
+def _read_nifti_once(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array_zyx, header affine)`` of a WORK ``.nii.gz``, inflated straight into the array (nibabel's
+    reader holds the voxels twice at its peak: 1.2 GB for a 600-slice PET). Files with scaling, or that
+    this reader does not understand, go through :func:`builder.convert.case.read_volumes`' nibabel path."""
+    import nibabel as nib
+
+    try:
+        from isal import igzip as gz
+    except ImportError:  # pragma: no cover - the builder extra installs isal
+        import gzip as gz  # type: ignore[no-redef]
+    try:
+        with gz.open(path, "rb") as f:
+            header = nib.Nifti1Header.from_fileobj(f, check=True)
+            shape = header.get_data_shape()
+            slope, inter = header.get_slope_inter()
+            dtype = header.get_data_dtype()
+            if len(shape) != 3 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+                raise ValueError("not a plain 3-D volume")
+            f.seek(int(header["vox_offset"]))
+            out = np.empty(shape[::-1], dtype)  # [z, y, x] C order is NIfTI's x-fastest order
+            view = memoryview(out.reshape(-1)).cast("B")
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:got + (16 << 20)])  # in chunks: readinto(all) reads a copy of all first
+                if not n:
+                    raise CaseFileError(path, f"is truncated ({got} of {len(view)} voxel bytes)")
+                got += n
+        if not dtype.isnative:
+            out = out.astype(dtype.newbyteorder("="))
+        return out, header.get_best_affine()
+    except CaseFileError:
+        raise
+    except Exception:  # anything unusual: nibabel's reader, with its own messages
+        return read_volumes(path.parent, (path.name.split(".")[0],))[path.name.split(".")[0]]
+
+
 def read_case_volumes(case: WorkCase) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Read ct / pet / label of a case as ``[z, y, x]`` arrays in the schema dtypes, and the RAS affine.
 
     Checks that the three share one grid and that it matches case.json's geometry; the affine
     returned is case.json's float64 one (what the content hash and the ``affine`` column use).
     """
-    arrays: dict[str, np.ndarray] = {}
     affine_ras = case_affine(case)
-    try:
-        volumes = read_volumes(case.folder)
-    except CaseFileError as e:
-        raise ReleaseError(f"case {case.case_id}: {e}") from e
-    for name in IMAGE_COLUMNS:
-        data, header_affine = volumes[name]
-        file = schema.CASE_FILES[name]
-        arrays[name] = np.ascontiguousarray(_as_dtype(data, _DTYPES[name], f"case {case.case_id} {file}"))
-        # The header's sform is float32: compare with case.json's float64 affine to that precision.
-        if not np.allclose(header_affine, affine_ras, rtol=1e-6, atol=1e-3):
-            raise ReleaseError(
-                f"case {case.case_id}: the affine of {file} differs from case.json geometry.affine_ras; "
-                "the files are not on the case's CT grid: re-run convert for this case"
-            )
-    shapes = {n: a.shape for n, a in arrays.items()}
-    if len(set(shapes.values())) != 1:
-        raise ReleaseError(f"case {case.case_id}: volumes have different shapes {shapes}; they must share the CT grid")
-    expected = tuple(case.info["geometry"].get("shape_zyx", arrays["ct"].shape))
-    if tuple(arrays["ct"].shape) != expected:
-        raise ReleaseError(f"case {case.case_id}: volumes are {arrays['ct'].shape}, case.json says {expected}")
-    if not np.isin(np.unique(arrays["label"]), (0, 1)).all():
-        raise ReleaseError(f"case {case.case_id}: label.nii.gz holds values other than 0 and 1")
-    return arrays, affine_ras
+    return {name: read_case_volume(case, name, affine_ras) for name in IMAGE_COLUMNS}, affine_ras
+
+
+def case_raw_bytes(case: WorkCase) -> int:
+    """The voxel bytes of a case (ct int16 + pet float32 + label uint8) from case.json's shape."""
+    shape = case.info.get("geometry", {}).get("shape_zyx") or (0, 0, 0)
+    return int(np.prod([int(v) for v in shape])) * sum(np.dtype(t).itemsize for t in _DTYPES.values())
 
 
 def metadata_row(case: WorkCase, placement: splits.Placement, content_hash: str) -> dict[str, Any]:
@@ -450,8 +496,10 @@ def build_release(
     ``previous`` is the folder of the last published release (or a local mirror, meaning its
     latest version): its cases keep their split and fold, its seed is reused and its changelog is
     extended. ``on_case`` is called with each case
-    id as it is written (the CLI's progress bar); ``workers`` cases are read and encoded ahead in
-    threads (each holds about one case's voxels twice in memory: 1 GiB at 512x512x300).
+    id as it is written (the CLI's progress bar); up to ``workers`` cases are read and encoded ahead in
+    threads, within :data:`RELEASE_MEMORY_BUDGET` of voxels in flight (a case is read one volume at a
+    time and holds about its largest volume plus its gzip cells), so the peak memory does not grow
+    with the number or the size of the cases.
 
     ``mirror`` is the local mirror the release is for: the update is built on its latest version
     (``previous``, if given too, must be that version); ``repo_id`` the same for a Hub dataset repo
@@ -572,19 +620,30 @@ def _releasable_cases(work: Path, *, keep_gone: bool) -> list[WorkCase]:
 
 def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str, Any], dict[str, Any], CaseExtras]:
     """A case's metadata row, encoded volume cells and its lesion rows and preview images, after
-    checking its voxels (and its lesion items) against case.json."""
-    arrays, affine = read_case_volumes(case)
-    digest = manifest_mod.content_hash(arrays["ct"], arrays["pet"], arrays["label"], affine)
-    if case.info.get("content_hash") != digest:
+    checking its voxels (and its lesion items) against case.json.
+
+    Each volume is read, hashed and encoded in turn (no second copy of the three at once); the three
+    are then drawn for the preview config and let go before the next case is read.
+    """
+    affine = case_affine(case)
+    digest = manifest_mod.ContentHash()
+    cells = {}
+    arrays = {}
+    for name in IMAGE_COLUMNS:
+        arrays[name] = read_case_volume(case, name, affine)
+        digest.update(name, arrays[name])
+        cells[name] = codec.encode_volume(arrays[name], affine, codec.cell_path(case.case_id, name))
+    content_hash = digest.hexdigest(affine)
+    if case.info.get("content_hash") != content_hash:
         raise ReleaseError(
             f"case {case.case_id}: the voxels of {case.folder} do not match case.json content_hash "
             "(a file changed after convert, or a corrupt copy): re-run convert for this case"
         )
     lesions_mod.check_items(case.case_id, case.info, arrays["label"])
-    row = {**metadata_row(case, placement, digest), **provenance.case_provenance(case.info)}
+    row = {**metadata_row(case, placement, content_hash), **provenance.case_provenance(case.info)}
     extras = CaseExtras(lesions_mod.lesion_rows(case.info, row),
                         preview_mod.preview_cells(case.case_id, arrays["ct"], arrays["pet"], arrays["label"], affine))
-    cells = {n: codec.encode_volume(arrays[n], affine, codec.cell_path(case.case_id, n)) for n in IMAGE_COLUMNS}
+    del arrays
     return row, cells, extras
 
 
@@ -596,9 +655,17 @@ class CaseExtras:
     preview: dict[str, dict[str, Any]]
 
 
+RELEASE_MEMORY_BUDGET = 640 * 2**20
+"""Voxel bytes (raw, as in case.json's shape) of the cases a release holds at once: read and encoded
+ahead in threads, or being written. A case larger than the budget is handled alone. 640 MiB keeps one
+512x512x250 case (437.5 MiB) in flight: 4 such cases peak at 1.86 GB RSS (1280 MiB, two in flight:
+2.39 GB; tests/test_hub_layout.py, slow). A 600-slice case alone still peaks at 3.6 GB."""
+
+
 def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
                 shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
                 extras: dict[str, CaseExtras] | None = None,
+                memory_budget: int = RELEASE_MEMORY_BUDGET,
                 ) -> tuple[list[dict[str, Any]], dict[str, str], list[shards.ShardInfo]]:
     """Write ``data/<config>/<split>-*.parquet``; return the metadata rows, the content hashes and the
     shards; each case's lesion rows and preview images go to ``extras`` (case id -> :class:`CaseExtras`)."""
@@ -608,28 +675,42 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
     extras = {} if extras is None else extras
 
     def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
-        # Read and encode the next cases in threads while the current one is compressed and
-        # written (gzip, sha256 and zstd release the GIL); a bounded queue caps the memory at
-        # about `workers` cases.
-        pending: deque[Future] = deque()
-        queue = iter(ids)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # Read and encode the next cases in threads while the current one is written (nibabel's
+        # gunzip, sha256 and ISA-L's deflate release the GIL). The cases in flight (preparing,
+        # prepared or being written) stay within RELEASE_MEMORY_BUDGET of voxels: at least one,
+        # at most `workers` + 1.
+        pending: deque[tuple[str, Future]] = deque()
+        queue = deque(ids)
+        in_flight = 0  # voxel bytes of the cases submitted and not yet written
+
+        def fill(pool: ThreadPoolExecutor) -> None:
+            nonlocal in_flight
+            while queue and len(pending) < workers:
+                size = case_raw_bytes(by_id[queue[0]])
+                if in_flight and in_flight + size > memory_budget:
+                    return
+                case_id = queue.popleft()
+                in_flight += size
+                pending.append((case_id, pool.submit(_prepare_case, by_id[case_id], placements[case_id])))
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             try:
-                for case_id in itertools.islice(queue, workers):
-                    pending.append(pool.submit(_prepare_case, by_id[case_id], placements[case_id]))
+                fill(pool)
                 while pending:
-                    row, cells, extra = pending.popleft().result()
+                    case_id, future = pending.popleft()
+                    row, cells, extra = future.result()
                     extras[row["case_id"]] = extra
-                    for case_id in itertools.islice(queue, 1):
-                        pending.append(pool.submit(_prepare_case, by_id[case_id], placements[case_id]))
+                    fill(pool)  # the next case prepares while this one is written
                     hashes[row["case_id"]] = row["content_hash"]
                     rows.append(row)
                     yield {**row, **cells}
                     del cells
+                    in_flight -= case_raw_bytes(by_id[case_id])
                     if on_case is not None:
                         on_case(row["case_id"])
+                    fill(pool)
             finally:
-                for future in pending:
+                for _, future in pending:
                     future.cancel()
 
     for diagnosis in Diagnosis:

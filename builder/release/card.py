@@ -206,16 +206,20 @@ def configs_yaml(shards: Sequence[ShardInfo], side_files: Mapping[str, Sequence[
 
 def dataset_info_yaml(statistics: Mapping[str, Any], shards: Sequence[ShardInfo],
                       side_files: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
-    """``dataset_info`` per config: the features and the shard bytes, no split sizes (see the module doc).
+    """``dataset_info`` per config: the features and the sizes as the Hub means them, no split sizes (see the module doc).
 
-    The number of cases per split is in the card's prose and in ``metadata/cases.csv``.
+    ``download_size`` is the config's parquet bytes, ``dataset_size`` its bytes once read into arrow
+    (what ``datasets`` counts as the splits' ``num_bytes``: the cells as stored, the metadata
+    decompressed). The number of cases per split is in the card's prose and in ``metadata/cases.csv``.
     """
     out = []
     for config in Config:
         size = sum(s.size for s in shards if _in_config(s.path, config))
         if not size:
             continue
-        info = datasets.DatasetInfo(features=features(), config_name=config.value, download_size=size, dataset_size=size)
+        arrow = sum(s.arrow_bytes for s in shards if _in_config(s.path, config))
+        info = datasets.DatasetInfo(features=features(), config_name=config.value, download_size=size,
+                                    dataset_size=arrow)
         out.append(info._to_yaml_dict())
     from builder.release import lesions, preview
 

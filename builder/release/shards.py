@@ -6,17 +6,19 @@ with pyarrow, not ``Dataset.to_parquet`` (which cannot set the codec), using the
 schema and its ``huggingface`` metadata, so plain ``datasets.load_dataset`` decodes the Nifti
 columns. Choices, measured in ``benchmarks/bench_shards.py``:
 
-- zstd level 3 over raw NIfTI bytes (not gzip cells). On a synthetic 512x512x300 case (CT int16,
-  PET float32 resampled from PET resolution, label; 525 MiB of voxels) versus the three
-  ``.nii.gz`` files (gzip 6) read by nibabel: 236 MiB vs 239 MiB on disk (0.99x), encode 3.6-3.9 s
-  vs 16-27 s, decode one case 0.58-0.61 s vs 2.03-2.05 s (3.3-3.5x faster, two runs on a shared
-  2-core machine). gzip cells in parquet: same size, no faster than the files. zstd-1: 1.00x size,
-  not faster to decode; zstd-9: 0.97x size, but encode 12-25 s;
+- gzip cells (ISA-L deflate level 1, :data:`lymphatlas_ds.codec.GZIP_LEVEL`) stored as they are
+  (parquet compression ``NONE`` on the image columns, zstd on the metadata). A row group's
+  ``total_byte_size`` in the parquet metadata is the bytes of its data once read into arrow, which
+  the Hub's dataset viewer refuses above 286 MiB ("Rows from parquet row groups are too big to be
+  read"): with raw NIfTI cells under parquet zstd a 512x512x250-300 case was one 438-576 MiB row
+  group; with gzip cells it is its compressed size (about 0.45x on the synthetic cases, see
+  :data:`VIEWER_ROW_GROUP_LIMIT`). Same bytes on disk within a few %, encoded faster than zstd-3;
 - one case per row group, so a reader (or ``streaming=True``) touches one case at a time;
 - no dictionary encoding and no statistics on the image columns (useless on blobs);
-- a shard holds at most ``schema.SHARD_MAX_BYTES`` of uncompressed NIfTI bytes, so on disk it is
-  at most that plus its footer (schema and features, a few KiB); a case larger than the bound
-  gets a shard of its own.
+- a shard holds at most ``schema.SHARD_MAX_BYTES`` of cell bytes, so on disk it is at most that
+  plus its footer (schema and features, a few KiB); a case larger than the bound gets a shard of
+  its own;
+- cells go into arrow without a copy (:func:`_row_table`), so writing a case holds its cells once.
 
 Example:
     >>> feats = features()
@@ -47,7 +49,11 @@ from builder.release import provenance
 log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 3
-"""zstd level of the shards: measured in benchmarks/bench_shards.py (higher levels barely shrink noisy volumes)."""
+"""zstd level of the metadata columns (the image cells are gzip already, stored uncompressed)."""
+
+VIEWER_ROW_GROUP_LIMIT = 300_000_000
+"""The Hub dataset viewer's ``max_arrow_data_in_memory`` (286 MiB): it refuses to read a row group whose
+``total_byte_size`` (parquet metadata) is larger. A case whose cells pass it is logged as a warning."""
 
 _LIST_TYPE = re.compile(r"list<(\w+)>\[(\d+)\]")
 
@@ -82,20 +88,37 @@ def _row_bytes(row: Mapping[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A written shard: its path relative to the release and the cases it holds, in order."""
+    """A written shard: its path relative to the release, the cases it holds (in order), its bytes
+    on disk, its bytes once read into arrow (what ``datasets`` counts as a split's ``num_bytes``) and
+    the largest ``total_byte_size`` of its row groups."""
 
     path: str
     case_ids: tuple[str, ...]
     size: int
+    arrow_bytes: int = 0
+    max_row_group_bytes: int = 0
+
+
+def _leaf_paths(name: str, type_: pa.DataType) -> list[str]:
+    """Parquet column paths of an arrow field (``spacing_xyz.list.element``, ``ct.bytes``): per-column options use them."""
+    if pa.types.is_struct(type_):
+        return [p for child in type_ for p in _leaf_paths(f"{name}.{child.name}", child.type)]
+    if pa.types.is_list(type_) or pa.types.is_fixed_size_list(type_) or pa.types.is_large_list(type_):
+        return _leaf_paths(f"{name}.list.element", type_.value_type)
+    return [name]
 
 
 def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     meta_cols = list(METADATA_COLUMNS)
+    # The cells are gzip already: stored as they are (zstd over deflate gains nothing and costs time).
+    meta_leaves = [p for c in meta_cols for p in _leaf_paths(c, schema.field(c).type)]
+    compression = {p: "zstd" for p in meta_leaves}
+    compression.update({p: "none" for c in IMAGE_COLUMNS for p in _leaf_paths(c, schema.field(c).type)})
     return pq.ParquetWriter(
         path,
         schema,
-        compression="zstd",
-        compression_level=ZSTD_LEVEL,
+        compression=compression,
+        compression_level={p: ZSTD_LEVEL for p in meta_leaves},
         use_dictionary=[c for c in meta_cols if METADATA_COLUMNS[c] == "string"],
         write_statistics=meta_cols,
         # A page index / bloom filters on blobs would cost space for nothing.
@@ -103,11 +126,23 @@ def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     )
 
 
+def _cell_array(cell: Mapping[str, Any], type_: pa.DataType) -> pa.Array:
+    """A one-cell Nifti struct array whose bytes are the cell's own buffer (no copy)."""
+    data = cell["bytes"]
+    offsets = pa.array([0, len(data)], pa.int32()).buffers()[1]
+    blob = pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(data)])
+    return pa.StructArray.from_arrays([blob, pa.array([cell["path"]], pa.string())], fields=list(type_))
+
+
 def _row_table(row: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
-    """One case's row as a one-row arrow table of the shard schema."""
+    """One case's row as a one-row arrow table of the shard schema; the cells' bytes are not copied."""
     try:
-        return pa.Table.from_pylist([dict(row)], schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        meta_schema = pa.schema([schema.field(name) for name in METADATA_COLUMNS])
+        meta = pa.Table.from_pylist([{name: row[name] for name in METADATA_COLUMNS}], schema=meta_schema)
+        columns = [meta.column(name) for name in METADATA_COLUMNS]
+        columns += [_cell_array(row[name], schema.field(name).type) for name in IMAGE_COLUMNS]
+        return pa.Table.from_arrays(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError) as e:
         raise SchemaError(
             f"case {row.get('case_id')!r}: its row does not fit the shard schema ({e}); "
             "check lymphatlas_ds.schema.METADATA_COLUMNS and the case.json it came from"
@@ -124,6 +159,8 @@ class _PartialShards:
         self.shard_cases: list[list[str]] = []
         self.writer: pq.ParquetWriter | None = None
         self.current_bytes = 0
+        self.arrow_bytes: list[int] = []  # per shard: bytes of its rows in arrow
+        self.max_row_group: list[int] = []  # per shard: the largest row group (parquet total_byte_size)
         self.provenance: dict[str, Any] = {}  # case id -> provenance of the current shard (key-value metadata)
 
     def _open_new(self) -> pq.ParquetWriter:
@@ -131,6 +168,8 @@ class _PartialShards:
         temp = self.out_dir / f".{self.split}-{len(self.temp_paths):05d}.parquet.partial"
         self.temp_paths.append(temp)
         self.shard_cases.append([])
+        self.arrow_bytes.append(0)
+        self.max_row_group.append(0)
         return _writer(temp, self.schema)
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -141,7 +180,13 @@ class _PartialShards:
                 self._finish()
             self.writer = self._open_new()
             self.current_bytes = 0
-        self.writer.write_table(_row_table(row, self.schema), row_group_size=1)
+        table = _row_table(row, self.schema)
+        self.writer.write_table(table, row_group_size=1)
+        self.arrow_bytes[-1] += table.nbytes
+        del table
+        # The writer's page buffers (about twice the largest cell) go back to the system now, not
+        # kept by arrow's allocator under the next case's volumes (measured: 0.5 GB at 512x512x250).
+        pa.default_memory_pool().release_unused()
         self.shard_cases[-1].append(row["case_id"])
         self.provenance[row["case_id"]] = provenance.shard_entry(row)
         self.current_bytes += size
@@ -153,6 +198,19 @@ class _PartialShards:
         self.writer.add_key_value_metadata({provenance.SHARD_METADATA_KEY: text})
         self.writer.close()
         self.provenance = {}
+        self._check_row_groups(self.temp_paths[-1], self.shard_cases[-1])
+
+    def _check_row_groups(self, path: Path, case_ids: list[str]) -> None:
+        """Record the shard's largest row group; warn about each one the Hub's viewer will refuse to read."""
+        meta = pq.read_metadata(path)
+        sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+        self.max_row_group[-1] = max(sizes, default=0)
+        for case_id, size in zip(case_ids, sizes):
+            if size > VIEWER_ROW_GROUP_LIMIT:
+                log.warning(
+                    "case %s: its row group holds %.0f MiB, over the Hub dataset viewer's %.0f MiB limit: the viewer "
+                    "cannot show that row (every client still reads it)", case_id, size / 2**20,
+                    VIEWER_ROW_GROUP_LIMIT / 2**20)
 
     def close(self) -> None:
         """Finish the last shard."""
@@ -174,7 +232,8 @@ class _PartialShards:
         for i, (temp, ids) in enumerate(zip(self.temp_paths, self.shard_cases)):
             final = self.out_dir / shard_name(self.split, i, len(self.temp_paths))
             os.replace(temp, final)
-            infos.append(ShardInfo(final.relative_to(root).as_posix(), tuple(ids), final.stat().st_size))
+            infos.append(ShardInfo(final.relative_to(root).as_posix(), tuple(ids), final.stat().st_size,
+                                   self.arrow_bytes[i], self.max_row_group[i]))
         return infos
 
 
@@ -203,6 +262,7 @@ def write_shards(
     try:
         for row in rows:
             shards.add(row)
+            del row  # the cells go now, not when the next row is ready
         shards.close()
     except BaseException:
         shards.discard()
