@@ -249,7 +249,8 @@ def run_probe(peer: str, work: Path, args, n_cases: int, *, workers: int) -> dic
     proc = subprocess.run(cmd, env=_env(work), capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
-        raise RuntimeError(f"{peer} (workers={workers}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{peer} (workers={workers}) failed with exit status {proc.returncode} (-9: killed, "
+                           f"e.g. out of memory):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
@@ -310,10 +311,16 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; fake WORK + release built in {built:.0f} s" if built is not None else ""))
         timings: dict[str, float] = {}
         rows: dict[str, dict] = {}
+        failed: list[str] = []
         for peer in peers:
             row = prepare(peer, work, timings)
-            one = run_probe(peer, work, args, n_cases, workers=0)
-            two = run_probe(peer, work, args, n_cases, workers=2)
+            try:
+                one = run_probe(peer, work, args, n_cases, workers=0)
+                two = run_probe(peer, work, args, n_cases, workers=2)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails here is reported, not fatal
+                print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
+                failed.append(peer)
+                continue
             row.update(first_s=one["first_s"], epoch0_s=one["epoch0_s"], rate1=one["rate"], rss=one["rss"],
                        rate2=two["rate"])
             if peer == "monai_persistent":
@@ -330,11 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                  f"{timings['nnunet_materialize']:.0f} s of its preparation" if "nnunet" in rows else "")
               + (f"; MONAI/TorchIO NIfTI written by materialize --monai in {timings['materialize_monai']:.0f} s"
                  if "materialize_monai" in timings else ""))
+        if failed:
+            print(f"failed (see above): {', '.join(failed)}")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
