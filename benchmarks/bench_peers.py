@@ -240,7 +240,13 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
     rate = got / (time.perf_counter() - t)
     out = {"first_s": first, "epoch0_s": epoch0, "rate": rate, "rss": _hwm(), "load": os.getloadavg()[0]}
     print(json.dumps(out), flush=True)
-    os._exit(0)  # the peers' worker pools (batchgenerators, persistent DataLoaders) need not be shut down politely
+    import multiprocessing
+
+    # The peers' worker pools (batchgenerators' producers, persistent DataLoader workers) are killed, not shut
+    # down politely: a spawned producer left behind would keep this probe's stdout open.
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(0)
 
 
 def run_probe(peer: str, work: Path, args, n_cases: int, *, workers: int) -> dict:
