@@ -10,8 +10,8 @@ release's train split (a third foreground-centred where the loader can, batch si
   then nnU-Net's own ``nnUNetDataLoader`` on the preprocessed blosc2 files (2 workers: its
   ``NonDetMultiThreadedAugmenter``, as its trainer runs it; no augmentation anywhere);
 - **MONAI PersistentDataset / CacheDataset**: ``lymphatlas materialize --monai`` NIfTI,
-  ``LoadImaged`` (CT+PET as two channels) then ``RandSpatialCropSamplesd`` (uniform crops, the
-  samples of one case per item, as MONAI users draw several patches per load);
+  ``LoadImaged`` (CT+PET as two channels) then ``RandSpatialCropd`` (uniform crops, no foreground
+  oversampling), each case listed once per patch;
 - **TorchIO Queue**: the same NIfTI as ``Subject``s, ``Queue(UniformSampler(128))`` (2 workers: the
   Queue's own ``num_workers``, the outer ``DataLoader`` has none).
 
@@ -172,20 +172,23 @@ def batches(peer: str, work: Path, *, workers: int, patch: int, samples: int):
             yield next(loader)
     if peer in ("monai_persistent", "monai_cache"):
         import numpy as np
-        from monai.data import CacheDataset, PersistentDataset, list_data_collate
-        from monai.transforms import Compose, LoadImaged, RandSpatialCropSamplesd
+        from monai.data import CacheDataset, PersistentDataset
+        from monai.transforms import Compose, LoadImaged, RandSpatialCropd
+        from torch.utils.data import Subset
 
         cases = _train_cases(work)
         load = [LoadImaged(keys="image", dtype=np.float32, ensure_channel_first=True, image_only=True),
                 LoadImaged(keys="label", dtype=np.uint8, ensure_channel_first=True, image_only=True)]
-        crop = RandSpatialCropSamplesd(keys=["image", "label"], roi_size=size, num_samples=samples, random_size=False)
+        # One crop per item, each case listed `samples` times (RandSpatialCropSamplesd(num_samples=8) copied the
+        # whole case per sample: the full-size run was killed at 14 GB).
+        crop = RandSpatialCropd(keys=["image", "label"], roi_size=size, random_size=False)
         transform = Compose([*load, crop])
         if peer == "monai_persistent":
             ds = PersistentDataset(cases, transform, cache_dir=work / "monai_persistent")
         else:
             ds = CacheDataset(cases, transform, num_workers=1, progress=False)
-        loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=workers, collate_fn=list_data_collate,
-                            persistent_workers=workers > 0)
+        ds = Subset(ds, [i for i in range(len(cases)) for _ in range(samples)])
+        loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
         while True:
             yield from loader
     if peer == "torchio":
