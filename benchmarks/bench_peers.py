@@ -266,6 +266,10 @@ def run_probe(peer: str, work: Path, args, n_cases: int, *, workers: int) -> dic
 # ----------------------------------------------------------------------------- the table
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 0.1 * 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def table(rows: dict[str, dict], patch: int) -> str:
     base = rows.get("nnunet", {}).get("rate1")
     head = ("| loader | one-time preparation | epoch 0 | steady patches/s, one process | with 2 workers | "
@@ -275,8 +279,8 @@ def table(rows: dict[str, dict], patch: int) -> str:
         vs = f" ({r['rate1'] / base:.2f}x nnU-Net)" if base and peer != "nnunet" else ""
         lines.append(
             f"| {TITLES[peer]} | {r['prep_s']:.0f} s | {r['epoch0_s']:.1f} s | {r['rate1']:.1f}{vs} | "
-            f"{r['rate2']:.1f} ({r['rate2'] / r['rate1']:.2f}x) | {r['first_s']:.2f} s | {r['rss'] / 2**30:.2f} GiB | "
-            f"{r['disk'] / 2**30:.2f} GiB |")
+            f"{r['rate2']:.1f} ({r['rate2'] / r['rate1']:.2f}x) | {r['first_s']:.2f} s | {_size(r['rss'])} | "
+            f"{_size(r['disk'])} |")
     return "\n".join(lines)
 
 
