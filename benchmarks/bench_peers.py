@@ -278,7 +278,7 @@ def table(rows: dict[str, dict], patch: int) -> str:
     for peer, r in rows.items():
         vs = f" ({r['rate1'] / base:.2f}x nnU-Net)" if base and peer != "nnunet" else ""
         lines.append(
-            f"| {TITLES[peer]} | {r['prep_s']:.0f} s | {r['epoch0_s']:.1f} s | {r['rate1']:.1f}{vs} | "
+            f"| {TITLES[peer]} | {r['prep_s']:.{0 if r['prep_s'] >= 10 else 1}f} s | {r['epoch0_s']:.1f} s | {r['rate1']:.1f}{vs} | "
             f"{r['rate2']:.1f} ({r['rate2'] / r['rate1']:.2f}x) | {r['first_s']:.2f} s | {_size(r['rss'])} | "
             f"{_size(r['disk'])} |")
     return "\n".join(lines)
