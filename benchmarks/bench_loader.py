@@ -8,7 +8,8 @@ one run:
    case's ``ct/pet/label.nii.gz`` (target: >= 5x);
 2. random 128^3 patches (CT + PET + label, a third centred on foreground) vs decoding the three
    ``.nii.gz`` files and cropping, as a naive loader over nnU-Net raw files does (target: >= 50x);
-   also through a ``DataLoader`` with 2 workers;
+   also through a ``DataLoader`` with 0, 1, 2 (``--max-workers``) workers, as ratios to 0 workers
+   (target: the most workers >= 1.0x);
 3. the first-epoch cost: decoding each case into the cache, and the sizes on disk;
 4. memory: peak RSS growth of a process drawing patches vs the size of one decoded case
    (target: patch mode never holds a whole decoded case).
@@ -178,15 +179,42 @@ def random_patches(setup: Setup, ds, *, n_patches: int, n_baseline: int):
     return patches, ratio
 
 
-def dataloader_rate(patches) -> None:
-    """Patches per second through a torch DataLoader with 2 workers, their start included."""
+def _touch(batch) -> None:
+    """Read one value per 4 KiB page of the batch's tensors, as a training step's copy to the GPU would."""
+    for value in batch.values():
+        if hasattr(value, "view") and value.numel():
+            value.reshape(-1)[:: max(1, 4096 // value.element_size())].sum()
+
+
+def worker_scaling(patches, *, workers=(0, 1, 2), repeats: int = 3, batch_size: int = 2) -> dict:
+    """Patches per second through ``DataLoader(num_workers=k)`` for each k, each epoch timed whole (worker
+    start and first-use file opening included), the batches read in the main process; the k are interleaved
+    and repeated, and each repeat's rates are divided by that repeat's ``num_workers=0`` rate (the same
+    process, the same machine load). Prints one line; returns ``{"rates": {k: [...]}, "ratios": {k: median}}``."""
+    import statistics
+
     import torch
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(patches, batch_size=2, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
-    t = time.perf_counter()
-    count = sum(len(b["case_id"]) for b in loader)
-    print(f"DataLoader(batch_size=2, num_workers=2): {count / (time.perf_counter() - t):.1f} patches/s (incl. worker start)")
+    rates: dict[int, list[float]] = {k: [] for k in workers}
+    for rep in range(repeats):
+        patches.set_epoch(rep)
+        for k in workers:
+            loader = DataLoader(patches, batch_size=batch_size, shuffle=True, num_workers=k,
+                                generator=torch.Generator().manual_seed(rep))
+            t = time.perf_counter()
+            count = 0
+            for batch in loader:
+                _touch(batch)
+                count += len(batch["case_id"])
+            rates[k].append(count / (time.perf_counter() - t))
+    base = workers[0]
+    ratios = {k: statistics.median(r / b for r, b in zip(rates[k], rates[base])) for k in workers}
+    load = os.getloadavg()[0]
+    print(f"DataLoader(batch_size={batch_size}) patches/s, median of {repeats} interleaved epochs of {len(patches)} "
+          f"(load {load:.1f} on {os.cpu_count()} cores): "
+          + ", ".join(f"num_workers={k} {statistics.median(rates[k]):.1f}/s ({ratios[k]:.2f}x)" for k in workers))
+    return {"rates": rates, "ratios": ratios}
 
 
 def probe(script: str, *argv: str) -> dict:
@@ -223,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=2, help="patients of the fake WORK (every third has 2 exams)")
     parser.add_argument("--patches", type=int, default=200, help="patches timed for the cached path")
     parser.add_argument("--baseline-patches", type=int, default=3, help="patches timed for the .nii.gz baseline")
+    parser.add_argument("--max-workers", type=int, default=2,
+                        help="time DataLoader(num_workers=k) for k = 0 .. this (use the machine's core count)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
     shape, patch = SIZES[args.size]
@@ -243,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         patches, ratio = random_patches(setup, ds, n_patches=args.patches, n_baseline=args.baseline_patches)
         if ratio < 50:
             failed.append("patches")
-        dataloader_rate(patches)
+        scaling = worker_scaling(patches, workers=tuple(range(args.max_workers + 1)))
+        if scaling["ratios"][max(scaling["ratios"])] < 1.0:
+            failed.append("workers")
         if patch_memory(setup, decoded_bytes) >= decoded_bytes / 2:
             failed.append("memory")
         build_memory(setup, tmp / "cache_probe", decoded_bytes)

@@ -19,7 +19,8 @@ same case twice. The decoded voxels are checked against the manifest's content h
 entry is published. Each entry's ``case.json`` records a checksum of each of its files and of its own
 content (geometry, metadata: ``info_checksum``) (xxh3-128,
 a non-cryptographic hash at ~10 GB/s: it guards against corruption such as a flipped bit on disk,
-not against tampering), verified whenever the entry is opened; an entry that fails it is rebuilt
+not against tampering), verified whenever the entry is opened (the torch loader: once per case
+per dataset, its DataLoader workers share the record); an entry that fails it is rebuilt
 (``benchmarks/bench_cache.py`` measures what the check costs). ``.partial`` folders left by a
 killed build are removed on a cache's first use of the version, by the next build of that entry
 and by :meth:`DecodedCache.prune` (never one being built: its entry lock is held). Errors
@@ -407,11 +408,14 @@ class DecodedCache:
             foreground_count=int(info["foreground_count"]),
         )
 
-    def ensure(self, release: Release, case_id: str) -> CachedCase:
+    def ensure(self, release: Release, case_id: str, *, verified: bool = False) -> CachedCase:
         """The entry of ``case_id`` of ``release``, decoding the case into the cache first if needed.
 
         Safe to call from several threads, DataLoader workers or processes at once: one builds,
-        the others wait on the entry's file lock and then open it.
+        the others wait on the entry's file lock and then open it. ``verified=True``: another
+        process of the same run (the main process or a sibling DataLoader worker) has just
+        checked this entry's checksums, so they are not read again here (a missing or
+        other-format entry is still rebuilt).
         """
         from filelock import FileLock
 
@@ -426,7 +430,7 @@ class DecodedCache:
         if version not in self._swept and path.parent.is_dir():  # the first use: a killed build's leftovers
             self._swept.add(version)
             _remove_partials(path.parent)
-        entry = self._load(path)
+        entry = self._load(path, verify=not verified)
         if entry is not None:
             return entry
         locks = path.parent / ".locks"

@@ -37,6 +37,12 @@ then a patch reads only the compressed chunks it touches, so a worker never hold
 case in patch mode (building an entry holds one volume's bytes; :meth:`prepare` builds them all
 up front, in the main process). ``cache=False`` decodes from the shards each time (whole-case mode).
 
+DataLoader workers: each worker opens its own cache file handles (after fork or spawn, keyed by
+process id) and decompresses with one thread (blosc2 and torch set to one thread on its first
+item: N workers on N cores, not N x cores threads). An entry's checksums are read once per
+dataset: a shared-memory record tells workers, persistent or started anew each epoch, which
+entries the main process or a sibling already checked.
+
 Intensity presets (CT window, SUV clip) are transforms (:mod:`lymphatlas_ds.transforms`), never
 silent defaults.
 
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,6 +199,28 @@ def _instances(label_zyx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int32))[None]
 
 
+def _one_thread_per_worker() -> None:
+    """In a DataLoader worker, decompress and convert with one thread: the workers are the parallelism.
+
+    torch sets its own intra-op threads to 1 in a worker; blosc2's global thread count is set here
+    (the cache also opens a worker's files with one decompression thread).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return
+    import blosc2
+
+    torch.set_num_threads(1)
+    blosc2.set_nthreads(1)
+
+
+def worker_init_fn(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's signature
+    """A ``DataLoader(worker_init_fn=...)`` doing what the dataset does on a worker's first item (one thread).
+
+    Not needed with :func:`load_lymphatlas`'s datasets; for a wrapper dataset that reads the cache itself.
+    """
+    _one_thread_per_worker()
+
+
 class _Base(Dataset):
     """Shared state: the release, the case list and the decoded cache."""
 
@@ -217,6 +246,11 @@ class _Base(Dataset):
         self._bar: Any = None  # the first-use bar of this process (never pickled into workers)
         # In shared memory, so DataLoader workers (persistent ones too) see set_epoch() of the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Which cases' cache entries some process of this dataset has opened and checked (shared like the epoch):
+        # a worker opening one of them skips re-reading its files for the checksums.
+        self._position = {case_id: i for i, case_id in enumerate(self.case_ids)}
+        self._checked = torch.zeros(max(1, len(self.case_ids)), dtype=torch.bool).share_memory_()
+        self._pid = os.getpid()
 
     @property
     def epoch(self) -> int:
@@ -236,10 +270,17 @@ class _Base(Dataset):
         """The decoded-cache entry of a case (built on first use, with a progress bar over the cases still to decode)."""
         if self.cache is None:
             raise SchemaError("this dataset was made with cache=False; patch mode needs the decoded cache")
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            _one_thread_per_worker()
         entry = self._entries.get(case_id)
         if entry is None:
             building = self.progress and not self._cached(case_id)
-            entry = self.cache.ensure(self.release, case_id)
+            position = self._position.get(case_id)
+            checked = position is not None and bool(self._checked[position])
+            entry = self.cache.ensure(self.release, case_id, verified=checked)
+            if position is not None:
+                self._checked[position] = True
             self._entries[case_id] = entry
             if building:
                 bar = self._first_use_bar()
@@ -283,15 +324,16 @@ class _Base(Dataset):
         from concurrent.futures import ThreadPoolExecutor
 
         def build(case_id: str) -> str:
-            self.cache.ensure(self.release, case_id)
+            if case_id not in self._entries:
+                # ensure() has checked the entry's checksums: recorded, so that workers do not read them again.
+                self._entries[case_id] = self.cache.ensure(self.release, case_id)  # type: ignore[union-attr]
+                self._checked[self._position[case_id]] = True
             return case_id
 
         with ThreadPoolExecutor(max(1, int(workers))) as pool:
             done = pool.map(build, self.case_ids)
             for _ in progress(done) if progress is not None else done:
                 pass
-        for case_id in self.case_ids:
-            self.entry(case_id)
 
     def _finish(self, item: Item, index: int) -> Item:
         """Apply ``transform``, its random decisions drawn from (seed, epoch, index) (:mod:`lymphatlas_ds.augment`)."""
