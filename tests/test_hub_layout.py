@@ -230,7 +230,7 @@ def test_plain_datasets_streaming_exits_cleanly_5_of_5(large_release, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason="issue 23 open: the upstream abort at interpreter exit (datasets 7566/7467, "
-                   "arrow 45214) was seen in 1 of 16 runs with raw cells, 0 of 30 with gzip cells; cause not found")
+                   "arrow 45214) seen in 1 of 16 runs with raw cells, 0 of 85 with gzip cells (this layout); cause not found")
 def test_plain_datasets_streaming_exits_cleanly_50_of_50(large_release, tmp_path):
     release, ids = large_release
     _stream_runs(release, ids, tmp_path / "user", 50)
