@@ -131,77 +131,100 @@ def _train_cases(work: Path) -> list[dict]:
              "case_id": d["case_id"]} for d in datalist["training"]]
 
 
-def batches(peer: str, work: Path, *, workers: int, patch: int, samples: int):
-    """An endless stream of batches of ``peer`` (dicts with an ``image``/``data`` tensor)."""
-    import torch
+def _project_batches(peer: str, work: Path, *, workers: int, size: tuple[int, int, int], samples: int):
+    """Batches of the project's load_lymphatlas patches (see :func:`batches`)."""
     from torch.utils.data import DataLoader
 
+    from lymphatlas_ds.loader import load_lymphatlas
+
+    ds = load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=size, samples_per_case=samples,
+                         progress=False)
+    loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    epoch = 0
+    while True:
+        ds.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _nnunet_batches(peer: str, work: Path, *, workers: int, size: tuple[int, int, int], samples: int):
+    """Batches of nnU-Net's own nnUNetDataLoader on its preprocessed files (see :func:`batches`)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pre = next((work / "nnunet_pre").glob(f"Dataset{DATASET_ID}_*"))
+    folder = pre / "nnUNetPlans_3d_fullres"
+    label_manager = PlansManager(str(pre / "nnUNetPlans.json")).get_label_manager(load_json(str(pre / "dataset.json")))
+    data = nnUNetDatasetBlosc2(str(folder), nnUNetDatasetBlosc2.get_identifiers(str(folder)))
+    loader = nnUNetDataLoader(data, 2, size, size, label_manager, oversample_foreground_percent=0.33)
+    if workers:
+        import multiprocessing
+
+        from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+
+        # Forked producers hung here (in threadpoolctl's limits, torch imported by the parent): spawn them.
+        multiprocessing.set_start_method("spawn", force=True)
+        loader = NonDetMultiThreadedAugmenter(loader, None, workers, num_cached=max(2, workers * 2),
+                                              seeds=None, pin_memory=False)
+    while True:
+        yield next(loader)
+
+
+def _monai_batches(peer: str, work: Path, *, workers: int, size: tuple[int, int, int], samples: int):
+    """Batches of MONAI's PersistentDataset or CacheDataset (see :func:`batches`)."""
+    from torch.utils.data import DataLoader
+
+    import numpy as np
+    from monai.data import CacheDataset, PersistentDataset
+    from monai.transforms import Compose, LoadImaged, RandSpatialCropd
+    from torch.utils.data import Subset
+
+    cases = _train_cases(work)
+    load = [LoadImaged(keys="image", dtype=np.float32, ensure_channel_first=True, image_only=True),
+            LoadImaged(keys="label", dtype=np.uint8, ensure_channel_first=True, image_only=True)]
+    # One crop per item, each case listed `samples` times (RandSpatialCropSamplesd(num_samples=8) copied the
+    # whole case per sample: the full-size run was killed at 14 GB).
+    crop = RandSpatialCropd(keys=["image", "label"], roi_size=size, random_size=False)
+    transform = Compose([*load, crop])
+    if peer == "monai_persistent":
+        ds = PersistentDataset(cases, transform, cache_dir=work / "monai_persistent")
+    else:
+        ds = CacheDataset(cases, transform, num_workers=1, progress=False)
+    ds = Subset(ds, [i for i in range(len(cases)) for _ in range(samples)])
+    loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def _torchio_batches(peer: str, work: Path, *, workers: int, size: tuple[int, int, int], samples: int):
+    """Batches of a TorchIO Queue (see :func:`batches`)."""
+    from torch.utils.data import DataLoader
+
+    import torchio as tio
+
+    subjects = [tio.Subject(ct=tio.ScalarImage(c["image"][0]), pet=tio.ScalarImage(c["image"][1]),
+                            label=tio.LabelMap(c["label"])) for c in _train_cases(work)]
+    queue = tio.Queue(tio.SubjectsDataset(subjects), max_length=max(8, 2 * samples), samples_per_volume=samples,
+                      sampler=tio.UniformSampler(size), num_workers=workers, shuffle_subjects=True,
+                      shuffle_patches=True, verbose=False)
+    loader = DataLoader(queue, batch_size=2, num_workers=0)
+    while True:
+        yield from loader
+
+
+def batches(peer: str, work: Path, *, workers: int, patch: int, samples: int):
+    """An endless stream of batches of ``peer`` (dicts with an ``image``/``data`` tensor)."""
     size = (patch,) * 3
     if peer == "project":
-        from lymphatlas_ds.loader import load_lymphatlas
-
-        ds = load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=size, samples_per_case=samples,
-                             progress=False)
-        loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-        epoch = 0
-        while True:
-            ds.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+        return _project_batches(peer, work, workers=workers, size=size, samples=samples)
     if peer == "nnunet":
-        from batchgenerators.utilities.file_and_folder_operations import load_json
-        from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        pre = next((work / "nnunet_pre").glob(f"Dataset{DATASET_ID}_*"))
-        folder = pre / "nnUNetPlans_3d_fullres"
-        label_manager = PlansManager(str(pre / "nnUNetPlans.json")).get_label_manager(load_json(str(pre / "dataset.json")))
-        data = nnUNetDatasetBlosc2(str(folder), nnUNetDatasetBlosc2.get_identifiers(str(folder)))
-        loader = nnUNetDataLoader(data, 2, size, size, label_manager, oversample_foreground_percent=0.33)
-        if workers:
-            import multiprocessing
-
-            from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-
-            # Forked producers hung here (in threadpoolctl's limits, torch imported by the parent): spawn them.
-            multiprocessing.set_start_method("spawn", force=True)
-            loader = NonDetMultiThreadedAugmenter(loader, None, workers, num_cached=max(2, workers * 2),
-                                                  seeds=None, pin_memory=False)
-        while True:
-            yield next(loader)
+        return _nnunet_batches(peer, work, workers=workers, size=size, samples=samples)
     if peer in ("monai_persistent", "monai_cache"):
-        import numpy as np
-        from monai.data import CacheDataset, PersistentDataset
-        from monai.transforms import Compose, LoadImaged, RandSpatialCropd
-        from torch.utils.data import Subset
-
-        cases = _train_cases(work)
-        load = [LoadImaged(keys="image", dtype=np.float32, ensure_channel_first=True, image_only=True),
-                LoadImaged(keys="label", dtype=np.uint8, ensure_channel_first=True, image_only=True)]
-        # One crop per item, each case listed `samples` times (RandSpatialCropSamplesd(num_samples=8) copied the
-        # whole case per sample: the full-size run was killed at 14 GB).
-        crop = RandSpatialCropd(keys=["image", "label"], roi_size=size, random_size=False)
-        transform = Compose([*load, crop])
-        if peer == "monai_persistent":
-            ds = PersistentDataset(cases, transform, cache_dir=work / "monai_persistent")
-        else:
-            ds = CacheDataset(cases, transform, num_workers=1, progress=False)
-        ds = Subset(ds, [i for i in range(len(cases)) for _ in range(samples)])
-        loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-        while True:
-            yield from loader
+        return _monai_batches(peer, work, workers=workers, size=size, samples=samples)
     if peer == "torchio":
-        import torchio as tio
-
-        subjects = [tio.Subject(ct=tio.ScalarImage(c["image"][0]), pet=tio.ScalarImage(c["image"][1]),
-                                label=tio.LabelMap(c["label"])) for c in _train_cases(work)]
-        queue = tio.Queue(tio.SubjectsDataset(subjects), max_length=max(8, 2 * samples), samples_per_volume=samples,
-                          sampler=tio.UniformSampler(size), num_workers=workers, shuffle_subjects=True,
-                          shuffle_patches=True, verbose=False)
-        loader = DataLoader(queue, batch_size=2, num_workers=0)
-        while True:
-            yield from loader
+        return _torchio_batches(peer, work, workers=workers, size=size, samples=samples)
     raise ValueError(peer)
 
 
@@ -284,7 +307,7 @@ def table(rows: dict[str, dict], patch: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small cases and 32^3 patches: checks that it runs")
     parser.add_argument("--patients", type=int, default=None, help="patients of the fake WORK (every third has 2 exams)")
@@ -297,7 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cases", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _print_sizes(rows: dict[str, dict], timings: dict[str, float], release_bytes: int) -> None:
+    print(f"release (shards) {release_bytes / 2**30:.2f} GiB"
+          + (f"; project cache {rows['project']['disk'] / release_bytes:.2f}x the release" if "project" in rows else "")
+          + (f"; nnU-Net raw (.nii.gz) {rows['nnunet']['raw_disk'] / 2**30:.2f} GiB, materialize "
+             f"{timings['nnunet_materialize']:.0f} s of its preparation" if "nnunet" in rows else "")
+          + (f"; MONAI/TorchIO NIfTI written by materialize --monai in {timings['materialize_monai']:.0f} s"
+             if "materialize_monai" in timings else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.probe:
         probe(args.probe, args.work, workers=args.workers, patch=args.patch, samples=args.samples, n_cases=args.cases)
         return 0
@@ -344,12 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table(rows, args.patch))
         print()
-        print(f"release (shards) {release_bytes / 2**30:.2f} GiB"
-              + (f"; project cache {rows['project']['disk'] / release_bytes:.2f}x the release" if "project" in rows else "")
-              + (f"; nnU-Net raw (.nii.gz) {rows['nnunet']['raw_disk'] / 2**30:.2f} GiB, materialize "
-                 f"{timings['nnunet_materialize']:.0f} s of its preparation" if "nnunet" in rows else "")
-              + (f"; MONAI/TorchIO NIfTI written by materialize --monai in {timings['materialize_monai']:.0f} s"
-                 if "materialize_monai" in timings else ""))
+        _print_sizes(rows, timings, release_bytes)
         if failed:
             print(f"failed (see above): {', '.join(failed)}")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")

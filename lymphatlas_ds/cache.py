@@ -53,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 
 from lymphatlas_ds import codec
-from lymphatlas_ds._io import CACHE_ENV, default_cache_dir
+from lymphatlas_ds._io import CACHE_ENV, default_cache_dir  # noqa: F401 - CACHE_ENV: its earlier home
 from lymphatlas_ds.errors import IntegrityError, LymphAtlasError, SchemaError
 from lymphatlas_ds.schema import CT_DTYPE, IMAGE_COLUMNS, LABEL_DTYPE, PET_DTYPE
 

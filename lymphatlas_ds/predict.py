@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,9 +91,10 @@ def save_prediction(
         raise ValueError(f"{path}: a prediction is written as .nii.gz or .nii")
     affine = item["affine"]
     affine = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
-    data = codec.encode_volume(np.ascontiguousarray(values), np.asarray(affine, dtype=np.float64), path.name)["bytes"]
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)  # mtime 0: same voxels, same bytes
+    # the release's own cell encoding: gzip (deterministic bytes) for .nii.gz, raw for .nii
+    level = {} if path.name.endswith(".gz") else {"level": None}
+    data = bytes(codec.encode_volume(np.ascontiguousarray(values), np.asarray(affine, dtype=np.float64), path.name,
+                                     **level)["bytes"])
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, data)
 

@@ -84,8 +84,13 @@ def test_verify_ok(built, capsys):
 
 def test_verify_finds_a_same_size_modification_only_with_sha256(damaged, capsys):
     rel = sorted(p.relative_to(damaged).as_posix() for p in (damaged / "data").rglob("*.parquet"))[0]
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(damaged / rel).metadata
+    chunk = next(meta.row_group(0).column(i) for i in range(meta.num_columns)
+                 if meta.row_group(0).column(i).path_in_schema == "ct.bytes")
     data = bytearray((damaged / rel).read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0x01  # a byte inside the CT cell
     (damaged / rel).write_bytes(bytes(data))
     assert main(["verify", str(damaged)]) == 1
     out = capsys.readouterr().out
@@ -186,10 +191,12 @@ def test_verify_content_catches_voxels_changed_behind_a_consistent_manifest(dama
     rel = sorted(p.relative_to(damaged).as_posix() for p in (damaged / "data").rglob("*.parquet"))[0]
     table = pq.read_table(damaged / rel)
     case_id = table.column("case_id")[0].as_py()
+    from lymphatlas_ds import codec
+
     cells = table.column("pet").to_pylist()
-    data = bytearray(cells[0]["bytes"])
-    data[-4:] = np.float32(1234.5).tobytes()  # the last PET voxel
-    cells[0]["bytes"] = bytes(data)
+    pet, affine = codec.decode_volume(cells[0])
+    pet[-1, -1, -1] = np.float32(1234.5)  # the last PET voxel, re-encoded as a valid cell
+    cells[0] = {**cells[0], "bytes": bytes(codec.encode_volume(pet, affine, cells[0]["path"])["bytes"])}
     index = table.schema.get_field_index("pet")
     table = table.set_column(index, table.schema.field(index), pa.array(cells, type=table.schema.field(index).type))
     pq.write_table(table, damaged / rel, row_group_size=1)

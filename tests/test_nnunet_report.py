@@ -170,7 +170,7 @@ def _constructed():
 
 def test_lesion_metrics_hand_counted():
     ref, pred = _constructed()
-    m = lm.lesion_metrics(ref, pred, voxel_volume_ml=VOXEL_ML)
+    m = lm.lesion_metrics(ref, pred, voxel_volume_ml=VOXEL_ML, connectivity=18)  # autoPET's own choice
     assert m.n_ref_lesions == 3 and m.n_detected == 1
     assert m.sensitivity == pytest.approx(1 / 3)
     assert m.fn_volume_ml == pytest.approx((27 + 1) * VOXEL_ML)  # B and C missed
@@ -179,6 +179,7 @@ def test_lesion_metrics_hand_counted():
     m26 = lm.lesion_metrics(ref, pred, voxel_volume_ml=VOXEL_ML, connectivity=26)
     assert m26.n_pred_components == 2 and m26.n_fp_components == 1
     assert m26.fp_volume_ml == pytest.approx(5 * VOXEL_ML)
+    assert lm.lesion_metrics(ref, pred, voxel_volume_ml=VOXEL_ML) == m26  # the release's labelling: 26-connected
 
 
 def test_connectivity_decides_what_one_lesion_is():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import logging
 import os
@@ -675,10 +674,8 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
     extras = {} if extras is None else extras
 
     def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
-        # Read and encode the next cases in threads while the current one is written (nibabel's
-        # gunzip, sha256 and ISA-L's deflate release the GIL). The cases in flight (preparing,
-        # prepared or being written) stay within RELEASE_MEMORY_BUDGET of voxels: at least one,
-        # at most `workers` + 1.
+        # The next cases are read and encoded in threads while one is written (gunzip, sha256 and ISA-L release
+        # the GIL); the cases in flight stay within RELEASE_MEMORY_BUDGET of voxels: one at least, workers + 1 at most.
         pending: deque[tuple[str, Future]] = deque()
         queue = deque(ids)
         in_flight = 0  # voxel bytes of the cases submitted and not yet written
@@ -699,9 +696,8 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
                 while pending:
                     case_id, future = pending.popleft()
                     row, cells, extra = future.result()
-                    extras[row["case_id"]] = extra
+                    extras[row["case_id"]], hashes[row["case_id"]] = extra, row["content_hash"]
                     fill(pool)  # the next case prepares while this one is written
-                    hashes[row["case_id"]] = row["content_hash"]
                     rows.append(row)
                     yield {**row, **cells}
                     del cells
@@ -717,13 +713,8 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
         for split in Split:
             ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
             before = len(rows)
-            infos = shards.write_shards(
-                shard_rows(ids),
-                staging / "data" / diagnosis.config.value,
-                split=split.value,
-                release_root=staging,
-                max_bytes=shard_max_bytes,
-            )
+            infos = shards.write_shards(shard_rows(ids), staging / "data" / diagnosis.config.value, split=split.value,
+                                        release_root=staging, max_bytes=shard_max_bytes)
             for info in infos:
                 for row in rows[before:]:
                     if row["case_id"] in info.case_ids:
