@@ -41,7 +41,8 @@ with torch.no_grad():
 np.savez("predictions.npz", **seen)
 json.dump({"iterations": iterations, "num_workers": loader.num_workers,
            "dice": [float(v) for v in dice.get_buffer()[:, 0]], "order": [c for c in val.case_ids],
-           "mean": float(dice.aggregate().item())}, open("run.json", "w"))
+           "mean": float(dice.aggregate().item()),
+           "evaluate_dice": {r["case_id"]: r["dice"] for r in scores.cases}}, open("run.json", "w"))
 """
 
 
@@ -85,4 +86,17 @@ def test_readme_training_example_runs_and_its_dice_is_the_truths(tmp_path):
         dices.append(2 * np.logical_and(pred, truth).sum() / (pred.sum() + truth.sum()))
         assert monai_dice == pytest.approx(dices[-1], abs=1e-6), case_id
     assert run["mean"] == pytest.approx(np.mean(dices), abs=1e-6)
+    # the saved predictions, read back by nibabel and scored by evaluate, are the model's (NIfTI is x, y, z)
+    import nibabel as nib
+
+    for case_id in want_val:
+        saved = nib.load(str(user / "pred" / f"{case_id}.nii.gz"))
+        assert saved.get_data_dtype() == np.uint8
+        assert np.array_equal(np.asarray(saved.dataobj).transpose(2, 1, 0), predictions[case_id])
+        truth = release.truth[case_id].label
+        pred = predictions[case_id]
+        denominator = int(truth.sum() + pred.sum())
+        if denominator:
+            expected = 2 * int((truth.astype(bool) & pred.astype(bool)).sum()) / denominator
+            assert run["evaluate_dice"][case_id] == pytest.approx(expected, abs=1e-9), case_id
     assert f"20 iterations, mean Dice over {len(want_val)} validation cases" in proc.stdout
