@@ -131,8 +131,6 @@ class CanonicalCase:
             >>> c = CanonicalCase.from_arrays(ct, pet, label, affine)  # doctest: +SKIP
             >>> c.ct.shape   # (n_right_left, n_anterior_posterior, n_superior_inferior)  # doctest: +SKIP
         """
-        import nibabel.orientations as nio
-
         affine_ras = np.asarray(affine_ras, dtype=float)
         if affine_ras.shape != (4, 4):
             raise ValueError(f"expected a 4x4 RAS affine, got shape {affine_ras.shape}")
@@ -142,15 +140,11 @@ class CanonicalCase:
                 f"CT, PET and label must be 3-D arrays on one grid, got shapes {sorted(shapes)}; "
                 "resample the PET and label onto the CT grid first (python -m builder convert does)"
             )
-        ornt = nio.io_orientation(affine_ras)
-        xyz_shape = ct.shape[::-1]
+        ornt, affine, spacing = canonical_geometry(affine_ras, ct.shape)
 
         def canon(a: np.ndarray | None) -> np.ndarray | None:
-            # [z, y, x] -> index order [x, y, z] of the affine, then flip/permute to RAS+.
-            return None if a is None else nio.apply_orientation(np.asarray(a).transpose(2, 1, 0), ornt)
+            return None if a is None else to_canonical(a, ornt)
 
-        affine = affine_ras @ nio.inv_ornt_aff(ornt, xyz_shape)
-        spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         return cls(canon(ct), canon(pet), canon(label), affine, spacing)  # type: ignore[arg-type]
 
     @property
@@ -160,6 +154,26 @@ class CanonicalCase:
     def ras(self, index: tuple[float, float, float]) -> np.ndarray:
         """RAS position (mm) of a canonical voxel index."""
         return (self.affine @ np.array([*index, 1.0]))[:3]
+
+
+def canonical_geometry(affine_ras: np.ndarray, shape_zyx: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """``(orientation, canonical RAS affine, spacing)`` of a ``[z, y, x]`` grid with RAS affine ``affine_ras``
+    (what :meth:`CanonicalCase.from_arrays` applies; :func:`to_canonical` reorients one array with it)."""
+    import nibabel.orientations as nio
+
+    affine_ras = np.asarray(affine_ras, dtype=float)
+    ornt = nio.io_orientation(affine_ras)
+    affine = affine_ras @ nio.inv_ornt_aff(ornt, tuple(shape_zyx)[::-1])
+    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return ornt, affine, spacing  # type: ignore[return-value]
+
+
+def to_canonical(array_zyx: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """A ``[z, y, x]`` array in canonical ``[R, A, S]`` index order (a view: transposes and flips)."""
+    import nibabel.orientations as nio
+
+    # [z, y, x] -> index order [x, y, z] of the affine, then flip/permute to RAS+.
+    return nio.apply_orientation(np.asarray(array_zyx).transpose(2, 1, 0), ornt)
 
 
 def plane(volume: np.ndarray, view: View, index: int) -> np.ndarray:
@@ -206,11 +220,20 @@ def focus_index(label: np.ndarray | None, pet: np.ndarray | None = None) -> tupl
     if label is None:
         return centre, False  # type: ignore[return-value]
     instances, n = label_instances(np.asarray(label))  # labels inside the lesions' bounding box only
+    return lesion_focus(instances, n), n > 0
+
+
+def lesion_focus(instances: np.ndarray, n: int) -> tuple[int, int, int]:
+    """The voxel of instance 1 (the largest lesion) nearest to its centre of mass, in ``instances``'
+    own index order; the centre of the volume when ``n`` is 0. Only lesion 1's bounding box is searched."""
+    from scipy import ndimage
+
     if n == 0:
-        return centre, False  # type: ignore[return-value]
-    biggest = np.argwhere(instances == 1)
+        return tuple(int(s // 2) for s in instances.shape)  # type: ignore[return-value]
+    box = ndimage.find_objects(instances, max_label=1)[0]
+    biggest = np.argwhere(instances[box] == 1) + np.array([b.start for b in box])
     nearest = biggest[np.argmin(((biggest - biggest.mean(axis=0)) ** 2).sum(axis=1))]
-    return tuple(int(v) for v in nearest), True  # type: ignore[return-value]
+    return tuple(int(v) for v in nearest)  # type: ignore[return-value]
 
 
 @dataclass
@@ -489,36 +512,112 @@ def preview_images(
     """PNG bytes of the release's ``preview`` config: ``"mip"`` (coronal PET MIP, inverted, lesion
     outlines in red) and ``"fusion"`` (axial PET/CT fusion through the largest lesion, its outline in
     blue, which the "hot" PET colours do not hide; the volume centre without lesions). Same orientation rules as :func:`render_case`.
+    :class:`PreviewDrawing` draws the same images from one volume at a time.
 
     Example:
         >>> png = preview_images(ct, pet, label, affine)["mip"]  # doctest: +SKIP
         >>> png[:4]  # doctest: +SKIP
         b'\x89PNG'
     """
-    case = CanonicalCase.from_arrays(ct, pet, label, affine_ras)
-    focus, _ = focus_index(case.label, case.pet)
-    mip_rc = pixel_spacing(case, View.CORONAL)
-    mip = projection(case.pet, View.CORONAL)
+    CanonicalCase.from_arrays(ct, pet, label, affine_ras)  # the same checks of shapes and affine
+    drawing = PreviewDrawing(affine_ras, ct.shape, display=display, height_px=height_px)
+    if label is not None:
+        drawing.add_label(label)
+    drawing.add_pet(pet)
+    drawing.add_ct(ct)
+    return drawing.images()
 
-    def draw_mip(ax) -> None:
-        _show(ax, mip, mip_rc, cmap="gray_r", vmin=0.0, vmax=display.mip_suv_max)
-        if case.label is not None:
-            _outline(ax, projection(case.label, View.CORONAL) > 0, mip_rc, linewidth=0.8)
-        _letters(ax, View.CORONAL, color=_EDGE_COLOR)
 
-    axial_rc = pixel_spacing(case, View.AXIAL)
-    k = focus[_PLANES[View.AXIAL][0]]
-    fused = fusion_rgb(plane(case.ct, View.AXIAL, k), plane(case.pet, View.AXIAL, k), display)
+class PreviewDrawing:
+    """:func:`preview_images` fed one ``[z, y, x]`` volume at a time, so a caller never holds the three
+    at once (a release reads, hashes and encodes each volume in turn): the label first (it places the
+    axial plane through lesion 1), then the PET and the CT in either order; only 2-D pictures are kept.
 
-    def draw_fusion(ax) -> None:
-        _show(ax, fused, axial_rc)
-        if case.label is not None:
-            # red would vanish in the "hot" PET colours: the fusion's outline is the edge colour
-            _outline(ax, plane(case.label, View.AXIAL, k) > 0, axial_rc, color=_EDGE_COLOR, linewidth=1.2)
-        _letters(ax, View.AXIAL)
+    Example:
+        >>> drawing = PreviewDrawing(affine, label.shape)  # doctest: +SKIP
+        >>> drawing.add_label(label, instances=(instances, n))  # doctest: +SKIP
+        >>> drawing.add_pet(pet); drawing.add_ct(ct)  # doctest: +SKIP
+        >>> sorted(drawing.images())  # doctest: +SKIP
+        ['fusion', 'mip']
+    """
 
-    return {"mip": _panel(mip, mip_rc, height_px=height_px, draw=draw_mip),
-            "fusion": _panel(fused, axial_rc, height_px=height_px, draw=draw_fusion)}
+    def __init__(self, affine_ras: np.ndarray, shape_zyx: tuple[int, ...], *, display: Display = DEFAULT_DISPLAY,
+                 height_px: int = PREVIEW_HEIGHT_PX) -> None:
+        self.ornt, _, self.spacing = canonical_geometry(affine_ras, shape_zyx)
+        self.shape_zyx = tuple(int(v) for v in shape_zyx)
+        self.display, self.height_px = display, height_px
+        shape = [0, 0, 0]
+        for size, (target, _) in zip(self.shape_zyx[::-1], np.asarray(self.ornt, dtype=int)):
+            shape[target] = size
+        self.focus = tuple(s // 2 for s in shape)  # no lesion: the volume's centre
+        self._planes: dict[str, np.ndarray] = {}
+        self._has_pet = False
+
+    def _canonical(self, array: np.ndarray, what: str) -> np.ndarray:
+        if tuple(array.shape) != self.shape_zyx:
+            raise ValueError(f"{what} is {tuple(array.shape)}, the preview's grid is {self.shape_zyx}")
+        return to_canonical(array, self.ornt)
+
+    @property
+    def _axial_index(self) -> int:
+        return self.focus[_PLANES[View.AXIAL][0]]
+
+    def add_label(self, label: np.ndarray, instances: tuple[np.ndarray, int] | None = None) -> None:
+        """The label (``instances``: its :func:`lymphatlas_ds.lesions.label_instances`, when already computed)."""
+        from lymphatlas_ds.lesions import label_instances
+
+        if self._has_pet or "ct" in self._planes:
+            raise ValueError("add the label before the PET and the CT: it places the axial plane")
+        canon = self._canonical(label, "the label")
+        inst, n = label_instances(np.asarray(label)) if instances is None else instances
+        self.focus = to_canonical_index(lesion_focus(inst, n), self.ornt, self.shape_zyx)
+        self._planes["label_mip"] = projection(canon, View.CORONAL) > 0
+        self._planes["label"] = plane(canon, View.AXIAL, self._axial_index) > 0
+
+    def add_pet(self, pet: np.ndarray) -> None:
+        canon = self._canonical(pet, "the PET")
+        self._planes["mip"] = projection(canon, View.CORONAL)
+        self._planes["pet"] = np.array(plane(canon, View.AXIAL, self._axial_index))
+        self._has_pet = True
+
+    def add_ct(self, ct: np.ndarray) -> None:
+        self._planes["ct"] = np.array(plane(self._canonical(ct, "the CT"), View.AXIAL, self._axial_index))
+
+    def images(self) -> dict[str, bytes]:
+        """``{"mip": png, "fusion": png}`` once the PET and the CT were added."""
+        missing = [v for v in ("mip", "ct") if v not in self._planes]
+        if missing:
+            raise ValueError(f"the preview needs the {' and '.join('PET' if v == 'mip' else 'CT' for v in missing)}")
+        p, display = self._planes, self.display
+        mip_rc = tuple(self.spacing[a] for a in _PLANES[View.CORONAL][1:])
+        axial_rc = tuple(self.spacing[a] for a in _PLANES[View.AXIAL][1:])
+        fused = fusion_rgb(p["ct"], p["pet"], display)
+
+        def draw_mip(ax) -> None:
+            _show(ax, p["mip"], mip_rc, cmap="gray_r", vmin=0.0, vmax=display.mip_suv_max)
+            if "label_mip" in p:
+                _outline(ax, p["label_mip"], mip_rc, linewidth=0.8)
+            _letters(ax, View.CORONAL, color=_EDGE_COLOR)
+
+        def draw_fusion(ax) -> None:
+            _show(ax, fused, axial_rc)
+            if "label" in p:
+                # red would vanish in the "hot" PET colours: the fusion's outline is the edge colour
+                _outline(ax, p["label"], axial_rc, color=_EDGE_COLOR, linewidth=1.2)
+            _letters(ax, View.AXIAL)
+
+        return {"mip": _panel(p["mip"], mip_rc, height_px=self.height_px, draw=draw_mip),
+                "fusion": _panel(fused, axial_rc, height_px=self.height_px, draw=draw_fusion)}
+
+
+def to_canonical_index(index_zyx: tuple[int, int, int], ornt: np.ndarray, shape_zyx: tuple[int, ...]) -> tuple[int, int, int]:
+    """The canonical ``[R, A, S]`` index of voxel ``index_zyx`` of a ``[z, y, x]`` array (:func:`to_canonical`)."""
+    xyz = list(index_zyx[::-1])
+    shape_xyz = tuple(shape_zyx)[::-1]
+    out = [0, 0, 0]
+    for axis, (target, flip) in enumerate(np.asarray(ornt, dtype=int)):
+        out[target] = shape_xyz[axis] - 1 - xyz[axis] if flip == -1 else xyz[axis]
+    return tuple(int(v) for v in out)  # type: ignore[return-value]
 
 
 def before_registration(

@@ -296,3 +296,30 @@ def test_lymphatlas_show_writes_the_format_its_suffix_names(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "x.gif" in proc.stderr and ".jpg" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.gif").exists()
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_preview_drawn_one_volume_at_a_time_cuts_through_the_largest_lesion_on_every_grid(name):
+    """PreviewDrawing (what a release uses: the label, then the CT, then the PET, never all three) finds the
+    largest lesion's voxel on a [z, y, x] grid and maps it to the canonical axial plane: that plane's RAS
+    height lies in the big lesion's box (truth: the generator's RAS boxes), its pictures are the canonical
+    case's own plane and coronal MIP, and the PNGs are those of preview_images."""
+    ct, pet, label, affine, centres = _case(name)
+    drawing = figures.PreviewDrawing(affine, ct.shape)
+    drawing.add_label(label)
+    drawing.add_ct(ct)
+    drawing.add_pet(pet)
+    case = CanonicalCase.from_arrays(ct, pet, label, affine)
+    k = drawing.focus[2]
+    height = case.ras((0, 0, k))[2]
+    lo, hi = BIG_BOX_RAS
+    assert lo[2] <= height <= hi[2], f"{name}: axial plane at S {height:.1f} mm, the big lesion spans {lo[2]}..{hi[2]}"
+    # the voxel nearest the lesion's centre (ties between equidistant voxels may go either way)
+    assert case.label[drawing.focus] == 1 and drawing.focus[2] == figures.focus_index(case.label)[0][2]
+    assert np.array_equal(drawing._planes["ct"], figures.plane(case.ct, View.AXIAL, k))
+    assert np.array_equal(drawing._planes["mip"], figures.projection(case.pet, View.CORONAL))
+    assert drawing.images() == figures.preview_images(ct, pet, label, affine)
+    with pytest.raises(ValueError, match="before the PET"):
+        drawing.add_label(label)
+    with pytest.raises(ValueError, match="grid"):
+        figures.PreviewDrawing(affine, ct.shape).add_label(label[:-1])

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.release.shards import _feature
-from lymphatlas_ds.lesions import label_instances
+from lymphatlas_ds.lesions import instance_sizes, label_instances
 from lymphatlas_ds.schema import LESION_COLUMNS, LESIONS_CONFIG, Split
 
 ROW_GROUP_ROWS = 10_000
@@ -42,9 +42,11 @@ def arrow_schema() -> pa.Schema:
     return features().arrow_schema
 
 
-def check_items(case_id: str, info: Mapping[str, Any], label: np.ndarray) -> None:
+def check_items(case_id: str, info: Mapping[str, Any], label: np.ndarray,
+                instances: tuple[np.ndarray, int] | None = None) -> None:
     """Refuse a case whose case.json lesion items are not the lesions of ``label`` ([z, y, x]):
-    the release's lesion table and instance ids must describe the very voxels it publishes."""
+    the release's lesion table and instance ids must describe the very voxels it publishes.
+    ``instances``: the label's :func:`label_instances`, when the caller has it already."""
     from builder.release.build import ReleaseError
     lesions = info.get("lesions") or {}
     items = lesions.get("items") or []
@@ -52,8 +54,8 @@ def check_items(case_id: str, info: Mapping[str, Any], label: np.ndarray) -> Non
     if any("lesion_id" not in it or "body_region" not in it for it in items) or (lesions.get("count") and not items):
         raise ReleaseError(f"case {case_id}: case.json has no per-lesion items (lesion_id, body_region): converted by "
                            f"an older builder; {fix}")
-    instances, n = label_instances(label)
-    counts = np.bincount(instances.ravel(), minlength=n + 1)[1:]
+    inst, n = label_instances(label) if instances is None else instances
+    counts = instance_sizes(inst, n)
     want = {int(it["lesion_id"]): int(it["voxels"]) for it in items}
     have = {i + 1: int(c) for i, c in enumerate(counts)}
     if want != have or lesions.get("count") != n:

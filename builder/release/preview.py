@@ -50,7 +50,12 @@ def preview_cells(case_id: str, ct: np.ndarray, pet: np.ndarray, label: np.ndarr
     """The Image cells (``{"bytes", "path"}``) of one case, from its ``[z, y, x]`` arrays."""
     from lymphatlas_ds.figures import preview_images
 
-    images = preview_images(ct, pet, label, affine_ras)
+    return image_cells(case_id, preview_images(ct, pet, label, affine_ras))
+
+
+def image_cells(case_id: str, images: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The Image cells of one case from its PNGs (:func:`lymphatlas_ds.figures.preview_images` or
+    :meth:`lymphatlas_ds.figures.PreviewDrawing.images`)."""
     return {name: {"bytes": images[name], "path": f"{case_id}_{name}.png"} for name in PREVIEW_IMAGE_COLUMNS}
 
 
@@ -110,4 +115,4 @@ def _write(path: Path, write) -> None:
 
 
 __all__ = ["GALLERY_SIZE", "ROW_GROUP_ROWS", "VIEWER_ROW_GROUP_LIMIT", "features", "gallery_cases", "gallery_path",
-           "preview_cells", "shard_path", "write_preview"]
+           "image_cells", "preview_cells", "shard_path", "write_preview"]
