@@ -17,7 +17,7 @@ the builder does, and the lesion label.
 ``--release 3 6 12 [--slices 250] [--long 600]``: the release at scale (issue 21). A fake WORK of
 full-size cases (``lymphatlas_synth.fake_work.make_large_work``: 512 x 512 x SLICES, one volume set
 hard-linked), then ``build_release`` in a fresh process for 3, 6 and 12 cases and for one case of
-LONG slices; for each: wall time, the process's peak RSS (its own ``ru_maxrss``), the largest row
+LONG slices; for each: wall time, the process's peak RSS (its own ``VmHWM``), the largest row
 group (parquet ``total_byte_size``, the Hub viewer's number) and bytes on disk; then, on one case's
 volumes, the cells' encode time against zstd-3 of the same raw NIfTI bytes (interleaved, best of 3).
 ``--builder TREE`` runs another checkout's builder (a before figure). Needs about 0.3 GB of disk
@@ -173,13 +173,18 @@ def print_layouts(results: dict[str, tuple[int, float]], best: dict[str, float],
 
 
 _BUILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
+
+def peak_rss_bytes():  # VmHWM: ru_maxrss would report the parent's size at fork (kept across exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
 from pathlib import Path
 from builder.release.build import build_release
 t = time.perf_counter()
 build_release(Path(sys.argv[2]), Path(sys.argv[3]), version="1.0.0")
-print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": peak_rss_bytes()}))
 """
 
 

@@ -181,25 +181,27 @@ def test_dataset_info_sizes_are_what_datasets_measures_and_filters_work(small_re
 # ------------------------------------------------------------------ release memory
 
 _BUILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from builder.release.build import build_release
+from lymphatlas_ds._io import peak_rss_bytes
 build_release(Path(sys.argv[1]), Path(sys.argv[2]), version="1.0.0")
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak_rss": peak_rss_bytes()}))
 """
 
 
 @pytest.mark.slow
 def test_release_of_full_size_cases_peaks_under_2_gb(tmp_path):
-    """4 cases of 512 x 512 x 250 (437.5 MiB of voxels each): the release process's own peak RSS (kernel's
-    ru_maxrss) stays under 2 GB (before: 2.2-4.2 GB at 3-12 cases); every case reads back true."""
+    """4 cases of 512 x 512 x 250 (437.5 MiB of voxels each): the release process's own peak RSS (VmHWM:
+    ru_maxrss would report this pytest worker's size at fork) stays under 2 GB (before: 2.2-4.2 GB at 3-12
+    cases; 1.09 GB with one volume at a time); every case reads back true."""
     ids = make_large_work(tmp_path / "work", n_cases=4, shape_zyx=(250, 512, 512))
     proc = subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path / "work"), str(tmp_path / "release")],
                           cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
     print(f"release of 4 full-size cases: peak RSS {peak / 1e9:.2f} GB")
-    assert peak < 2e9
+    assert peak < 1.5e9  # issue 21: <= 2 GB; measured 1.07 GB here, so a second case in flight (~1.5 GB) fails
     reader = Release(tmp_path / "release", remember=False)
     assert sorted(reader.case_ids("all", "train") + reader.case_ids("all", "test")) == sorted(ids)
     reader.read_case(ids[-1], check_content=True)

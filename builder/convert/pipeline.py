@@ -182,12 +182,10 @@ class RunSummary:
 
 
 def _peak_rss_mb() -> float | None:
-    try:
-        import resource
+    from lymphatlas_ds._io import peak_rss_bytes
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
-    except (ImportError, OSError):
-        return None
+    peak = peak_rss_bytes()
+    return None if peak is None else peak / 2**20
 
 
 class SourceHashes(NamedTuple):
