@@ -676,8 +676,9 @@ class CaseExtras:
 RELEASE_MEMORY_BUDGET = 640 * 2**20
 """Voxel bytes (raw, as in case.json's shape) of the cases a release holds at once: read and encoded
 ahead in threads, or being written. A case larger than the budget is handled alone. 640 MiB keeps one
-512x512x250 case (437.5 MiB) in flight: 4 such cases peak at 1.86 GB RSS (1280 MiB, two in flight:
-2.39 GB; tests/test_hub_layout.py, slow). A 600-slice case alone still peaks at 3.6 GB."""
+512x512x250 case (437.5 MiB) in flight, read one volume at a time: 3, 6 and 12 such cases peak at
+1.05-1.09 GB (the process's VmHWM), a 600-slice case at 2.08 GB (pyarrow's writer holds two copies of
+its 530 MiB PET cell); ``benchmarks/bench_shards.py --release``, tests/test_hub_layout.py (slow)."""
 
 
 def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
