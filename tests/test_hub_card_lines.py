@@ -16,7 +16,8 @@ inline ``lymphatlas`` command in a shell; exit status 0 and no traceback for eac
 the rows each client read (case ids per split and fold, one CT volume) equal the release's
 (the generator's WORK truth for ids, diagnosis and voxels; ``splits.json`` for split and fold);
 the nnU-Net and MONAI folders hold the train split; every route a client asked for exists in the
-mock (no ``RepoNotFound``), and the tag was asked for. The ``pip install ./lymphatlas_client/...``
+mock (no ``RepoNotFound``), and every request named the tag or its commit, never ``main`` (the mock's
+``main`` is the same commit, so an unpinned line would read the right rows here and not on the Hub). The ``pip install ./lymphatlas_client/...``
 line runs as pip's dry run (``runnable`` of tests/test_card_lines.py). The direct-URL line
 (``pip install "lymphatlas-ds[torch] @ https://huggingface.co/..."``) names the Hub itself: its URL
 path must be the mock's resolve path of the wheel, and pip's dry run of that line with the mock's
@@ -77,6 +78,12 @@ def hub(tmp_path_factory):
         yield release, mock
 
 
+def release_wheel(release) -> str:
+    """The path of the client wheel in the local release folder (the repo must hold it there too)."""
+    (wheel,) = release.path.glob("wheels/*.whl")
+    return wheel.relative_to(release.path).as_posix()
+
+
 def user_env(tmp_path: Path, mock: MockHub) -> dict[str, str]:
     """A user's environment pointed at the mock Hub: its own HOME, HF_HOME and caches, online."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
@@ -108,12 +115,11 @@ def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
     release, mock = hub
     readme = mock.files["README.md"].decode("utf-8")
     python, shell = blocks(readme)
-    wheel = next(p for p in mock.files if p.startswith("wheels/") and p.endswith(".whl"))
+    wheel = release_wheel(release)
     tag = mock.tags[0]
-    assert f'load_dataset("{REPO_ID}", "nhl", split="train", revision="{tag}"' in python
-    assert f'load_lymphatlas("{REPO_ID}", version="{tag[1:]}"' in python
-    (download,) = [line for line in shell if line.startswith("hf download ")]
-    assert f"{REPO_ID} {wheel} " in download and f"--revision {tag}" in download
+    # the lines are there (what they name, tag and wheel, is checked by running them against the repo)
+    assert f'load_dataset("{REPO_ID}", "nhl", split="train"' in python and f'load_lymphatlas("{REPO_ID}"' in python
+    assert [line for line in shell if line.startswith(f"hf download {REPO_ID} ")]
     user = tmp_path / "user"  # where the user stands: nothing of the release is there
     user.mkdir()
     env = user_env(tmp_path, mock)
@@ -159,6 +165,8 @@ def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
     asked = {r.path.split("?")[0] for r in mock.requests}
     assert f"/api/datasets/{REPO_ID}/revision/{tag}" in asked
     assert mock.resolve_path(tag, wheel) in asked
+    unpinned = sorted(p for p in asked if re.search(r"/(resolve|tree|revision|paths-info)/main(/|$)", p))
+    assert not unpinned, f"read the newest commit, not the tag {tag}: {unpinned}"
 
 
 def test_the_cards_url_install_line_is_the_wheels_resolve_url(hub, tmp_path):
@@ -167,7 +175,7 @@ def test_the_cards_url_install_line_is_the_wheels_resolve_url(hub, tmp_path):
     release, mock = hub
     readme = mock.files["README.md"].decode("utf-8")
     (url,) = WHEEL_LINE.findall(readme)
-    wheel = next(p for p in mock.files if p.startswith("wheels/") and p.endswith(".whl"))
+    wheel = release_wheel(release)
     parts = urlsplit(url)
     assert (parts.scheme, parts.netloc) == ("https", "huggingface.co")
     assert parts.path == mock.resolve_path(mock.tags[0], wheel)
@@ -182,7 +190,7 @@ def test_the_mock_refuses_what_the_repo_lacks(hub, tmp_path):
     """A wrong tag, a wheel the repo lacks, another repo: the clients fail as the Hub makes them fail
     (else the lines above could pass against a mock that serves anything)."""
     release, mock = hub
-    wheel = next(p for p in mock.files if p.startswith("wheels/") and p.endswith(".whl"))
+    wheel = release_wheel(release)
     env = user_env(tmp_path, mock)
     cases = {
         f"hf download {REPO_ID} {wheel} --repo-type dataset --revision v9.9.9 --local-dir c":
