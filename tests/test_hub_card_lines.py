@@ -11,11 +11,13 @@ release's files, the Hub card and the manifest listing it) and served by
 runs from an empty folder, as a user who has only read the card on the Hub.
 
 The python blocks run as one script (later blocks use ``ds`` and ``sample``), each bash line and
-inline ``lymphatlas`` command in a shell; exit status 0 and no traceback for each. Then: the wheel
+inline ``lymphatlas`` command in a shell; exit status 0 and no traceback for each. The two
+``lymphatlas materialize`` lines run in a slow test (about 25 s more on the loaded shared machine;
+``load_lymphatlas`` and ``lymphatlas verify`` in the default run fetch the repo the same way). Then: the wheel
 ``hf download`` wrote is byte-identical to the release's and listed with its sha256 in the manifest;
 the rows each client read (case ids per split and fold, one CT volume) equal the release's
 (the generator's WORK truth for ids, diagnosis and voxels; ``splits.json`` for split and fold);
-the nnU-Net and MONAI folders hold the train split; every route a client asked for exists in the
+the nnU-Net and MONAI folders hold the train split (slow test); every route a client asked for exists in the
 mock (no ``RepoNotFound``), and every request named the tag or its commit, never ``main`` (the mock's
 ``main`` is the same commit, so an unpinned line would read the right rows here and not on the Hub). The ``pip install ./lymphatlas_client/...``
 line runs as pip's dry run (``runnable`` of tests/test_card_lines.py). The direct-URL line
@@ -109,10 +111,28 @@ def expected_ids(release, *, diagnosis: str, split: str, fold=None, exclude_fold
                   and (exclude_fold is None or splits[c]["fold"] != exclude_fold))
 
 
+def check_requests(mock: MockHub, since: int, *must: str) -> None:
+    """The mock's answers from ``mock.requests[since:]``: no route it lacks (``RepoNotFound`` on the served
+    repo), nothing at ``main`` (the lines pin the tag), and each of the URL paths ``must`` asked for."""
+    answered = mock.requests[since:]
+    missing = [r for r in answered if r.error_code == "RepoNotFound" or r.status >= 500]
+    assert not missing, missing
+    asked = {r.path.split("?")[0] for r in answered}
+    assert not set(must) - asked, set(must) - asked
+    unpinned = sorted(p for p in asked if re.search(r"/(resolve|tree|revision|paths-info)/main(/|$)", p))
+    assert not unpinned, f"read the newest commit, not the tag {mock.tags[0]}: {unpinned}"
+
+
+SLOW_LINES = "lymphatlas materialize "
+"""Card lines the slow test runs (the default run has load_lymphatlas and `lymphatlas verify` from the repo
+id, the same download; the local copies' materialize lines run in tests/test_card_lines.py)."""
+
+
 def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
     import numpy as np
 
     release, mock = hub
+    since = len(mock.requests)
     readme = mock.files["README.md"].decode("utf-8")
     python, shell = blocks(readme)
     wheel = release_wheel(release)
@@ -120,6 +140,7 @@ def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
     # the lines are there (what they name, tag and wheel, is checked by running them against the repo)
     assert f'load_dataset("{REPO_ID}", "nhl", split="train"' in python and f'load_lymphatlas("{REPO_ID}"' in python
     assert [line for line in shell if line.startswith(f"hf download {REPO_ID} ")]
+    assert [line for line in shell if line.startswith(SLOW_LINES)]
     user = tmp_path / "user"  # where the user stands: nothing of the release is there
     user.mkdir()
     env = user_env(tmp_path, mock)
@@ -130,6 +151,8 @@ def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, python + proc.stderr[-3000:]
     streamed = proc.stdout.split()[0]
     for line in shell:
+        if line.startswith(SLOW_LINES):
+            continue
         proc = run(runnable(line), user, env)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stdout}\n{proc.stderr}"
 
@@ -150,7 +173,23 @@ def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
     assert np.array_equal(np.load(tmp_path / "ct.npy"), truth.ct.transpose(2, 1, 0))
     assert results["image_shape"] == results["hf_torch_shape"] == [2, *truth.ct.shape]  # fake cases share a shape
 
-    # the nnU-Net and MONAI folders written from the repo id hold the train split
+    # every client went through the mock, at the card's tag, and used only routes the mock has
+    check_requests(mock, since, f"/api/datasets/{REPO_ID}/revision/{tag}", mock.resolve_path(tag, wheel))
+
+
+@pytest.mark.slow
+def test_the_hub_cards_materialize_lines_write_the_train_split(hub, tmp_path):
+    """The card's `lymphatlas materialize <repo_id> --version ...` lines (nnU-Net and MONAI), from an empty
+    folder: the folders they write hold the release's train split, read with MONAI's own loader."""
+    release, mock = hub
+    since = len(mock.requests)
+    lines = [line for line in blocks(mock.files["README.md"].decode("utf-8"))[1] if line.startswith(SLOW_LINES)]
+    user = tmp_path / "user"
+    user.mkdir()
+    env = user_env(tmp_path, mock)
+    for line in lines:
+        proc = run(line, user, env)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stdout}\n{proc.stderr}"
     n_train = sum(e["split"] == "train" for e in json.loads((release.path / "splits.json").read_text())["cases"].values())
     dataset = json.loads((user / "nnUNet_raw" / "Dataset501_LymphAtlas" / "dataset.json").read_text())
     assert dataset["numTraining"] == n_train
@@ -158,15 +197,7 @@ def test_every_hub_card_line_runs_against_the_hub(hub, tmp_path):
 
     datalist = load_decathlon_datalist(str(user / "lymphatlas_monai" / "datalist.json"), True, "training")
     assert len(datalist) == n_train
-
-    # every client went through the mock, at the card's tag, and used only routes the mock has
-    missing = [r for r in mock.requests if r.error_code == "RepoNotFound" or r.status >= 500]
-    assert not missing, missing
-    asked = {r.path.split("?")[0] for r in mock.requests}
-    assert f"/api/datasets/{REPO_ID}/revision/{tag}" in asked
-    assert mock.resolve_path(tag, wheel) in asked
-    unpinned = sorted(p for p in asked if re.search(r"/(resolve|tree|revision|paths-info)/main(/|$)", p))
-    assert not unpinned, f"read the newest commit, not the tag {tag}: {unpinned}"
+    check_requests(mock, since, f"/api/datasets/{REPO_ID}/revision/{mock.tags[0]}")
 
 
 def test_the_cards_url_install_line_is_the_wheels_resolve_url(hub, tmp_path):
