@@ -23,7 +23,9 @@ mock (no ``RepoNotFound``), and every request named the tag or its commit, never
 line runs as pip's dry run (``runnable`` of tests/test_card_lines.py). The direct-URL line
 (``pip install "lymphatlas-ds[torch] @ https://huggingface.co/..."``) names the Hub itself: its URL
 path must be the mock's resolve path of the wheel, and pip's dry run of that line with the mock's
-origin in place of huggingface.co downloads and accepts the wheel.
+origin in place of huggingface.co downloads and accepts the wheel. The mock itself is checked both
+ways: a wrong tag, a missing file and another repo fail in the clients as on the Hub, and the routes
+the card's lines do not reach (paths-info, refs, commits) parse in huggingface_hub's own types.
 """
 
 from __future__ import annotations
@@ -236,3 +238,26 @@ def test_the_mock_refuses_what_the_repo_lacks(hub, tmp_path):
         proc = run(command, tmp_path, env)
         assert proc.returncode != 0 and message in proc.stdout + proc.stderr, f"{command}\n{proc.stdout}{proc.stderr}"
     assert not (tmp_path / "c" / wheel).exists()
+
+
+def test_the_mocks_listings_parse_as_huggingface_hub_reads_them(hub, monkeypatch):
+    """The routes the card's lines do not reach (paths-info, refs, commits, a sub-folder's tree) answer in the
+    shape huggingface_hub's own parsers read, with the release's sizes and sha256 (in this process: HfApi
+    takes the endpoint as an argument)."""
+    from huggingface_hub import HfApi, RepoFile, RepoFolder, constants
+
+    release, mock = hub
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    api, tag = HfApi(endpoint=mock.endpoint), mock.tags[0]
+    wheel = release_wheel(release)
+    info = api.get_paths_info(REPO_ID, [wheel, "wheels", "splits.json", "no/such"], repo_type="dataset", revision=tag)
+    by_path = {entry.path: entry for entry in info}
+    assert set(by_path) == {wheel, "wheels", "splits.json"} and isinstance(by_path["wheels"], RepoFolder)
+    data = (release.path / wheel).read_bytes()
+    assert by_path[wheel].lfs.sha256 == hashlib.sha256(data).hexdigest() and by_path[wheel].size == len(data)
+    assert by_path["splits.json"].lfs is None and by_path["splits.json"].size == (release.path / "splits.json").stat().st_size
+    tree = list(api.list_repo_tree(REPO_ID, "data", repo_type="dataset", revision=tag, recursive=True))
+    on_disk = {p.relative_to(release.path).as_posix(): p.stat().st_size for p in (release.path / "data").rglob("*.parquet")}
+    assert {e.path: e.size for e in tree if isinstance(e, RepoFile)} == on_disk
+    assert [t.name for t in api.list_repo_refs(REPO_ID, repo_type="dataset").tags] == [tag]
+    assert [c.commit_id for c in api.list_repo_commits(REPO_ID, repo_type="dataset", revision=tag)] == [mock.commit]
