@@ -11,8 +11,9 @@ Excluded, and why: the card's ``pip install`` line would install into the test's
 so here it runs as pip's dry run of the same argument (the wheel exists where the card says and is
 a valid wheel with that extra); the slow test installs it as written into a fresh virtual
 environment and loads the release there. The bibtex block is not a command. The Hub copy's card
-(``publish --repo-id``) differs in its usage section only: its ``hf download`` line needs the network
-and is not run here; its ``pip install`` has the local line's form.
+(``publish --repo-id``) differs in its usage section only; tests/test_hub_card_lines.py runs its lines
+(``hf download``, ``load_dataset`` / ``load_lymphatlas`` / ``lymphatlas`` from the repo id at the tag)
+against a local mock of the Hub's HTTP API and reuses ``blocks`` and ``runnable`` from here.
 """
 
 from __future__ import annotations

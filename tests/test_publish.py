@@ -161,6 +161,20 @@ def test_hub_plan_adds_every_file_with_the_manifest_hashes_and_deletes_stale_sha
     assert plan.tag == "v1.1.0"
 
 
+def test_hub_plan_deletes_what_an_older_version_left_in_every_release_folder(releases):
+    """Stale lesions / preview shards, gallery images and an older client wheel go too: the configs' globs
+    (``lesions/train-*.parquet``) would read an old shard beside the new ones at the new tag, and the card
+    names one wheel. Files outside the release's folders stay."""
+    release = releases / "r110"
+    files = read_manifest(release)["files"]
+    stale = ["lesions/train-00001-of-00002.parquet", "preview/gallery/LA-9999999.png",
+             "preview/test-00003-of-00004.parquet", "wheels/lymphatlas_ds-0.0.1-py3-none-any.whl"]
+    assert not set(stale) & set(files) and {f.split("/")[0] for f in stale} <= {f.split("/")[0] for f in files}
+    plan = plan_hub_operations(release, "org/lymphatlas",
+                               existing_files=[".gitattributes", "notes/keep.txt", *files, *stale])
+    assert sorted(op.path_in_repo for op in plan.operations if isinstance(op, CommitOperationDelete)) == stale
+
+
 def test_the_hub_copy_verifies_as_committed(releases, tmp_path):
     """The files of the planned commit, laid out as a Hub snapshot: the manifest verifies them all."""
     plan = plan_hub_operations(releases / "r110", "org/lymphatlas")

@@ -45,12 +45,13 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from lymphatlas_ds import manifest as manifest_mod
+from lymphatlas_ds import schema
 from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds._lock import LOCK_NAME, folder_lock
 from lymphatlas_ds._target import MIRROR, MIRROR_LAYOUT, check_target
 from lymphatlas_ds.errors import LymphAtlasError
 
-from builder.release import card, lineage
+from builder.release import card, client_wheel, lineage
 from builder.release.build import parse_version
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,11 @@ VERSIONS_NAME = "versions.json"
 MIRROR_CARD_NAME = "README.md"
 CARD_NAME = "README.md"
 RELEASE_TOP_FILES = ("README.md", "CHANGELOG.md", "manifest.json", "splits.json")
-RELEASE_DIRS = ("data/", "metadata/")
-"""Paths of a Hub repo that belong to a release; files there that a new version lacks are deleted."""
+RELEASE_DIRS = ("data/", "metadata/", f"{schema.LESIONS_CONFIG}/", f"{schema.PREVIEW_CONFIG}/",
+                f"{client_wheel.WHEELS_FOLDER}/")
+"""Folders of a Hub repo that belong to a release; files there that a new version lacks are deleted (a
+commit only adds to the tree: an older version's lesions or preview shard would stay in its config's glob,
+and its client wheel beside the one the card names)."""
 
 
 class PublishError(LymphAtlasError):
