@@ -13,16 +13,18 @@ from lymphatlas_ds import load_lymphatlas
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.loader import PAD_VALUES, CaseDataset, PatchDataset, hf_torch, hf_torch_transform
 from lymphatlas_ds.transforms import Compose, CTWindow, PETClip
-from tests.support.releases import build_fake_release
+from tests.support.releases import shared_fake_release
 
 SPACING = (2.0, 2.0, 3.0)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    release = build_fake_release(root, n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING)
-    return release.path, release.truth, root / "cache"
+    # Built once per run, or once per mutation run ($LYMPHATLAS_TEST_SHARED_RELEASES, scripts/mutation.sh)
+    release, scratch = shared_fake_release(
+        tmp_path_factory, "loader", n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING
+    )
+    return release.path, release.truth, scratch / "cache"
 
 
 def load(built, **kw):
