@@ -352,3 +352,54 @@ def test_a_key_file_needs_16_bytes_and_a_new_key_has_32(tmp_path) -> None:
 
             with pytest.raises(KeyFileError, match="at least 16 bytes"):
                 deid.load_or_create_key(private)
+
+
+def test_header_identifiers_read_past_a_blank_value_and_keep_every_scanner_value(tmp_path) -> None:
+    # A blank component of a multi-valued attribute is skipped, not a stop; a multi-valued scanner
+    # attribute gives every value (truth: the values written below).
+    ds = pydicom_dataset(OtherPatientIDs=["  ", "OPI-9"], PatientID="PAT0042",
+                         Manufacturer=["SIEMENS", "Healthineers"], ManufacturerModelName="Biograph Vision 600")
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.128", "1.2.3.4.6"
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+    identifiers, equipment = deid.header_identifiers([tmp_path / "one.dcm"])
+    assert sorted(identifiers) == [("OtherPatientIDs", "OPI-9"), ("PatientID", "PAT0042")]
+    assert sorted(equipment) == ["Biograph Vision 600", "Healthineers", "SIEMENS"]
+
+
+@pytest.mark.parametrize(("station", "equipment", "is_equipment"), [
+    ("Vision", ["  ", "Biograph Vision 600"], True),  # a blank scanner string is skipped, the next one read
+    ("VISION", ["Biograph_Vision"], True),  # "_" separates words
+    ("600", ["Biograph Vision-600"], True),  # so does any other non-word character
+    ("BIOGRAPH", ["Biograph Vision 600"], True),  # a prefix
+    ("PETCT01", ["SIEMENS", "Biograph Vision 600"], False),  # neither a prefix nor a word
+    ("Visio", ["Biograph Vision 600"], False),  # part of a word only
+    ("Vision 600", ["Biograph Vision 600"], False),  # two words, not a prefix
+])
+def test_a_station_name_is_equipment_only_as_a_prefix_or_a_word_of_a_scanner_string(
+    tmp_path, station, equipment, is_equipment
+) -> None:
+    folder = _case_folder(tmp_path, {"qc": f"seen on {station} today"})
+    hits = deid.find_identifiers(folder, [("StationName", station)], equipment=equipment)
+    assert hits == ([] if is_equipment else [f"case.json contains the StationName value {station.lower()!r}"])
+
+
+def test_the_leak_check_names_the_case_folder_itself_but_not_the_project_file_names(tmp_path) -> None:
+    folder = tmp_path / "PAT0042-exam"  # a folder named after the patient
+    folder.mkdir()
+    (folder / "case.json").write_text(json.dumps({"note": "clean"}))
+    write_nifti(folder / "label.nii.gz", np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    assert deid.find_identifiers(folder, [("PatientID", "PAT0042")]) == [
+        "the name 'PAT0042-exam' contains the PatientID value 'pat0042'"]
+    assert deid.find_identifiers(folder, [("PatientID", "PAT0042")], show_values=False) == [
+        "a file name contains the exam's PatientID"]
+    # the project's own file names are vocabulary: a patient named Label or Case is no leak there
+    assert deid.find_identifiers(folder, [("PatientName", "Label"), ("PatientName", "Case")]) == []
+    (folder / "Label-notes.txt").write_text("x")
+    assert deid.find_identifiers(folder, [("PatientName", "Label")]) == [
+        "the name 'Label-notes.txt' contains the PatientName value 'label'"]
