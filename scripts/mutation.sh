@@ -59,6 +59,8 @@ only_mutate = ["$module"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-n", "0", "-q"]
 pytest_add_cli_args_test_selection = [${args%, }]
 use_git_change_detection = false
+# the release builder ships the client wheel built from the running tree, whose readme is README.md
+also_copy = ["README.md"]
 EOF
   echo "== $group: $module against $selection" >&2
   start=$(date +%s)
