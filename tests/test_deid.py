@@ -352,6 +352,13 @@ def test_a_key_file_needs_16_bytes_and_a_new_key_has_32(tmp_path) -> None:
 
             with pytest.raises(KeyFileError, match="at least 16 bytes"):
                 deid.load_or_create_key(private)
+    # a key file that is not hex digits at all (32 characters) is refused the same way
+    (tmp_path / "nothex").mkdir()
+    (tmp_path / "nothex" / deid.KEY_FILE).write_text("not a key, not hex digits: zz" + "\n")
+    from builder.errors import KeyFileError
+
+    with pytest.raises(KeyFileError, match="at least 16 bytes written as hex digits"):
+        deid.load_or_create_key(tmp_path / "nothex")
 
 
 def test_header_identifiers_read_past_a_blank_value_and_keep_every_scanner_value(tmp_path) -> None:
@@ -398,8 +405,16 @@ def test_the_leak_check_names_the_case_folder_itself_but_not_the_project_file_na
         "the name 'PAT0042-exam' contains the PatientID value 'pat0042'"]
     assert deid.find_identifiers(folder, [("PatientID", "PAT0042")], show_values=False) == [
         "a file name contains the exam's PatientID"]
-    # the project's own file names are vocabulary: a patient named Label or Case is no leak there
-    assert deid.find_identifiers(folder, [("PatientName", "Label"), ("PatientName", "Case")]) == []
+    # the project's own file names are vocabulary: a patient named Label, Case or Transform is no leak there
+    (folder / "transform.tfm").write_text("#Insight Transform File V1.0\n")
+    names = [("PatientName", "Label"), ("PatientName", "Case"), ("PatientName", "Transform")]
+    assert deid.find_identifiers(folder, names) == []
+    # a hit in a sub-folder names its path in the case folder
+    (folder / "lesions").mkdir()
+    (folder / "lesions" / "notes.txt").write_text("reviewed for PAT0042")
+    assert deid.find_identifiers(folder, [("PatientID", "PAT0042")])[1:] == [
+        "lesions/notes.txt contains the PatientID value 'pat0042'"]
+    (folder / "lesions" / "notes.txt").unlink()
     (folder / "Label-notes.txt").write_text("x")
     assert deid.find_identifiers(folder, [("PatientName", "Label")]) == [
         "the name 'Label-notes.txt' contains the PatientName value 'label'"]
