@@ -32,7 +32,7 @@ acceptance|builder/convert/align.py|builder.convert.align.x__register__* builder
 resampling|builder/convert/align.py|builder.convert.align.x__row_intervals* builder.convert.align.x__zero_beyond_fov* builder.convert.align.x__upsample_axis* builder.convert.align.x__upsample_array* builder.convert.align.x_upsample_cubic2* builder.convert.align.x_resample_to_reference* builder.convert.align.x__coarse_axes* builder.convert.align.x__crop_to_reference*|tests/test_align.py -k "bounded or upsample or unbounded or suvmax or saved_transform"|
 deid|builder/convert/deid.py|builder.convert.deid.x*|tests/test_deid.py -k "not owner_only"|
 splits|builder/release/splits.py|builder.release.splits.x*|tests/test_splits.py|
-loader|lymphatlas_ds/loader.py|lymphatlas_ds.loader.x__spacing_zyx* lymphatlas_ds.loader.xǁPatchDatasetǁ* lymphatlas_ds.loader.xǁCaseDatasetǁ*|tests/test_loader.py -k "not dataloader and not worker"|
+loader|lymphatlas_ds/loader.py|lymphatlas_ds.loader.x__spacing_zyx* lymphatlas_ds.loader.xǁPatchDatasetǁ* lymphatlas_ds.loader.xǁCaseDatasetǁ*|tests/test_loader.py tests/test_lesion_table.py -k "(test_loader and not dataloader and not worker) or load_lymphatlas_instances or case_instance_ids"|tests/test_loader.py -k "not dataloader and not worker"
 EOF
 )
 

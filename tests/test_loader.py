@@ -85,6 +85,7 @@ def _check_patch(item, truth):
     np.testing.assert_array_equal(item["image"][0].numpy(), want.ct[box].astype(np.float32))
     np.testing.assert_array_equal(item["image"][1].numpy(), want.pet[box])
     np.testing.assert_array_equal(item["label"][0].numpy(), want.label[box])
+    assert (item["meta"]["subject_id"], item["meta"]["diagnosis"]) == (want.subject_id, want.diagnosis)
     # The patch affine maps the patch's voxel (0, 0, 0) where the case affine maps the start voxel.
     corner = want.affine @ np.array([*start[::-1], 1.0])
     np.testing.assert_allclose(item["affine"].numpy() @ np.array([0, 0, 0, 1.0]), corner, atol=1e-4)
