@@ -418,3 +418,52 @@ def test_the_leak_check_names_the_case_folder_itself_but_not_the_project_file_na
     (folder / "Label-notes.txt").write_text("x")
     assert deid.find_identifiers(folder, [("PatientName", "Label")]) == [
         "the name 'Label-notes.txt' contains the PatientName value 'label'"]
+
+
+def test_work_key_creates_a_key_only_for_a_work_without_identities(tmp_path) -> None:
+    from builder.errors import KeyFileError
+
+    fresh = tmp_path / "fresh"
+    key = deid.work_key(fresh)  # a new WORK: a new key, owner-only
+    assert len(key) == 32 and deid.work_key(fresh) == key
+    assert _modes(fresh / "private") == {"private": 0o700, deid.KEY_FILE: 0o600}
+    with pytest.raises(KeyFileError, match=f"only for an empty WORK, and {fresh} already holds .*{deid.KEY_FILE}"):
+        deid.work_key(fresh, new_key=True)
+    # case folders (not the temporary ".x" ones) or an id map without the key: refused, nothing created
+    cases = tmp_path / "cases_only"
+    for name in ("LA-1", "LA-2", ".staging-LA-3"):
+        (cases / "cases" / name).mkdir(parents=True)
+    (cases / "cases" / "notes.txt").write_text("x")
+    assert deid.work_has_identities(cases) == [f"2 case folder(s) in {cases / 'cases'}"]
+    with pytest.raises(KeyFileError, match=r"key .* is missing, but .* holds 2 case folder\(s\)"):
+        deid.work_key(cases)
+    with pytest.raises(KeyFileError, match=r"already holds 2 case folder\(s\)"):
+        deid.work_key(cases, new_key=True)
+    assert not (cases / "private" / deid.KEY_FILE).exists()
+    mapped = tmp_path / "mapped"
+    (mapped / "private").mkdir(parents=True)
+    (mapped / "private" / "id_map.csv").write_text("exam_id,patient_id,case_id,subject_id\n")
+    with pytest.raises(KeyFileError, match="id_map.csv made with it"):
+        deid.work_key(mapped)
+    staging = tmp_path / "staging_only"  # only a temporary folder: nothing derived yet
+    (staging / "cases" / ".staging-LA-1").mkdir(parents=True)
+    assert deid.work_has_identities(staging) == [] and len(deid.work_key(staging, new_key=True)) == 32
+
+
+def test_secure_private_dir_tightens_the_folder_and_its_files_in_process(tmp_path) -> None:
+    import os
+
+    old = os.umask(0)
+    try:
+        nested = deid.secure_private_dir(tmp_path / "a" / "b" / "private")  # parents created, 0700
+        assert _modes(nested) == {"private": 0o700}
+        loose = tmp_path / "loose"
+        loose.mkdir(mode=0o777)
+        (loose / "id_map.csv").write_text("x")
+        os.chmod(loose / "id_map.csv", 0o644)
+        (loose / "sub").mkdir(mode=0o755)  # not a file: left as it is
+        deid.secure_private_dir(loose)
+        assert (loose.stat().st_mode & 0o777, (loose / "id_map.csv").stat().st_mode & 0o777) == (0o700, 0o600)
+        assert (loose / "sub").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(old)
