@@ -222,6 +222,12 @@ def test_transforms_are_applied_and_documented_presets_hold(built):
     np.testing.assert_allclose(item["image"][0].numpy(), (np.clip(want.ct, -160, 240) + 160) / 400.0, rtol=1e-6)
     np.testing.assert_allclose(item["image"][1].numpy(), np.clip(want.pet, 0, 10) / 10.0, rtol=1e-6)
     np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
+    # patch items too: the transform sees the crop
+    patches = load(built, split="test", patch_size=(6, 6, 6), samples_per_case=1, transform=CTWindow.soft_tissue())
+    item = patches[0]
+    z, y, x = (int(v) for v in item["patch_start"])
+    crop = truth[item["case_id"]].ct[z:z + 6, y:y + 6, x:x + 6]
+    np.testing.assert_allclose(item["image"][0].numpy(), (np.clip(crop, -160, 240) + 160) / 400.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("raw", [True, False])
