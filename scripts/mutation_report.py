@@ -84,6 +84,9 @@ def main(group_dir: str, module: str, seconds: str, *globs: str) -> None:
         print("\n".join(rows), file=sys.stderr)
     score = 100.0 * killed / tested if tested else 0.0
     group = root.name
+    if not tested:  # mutmut stopped before testing any mutant (its clean or stats run failed)
+        print(f"{group}: no mutant tested: mutmut failed, see {root / 'run.log'} ({seconds} s)")
+        return
     print(f"{group}: {killed}/{tested} killed ({score:.1f} %); survivors {count['survived'] + count['no tests']}: "
           f"{classes['code']} code, {classes['text']} message text, {classes['log']} log lines; "
           f"{count['timeout']} timeouts; {seconds} s")

@@ -439,3 +439,64 @@ def test_bounded_cubic_field_of_view_edges_fall_exactly_on_ct_points(flip: bool)
     for method in Interpolation:
         out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, interpolation=method))
         np.testing.assert_array_equal(out > 0, want, err_msg=method.value)
+
+
+def _pet_below_1(dtype=np.float32) -> tuple[sitk.Image, np.ndarray]:
+    """A 4 mm PET with SUVs in (0, 1) (background-like) and one voxel below 0, at the origin."""
+    arr = np.random.default_rng(3).uniform(0.05, 0.95, (8, 9, 10))
+    arr[3, 4, 5] = -0.5
+    pet = sitk.GetImageFromArray(arr.astype(dtype))
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    return pet, arr.astype(np.float32)
+
+
+def test_bounded_cubic_of_a_pet_below_1_keeps_each_voxel_value_at_its_centre_and_clamps_at_0() -> None:
+    # A 2 mm CT grid through every PET voxel centre (and half-way between them): the upsampled spline
+    # interpolates the measured values, so at each centre the output is that voxel's SUV (0 where below 0)
+    pet, arr = _pet_below_1()
+    ct = sitk.Image((19, 17, 15), sitk.sitkInt16)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct))
+    np.testing.assert_allclose(out[::2, ::2, ::2], np.maximum(arr, 0.0), atol=1e-6)
+    assert out.min() == 0.0 and out.max() <= arr.max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int16], ids=["float64", "int16"])
+def test_bounded_cubic_and_linear_resample_a_pet_of_another_type_as_float32(dtype) -> None:
+    # The PET is resampled as float32 whatever its pixel type: the same result as its float32 copy
+    pet, _ = _pet_below_1(dtype)
+    if dtype is np.int16:  # integer activity (Bq/ml-like counts)
+        pet = sitk.GetImageFromArray(np.random.default_rng(4).integers(-5, 3000, (8, 9, 10)).astype(np.int16))
+        pet.SetSpacing((4.0, 4.0, 4.0))
+    ct = sitk.Image((30, 25, 21), sitk.sitkInt16)
+    ct.SetSpacing((1.3, 1.5, 1.7))
+    ct.SetOrigin((-1.1, -0.7, -0.3))
+    as_float32 = sitk.Cast(pet, sitk.sitkFloat32)
+    for method in (Interpolation.BOUNDED_CUBIC, Interpolation.LINEAR):
+        out = align.resample_to_reference(pet, ct, ROTATION, interpolation=method)
+        want = align.resample_to_reference(as_float32, ct, ROTATION, interpolation=method)
+        assert out.GetPixelID() == sitk.sitkFloat32
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(want), err_msg=method.value)
+
+
+def test_bounded_cubic_through_a_bspline_transform_cuts_the_field_of_view_where_the_transform_maps_it() -> None:
+    # A B-spline transform whose control points all move by the same d is a translation by d (the
+    # spline's weights sum to 1): each CT point p samples the PET at p + d, and is 0 where p + d lies
+    # outside the PET's voxels' extent [-2, 4 n - 2) mm on each axis (computed here by hand)
+    n = np.array([10, 9, 8])  # PET x, y, z voxels of 4 mm, first centre at the origin
+    pet = sitk.GetImageFromArray(np.full(n[::-1], 0.4, np.float32))
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    ct = sitk.Image((30, 26, 24), sitk.sitkInt16)  # 2 mm, from -10 mm: crosses every edge
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((-10.0, -10.0, -10.0))
+    d = np.array([3.3, -2.7, 7.3])
+    bspline = sitk.BSplineTransformInitializer(ct, [3, 3, 3], 3)
+    k = len(bspline.GetParameters()) // 3
+    bspline.SetParameters(tuple(np.repeat(d, k)))
+    grid = [-10.0 + 2.0 * np.arange(s) + shift for s, shift in zip(ct.GetSize(), d)]
+    inside = [(g >= -2.0) & (g < 4.0 * v - 2.0) for g, v in zip(grid, n)]
+    want = inside[2][:, None, None] & inside[1][None, :, None] & inside[0][None, None, :]
+    assert 0.2 < want.mean() < 0.8
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, bspline))
+    np.testing.assert_array_equal(out > 0, want)
+    np.testing.assert_allclose(out[want], 0.4, atol=1e-6)

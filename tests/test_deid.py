@@ -352,3 +352,118 @@ def test_a_key_file_needs_16_bytes_and_a_new_key_has_32(tmp_path) -> None:
 
             with pytest.raises(KeyFileError, match="at least 16 bytes"):
                 deid.load_or_create_key(private)
+    # a key file that is not hex digits at all (32 characters) is refused the same way
+    (tmp_path / "nothex").mkdir()
+    (tmp_path / "nothex" / deid.KEY_FILE).write_text("not a key, not hex digits: zz" + "\n")
+    from builder.errors import KeyFileError
+
+    with pytest.raises(KeyFileError, match="at least 16 bytes written as hex digits"):
+        deid.load_or_create_key(tmp_path / "nothex")
+
+
+def test_header_identifiers_read_past_a_blank_value_and_keep_every_scanner_value(tmp_path) -> None:
+    # A blank component of a multi-valued attribute is skipped, not a stop; a multi-valued scanner
+    # attribute gives every value (truth: the values written below).
+    ds = pydicom_dataset(OtherPatientIDs=["  ", "OPI-9"], PatientID="PAT0042",
+                         Manufacturer=["SIEMENS", "Healthineers"], ManufacturerModelName="Biograph Vision 600")
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.128", "1.2.3.4.6"
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+    identifiers, equipment = deid.header_identifiers([tmp_path / "one.dcm"])
+    assert sorted(identifiers) == [("OtherPatientIDs", "OPI-9"), ("PatientID", "PAT0042")]
+    assert sorted(equipment) == ["Biograph Vision 600", "Healthineers", "SIEMENS"]
+
+
+@pytest.mark.parametrize(("station", "equipment", "is_equipment"), [
+    ("Vision", ["  ", "Biograph Vision 600"], True),  # a blank scanner string is skipped, the next one read
+    ("VISION", ["Biograph_Vision"], True),  # "_" separates words
+    ("600", ["Biograph Vision-600"], True),  # so does any other non-word character
+    ("BIOGRAPH", ["Biograph Vision 600"], True),  # a prefix
+    ("PETCT01", ["SIEMENS", "Biograph Vision 600"], False),  # neither a prefix nor a word
+    ("Visio", ["Biograph Vision 600"], False),  # part of a word only
+    ("Vision 600", ["Biograph Vision 600"], False),  # two words, not a prefix
+])
+def test_a_station_name_is_equipment_only_as_a_prefix_or_a_word_of_a_scanner_string(
+    tmp_path, station, equipment, is_equipment
+) -> None:
+    folder = _case_folder(tmp_path, {"qc": f"seen on {station} today"})
+    hits = deid.find_identifiers(folder, [("StationName", station)], equipment=equipment)
+    assert hits == ([] if is_equipment else [f"case.json contains the StationName value {station.lower()!r}"])
+
+
+def test_the_leak_check_names_the_case_folder_itself_but_not_the_project_file_names(tmp_path) -> None:
+    folder = tmp_path / "PAT0042-exam"  # a folder named after the patient
+    folder.mkdir()
+    (folder / "case.json").write_text(json.dumps({"note": "clean"}))
+    write_nifti(folder / "label.nii.gz", np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    assert deid.find_identifiers(folder, [("PatientID", "PAT0042")]) == [
+        "the name 'PAT0042-exam' contains the PatientID value 'pat0042'"]
+    assert deid.find_identifiers(folder, [("PatientID", "PAT0042")], show_values=False) == [
+        "a file name contains the exam's PatientID"]
+    # the project's own file names are vocabulary: a patient named Label, Case or Transform is no leak there
+    (folder / "transform.tfm").write_text("#Insight Transform File V1.0\n")
+    names = [("PatientName", "Label"), ("PatientName", "Case"), ("PatientName", "Transform")]
+    assert deid.find_identifiers(folder, names) == []
+    # a hit in a sub-folder names its path in the case folder
+    (folder / "lesions").mkdir()
+    (folder / "lesions" / "notes.txt").write_text("reviewed for PAT0042")
+    assert deid.find_identifiers(folder, [("PatientID", "PAT0042")])[1:] == [
+        "lesions/notes.txt contains the PatientID value 'pat0042'"]
+    (folder / "lesions" / "notes.txt").unlink()
+    (folder / "Label-notes.txt").write_text("x")
+    assert deid.find_identifiers(folder, [("PatientName", "Label")]) == [
+        "the name 'Label-notes.txt' contains the PatientName value 'label'"]
+
+
+def test_work_key_creates_a_key_only_for_a_work_without_identities(tmp_path) -> None:
+    from builder.errors import KeyFileError
+
+    fresh = tmp_path / "fresh"
+    key = deid.work_key(fresh)  # a new WORK: a new key, owner-only
+    assert len(key) == 32 and deid.work_key(fresh) == key
+    assert _modes(fresh / "private") == {"private": 0o700, deid.KEY_FILE: 0o600}
+    with pytest.raises(KeyFileError, match=f"only for an empty WORK, and {fresh} already holds .*{deid.KEY_FILE}"):
+        deid.work_key(fresh, new_key=True)
+    # case folders (not the temporary ".x" ones) or an id map without the key: refused, nothing created
+    cases = tmp_path / "cases_only"
+    for name in ("LA-1", "LA-2", ".staging-LA-3"):
+        (cases / "cases" / name).mkdir(parents=True)
+    (cases / "cases" / "notes.txt").write_text("x")
+    assert deid.work_has_identities(cases) == [f"2 case folder(s) in {cases / 'cases'}"]
+    with pytest.raises(KeyFileError, match=r"key .* is missing, but .* holds 2 case folder\(s\)"):
+        deid.work_key(cases)
+    with pytest.raises(KeyFileError, match=r"already holds 2 case folder\(s\)"):
+        deid.work_key(cases, new_key=True)
+    assert not (cases / "private" / deid.KEY_FILE).exists()
+    mapped = tmp_path / "mapped"
+    (mapped / "private").mkdir(parents=True)
+    (mapped / "private" / "id_map.csv").write_text("exam_id,patient_id,case_id,subject_id\n")
+    with pytest.raises(KeyFileError, match="id_map.csv made with it"):
+        deid.work_key(mapped)
+    staging = tmp_path / "staging_only"  # only a temporary folder: nothing derived yet
+    (staging / "cases" / ".staging-LA-1").mkdir(parents=True)
+    assert deid.work_has_identities(staging) == [] and len(deid.work_key(staging, new_key=True)) == 32
+
+
+def test_secure_private_dir_tightens_the_folder_and_its_files_in_process(tmp_path) -> None:
+    import os
+
+    old = os.umask(0)
+    try:
+        nested = deid.secure_private_dir(tmp_path / "a" / "b" / "private")  # parents created, 0700
+        assert _modes(nested) == {"private": 0o700}
+        loose = tmp_path / "loose"
+        loose.mkdir(mode=0o777)
+        (loose / "id_map.csv").write_text("x")
+        os.chmod(loose / "id_map.csv", 0o644)
+        (loose / "sub").mkdir(mode=0o755)  # not a file: left as it is
+        deid.secure_private_dir(loose)
+        assert (loose.stat().st_mode & 0o777, (loose / "id_map.csv").stat().st_mode & 0o777) == (0o700, 0o600)
+        assert (loose / "sub").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(old)

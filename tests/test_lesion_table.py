@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.releases import build_fake_release, datasets_cache_in_tmp  # noqa: F401 - fixture
+from tests.support.releases import build_fake_release, datasets_cache_in_tmp, shared_fake_release  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")
 
@@ -132,7 +132,8 @@ def test_instance_map_of_the_work_case_is_the_label_numbered_as_the_table(foreig
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
-    return build_fake_release(tmp_path_factory.mktemp("lesions_fake"), n_patients=8, seed=6, shape_zyx=(12, 20, 20))
+    # built once per mutation run ($LYMPHATLAS_TEST_SHARED_RELEASES, scripts/mutation.sh's loader part); read-only
+    return shared_fake_release(tmp_path_factory, "lesions_fake", n_patients=8, seed=6, shape_zyx=(12, 20, 20))[0]
 
 
 def test_preview_config_loads_with_plain_datasets_in_a_subprocess_and_its_images_decode(fake, tmp_path) -> None:

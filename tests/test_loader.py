@@ -13,16 +13,18 @@ from lymphatlas_ds import load_lymphatlas
 from lymphatlas_ds.errors import SchemaError
 from lymphatlas_ds.loader import PAD_VALUES, CaseDataset, PatchDataset, hf_torch, hf_torch_transform
 from lymphatlas_ds.transforms import Compose, CTWindow, PETClip
-from tests.support.releases import build_fake_release
+from tests.support.releases import shared_fake_release
 
 SPACING = (2.0, 2.0, 3.0)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    release = build_fake_release(root, n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING)
-    return release.path, release.truth, root / "cache"
+    # Built once per run, or once per mutation run ($LYMPHATLAS_TEST_SHARED_RELEASES, scripts/mutation.sh)
+    release, scratch = shared_fake_release(
+        tmp_path_factory, "loader", n_patients=12, seed=5, shape_zyx=(20, 24, 28), spacing_xyz=SPACING
+    )
+    return release.path, release.truth, scratch / "cache"
 
 
 def load(built, **kw):
@@ -83,6 +85,7 @@ def _check_patch(item, truth):
     np.testing.assert_array_equal(item["image"][0].numpy(), want.ct[box].astype(np.float32))
     np.testing.assert_array_equal(item["image"][1].numpy(), want.pet[box])
     np.testing.assert_array_equal(item["label"][0].numpy(), want.label[box])
+    assert (item["meta"]["subject_id"], item["meta"]["diagnosis"]) == (want.subject_id, want.diagnosis)
     # The patch affine maps the patch's voxel (0, 0, 0) where the case affine maps the start voxel.
     corner = want.affine @ np.array([*start[::-1], 1.0])
     np.testing.assert_allclose(item["affine"].numpy() @ np.array([0, 0, 0, 1.0]), corner, atol=1e-4)
@@ -219,6 +222,12 @@ def test_transforms_are_applied_and_documented_presets_hold(built):
     np.testing.assert_allclose(item["image"][0].numpy(), (np.clip(want.ct, -160, 240) + 160) / 400.0, rtol=1e-6)
     np.testing.assert_allclose(item["image"][1].numpy(), np.clip(want.pet, 0, 10) / 10.0, rtol=1e-6)
     np.testing.assert_array_equal(item["label"][0].numpy(), want.label)
+    # patch items too: the transform sees the crop
+    patches = load(built, split="test", patch_size=(6, 6, 6), samples_per_case=1, transform=CTWindow.soft_tissue())
+    item = patches[0]
+    z, y, x = (int(v) for v in item["patch_start"])
+    crop = truth[item["case_id"]].ct[z:z + 6, y:y + 6, x:x + 6]
+    np.testing.assert_allclose(item["image"][0].numpy(), (np.clip(crop, -160, 240) + 160) / 400.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("raw", [True, False])

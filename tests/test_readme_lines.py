@@ -27,7 +27,7 @@ FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 EXCLUDED = {
     "bash scripts/demo.sh": "the demo itself (setup, a synthetic cohort, every stage: many minutes); its stages run below",
     "bash scripts/test.sh": "the test suite itself",
-    "bash scripts/mutation.sh": "mutation testing, 30-40 minutes, not in CI",
+    "bash scripts/mutation.sh": "mutation testing, about 70 minutes on a loaded 2-core machine, not in CI",
     "dask scheduler --port 8786": "a cluster across nodes; tests/test_cluster.py starts a real scheduler and two workers",
     "@article": "a citation, not a command",
     "lymphatlas evaluate pred": "needs a model's predictions for every case of the fold; tests/test_evaluate.py runs this "

@@ -293,3 +293,25 @@ def test_an_update_with_new_patients_of_one_diagnosis_only_still_gives_them_thei
     new = [SplitCase(f"C-NEW{i}-0", f"NEW{i}", "NHL", float(i)) for i in range(20)]  # no new HL patient
     placed = assign_splits(old + new, previous=previous)
     assert 1 <= sum(placed[c.case_id].split is Split.TEST for c in new) <= 8
+
+
+def test_a_patient_keeps_its_published_diagnosis_as_stratum_when_a_later_exam_says_another():
+    # Published: 5 HL and 5 NHL patients of one exam each (case ids end in -1).
+    old = [SplitCase(f"C-{d}{i}-1", f"{d}{i}", dx, float(i + 1)) for d, dx in (("H", "HL"), ("N", "NHL")) for i in range(5)]
+    previous = splits_document(assign_splits(old, seed=0), version="1.0.0", seed=0)["cases"]
+    published_test = {e["subject_id"] for e in previous.values() if e["split"] == Split.TEST.value}
+    hl_in_test = sorted(s for s in published_test if s.startswith("H"))
+    assert hl_in_test and len(published_test) == 2  # round(0.2 * 5) of each diagnosis
+    # The update: that HL patient's new exam says NHL and comes first by case id (-0), and 10 new
+    # patients of each diagnosis. The patient's stratum stays HL (its published diagnosis), so HL
+    # has 15 patients (3 in test, one of them already there) and NHL 15 (3, one already there).
+    moved = hl_in_test[0]
+    later = SplitCase(f"C-{moved}-0", moved, "NHL", 1.0)
+    new = [SplitCase(f"C-{d}X{i}-0", f"{d}X{i}", dx, float(i + 1)) for d, dx in (("H", "HL"), ("N", "NHL")) for i in range(10)]
+    placed = assign_splits(old + [later] + new, previous=previous)
+    assert placed[later.case_id].split is Split.TEST and placed[later.case_id].diagnosis == "NHL"
+    for d, n_total in (("H", 15), ("N", 15)):
+        want_new = round(TEST_FRACTION * n_total) - 1
+        got_new = sum(placed[c.case_id].split is Split.TEST for c in new if c.subject_id.startswith(d))
+        # With the later exam's diagnosis as stratum: HL 14 patients (3 new in test), NHL 16 (1 new).
+        assert got_new == want_new, (d, got_new, want_new)

@@ -8,6 +8,11 @@ every reader of that release must give back. ``datasets_cache_in_tmp`` keeps the
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,48 @@ def build_fake_release(
     cases = make_fake_work(root / "work", n_patients=n_patients, seed=seed, **work_options)
     summary = build_release(root / "work", root / name, version=version, previous=previous)
     return FakeRelease(root / name, {c.case_id: c for c in cases}, summary)
+
+
+#: A folder where :func:`shared_fake_release` keeps its releases across processes (scripts/mutation.sh
+#: sets it: every mutant runs the tests in a fresh fork, which rebuilt a module fixture's release each time).
+SHARED_RELEASES_ENV = "LYMPHATLAS_TEST_SHARED_RELEASES"
+
+
+def _generator_hash() -> str:
+    # The code that writes a fake release: a change to it must not reuse an older folder.
+    import builder.release
+    import lymphatlas_synth.fake_work
+
+    digest = hashlib.sha256()
+    files = [Path(lymphatlas_synth.fake_work.__file__), Path(__file__)]
+    files += sorted(Path(builder.release.__file__).parent.glob("*.py"))
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def shared_fake_release(tmp_path_factory, name: str, **options: Any) -> FakeRelease:
+    """:func:`build_fake_release` in a fresh temporary folder, or, when ``$LYMPHATLAS_TEST_SHARED_RELEASES``
+    names a folder, built once there (keyed by the options and the generator's code) and reused
+    read-only by later processes. Callers must not write into the release (give the reader its own
+    cache folder). Returns the release and a per-process temporary folder for such writes.
+    """
+    shared = os.environ.get(SHARED_RELEASES_ENV)
+    scratch = tmp_path_factory.mktemp(name)
+    if not shared:
+        return build_fake_release(scratch, **options), scratch
+    key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = Path(shared) / f"{name}-{key}-{_generator_hash()}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    done = root / "truth.pickle"
+    with open(str(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then read
+        if not done.exists():
+            release = build_fake_release(root, **options)
+            done.with_suffix(".tmp").write_bytes(pickle.dumps((release.truth, release.summary)))
+            done.with_suffix(".tmp").replace(done)
+    truth, summary = pickle.loads(done.read_bytes())
+    return FakeRelease(root / options.get("name", "release"), truth, summary), scratch
 
 
 @pytest.fixture(scope="module")
