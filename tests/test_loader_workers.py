@@ -153,7 +153,8 @@ def test_a_fresh_process_imports_blosc2_with_the_dataset_and_no_nibabel_for_a_ca
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason="issue 21 open: on the shared 2-core VM (load 8-13, sched_autogroup on, so a "
                    "session's processes share one CPU share whatever their number) 2 workers gave 0.78-1.02x one "
-                   "process (0.97x / 0.98x at load 8-9); they spend 49 ms CPU per patch against 43-44 ms (batches in "
+                   "process (0.97x / 0.98x at load 8-9, 0.92x / 0.80x at load 4, 2 s epochs); they spend 44-49 ms CPU "
+                   "per patch against 38-44 ms, and new workers each epoch (batches in "
                    "new shared memory mapped by the main process, one fd handshake per tensor, worker start)")
 def test_two_workers_are_not_slower_than_one_process(tmp_path):
     """benchmarks/bench_loader.py's worker comparison at 128^3 patches on cases of 128x256x256, 48 patches an
