@@ -190,31 +190,42 @@ def worker_scaling(patches, *, workers=(0, 1, 2), repeats: int = 3, batch_size: 
     """Patches per second through ``DataLoader(num_workers=k)`` for each k, each epoch timed whole (worker
     start and first-use file opening included), the batches read in the main process; the k are interleaved
     and repeated, and each repeat's rates are divided by that repeat's ``num_workers=0`` rate (the same
-    process, the same machine load). Prints one line; returns ``{"rates": {k: [...]}, "ratios": {k: median}}``."""
+    process, the same machine load); also the CPU time (user + system, main process and workers) per patch, the
+    cost that counts where a session's processes share one CPU share (Linux autogroup on a loaded machine).
+    Prints one line; returns ``{"rates": {k: [...]}, "ratios": {k: median}, "cpu_ms_per_patch": {k: median}}``."""
     import statistics
 
     import torch
     from torch.utils.data import DataLoader
 
+    import resource
+
+    def cpu_s() -> float:  # this process and its joined children (the epoch's workers): user + system
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
     rates: dict[int, list[float]] = {k: [] for k in workers}
+    cpu: dict[int, list[float]] = {k: [] for k in workers}
     for rep in range(repeats):
         patches.set_epoch(rep)
         for k in workers:
             loader = DataLoader(patches, batch_size=batch_size, shuffle=True, num_workers=k,
                                 generator=torch.Generator().manual_seed(rep))
-            t = time.perf_counter()
+            t, used = time.perf_counter(), cpu_s()
             count = 0
             for batch in loader:
                 _touch(batch)
                 count += len(batch["case_id"])
             rates[k].append(count / (time.perf_counter() - t))
+            cpu[k].append(1000 * (cpu_s() - used) / max(count, 1))
     base = workers[0]
     ratios = {k: statistics.median(r / b for r, b in zip(rates[k], rates[base])) for k in workers}
     load = os.getloadavg()[0]
     print(f"DataLoader(batch_size={batch_size}) patches/s, median of {repeats} interleaved epochs of {len(patches)} "
           f"(load {load:.1f} on {os.cpu_count()} cores): "
-          + ", ".join(f"num_workers={k} {statistics.median(rates[k]):.1f}/s ({ratios[k]:.2f}x)" for k in workers))
-    return {"rates": rates, "ratios": ratios}
+          + ", ".join(f"num_workers={k} {statistics.median(rates[k]):.1f}/s ({ratios[k]:.2f}x, CPU "
+                      f"{statistics.median(cpu[k]):.0f} ms/patch)" for k in workers))
+    return {"rates": rates, "ratios": ratios, "cpu_ms_per_patch": {k: statistics.median(v) for k, v in cpu.items()}}
 
 
 def probe(script: str, *argv: str) -> dict:

@@ -34,13 +34,23 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
 import pyarrow as pa
 
 from lymphatlas_ds.errors import IntegrityError, SchemaError
+
+if TYPE_CHECKING:
+    import nibabel as nib
+
+
+def _nibabel() -> Any:
+    """nibabel, imported on first use: importing it (and the pydicom it pulls in) takes about 1 s, which a
+    patch read from the decoded cache never needs (it would delay the first patch of every fresh process)."""
+    import nibabel
+
+    return nibabel
 
 try:  # ISA-L's deflate: 3-4x zlib's speed at level 1-2, same format (the builder extra installs it)
     from isal import isal_zlib as _zlib
@@ -89,6 +99,7 @@ def encode_volume(
     affine = np.asarray(affine_ras, dtype=np.float64)
     if affine.shape != (4, 4):
         raise SchemaError(f"volume {name!r}: expected a 4x4 affine, got shape {affine.shape}")
+    nib = _nibabel()
     # [z, y, x] C-order is [x, y, z] F-order: nibabel writes it without a copy.
     image = nib.Nifti1Image(array_zyx.transpose(2, 1, 0), affine)
     header = image.header
@@ -179,7 +190,7 @@ def decode_volume(
     if bytes(buffer[:2]) == _GZIP_MAGIC:
         buffer, owned = _inflate(buffer, where), True
     try:
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(buffer[:348]), check=True)
+        header = _nibabel().Nifti1Header.from_fileobj(io.BytesIO(buffer[:348]), check=True)
     except Exception as e:  # nibabel raises several types for a bad header
         raise SchemaError(f"Nifti cell {where!r} is not a NIfTI-1 file ({e}); re-download the shard") from e
     shape_xyz = header.get_data_shape()
@@ -212,7 +223,7 @@ def _exact_affine(buffer: memoryview, offset: int, sform: np.ndarray) -> np.ndar
     if offset <= 352:
         return sform
     try:
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(buffer[:offset]), check=False)
+        header = _nibabel().Nifti1Header.from_fileobj(io.BytesIO(buffer[:offset]), check=False)
     except Exception:  # extensions unreadable: the sform is still right to float32 precision
         return sform
     for extension in header.extensions:

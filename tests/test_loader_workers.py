@@ -122,22 +122,56 @@ def test_workers_read_an_entrys_checksums_once_per_dataset(release, tmp_path, mo
     assert reads.value - before == files_per_entry * len(again.case_ids)
 
 
+_FRESH_PROCESS = r"""
+import json, sys
+from lymphatlas_ds import load_lymphatlas
+ds = load_lymphatlas(sys.argv[1], cache_dir=sys.argv[2], patch_size=(8, 8, 8), progress=False)
+made = "blosc2" in sys.modules
+ds[0]
+print(json.dumps({"blosc2_when_made": made, "nibabel_after_first_patch": "nibabel" in sys.modules}))
+"""
+
+
+def test_a_fresh_process_imports_blosc2_with_the_dataset_and_no_nibabel_for_a_cached_patch(release, tmp_path):
+    """Issue 21: a DataLoader's workers are forked from the process that made the dataset; when blosc2 (and the
+    httpx it imports) was first imported in each worker, every worker of every epoch paid ~0.4 s for it (20 % of
+    the workers' time in a py-spy profile). And a patch from a warm cache needs neither nibabel nor the pydicom
+    it imports (~1 s of the first patch of a fresh process). Checked in a fresh interpreter: this one has
+    imported everything."""
+    import json
+    import subprocess
+
+    cache = tmp_path / "cache"
+    load_lymphatlas(release.path, cache_dir=cache, patch_size=(8, 8, 8), progress=False).prepare()  # warm
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(release.path), str(cache)], env=env,
+                         capture_output=True, text=True, check=True, timeout=300)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found == {"blosc2_when_made": True, "nibabel_after_first_patch": False}, found
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 21 open: on a loaded 2-core machine 2 workers gave 0.56x one process at "
-                   "128^3 (torch's default_collate allocates new shared memory per batch); kept to report the ratio")
+@pytest.mark.xfail(strict=False, reason="issue 21 open: on the shared 2-core VM (load 8-13, sched_autogroup on, so a "
+                   "session's processes share one CPU share whatever their number) 2 workers gave 0.78-1.02x one "
+                   "process (0.97x / 0.98x at load 8-9, 0.92x / 0.80x at load 4, 2 s epochs); they spend 44-49 ms CPU "
+                   "per patch against 38-44 ms, and new workers each epoch (batches in "
+                   "new shared memory mapped by the main process, one fd handshake per tensor, worker start)")
 def test_two_workers_are_not_slower_than_one_process(tmp_path):
-    """benchmarks/bench_loader.py's worker comparison on cases of 64x256x256 and 64^3 patches: 2 workers >= 0.9x
-    (timing noise on a loaded machine) of num_workers=0, the median of 3 interleaved repeats; tried twice."""
+    """benchmarks/bench_loader.py's worker comparison at 128^3 patches on cases of 128x256x256, 48 patches an
+    epoch: 2 workers >= 1.0x ``num_workers=0`` on the same dataset, the median of 3 interleaved repeats (timing
+    noise on a loaded machine); tried twice. The dataset is made and prepared as a user does (``prepare()`` on a
+    new cache), then the user's plain ``DataLoader(ds, batch_size=2, num_workers=k)``."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_loader import worker_scaling
 
-    release = build_fake_release(tmp_path, n_patients=2, seed=1, shape_zyx=(64, 256, 256), spacing_xyz=(0.98, 0.98, 3.0))
-    ds = load_lymphatlas(release.path, cache_dir=tmp_path / "cache", patch_size=(64, 64, 64), samples_per_case=12,
+    release = build_fake_release(tmp_path, n_patients=2, seed=1, shape_zyx=(128, 256, 256),
+                                 spacing_xyz=(0.98, 0.98, 3.0))
+    ds = load_lymphatlas(release.path, cache_dir=tmp_path / "cache", patch_size=(128, 128, 128), samples_per_case=16,
                          progress=False)
     ds.prepare()
     ratios = []
     for _ in range(2):
         ratios.append(worker_scaling(ds, workers=(0, 2), repeats=3)["ratios"][2])
-        if ratios[-1] >= 0.9:
+        if ratios[-1] >= 1.0:
             break
-    assert max(ratios) >= 0.9, f"2 workers / one process: {ratios}"
+    assert max(ratios) >= 1.0, f"2 workers / one process: {ratios}"
