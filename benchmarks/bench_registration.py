@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_registration.py [--seed 2026] [--exams 8] [--coarse 8] [--scanner 4] [--jobs 2]
         [--groups independent:realistic,project:realistic,...] [--workdir DIR] [--json OUT] [--no-old]
+        [--old-commit 64e807d] [--repeats 2]   # compare with another commit's recipe, in turns, median times
     python benchmarks/bench_registration.py --from-json OUT   # the tables of a saved run
 """
 
