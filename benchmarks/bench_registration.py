@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_registration.py [--seed 2026] [--exams 8] [--coarse 8] [--scanner 4] [--jobs 2]
         [--groups independent:realistic,project:realistic,...] [--workdir DIR] [--json OUT] [--no-old]
+        [--old-commit 64e807d] [--repeats 2]   # compare with another commit's recipe, in turns, median times
     python benchmarks/bench_registration.py --from-json OUT   # the tables of a saved run
 """
 
@@ -77,14 +78,14 @@ def cohort_variants(n: int, grids: list[dict | None]) -> list[dict]:
     return out
 
 
-def old_align_module():
-    """The alignment module as it was at OLD_COMMIT, imported under another name."""
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:{OLD_PATH}"],
+def old_align_module(commit: str = OLD_COMMIT):
+    """The alignment module as it was at ``commit``, imported under another name."""
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{OLD_PATH}"],
                          capture_output=True, text=True, check=True).stdout
     spec = importlib.util.spec_from_loader("_align_before", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules["_align_before"] = module
-    exec(compile(src, f"{OLD_PATH}@{OLD_COMMIT}", "exec"), module.__dict__)
+    exec(compile(src, f"{OLD_PATH}@{commit}", "exec"), module.__dict__)
     return module
 
 
@@ -151,24 +152,36 @@ def measure(task: tuple) -> dict:
     from builder.convert.discover import discover_exam
     from builder.convert.pipeline import body_image, read_exam
 
-    gen, grid, seed, exam_id, folder, truth, desc, with_old = task
-    if with_old and "module" not in _OLD:
-        _OLD["module"] = old_align_module()
+    gen, grid, seed, exam_id, folder, truth, desc, with_old, old_commit, repeats = task
+    if with_old and _OLD.get("commit") != old_commit:
+        _OLD.update(module=old_align_module(old_commit), commit=old_commit)
     images = read_exam(discover_exam(folder, exam_id))
     ct, pet, body = images.ct, images.pet_suv, body_image(images.body, images.ct)
     row = {"generator": gen, "grid": grid, "seed": seed, "exam": exam_id, "layout": desc,
            "ct_spacing": [round(s, 3) for s in ct.GetSpacing()],
            "pet_spacing": [round(s, 3) for s in pet.GetSpacing()],
            "ct_size": list(ct.GetSize()), "lesions": len(truth["lesions"])}
-    for name, module in (("new", align), ("old", _OLD.get("module") if with_old else None)):
-        if module is None:
-            continue
-        transform, cpu, wall = register(module, ct, pet, body)
-        err = residuals(gen, transform, truth)
-        norm = np.linalg.norm(err, axis=1)
-        row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
-                     "residual_mean_xyz_mm": err.mean(0).round(3).tolist(), "cpu_s": cpu, "wall_s": wall}
-    return row
+    if with_old:
+        row["old_commit"] = old_commit
+    # old, new, old, new, ...: each recipe's time is the median of its runs, taken in turns on the
+    # same images, so a change of load in between weighs on both (the transform is the same each time)
+    times: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(max(1, repeats)):
+        for name, module in (("old", _OLD.get("module") if with_old else None), ("new", align)):
+            if module is None:
+                continue
+            transform, cpu, wall = register(module, ct, pet, body)
+            times.setdefault(name, []).append((cpu, wall))
+            if name in row:
+                continue
+            err = residuals(gen, transform, truth)
+            norm = np.linalg.norm(err, axis=1)
+            row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
+                         "residual_mean_xyz_mm": err.mean(0).round(3).tolist()}
+    for name, runs in times.items():
+        row[name].update(cpu_s=float(np.median([c for c, _ in runs])), wall_s=float(np.median([w for _, w in runs])),
+                         runs=len(runs))
+    return {k: row[k] for k in [k for k in row if k != "old"] + (["old"] if "old" in row else [])}
 
 
 def main() -> None:
@@ -185,6 +198,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="exams registered at once, in worker processes (each exam's times are its worker's)")
     parser.add_argument("--no-old", action="store_true", help="skip the previous recipe")
+    parser.add_argument("--old-commit", default=OLD_COMMIT,
+                        help=f"the commit whose {OLD_PATH} is the previous recipe (default {OLD_COMMIT}, before issue 20)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="register each exam this many times with each recipe, in turns (old, new, old, new); "
+                             "times are the medians")
     parser.add_argument("--from-json", type=Path, help="print the summary and tables of a run's --json file, register nothing")
     args = parser.parse_args()
     if args.from_json:
@@ -205,7 +223,7 @@ def main() -> None:
     for group in args.groups.split(","):  # one group at a time: its cohort is generated, then measured
         gen, grid, *own_seed = group.split(":")
         seed = int(own_seed[0]) if own_seed else args.seed + 10 * list(GOALS).index(grid) + GENERATORS.index(gen)
-        tasks = [(gen, grid, seed, exam_id, folder, truth, desc, not args.no_old)
+        tasks = [(gen, grid, seed, exam_id, folder, truth, desc, not args.no_old, args.old_commit, args.repeats)
                  for exam_id, folder, truth, desc in (project_exams if gen == "project" else foreign_exams)(
                      work, grid, counts[grid], seed)]
         for row in (pool.map(measure, tasks) if pool else map(measure, tasks)):
@@ -250,6 +268,8 @@ def _summary(rows: list[dict]) -> None:
                       f"worst lesion {maxes.max():.2f} mm, cohort mean z residual {z:+.2f} mm: "
                       f"{'met' if ok else 'NOT met'}")
     if rows and "old" in rows[0]:
+        runs = rows[0]["old"].get("runs", 1)
+        print(f"old = {OLD_PATH} at {rows[0].get('old_commit', OLD_COMMIT)}; times: median of {runs} run(s) per recipe, in turns")
         for key in ("cpu_s", "wall_s"):
             new_t = np.array([r["new"][key] for r in rows])
             old_t = np.array([r["old"][key] for r in rows])

@@ -201,6 +201,50 @@ def test_registration_is_deterministic(ct, registered) -> None:
     assert {k: r == reference.record for k, r in runs.items()} == {k: True for k in runs}
 
 
+@pytest.mark.parametrize("pet_mm,coarse", [(4.0, False), (8.0, True)], ids=["pet4-unchanged-path", "pet8-coarse-path"])
+def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatch, pet_mm, coarse) -> None:
+    """Issue 20's coarse-PET recipe: an 8 mm PET on the 3 mm metric grid is upsampled once (bounded
+    cubic, every axis) and only the last level reads it, with the pyramid smoothed in millimetres; a
+    4 mm PET (ratio 1.33, under UPSAMPLE_MIN_RATIO) is never upsampled and its levels smooth in voxels.
+    Either way the known misalignment is recovered and the result is the same run to run."""
+    m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
+    n = int(round(336 / pet_mm))
+    pet = make_pet(m, size=(n, int(round(240 / pet_mm)), int(round(320 / pet_mm))), spacing=(pet_mm,) * 3)
+    fixed, moving, mask = align._registration_images(ct, pet, body_image(ct), align.REGISTRATION_SPACING_MM)
+    upsampled, executed, physical = [], [], []
+    real_upsample, real_execute = align.upsample_cubic2, sitk.ImageRegistrationMethod.Execute
+    real_units = sitk.ImageRegistrationMethod.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn
+
+    def spy_upsample(image, axes, **kwargs):
+        upsampled.append(tuple(axes))
+        return real_upsample(image, axes, **kwargs)
+
+    def spy_execute(self, f, mv):
+        executed.append(mv.GetSpacing())
+        return real_execute(self, f, mv)
+
+    def spy_units(self):
+        physical.append(True)
+        return real_units(self)
+
+    monkeypatch.setattr(align, "upsample_cubic2", spy_upsample)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", spy_execute)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SmoothingSigmasAreSpecifiedInPhysicalUnitsOn", spy_units)
+    found = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
+    levels = len(AlignSettings().shrink_factors)
+    native, half = (pet_mm,) * 3, (pet_mm / 2,) * 3
+    if coarse:
+        assert upsampled == [(True, True, True)]
+        assert executed == [native] * (levels - 1) + [half]
+        assert physical == [True] * levels
+    else:
+        assert upsampled == [] and executed == [native] * levels and physical == []
+    errors = _node_errors(found, m)
+    assert errors.mean() < 0.6, errors
+    again = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
+    assert again.GetParameters() == found.GetParameters()
+
+
 def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
     m = align.transform_matrix(euler((0, 0, 1.0), (4.0, 2.0, -2.0)))
     pet = make_pet(m)
