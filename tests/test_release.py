@@ -264,6 +264,21 @@ def test_a_voxel_changed_after_convert_is_refused(released, tmp_path):
         build_release(work, tmp_path / "r", version="1.0.0")
 
 
+def test_a_label_changed_after_convert_is_named_as_a_changed_file(released, tmp_path):
+    """The label is read first (its lesions are checked before the CT and PET are read): a voxel added
+    after convert also breaks the lesion items, but the error says what happened, the content hash."""
+    root, truth, _ = released
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    victim = sorted(truth)[1]
+    image = nib.load(work / "cases" / victim / "label.nii.gz")
+    data = np.asanyarray(image.dataobj).copy()
+    data[0, 0, 0] = 1  # a new one-voxel lesion in a corner
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), work / "cases" / victim / "label.nii.gz")
+    with pytest.raises(ReleaseError, match=f"{victim}.*content_hash"):
+        build_release(work, tmp_path / "r", version="1.0.0")
+
+
 def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
     """A case written by builder.convert.case.write_case (convert's writer) with an oblique, non-float32 affine."""
     from builder.convert.case import write_case
