@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from lymphatlas_ds._io import peak_rss_bytes  # noqa: E402
 
 
 def _child_convert(source: Path, work: Path) -> None:
@@ -80,6 +81,9 @@ def _child_resample(source: Path, work: Path) -> None:
     print(json.dumps(out))
 
 
+_PEAK_MARK = "bench_convert child peak_rss_bytes="
+
+
 def _run_child(mode: str, source: Path, work: Path) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MB of the child, stdout)."""
     t0 = time.perf_counter()
@@ -88,7 +92,9 @@ def _run_child(mode: str, source: Path, work: Path) -> tuple[float, float, str]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"child {mode} failed:\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    # the child's own VmHWM: RUSAGE_CHILDREN's ru_maxrss is the largest of all children so far, each counting
+    # this process's size at fork (Linux keeps it across exec)
+    peak = float(proc.stderr.rsplit(_PEAK_MARK, 1)[1].split()[0]) / 2**20
     return wall, peak, proc.stdout.strip().splitlines()[-1]
 
 
@@ -208,6 +214,7 @@ def main() -> None:
     if args.child:
         mode, source, work = args.child
         {"convert": _child_convert, "resample": _child_resample}[mode](Path(source), Path(work))
+        print(f"{_PEAK_MARK}{peak_rss_bytes()}", file=sys.stderr)
         return
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
