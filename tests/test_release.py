@@ -251,30 +251,23 @@ def test_load_dataset_by_the_folder_name_from_its_parent(released, monkeypatch):
     assert sum(len(d) for d in default.values()) == len(truth)
 
 
-def test_a_voxel_changed_after_convert_is_refused(released, tmp_path):
+@pytest.mark.parametrize("volume", ["pet", "label"])
+def test_a_voxel_changed_after_convert_is_refused(released, tmp_path, volume):
+    """A voxel changed in a WORK file after convert stops the release naming the case and the content hash.
+    The label is read first (its lesions are checked before the CT and PET are read): a voxel added to it
+    also breaks the lesion items, but the error still says what happened, the content hash."""
     root, truth, _ = released
     work = tmp_path / "work"
     shutil.copytree(root / "work", work)
     victim = sorted(truth)[2]
-    image = nib.load(work / "cases" / victim / "pet.nii.gz")
+    path = work / "cases" / victim / f"{volume}.nii.gz"
+    image = nib.load(path)
     data = np.asanyarray(image.dataobj).copy()
-    data[1, 1, 1] += 1.0
-    nib.save(nib.Nifti1Image(data, image.affine, image.header), work / "cases" / victim / "pet.nii.gz")
-    with pytest.raises(ReleaseError, match=f"{victim}.*content_hash"):
-        build_release(work, tmp_path / "r", version="1.0.0")
-
-
-def test_a_label_changed_after_convert_is_named_as_a_changed_file(released, tmp_path):
-    """The label is read first (its lesions are checked before the CT and PET are read): a voxel added
-    after convert also breaks the lesion items, but the error says what happened, the content hash."""
-    root, truth, _ = released
-    work = tmp_path / "work"
-    shutil.copytree(root / "work", work)
-    victim = sorted(truth)[1]
-    image = nib.load(work / "cases" / victim / "label.nii.gz")
-    data = np.asanyarray(image.dataobj).copy()
-    data[0, 0, 0] = 1  # a new one-voxel lesion in a corner
-    nib.save(nib.Nifti1Image(data, image.affine, image.header), work / "cases" / victim / "label.nii.gz")
+    if volume == "pet":
+        data[1, 1, 1] += 1.0
+    else:
+        data[0, 0, 0] = 1  # a new one-voxel lesion in a corner
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
     with pytest.raises(ReleaseError, match=f"{victim}.*content_hash"):
         build_release(work, tmp_path / "r", version="1.0.0")
 
