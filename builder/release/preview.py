@@ -4,13 +4,13 @@ The viewer shows nothing of a Nifti cell, and a full-size case's row group is fa
 (286 MiB). The preview holds, per case, two PNG images (``datasets.Image``) and the metadata columns
 of :data:`lymphatlas_ds.schema.PREVIEW_COLUMNS`: ``mip``, the coronal PET MIP with the lesion
 outlines, and ``fusion``, an axial PET/CT fusion through the largest lesion
-(:func:`lymphatlas_ds.figures.preview_images`). Rows are a few tens of kB: row groups of
+(:class:`lymphatlas_ds.figures.PreviewDrawing`, fed one volume at a time by the release). Rows are a few tens of kB: row groups of
 :data:`ROW_GROUP_ROWS` rows stay far under the viewer's limit (a test reads it from the parquet
 metadata). The card's gallery shows the MIPs of a few cases (``preview/gallery/<case_id>.png``,
 :func:`gallery_cases`).
 
 Example:
-    >>> images = preview_cells(case_id, ct, pet, label, affine)  # doctest: +SKIP
+    >>> images = image_cells(case_id, preview_images(ct, pet, label, affine))  # doctest: +SKIP
     >>> sorted(images)  # doctest: +SKIP
     ['fusion', 'mip']
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -43,14 +42,6 @@ def features() -> datasets.Features:
     spec: dict[str, Any] = {name: _feature(METADATA_COLUMNS[name]) for name in PREVIEW_COLUMNS}
     spec.update({name: datasets.Image() for name in PREVIEW_IMAGE_COLUMNS})
     return datasets.Features(spec)
-
-
-def preview_cells(case_id: str, ct: np.ndarray, pet: np.ndarray, label: np.ndarray,
-                  affine_ras: np.ndarray) -> dict[str, dict[str, Any]]:
-    """The Image cells (``{"bytes", "path"}``) of one case, from its ``[z, y, x]`` arrays."""
-    from lymphatlas_ds.figures import preview_images
-
-    return image_cells(case_id, preview_images(ct, pet, label, affine_ras))
 
 
 def image_cells(case_id: str, images: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
@@ -115,4 +106,4 @@ def _write(path: Path, write) -> None:
 
 
 __all__ = ["GALLERY_SIZE", "ROW_GROUP_ROWS", "VIEWER_ROW_GROUP_LIMIT", "features", "gallery_cases", "gallery_path",
-           "image_cells", "preview_cells", "shard_path", "write_preview"]
+           "image_cells", "shard_path", "write_preview"]
