@@ -245,7 +245,10 @@ def test_saved_transform_is_the_true_misalignment_and_maps_the_generator_pet_ont
     from builder.convert.align import Interpolation, resample_to_reference
     from lymphatlas_synth.cohort import lesion_residuals
 
-    for case_id, row in sorted(chain["id_map"].items())[:2]:
+    # two cases with lesions (case ids come from a key made per run: the first ids may be lesion-free exams)
+    with_lesions = [(c, r) for c, r in sorted(chain["id_map"].items()) if chain["truths"][r["exam_id"]]["lesions"]]
+    assert len(with_lesions) >= 2
+    for case_id, row in with_lesions[:2]:
         folder = chain["work"] / "cases" / case_id
         case = json.loads((folder / "case.json").read_text())
         truth = chain["truths"][row["exam_id"]]
