@@ -67,10 +67,7 @@ def dir_size(path: Path) -> int:
 MEMORY_PROBE = r"""
 import json, sys
 
-def hwm():
-    # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's peak from before exec).
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+from lymphatlas_ds._io import peak_rss_bytes as hwm  # VmHWM: ru_maxrss would include the parent's size at fork
 
 import numpy as np, torch
 from lymphatlas_ds.loader import load_lymphatlas
@@ -87,9 +84,7 @@ print(json.dumps({"import": after_import, "before": before, "after": hwm(), "pat
 BUILD_PROBE = r"""
 import json, sys
 
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+from lymphatlas_ds._io import peak_rss_bytes as hwm  # VmHWM: ru_maxrss would include the parent's size at fork
 
 import numpy as np, torch
 from lymphatlas_ds.loader import load_lymphatlas

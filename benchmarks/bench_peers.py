@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lymphatlas_ds._io import peak_rss_bytes  # noqa: E402
+
 PEERS = ("project", "nnunet", "monai_persistent", "monai_cache", "torchio")
 TITLES = {
     "project": "LymphAtlas `load_lymphatlas` (decoded cache)",
@@ -243,11 +245,6 @@ def _count(batch) -> int:
     return n
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
 def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_cases: int) -> dict:
     """In a fresh process: the first patch, epoch 0 and a steady epoch; with ``workers``, only the steady epoch."""
     import torch  # noqa: F401 - imported before the clock starts, as every peer needs it
@@ -264,7 +261,7 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
     while got < per_epoch:
         got += _count(next(stream))
     rate = got / (time.perf_counter() - t)
-    out = {"first_s": first, "epoch0_s": epoch0, "rate": rate, "rss": _hwm(), "load": os.getloadavg()[0]}
+    out = {"first_s": first, "epoch0_s": epoch0, "rate": rate, "rss": peak_rss_bytes(), "load": os.getloadavg()[0]}
     print(json.dumps(out), flush=True)
     import multiprocessing
 
