@@ -551,7 +551,6 @@ class PreviewDrawing:
             shape[target] = size
         self.focus = tuple(s // 2 for s in shape)  # no lesion: the volume's centre
         self._planes: dict[str, np.ndarray] = {}
-        self._has_pet = False
 
     def _canonical(self, array: np.ndarray, what: str) -> np.ndarray:
         if tuple(array.shape) != self.shape_zyx:
@@ -566,7 +565,7 @@ class PreviewDrawing:
         """The label (``instances``: its :func:`lymphatlas_ds.lesions.label_instances`, when already computed)."""
         from lymphatlas_ds.lesions import label_instances
 
-        if self._has_pet or "ct" in self._planes:
+        if "mip" in self._planes or "ct" in self._planes:
             raise ValueError("add the label before the PET and the CT: it places the axial plane")
         canon = self._canonical(label, "the label")
         inst, n = label_instances(np.asarray(label)) if instances is None else instances
@@ -578,7 +577,6 @@ class PreviewDrawing:
         canon = self._canonical(pet, "the PET")
         self._planes["mip"] = projection(canon, View.CORONAL)
         self._planes["pet"] = np.array(plane(canon, View.AXIAL, self._axial_index))
-        self._has_pet = True
 
     def add_ct(self, ct: np.ndarray) -> None:
         self._planes["ct"] = np.array(plane(self._canonical(ct, "the CT"), View.AXIAL, self._axial_index))
