@@ -194,6 +194,7 @@ def _release_row(tree: Path, work: Path, out: Path) -> dict:
     import shutil
     import subprocess
 
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", _BUILD, str(tree), str(work), str(out)],
                           capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -201,7 +202,8 @@ def _release_row(tree: Path, work: Path, out: Path) -> dict:
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     files = sorted(out.glob("data/*/*.parquet"))
     groups = [pq.read_metadata(f).row_group(i).total_byte_size for f in files for i in range(pq.read_metadata(f).num_row_groups)]
-    row.update(max_row_group=max(groups), n_groups=len(groups), disk=sum(f.stat().st_size for f in files))
+    row.update(max_row_group=max(groups), n_groups=len(groups), disk=sum(f.stat().st_size for f in files),
+               load=(load + os.getloadavg()[0]) / 2)
     shutil.rmtree(out)
     return row
 
@@ -260,11 +262,11 @@ def release_main(args: argparse.Namespace) -> None:
             long_shape = (args.long, 512, 512)
             make_large_work(tmp / "long", n_cases=1, shape_zyx=long_shape)
             rows.append((f"1 x {args.long} slices", _release_row(tree, tmp / "long", tmp / "release-long")))
-        print(f"\n{'release':18s} {'wall s':>8s} {'s/case':>7s} {'peak RSS GB':>11s} {'max row group MiB':>17s} {'disk MiB':>9s}")
+        print(f"\n{'release':18s} {'wall s':>8s} {'s/case':>7s} {'peak RSS GB':>11s} {'max row group MiB':>17s} {'disk MiB':>9s} {'load':>5s}")
         for label, r in rows:
             n = int(label.split()[0])
             print(f"{label:18s} {r['wall_s']:8.1f} {r['wall_s'] / n:7.1f} {r['peak_rss'] / 1e9:11.2f} "
-                  f"{r['max_row_group'] / 2**20:17.1f} {r['disk'] / 2**20:9.1f}")
+                  f"{r['max_row_group'] / 2**20:17.1f} {r['disk'] / 2**20:9.1f} {r['load']:5.1f}")
     cells_s, zstd_s, cells_b, zstd_b = encode_vs_zstd(shape)
     print(f"\nencode one case's cells (gzip, ISA-L level {codec.GZIP_LEVEL}): {cells_s:.2f} s, {cells_b / 2**20:.1f} MiB; "
           f"zstd-3 of the same raw NIfTI bytes: {zstd_s:.2f} s, {zstd_b / 2**20:.1f} MiB; "

@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -93,6 +93,38 @@ def encode_volume(
         >>> sorted(cell)
         ['bytes', 'path']
     """
+    image = _nifti_image(array_zyx, affine_ras, name)
+    if level is None:
+        path = name if name.endswith(NIFTI_SUFFIX) else name + NIFTI_SUFFIX
+        return {"bytes": image.to_bytes(), "path": path}
+    out = io.BytesIO()
+    _gzip_nifti(image, level, out)
+    # A view of the stream's own buffer: getvalue() would copy it (one more cell in memory at the peak).
+    return {"bytes": out.getbuffer(), "path": _gzip_path(name)}
+
+
+def encode_volume_to(out: BinaryIO, array_zyx: np.ndarray, affine_ras: np.ndarray, name: str) -> str:
+    """Write the bytes of :func:`encode_volume`'s gzip cell to the binary stream ``out`` as they are
+    compressed (no cell in memory: the builder streams a large PET into a file); return the cell's ``path``.
+
+    Example:
+        >>> out = io.BytesIO()
+        >>> encode_volume_to(out, np.ones((2, 2, 2), np.uint8), np.eye(4), "x_label")
+        'x_label.nii.gz'
+        >>> out.getvalue() == bytes(encode_volume(np.ones((2, 2, 2), np.uint8), np.eye(4), "x_label")["bytes"])
+        True
+    """
+    _gzip_nifti(_nifti_image(array_zyx, affine_ras, name), GZIP_LEVEL, out)
+    return _gzip_path(name)
+
+
+def _gzip_path(name: str) -> str:
+    suffix = NIFTI_SUFFIX + GZIP_SUFFIX
+    return name if name.endswith(suffix) else name.removesuffix(NIFTI_SUFFIX) + suffix
+
+
+def _nifti_image(array_zyx: np.ndarray, affine_ras: np.ndarray, name: str) -> nib.Nifti1Image:
+    """The NIfTI-1 image of a cell: sform = qform (code 1), no scaling, the exact affine in a comment extension."""
     array_zyx = np.asarray(array_zyx)
     if array_zyx.ndim != 3:
         raise SchemaError(f"volume {name!r}: expected a 3-D [z, y, x] array, got shape {array_zyx.shape}")
@@ -113,23 +145,15 @@ def encode_volume(
     # (ignored by other readers) so that decoding returns the affine the case was built with.
     exact = json.dumps({AFFINE_KEY: [float(v) for v in affine.ravel()]})
     header.extensions.append(nib.nifti1.Nifti1Extension(_COMMENT_CODE, exact.encode()))
-    if level is None:
-        path = name if name.endswith(NIFTI_SUFFIX) else name + NIFTI_SUFFIX
-        return {"bytes": image.to_bytes(), "path": path}
-    suffix = NIFTI_SUFFIX + GZIP_SUFFIX
-    path = name if name.endswith(suffix) else name.removesuffix(NIFTI_SUFFIX) + suffix
-    return {"bytes": _gzip_nifti(image, level), "path": path}
+    return image
 
 
-def _gzip_nifti(image: nib.Nifti1Image, level: int) -> memoryview:
-    """``gzip(image.to_bytes())``, written by nibabel through a gzip stream: the voxels go out in
-    nibabel's chunks, so no raw copy of the volume is made. No file name and mtime 0 in the gzip
-    header: the same volume gives the same bytes."""
-    out = io.BytesIO()
+def _gzip_nifti(image: nib.Nifti1Image, level: int, out: BinaryIO) -> None:
+    """Write ``gzip(image.to_bytes())`` to ``out`` through a gzip stream: the voxels go out in nibabel's
+    chunks, so no raw copy of the volume is made. No file name and mtime 0 in the gzip header: the same
+    volume gives the same bytes."""
     with _GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0, filename="") as stream:
         image.to_file_map(image.make_file_map({"image": stream, "header": stream}))
-    # A view of the stream's own buffer: getvalue() would copy it (one more cell in memory at the peak).
-    return out.getbuffer()
 
 
 def _inflate(buffer: memoryview, where: Any) -> memoryview:

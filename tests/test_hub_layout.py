@@ -207,6 +207,22 @@ def test_release_of_full_size_cases_peaks_under_2_gb(tmp_path):
     reader.read_case(ids[-1], check_content=True)
 
 
+@pytest.mark.slow
+def test_release_of_a_600_slice_case_peaks_under_2_gb(tmp_path):
+    """One 512 x 512 x 600 case (CT int16, PET float32 on the CT grid: a 530 MiB gzip PET cell): the release
+    process's peak RSS. Before, pyarrow's writer held two copies of the PET cell beside it and the CT cell
+    (2.11 GB); the cells now stream into files and reach the shard after the writer (1.42 GB measured,
+    benchmarks/bench_shards.py --release): a writer holding the real cell again (+0.55 GB) fails."""
+    (case_id,) = make_large_work(tmp_path / "work", n_cases=1, shape_zyx=(600, 512, 512))
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path / "work"), str(tmp_path / "release")],
+                          cwd=REPO, capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    print(f"release of a 600-slice case: peak RSS {peak / 1e9:.2f} GB")
+    assert peak < 1.6e9  # issue 21: <= 2 GB
+    Release(tmp_path / "release", remember=False).read_case(case_id, check_content=True)
+
+
 # ------------------------------------------------------------------ plain streaming
 
 _STREAM = "from datasets import load_dataset; ds = load_dataset({path!r}, 'all', split='train', streaming=True); print(next(iter(ds))['case_id'])"

@@ -167,6 +167,50 @@ def test_shards_are_bounded_one_case_per_row_group_and_load_with_datasets(tmp_pa
             np.testing.assert_array_equal(np.asanyarray(image.dataobj).transpose(2, 1, 0), vols[name])
 
 
+def test_file_cells_are_copied_into_the_shard_and_removed(tmp_path):
+    """The builder's cells: gzip streamed into files (codec.encode_volume_to), copied over the writer's
+    placeholders once the shard is closed; datasets (nibabel) reads the generator's arrays back."""
+    rng = np.random.default_rng(9)
+    made, files = [], []
+    for i in range(3):
+        row, vols = _row(f"LA-{i}", rng, shape=(6 + i, 5, 4))
+        for name in IMAGE_COLUMNS:
+            target = tmp_path / "cells" / codec.cell_path(row["case_id"], name)
+            target.parent.mkdir(exist_ok=True)
+            with open(target, "wb") as out:
+                path = codec.encode_volume_to(out, vols[name], np.eye(4), target.name)
+            row[name] = {"file": target, "path": path}
+            files.append(target)
+        made.append((row, vols))
+    (info,) = write_shards([r for r, _ in made], tmp_path / "data" / "hl", split="train", release_root=tmp_path)
+    assert info.case_ids == ("LA-0", "LA-1", "LA-2")
+    assert not any(f.exists() for f in files)
+    assert not list((tmp_path / "data" / "hl").glob(".*"))
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / info.path), split="train")
+    for k, (_, vols) in enumerate(made):
+        for name in IMAGE_COLUMNS:
+            np.testing.assert_array_equal(np.asanyarray(ds[k][name].dataobj).transpose(2, 1, 0), vols[name])
+
+
+def test_a_column_chunk_not_laid_out_as_expected_is_refused(tmp_path, monkeypatch):
+    """The cells are copied over placeholders where the footer says the value ends: a writer that compresses
+    the image columns (a layout the copy cannot patch) is refused before a byte is written, and no file stays."""
+    from builder.release import shards
+
+    plain = shards._writer
+
+    def compressing(path, schema):
+        writer = plain(path, schema)
+        writer.close()
+        return shards.pq.ParquetWriter(path, schema, compression="snappy")
+
+    monkeypatch.setattr(shards, "_writer", compressing)
+    row, _ = _row("LA-1", np.random.default_rng(10))
+    with pytest.raises(SchemaError, match="column chunk"):
+        write_shards([row], tmp_path / "d", split="train", release_root=tmp_path)
+    assert not list((tmp_path / "d").iterdir())
+
+
 def test_a_case_larger_than_the_bound_gets_its_own_shard(tmp_path):
     rng = np.random.default_rng(6)
     rows = [_row(f"LA-{i}", rng)[0] for i in range(2)]

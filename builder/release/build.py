@@ -617,14 +617,17 @@ def _releasable_cases(work: Path, *, keep_gone: bool) -> list[WorkCase]:
     return cases
 
 
-def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str, Any], dict[str, Any], CaseExtras]:
-    """A case's metadata row, encoded volume cells and its lesion rows and preview images, after
-    checking its voxels (and its lesion items) against case.json.
+def _prepare_case(case: WorkCase, placement: splits.Placement,
+                  cells_dir: Path) -> tuple[dict[str, Any], dict[str, Any], CaseExtras]:
+    """A case's metadata row, volume cells (files in ``cells_dir``, which the shard writer copies and
+    removes) and its lesion rows and preview images, after checking its voxels (and its lesion items)
+    against case.json.
 
     One volume at a time: the label is read first (its lesions are checked and place the preview's
     axial plane), then the CT and the PET are each read, hashed, encoded and drawn, and let go before
-    the next is read; the label is hashed and encoded last (the content hash's order). At the peak the
-    case holds the label, the PET and their cells: 5 of the 7 voxel bytes, not 7 plus the instance map.
+    the next is read; the label is hashed and encoded last (the content hash's order). The cells are
+    gzipped straight into their files, so at the peak the case holds the label and the PET: 5 of the 7
+    voxel bytes, no cell and no instance map.
     """
     from lymphatlas_ds.figures import PreviewDrawing
     from lymphatlas_ds.lesions import label_instances
@@ -645,7 +648,7 @@ def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str
     for name in IMAGE_COLUMNS:
         array = label if name == "label" else read_case_volume(case, name, affine)
         digest.update(name, array)
-        cells[name] = codec.encode_volume(array, affine, codec.cell_path(case.case_id, name))
+        cells[name] = _encode_to_file(cells_dir, array, affine, codec.cell_path(case.case_id, name))
         if name == "pet":
             drawing.add_pet(array)
         elif name == "ct":
@@ -663,6 +666,14 @@ def _prepare_case(case: WorkCase, placement: splits.Placement) -> tuple[dict[str
     row = {**metadata_row(case, placement, content_hash), **provenance.case_provenance(case.info)}
     extras = CaseExtras(lesions_mod.lesion_rows(case.info, row), preview_mod.image_cells(case.case_id, drawing.images()))
     return row, cells, extras
+
+
+def _encode_to_file(cells_dir: Path, array: np.ndarray, affine: np.ndarray, path: str) -> dict[str, Any]:
+    """A ``{"file", "path"}`` cell: the gzip NIfTI bytes written to ``cells_dir/path`` as they are compressed."""
+    target = cells_dir / path
+    with open(target, "wb") as out:
+        codec.encode_volume_to(out, array, affine, path)
+    return {"file": target, "path": path}
 
 
 @dataclasses.dataclass
@@ -708,7 +719,7 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
                     return
                 case_id = queue.popleft()
                 in_flight += size
-                pending.append((case_id, pool.submit(_prepare_case, by_id[case_id], placements[case_id])))
+                pending.append((case_id, pool.submit(_prepare_case, by_id[case_id], placements[case_id], cells_dir)))
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             try:
@@ -729,17 +740,22 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
                 for _, future in pending:
                     future.cancel()
 
-    for diagnosis in Diagnosis:
-        for split in Split:
-            ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
-            before = len(rows)
-            infos = shards.write_shards(shard_rows(ids), staging / "data" / diagnosis.config.value, split=split.value,
-                                        release_root=staging, max_bytes=shard_max_bytes)
-            for info in infos:
-                for row in rows[before:]:
-                    if row["case_id"] in info.case_ids:
-                        row["shard"] = info.path
-            written.extend(infos)
+    cells_dir = staging / ".cells"  # the encoded cells until their shard is written (removed, whatever happens)
+    cells_dir.mkdir()
+    try:
+        for diagnosis in Diagnosis:
+            for split in Split:
+                ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
+                before = len(rows)
+                infos = shards.write_shards(shard_rows(ids), staging / "data" / diagnosis.config.value,
+                                            split=split.value, release_root=staging, max_bytes=shard_max_bytes)
+                for info in infos:
+                    for row in rows[before:]:
+                        if row["case_id"] in info.case_ids:
+                            row["shard"] = info.path
+                written.extend(infos)
+    finally:
+        shutil.rmtree(cells_dir, ignore_errors=True)
     return rows, hashes, written
 
 

@@ -18,7 +18,14 @@ columns. Choices, measured in ``benchmarks/bench_shards.py``:
 - a shard holds at most ``schema.SHARD_MAX_BYTES`` of cell bytes, so on disk it is at most that
   plus its footer (schema and features, a few KiB); a case larger than the bound gets a shard of
   its own;
-- cells go into arrow without a copy (:func:`_row_table`), so writing a case holds its cells once.
+- the cells never pass through pyarrow's writer: it copies a cell twice (its encoder's buffer and
+  the page it builds, measured: 2 x 530 MiB for the PET of a 512x512x600 case, the release's peak).
+  The writer gets a placeholder of the cell's length that costs no memory (untouched private
+  anonymous pages, :func:`_placeholder`), and once the shard is closed the cell's bytes are copied
+  into the place the footer gives (:func:`_fill_cells`: the last bytes of the column chunk, after the
+  value's 4-byte length, which is checked). A cell is a ``{"bytes", "path"}`` dict, or a
+  ``{"file", "path"}`` dict whose file holds the bytes (the builder streams its cells there: no
+  cell in memory at all); files and spilled bytes are removed once copied.
 
 Example:
     >>> feats = features()
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -82,8 +90,15 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
+def _cell_size(cell: Mapping[str, Any]) -> int:
+    """Bytes of a cell: its ``bytes``, or its ``file``'s size."""
+    if "file" in cell:
+        return os.path.getsize(cell["file"])
+    return memoryview(cell["bytes"]).nbytes
+
+
 def _row_bytes(row: Mapping[str, Any]) -> int:
-    return sum(len(row[name]["bytes"]) for name in IMAGE_COLUMNS)
+    return sum(_cell_size(row[name]) for name in IMAGE_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -126,27 +141,81 @@ def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     )
 
 
-def _cell_array(cell: Mapping[str, Any], type_: pa.DataType) -> pa.Array:
-    """A one-cell Nifti struct array whose bytes are the cell's own buffer (no copy)."""
-    data = cell["bytes"]
-    offsets = pa.array([0, len(data)], pa.int32()).buffers()[1]
-    blob = pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(data)])
-    return pa.StructArray.from_arrays([blob, pa.array([cell["path"]], pa.string())], fields=list(type_))
+def _placeholder(size: int) -> Any:
+    """``size`` zero bytes that cost no memory: a private anonymous mapping that is only read (its pages
+    are the kernel's shared zero page), standing for a cell while pyarrow's writer copies it."""
+    if size == 0:
+        return b""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
 
 
-def _row_table(row: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
-    """One case's row as a one-row arrow table of the shard schema; the cells' bytes are not copied."""
+def _cell_array(data: Any, path: str, type_: pa.DataType) -> pa.Array:
+    """A one-cell Nifti struct array whose bytes are ``data``'s own buffer (no copy)."""
+    buffer = pa.py_buffer(data)
+    offsets = pa.array([0, buffer.size], pa.int32()).buffers()[1]
+    blob = pa.Array.from_buffers(pa.binary(), 1, [None, offsets, buffer])
+    return pa.StructArray.from_arrays([blob, pa.array([path], pa.string())], fields=list(type_))
+
+
+def _row_table(row: Mapping[str, Any], schema: pa.Schema, sizes: Mapping[str, int]) -> pa.Table:
+    """One case's row as a one-row arrow table of the shard schema, each image cell a placeholder of ``sizes[name]`` bytes."""
     try:
         meta_schema = pa.schema([schema.field(name) for name in METADATA_COLUMNS])
         meta = pa.Table.from_pylist([{name: row[name] for name in METADATA_COLUMNS}], schema=meta_schema)
         columns = [meta.column(name) for name in METADATA_COLUMNS]
-        columns += [_cell_array(row[name], schema.field(name).type) for name in IMAGE_COLUMNS]
+        columns += [_cell_array(_placeholder(sizes[name]), row[name]["path"], schema.field(name).type)
+                    for name in IMAGE_COLUMNS]
         return pa.Table.from_arrays(columns, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError) as e:
         raise SchemaError(
             f"case {row.get('case_id')!r}: its row does not fit the shard schema ({e}); "
             "check lymphatlas_ds.schema.METADATA_COLUMNS and the case.json it came from"
         ) from e
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """Where a cell's bytes wait to be copied into its shard: ``size`` bytes at ``offset`` of ``source``."""
+
+    row_group: int
+    column: str
+    source: Path
+    offset: int
+    size: int
+
+
+_COPY_CHUNK = 16 * 2**20
+
+
+def _fill_cells(path: Path, cells: list[_Cell]) -> None:
+    """Copy each cell's bytes over its placeholder in the closed shard ``path``.
+
+    A one-row column chunk of an uncompressed, PLAIN-encoded binary column (no dictionary, no page
+    checksum, no statistics: see :func:`_writer`) is one data page that ends with the value; the
+    4-byte little-endian length before it must be the cell's size, or nothing is written."""
+    meta = pq.read_metadata(path)
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    with open(path, "r+b") as out:
+        for cell in cells:
+            chunk = meta.row_group(cell.row_group).column(names.index(f"{cell.column}.bytes"))
+            start = chunk.data_page_offset + chunk.total_compressed_size - cell.size
+            out.seek(start - 4)
+            if (chunk.dictionary_page_offset is not None or chunk.compression != "UNCOMPRESSED"
+                    or chunk.num_values != 1 or int.from_bytes(out.read(4), "little") != cell.size):
+                raise SchemaError(
+                    f"shard {path.name}: the {cell.column} column chunk of row group {cell.row_group} is not the one "
+                    "uncompressed PLAIN value of the cell's size that shards._writer writes (a pyarrow change?)")
+            with open(cell.source, "rb") as src:
+                src.seek(cell.offset)
+                left = cell.size
+                while left:
+                    piece = src.read(min(left, _COPY_CHUNK))
+                    if not piece:
+                        raise SchemaError(f"cell file {cell.source} ended {left} bytes early")
+                    out.write(piece)
+                    left -= len(piece)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 class _PartialShards:
@@ -162,6 +231,9 @@ class _PartialShards:
         self.arrow_bytes: list[int] = []  # per shard: bytes of its rows in arrow
         self.max_row_group: list[int] = []  # per shard: the largest row group (parquet total_byte_size)
         self.provenance: dict[str, Any] = {}  # case id -> provenance of the current shard (key-value metadata)
+        self.cells: list[_Cell] = []  # the current shard's cells, copied in when it is closed
+        self.spill: Path | None = None  # the current shard's cells given as bytes, until then
+        self.sources: set[Path] = set()  # cell files and spills not yet removed
 
     def _open_new(self) -> pq.ParquetWriter:
         """Start the next temporary shard."""
@@ -174,13 +246,17 @@ class _PartialShards:
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Append one case as a row group, in a new shard if the current one would pass ``max_bytes``."""
-        size = _row_bytes(row)
+        sizes = {name: _cell_size(row[name]) for name in IMAGE_COLUMNS}
+        size = sum(sizes.values())
         if self.writer is None or (self.shard_cases[-1] and self.current_bytes + size > self.max_bytes):
             if self.writer is not None:
                 self._finish()
             self.writer = self._open_new()
             self.current_bytes = 0
-        table = _row_table(row, self.schema)
+        row_group = len(self.shard_cases[-1])
+        for name in IMAGE_COLUMNS:
+            self.cells.append(self._keep(row[name], row_group, name, sizes[name]))
+        table = _row_table(row, self.schema, sizes)
         self.writer.write_table(table, row_group_size=1)
         self.arrow_bytes[-1] += table.nbytes
         del table
@@ -191,13 +267,33 @@ class _PartialShards:
         self.provenance[row["case_id"]] = provenance.shard_entry(row)
         self.current_bytes += size
 
+    def _keep(self, cell: Mapping[str, Any], row_group: int, column: str, size: int) -> _Cell:
+        """Where the cell's bytes stay until the shard is closed: its file, or appended to the shard's spill file."""
+        if "file" in cell:
+            source = Path(cell["file"])
+            self.sources.add(source)
+            return _Cell(row_group, column, source, 0, size)
+        if self.spill is None:
+            self.spill = self.temp_paths[-1].with_suffix(".cells")
+            self.spill.write_bytes(b"")
+            self.sources.add(self.spill)
+        with open(self.spill, "ab") as f:
+            offset = f.tell()
+            f.write(cell["bytes"])
+        return _Cell(row_group, column, self.spill, offset, size)
+
     def _finish(self) -> None:
-        """Write the shard's provenance (key-value metadata) and close it."""
+        """Write the shard's provenance (key-value metadata), close it and copy its cells in."""
         assert self.writer is not None
         text = json.dumps(self.provenance, sort_keys=True)
         self.writer.add_key_value_metadata({provenance.SHARD_METADATA_KEY: text})
         self.writer.close()
         self.provenance = {}
+        _fill_cells(self.temp_paths[-1], self.cells)
+        for cell in self.cells:
+            cell.source.unlink(missing_ok=True)
+            self.sources.discard(cell.source)
+        self.cells, self.spill = [], None
         self._check_row_groups(self.temp_paths[-1], self.shard_cases[-1])
 
     def _check_row_groups(self, path: Path, case_ids: list[str]) -> None:
@@ -222,7 +318,7 @@ class _PartialShards:
         """Close and delete every temporary shard (after a failure)."""
         if self.writer is not None:
             self.writer.close()
-        for temp in self.temp_paths:
+        for temp in [*self.temp_paths, *self.sources]:
             temp.unlink(missing_ok=True)
 
     def rename_into_place(self, release_root: str | Path) -> list[ShardInfo]:
