@@ -53,6 +53,8 @@ def test_layout_and_every_config_and_split_loads_with_datasets(released):
             if config != "all":
                 seen += ds["case_id"]
     assert sorted(seen) == sorted(truth)  # hl + nhl partition the cases
+    # nothing temporary published: the encoded cells' folder, partial shards, their spills
+    assert not [p.relative_to(release).as_posix() for p in release.rglob(".*")]
 
 
 def test_decoded_volumes_equal_the_work_files_voxel_for_voxel(released):
