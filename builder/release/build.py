@@ -687,9 +687,10 @@ class CaseExtras:
 RELEASE_MEMORY_BUDGET = 640 * 2**20
 """Voxel bytes (raw, as in case.json's shape) of the cases a release holds at once: read and encoded
 ahead in threads, or being written. A case larger than the budget is handled alone. 640 MiB keeps one
-512x512x250 case (437.5 MiB) in flight, read one volume at a time: 3, 6 and 12 such cases peak at
-1.05-1.09 GB (the process's VmHWM), a 600-slice case at 2.08 GB (pyarrow's writer holds two copies of
-its 530 MiB PET cell); ``benchmarks/bench_shards.py --release``, tests/test_hub_layout.py (slow)."""
+512x512x250 case (437.5 MiB) in flight, read one volume at a time, its cells gzipped into files: 3, 6 and
+12 such cases peak at 0.79-0.82 GB (the process's VmHWM), a 600-slice case at 1.42 GB (pyarrow's writer's
+two copies of a placeholder of its 530 MiB PET cell); before the cells went to files, 1.05-1.09 and
+2.08 GB; ``benchmarks/bench_shards.py --release``, tests/test_hub_layout.py (slow)."""
 
 
 def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
@@ -701,7 +702,6 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
     shards; each case's lesion rows and preview images go to ``extras`` (case id -> :class:`CaseExtras`)."""
     rows: list[dict[str, Any]] = []
     hashes: dict[str, str] = {}
-    written: list[shards.ShardInfo] = []
     extras = {} if extras is None else extras
 
     def shard_rows(ids: list[str]) -> Iterator[dict[str, Any]]:
@@ -743,20 +743,29 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
     cells_dir = staging / ".cells"  # the encoded cells until their shard is written (removed, whatever happens)
     cells_dir.mkdir()
     try:
-        for diagnosis in Diagnosis:
-            for split in Split:
-                ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
-                before = len(rows)
-                infos = shards.write_shards(shard_rows(ids), staging / "data" / diagnosis.config.value,
-                                            split=split.value, release_root=staging, max_bytes=shard_max_bytes)
-                for info in infos:
-                    for row in rows[before:]:
-                        if row["case_id"] in info.case_ids:
-                            row["shard"] = info.path
-                written.extend(infos)
+        written = _write_configs(staging, placements, rows, shard_rows, shard_max_bytes)
     finally:
         shutil.rmtree(cells_dir, ignore_errors=True)
     return rows, hashes, written
+
+
+def _write_configs(staging: Path, placements: dict[str, splits.Placement], rows: list[dict[str, Any]],
+                   shard_rows: Callable[[list[str]], Iterator[dict[str, Any]]], shard_max_bytes: int,
+                   ) -> list[shards.ShardInfo]:
+    """Write the shards of each config and split from ``shard_rows(ids)``; record each row's shard."""
+    written: list[shards.ShardInfo] = []
+    for diagnosis in Diagnosis:
+        for split in Split:
+            ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
+            before = len(rows)
+            infos = shards.write_shards(shard_rows(ids), staging / "data" / diagnosis.config.value, split=split.value,
+                                        release_root=staging, max_bytes=shard_max_bytes)
+            for info in infos:
+                for row in rows[before:]:
+                    if row["case_id"] in info.case_ids:
+                        row["shard"] = info.path
+            written.extend(infos)
+    return written
 
 
 def _write_metadata(staging: Path, rows: list[dict[str, Any]], hashes: dict[str, str],
