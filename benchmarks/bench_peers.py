@@ -19,7 +19,8 @@ Columns: one-time preparation (what runs once per release: cache build, material
 preprocess, materialize); epoch 0 (the first epoch in a fresh process, after the imports:
 opening, lazy caching, CacheDataset's loading); steady patches/s in one process and with 2
 workers (after the first batch); the first patch in a fresh process (after the imports); the
-peak RSS of that one-process run; the bytes the loader reads in training. Every process is a
+peak RSS of that one-process run; the bytes the loader reads in training. Each peer's line also gives
+``cpu_ms1``, the one-process run's CPU time per patch (all its threads). Every process is a
 fresh ``python``, the loaders run one after another, and the load average is printed with each.
 
     python benchmarks/bench_peers.py                       # 4 full-size cases (about 30-60 min on 2 loaded cores)
@@ -257,11 +258,15 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
     while got < per_epoch:
         got += _count(next(stream))
     epoch0 = time.perf_counter() - t
-    t, got = time.perf_counter(), 0
+    t, cpu, got = time.perf_counter(), time.process_time(), 0
     while got < per_epoch:
         got += _count(next(stream))
     rate = got / (time.perf_counter() - t)
-    out = {"first_s": first, "epoch0_s": epoch0, "rate": rate, "rss": peak_rss_bytes(), "load": os.getloadavg()[0]}
+    # CPU time of this process (all its threads) per patch: less sensitive to the machine's load than the
+    # rate, which also counts a loader's extra threads winning it a larger share of a busy machine.
+    cpu_ms = (time.process_time() - cpu) / got * 1e3
+    out = {"first_s": first, "epoch0_s": epoch0, "rate": rate, "rss": peak_rss_bytes(), "load": os.getloadavg()[0],
+           "cpu_ms": cpu_ms}
     print(json.dumps(out), flush=True)
     import multiprocessing
 
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(peer)
                 continue
             row.update(first_s=one["first_s"], epoch0_s=one["epoch0_s"], rate1=one["rate"], rss=one["rss"],
-                       rate2=two["rate"])
+                       rate2=two["rate"], cpu_ms1=one["cpu_ms"])
             if peer == "monai_persistent":
                 row["disk"] = dir_size(work / "monai_persistent")
             rows[peer] = row

@@ -67,8 +67,12 @@ CACHE_FORMAT = 3
 
 CHUNKS = (64, 64, 64)
 """Chunk shape ``[z, y, x]``: a 128^3 patch touches at most 3x3x3 chunks (benchmarks/bench_loader.py)."""
-BLOCKS = (16, 32, 32)
-"""Block shape inside a chunk: the unit blosc2 decompresses when only part of a chunk is read."""
+BLOCKS = (16, 16, 16)
+"""Block shape inside a chunk: the unit blosc2 decompresses when only part of a chunk is read. A 128^3 patch
+at a random voxel decodes 1.4x its voxels in 16^3 blocks against 1.8x in 16 x 32 x 32 blocks: a PET patch
+took 12 % less CPU time to decompress (6.0 against 6.8 ms, one thread, best of 4; entries written with the older
+blocks are read as they are). Reading through a memory map (``mmap_mode="r"``, as nnU-Net does) saved another
+15 % but counts every page of the cache a process has touched in its RSS (0.89 GB against 0.47 GB for 3 cases)."""
 CODEC = "LZ4"
 CLEVEL = 5
 """blosc2 codec and level: LZ4 decompresses ~1.5x faster than ZSTD level 1 for 17% more disk (bench_loader.py)."""
