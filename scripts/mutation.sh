@@ -27,9 +27,9 @@ SCRATCH=${MUTATION_DIR:-$(mktemp -d -t lymphatlas-mutation.XXXXXX)}
 # TESTS_FROM revisions without tests/test_behaviour_guards.py (empty: the same without that file)
 GROUPS_TABLE=$(cat <<'EOF'
 suv|builder/convert/suv.py|builder.convert.suv.x*|tests/test_suv.py tests/test_behaviour_guards.py -k "not cohort and (not test_behaviour_guards or philips or ge_)"|tests/test_suv.py -k "not cohort"
-lesions|builder/convert/lesions.py|builder.convert.lesions.x*|tests/test_lesions.py tests/test_behaviour_guards.py -k "not test_behaviour_guards or dmax or suvpeak"|tests/test_lesions.py
-acceptance|builder/convert/align.py|builder.convert.align.x__register__* builder.convert.align.x_align_pet*|tests/test_behaviour_guards.py -k "candidate or bspline_refinement"|tests/test_align.py -k "worsens"
-resampling|builder/convert/align.py|builder.convert.align.x__row_intervals* builder.convert.align.x__zero_beyond_fov* builder.convert.align.x__upsample_axis* builder.convert.align.x__upsample_array* builder.convert.align.x_upsample_cubic2* builder.convert.align.x_resample_to_reference* builder.convert.align.x__coarse_axes* builder.convert.align.x__crop_to_reference*|tests/test_align.py -k "bounded or upsample or unbounded or suvmax"|
+lesions|builder/convert/lesions.py|builder.convert.lesions.x_peak_kernel* builder.convert.lesions.x__to_pet_index* builder.convert.lesions.x__native_peaks* builder.convert.lesions.x_lesion_statistics* builder.convert.lesions.x__label_box* builder.convert.lesions.x__lesion_item* builder.convert.lesions.x__whole_body*|tests/test_lesions.py tests/test_behaviour_guards.py -k "not test_behaviour_guards or dmax or suvpeak"|tests/test_lesions.py
+acceptance|builder/convert/align.py|builder.convert.align.x__register__* builder.convert.align.x_align_pet*|tests/test_behaviour_guards.py -k "candidate or bspline_refinement or registration_disabled or auto_refines"|tests/test_align.py -k "worsens"
+resampling|builder/convert/align.py|builder.convert.align.x__row_intervals* builder.convert.align.x__zero_beyond_fov* builder.convert.align.x__upsample_axis* builder.convert.align.x__upsample_array* builder.convert.align.x_upsample_cubic2* builder.convert.align.x_resample_to_reference* builder.convert.align.x__coarse_axes* builder.convert.align.x__crop_to_reference*|tests/test_align.py -k "(bounded or upsample or unbounded or suvmax) and not registers"|
 deid|builder/convert/deid.py|builder.convert.deid.x*|tests/test_deid.py -k "not owner_only"|
 splits|builder/release/splits.py|builder.release.splits.x*|tests/test_splits.py|
 loader|lymphatlas_ds/loader.py|lymphatlas_ds.loader.x__spacing_zyx* lymphatlas_ds.loader.xǁPatchDatasetǁ* lymphatlas_ds.loader.xǁCaseDatasetǁ*|tests/test_loader.py tests/test_lesion_table.py -k "(test_loader and not dataloader and not worker) or load_lymphatlas_instances or case_instance_ids"|tests/test_loader.py -k "not dataloader and not worker"
@@ -68,11 +68,15 @@ EOF
   # A module fixture's fake release is built by the first test run and reused read-only by every
   # mutant's fork (tests/support/releases.py, shared_fake_release): ~7 s less per loader mutant.
   (cd "$dir" && LYMPHATLAS_TEST_SHARED_RELEASES="$dir/shared-releases" \
+    /usr/bin/time -f "%e %U %S" -o "$dir/time.txt" \
     "$PY" -m mutmut run --max-children "$JOBS" $globs >"$dir/run.log" 2>&1) || true
   (cd "$dir" && "$PY" -m mutmut results --all true >"$dir/results.txt" 2>&1) || true
   # shellcheck disable=SC2086
   line=$("$PY" "$ROOT/scripts/mutation_report.py" "$dir" "$module" "$(( $(date +%s) - start ))" $globs 2>"$dir/survivors.txt")
   cat "$dir/survivors.txt"
+  # wall and CPU seconds (user + system of mutmut and every fork it waited for) and the load after
+  read -r wall user sys < <(tail -n 1 "$dir/time.txt") || true
+  line+=$(printf '; wall %.0f s, CPU %.0f s (user %.0f + sys %.0f), load %s' "$wall" "$(echo "$user + $sys" | bc)" "$user" "$sys" "$(cut -d' ' -f1-3 /proc/loadavg)")
   echo "$line"
   summary+=("$line")
 done <<<"$GROUPS_TABLE"

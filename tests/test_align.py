@@ -379,6 +379,21 @@ def test_upsample_cubic2_matches_simpleitk_bspline_inside() -> None:
     np.testing.assert_allclose(mine[:, ::2, ::2], arr, atol=1e-5)
 
 
+def test_upsample_cubic2_bounded_clamps_each_new_node_to_its_two_neighbours() -> None:
+    # one hot voxel along x: the cubic's half-way values ring below 0 beside it; bounded keeps each
+    # between its two original neighbours (the cubic value clamped there), the nodes unchanged
+    arr = np.zeros((1, 1, 9), np.float32)
+    arr[0, 0, 4] = 10.0
+    img = sitk.GetImageFromArray(arr)
+    cubic = sitk.GetArrayFromImage(align.upsample_cubic2(img, (True, False, False)))[0, 0]
+    bounded = sitk.GetArrayFromImage(align.upsample_cubic2(img, (True, False, False), bounded=True))[0, 0]
+    line = arr[0, 0]
+    lo, hi = np.minimum(line[:-1], line[1:]), np.maximum(line[:-1], line[1:])
+    assert cubic[1::2].min() < -0.1  # the data exercise the bound
+    np.testing.assert_array_equal(bounded[::2], line)
+    np.testing.assert_allclose(bounded[1::2], np.clip(cubic[1::2], lo, hi), atol=1e-6)
+
+
 def ndimage_smooth(a: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
