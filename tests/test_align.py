@@ -500,6 +500,36 @@ def test_bounded_cubic_field_of_view_edges_fall_exactly_on_ct_points(flip: bool)
         np.testing.assert_array_equal(out > 0, want, err_msg=method.value)
 
 
+def test_bounded_cubic_of_a_uniform_pet_is_its_value_inside_the_fov_from_the_ct_rows_first_voxel() -> None:
+    # CT rows start inside the PET (x = 0 mm, PET x extent [-2, 18) mm) and leave it; the CT's z crosses
+    # both z edges: every CT point inside the field of view, the rows' first voxel included, reads the PET's
+    # one value, every point outside reads 0
+    n = np.array([5, 6, 7])
+    pet = sitk.GetImageFromArray(np.full(n[::-1], 2.0, np.float32))
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    ct = sitk.Image((13, 8, 20), sitk.sitkInt16)  # x 0..24, y 2..16, z -8..30 mm
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((0.0, 2.0, -8.0))
+    x, y, z = (o + 2.0 * np.arange(v) for o, v in zip(ct.GetOrigin(), ct.GetSize()))
+    inside = ((z[:, None, None] >= -2.0) & (z[:, None, None] < 26.0)) & ((y[None, :, None] >= -2.0) & (y[None, :, None] < 22.0)) \
+        & ((x[None, None, :] >= -2.0) & (x[None, None, :] < 18.0))
+    assert inside[:, :, 0].any() and not inside.all()
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct))
+    np.testing.assert_allclose(out[inside], 2.0, atol=1e-6)
+    assert np.all(out[~inside] == 0.0)
+
+
+def test_bounded_cubic_of_a_pet_beside_the_ct_is_0() -> None:
+    pet = sitk.GetImageFromArray(np.full((6, 6, 6), 3.0, np.float32))
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    pet.SetOrigin((100.0, 0.0, 0.0))  # 100-124 mm in x; the CT ends at 38 mm
+    ct = sitk.Image((20, 12, 12), sitk.sitkInt16)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    for method in Interpolation:
+        out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, interpolation=method))
+        assert out.shape == (12, 12, 20) and np.all(out == 0.0), method.value
+
+
 def _pet_below_1(dtype=np.float32) -> tuple[sitk.Image, np.ndarray]:
     """A 4 mm PET with SUVs in (0, 1) (background-like) and one voxel below 0, at the origin."""
     arr = np.random.default_rng(3).uniform(0.05, 0.95, (8, 9, 10))
