@@ -501,18 +501,18 @@ def test_bounded_cubic_field_of_view_edges_fall_exactly_on_ct_points(flip: bool)
 
 
 def test_bounded_cubic_of_a_uniform_pet_is_its_value_inside_the_fov_from_the_ct_rows_first_voxel() -> None:
-    # CT rows start inside the PET (x = 0 mm, PET x extent [-2, 18) mm) and leave it; the CT's z crosses
+    # CT rows start inside the PET (x = 0 mm, PET x extent [-2, 58) mm) and leave it; the CT's z crosses
     # both z edges: every CT point inside the field of view, the rows' first voxel included, reads the PET's
-    # one value, every point outside reads 0
-    n = np.array([5, 6, 7])
+    # one value, every point outside reads 0. The CT is 5x longer in x than in y (the crop's corners).
+    n = np.array([15, 6, 7])
     pet = sitk.GetImageFromArray(np.full(n[::-1], 2.0, np.float32))
     pet.SetSpacing((4.0, 4.0, 4.0))
-    ct = sitk.Image((13, 8, 20), sitk.sitkInt16)  # x 0..24, y 2..16, z -8..30 mm
+    ct = sitk.Image((40, 8, 20), sitk.sitkInt16)  # x 0..78, y 2..16, z -8..30 mm
     ct.SetSpacing((2.0, 2.0, 2.0))
     ct.SetOrigin((0.0, 2.0, -8.0))
     x, y, z = (o + 2.0 * np.arange(v) for o, v in zip(ct.GetOrigin(), ct.GetSize()))
     inside = ((z[:, None, None] >= -2.0) & (z[:, None, None] < 26.0)) & ((y[None, :, None] >= -2.0) & (y[None, :, None] < 22.0)) \
-        & ((x[None, None, :] >= -2.0) & (x[None, None, :] < 18.0))
+        & ((x[None, None, :] >= -2.0) & (x[None, None, :] < 58.0))
     assert inside[:, :, 0].any() and not inside.all()
     out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct))
     np.testing.assert_allclose(out[inside], 2.0, atol=1e-6)
