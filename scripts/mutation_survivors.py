@@ -176,9 +176,21 @@ REASONS: dict[str, dict[str, dict[tuple[int, ...], str]]] = {
             (57,): "`step >= 0` after the zero-step branch: a step of exactly 0 never gets there",
             (102, 103, 111, 112): "a clip bound dropped: `first` >= 0 and `stop` <= nx already hold by construction",
         },
+        "_coarse_axes": {
+            (7, 9, 18, 20, 26, 28): DTYPE + " (direction cosines and spacings are floats)",
+        },
+        "_upsample_array": {
+            (2, 29, 31): "float64 instead of float32 working arrays: the same float32 values, resampled to float32",
+            (3, 5, 6): "the copy flag of `astype`: the input is not modified either way",
+            (12, 35, 46, 53, 59, 66, 67, 68, 72, 73, 82): "how the lines are split into thread slabs (more, fewer, "
+                "overlapping, none, another axis the filter does not run along): every line is filtered whole, "
+                "so the values are the same (test_bounded_cubic_does_not_depend_on_the_thread_count)",
+            (17, 18): "a 2-voxel axis skipped: the resampler pads every axis by a voxel on each side (n >= 3) and "
+                      "no caller of `upsample_cubic2` has a 2-voxel axis",
+        },
         "_upsample_axis": {
             (7, 9, 11, 12, 25): "spline filter arguments spelled as their defaults (order 3, mirror, float output)",
-            (39, 41, 50, 52): "slice bounds spelled differently (`None` for 0, the head slice): the same slices",
+            (39, 41, 50, 52, 91): "slice bounds spelled differently (`None` for 0, the head slice): the same slices",
         },
         "_zero_beyond_fov": {
             (1,): "`m = None`: the closed form replaced by `pet_fov_mask`, which gives the same mask",

@@ -519,6 +519,20 @@ def test_bounded_cubic_of_a_uniform_pet_is_its_value_inside_the_fov_from_the_ct_
     assert np.all(out[~inside] == 0.0)
 
 
+@pytest.mark.parametrize("pet_mm", [2.0, 3.0])
+def test_bounded_cubic_of_a_pet_at_most_1_5_times_coarser_than_the_ct_is_trilinear(pet_mm: float) -> None:
+    # a PET voxel up to UPSAMPLE_MIN_RATIO (1.5) times the CT's, 1.5 included, is not upsampled: the bounded
+    # path is then trilinear interpolation (scipy as the peer)
+    pet = sitk.GetImageFromArray(np.random.default_rng(4).gamma(2.0, 1.0, (10, 10, 10)).astype(np.float32))
+    pet.SetSpacing((pet_mm,) * 3)
+    ct = sitk.Image((12, 12, 12), sitk.sitkInt16)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((1.0, 1.3, 0.7))
+    identity = sitk.Euler3DTransform()
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, identity))
+    np.testing.assert_allclose(out, _trilinear(pet, ct, identity), atol=1e-5)
+
+
 def test_bounded_cubic_of_a_pet_beside_the_ct_is_0() -> None:
     pet = sitk.GetImageFromArray(np.full((6, 6, 6), 3.0, np.float32))
     pet.SetSpacing((4.0, 4.0, 4.0))
