@@ -158,6 +158,36 @@ REASONS: dict[str, dict[str, dict[tuple[int, ...], str]]] = {
             (11,): "the error's fix text: " + MESSAGE,
         },
     },
+    "loader": {
+        "CaseDataset.__getitem__": {
+            (35, 37): DTYPE + " (the decoded affine is float64)",
+            (41,): "`_spacing_zyx(row, None)`: the row's spacing comes first; the affine is only a fallback",
+        },
+        "CaseDataset._from_shard": {
+            (4,): "the three columns start as `''` instead of None: every one is read before use",
+            (12, 13, 15, 16, 19, 22, 23): "the `where` text of a decode error: " + MESSAGE,
+            (29, 31): DTYPE + " (the label column decodes to uint8)",
+            (34,): "`continue` -> `break` after the label: the label is the last column read",
+            (47, 48): "the internal three-columns assert: every column is read, so it holds either way",
+        },
+        "PatchDataset.__getitem__": {
+            (4,): "`index <= len`: the case list then raises IndexError itself",
+            (5,): MESSAGE,
+            (38, 40): "`slice(None, n)` / `slice(n)` for `slice(0, n)`: the same slice",
+            (44, 51): "the inner slice `b + a` and the full-size test: numpy clips the slice and the pad path gives "
+                      "the same crop",
+            (97, 99, 106): DTYPE + " (the entry's affine and start are float64 / int64)",
+            (125,): "`_spacing_zyx(meta, None)`: the row's spacing comes first; the affine is only a fallback",
+        },
+        "PatchDataset.__init__": {
+            (1, 2): "the `progress` and `instances` defaults: `load_lymphatlas` passes both",
+            (7, 14): "`progress` passed on as None or not at all: only whether a progress bar is drawn",
+            (21,): MESSAGE,
+        },
+        "_spacing_zyx": {
+            (12, 14, 15, 20, 22): DTYPE + " (affines and spacings are float64 already)",
+        },
+    },
     "resampling": {
         "_crop_to_reference": {
             (1,): "the crop margin 4 voxels instead of 3: a larger crop gives the same values",
