@@ -27,6 +27,7 @@ ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 JOBS=${JOBS:-2}
 SCRATCH=${MUTATION_DIR:-$(mktemp -d -t lymphatlas-mutation.XXXXXX)}
+mkdir -p "$SCRATCH"
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install -e '.[dev]'" >&2; exit 2; }
 
 # group | module to mutate | mutant name globs (module.x_function*) | pytest selection | selection for
