@@ -243,12 +243,18 @@ def test_registration_disabled_keeps_the_scanner_alignment_and_says_so(aligned_p
     from builder.convert import align
 
     ct, pet, body = aligned_phantom
-    res = align.align_pet(ct, pet, settings=dataclasses.replace(_settings(), register=False), body=body)
+    settings = dataclasses.replace(_settings(), register=False, interpolation=align.Interpolation.CUBIC)
+    res = align.align_pet(ct, pet, settings=settings, body=body)
     np.testing.assert_allclose(_applied_shift(res), 0.0, atol=1e-9)
     assert res.record["method"] == "scanner" and res.record["improved"] is False
     assert res.record["metric_before"] is None and res.record["metric_after"] is None
     assert res.record["decision"] == "registration disabled: scanner alignment"
     assert set(res.timings_s) == {"resample"}
+    # resampled with the settings' interpolation (the unbounded cubic here; on this 8 mm PET over a 6 mm CT the
+    # default bounded cubic is trilinear): SimpleITK's B-spline resampler, negatives set to 0
+    peer = sitk.GetArrayFromImage(sitk.Resample(pet, ct, sitk.Euler3DTransform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
+    assert res.record["interpolation"] == "cubic"
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(res.pet_on_ct), np.maximum(peer, 0.0), atol=1e-5)
 
 
 @pytest.mark.parametrize("deformable,threshold,refined", [("auto", -10.0, True), ("auto", 1.0, False), ("off", -10.0, False)])
@@ -393,7 +399,11 @@ def test_a_bspline_refinement_with_a_metric_gain_is_applied(shifted_phantom, mon
         return sitk.CompositeTransform([rigid, bspline])
 
     monkeypatch.setattr(align, "register_bspline", shifting)
+    t0 = time.perf_counter()
     res = align.align_pet(ct, pet, settings=_settings("on"), body=body)
+    elapsed = time.perf_counter() - t0
+    assert set(res.timings_s) == {"register_prepare", "register_rigid", "register_evaluate", "register_bspline", "resample"}
+    assert all(0.0 <= v <= elapsed for v in res.timings_s.values())
     assert res.record["metric_rigid"] == res.record["metric_before"]
     assert res.record["metric_bspline"] < res.record["metric_before"] * (1 - 0.02)
     assert res.record["method"] == "rigid+bspline" and res.record["improved"] is True
