@@ -57,28 +57,43 @@ def classify(mutant: str, original: str) -> tuple[str, str]:
     return "code", change
 
 
-def main(group_dir: str, module: str, seconds: str, *globs: str) -> None:
-    root = Path(group_dir)
+def statuses(group_dir: str, *globs: str) -> dict[str, str]:
+    """mutmut's verdict of every mutant of the group's functions, by mutant name."""
     status: dict[str, str] = {}
-    for line in (root / "results.txt").read_text().splitlines():
+    for line in (Path(group_dir) / "results.txt").read_text().splitlines():
         m = re.match(r"\s*([\w.ǁ]+__mutmut_\d+): (.+)$", line)
         if m and any(fnmatch.fnmatch(m.group(1), g) for g in globs):
             status[m.group(1)] = m.group(2).strip()
-    sources = _functions(root / "mutants" / module)
-    count = Counter(status.values())
-    tested = sum(v for k, v in count.items() if k not in ("skipped", "not checked"))
-    killed = count["killed"] + count["timeout"]
-    classes: Counter[str] = Counter()
-    by_function: dict[str, list[str]] = defaultdict(list)
+    return status
+
+
+def survivors(group_dir: str, module: str, status: dict[str, str]) -> dict[str, list[tuple[int, str, str, bool]]]:
+    """Per function (``Class.method`` or ``function``): (mutant number, kind, change, no test) of each survivor."""
+    sources = _functions(Path(group_dir) / "mutants" / module)
+    out: dict[str, list[tuple[int, str, str, bool]]] = defaultdict(list)
     for name, s in sorted(status.items(), key=lambda kv: (kv[0].rsplit("_", 1)[0], int(kv[0].rsplit("_", 1)[1]))):
         if s not in ("survived", "no tests"):
             continue
         short = name.rsplit(".", 1)[-1]
         base = short.rsplit("__mutmut_", 1)[0]
         kind, change = classify(sources.get(short, ""), sources.get(base + "__mutmut_orig", ""))
-        classes[kind] += 1
         fn = re.sub(r"^xǁ(\w+)ǁ", r"\1.", base).removeprefix("x_")
-        by_function[fn].append(f"      {short.rsplit('_', 1)[-1]:>4} {kind:4} {'(no test) ' if s == 'no tests' else ''}{change[:150]}")
+        out[fn].append((int(short.rsplit("_", 1)[-1]), kind, change, s == "no tests"))
+    return out
+
+
+def main(group_dir: str, module: str, seconds: str, *globs: str) -> None:
+    root = Path(group_dir)
+    status = statuses(group_dir, *globs)
+    count = Counter(status.values())
+    tested = sum(v for k, v in count.items() if k not in ("skipped", "not checked"))
+    killed = count["killed"] + count["timeout"]
+    classes: Counter[str] = Counter()
+    by_function: dict[str, list[str]] = defaultdict(list)
+    for fn, rows in survivors(group_dir, module, status).items():
+        for number, kind, change, no_test in rows:
+            classes[kind] += 1
+            by_function[fn].append(f"      {number:>4} {kind:4} {'(no test) ' if no_test else ''}{change[:150]}")
     for fn, rows in sorted(by_function.items()):
         print(f"   {fn}: {len(rows)} survived", file=sys.stderr)
         print("\n".join(rows), file=sys.stderr)

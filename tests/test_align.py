@@ -379,6 +379,21 @@ def test_upsample_cubic2_matches_simpleitk_bspline_inside() -> None:
     np.testing.assert_allclose(mine[:, ::2, ::2], arr, atol=1e-5)
 
 
+def test_upsample_cubic2_bounded_clamps_each_new_node_to_its_two_neighbours() -> None:
+    # one hot voxel along x: the cubic's half-way values ring below 0 beside it; bounded keeps each
+    # between its two original neighbours (the cubic value clamped there), the nodes unchanged
+    arr = np.zeros((1, 1, 9), np.float32)
+    arr[0, 0, 4] = 10.0
+    img = sitk.GetImageFromArray(arr)
+    cubic = sitk.GetArrayFromImage(align.upsample_cubic2(img, (True, False, False)))[0, 0]
+    bounded = sitk.GetArrayFromImage(align.upsample_cubic2(img, (True, False, False), bounded=True))[0, 0]
+    line = arr[0, 0]
+    lo, hi = np.minimum(line[:-1], line[1:]), np.maximum(line[:-1], line[1:])
+    assert cubic[1::2].min() < -0.1  # the data exercise the bound
+    np.testing.assert_array_equal(bounded[::2], line)
+    np.testing.assert_allclose(bounded[1::2], np.clip(cubic[1::2], lo, hi), atol=1e-6)
+
+
 def ndimage_smooth(a: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
@@ -483,6 +498,50 @@ def test_bounded_cubic_field_of_view_edges_fall_exactly_on_ct_points(flip: bool)
     for method in Interpolation:
         out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, interpolation=method))
         np.testing.assert_array_equal(out > 0, want, err_msg=method.value)
+
+
+def test_bounded_cubic_of_a_uniform_pet_is_its_value_inside_the_fov_from_the_ct_rows_first_voxel() -> None:
+    # CT rows start inside the PET (x = 0 mm, PET x extent [-2, 58) mm) and leave it; the CT's z crosses
+    # both z edges: every CT point inside the field of view, the rows' first voxel included, reads the PET's
+    # one value, every point outside reads 0. The CT is 5x longer in x than in y (the crop's corners).
+    n = np.array([15, 6, 7])
+    pet = sitk.GetImageFromArray(np.full(n[::-1], 2.0, np.float32))
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    ct = sitk.Image((40, 8, 20), sitk.sitkInt16)  # x 0..78, y 2..16, z -8..30 mm
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((0.0, 2.0, -8.0))
+    x, y, z = (o + 2.0 * np.arange(v) for o, v in zip(ct.GetOrigin(), ct.GetSize()))
+    inside = ((z[:, None, None] >= -2.0) & (z[:, None, None] < 26.0)) & ((y[None, :, None] >= -2.0) & (y[None, :, None] < 22.0)) \
+        & ((x[None, None, :] >= -2.0) & (x[None, None, :] < 58.0))
+    assert inside[:, :, 0].any() and not inside.all()
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct))
+    np.testing.assert_allclose(out[inside], 2.0, atol=1e-6)
+    assert np.all(out[~inside] == 0.0)
+
+
+@pytest.mark.parametrize("pet_mm", [2.0, 3.0])
+def test_bounded_cubic_of_a_pet_at_most_1_5_times_coarser_than_the_ct_is_trilinear(pet_mm: float) -> None:
+    # a PET voxel up to UPSAMPLE_MIN_RATIO (1.5) times the CT's, 1.5 included, is not upsampled: the bounded
+    # path is then trilinear interpolation (scipy as the peer)
+    pet = sitk.GetImageFromArray(np.random.default_rng(4).gamma(2.0, 1.0, (10, 10, 10)).astype(np.float32))
+    pet.SetSpacing((pet_mm,) * 3)
+    ct = sitk.Image((12, 12, 12), sitk.sitkInt16)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((1.0, 1.3, 0.7))
+    identity = sitk.Euler3DTransform()
+    out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, identity))
+    np.testing.assert_allclose(out, _trilinear(pet, ct, identity), atol=1e-5)
+
+
+def test_bounded_cubic_of_a_pet_beside_the_ct_is_0() -> None:
+    pet = sitk.GetImageFromArray(np.full((6, 6, 6), 3.0, np.float32))
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    pet.SetOrigin((100.0, 0.0, 0.0))  # 100-124 mm in x; the CT ends at 38 mm
+    ct = sitk.Image((20, 12, 12), sitk.sitkInt16)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    for method in Interpolation:
+        out = sitk.GetArrayFromImage(align.resample_to_reference(pet, ct, interpolation=method))
+        assert out.shape == (12, 12, 20) and np.all(out == 0.0), method.value
 
 
 def _pet_below_1(dtype=np.float32) -> tuple[sitk.Image, np.ndarray]:

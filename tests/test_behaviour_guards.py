@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -220,12 +221,56 @@ def test_a_rigid_candidate_better_than_the_scanner_alignment_is_applied(shifted_
 
     ct, pet, body = shifted_phantom
     _crafted_rigid(monkeypatch, (12.0, -6.0, 0.0))  # exactly the truth
+    t0 = time.perf_counter()
     res = align.align_pet(ct, pet, settings=_settings(), body=body)
+    elapsed = time.perf_counter() - t0
     np.testing.assert_allclose(_applied_shift(res), (12.0, -6.0, 0.0), atol=1e-6)
     assert res.record["method"] == "rigid" and res.record["improved"] is True
     assert res.record["metric_after"] < res.record["metric_before"]
     node = ct.TransformPhysicalPointToIndex((40.0, -20.0, 120.0))
     assert res.pet_on_ct[node] > 5.0
+    # resampled with the settings' interpolation (linear here): SimpleITK's own linear resampler agrees
+    peer = sitk.Resample(sitk.Clamp(pet, lowerBound=0.0), ct, res.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(res.pet_on_ct), sitk.GetArrayViewFromImage(peer), atol=1e-5)
+    # every stage timed, each within the call's own duration
+    assert set(res.timings_s) == {"register_prepare", "register_rigid", "register_evaluate", "resample"}
+    assert all(0.0 <= v <= elapsed for v in res.timings_s.values())
+
+
+def test_registration_disabled_keeps_the_scanner_alignment_and_says_so(aligned_phantom) -> None:
+    import dataclasses
+
+    from builder.convert import align
+
+    ct, pet, body = aligned_phantom
+    settings = dataclasses.replace(_settings(), register=False, interpolation=align.Interpolation.CUBIC)
+    res = align.align_pet(ct, pet, settings=settings, body=body)
+    np.testing.assert_allclose(_applied_shift(res), 0.0, atol=1e-9)
+    assert res.record["method"] == "scanner" and res.record["improved"] is False
+    assert res.record["metric_before"] is None and res.record["metric_after"] is None
+    assert res.record["decision"] == "registration disabled: scanner alignment"
+    assert set(res.timings_s) == {"resample"}
+    # resampled with the settings' interpolation (the unbounded cubic here; on this 8 mm PET over a 6 mm CT the
+    # default bounded cubic is trilinear): SimpleITK's B-spline resampler, negatives set to 0
+    peer = sitk.GetArrayFromImage(sitk.Resample(pet, ct, sitk.Euler3DTransform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
+    assert res.record["interpolation"] == "cubic"
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(res.pet_on_ct), np.maximum(peer, 0.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("deformable,threshold,refined", [("auto", -10.0, True), ("auto", 1.0, False), ("off", -10.0, False)])
+def test_auto_refines_only_when_the_best_metric_stays_above_its_threshold(
+    aligned_phantom, monkeypatch, deformable, threshold, refined
+) -> None:
+    # Mattes MI is negative: a threshold of 1 is above every metric (never refine), -10 below (always)
+    from builder.convert import align
+
+    ct, pet, body = aligned_phantom
+    _crafted_rigid(monkeypatch, (0.0, 0.0, 0.0))
+    _crafted_bspline(monkeypatch, 0.0)
+    monkeypatch.setattr(align, "AUTO_BSPLINE_METRIC", threshold)
+    res = align.align_pet(ct, pet, settings=_settings(deformable), body=body)
+    assert ("metric_bspline" in res.record) is refined
+    assert ("register_bspline" in res.timings_s) is refined
 
 
 def _crafted_bspline(monkeypatch, amplitude_mm: float) -> None:
@@ -354,12 +399,18 @@ def test_a_bspline_refinement_with_a_metric_gain_is_applied(shifted_phantom, mon
         return sitk.CompositeTransform([rigid, bspline])
 
     monkeypatch.setattr(align, "register_bspline", shifting)
+    t0 = time.perf_counter()
     res = align.align_pet(ct, pet, settings=_settings("on"), body=body)
+    elapsed = time.perf_counter() - t0
+    assert set(res.timings_s) == {"register_prepare", "register_rigid", "register_evaluate", "register_bspline", "resample"}
+    assert all(0.0 <= v <= elapsed for v in res.timings_s.values())
     assert res.record["metric_rigid"] == res.record["metric_before"]
     assert res.record["metric_bspline"] < res.record["metric_before"] * (1 - 0.02)
     assert res.record["method"] == "rigid+bspline" and res.record["improved"] is True
     assert res.record["metric_after"] == res.record["metric_bspline"]
     assert res.record["decision"].startswith("rigid+bspline registration applied")
+    n_nodes = 3 * (2 + 3) ** 3  # mesh 2 per axis, order 3: 5 control points per axis, 3 components
+    assert res.record["transform"]["bspline"] == {"mesh_size": [2, 2, 2], "n_parameters": n_nodes}
     np.testing.assert_allclose(_applied_shift(res), (12.0, -6.0, 0.0), atol=1e-6)
     node = ct.TransformPhysicalPointToIndex((40.0, -20.0, 120.0))
     assert res.pet_on_ct[node] > 5.0

@@ -88,6 +88,15 @@ def test_find_identifiers_searches_names_json_and_nifti_headers(tmp_path) -> Non
         "the name 'PAT-SECRET-3.txt' contains the identifier value 'pat-secret-3'"]
 
 
+def test_a_text_file_that_is_not_utf8_is_still_searched(tmp_path) -> None:
+    # a stray Latin-1 byte (a hand-edited note) must not stop the leak check or hide the value beside it
+    folder = tmp_path / "LA-2"
+    folder.mkdir()
+    (folder / "notes.txt").write_bytes(b"reviewed by Fran\xe7ois for PAT-SECRET-4\n")
+    assert deid.find_identifiers(folder, [("PatientID", "PAT-SECRET-4")]) == [
+        "notes.txt contains the PatientID value 'pat-secret-4'"]
+
+
 def _case_folder(tmp_path, payload: dict):
     folder = tmp_path / "case"
     folder.mkdir(exist_ok=True)

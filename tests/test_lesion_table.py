@@ -306,7 +306,7 @@ def test_patch_items_carry_the_case_instance_ids(fake, tmp_path) -> None:
         z, y, x = (int(v) for v in item["patch_start"])
         expect = by_case[item["case_id"]][z:z + 5, y:y + 5, x:x + 5]
         got = item["instances"][0][: expect.shape[0], : expect.shape[1], : expect.shape[2]]
-        assert np.array_equal(got.numpy(), expect.numpy())
+        assert np.array_equal(got.numpy(), expect.numpy()) and item["instances"].dtype == expect.dtype
         seen_other |= bool((expect > 1).any() and not (expect == 1).any())
     assert seen_other  # some patch holds only a lesion other than the largest
 

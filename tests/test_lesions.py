@@ -38,6 +38,14 @@ def test_volumes_mean_tlg_centroids_and_dmax_on_the_ctgrid() -> None:
     assert s["tlg"] == pytest.approx(210 * voxel_ml * a["suv_mean"] + 27 * voxel_ml * 2.0)
     assert s["suv_max"] == pytest.approx(9.0)
     assert s["dmax_mm"] == pytest.approx(np.linalg.norm(np.subtract(a["centroid_lps"], b["centroid_lps"])))
+    # each item's own TLG, id and box (z, y, x slices above, written x, y, z); a CT without lungs has
+    # no landmark: region unknown; 26-connected components (the label table's rule)
+    assert (a["lesion_id"], b["lesion_id"]) == (1, 2)
+    assert a["tlg"] == pytest.approx(210 * voxel_ml * a["suv_mean"]) and b["tlg"] == pytest.approx(27 * voxel_ml * 2.0)
+    assert (a["bbox_min_xyz"], a["bbox_max_xyz"]) == ([10, 10, 5], [16, 15, 9])
+    assert (b["bbox_min_xyz"], b["bbox_max_xyz"]) == ([50, 40, 30], [52, 42, 32])
+    assert a["body_region"] == b["body_region"] == "unknown"
+    assert s["connectivity"] == 26
     assert s["grids"] == {"volume_ml": "ct", "suv_mean": "ct", "tlg": "ct", "suv_max": "pet", "suv_peak": "pet",
                           "dmax_mm": "ct", "body_region": "ct"}
 

@@ -140,6 +140,7 @@ def test_patch_larger_than_the_volume_is_padded(built):
     np.testing.assert_array_equal(item["image"][0, :z, :y, :x].numpy(), want.ct)
     assert (item["image"][0, z:] == PAD_VALUES["ct"]).all() and (item["image"][0, :, :, x:] == PAD_VALUES["ct"]).all()
     assert (item["image"][1, z:] == 0).all() and (item["label"][0, z:] == 0).all()
+    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.uint8  # as an unpadded item's
 
 
 def test_a_patch_padded_along_one_axis_is_cropped_at_its_start_along_the_others(built):

@@ -149,6 +149,7 @@ def test_missing_decay_correction_with_decy_assumes_start():
         ({"injection_dt": None}, "injection time"),
         ({"units": "PROPCNTS"}, "Units"),
         ({"units": None}, "Units"),
+        ({"decay": "RADIATION"}, "is not START, ADMIN or NONE"),
     ],
 )
 def test_rejections_name_the_cause(kwargs, phrase):
@@ -160,8 +161,35 @@ def test_rejections_name_the_cause(kwargs, phrase):
 
 
 def test_injection_after_scan_rejected():
-    with pytest.raises(SUVError, match="implausible"):
+    with pytest.raises(SUVError, match="implausible") as err:
         conv(headers(series_dt=INJECTION, injection_dt=INJECTION + dt.timedelta(hours=2)))
+    assert (err.value.exam_id, err.value.series_uid) == ("EX1", SERIES.series_uid)
+
+
+def test_no_scan_time_at_all_is_rejected_with_its_exam_and_series():
+    hs = headers(series_dt=INJECTION + dt.timedelta(hours=1), injection_dt=INJECTION)
+    for ds in hs:
+        for key in ("SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime"):
+            if key in ds:
+                delattr(ds, key)
+    with pytest.raises(SUVError, match="neither SeriesDate/SeriesTime nor AcquisitionDate/AcquisitionTime") as err:
+        conv(hs)
+    assert (err.value.exam_id, err.value.series_uid) == ("EX1", SERIES.series_uid)
+
+
+def test_a_series_without_files_or_with_an_unreadable_file_is_rejected_with_its_exam_series_and_file(tmp_path):
+    info = SeriesInfo(series_uid="9.8.7", study_uid="1.2", frame_of_reference_uid="1.3", modality="PT",
+                      kind=SeriesKind.PET_AC, files=())
+    with pytest.raises(SUVError, match="the PET series has no files") as err:
+        suv_conversion(info, exam_id="EX2")
+    assert (err.value.exam_id, err.value.series_uid) == ("EX2", "9.8.7")
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"")
+    info = SeriesInfo(series_uid="9.8.7", study_uid="1.2", frame_of_reference_uid="1.3", modality="PT",
+                      kind=SeriesKind.PET_AC, files=(bad,))
+    with pytest.raises(SUVError, match="the PET header cannot be read") as err:
+        suv_conversion(info, exam_id="EX2")
+    assert (err.value.exam_id, err.value.series_uid, err.value.path) == ("EX2", "9.8.7", str(bad))
 
 
 def test_from_files_and_to_dict(tmp_path):
@@ -288,8 +316,9 @@ def test_philips_factors_that_agree_give_no_note_and_a_zero_suv_factor_is_not_us
     zero = conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), 0.0, 1.73))
     assert zero.factor == pytest.approx(ours, rel=1e-9)
     assert zero.notes == ("CNTS: Philips activity scale factor (7053,1009) x BQML factor",)
-    with pytest.raises(SUVError, match="7053"):
+    with pytest.raises(SUVError, match="7053") as err:
         conv(philips(headers(units="CNTS", series_dt=series, injection_dt=INJECTION), 0.0, 0.0))
+    assert (err.value.exam_id, err.value.series_uid) == ("EX1", SERIES.series_uid)
 
 
 def test_private_values_without_a_dictionary_entry_are_read_from_their_bytes():
