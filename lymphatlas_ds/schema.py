@@ -150,9 +150,6 @@ ITEM_KEYS: tuple[str, ...] = (
 AGE_BAND_YEARS = 5
 """Ages are published in bands of this many years (de-identification)."""
 
-SHARD_MAX_BYTES = 512 * 1024 * 1024
-"""Upper bound of one parquet shard's size; a single case larger than this gets a shard of its own."""
-
 # Metadata columns of a shard row and of metadata/cases.csv, with their arrow-ish types.
 # ("list<float64>[3]" means a fixed list of 3 float64.)
 METADATA_COLUMNS: dict[str, str] = {

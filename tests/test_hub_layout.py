@@ -3,7 +3,8 @@ sizes that mean what the Hub says, plain-``datasets`` streaming that exits clean
 build whose memory does not grow with the cases.
 
 Peers: pyarrow's parquet metadata (the numbers the viewer checks), plain ``datasets`` in a fresh
-interpreter started from another folder that never imports ``lymphatlas_ds``, and the WORK truth
+interpreter started from another folder that never imports ``lymphatlas_ds`` (streaming from the local
+folder, and from a mock Hub that sends bodies at a network's pace), and the WORK truth
 (the generator's arrays and content hashes); the process's own peak RSS from the kernel.
 """
 
@@ -14,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from lymphatlas_ds import codec
 from lymphatlas_ds.reader import Release
 from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS
 from lymphatlas_synth.fake_work import make_large_work
+from tests.support.mock_hub import MockHub, files_of
 from tests.support.releases import build_fake_release
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,9 +249,60 @@ def test_plain_datasets_streaming_exits_cleanly_5_of_5(large_release, tmp_path):
     _stream_runs(release, ids, tmp_path / "user", 5)
 
 
+HUB_BYTES_PER_SECOND = 50e6
+"""The mock Hub's pace for file bodies: a fast home link (the Hub's CDN gives a user 10-100 MB/s)."""
+
+_HUB_STREAM = ("from datasets import load_dataset; ds = load_dataset({repo!r}, 'all', split='train', streaming=True, "
+               "revision={tag!r}); print(next(iter(ds))['case_id'])")
+
+
+@pytest.fixture(scope="module")
+def streamed_release(tmp_path_factory):
+    """Eight cases of 40 x 256 x 256 (11.6 MB of cells each), three in each config's train split: with several
+    cases per file that file (35 MB) passes pyarrow's 32 MiB coalesced pre-buffer read, so its last row group
+    is read after the first batch (with two cases per file, 23 MB, one read got both and 50 of 50 exited cleanly)."""
+    root = tmp_path_factory.mktemp("streamed")
+    ids = make_large_work(root / "work", n_cases=8, shape_zyx=(40, 256, 256))
+    build_release(root / "work", root / "release", version="1.0.0")
+    return root / "release", ids
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 23 open: the upstream abort at interpreter exit (datasets 7566/7467, "
-                   "arrow 45214) seen in 1 of 16 runs with raw cells, 0 of 85 with gzip cells (this layout); cause not found")
-def test_plain_datasets_streaming_exits_cleanly_50_of_50(large_release, tmp_path):
-    release, ids = large_release
-    _stream_runs(release, ids, tmp_path / "user", 50)
+def test_every_shard_is_one_case_in_one_row_group(streamed_release):
+    """The layout the clean exit rests on: a stream stopped after the first case has nothing left to read
+    ahead in that file (with 3 cases per file, 4 of 6 plain streams from the throttled Hub aborted)."""
+    release, ids = streamed_release
+    groups = list(_row_groups(release))
+    assert sorted(pq.read_table(path, columns=["case_id"])["case_id"][0].as_py() for path, _, _ in groups) == sorted(ids)
+    assert all(pq.read_metadata(path).num_row_groups == 1 for path, _, _ in groups)
+
+
+@pytest.mark.slow
+def test_plain_datasets_streaming_from_the_hub_exits_cleanly_50_of_50(streamed_release, tmp_path):
+    """50 fresh interpreters (5 at a time, each from its own folder, no ``lymphatlas_ds`` import) stream the
+    first case of the release from a mock Hub that sends file bodies at 50 MB/s, then exit. Before (3 cases per
+    shard file): pyarrow was still reading the file's next row groups ahead at exit, and 4 of 6 runs aborted
+    (exit -6, "terminate called without an active exception"); one case per file: none may."""
+    release, ids = streamed_release
+    code = _HUB_STREAM.format(repo="org/lymphatlas", tag="v1.0.0")
+    assert "lymphatlas_ds" not in code
+
+    def one(run: int) -> tuple[int, int | str, str]:
+        cwd = tmp_path / f"user{run}"
+        cwd.mkdir()
+        env = {**_env(cwd), "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_fake"}
+        env.pop("HF_HUB_OFFLINE")
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=240)
+        except subprocess.TimeoutExpired:
+            return run, "hang", ""
+        if proc.returncode == 0 and proc.stdout.split()[-1:] not in [[case_id] for case_id in ids]:
+            return run, "not a case of the release", proc.stdout[-200:]
+        return run, proc.returncode, proc.stderr[-300:]
+
+    with MockHub("org/lymphatlas", files_of(release), tags=["v1.0.0"], bytes_per_second=HUB_BYTES_PER_SECOND) as hub, \
+            ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(one, range(50)))
+    bad = [r for r in results if r[1] != 0]
+    assert not bad, f"{len(bad)} of 50 runs did not exit cleanly: {bad[:3]}"

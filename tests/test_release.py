@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import nibabel as nib
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
 
@@ -315,10 +316,11 @@ def test_cases_written_by_convert_keep_their_float64_affine_and_hash(tmp_path):
     assert read_manifest(tmp_path / "r")["cases"]["LA-OBLIQUE"] == written
 
 
-def test_small_shard_bound_gives_several_shards_that_load_as_one_split(released, tmp_path):
+def test_one_case_per_shard_and_the_shards_load_as_one_split(released, tmp_path):
     root, truth, _ = released
-    summary = build_release(root / "work", tmp_path / "r", version="1.0.0", shard_max_bytes=1)
-    assert all(len(s.case_ids) == 1 for s in summary.shards)  # each case alone: it exceeds the bound
+    summary = build_release(root / "work", tmp_path / "r", version="1.0.0")
+    assert all(len(s.case_ids) == 1 for s in summary.shards)
+    assert all(pq.read_metadata(tmp_path / "r" / s.path).num_row_groups == 1 for s in summary.shards)
     hl_train = [s.path for s in summary.shards if s.path.startswith("data/hl/train-")]
     n = len(hl_train)
     assert hl_train == [f"data/hl/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]

@@ -136,21 +136,21 @@ def _row(case_id: str, rng: np.random.Generator, shape=(5, 6, 7)) -> dict:
     return row, vols
 
 
-def test_shards_are_bounded_one_case_per_row_group_and_load_with_datasets(tmp_path):
+def test_shards_hold_one_case_each_and_load_with_datasets(tmp_path):
     rng = np.random.default_rng(5)
     made = [_row(f"LA-{i}", rng) for i in range(5)]
-    raw_per_case = sum(len(made[0][0][n]["bytes"]) for n in IMAGE_COLUMNS)
-    bound = 2 * raw_per_case + 10  # room for two cases per shard
-    infos = write_shards((r for r, _ in made), tmp_path / "data" / "hl", split="train", release_root=tmp_path, max_bytes=bound)
-    assert [i.path for i in infos] == [f"data/hl/{shard_name('train', k, 3)}" for k in range(3)]
-    assert [i.case_ids for i in infos] == [("LA-0", "LA-1"), ("LA-2", "LA-3"), ("LA-4",)]
+    infos = write_shards((r for r, _ in made), tmp_path / "data" / "hl", split="train", release_root=tmp_path)
+    assert [i.path for i in infos] == [f"data/hl/{shard_name('train', k, 5)}" for k in range(5)]
+    assert [i.case_ids for i in infos] == [(f"LA-{k}",) for k in range(5)]
     assert not list((tmp_path / "data" / "hl").glob(".*"))  # no temporary file left
     for info in infos:
         path = tmp_path / info.path
-        # The bound is on NIfTI bytes; on disk a shard adds only its footer (schema, features: a few KiB).
-        assert info.size == path.stat().st_size < bound + 32 * 1024
+        (row,) = [r for r, _ in made if r["case_id"] in info.case_ids]
+        cells = sum(len(row[n]["bytes"]) for n in IMAGE_COLUMNS)
+        # on disk a shard is its cells plus its footer (schema, features: a few KiB)
+        assert cells < info.size == path.stat().st_size < cells + 32 * 1024
         meta = pq.ParquetFile(path).metadata
-        assert meta.num_row_groups == meta.num_rows == len(info.case_ids)
+        assert meta.num_row_groups == meta.num_rows == len(info.case_ids) == 1
         codecs = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c).compression
                   for c in range(meta.num_columns)}
         # gzip cells stored as they are (the viewer's row-group size is then their size), metadata zstd
@@ -182,11 +182,11 @@ def test_file_cells_are_copied_into_the_shard_and_removed(tmp_path):
             row[name] = {"file": target, "path": path}
             files.append(target)
         made.append((row, vols))
-    (info,) = write_shards([r for r, _ in made], tmp_path / "data" / "hl", split="train", release_root=tmp_path)
-    assert info.case_ids == ("LA-0", "LA-1", "LA-2")
+    infos = write_shards([r for r, _ in made], tmp_path / "data" / "hl", split="train", release_root=tmp_path)
+    assert [info.case_ids for info in infos] == [("LA-0",), ("LA-1",), ("LA-2",)]
     assert not any(f.exists() for f in files)
     assert not list((tmp_path / "data" / "hl").glob(".*"))
-    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / info.path), split="train")
+    ds = datasets.load_dataset("parquet", data_files=[str(tmp_path / info.path) for info in infos], split="train")
     for k, (_, vols) in enumerate(made):
         for name in IMAGE_COLUMNS:
             np.testing.assert_array_equal(np.asanyarray(ds[k][name].dataobj).transpose(2, 1, 0), vols[name])
@@ -209,13 +209,6 @@ def test_a_column_chunk_not_laid_out_as_expected_is_refused(tmp_path, monkeypatc
     with pytest.raises(SchemaError, match="column chunk"):
         write_shards([row], tmp_path / "d", split="train", release_root=tmp_path)
     assert not list((tmp_path / "d").iterdir())
-
-
-def test_a_case_larger_than_the_bound_gets_its_own_shard(tmp_path):
-    rng = np.random.default_rng(6)
-    rows = [_row(f"LA-{i}", rng)[0] for i in range(2)]
-    infos = write_shards(rows, tmp_path / "d", split="test", release_root=tmp_path, max_bytes=10)
-    assert [len(i.case_ids) for i in infos] == [1, 1]
 
 
 def test_empty_split_writes_nothing(tmp_path):

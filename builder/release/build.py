@@ -482,7 +482,6 @@ def build_release(
     previous: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
-    shard_max_bytes: int = schema.SHARD_MAX_BYTES,
     on_case: Callable[[str], None] | None = None,
     workers: int = 2,
     keep_gone: bool = False,
@@ -519,7 +518,7 @@ def build_release(
     with work_lock(work, wait=wait_for_lock), target_lock(release_dir, what="release folder", wait=wait_for_lock):
         try:
             return _build_release(work, release_dir, version=version, previous=previous, seed=seed,
-                                  overwrite=overwrite, shard_max_bytes=shard_max_bytes, on_case=on_case,
+                                  overwrite=overwrite, on_case=on_case,
                                   workers=workers, keep_gone=keep_gone, mirror=mirror, repo_id=repo_id)
         except OSError as e:
             where = e.filename or release_dir
@@ -530,7 +529,7 @@ def build_release(
 
 
 def _build_release(work: Path, release_dir: Path, *, version: str, previous: str | Path | None, seed: int,
-                   overwrite: bool, shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
+                   overwrite: bool, on_case: Callable[[str], None] | None, workers: int,
                    keep_gone: bool, mirror: str | Path | None = None, repo_id: str | None = None) -> ReleaseSummary:
     _check_target(release_dir, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix=".lymphatlas-base-") as scratch:  # a Hub base's metadata
@@ -556,7 +555,7 @@ def _build_release(work: Path, release_dir: Path, *, version: str, previous: str
     try:
         extras: dict[str, CaseExtras] = {}
         rows, hashes, written = _write_data(staging, {c.case_id: c for c in cases}, placements,
-                                            shard_max_bytes=shard_max_bytes, on_case=on_case, workers=workers,
+                                            on_case=on_case, workers=workers,
                                             extras=extras)
         lesion_rows = [r for c in sorted(extras) for r in extras[c].lesion_rows]
         side = {"lesions": lesions_mod.write_lesions(staging, lesion_rows, {r["split"] for r in rows}),
@@ -694,7 +693,7 @@ two copies of a placeholder of its 530 MiB PET cell); before the cells went to f
 
 
 def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str, splits.Placement], *,
-                shard_max_bytes: int, on_case: Callable[[str], None] | None, workers: int,
+                on_case: Callable[[str], None] | None, workers: int,
                 extras: dict[str, CaseExtras] | None = None,
                 memory_budget: int = RELEASE_MEMORY_BUDGET,
                 ) -> tuple[list[dict[str, Any]], dict[str, str], list[shards.ShardInfo]]:
@@ -743,14 +742,14 @@ def _write_data(staging: Path, by_id: dict[str, WorkCase], placements: dict[str,
     cells_dir = staging / ".cells"  # the encoded cells until their shard is written (removed, whatever happens)
     cells_dir.mkdir()
     try:
-        written = _write_configs(staging, placements, rows, shard_rows, shard_max_bytes)
+        written = _write_configs(staging, placements, rows, shard_rows)
     finally:
         shutil.rmtree(cells_dir, ignore_errors=True)
     return rows, hashes, written
 
 
 def _write_configs(staging: Path, placements: dict[str, splits.Placement], rows: list[dict[str, Any]],
-                   shard_rows: Callable[[list[str]], Iterator[dict[str, Any]]], shard_max_bytes: int,
+                   shard_rows: Callable[[list[str]], Iterator[dict[str, Any]]],
                    ) -> list[shards.ShardInfo]:
     """Write the shards of each config and split from ``shard_rows(ids)``; record each row's shard."""
     written: list[shards.ShardInfo] = []
@@ -759,7 +758,7 @@ def _write_configs(staging: Path, placements: dict[str, splits.Placement], rows:
             ids = sorted(c for c, p in placements.items() if p.diagnosis == diagnosis.value and p.split is split)
             before = len(rows)
             infos = shards.write_shards(shard_rows(ids), staging / "data" / diagnosis.config.value, split=split.value,
-                                        release_root=staging, max_bytes=shard_max_bytes)
+                                        release_root=staging)
             for info in infos:
                 for row in rows[before:]:
                     if row["case_id"] in info.case_ids:

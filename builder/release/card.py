@@ -394,7 +394,6 @@ def render_card(
         n_folds=n_folds,
         max_folds=schema.N_FOLDS,
         test_percent=round(100 * schema.TEST_FRACTION),
-        shard_max_mib=schema.SHARD_MAX_BYTES // (1024 * 1024),
         schema_version=schema.SCHEMA_VERSION,
         channels=schema.CHANNELS,
         age_band_years=schema.AGE_BAND_YEARS,

@@ -13,11 +13,16 @@ columns. Choices, measured in ``benchmarks/bench_shards.py``:
   read"): with raw NIfTI cells under parquet zstd a 512x512x250-300 case was one 438-576 MiB row
   group; with gzip cells it is its compressed size (about 0.45x on the synthetic cases, see
   :data:`VIEWER_ROW_GROUP_LIMIT`). Same bytes on disk within a few %, encoded faster than zstd-3;
-- one case per row group, so a reader (or ``streaming=True``) touches one case at a time;
+- one case per shard file, so a file is one row group (:data:`CASES_PER_SHARD`): a plain
+  ``datasets`` stream that stops early (``next(iter(load_dataset(..., streaming=True)))``) then
+  leaves no read in flight when the interpreter exits. ``datasets`` (5.2) scans a whole file with
+  pyarrow's default ``pre_buffer``, which reads the file's later row groups ahead on pyarrow's I/O
+  threads through the Python file object ``datasets`` opened; a read still running at exit needs the
+  GIL during finalization, and the thread is ended under C++ frames: "terminate called without an
+  active exception" (exit 134) or a hang in the I/O pool's shutdown (apache/arrow#45214,
+  huggingface/datasets#7566). With several cases per file, 4 of 6 plain streams from a Hub served at
+  50 MB/s aborted; with one case per file, 0 of 50 (``tests/test_hub_layout.py``);
 - no dictionary encoding and no statistics on the image columns (useless on blobs);
-- a shard holds at most ``schema.SHARD_MAX_BYTES`` of cell bytes, so on disk it is at most that
-  plus its footer (schema and features, a few KiB); a case larger than the bound gets a shard of
-  its own;
 - the cells never pass through pyarrow's writer: it copies a cell twice (its encoder's buffer and
   the page it builds, measured: 2 x 530 MiB for the PET of a 512x512x600 case, the release's peak).
   The writer gets a placeholder of the cell's length that costs no memory (untouched private
@@ -50,11 +55,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lymphatlas_ds.errors import SchemaError
-from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS, SHARD_MAX_BYTES
+from lymphatlas_ds.schema import IMAGE_COLUMNS, METADATA_COLUMNS
 
 from builder.release import provenance
 
 log = logging.getLogger(__name__)
+
+CASES_PER_SHARD = 1
+"""Cases (row groups) in one shard file: with more, an early-stopped plain ``datasets`` stream leaves
+pyarrow reading the next row groups ahead while the interpreter exits (see the module's docstring)."""
 
 ZSTD_LEVEL = 3
 """zstd level of the metadata columns (the image cells are gzip already, stored uncompressed)."""
@@ -95,10 +104,6 @@ def _cell_size(cell: Mapping[str, Any]) -> int:
     if "file" in cell:
         return os.path.getsize(cell["file"])
     return memoryview(cell["bytes"]).nbytes
-
-
-def _row_bytes(row: Mapping[str, Any]) -> int:
-    return sum(_cell_size(row[name]) for name in IMAGE_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -219,15 +224,14 @@ def _fill_cells(path: Path, cells: list[_Cell]) -> None:
 
 
 class _PartialShards:
-    """The shards of one split under hidden temporary names, a new one opened when a row would overfill one."""
+    """The shards of one split under hidden temporary names, a new one opened for each case."""
 
-    def __init__(self, out_dir: Path, split: str, max_bytes: int) -> None:
-        self.out_dir, self.split, self.max_bytes = out_dir, split, max_bytes
+    def __init__(self, out_dir: Path, split: str) -> None:
+        self.out_dir, self.split = out_dir, split
         self.schema = arrow_schema()
         self.temp_paths: list[Path] = []
         self.shard_cases: list[list[str]] = []
         self.writer: pq.ParquetWriter | None = None
-        self.current_bytes = 0
         self.arrow_bytes: list[int] = []  # per shard: bytes of its rows in arrow
         self.max_row_group: list[int] = []  # per shard: the largest row group (parquet total_byte_size)
         self.provenance: dict[str, Any] = {}  # case id -> provenance of the current shard (key-value metadata)
@@ -245,14 +249,12 @@ class _PartialShards:
         return _writer(temp, self.schema)
 
     def add(self, row: Mapping[str, Any]) -> None:
-        """Append one case as a row group, in a new shard if the current one would pass ``max_bytes``."""
+        """Write one case as the row group of a new shard (:data:`CASES_PER_SHARD`)."""
         sizes = {name: _cell_size(row[name]) for name in IMAGE_COLUMNS}
-        size = sum(sizes.values())
-        if self.writer is None or (self.shard_cases[-1] and self.current_bytes + size > self.max_bytes):
+        if self.writer is None or len(self.shard_cases[-1]) >= CASES_PER_SHARD:
             if self.writer is not None:
                 self._finish()
             self.writer = self._open_new()
-            self.current_bytes = 0
         row_group = len(self.shard_cases[-1])
         for name in IMAGE_COLUMNS:
             self.cells.append(self._keep(row[name], row_group, name, sizes[name]))
@@ -265,7 +267,6 @@ class _PartialShards:
         pa.default_memory_pool().release_unused()
         self.shard_cases[-1].append(row["case_id"])
         self.provenance[row["case_id"]] = provenance.shard_entry(row)
-        self.current_bytes += size
 
     def _keep(self, cell: Mapping[str, Any], row_group: int, column: str, size: int) -> _Cell:
         """Where the cell's bytes stay until the shard is closed: its file, or appended to the shard's spill file."""
@@ -339,9 +340,9 @@ def write_shards(
     *,
     split: str,
     release_root: str | Path,
-    max_bytes: int = SHARD_MAX_BYTES,
 ) -> list[ShardInfo]:
-    """Write ``rows`` (one dict per case, in the order given) as ``<split>-i-of-N`` shards in ``out_dir``.
+    """Write ``rows`` (one dict per case, in the order given) as ``<split>-i-of-N`` shards in ``out_dir``,
+    one case per shard.
 
     Rows are consumed one at a time, so only one case is in memory. Files are first written under
     hidden temporary names and renamed once ``N`` is known. With no rows nothing is written
@@ -354,7 +355,7 @@ def write_shards(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = _PartialShards(out_dir, split, max_bytes)
+    shards = _PartialShards(out_dir, split)
     try:
         for row in rows:
             shards.add(row)
