@@ -255,6 +255,15 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     assert again.GetParameters() == found.GetParameters()
 
 
+def test_coarse_pet_iteration_cap_enters_the_settings_record(monkeypatch) -> None:
+    """The coarse path's iteration cap is part of the recipe the settings hash covers: another cap
+    converts every exam again."""
+    before = AlignSettings().to_dict()
+    monkeypatch.setattr(align, "COARSE_MAX_ITERATIONS", align.COARSE_MAX_ITERATIONS + 30)
+    after = AlignSettings().to_dict()
+    assert before != after and {k for k in before if before[k] != after[k]} == {"coarse_pet_max_iterations"}
+
+
 def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
     m = align.transform_matrix(euler((0, 0, 1.0), (4.0, 2.0, -2.0)))
     pet = make_pet(m)

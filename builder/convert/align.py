@@ -196,6 +196,7 @@ class AlignSettings:
             "axial_surface_margin_mm": AXIAL_SURFACE_MARGIN_MM,
             "metric_sampling": "regular",
             "coarse_pet": COARSE_PET_RECIPE,
+            "coarse_pet_max_iterations": COARSE_MAX_ITERATIONS,
             "interpolation": self.interpolation.value,
         }
 
