@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,7 @@ def measure(task: tuple) -> dict:
             norm = np.linalg.norm(err, axis=1)
             row[name] = {"tre_mean_mm": float(norm.mean()), "tre_max_mm": float(norm.max()),
                          "residual_mean_xyz_mm": err.mean(0).round(3).tolist()}
+    row["load"] = round(os.getloadavg()[0], 2)  # the machine's 1-minute load when this exam's runs ended
     for name, runs in times.items():
         row[name].update(cpu_s=float(np.median([c for c, _ in runs])), wall_s=float(np.median([w for _, w in runs])),
                          runs=len(runs))
@@ -247,6 +249,8 @@ def _print_row(row: dict) -> None:
                          f"z{r['residual_mean_xyz_mm'][2]:+.2f} {r['cpu_s']:.1f} s cpu")
     if "old" in row:
         parts.append(f"cpu new/old {row['new']['cpu_s'] / row['old']['cpu_s']:.2f}x")
+    if "load" in row:
+        parts.append(f"load {row['load']:.1f}")
     print(" | ".join(parts), flush=True)
 
 
@@ -274,7 +278,9 @@ def _summary(rows: list[dict]) -> None:
             new_t = np.array([r["new"][key] for r in rows])
             old_t = np.array([r["old"][key] for r in rows])
             ratio = new_t / old_t
-            print(f"time ({key}) per exam: new {new_t.mean():.2f} s, old {old_t.mean():.2f} s, ratio of totals "
+            loads = [r["load"] for r in rows if "load" in r]
+            load = f", load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+            print(f"time ({key}) per exam{load}: new {new_t.mean():.2f} s, old {old_t.mean():.2f} s, ratio of totals "
                   f"{new_t.sum() / old_t.sum():.2f}x, per exam {ratio.min():.2f}-{ratio.max():.2f}x "
                   f"(goal <= {TIME_RATIO_GOAL}x; over it: {int(np.sum(ratio > TIME_RATIO_GOAL))} of {len(ratio)})")
 
@@ -300,7 +306,8 @@ def _table(rows: list[dict]) -> None:
         sel = {g: [r for r in rows if r["grid"] == grid and r["generator"] == g] for g in GENERATORS}
         if not any(sel.values()):
             continue
-        seeds = ", ".join(f"{g} {sel[g][0]['seed']}" for g in GENERATORS if sel[g])
+        seeds = ", ".join(f"{g} " + "/".join(str(x) for x in dict.fromkeys(r["seed"] for r in sel[g]))
+                          for g in GENERATORS if sel[g])
         print(f"\n{grid} (seeds {seeds}; mm, CPU seconds of the registration)\n")
         print("| # | " + " | ".join(f"{g}: {h}" if i == 0 else h for g in GENERATORS
                                     for i, h in enumerate(head.split(" | "))) + " |")

@@ -206,14 +206,17 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     """Issue 20's coarse-PET recipe: an 8 mm PET on the 3 mm metric grid is upsampled once (bounded
     cubic, every axis) and only the last level reads it, with the pyramid smoothed in millimetres; a
     4 mm PET (ratio 1.33, under UPSAMPLE_MIN_RATIO) is never upsampled and its levels smooth in voxels.
+    On the coarse path the last level stops at COARSE_MAX_ITERATIONS (50), the others at the settings'
+    200; the 4 mm path keeps 200 at every level.
     Either way the known misalignment is recovered and the result is the same run to run."""
     m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
     n = int(round(336 / pet_mm))
     pet = make_pet(m, size=(n, int(round(240 / pet_mm)), int(round(320 / pet_mm))), spacing=(pet_mm,) * 3)
     fixed, moving, mask = align._registration_images(ct, pet, body_image(ct), align.REGISTRATION_SPACING_MM)
-    upsampled, executed, physical = [], [], []
+    upsampled, executed, physical, optimiser = [], [], [], []
     real_upsample, real_execute = align.upsample_cubic2, sitk.ImageRegistrationMethod.Execute
     real_units = sitk.ImageRegistrationMethod.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn
+    real_optimiser = sitk.ImageRegistrationMethod.SetOptimizerAsRegularStepGradientDescent
 
     def spy_upsample(image, axes, **kwargs):
         upsampled.append(tuple(axes))
@@ -227,9 +230,14 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         physical.append(True)
         return real_units(self)
 
+    def spy_optimiser(self, **kwargs):
+        optimiser.append((kwargs["numberOfIterations"], kwargs["relaxationFactor"]))
+        return real_optimiser(self, **kwargs)
+
     monkeypatch.setattr(align, "upsample_cubic2", spy_upsample)
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", spy_execute)
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "SmoothingSigmasAreSpecifiedInPhysicalUnitsOn", spy_units)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetOptimizerAsRegularStepGradientDescent", spy_optimiser)
     found = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
     levels = len(AlignSettings().shrink_factors)
     native, half = (pet_mm,) * 3, (pet_mm / 2,) * 3
@@ -237,12 +245,23 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert upsampled == [(True, True, True)]
         assert executed == [native] * (levels - 1) + [half]
         assert physical == [True] * levels
+        assert optimiser == [(200, 0.5)] * (levels - 1) + [(50, 0.5)]
     else:
         assert upsampled == [] and executed == [native] * levels and physical == []
+        assert optimiser == [(200, 0.5)] * levels
     errors = _node_errors(found, m)
     assert errors.mean() < 0.6, errors
     again = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
     assert again.GetParameters() == found.GetParameters()
+
+
+def test_coarse_pet_iteration_cap_enters_the_settings_record(monkeypatch) -> None:
+    """The coarse path's iteration cap is part of the recipe the settings hash covers: another cap
+    converts every exam again."""
+    before = AlignSettings().to_dict()
+    monkeypatch.setattr(align, "COARSE_MAX_ITERATIONS", align.COARSE_MAX_ITERATIONS + 30)
+    after = AlignSettings().to_dict()
+    assert before != after and {k for k in before if before[k] != after[k]} == {"coarse_pet_max_iterations"}
 
 
 def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
