@@ -270,7 +270,7 @@ def streamed_release(tmp_path_factory):
 @pytest.mark.slow
 def test_every_shard_is_one_case_in_one_row_group(streamed_release):
     """The layout the clean exit rests on: a stream stopped after the first case has nothing left to read
-    ahead in that file (with 3 cases per file, 4 of 6 plain streams from the throttled Hub aborted)."""
+    ahead in that file (with 3 cases per file, 39 of 50 plain streams from the throttled Hub aborted)."""
     release, ids = streamed_release
     groups = list(_row_groups(release))
     assert sorted(pq.read_table(path, columns=["case_id"])["case_id"][0].as_py() for path, _, _ in groups) == sorted(ids)
@@ -281,8 +281,8 @@ def test_every_shard_is_one_case_in_one_row_group(streamed_release):
 def test_plain_datasets_streaming_from_the_hub_exits_cleanly_50_of_50(streamed_release, tmp_path):
     """50 fresh interpreters (5 at a time, each from its own folder, no ``lymphatlas_ds`` import) stream the
     first case of the release from a mock Hub that sends file bodies at 50 MB/s, then exit. Before (3 cases per
-    shard file): pyarrow was still reading the file's next row groups ahead at exit, and 4 of 6 runs aborted
-    (exit -6, "terminate called without an active exception"); one case per file: none may."""
+    shard file, CASES_PER_SHARD = 3): pyarrow was still reading the file's next row groups ahead at exit, and 39
+    of 50 runs aborted (exit -6, "terminate called without an active exception"); one case per file: 0 of 50."""
     release, ids = streamed_release
     code = _HUB_STREAM.format(repo="org/lymphatlas", tag="v1.0.0")
     assert "lymphatlas_ds" not in code

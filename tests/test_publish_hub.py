@@ -18,8 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.support.mock_hub import MockHub, files_of
 from tests.support.releases import build_fake_release
 
@@ -57,7 +55,6 @@ def _publish(release: Path, mirror: Path, cwd: Path, hub: MockHub, token: str = 
                           timeout=600)
 
 
-@pytest.mark.slow
 def test_publish_to_the_hub_as_typed_then_datasets_reads_each_tag_back(tmp_path):
     """Two versions published to an empty repo: each tag serves exactly the mirror's files of its version
     (stale files of 1.0.0 deleted in 1.1.0's commit) and plain ``datasets`` reads the generator's cases there."""

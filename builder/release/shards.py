@@ -20,7 +20,7 @@ columns. Choices, measured in ``benchmarks/bench_shards.py``:
   threads through the Python file object ``datasets`` opened; a read still running at exit needs the
   GIL during finalization, and the thread is ended under C++ frames: "terminate called without an
   active exception" (exit 134) or a hang in the I/O pool's shutdown (apache/arrow#45214,
-  huggingface/datasets#7566). With several cases per file, 4 of 6 plain streams from a Hub served at
+  huggingface/datasets#7566). With three cases per file, 39 of 50 plain streams from a Hub served at
   50 MB/s aborted; with one case per file, 0 of 50 (``tests/test_hub_layout.py``);
 - no dictionary encoding and no statistics on the image columns (useless on blobs);
 - the cells never pass through pyarrow's writer: it copies a cell twice (its encoder's buffer and
