@@ -166,8 +166,8 @@ def test_preview_images_show_the_lesions_in_red_where_the_label_projects(fake) -
     import pyarrow.parquet as pq
     from PIL import Image
 
-    for rel in ("preview/train-00000-of-00001.parquet", "preview/test-00000-of-00001.parquet"):
-        for row in pq.read_table(fake.path / rel).to_pylist():
+    for rel in sorted((fake.path / "preview").glob("*.parquet")):
+        for row in pq.read_table(rel).to_pylist():
             rgb = np.asarray(Image.open(io.BytesIO(row["mip"]["bytes"])).convert("RGB")).astype(int)
             red = (rgb[..., 0] > 180) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
             has_lesion = bool(fake.truth[row["case_id"]].label.any())
@@ -189,6 +189,9 @@ def test_preview_row_groups_stay_under_the_viewer_limit(fake) -> None:
         meta = pq.ParquetFile(f).metadata
         for i in range(meta.num_row_groups):
             assert meta.row_group(i).total_byte_size < VIEWER_ROW_GROUP_LIMIT
+    # one row group per file in every config (no read-ahead left in flight by a stream stopped early)
+    for f in sorted(fake.path.glob("*/**/*.parquet")):
+        assert pq.ParquetFile(f).metadata.num_row_groups == 1, f.relative_to(fake.path)
     card = (fake.path / "README.md").read_text()
     assert "config_name: preview" in card and "config_name: lesions" in card
     gallery = sorted((fake.path / "preview" / "gallery").glob("*.png"))

@@ -241,3 +241,23 @@ def test_a_stale_affine_extension_loses_to_an_edited_sform():
     image.set_sform(moved, code=1)
     _, affine = codec.decode_volume(image.to_bytes())
     np.testing.assert_allclose(affine, moved, atol=1e-4)
+
+
+def test_side_config_tables_are_written_one_row_group_per_file(tmp_path):
+    """write_table_files (the lesions and preview configs): 5 rows at 2 per file are 3 files of one row
+    group each, named as the Hub's shards, that plain ``datasets`` reads back in order; an empty table is
+    one empty file (datasets resolves a split only from a file); no temporary file stays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from builder.release.shards import write_table_files
+
+    table = pa.table({"case_id": [f"LA-{i}" for i in range(5)], "v": [float(i) for i in range(5)]})
+    paths = write_table_files(table, tmp_path / "lesions", "train", 2)
+    assert [p.name for p in paths] == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert [pq.ParquetFile(p).metadata.num_row_groups for p in paths] == [1, 1, 1]
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "lesions" / "train-*.parquet"), split="train")
+    assert ds["case_id"] == table.column("case_id").to_pylist()
+    (empty,) = write_table_files(table.slice(0, 0), tmp_path / "empty", "test", 2)
+    assert empty.name == "test-00000-of-00001.parquet" and pq.read_table(empty).num_rows == 0
+    assert not list(tmp_path.rglob(".*"))

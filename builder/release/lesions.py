@@ -1,4 +1,4 @@
-"""The release's ``lesions`` config: one row per lesion (``lesions/<split>-00000-of-00001.parquet``).
+"""The release's ``lesions`` config: one row per lesion (``lesions/<split>-*.parquet``, one row group per file).
 
 Each row joins a case's metadata (case_id, subject_id, diagnosis, split, fold) with one item of its
 case.json "lesions" block, as convert computed it (:mod:`builder.convert.lesions`): nothing is
@@ -21,14 +21,14 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from builder.release.shards import _feature
+from builder.release.shards import _feature, write_table_files
 from lymphatlas_ds.lesions import instance_sizes, label_instances
 from lymphatlas_ds.schema import LESION_COLUMNS, LESIONS_CONFIG, Split
 
 ROW_GROUP_ROWS = 10_000
-"""Rows per row group: a lesion row is ~200 bytes, far under the Hub viewer's limit."""
+"""Rows per file, one row group each (:func:`builder.release.shards.write_table_files`): a lesion row is
+~200 bytes, far under the Hub viewer's limit."""
 _META = ("case_id", "subject_id", "diagnosis", "split", "fold")
 
 
@@ -74,11 +74,6 @@ def lesion_rows(info: Mapping[str, Any], meta: Mapping[str, Any]) -> list[dict[s
     return rows
 
 
-def shard_path(split: Split | str) -> str:
-    """``lesions/<split>-00000-of-00001.parquet``: one file per split (a lesion table is small)."""
-    return f"{LESIONS_CONFIG}/{Split(split).value}-00000-of-00001.parquet"
-
-
 def write_lesions(staging: Path, rows: Sequence[Mapping[str, Any]], splits: Iterable[str]) -> list[str]:
     """Write the lesions config of a release: one file per split in ``splits`` (the splits that hold a
     case; a split whose cases have no lesion gets an empty table); rows sorted by case then lesion
@@ -90,15 +85,10 @@ def write_lesions(staging: Path, rows: Sequence[Mapping[str, Any]], splits: Iter
         if split.value not in present:
             continue
         mine = sorted((r for r in rows if r["split"] == split.value), key=lambda r: (r["case_id"], r["lesion_id"]))
-        rel = shard_path(split)
         table = pa.Table.from_pylist([{k: r[k] for k in LESION_COLUMNS} for r in mine], schema=schema)
-        path = staging / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd")
-        tmp.replace(path)
-        written.append(rel)
+        paths = write_table_files(table, staging / LESIONS_CONFIG, split.value, ROW_GROUP_ROWS)
+        written += [p.relative_to(staging).as_posix() for p in paths]
     return written
 
 
-__all__ = ["arrow_schema", "features", "check_items", "lesion_rows", "shard_path", "write_lesions"]
+__all__ = ["arrow_schema", "features", "check_items", "lesion_rows", "write_lesions"]

@@ -23,14 +23,14 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from builder.release.shards import _feature
+from builder.release.shards import _feature, write_table_files
 from lymphatlas_ds.schema import (METADATA_COLUMNS, PREVIEW_COLUMNS, PREVIEW_CONFIG, PREVIEW_GALLERY_DIR,
                                   PREVIEW_IMAGE_COLUMNS, Split)
 
 ROW_GROUP_ROWS = 64
-"""Cases per row group: at ~100 kB per row, a few MiB per group (the viewer's limit is 286 MiB)."""
+"""Cases per file, one row group each (:func:`builder.release.shards.write_table_files`): at ~100 kB per row,
+a few MiB per group (the viewer's limit is 286 MiB)."""
 VIEWER_ROW_GROUP_LIMIT = 286 * 1024 * 1024
 """The Hub dataset viewer's largest row group (uncompressed bytes) it will show."""
 GALLERY_SIZE = 6
@@ -48,11 +48,6 @@ def image_cells(case_id: str, images: Mapping[str, bytes]) -> dict[str, dict[str
     """The Image cells of one case from its PNGs (:func:`lymphatlas_ds.figures.preview_images` or
     :meth:`lymphatlas_ds.figures.PreviewDrawing.images`)."""
     return {name: {"bytes": images[name], "path": f"{case_id}_{name}.png"} for name in PREVIEW_IMAGE_COLUMNS}
-
-
-def shard_path(split: Split | str) -> str:
-    """``preview/<split>-00000-of-00001.parquet``."""
-    return f"{PREVIEW_CONFIG}/{Split(split).value}-00000-of-00001.parquet"
 
 
 def gallery_cases(rows: Sequence[Mapping[str, Any]], n: int = GALLERY_SIZE) -> list[str]:
@@ -86,10 +81,8 @@ def write_preview(staging: Path, rows: Iterable[Mapping[str, Any]], cells: Mappi
             continue
         table = pa.Table.from_pylist([{**{k: r[k] for k in PREVIEW_COLUMNS}, **cells[r["case_id"]]} for r in mine],
                                      schema=schema)
-        rel = shard_path(split)
-        _write(staging / rel, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS,
-                                                         compression="zstd", write_page_index=False))
-        written.append(rel)
+        paths = write_table_files(table, staging / PREVIEW_CONFIG, split.value, ROW_GROUP_ROWS)
+        written += [p.relative_to(staging).as_posix() for p in paths]
     for case_id in gallery_cases(rows):
         rel = gallery_path(case_id)
         data = cells[case_id]["mip"]["bytes"]
@@ -106,4 +99,4 @@ def _write(path: Path, write) -> None:
 
 
 __all__ = ["GALLERY_SIZE", "ROW_GROUP_ROWS", "VIEWER_ROW_GROUP_LIMIT", "features", "gallery_cases", "gallery_path",
-           "image_cells", "shard_path", "write_preview"]
+           "image_cells", "write_preview"]

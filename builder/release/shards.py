@@ -99,6 +99,26 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
+def write_table_files(table: pa.Table, folder: Path, split: str, rows_per_file: int) -> list[Path]:
+    """Write ``table`` as ``folder/<split>-0000i-of-0000N.parquet``, each file one row group of at most
+    ``rows_per_file`` rows (an empty table: one empty file), zstd, each file under a temporary name
+    until complete; return the paths written.
+
+    One row group per file, as for the cases' shards: a plain ``datasets`` stream that stops early
+    leaves no read-ahead of a file's later row groups in flight at exit (see the module's docstring)."""
+    count = max(1, -(-table.num_rows // rows_per_file))
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(count):
+        part = table.slice(index * rows_per_file, rows_per_file)
+        path = folder / shard_name(split, index, count)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(part, tmp, row_group_size=max(1, part.num_rows), compression="zstd", write_page_index=False)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
 def _cell_size(cell: Mapping[str, Any]) -> int:
     """Bytes of a cell: its ``bytes``, or its ``file``'s size."""
     if "file" in cell:
