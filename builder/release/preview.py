@@ -25,6 +25,7 @@ import datasets
 import pyarrow as pa
 
 from builder.release.shards import _feature, write_table_files
+from lymphatlas_ds._io import write_atomic
 from lymphatlas_ds.schema import (METADATA_COLUMNS, PREVIEW_COLUMNS, PREVIEW_CONFIG, PREVIEW_GALLERY_DIR,
                                   PREVIEW_IMAGE_COLUMNS, Split)
 
@@ -85,17 +86,9 @@ def write_preview(staging: Path, rows: Iterable[Mapping[str, Any]], cells: Mappi
         written += [p.relative_to(staging).as_posix() for p in paths]
     for case_id in gallery_cases(rows):
         rel = gallery_path(case_id)
-        data = cells[case_id]["mip"]["bytes"]
-        _write(staging / rel, lambda tmp: tmp.write_bytes(data))
+        write_atomic(staging / rel, cells[case_id]["mip"]["bytes"])
         written.append(rel)
     return written
-
-
-def _write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 __all__ = ["GALLERY_SIZE", "ROW_GROUP_ROWS", "VIEWER_ROW_GROUP_LIMIT", "features", "gallery_cases", "gallery_path",
