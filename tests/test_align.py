@@ -207,7 +207,8 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     cubic, every axis) and only the last level reads it, with the pyramid smoothed in millimetres; a
     4 mm PET (ratio 1.33, under UPSAMPLE_MIN_RATIO) is never upsampled and its levels smooth in voxels.
     On the coarse path the last level stops at COARSE_MAX_ITERATIONS (50), the others at the settings'
-    200; the 4 mm path keeps 200 at every level.
+    200; the 4 mm path keeps 200 at every level and runs its last level a second time from the first's
+    result, with a RESTART_STEP_MM first step (LAST_LEVEL_PASSES).
     Either way the known misalignment is recovered and the result is the same run to run."""
     m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
     n = int(round(336 / pet_mm))
@@ -231,7 +232,7 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         return real_units(self)
 
     def spy_optimiser(self, **kwargs):
-        optimiser.append((kwargs["numberOfIterations"], kwargs["relaxationFactor"]))
+        optimiser.append((kwargs["learningRate"], kwargs["numberOfIterations"], kwargs["relaxationFactor"]))
         return real_optimiser(self, **kwargs)
 
     monkeypatch.setattr(align, "upsample_cubic2", spy_upsample)
@@ -245,10 +246,11 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert upsampled == [(True, True, True)]
         assert executed == [native] * (levels - 1) + [half]
         assert physical == [True] * levels
-        assert optimiser == [(200, 0.5)] * (levels - 1) + [(50, 0.5)]
+        assert optimiser == [(2.0, 200, 0.5)] * (levels - 1) + [(2.0, 50, 0.5)]
     else:
-        assert upsampled == [] and executed == [native] * levels and physical == []
-        assert optimiser == [(200, 0.5)] * levels
+        # the last level twice: the second pass from the first's result with a smaller first step
+        assert upsampled == [] and executed == [native] * (levels + 1) and physical == []
+        assert optimiser == [(2.0, 200, 0.5)] * levels + [(align.RESTART_STEP_MM, 200, 0.5)]
     errors = _node_errors(found, m)
     assert errors.mean() < 0.6, errors
     again = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
@@ -262,6 +264,31 @@ def test_coarse_pet_iteration_cap_enters_the_settings_record(monkeypatch) -> Non
     monkeypatch.setattr(align, "COARSE_MAX_ITERATIONS", align.COARSE_MAX_ITERATIONS + 30)
     after = AlignSettings().to_dict()
     assert before != after and {k for k in before if before[k] != after[k]} == {"coarse_pet_max_iterations"}
+
+
+@pytest.mark.parametrize("name,key", [("LAST_LEVEL_PASSES", "last_level_passes"), ("RESTART_STEP_MM", "restart_step_mm")])
+def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
+    """The last level's second pass is part of the recipe the settings hash covers."""
+    before = AlignSettings().to_dict()
+    monkeypatch.setattr(align, name, getattr(align, name) * 2)
+    after = AlignSettings().to_dict()
+    assert {k for k in before if before[k] != after[k]} == {key}
+
+
+@pytest.mark.parametrize("order", ["truth-first", "truth-second"])
+def test_last_level_keeps_the_pass_with_the_lower_full_metric(ct, order) -> None:
+    """Of the last level's two passes, the one nearer the truth (lower Mattes MI over every voxel of the
+    region) is kept, whichever pass found it; a 0.5 degree rotation about z and 0.5 mm along z
+    (what the first pass was seen to stop short by) is told apart."""
+    m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
+    pet = make_pet(m)
+    fixed, moving, mask = align._registration_images(ct, pet, body_image(ct), align.REGISTRATION_SPACING_MM)
+    truth = euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0))
+    off = euler((1.0, -1.0, 2.0), (5.0, -3.0, 4.5))
+    region = align._overlap_mask(fixed, mask, moving, [truth], align.FOV_MARGIN_MM)
+    pair = (truth, off) if order == "truth-first" else (off, truth)
+    kept = align._lower_metric(AlignSettings(), fixed, moving, region, *pair)
+    assert kept is pair[0 if order == "truth-first" else 1]
 
 
 def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:
