@@ -822,17 +822,12 @@ def _lower_metric(
     settings: AlignSettings, fixed: sitk.Image, moving: sitk.Image, region: sitk.Image | None,
     first: sitk.Euler3DTransform, second: sitk.Euler3DTransform,
 ) -> sitk.Euler3DTransform:
-    """Of the last level's two passes, the one with the lower metric over every voxel of ``region`` (the
-    optimised metric's bins, full resolution), ``first`` on a tie: the optimiser reads its metric from a
-    sample grid, whose noise can leave the second pass in a nearby worse optimum (see LAST_LEVEL_PASSES)."""
-    r = _method(settings, region, n_voxels=_n_sampled(fixed, region), shrink_factors=(1,))
-    r.SetMetricSamplingPercentage(1.0)
-    r.SetShrinkFactorsPerLevel([1])
-    r.SetSmoothingSigmasPerLevel([0])
-    values = []
-    for t in (first, second):
-        r.SetInitialTransform(t, inPlace=False)
-        values.append(float(r.MetricEvaluate(fixed, moving)))
+    """Of the last level's two passes, the one with the lower keep-or-reject metric (:func:`_evaluator`:
+    every voxel of ``region``, on a 2x coarser grid once large), ``first`` on a tie: the optimiser reads
+    its metric from a grid of samples, whose noise can leave the second pass in a nearby worse optimum
+    (see LAST_LEVEL_PASSES)."""
+    evaluate = _evaluator(settings, fixed, moving, region)
+    values = [evaluate(first), evaluate(second)]
     logger.debug("last level: metric %.6f after the first pass, %.6f after the second", *values)
     return second if values[1] < values[0] else first
 
