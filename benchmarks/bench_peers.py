@@ -5,7 +5,9 @@ Builds a fake WORK of full-size cases (``--patients 3``: 4 cases of CT 250 x 512
 and its release, then for each loader measures the same 128^3 CT+PET+label patches of the
 release's train split (a third foreground-centred where the loader can, batch size 2):
 
-- **project**: ``load_lymphatlas(patch_size=128)``, its decoded cache built by ``prepare()``;
+- **project**: ``load_lymphatlas(patch_size=128)``, its decoded cache built by ``prepare()``, in a
+  ``DataLoader(collate_fn=lymphatlas_ds.loader.collate)`` (the patches decompressed into the batch);
+  **project_default**: the same with torch's default collate (``torch.stack`` of the items);
 - **nnU-Net**: ``lymphatlas materialize --nnunet``, ``nnUNetv2_plan_and_preprocess -c 3d_fullres``,
   then nnU-Net's own ``nnUNetDataLoader`` on the preprocessed blosc2 files (2 workers: its
   ``NonDetMultiThreadedAugmenter``, as its trainer runs it; no augmentation anywhere);
@@ -18,7 +20,7 @@ release's train split (a third foreground-centred where the loader can, batch si
 Columns: one-time preparation (what runs once per release: cache build, materialize + plan and
 preprocess, materialize); epoch 0 (the first epoch in a fresh process, after the imports:
 opening, lazy caching, CacheDataset's loading); steady patches/s in one process and with 2
-workers (after the first batch); the first patch in a fresh process (after the imports); the
+workers (after the first batch, at least ``--steady-s`` seconds of batches); the first patch in a fresh process (after the imports); the
 peak RSS of that one-process run; the bytes the loader reads in training. Each peer's line also gives
 ``cpu_ms1``, the one-process run's CPU time per patch (all its threads). Every process is a
 fresh ``python``, the loaders run one after another, and the load average is printed with each.
@@ -47,9 +49,10 @@ sys.path.insert(0, str(ROOT))
 
 from lymphatlas_ds._io import peak_rss_bytes  # noqa: E402
 
-PEERS = ("project", "nnunet", "monai_persistent", "monai_cache", "torchio")
+PEERS = ("project", "project_default", "nnunet", "monai_persistent", "monai_cache", "torchio")
 TITLES = {
-    "project": "LymphAtlas `load_lymphatlas` (decoded cache)",
+    "project": "LymphAtlas `load_lymphatlas` + `collate` (decoded cache)",
+    "project_default": "LymphAtlas `load_lymphatlas`, torch's default collate",
     "nnunet": "nnU-Net `nnUNetDataLoader` (preprocessed)",
     "monai_persistent": "MONAI `PersistentDataset`",
     "monai_cache": "MONAI `CacheDataset`",
@@ -89,12 +92,15 @@ def prepare(peer: str, work: Path, timings: dict[str, float]) -> dict:
 
     release = Release(work / "release")
     t = time.perf_counter()
-    if peer == "project":
+    if peer in ("project", "project_default"):
         from lymphatlas_ds.loader import load_lymphatlas
 
+        if "project_prep" in timings:  # the other project row: the same cache
+            return {"prep_s": timings["project_prep"], "disk": dir_size(work / "cache" / "1.0.0")}
         shutil.rmtree(work / "cache", ignore_errors=True)
         load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=8, progress=False).prepare()
-        return {"prep_s": time.perf_counter() - t, "disk": dir_size(work / "cache" / "1.0.0")}
+        timings["project_prep"] = time.perf_counter() - t
+        return {"prep_s": timings["project_prep"], "disk": dir_size(work / "cache" / "1.0.0")}
     if peer == "nnunet":
         from lymphatlas_ds.nnunet import materialize_nnunet
 
@@ -138,11 +144,12 @@ def _project_batches(peer: str, work: Path, *, workers: int, size: tuple[int, in
     """Batches of the project's load_lymphatlas patches (see :func:`batches`)."""
     from torch.utils.data import DataLoader
 
-    from lymphatlas_ds.loader import load_lymphatlas
+    from lymphatlas_ds.loader import collate, load_lymphatlas
 
     ds = load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=size, samples_per_case=samples,
                          progress=False)
-    loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                        collate_fn=collate if peer == "project" else None)
     epoch = 0
     while True:
         ds.set_epoch(epoch)
@@ -220,7 +227,7 @@ def _torchio_batches(peer: str, work: Path, *, workers: int, size: tuple[int, in
 def batches(peer: str, work: Path, *, workers: int, patch: int, samples: int):
     """An endless stream of batches of ``peer`` (dicts with an ``image``/``data`` tensor)."""
     size = (patch,) * 3
-    if peer == "project":
+    if peer in ("project", "project_default"):
         return _project_batches(peer, work, workers=workers, size=size, samples=samples)
     if peer == "nnunet":
         return _nnunet_batches(peer, work, workers=workers, size=size, samples=samples)
@@ -246,7 +253,7 @@ def _count(batch) -> int:
     return n
 
 
-def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_cases: int) -> dict:
+def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_cases: int, steady_s: float) -> dict:
     """In a fresh process: the first patch, epoch 0 and a steady epoch; with ``workers``, only the steady epoch."""
     import torch  # noqa: F401 - imported before the clock starts, as every peer needs it
 
@@ -259,7 +266,7 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
         got += _count(next(stream))
     epoch0 = time.perf_counter() - t
     t, cpu, got = time.perf_counter(), time.process_time(), 0
-    while got < per_epoch:
+    while got < per_epoch or time.perf_counter() - t < steady_s:
         got += _count(next(stream))
     rate = got / (time.perf_counter() - t)
     # CPU time of this process (all its threads) per patch: less sensitive to the machine's load than the
@@ -277,9 +284,27 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
     os._exit(0)
 
 
+def scaling(work: Path, *, patch: int, samples: int, repeats: int) -> None:
+    """The project's patches through ``DataLoader(num_workers=k)``, k = 0, 1, 2, the recommended ``collate``
+    and torch's default one, in turns in this one process (``bench_loader.worker_scaling``: persistent workers,
+    each steady epoch timed whole, ratios to the same repeat's ``num_workers=0``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_loader import worker_scaling
+
+    from lymphatlas_ds.loader import collate, load_lymphatlas
+
+    ds = load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=(patch,) * 3,
+                         samples_per_case=2 * samples, progress=False)
+    ds.prepare()
+    for name, fn in (("collate", collate), ("default collate", None)):
+        print(f"project, {name}: ", end="", flush=True)
+        worker_scaling(ds, workers=(0, 1, 2), repeats=repeats, collate_fn=fn, persistent=True)
+
+
 def run_probe(peer: str, work: Path, args, n_cases: int, *, workers: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", peer, "--work", str(work), "--workers", str(workers),
-           "--patch", str(args.patch), "--samples", str(args.samples), "--cases", str(n_cases)]
+           "--patch", str(args.patch), "--samples", str(args.samples), "--cases", str(n_cases),
+           "--steady-s", str(args.steady_s)]
     proc = subprocess.run(cmd, env=_env(work), capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -316,7 +341,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder, keep it and reuse its release")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per probe process")
-    parser.add_argument("--probe", choices=PEERS, help=argparse.SUPPRESS)
+    parser.add_argument("--steady-s", type=float, default=3.0,
+                        help="the steady rate counts at least this many seconds of batches (and one epoch)")
+    parser.add_argument("--scaling", type=int, default=5, metavar="REPEATS",
+                        help="then the project's DataLoader at 0, 1, 2 workers in turns in one process, each "
+                             "path REPEATS epochs (0: skip)")
+    parser.add_argument("--probe", choices=(*PEERS, "scaling"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--patch", type=int, default=None, help=argparse.SUPPRESS)
@@ -337,7 +367,11 @@ def _print_sizes(rows: dict[str, dict], timings: dict[str, float], release_bytes
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.probe:
-        probe(args.probe, args.work, workers=args.workers, patch=args.patch, samples=args.samples, n_cases=args.cases)
+        if args.probe == "scaling":
+            scaling(args.work, patch=args.patch, samples=args.samples, repeats=args.workers)
+        else:
+            probe(args.probe, args.work, workers=args.workers, patch=args.patch, samples=args.samples,
+                  n_cases=args.cases, steady_s=args.steady_s)
         return 0
     size = QUICK if args.quick else FULL
     args.patch = args.patch or size["patch"]
@@ -379,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
             rows[peer] = row
             print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} "
                   f"(load {one['load']:.1f} / {two['load']:.1f})", flush=True)
+        if args.scaling and "project" in peers:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "scaling", "--work", str(work),
+                   "--workers", str(args.scaling), "--patch", str(args.patch), "--samples", str(args.samples)]
+            proc = subprocess.run(cmd, env=_env(work), capture_output=True, text=True, timeout=args.timeout)
+            print(proc.stdout.strip() or f"scaling failed: {proc.stderr[-2000:]}", flush=True)
+            if proc.returncode:
+                failed.append("scaling")
         print()
         print(table(rows, args.patch))
         print()
