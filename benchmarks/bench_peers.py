@@ -29,6 +29,7 @@ fresh ``python``, the loaders run one after another, and the load average is pri
     python benchmarks/bench_peers.py --patients 9          # 12 cases (every third patient has 2 exams)
     python benchmarks/bench_peers.py --quick               # small cases, 32^3 patches: a check that it runs
     python benchmarks/bench_peers.py --keep /tmp/peers     # keep (and reuse) the generated data
+    python benchmarks/bench_peers.py --peers project,nnunet --rounds 3   # in turns, 3 rounds, medians
 """
 
 from __future__ import annotations
@@ -341,6 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder, keep it and reuse its release")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per probe process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="probe every peer this many times, in turns (after preparing them all); medians")
     parser.add_argument("--steady-s", type=float, default=3.0,
                         help="the steady rate counts at least this many seconds of batches (and one epoch)")
     parser.add_argument("--scaling", type=int, default=5, metavar="REPEATS",
@@ -353,6 +356,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cases", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _median(runs: list[dict], key: str) -> float:
+    import statistics
+
+    return float(statistics.median(r[key] for r in runs))
 
 
 def _print_sizes(rows: dict[str, dict], timings: dict[str, float], release_bytes: int) -> None:
@@ -397,22 +406,40 @@ def main(argv: list[str] | None = None) -> int:
         timings: dict[str, float] = {}
         rows: dict[str, dict] = {}
         failed: list[str] = []
+        preps = {peer: prepare(peer, work, timings) for peer in peers} if args.rounds > 1 else {}
+        runs: dict[str, list[tuple[dict, dict]]] = {peer: [] for peer in peers}
+        for r in range(args.rounds):
+            # In turns, every other round backwards: each peer meets the machine's load as the others do.
+            for peer in peers if r % 2 == 0 else peers[::-1]:
+                if peer in failed:
+                    continue
+                if peer not in preps:
+                    preps[peer] = prepare(peer, work, timings)
+                try:
+                    one = run_probe(peer, work, args, n_cases, workers=0)
+                    two = run_probe(peer, work, args, n_cases, workers=2)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails is reported, not fatal
+                    print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
+                    failed.append(peer)
+                    continue
+                runs[peer].append((one, two))
+                if args.rounds > 1:
+                    print(f"round {r + 1} {peer}: one process {one['rate']:.1f}/s (CPU {one['cpu_ms']:.1f} ms/patch, "
+                          f"load {one['load']:.1f}), 2 workers {two['rate']:.1f}/s (load {two['load']:.1f})", flush=True)
         for peer in peers:
-            row = prepare(peer, work, timings)
-            try:
-                one = run_probe(peer, work, args, n_cases, workers=0)
-                two = run_probe(peer, work, args, n_cases, workers=2)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails here is reported, not fatal
-                print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
-                failed.append(peer)
+            if not runs[peer] or peer in failed:
                 continue
-            row.update(first_s=one["first_s"], epoch0_s=one["epoch0_s"], rate1=one["rate"], rss=one["rss"],
-                       rate2=two["rate"], cpu_ms1=one["cpu_ms"])
+            ones, twos = [o for o, _ in runs[peer]], [t for _, t in runs[peer]]
+            row = dict(preps[peer])
+            row.update(first_s=_median(ones, "first_s"), epoch0_s=_median(ones, "epoch0_s"),
+                       rate1=_median(ones, "rate"), rss=max(o["rss"] for o in ones), rate2=_median(twos, "rate"),
+                       cpu_ms1=_median(ones, "cpu_ms"))
             if peer == "monai_persistent":
                 row["disk"] = dir_size(work / "monai_persistent")
             rows[peer] = row
-            print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} "
-                  f"(load {one['load']:.1f} / {two['load']:.1f})", flush=True)
+            loads = "; ".join(f"{o['load']:.1f} / {t['load']:.1f}" for o, t in runs[peer])
+            print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} (load {loads})"
+                  + (f" (medians of {len(ones)} rounds; peak RSS the largest)" if len(ones) > 1 else ""), flush=True)
         if args.scaling and "project" in peers:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "scaling", "--work", str(work),
                    "--workers", str(args.scaling), "--patch", str(args.patch), "--samples", str(args.samples)]
