@@ -145,12 +145,35 @@ def test_the_main_process_gives_a_buffer_back_when_its_last_view_is_freed():
     assert type(batch) is dict and list(batch) == ["image", "case_id", "label", "affine"]
     assert isinstance(batch["affine"], torch.Tensor) and batch["affine"].dtype == torch.float64
     view = batch["image"][1]
+    shares = batch["image"].detach()  # the same memory without a reference to the batch's tensor
     del batch
     gc.collect()
     assert lent.tolist() == [1, 0]  # the label is freed, the image still viewed
     del view
     gc.collect()
+    assert lent.tolist() == [1, 0]  # still shared
+    del shares
+    gc.collect()
     assert lent.tolist() == [0, 0]
+
+
+def _probe_collate(batch):
+    """collate, and what the worker that ran it saw: whether the voxels were in shared memory before sending, where."""
+    out = collate(batch)
+    return {"batch": out, "shared": out["image"].is_shared(), "where": (os.getpid(), out["image"].data_ptr())}
+
+
+def test_workers_write_batches_into_shared_memory_they_reuse(built):
+    release, cache = built
+    ds = load_lymphatlas(release.path, cache_dir=cache, patch_size=8, samples_per_case=6, seed=2, progress=False)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=_probe_collate, persistent_workers=True)
+    seen = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for got in loader:  # each batch dropped when the next arrives, as a training loop does
+            assert got["shared"], "the worker wrote the batch outside shared memory: sending it copies it"
+            seen.append(got["where"])
+    assert len(set(seen)) <= 2 * _batch.POOL_SLOTS < len(seen), f"{len(set(seen))} buffers for {len(seen)} batches"
 
 
 _USER_SCRIPT = r"""
