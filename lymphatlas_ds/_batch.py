@@ -5,16 +5,19 @@ a torch allocation whose 4 KiB pages fault in one by one (19 ms per 32 MiB batch
 patches on the 2-core VM, against 4 ms for numpy's allocation, which asks for transparent huge pages),
 in a DataLoader worker new shared memory (30-36 ms per 32 MiB to allocate and zero its tmpfs pages:
 more than decompressing the two patches). Here the patches are decompressed straight into their
-batch: in the main process a numpy allocation; in a worker a shared-memory buffer that the worker
-reuses once the main process has freed the batch it was sent in (:func:`collate` marks a buffer
-lent; the main process's copy of the batch clears the mark when its memory is freed, so a batch a
-user keeps, or a view of it, is never overwritten).
+batch, into buffers that each process reuses: in the main process once nothing refers to a batch's
+memory any more (a fresh 32 MiB allocation costs 4.6-9.5 ms to fault in and zero, rewriting a kept
+one 2.9 ms, on the same VM); in a worker, shared memory, once also the main process has freed the
+batch it was sent in (:func:`collate` marks a buffer lent; the main process's copy of the batch
+clears the mark when its memory is freed, so a batch a user keeps, or any view of it, is never
+overwritten).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -22,9 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-POOL_SLOTS = 6
-"""Shared-memory buffers a worker keeps for reuse: the batches in flight (``prefetch_factor``, 2 by default),
-the one the training step holds and one being written. A worker whose buffers are all lent allocates anew."""
+POOL_SLOTS = 10
+"""Shared-memory buffers (an image and a label per batch) a worker keeps for reuse: the batches in flight
+(``prefetch_factor``, 2 by default), the one the training step holds and one being written, with one to spare.
+A worker whose buffers are all lent allocates anew."""
+MAIN_POOL_SLOTS = 4
+"""Buffers the main process keeps (``num_workers=0``): the batch the training step holds and the next one."""
 
 BATCHED_KEYS = ("image", "label")
 """Item keys whose batch :meth:`PatchDataset.__getitems__` writes in place (the rest go through default_collate)."""
@@ -37,48 +43,55 @@ def _use_count(storage: torch.UntypedStorage) -> int | None:
 
 
 class _Pool:
-    """One worker's reusable shared-memory buffers; ``lent[i]`` (shared with the main process) is 1 while the
-    main process holds the batch sent in buffer ``i``."""
+    """One process's reusable batch buffers (``shared``: in shared memory, a DataLoader worker's); ``lent[i]``
+    (shared with the main process) is 1 while the main process holds the batch sent in buffer ``i``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = True, slots: int = POOL_SLOTS) -> None:
         self.pid = os.getpid()
-        self.lent = torch.zeros(POOL_SLOTS, dtype=torch.uint8).share_memory_()
+        self.shared = shared
+        self.slots = slots
+        self.lent = torch.zeros(slots, dtype=torch.uint8)
+        if shared:
+            self.lent.share_memory_()
         self.storages: list[torch.UntypedStorage] = []
+        self._lock = threading.Lock()  # two threads making batches must not claim one buffer
 
-    def take(self, nbytes: int) -> tuple[torch.UntypedStorage, int | None]:
-        """A shared storage of ``nbytes`` and its slot (None: not pooled, every slot lent or in use here)."""
-        for i, storage in enumerate(self.storages):
-            # free: not lent to the main process, and nothing in this process refers to it but the pool
-            if storage.nbytes() == nbytes and not self.lent[i] and _use_count(storage) == 1:
-                return storage, i
-        storage = torch.UntypedStorage._new_shared(nbytes)
-        if len(self.storages) < POOL_SLOTS and _use_count(storage) is not None:
-            self.storages.append(storage)
-            return storage, len(self.storages) - 1
-        return storage, None
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int | None]:
+        """An uninitialised tensor of ``shape`` on a buffer of the pool, and its slot (None: a new buffer outside
+        the pool, every slot being lent or in use here)."""
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        with self._lock:
+            slot = None
+            for i, storage in enumerate(self.storages):
+                # free: not lent to the main process, and nothing in this process refers to it but the pool
+                if storage.nbytes() == nbytes and not self.lent[i] and _use_count(storage) == 1:
+                    slot = i
+                    break
+            else:
+                storage = torch.UntypedStorage._new_shared(nbytes) if self.shared else torch.UntypedStorage(nbytes)
+                if len(self.storages) < self.slots and _use_count(storage) is not None:
+                    self.storages.append(storage)
+                    slot = len(self.storages) - 1
+            return torch.empty(0, dtype=dtype).set_(storage).view(shape), slot
 
 
-_pool: _Pool | None = None
+_pools: dict[bool, _Pool] = {}
 
 
-def _worker_pool() -> _Pool:
-    global _pool
-    if _pool is None or _pool.pid != os.getpid():  # a pool inherited through fork belongs to the parent
-        _pool = _Pool()
-    return _pool
+def _pool(shared: bool) -> _Pool:
+    pool = _pools.get(shared)
+    if pool is None or pool.pid != os.getpid():  # a pool inherited through fork belongs to the parent
+        pool = _pools[shared] = _Pool(shared=shared, slots=POOL_SLOTS if shared else MAIN_POOL_SLOTS)
+    return pool
 
 
 def batch_array(shape: tuple[int, ...], dtype: np.dtype | type) -> tuple[np.ndarray, torch.Tensor, Any]:
-    """An uninitialised batch buffer as (numpy view, tensor, mark): in a DataLoader worker in shared memory
-    (reused, see the module doc; ``mark`` names its slot), else a numpy allocation (``mark`` None)."""
-    dtype = np.dtype(dtype)
-    if get_worker_info() is None:
-        array = np.empty(shape, dtype)
-        return array, torch.from_numpy(array), None
-    pool = _worker_pool()
-    storage, slot = pool.take(math.prod(shape) * dtype.itemsize)
-    tensor = torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(storage).view(shape)
-    return tensor.numpy(), tensor, None if slot is None else (pool.lent, slot)
+    """An uninitialised batch buffer as (numpy view, tensor, mark), reused (see the module doc): in a
+    DataLoader worker in shared memory (``mark``: its lent flag and slot), else ordinary memory (``mark`` None)."""
+    in_worker = get_worker_info() is not None
+    pool = _pool(shared=in_worker)
+    tensor, slot = pool.take(shape, torch.from_numpy(np.empty(0, dtype)).dtype)
+    return tensor.numpy(), tensor, (pool.lent, slot) if in_worker and slot is not None else None
 
 
 class Batch(list):

@@ -37,6 +37,13 @@ then a patch reads only the compressed chunks it touches, so a worker never hold
 case in patch mode (building an entry holds one volume's bytes; :meth:`prepare` builds them all
 up front, in the main process). ``cache=False`` decodes from the shards each time (whole-case mode).
 
+Batches: give the ``DataLoader`` ``collate_fn=collate`` (this module's, :mod:`lymphatlas_ds._batch`): the
+dataset's ``__getitems__`` decompresses a batch's patches straight into one ``[N, 2, Z, Y, X]`` tensor and
+``collate`` hands it over, instead of ``default_collate`` stacking the items into a new one
+(``benchmarks/bench_peers.py`` prints the speed of both). The batch is the same, key for key and
+bit for bit; without ``collate_fn`` it is too, only slower. In a worker the batch is written into
+shared memory that the worker reuses once the main process has freed the batch.
+
 DataLoader workers: each worker opens its own cache file handles (after fork or spawn, keyed by
 process id) and decompresses with one thread (blosc2 and torch set to one thread on its first
 item: N workers on N cores, not N x cores threads). An entry's checksums are read once per
@@ -51,7 +58,9 @@ Example:
     >>> from lymphatlas_ds import load_lymphatlas
     >>> train = load_lymphatlas("org/lymphatlas", config="nhl", split="train", fold=0, subset="train",
     ...                         version="1.0.0", patch_size=(128, 128, 128), samples_per_case=4)  # doctest: +SKIP
-    >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=4)  # doctest: +SKIP
+    >>> from lymphatlas_ds.loader import collate
+    >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=2,
+    ...                                      persistent_workers=True, collate_fn=collate)  # doctest: +SKIP
     >>> train.set_epoch(0)  # doctest: +SKIP
     >>> batch = next(iter(loader))  # doctest: +SKIP
     >>> batch["image"].shape  # doctest: +SKIP

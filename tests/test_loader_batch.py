@@ -118,23 +118,30 @@ def test_dataloader_batches_equal_the_default_ones_and_survive_being_kept(built,
         assert all(b["image"].is_shared() for b in fast)
 
 
-def test_a_workers_pool_reuses_a_buffer_only_when_nothing_holds_it():
-    pool = _batch._Pool()
-    first, slot = pool.take(4096)
-    held = torch.empty(0, dtype=torch.uint8).set_(first)
-    assert pool.take(4096)[1] != slot  # held in this process
-    del held
-    assert pool.take(4096) == (first, slot)
+@pytest.mark.parametrize("shared", [True, False])  # a worker's pool, the main process's
+def test_a_pool_reuses_a_buffer_only_when_nothing_holds_it(shared):
+    pool = _batch._Pool(shared=shared, slots=3)
+    first, slot = pool.take((16, 64), torch.float32)
+    assert first.is_shared() == shared and first.shape == (16, 64)
+    ptr = first.data_ptr()
+    view = first[3]
+    del first
+    second, other = pool.take((16, 64), torch.float32)  # the first still viewed here
+    assert other != slot and second.data_ptr() != ptr
+    del view, second
+    again, same = pool.take((16, 64), torch.float32)
+    assert (same, again.data_ptr()) == (slot, ptr)
+    del again
     pool.lent[slot] = 1  # lent to the main process
-    assert pool.take(4096)[1] != slot
+    lent_out, other = pool.take((16, 64), torch.float32)
+    assert other != slot and lent_out.data_ptr() != ptr
+    del lent_out
     pool.lent[slot] = 0
-    assert pool.take(4096) == (first, slot)
-    assert pool.take(8192)[0].nbytes() == 8192  # another size: another buffer
-    while len(pool.storages) < _batch.POOL_SLOTS:
-        pool.storages.append(torch.UntypedStorage._new_shared(4096))
-    pool.lent.fill_(1)
-    storage, slot = pool.take(4096)
-    assert slot is None and storage.nbytes() == 4096 and len(pool.storages) == _batch.POOL_SLOTS
+    assert pool.take((16, 64), torch.float32)[1] == slot
+    assert pool.take((16, 128), torch.uint8)[0].untyped_storage().nbytes() == 2048  # another size, another buffer
+    held = [pool.take((16, 64), torch.float32) for _ in range(3)]  # more than the pool holds
+    assert [s for _, s in held].count(None) >= 1 and len(pool.storages) == 3
+    assert len({t.data_ptr() for t, _ in held}) == 3
 
 
 def test_the_main_process_gives_a_buffer_back_when_its_last_view_is_freed():
