@@ -1,13 +1,12 @@
 """Batches written in place: the buffers of ``PatchDataset.__getitems__`` and the collate that hands them over.
 
 torch's ``default_collate`` copies each batch (``torch.stack``) into new memory: in the main process
-a torch allocation whose 4 KiB pages fault in one by one (19 ms per 32 MiB batch of two 128^3 CT+PET
-patches on the 2-core VM, against 4 ms for numpy's allocation, which asks for transparent huge pages),
-in a DataLoader worker new shared memory (30-36 ms per 32 MiB to allocate and zero its tmpfs pages:
-more than decompressing the two patches). Here the patches are decompressed straight into their
-batch, into buffers that each process reuses: in the main process once nothing refers to a batch's
-memory any more (a fresh 32 MiB allocation costs 4.6-9.5 ms to fault in and zero, rewriting a kept
-one 2.9 ms, on the same VM); in a worker, shared memory, once also the main process has freed the
+a torch allocation whose 4 KiB pages fault in one by one, in a DataLoader worker new shared memory
+whose tmpfs pages are allocated and zeroed one by one (one-off timings on the 2-core VM, 32 MiB, the
+batch of two 128^3 CT+PET patches: torch.empty + fill 19 ms, numpy 4.4-9.5 ms, shared memory 30-40 ms,
+rewriting a kept buffer 2.9 ms; decompressing the two patches takes about 17 ms). Here the patches are
+decompressed straight into their batch, into buffers that each process reuses: in the main process
+once nothing refers to a batch's memory any more; in a worker, shared memory, once also the main process has freed the
 batch it was sent in (:func:`collate` marks a buffer lent; the main process's copy of the batch
 clears the mark when its memory is freed, so a batch a user keeps, or any view of it, is never
 overwritten).
