@@ -181,12 +181,15 @@ def _touch(batch) -> None:
             value.reshape(-1)[:: max(1, 4096 // value.element_size())].sum()
 
 
-def worker_scaling(patches, *, workers=(0, 1, 2), repeats: int = 3, batch_size: int = 2) -> dict:
+def worker_scaling(patches, *, workers=(0, 1, 2), repeats: int = 3, batch_size: int = 2, collate_fn=None,
+                   persistent: bool = False) -> dict:
     """Patches per second through ``DataLoader(num_workers=k)`` for each k, each epoch timed whole (worker
     start and first-use file opening included), the batches read in the main process; the k are interleaved
     and repeated, and each repeat's rates are divided by that repeat's ``num_workers=0`` rate (the same
     process, the same machine load); also the CPU time (user + system, main process and workers) per patch, the
     cost that counts where a session's processes share one CPU share (Linux autogroup on a loaded machine).
+    ``persistent``: one ``DataLoader(persistent_workers=True)`` per k, started (one epoch) before the timing,
+    so that only steady epochs are timed. ``collate_fn``: the DataLoader's (``lymphatlas_ds.loader.collate``: the patches written into the batch).
     Prints one line; returns ``{"rates": {k: [...]}, "ratios": {k: median}, "cpu_ms_per_patch": {k: median}}``."""
     import statistics
 
@@ -201,11 +204,18 @@ def worker_scaling(patches, *, workers=(0, 1, 2), repeats: int = 3, batch_size: 
 
     rates: dict[int, list[float]] = {k: [] for k in workers}
     cpu: dict[int, list[float]] = {k: [] for k in workers}
+    def make(k: int, seed: int):
+        return DataLoader(patches, batch_size=batch_size, shuffle=True, num_workers=k, collate_fn=collate_fn,
+                          persistent_workers=persistent and k > 0, generator=torch.Generator().manual_seed(seed))
+
+    kept = {k: make(k, 0) for k in workers} if persistent else {}
+    for loader in kept.values():
+        for batch in loader:
+            _touch(batch)
     for rep in range(repeats):
         patches.set_epoch(rep)
-        for k in workers:
-            loader = DataLoader(patches, batch_size=batch_size, shuffle=True, num_workers=k,
-                                generator=torch.Generator().manual_seed(rep))
+        for k in workers if rep % 2 == 0 else workers[::-1]:  # turns in both orders: a drift of the load cancels
+            loader = kept[k] if persistent else make(k, rep)
             t, used = time.perf_counter(), cpu_s()
             count = 0
             for batch in loader:
@@ -216,10 +226,16 @@ def worker_scaling(patches, *, workers=(0, 1, 2), repeats: int = 3, batch_size: 
     base = workers[0]
     ratios = {k: statistics.median(r / b for r, b in zip(rates[k], rates[base])) for k in workers}
     load = os.getloadavg()[0]
-    print(f"DataLoader(batch_size={batch_size}) patches/s, median of {repeats} interleaved epochs of {len(patches)} "
+    spread = {k: (min(r / b for r, b in zip(rates[k], rates[base])), max(r / b for r, b in zip(rates[k], rates[base])))
+              for k in workers}
+    print(f"DataLoader(batch_size={batch_size}{', persistent_workers' if persistent else ''}) patches/s, median of "
+          f"{repeats} interleaved epochs of {len(patches)} "
           f"(load {load:.1f} on {os.cpu_count()} cores): "
-          + ", ".join(f"num_workers={k} {statistics.median(rates[k]):.1f}/s ({ratios[k]:.2f}x, CPU "
-                      f"{statistics.median(cpu[k]):.0f} ms/patch)" for k in workers))
+          + ", ".join(f"num_workers={k} {statistics.median(rates[k]):.1f}/s ({ratios[k]:.2f}x, "
+                      f"{spread[k][0]:.2f}-{spread[k][1]:.2f}"
+                      # CPU of joined workers only: persistent ones are still running
+                      + ("" if persistent else f", CPU {statistics.median(cpu[k]):.0f} ms/patch") + ")"
+                      for k in workers), flush=True)
     return {"rates": rates, "ratios": ratios, "cpu_ms_per_patch": {k: statistics.median(v) for k, v in cpu.items()}}
 
 

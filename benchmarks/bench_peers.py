@@ -5,7 +5,9 @@ Builds a fake WORK of full-size cases (``--patients 3``: 4 cases of CT 250 x 512
 and its release, then for each loader measures the same 128^3 CT+PET+label patches of the
 release's train split (a third foreground-centred where the loader can, batch size 2):
 
-- **project**: ``load_lymphatlas(patch_size=128)``, its decoded cache built by ``prepare()``;
+- **project**: ``load_lymphatlas(patch_size=128)``, its decoded cache built by ``prepare()``, in a
+  ``DataLoader(collate_fn=lymphatlas_ds.loader.collate)`` (the patches decompressed into the batch);
+  **project_default**: the same with torch's default collate (``torch.stack`` of the items);
 - **nnU-Net**: ``lymphatlas materialize --nnunet``, ``nnUNetv2_plan_and_preprocess -c 3d_fullres``,
   then nnU-Net's own ``nnUNetDataLoader`` on the preprocessed blosc2 files (2 workers: its
   ``NonDetMultiThreadedAugmenter``, as its trainer runs it; no augmentation anywhere);
@@ -18,7 +20,7 @@ release's train split (a third foreground-centred where the loader can, batch si
 Columns: one-time preparation (what runs once per release: cache build, materialize + plan and
 preprocess, materialize); epoch 0 (the first epoch in a fresh process, after the imports:
 opening, lazy caching, CacheDataset's loading); steady patches/s in one process and with 2
-workers (after the first batch); the first patch in a fresh process (after the imports); the
+workers (after the first batch, at least ``--steady-s`` seconds of batches); the first patch in a fresh process (after the imports); the
 peak RSS of that one-process run; the bytes the loader reads in training. Each peer's line also gives
 ``cpu_ms1``, the one-process run's CPU time per patch (all its threads). Every process is a
 fresh ``python``, the loaders run one after another, and the load average is printed with each.
@@ -27,6 +29,7 @@ fresh ``python``, the loaders run one after another, and the load average is pri
     python benchmarks/bench_peers.py --patients 9          # 12 cases (every third patient has 2 exams)
     python benchmarks/bench_peers.py --quick               # small cases, 32^3 patches: a check that it runs
     python benchmarks/bench_peers.py --keep /tmp/peers     # keep (and reuse) the generated data
+    python benchmarks/bench_peers.py --peers project,nnunet --rounds 3   # in turns, 3 rounds, medians
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 from lymphatlas_ds._io import peak_rss_bytes  # noqa: E402
 
-PEERS = ("project", "nnunet", "monai_persistent", "monai_cache", "torchio")
+PEERS = ("project", "project_default", "nnunet", "monai_persistent", "monai_cache", "torchio")
 TITLES = {
-    "project": "LymphAtlas `load_lymphatlas` (decoded cache)",
+    "project": "LymphAtlas `load_lymphatlas` + `collate` (decoded cache)",
+    "project_default": "LymphAtlas `load_lymphatlas`, torch's default collate",
     "nnunet": "nnU-Net `nnUNetDataLoader` (preprocessed)",
     "monai_persistent": "MONAI `PersistentDataset`",
     "monai_cache": "MONAI `CacheDataset`",
@@ -89,12 +93,15 @@ def prepare(peer: str, work: Path, timings: dict[str, float]) -> dict:
 
     release = Release(work / "release")
     t = time.perf_counter()
-    if peer == "project":
+    if peer in ("project", "project_default"):
         from lymphatlas_ds.loader import load_lymphatlas
 
+        if "project_prep" in timings:  # the other project row: the same cache
+            return {"prep_s": timings["project_prep"], "disk": dir_size(work / "cache" / "1.0.0")}
         shutil.rmtree(work / "cache", ignore_errors=True)
         load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=8, progress=False).prepare()
-        return {"prep_s": time.perf_counter() - t, "disk": dir_size(work / "cache" / "1.0.0")}
+        timings["project_prep"] = time.perf_counter() - t
+        return {"prep_s": timings["project_prep"], "disk": dir_size(work / "cache" / "1.0.0")}
     if peer == "nnunet":
         from lymphatlas_ds.nnunet import materialize_nnunet
 
@@ -138,11 +145,12 @@ def _project_batches(peer: str, work: Path, *, workers: int, size: tuple[int, in
     """Batches of the project's load_lymphatlas patches (see :func:`batches`)."""
     from torch.utils.data import DataLoader
 
-    from lymphatlas_ds.loader import load_lymphatlas
+    from lymphatlas_ds.loader import collate, load_lymphatlas
 
     ds = load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=size, samples_per_case=samples,
                          progress=False)
-    loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                        collate_fn=collate if peer == "project" else None)
     epoch = 0
     while True:
         ds.set_epoch(epoch)
@@ -220,7 +228,7 @@ def _torchio_batches(peer: str, work: Path, *, workers: int, size: tuple[int, in
 def batches(peer: str, work: Path, *, workers: int, patch: int, samples: int):
     """An endless stream of batches of ``peer`` (dicts with an ``image``/``data`` tensor)."""
     size = (patch,) * 3
-    if peer == "project":
+    if peer in ("project", "project_default"):
         return _project_batches(peer, work, workers=workers, size=size, samples=samples)
     if peer == "nnunet":
         return _nnunet_batches(peer, work, workers=workers, size=size, samples=samples)
@@ -246,7 +254,7 @@ def _count(batch) -> int:
     return n
 
 
-def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_cases: int) -> dict:
+def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_cases: int, steady_s: float) -> dict:
     """In a fresh process: the first patch, epoch 0 and a steady epoch; with ``workers``, only the steady epoch."""
     import torch  # noqa: F401 - imported before the clock starts, as every peer needs it
 
@@ -259,7 +267,7 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
         got += _count(next(stream))
     epoch0 = time.perf_counter() - t
     t, cpu, got = time.perf_counter(), time.process_time(), 0
-    while got < per_epoch:
+    while got < per_epoch or time.perf_counter() - t < steady_s:
         got += _count(next(stream))
     rate = got / (time.perf_counter() - t)
     # CPU time of this process (all its threads) per patch: less sensitive to the machine's load than the
@@ -277,9 +285,27 @@ def probe(peer: str, work: Path, *, workers: int, patch: int, samples: int, n_ca
     os._exit(0)
 
 
+def scaling(work: Path, *, patch: int, samples: int, repeats: int) -> None:
+    """The project's patches through ``DataLoader(num_workers=k)``, k = 0, 1, 2, the recommended ``collate``
+    and torch's default one, in turns in this one process (``bench_loader.worker_scaling``: persistent workers,
+    each steady epoch timed whole, ratios to the same repeat's ``num_workers=0``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_loader import worker_scaling
+
+    from lymphatlas_ds.loader import collate, load_lymphatlas
+
+    ds = load_lymphatlas(work / "release", cache_dir=work / "cache", patch_size=(patch,) * 3,
+                         samples_per_case=2 * samples, progress=False)
+    ds.prepare()
+    for name, fn in (("collate", collate), ("default collate", None)):
+        print(f"project, {name}: ", end="", flush=True)
+        worker_scaling(ds, workers=(0, 1, 2), repeats=repeats, collate_fn=fn, persistent=True)
+
+
 def run_probe(peer: str, work: Path, args, n_cases: int, *, workers: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", peer, "--work", str(work), "--workers", str(workers),
-           "--patch", str(args.patch), "--samples", str(args.samples), "--cases", str(n_cases)]
+           "--patch", str(args.patch), "--samples", str(args.samples), "--cases", str(n_cases),
+           "--steady-s", str(args.steady_s)]
     proc = subprocess.run(cmd, env=_env(work), capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -316,13 +342,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder, keep it and reuse its release")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per probe process")
-    parser.add_argument("--probe", choices=PEERS, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="probe every peer this many times, in turns (after preparing them all); medians")
+    parser.add_argument("--steady-s", type=float, default=3.0,
+                        help="the steady rate counts at least this many seconds of batches (and one epoch)")
+    parser.add_argument("--scaling", type=int, default=5, metavar="REPEATS",
+                        help="then the project's DataLoader at 0, 1, 2 workers in turns in one process, each "
+                             "path REPEATS epochs (0: skip)")
+    parser.add_argument("--probe", choices=(*PEERS, "scaling"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--patch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cases", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _median(runs: list[dict], key: str) -> float:
+    import statistics
+
+    return float(statistics.median(r[key] for r in runs))
 
 
 def _print_sizes(rows: dict[str, dict], timings: dict[str, float], release_bytes: int) -> None:
@@ -337,7 +376,11 @@ def _print_sizes(rows: dict[str, dict], timings: dict[str, float], release_bytes
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.probe:
-        probe(args.probe, args.work, workers=args.workers, patch=args.patch, samples=args.samples, n_cases=args.cases)
+        if args.probe == "scaling":
+            scaling(args.work, patch=args.patch, samples=args.samples, repeats=args.workers)
+        else:
+            probe(args.probe, args.work, workers=args.workers, patch=args.patch, samples=args.samples,
+                  n_cases=args.cases, steady_s=args.steady_s)
         return 0
     size = QUICK if args.quick else FULL
     args.patch = args.patch or size["patch"]
@@ -363,22 +406,47 @@ def main(argv: list[str] | None = None) -> int:
         timings: dict[str, float] = {}
         rows: dict[str, dict] = {}
         failed: list[str] = []
+        preps = {peer: prepare(peer, work, timings) for peer in peers} if args.rounds > 1 else {}
+        runs: dict[str, list[tuple[dict, dict]]] = {peer: [] for peer in peers}
+        for r in range(args.rounds):
+            # In turns, every other round backwards: each peer meets the machine's load as the others do.
+            for peer in peers if r % 2 == 0 else peers[::-1]:
+                if peer in failed:
+                    continue
+                if peer not in preps:
+                    preps[peer] = prepare(peer, work, timings)
+                try:
+                    one = run_probe(peer, work, args, n_cases, workers=0)
+                    two = run_probe(peer, work, args, n_cases, workers=2)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails is reported, not fatal
+                    print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
+                    failed.append(peer)
+                    continue
+                runs[peer].append((one, two))
+                if args.rounds > 1:
+                    print(f"round {r + 1} {peer}: one process {one['rate']:.1f}/s (CPU {one['cpu_ms']:.1f} ms/patch, "
+                          f"load {one['load']:.1f}), 2 workers {two['rate']:.1f}/s (load {two['load']:.1f})", flush=True)
         for peer in peers:
-            row = prepare(peer, work, timings)
-            try:
-                one = run_probe(peer, work, args, n_cases, workers=0)
-                two = run_probe(peer, work, args, n_cases, workers=2)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails here is reported, not fatal
-                print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
-                failed.append(peer)
+            if not runs[peer] or peer in failed:
                 continue
-            row.update(first_s=one["first_s"], epoch0_s=one["epoch0_s"], rate1=one["rate"], rss=one["rss"],
-                       rate2=two["rate"], cpu_ms1=one["cpu_ms"])
+            ones, twos = [o for o, _ in runs[peer]], [t for _, t in runs[peer]]
+            row = dict(preps[peer])
+            row.update(first_s=_median(ones, "first_s"), epoch0_s=_median(ones, "epoch0_s"),
+                       rate1=_median(ones, "rate"), rss=max(o["rss"] for o in ones), rate2=_median(twos, "rate"),
+                       cpu_ms1=_median(ones, "cpu_ms"))
             if peer == "monai_persistent":
                 row["disk"] = dir_size(work / "monai_persistent")
             rows[peer] = row
-            print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} "
-                  f"(load {one['load']:.1f} / {two['load']:.1f})", flush=True)
+            loads = "; ".join(f"{o['load']:.1f} / {t['load']:.1f}" for o, t in runs[peer])
+            print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} (load {loads})"
+                  + (f" (medians of {len(ones)} rounds; peak RSS the largest)" if len(ones) > 1 else ""), flush=True)
+        if args.scaling and "project" in peers:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "scaling", "--work", str(work),
+                   "--workers", str(args.scaling), "--patch", str(args.patch), "--samples", str(args.samples)]
+            proc = subprocess.run(cmd, env=_env(work), capture_output=True, text=True, timeout=args.timeout)
+            print(proc.stdout.strip() or f"scaling failed: {proc.stderr[-2000:]}", flush=True)
+            if proc.returncode:
+                failed.append("scaling")
         print()
         print(table(rows, args.patch))
         print()

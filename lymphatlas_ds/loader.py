@@ -37,6 +37,13 @@ then a patch reads only the compressed chunks it touches, so a worker never hold
 case in patch mode (building an entry holds one volume's bytes; :meth:`prepare` builds them all
 up front, in the main process). ``cache=False`` decodes from the shards each time (whole-case mode).
 
+Batches: give the ``DataLoader`` ``collate_fn=collate`` (this module's, :mod:`lymphatlas_ds._batch`): the
+dataset's ``__getitems__`` decompresses a batch's patches straight into one ``[N, 2, Z, Y, X]`` tensor and
+``collate`` hands it over, instead of ``default_collate`` stacking the items into a new one
+(``benchmarks/bench_peers.py`` prints the speed of both). The batch is the same, key for key and
+bit for bit; without ``collate_fn`` it is too, only slower. In a worker the batch is written into
+shared memory that the worker reuses once the main process has freed the batch.
+
 DataLoader workers: each worker opens its own cache file handles (after fork or spawn, keyed by
 process id) and decompresses with one thread (blosc2 and torch set to one thread on its first
 item: N workers on N cores, not N x cores threads). An entry's checksums are read once per
@@ -51,7 +58,9 @@ Example:
     >>> from lymphatlas_ds import load_lymphatlas
     >>> train = load_lymphatlas("org/lymphatlas", config="nhl", split="train", fold=0, subset="train",
     ...                         version="1.0.0", patch_size=(128, 128, 128), samples_per_case=4)  # doctest: +SKIP
-    >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=4)  # doctest: +SKIP
+    >>> from lymphatlas_ds.loader import collate
+    >>> loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, num_workers=2,
+    ...                                      persistent_workers=True, collate_fn=collate)  # doctest: +SKIP
     >>> train.set_epoch(0)  # doctest: +SKIP
     >>> batch = next(iter(loader))  # doctest: +SKIP
     >>> batch["image"].shape  # doctest: +SKIP
@@ -75,9 +84,10 @@ except ModuleNotFoundError as e:  # the client's torch extra is not installed: o
     from lymphatlas_ds._optional import missing
 
     raise missing(e.name or "torch", "load_lymphatlas / hf_torch (lymphatlas_ds.loader)") from e
-from torch.utils.data import Dataset  # noqa: E402 - after the check above
+from torch.utils.data import Dataset, default_collate  # noqa: E402 - after the check above
 
 from lymphatlas_ds import codec
+from lymphatlas_ds._batch import BATCHED_KEYS, Batch, batch_array, collate, small_collate  # noqa: F401 - collate: public here
 from lymphatlas_ds.augment import AUGMENT_STREAM, apply_seeded, item_rng
 from lymphatlas_ds.cache import CachedCase, DecodedCache
 from lymphatlas_ds.errors import SchemaError, SelectionError
@@ -184,12 +194,18 @@ def _image(ct: np.ndarray, pet: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image)
 
 
-def _cached_image(entry: CachedCase, box: tuple[slice, slice, slice], shape: tuple[int, ...]) -> torch.Tensor:
-    """CT and PET of ``box`` as one float32 ``[2, ...]`` tensor; PET is decompressed in place (no extra copy)."""
-    image = np.empty((len(CHANNELS), *shape), np.float32)
+def _read_image_into(entry: CachedCase, box: tuple[slice, slice, slice], image: np.ndarray) -> np.ndarray:
+    """Decompress CT and PET of ``box`` into ``image`` (float32 ``[2, ...]``, C-contiguous): PET in place, CT
+    (int16) into a scratch array converted into its channel by one ``np.copyto`` (no float intermediate)."""
     entry.read_into("pet", box, image[_PET])
-    image[_CT] = entry.read_patch("ct", box)
-    return torch.from_numpy(image)
+    ct = np.empty(image.shape[1:], _DTYPES["ct"])
+    np.copyto(image[_CT], entry.read_into("ct", box, ct), casting="safe")
+    return image
+
+
+def _cached_image(entry: CachedCase, box: tuple[slice, slice, slice], shape: tuple[int, ...]) -> torch.Tensor:
+    """CT and PET of ``box`` as one float32 ``[2, ...]`` tensor, decompressed in place (no extra copy)."""
+    return torch.from_numpy(_read_image_into(entry, box, np.empty((len(CHANNELS), *shape), np.float32)))
 
 
 def _instances(label_zyx: np.ndarray) -> torch.Tensor:
@@ -433,6 +449,35 @@ class PatchDataset(_Base):
                            entry.foreground, rng)
 
     def __getitem__(self, index: int) -> Item:
+        return self._finish(self._patch(index), index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Item]:
+        """The items ``indices`` (what a ``DataLoader`` asks of a batch), their voxels written into one batch.
+
+        Each patch's CT, PET and label are decompressed straight into its slot of one float32 ``[N, 2, Z, Y, X]``
+        and one uint8 ``[N, 1, Z, Y, X]`` tensor (in shared memory inside a DataLoader worker, where they are
+        sent from), and the items' ``image`` / ``label`` are views of those slots: with
+        ``collate_fn=`` :func:`collate` the DataLoader's batch *is* these two tensors (no ``torch.stack`` copy
+        and, from a worker, no copy into shared memory); with the default collate the items are stacked as
+        before. The values equal ``[self[i] for i in indices]`` stacked, bit for bit. With a ``transform`` (it
+        may change an item's shape or type) each item is made alone.
+        """
+        indices = [int(i) for i in indices]
+        if self.transform is not None or not indices:
+            return [self[i] for i in indices]
+        n = len(indices)
+        image_np, image, image_mark = batch_array((n, len(CHANNELS), *self.patch_size), np.float32)
+        label_np, label, label_mark = batch_array((n, 1, *self.patch_size), _DTYPES["label"])
+        items = Batch(self._patch(i, image_np[j], label_np[j]) for j, i in enumerate(indices))
+        # The batch of everything but the voxels is torch's own collate of the items' small values.
+        rest = small_collate([{k: v for k, v in item.items() if k not in BATCHED_KEYS} for item in items])
+        items.collated = {k: image if k == "image" else label if k == "label" else rest[k] for k in items[0]}
+        items.marks = tuple((key, *mark) for key, mark in (("image", image_mark), ("label", label_mark)) if mark)
+        return items
+
+    def _patch(self, index: int, image: np.ndarray | None = None, label: np.ndarray | None = None) -> Item:
+        """Patch ``index`` (before the transform), its voxels written into ``image`` (float32 ``[2, Z, Y, X]``)
+        and ``label`` (uint8 ``[1, Z, Y, X]``) when given (C-contiguous, as slots of a batch are), else new arrays."""
         if not 0 <= index < len(self):
             raise IndexError(f"patch index {index} out of range for {len(self)} patches")
         case_id = self.case_ids[index // self.samples_per_case]
@@ -442,21 +487,26 @@ class PatchDataset(_Base):
         stop = np.minimum(start + np.asarray(self.patch_size), entry.shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
         inner = tuple(slice(0, int(b - a)) for a, b in zip(start, stop))
+        if image is None:
+            image = np.empty((len(CHANNELS), *self.patch_size), np.float32)
+        if label is None:
+            label = np.empty((1, *self.patch_size), _DTYPES["label"])
         if tuple(int(b - a) for a, b in zip(start, stop)) == self.patch_size:
-            image = _cached_image(entry, box, self.patch_size)
-            label = entry.read_patch("label", box)
+            _read_image_into(entry, box, image)
+            entry.read_into("label", box, label[0])
         else:  # the volume is smaller than the patch along some axis: pad
-            volumes = {}
-            for name in IMAGE_COLUMNS:
-                volumes[name] = np.full(self.patch_size, PAD_VALUES[name], dtype=_DTYPES[name])
-                volumes[name][inner] = entry.read_patch(name, box)
-            image, label = _image(volumes["ct"], volumes["pet"]), volumes["label"]
+            image[_CT].fill(PAD_VALUES["ct"])
+            image[_PET].fill(PAD_VALUES["pet"])
+            label.fill(PAD_VALUES["label"])
+            image[_CT][inner] = entry.read_patch("ct", box)
+            image[_PET][inner] = entry.read_patch("pet", box)
+            label[0][inner] = entry.read_patch("label", box)
         affine = np.array(entry.affine, dtype=np.float64)
         # Shift the origin to the patch's first voxel: the affine indexes (x, y, z), start is (z, y, x).
         affine[:3, 3] = affine[:3, :3] @ start[::-1].astype(np.float64) + affine[:3, 3]
         item = {
-            "image": image,
-            "label": torch.from_numpy(label[None]),
+            "image": torch.from_numpy(image),
+            "label": torch.from_numpy(label),
             "case_id": case_id,
             "affine": torch.from_numpy(affine),
             "spacing_zyx": _spacing_zyx(entry.meta, entry.affine),
@@ -469,7 +519,7 @@ class PatchDataset(_Base):
             patch_ids = torch.zeros(self.patch_size, dtype=whole.dtype)
             patch_ids[inner] = whole[box]
             item["instances"] = patch_ids[None]
-        return self._finish(item, index)
+        return item
 
 
 def select_cases(

@@ -151,18 +151,21 @@ def test_a_fresh_process_imports_blosc2_with_the_dataset_and_no_nibabel_for_a_ca
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 21 open: on the shared 2-core VM (load 8-13, sched_autogroup on, so a "
-                   "session's processes share one CPU share whatever their number) 2 workers gave 0.78-1.02x one "
-                   "process (0.97x / 0.98x at load 8-9, 0.92x / 0.80x at load 4, 2 s epochs); they spend 44-49 ms CPU "
-                   "per patch against 38-44 ms, and new workers each epoch (batches in "
-                   "new shared memory mapped by the main process, one fd handshake per tensor, worker start)")
+@pytest.mark.xfail(strict=False, reason="issue 21 open: on the shared 2-core VM with another session's jobs (sched_autogroup "
+                   "on: a session's processes share one CPU share whatever their number) 2 workers with the "
+                   "recommended collate gave a median 0.76x one process at load 2.9 (per epoch 0.69-1.00x, "
+                   "bench_peers.py --scaling 7), 1.09x (0.75-1.32x) at load 4.6 in the run before the main process "
+                   "reused its batch buffers; not reliably >= 1.0x, so the check is not strict")
 def test_two_workers_are_not_slower_than_one_process(tmp_path):
-    """benchmarks/bench_loader.py's worker comparison at 128^3 patches on cases of 128x256x256, 48 patches an
+    """benchmarks/bench_loader.py's worker comparison at 128^3 patches on cases of 128x256x256, 32 patches an
     epoch: 2 workers >= 1.0x ``num_workers=0`` on the same dataset, the median of 3 interleaved repeats (timing
     noise on a loaded machine); tried twice. The dataset is made and prepared as a user does (``prepare()`` on a
-    new cache), then the user's plain ``DataLoader(ds, batch_size=2, num_workers=k)``."""
+    new cache), then the recommended ``DataLoader(ds, batch_size=2, num_workers=k, persistent_workers=True,
+    collate_fn=collate)`` (patches decompressed into the batch, shared-memory buffers reused)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_loader import worker_scaling
+
+    from lymphatlas_ds.loader import collate
 
     release = build_fake_release(tmp_path, n_patients=2, seed=1, shape_zyx=(128, 256, 256),
                                  spacing_xyz=(0.98, 0.98, 3.0))
@@ -171,7 +174,7 @@ def test_two_workers_are_not_slower_than_one_process(tmp_path):
     ds.prepare()
     ratios = []
     for _ in range(2):
-        ratios.append(worker_scaling(ds, workers=(0, 2), repeats=3)["ratios"][2])
+        ratios.append(worker_scaling(ds, workers=(0, 2), repeats=3, collate_fn=collate, persistent=True)["ratios"][2])
         if ratios[-1] >= 1.0:
             break
     assert max(ratios) >= 1.0, f"2 workers / one process: {ratios}"
