@@ -150,16 +150,36 @@ def test_a_fresh_process_imports_blosc2_with_the_dataset_and_no_nibabel_for_a_ca
     assert found == {"blosc2_when_made": True, "nibabel_after_first_patch": False}, found
 
 
+def _spin(seconds: float, out) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    out.put(time.process_time())
+
+
+def spare_cores(seconds: float = 1.0) -> float:
+    """Cores this process's session can use now: two processes spin for ``seconds`` and their CPU time is summed
+    (2.0 on an idle 2-core machine; about 1.0 when another process, e.g. the other pytest-xdist worker, holds a
+    core)."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_spin, args=(seconds, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    cpu = sum(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join()
+    return cpu / seconds
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 21 open: on the shared 2-core VM with another session's jobs (sched_autogroup "
-                   "on: a session's processes share one CPU share whatever their number) 2 workers with the "
-                   "recommended collate gave a median 0.76x one process at load 2.9 (per epoch 0.69-1.00x, "
-                   "bench_peers.py --scaling 7), 1.09x (0.75-1.32x) at load 4.6 in the run before the main process "
-                   "reused its batch buffers; not reliably >= 1.0x, so the check is not strict")
 def test_two_workers_are_not_slower_than_one_process(tmp_path):
     """benchmarks/bench_loader.py's worker comparison at 128^3 patches on cases of 128x256x256, 32 patches an
     epoch: 2 workers >= 1.0x ``num_workers=0`` on the same dataset, the median of 3 interleaved repeats (timing
-    noise on a loaded machine); tried twice. The dataset is made and prepared as a user does (``prepare()`` on a
+    noise on a loaded machine); tried twice. Where the machine had no spare core when measured (a spin probe
+    finds less than 1.6 of its 2 cores free), a slower result is an expected failure, not a pass. The dataset is made and prepared as a user does (``prepare()`` on a
     new cache), then the recommended ``DataLoader(ds, batch_size=2, num_workers=k, persistent_workers=True,
     collate_fn=collate)`` (patches decompressed into the batch, shared-memory buffers reused)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -172,9 +192,15 @@ def test_two_workers_are_not_slower_than_one_process(tmp_path):
     ds = load_lymphatlas(release.path, cache_dir=tmp_path / "cache", patch_size=(128, 128, 128), samples_per_case=16,
                          progress=False)
     ds.prepare()
-    ratios = []
+    ratios, spare = [], []
     for _ in range(2):
+        spare.append(spare_cores())
         ratios.append(worker_scaling(ds, workers=(0, 2), repeats=3, collate_fn=collate, persistent=True)["ratios"][2])
         if ratios[-1] >= 1.0:
             break
-    assert max(ratios) >= 1.0, f"2 workers / one process: {ratios}"
+    if max(ratios) < 1.0 and min(spare) < 1.6:
+        # Workers cannot add cores the machine does not give: measured on the 2-core VM, 2 workers 1.54x one
+        # process with nothing else running (bench_peers.py --scaling 5, benchmarks/results/peers.md), 0.76x while
+        # another session's jobs held about one core. Under pytest -n 2 the other xdist worker holds one.
+        pytest.xfail(f"no spare core ({[round(c, 2) for c in spare]} of 2 free): 2 workers / one process {ratios}")
+    assert max(ratios) >= 1.0, f"2 workers / one process: {ratios} with {[round(c, 2) for c in spare]} cores free"
