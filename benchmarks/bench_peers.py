@@ -373,6 +373,48 @@ def _print_sizes(rows: dict[str, dict], timings: dict[str, float], release_bytes
              if "materialize_monai" in timings else ""))
 
 
+def _measure_peers(peers: list[str], work: Path, args: argparse.Namespace, n_cases: int, timings: dict[str, float],
+                   failed: list[str]) -> dict[str, dict]:
+    """Every peer prepared, then probed (one process and 2 workers) ``args.rounds`` times in turns; the rows of
+    the table (medians over the rounds), each printed as measured. A peer that fails is added to ``failed``."""
+    rows: dict[str, dict] = {}
+    preps = {peer: prepare(peer, work, timings) for peer in peers} if args.rounds > 1 else {}
+    runs: dict[str, list[tuple[dict, dict]]] = {peer: [] for peer in peers}
+    for r in range(args.rounds):
+        # In turns, every other round backwards: each peer meets the machine's load as the others do.
+        for peer in peers if r % 2 == 0 else peers[::-1]:
+            if peer in failed:
+                continue
+            if peer not in preps:
+                preps[peer] = prepare(peer, work, timings)
+            try:
+                one = run_probe(peer, work, args, n_cases, workers=0)
+                two = run_probe(peer, work, args, n_cases, workers=2)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails is reported, not fatal
+                print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
+                failed.append(peer)
+                continue
+            runs[peer].append((one, two))
+            if args.rounds > 1:
+                print(f"round {r + 1} {peer}: one process {one['rate']:.1f}/s (CPU {one['cpu_ms']:.1f} ms/patch, "
+                      f"load {one['load']:.1f}), 2 workers {two['rate']:.1f}/s (load {two['load']:.1f})", flush=True)
+    for peer in peers:
+        if not runs[peer] or peer in failed:
+            continue
+        ones, twos = [o for o, _ in runs[peer]], [t for _, t in runs[peer]]
+        row = dict(preps[peer])
+        row.update(first_s=_median(ones, "first_s"), epoch0_s=_median(ones, "epoch0_s"),
+                   rate1=_median(ones, "rate"), rss=max(o["rss"] for o in ones), rate2=_median(twos, "rate"),
+                   cpu_ms1=_median(ones, "cpu_ms"))
+        if peer == "monai_persistent":
+            row["disk"] = dir_size(work / "monai_persistent")
+        rows[peer] = row
+        loads = "; ".join(f"{o['load']:.1f} / {t['load']:.1f}" for o, t in runs[peer])
+        print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} (load {loads})"
+              + (f" (medians of {len(ones)} rounds; peak RSS the largest)" if len(ones) > 1 else ""), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.probe:
@@ -404,42 +446,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.patch}^3 patches, {args.samples} per case per epoch, batch size 2"
               + (f"; fake WORK + release built in {built:.0f} s" if built is not None else ""))
         timings: dict[str, float] = {}
-        rows: dict[str, dict] = {}
         failed: list[str] = []
-        preps = {peer: prepare(peer, work, timings) for peer in peers} if args.rounds > 1 else {}
-        runs: dict[str, list[tuple[dict, dict]]] = {peer: [] for peer in peers}
-        for r in range(args.rounds):
-            # In turns, every other round backwards: each peer meets the machine's load as the others do.
-            for peer in peers if r % 2 == 0 else peers[::-1]:
-                if peer in failed:
-                    continue
-                if peer not in preps:
-                    preps[peer] = prepare(peer, work, timings)
-                try:
-                    one = run_probe(peer, work, args, n_cases, workers=0)
-                    two = run_probe(peer, work, args, n_cases, workers=2)
-                except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer that fails is reported, not fatal
-                    print(f"{peer}: failed: {str(e).splitlines()[0]}", flush=True)
-                    failed.append(peer)
-                    continue
-                runs[peer].append((one, two))
-                if args.rounds > 1:
-                    print(f"round {r + 1} {peer}: one process {one['rate']:.1f}/s (CPU {one['cpu_ms']:.1f} ms/patch, "
-                          f"load {one['load']:.1f}), 2 workers {two['rate']:.1f}/s (load {two['load']:.1f})", flush=True)
-        for peer in peers:
-            if not runs[peer] or peer in failed:
-                continue
-            ones, twos = [o for o, _ in runs[peer]], [t for _, t in runs[peer]]
-            row = dict(preps[peer])
-            row.update(first_s=_median(ones, "first_s"), epoch0_s=_median(ones, "epoch0_s"),
-                       rate1=_median(ones, "rate"), rss=max(o["rss"] for o in ones), rate2=_median(twos, "rate"),
-                       cpu_ms1=_median(ones, "cpu_ms"))
-            if peer == "monai_persistent":
-                row["disk"] = dir_size(work / "monai_persistent")
-            rows[peer] = row
-            loads = "; ".join(f"{o['load']:.1f} / {t['load']:.1f}" for o, t in runs[peer])
-            print(f"{peer}: {json.dumps({k: round(v, 3) for k, v in row.items()})} (load {loads})"
-                  + (f" (medians of {len(ones)} rounds; peak RSS the largest)" if len(ones) > 1 else ""), flush=True)
+        rows = _measure_peers(peers, work, args, n_cases, timings, failed)
         if args.scaling and "project" in peers:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "scaling", "--work", str(work),
                    "--workers", str(args.scaling), "--patch", str(args.patch), "--samples", str(args.samples)]

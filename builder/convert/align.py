@@ -752,6 +752,35 @@ def _overlap_mask(
     return mask
 
 
+def _level_method(
+    settings: AlignSettings, fixed: sitk.Image, region: sitk.Image | None, shrink: int, sigma: float, *,
+    last: bool, coarse: bool, first_step: float,
+) -> sitk.ImageRegistrationMethod:
+    """The registration method of one rigid level (one pass): its samples, smoothing (in millimetres on the
+    coarse path, see COARSE_PET_RECIPE) and regular-step optimiser (capped on the coarse path's last level)."""
+    r = _method(
+        settings, region, n_voxels=_n_sampled(fixed, region), shrink_factors=(shrink,),
+        final_points=settings.final_sampling_points if last else settings.sampling_points,
+    )
+    r.SetShrinkFactorsPerLevel([shrink])
+    if coarse:
+        r.SetSmoothingSigmasPerLevel([sigma * max(fixed.GetSpacing())])
+        r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    else:
+        r.SetSmoothingSigmasPerLevel([sigma])
+        r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    capped = coarse and last  # see COARSE_MAX_ITERATIONS
+    r.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=first_step,
+        minStep=settings.min_step,
+        numberOfIterations=min(settings.iterations, COARSE_MAX_ITERATIONS) if capped else settings.iterations,
+        relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-8,
+    )
+    r.SetOptimizerScalesFromPhysicalShift()
+    return r
+
+
 def register_rigid(
     fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, *, settings: AlignSettings
 ) -> sitk.Euler3DTransform:
@@ -784,26 +813,8 @@ def register_rigid(
         passes = LAST_LEVEL_PASSES if last and fine is None else 1
         for attempt in range(passes):
             region = _overlap_mask(fixed, mask, moving, [current], settings.fov_margin_mm)
-            r = _method(
-                settings, region, n_voxels=_n_sampled(fixed, region), shrink_factors=(shrink,),
-                final_points=settings.final_sampling_points if last else settings.sampling_points,
-            )
-            r.SetShrinkFactorsPerLevel([shrink])
-            if fine is None:
-                r.SetSmoothingSigmasPerLevel([sigma])
-                r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-            else:
-                r.SetSmoothingSigmasPerLevel([sigma * max(fixed.GetSpacing())])
-                r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-            capped = fine is not None and last  # see COARSE_MAX_ITERATIONS
-            r.SetOptimizerAsRegularStepGradientDescent(
-                learningRate=2.0 if attempt == 0 else RESTART_STEP_MM,
-                minStep=settings.min_step,
-                numberOfIterations=min(settings.iterations, COARSE_MAX_ITERATIONS) if capped else settings.iterations,
-                relaxationFactor=0.5,
-                gradientMagnitudeTolerance=1e-8,
-            )
-            r.SetOptimizerScalesFromPhysicalShift()
+            r = _level_method(settings, fixed, region, shrink, sigma, last=last, coarse=fine is not None,
+                              first_step=2.0 if attempt == 0 else RESTART_STEP_MM)
             r.SetInitialTransform(current, inPlace=False)
             out = r.Execute(fixed, fine if fine is not None and last else moving)
             iterations.append(r.GetOptimizerIteration())
