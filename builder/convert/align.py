@@ -121,7 +121,8 @@ COARSE_MAX_ITERATIONS = 50
 # lower at the truth); the second pass, 34 iterations, reached 0.37 mm. The optimiser reads the metric from
 # a grid of samples whose noise makes shallow optima: on project EX0002 of seed 7310 (scanner sizes) the
 # second pass went from 0.26 to 0.52 mm, to a point with a higher metric over every voxel. So the pass kept
-# is the one with the lower metric over every voxel of the region (_lower_metric). The coarse path does not take it:
+# is the one with the lower keep-or-reject metric (_lower_metric: every voxel of the region, on a 2x coarser
+# grid once the image is large). The coarse path does not take it:
 # there it moved project exams of seed 8088 by 0.2-0.3 mm the wrong way (EX0004 0.41 -> 0.68 mm) and cost
 # 1.3x (benchmarks/results/registration.md).
 LAST_LEVEL_PASSES = 2
