@@ -73,9 +73,13 @@ at a random voxel decodes 1.4x its voxels in 16^3 blocks against 1.8x in 16 x 32
 took 12 % less CPU time to decompress (6.0 against 6.8 ms, one thread, best of 4; entries written with the older
 blocks are read as they are). Reading through a memory map (``mmap_mode="r"``, as nnU-Net does) saved another
 15 % but counts every page of the cache a process has touched in its RSS (0.89 GB against 0.47 GB for 3 cases)."""
-CODEC = "LZ4"
+CODEC = "LZ4HC"
 CLEVEL = 5
-"""blosc2 codec and level: LZ4 decompresses ~1.5x faster than ZSTD level 1 for 17% more disk (bench_loader.py)."""
+"""blosc2 codec and level. LZ4HC writes the LZ4 format with longer matches, so the same decoder has less to do:
+on 3 full-size train cases a 128^3 PET patch decompresses in 0.63x LZ4 level 5's time (3.6 against 5.7 ms, one
+thread), CT in 0.87x, for 0.93x / 0.98x the bytes; compressing costs ~2 s more CPU per case, once
+(``benchmarks/bench_cache_codec.py``). ZSTD level 1 is 0.90x the bytes but 1.6x LZ4's patch time. Entries
+written with another codec are read as they are (blosc2 records the codec per chunk)."""
 MAX_FOREGROUND_SAMPLES = 10_000
 """Foreground positions kept per case, as nnU-Net keeps at most 10,000 per class."""
 
