@@ -11,7 +11,8 @@ one process. Ratios are to the first codec (``LZ4`` level 5, the cache's codec b
     python benchmarks/bench_cache_codec.py --size full                         # builds 1 fake full-size case (~2 min)
 
 Prints one markdown table per volume: MiB on disk, compression CPU seconds (one thread), median
-ms to decompress one patch, each with its ratio to the baseline.
+ms to decompress one patch, each with its ratio to the baseline. Every patch read is compared with the
+volume it came from (exit 1 where a codec does not give the voxels back).
 """
 
 from __future__ import annotations
@@ -46,22 +47,26 @@ def _write(array: np.ndarray, path: Path, codec: str, clevel: int) -> float:
     return time.process_time() - t
 
 
-def _patch_ms(paths: list[Path], shape: tuple[int, ...], dtype, patch: int, n: int, seed: int) -> list[float]:
-    """Median ms per patch for each file, the same ``n`` random boxes on each, files read in turns."""
+def _patch_ms(paths: list[Path], source: np.ndarray, patch: int, n: int, seed: int) -> list[float]:
+    """Median ms per patch for each file, the same ``n`` random boxes on each, files read in turns; every
+    patch is compared with ``source`` (a codec that does not give the voxels back raises)."""
     import blosc2
 
     arrays = [blosc2.open(str(p), mode="r", dparams=blosc2.DParams(nthreads=1)) for p in paths]
     rng = np.random.default_rng(seed)
-    size = tuple(min(patch, s) for s in shape)
-    starts = [tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, size)) for _ in range(n)]
-    out = np.empty(size, dtype)
+    size = tuple(min(patch, s) for s in source.shape)
+    starts = [tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(source.shape, size)) for _ in range(n)]
+    out = np.empty(size, source.dtype)
     times: list[list[float]] = [[] for _ in arrays]
     for start in starts:
         stop = tuple(a + p for a, p in zip(start, size))
+        box = tuple(slice(a, b) for a, b in zip(start, stop))
         for i, array in enumerate(arrays):  # in turns: a load change hits every codec alike
             t = time.perf_counter()
             array.get_slice_numpy(out, (start, stop))
             times[i].append(time.perf_counter() - t)
+            if not np.array_equal(out, source[box]):
+                raise AssertionError(f"{paths[i].name}: the patch at {start} differs from the volume")
     return [1000 * float(np.median(t)) for t in times]
 
 
@@ -75,12 +80,16 @@ def measure(volumes: dict[str, list[np.ndarray]], folder: Path, *, patch: int, n
             for row, path, (codec, clevel) in zip(totals, paths, CANDIDATES):
                 row["compress_s"] += _write(array, path, codec, clevel)
                 row["bytes"] += path.stat().st_size
-            for row, ms in zip(totals, _patch_ms(paths, array.shape, array.dtype, patch, n, seed=k)):
+            for row, ms in zip(totals, _patch_ms(paths, array, patch, n, seed=k)):
                 row["patch_ms"] += ms / len(arrays)
             for path in paths:
                 path.unlink()
         rows[name] = totals
     return rows
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "-"
 
 
 def table(name: str, rows: list[dict]) -> str:
@@ -89,8 +98,8 @@ def table(name: str, rows: list[dict]) -> str:
              "| codec | MiB | x | compress CPU s | x | ms per patch | x |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['codec']} | {r['bytes'] / 2**20:.1f} | {r['bytes'] / base['bytes']:.2f} | {r['compress_s']:.2f} | "
-            f"{r['compress_s'] / base['compress_s']:.2f} | {r['patch_ms']:.2f} | {r['patch_ms'] / base['patch_ms']:.2f} |"
+            f"| {r['codec']} | {r['bytes'] / 2**20:.2f} | {_ratio(r['bytes'], base['bytes'])} | {r['compress_s']:.2f} | "
+            f"{_ratio(r['compress_s'], base['compress_s'])} | {r['patch_ms']:.3f} | {_ratio(r['patch_ms'], base['patch_ms'])} |"
         )
     return "\n".join(lines)
 
