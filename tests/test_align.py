@@ -207,17 +207,22 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     cubic, every axis) and only the last level reads it, with the pyramid smoothed in millimetres; a
     4 mm PET (ratio 1.33, under UPSAMPLE_MIN_RATIO) is never upsampled and its levels smooth in voxels.
     On the coarse path the last level stops at COARSE_MAX_ITERATIONS (50), the others at the settings'
-    200; the 4 mm path keeps 200 at every level and runs its last level a second time from the first's
+    200, and its metric uses COARSE_LAST_LEVEL_BINS histogram bins and COARSE_LAST_LEVEL_POINTS samples (the others the
+    settings' 64 bins and 100 k samples); the 4 mm path keeps 200 at every level and runs its last level a second time from the first's
     result, with a RESTART_STEP_MM first step (LAST_LEVEL_PASSES).
     Either way the known misalignment is recovered and the result is the same run to run."""
     m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
     n = int(round(336 / pet_mm))
     pet = make_pet(m, size=(n, int(round(240 / pet_mm)), int(round(320 / pet_mm))), spacing=(pet_mm,) * 3)
     fixed, moving, mask = align._registration_images(ct, pet, body_image(ct), align.REGISTRATION_SPACING_MM)
-    upsampled, executed, physical, optimiser = [], [], [], []
+    upsampled, executed, physical, optimiser, bins, executed_bins = [], [], [], [], [], []
     real_upsample, real_execute = align.upsample_cubic2, sitk.ImageRegistrationMethod.Execute
     real_units = sitk.ImageRegistrationMethod.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn
     real_optimiser = sitk.ImageRegistrationMethod.SetOptimizerAsRegularStepGradientDescent
+    real_mattes = sitk.ImageRegistrationMethod.SetMetricAsMattesMutualInformation
+    real_percentages = sitk.ImageRegistrationMethod.SetMetricSamplingPercentagePerLevel
+    real_mask = sitk.ImageRegistrationMethod.SetMetricFixedMask
+    sampling, executed_sampling = {}, []
 
     def spy_upsample(image, axes, **kwargs):
         upsampled.append(tuple(axes))
@@ -225,7 +230,21 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
 
     def spy_execute(self, f, mv):
         executed.append(mv.GetSpacing())
+        executed_bins.append(bins[-1])  # the bins of the method being executed: the last ones set
+        executed_sampling.append((sampling["fractions"][-1], sampling["voxels"]))
         return real_execute(self, f, mv)
+
+    def spy_percentages(self, fractions, seed):
+        sampling["fractions"] = list(fractions)
+        return real_percentages(self, fractions, seed)
+
+    def spy_mask(self, mask):
+        sampling["voxels"] = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+        return real_mask(self, mask)
+
+    def spy_mattes(self, numberOfHistogramBins):
+        bins.append(numberOfHistogramBins)
+        return real_mattes(self, numberOfHistogramBins=numberOfHistogramBins)
 
     def spy_units(self):
         physical.append(True)
@@ -239,6 +258,9 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", spy_execute)
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "SmoothingSigmasAreSpecifiedInPhysicalUnitsOn", spy_units)
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetOptimizerAsRegularStepGradientDescent", spy_optimiser)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetMetricAsMattesMutualInformation", spy_mattes)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetMetricSamplingPercentagePerLevel", spy_percentages)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetMetricFixedMask", spy_mask)
     found = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
     levels = len(AlignSettings().shrink_factors)
     native, half = (pet_mm,) * 3, (pet_mm / 2,) * 3
@@ -247,10 +269,16 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert executed == [native] * (levels - 1) + [half]
         assert physical == [True] * levels
         assert optimiser == [(2.0, 200, 0.5)] * (levels - 1) + [(2.0, 50, 0.5)]
+        assert executed_bins == [64] * (levels - 1) + [align.COARSE_LAST_LEVEL_BINS]
+        last_points = align.COARSE_LAST_LEVEL_POINTS
     else:
         # the last level twice: the second pass from the first's result with a smaller first step
         assert upsampled == [] and executed == [native] * (levels + 1) and physical == []
         assert optimiser == [(2.0, 200, 0.5)] * levels + [(align.RESTART_STEP_MM, 200, 0.5)]
+        assert executed_bins == [64] * (levels + 1)
+        last_points = AlignSettings().final_sampling_points
+    fraction, voxels = executed_sampling[-1]  # the last level samples last_points of its region's voxels
+    assert voxels > last_points and fraction == pytest.approx(last_points / voxels)
     errors = _node_errors(found, m)
     assert errors.mean() < 0.6, errors
     again = align.register_rigid(fixed, moving, mask, settings=AlignSettings())
@@ -266,9 +294,11 @@ def test_coarse_pet_iteration_cap_enters_the_settings_record(monkeypatch) -> Non
     assert before != after and {k for k in before if before[k] != after[k]} == {"coarse_pet_max_iterations"}
 
 
-@pytest.mark.parametrize("name,key", [("LAST_LEVEL_PASSES", "last_level_passes"), ("RESTART_STEP_MM", "restart_step_mm")])
+@pytest.mark.parametrize("name,key", [("LAST_LEVEL_PASSES", "last_level_passes"), ("RESTART_STEP_MM", "restart_step_mm"),
+                                      ("COARSE_LAST_LEVEL_BINS", "coarse_pet_last_level_bins"),
+                                      ("COARSE_LAST_LEVEL_POINTS", "coarse_pet_last_level_points")])
 def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
-    """The last level's second pass is part of the recipe the settings hash covers."""
+    """The last level's second pass and the coarse path's last-level bins and samples are part of the recipe the settings hash covers."""
     before = AlignSettings().to_dict()
     monkeypatch.setattr(align, name, getattr(align, name) * 2)
     after = AlignSettings().to_dict()

@@ -28,7 +28,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -112,6 +112,19 @@ COARSE_PET_RECIPE = "physical-smoothing+upsampled-last-level+last-level-iteratio
 # not kept: stopping once the metric gained < 1e-5 of its value over 10 iterations (GCQ3 0.62 mm),
 # relaxation 0.7 at the last level (more iterations on most exams: ZM2L 1.6x).
 COARSE_MAX_ITERATIONS = 50
+# Histogram bins of the coarse path's last level (the other levels and grids keep settings.histogram_bins,
+# 64). On an 8 mm PET the Mattes metric's own optimum sits off the truth along the PET's coarse axes, and the
+# fewer the bins the further: scanned from the truth over every voxel of the sampling region, independent
+# 6MVM of seed 119036 (x) -0.7 mm with 32 bins, -0.3 with 64, -0.2 with 128 and 256; project EX0003 of seed
+# 4243 (PET 8 mm slices, z) +0.8, +0.3, +0.1, 0.0; the optimum is also ~5x sharper with 128 bins than 64.
+# With 64 bins the optimiser ended at 0.70 and 0.78 mm mean TRE on those exams, and the project's
+# short-field exams of that seed at +0.35 to +0.67 mm along z (benchmarks/results/registration.md).
+COARSE_LAST_LEVEL_BINS = 128
+# Samples of the coarse path's last level (settings.final_sampling_points elsewhere, 100 k): 128 bins make
+# 4x the joint-histogram cells of 64, and with 100 k samples the sampled metric's noise then decided where
+# the flat optimum was met (independent 43ZR of seed 161803: 0.62 mm with 100 k, 0.44 mm with 200 k;
+# 6MVM 0.53 -> 0.38, project EX0001 of seed 8088 0.57 -> 0.21). At most the sampling region's voxels.
+COARSE_LAST_LEVEL_POINTS = 200_000
 # Realistic and scanner grids (the path without a coarse PET): the last level runs twice, the second time
 # from the first's result with a first step of RESTART_STEP_MM instead of 2 mm (issue 20). The regular-step
 # optimiser halves its step at every reversal of the gradient; in the body's stiff rotations that happens
@@ -213,6 +226,8 @@ class AlignSettings:
             "metric_sampling": "regular",
             "coarse_pet": COARSE_PET_RECIPE,
             "coarse_pet_max_iterations": COARSE_MAX_ITERATIONS,
+            "coarse_pet_last_level_bins": COARSE_LAST_LEVEL_BINS,
+            "coarse_pet_last_level_points": COARSE_LAST_LEVEL_POINTS,
             "last_level_passes": LAST_LEVEL_PASSES,
             "restart_step_mm": RESTART_STEP_MM,
             "interpolation": self.interpolation.value,
@@ -758,10 +773,13 @@ def _level_method(
     last: bool, coarse: bool, first_step: float,
 ) -> sitk.ImageRegistrationMethod:
     """The registration method of one rigid level (one pass): its samples, smoothing (in millimetres on the
-    coarse path, see COARSE_PET_RECIPE) and regular-step optimiser (capped on the coarse path's last level)."""
+    coarse path, see COARSE_PET_RECIPE), histogram bins and samples (COARSE_LAST_LEVEL_BINS / _POINTS at the coarse path's last level)
+    and regular-step optimiser (capped on the coarse path's last level)."""
+    if coarse and last:  # see COARSE_LAST_LEVEL_BINS
+        settings = replace(settings, histogram_bins=COARSE_LAST_LEVEL_BINS)
     r = _method(
         settings, region, n_voxels=_n_sampled(fixed, region), shrink_factors=(shrink,),
-        final_points=settings.final_sampling_points if last else settings.sampling_points,
+        final_points=(COARSE_LAST_LEVEL_POINTS if coarse else settings.final_sampling_points) if last else settings.sampling_points,
     )
     r.SetShrinkFactorsPerLevel([shrink])
     if coarse:
