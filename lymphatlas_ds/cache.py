@@ -145,6 +145,22 @@ def _info_checksum(info: dict[str, Any]) -> str:
     return xxhash.xxh3_128(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def write_volume(
+    array: np.ndarray, target: Path, *, chunks: tuple[int, ...] = CHUNKS, blocks: tuple[int, ...] = BLOCKS,
+    codec: str = CODEC, clevel: int = CLEVEL, nthreads: int = 1,
+) -> None:
+    """Write ``array`` to ``target`` as the cache stores a volume: a blosc2 array in ``chunks`` of ``blocks``
+    (each cut to the array), byte-shuffled, compressed with ``codec`` at ``clevel``
+    (``benchmarks/bench_cache_codec.py`` writes its candidates through this too)."""
+    import blosc2
+
+    chunks = tuple(min(c, s) for c, s in zip(chunks, array.shape))
+    blocks = tuple(min(b, c) for b, c in zip(blocks, chunks))
+    cparams = blosc2.CParams(codec=blosc2.Codec[codec], clevel=clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=nthreads)
+    blosc2.asarray(np.ascontiguousarray(array), urlpath=str(target), mode="w", chunks=chunks, blocks=blocks,
+                   cparams=cparams)
+
+
 def _write_error(path: Path, case_id: str, error: BaseException) -> CacheError:
     """A CacheError naming the file, the cause (with the free space when the disk is nearly full) and the fix."""
     cause = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
@@ -538,18 +554,9 @@ class DecodedCache:
 
     def _compress(self, array: np.ndarray, target: Path, path: Path, case_id: str) -> None:
         """Write one volume to ``target`` as a blosc2 array cut into this cache's chunks and blocks."""
-        import blosc2
-
-        cparams = blosc2.CParams(
-            codec=blosc2.Codec[CODEC], clevel=self.clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=_nthreads()
-        )
-        chunks = tuple(min(c, s) for c, s in zip(self.chunks, array.shape))
-        blocks = tuple(min(b, c) for b, c in zip(self.blocks, chunks))
         try:
-            blosc2.asarray(
-                np.ascontiguousarray(array), urlpath=str(target), mode="w",
-                chunks=chunks, blocks=blocks, cparams=cparams,
-            )
+            write_volume(array, target, chunks=self.chunks, blocks=self.blocks, codec=CODEC, clevel=self.clevel,
+                         nthreads=_nthreads())
         except (RuntimeError, ValueError, OSError) as e:  # blosc2: "Error while creating the NDArray"
             raise _write_error(path / target.name, case_id, e) from e
 

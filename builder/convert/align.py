@@ -772,14 +772,14 @@ def _level_method(
     settings: AlignSettings, fixed: sitk.Image, region: sitk.Image | None, shrink: int, sigma: float, *,
     last: bool, coarse: bool, first_step: float,
 ) -> sitk.ImageRegistrationMethod:
-    """The registration method of one rigid level (one pass): its samples, smoothing (in millimetres on the
-    coarse path, see COARSE_PET_RECIPE), histogram bins and samples (COARSE_LAST_LEVEL_BINS / _POINTS at the coarse path's last level)
-    and regular-step optimiser (capped on the coarse path's last level)."""
+    """The registration method of one rigid level (one pass): its samples and histogram bins (COARSE_LAST_LEVEL_BINS
+    and _POINTS at the coarse path's last level), smoothing (in millimetres on the coarse path, see
+    COARSE_PET_RECIPE) and regular-step optimiser (capped on the coarse path's last level)."""
     if coarse and last:  # see COARSE_LAST_LEVEL_BINS
-        settings = replace(settings, histogram_bins=COARSE_LAST_LEVEL_BINS)
+        settings = replace(settings, histogram_bins=COARSE_LAST_LEVEL_BINS, final_sampling_points=COARSE_LAST_LEVEL_POINTS)
     r = _method(
         settings, region, n_voxels=_n_sampled(fixed, region), shrink_factors=(shrink,),
-        final_points=(COARSE_LAST_LEVEL_POINTS if coarse else settings.final_sampling_points) if last else settings.sampling_points,
+        final_points=settings.final_sampling_points if last else settings.sampling_points,
     )
     r.SetShrinkFactorsPerLevel([shrink])
     if coarse:
