@@ -254,6 +254,13 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         optimiser.append((kwargs["learningRate"], kwargs["numberOfIterations"], kwargs["relaxationFactor"]))
         return real_optimiser(self, **kwargs)
 
+    settled, real_settled = [], align._stop_when_settled
+
+    def spy_settled(r, center, points, window, mm):
+        settled.append((window, mm, len(points)))
+        return real_settled(r, center, points, window, mm)
+
+    monkeypatch.setattr(align, "_stop_when_settled", spy_settled)
     monkeypatch.setattr(align, "upsample_cubic2", spy_upsample)
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", spy_execute)
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "SmoothingSigmasAreSpecifiedInPhysicalUnitsOn", spy_units)
@@ -270,12 +277,17 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert physical == [True] * levels
         assert optimiser == [(2.0, 200, 0.5)] * (levels - 1) + [(2.0, 50, 0.5)]
         assert executed_bins == [64] * (levels - 1) + [align.COARSE_LAST_LEVEL_BINS]
+        # every level stops once settled, the last one at its own distance, each from ~300 body points
+        window = align.COARSE_SETTLED_WINDOW
+        assert [s[:2] for s in settled] == [(window, align.COARSE_SETTLED_MM)] * (levels - 1) + [(window, align.COARSE_LAST_SETTLED_MM)]
+        assert all(250 <= s[2] <= 350 for s in settled), settled
         last_points = align.COARSE_LAST_LEVEL_POINTS
     else:
         # the last level twice: the second pass from the first's result with a smaller first step
         assert upsampled == [] and executed == [native] * (levels + 1) and physical == []
         assert optimiser == [(2.0, 200, 0.5)] * levels + [(align.RESTART_STEP_MM, 200, 0.5)]
         assert executed_bins == [64] * (levels + 1)
+        assert settled == []  # the 4 mm path runs each level to its optimiser's own stop
         last_points = AlignSettings().final_sampling_points
     fraction, voxels = executed_sampling[-1]  # the last level samples last_points of its region's voxels
     assert voxels > last_points and fraction == pytest.approx(last_points / voxels)
@@ -294,9 +306,56 @@ def test_coarse_pet_iteration_cap_enters_the_settings_record(monkeypatch) -> Non
     assert before != after and {k for k in before if before[k] != after[k]} == {"coarse_pet_max_iterations"}
 
 
+class _Walk:
+    """A stand-in for a registration method whose optimiser takes ``steps`` (Euler 3D parameter increments),
+    calling the iteration command after each, until the command stops it."""
+
+    def __init__(self, steps):
+        self.steps, self.position, self.iterations, self.stopped = steps, np.zeros(6), 0, False
+
+    def AddCommand(self, event, command):
+        assert event == sitk.sitkIterationEvent
+        self.command = command
+
+    def GetOptimizerPosition(self):
+        return tuple(self.position)
+
+    def StopRegistration(self):
+        self.stopped = True
+
+    def run(self) -> int:
+        for step in self.steps:
+            self.position = self.position + np.asarray(step, float)
+            self.iterations += 1
+            self.command()
+            if self.stopped:
+                break
+        return self.iterations
+
+
+@pytest.mark.parametrize("steps,stops_after", [
+    ([(0, 0, 0, 0.011, 0, 0)] * 60, None),  # 0.11 mm per 10 iterations: still moving
+    ([(0, 0, 0, 0.009, 0, 0)] * 60, 11),  # 0.09 mm: settled once 10 iterations lie behind the first position
+    ([(0, 0, 0, 0, 0, 0.5)] * 20 + [(0, 0, 0, 0, 0, 0.002)] * 40, 30),  # a fast start, then a crawl along z
+    ([(0, 0, 0.00009, 0, 0, 0)] * 60, 11),  # a rotation about z: 0.009 and 0.171 mm per 10 iterations at the points, 0.09 mean
+    ([(0, 0, 0.00011, 0, 0, 0)] * 60, None),  # 0.11 mm mean
+], ids=["moving", "crawling", "fast-then-crawling", "rotation-mean-under", "rotation-mean-over"])
+def test_coarse_level_stops_once_the_body_points_have_settled(steps, stops_after) -> None:
+    """_stop_when_settled stops the optimiser at the first iteration after which the points moved on average
+    less than the distance over the window (10 iterations, 0.1 mm here), measured through the Euler transform
+    about the centre: rotations count by each point's distance from it (10 and 190 mm here, mean 100 mm)."""
+    center = (200.0, -150.0, 120.0)  # far from the origin: a rotation about the origin would move the points 2.3x as far
+    points = np.array([[200.0 + 10.0, -150.0, 120.0], [200.0, -150.0 + 190.0, 120.0]])
+    walk = _Walk(steps)
+    align._stop_when_settled(walk, center, points, window=10, mm=0.1)
+    assert walk.run() == (stops_after or len(steps)) and walk.stopped == (stops_after is not None)
+
+
 @pytest.mark.parametrize("name,key", [("LAST_LEVEL_PASSES", "last_level_passes"), ("RESTART_STEP_MM", "restart_step_mm"),
                                       ("COARSE_LAST_LEVEL_BINS", "coarse_pet_last_level_bins"),
-                                      ("COARSE_LAST_LEVEL_POINTS", "coarse_pet_last_level_points")])
+                                      ("COARSE_LAST_LEVEL_POINTS", "coarse_pet_last_level_points"),
+                                      ("COARSE_SETTLED_WINDOW", "coarse_pet_settled"), ("COARSE_SETTLED_MM", "coarse_pet_settled"),
+                                      ("COARSE_LAST_SETTLED_MM", "coarse_pet_settled")])
 def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
     """The last level's second pass and the coarse path's last-level bins and samples are part of the recipe the settings hash covers."""
     before = AlignSettings().to_dict()
