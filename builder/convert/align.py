@@ -101,7 +101,7 @@ MIN_MASK_VOXELS = 1000
 #   started from the truth, the independent generator's GGVL over 6 sample seeds 0.64 -> 0.46 mm).
 # Upsampling every level instead met the accuracy but the first level then ran to 130-200
 # iterations on an 8x larger image (up to 1.98x the time); here only the last level reads it.
-COARSE_PET_RECIPE = "physical-smoothing+upsampled-last-level+last-level-iteration-cap+settled-stop"
+COARSE_PET_RECIPE = "physical-smoothing+upsampled-last-level+last-level-iteration-cap+last-level-settled-stop"
 # Iterations of the coarse path's last level, the one on the upsampled PET (issue 20's time bound:
 # 1.5x the previous recipe per exam). Along the body's axis the metric is flat: once reversals in the
 # stiff rotations have halved the regular step to ~0.002 mm, the optimiser can crawl along z at that
@@ -126,25 +126,22 @@ COARSE_LAST_LEVEL_BINS = 128
 # the flat optimum was met (independent 43ZR of seed 161803: 0.62 mm with 100 k, 0.44 mm with 200 k;
 # 6MVM 0.53 -> 0.38, project EX0001 of seed 8088 0.57 -> 0.21). At most the sampling region's voxels.
 COARSE_LAST_LEVEL_POINTS = 200_000
-# Each level of the coarse path stops once the transform has settled (issue 20's time bound, 1.5x the previous
-# recipe per exam): once ~300 body points moved on average less than COARSE_SETTLED_MM (the last level:
-# COARSE_LAST_SETTLED_MM) over the last COARSE_SETTLED_WINDOW iterations. The regular-step optimiser halves
-# its step at each reversal of the gradient, and the stiff rotations reverse every other iteration, so within
-# ~20 iterations its step is a few micrometres; it then walks the metric's flat directions (a rotation coupled
-# with a shift, the body's axis) at that step to the iteration cap: independent ASTC of seed 555123 ran 200,
-# 200 and 20 iterations (2.0x the previous recipe's CPU), 5YHE of 271828 53, 25 and 50 (2.6x), the last level's
-# iterations on the upsampled PET costing ~55 ms each. A first level's walk is mostly re-searched anyway, the
-# next level starting from a 2 mm step. On the 17 slowest or least accurate exams of both generators, stopped
-# levels ended at 0.07-0.54 mm mean TRE against 0.07-0.44 run to their caps, the largest change project EX0001
-# of seed 8088 (0.21 -> 0.54 mm), in 0.49-1.05x the CPU (benchmarks/results/registration.md). Also tried: 0.06 mm
-# at every level (3Z5S of 161803 1.8x the previous recipe), 0.06 at the first levels with 0.08 at the last (3Z5S
-# 1.8x), 0.08 everywhere (EX0001 0.57 mm), a 6-iteration window (no faster overall). Not kept: a larger minimum
-# step (0.01 mm at the first levels: EX0001 0.55 mm; at the last: 43ZR of 161803 0.44 -> 0.57), a 0.5 mm first
-# step at the last level (EX0001 0.61, 43ZR 0.74), the moving image's gradient filter (43ZR 0.58), L-BFGS-B
-# (ignores the scales; no faster), fitting only the translation at the last level (43ZR 1.31 mm), centring the
-# rotation on the sampling region (6MVM then ran the last level to its cap).
+# The coarse path's last level (on the upsampled PET) stops once the transform has settled (issue 20's time
+# bound, 1.5x the previous recipe per exam): once ~300 body points moved on average less than
+# COARSE_LAST_SETTLED_MM over the last COARSE_SETTLED_WINDOW iterations. The regular-step optimiser halves its
+# step at each reversal of the gradient, and the stiff rotations reverse every other iteration, so within ~20
+# iterations its step is a few micrometres; it then walks the metric's flat directions (a rotation coupled
+# with a shift, the body's axis) at that step to the iteration cap, each iteration of this level costing
+# ~55 ms (200 k samples): independent 5YHE of seed 271828 ran 50 there (2.85 s; the previous recipe 1.32 s in
+# all). The first levels keep running to their own stop: the same rule there (0.1 mm) was faster still (78
+# exams at 1.10x the previous recipe's CPU, 1 over 1.5x) but left some exams in another basin, the suite's
+# project EX0002 of seed 31 (PET 8 mm, 8 mm PSF, short field of view) at 1.07 mm instead of 0.72 with its
+# first level stopped at 85 iterations; stopped at the middle level only, project EX0001 of seed 8088 ended
+# at 0.60 mm and independent 43ZR of 161803 at 0.59 (benchmarks/results/registration.md). Also not kept: a
+# larger minimum step (0.01 mm at the last level: 43ZR 0.44 -> 0.57), a 0.5 mm first step at the last level
+# (EX0001 0.61, 43ZR 0.74), the moving image's gradient filter (43ZR 0.58), L-BFGS-B (ignores the scales; no
+# faster), fitting only the translation at the last level (43ZR 1.31 mm), a 6-iteration window (no faster).
 COARSE_SETTLED_WINDOW = 10
-COARSE_SETTLED_MM = 0.1
 COARSE_LAST_SETTLED_MM = 0.08
 # Realistic and scanner grids (the path without a coarse PET): the last level runs twice, the second time
 # from the first's result with a first step of RESTART_STEP_MM instead of 2 mm (issue 20). The regular-step
@@ -249,7 +246,7 @@ class AlignSettings:
             "coarse_pet_max_iterations": COARSE_MAX_ITERATIONS,
             "coarse_pet_last_level_bins": COARSE_LAST_LEVEL_BINS,
             "coarse_pet_last_level_points": COARSE_LAST_LEVEL_POINTS,
-            "coarse_pet_settled": [COARSE_SETTLED_WINDOW, COARSE_SETTLED_MM, COARSE_LAST_SETTLED_MM],
+            "coarse_pet_last_level_settled": [COARSE_SETTLED_WINDOW, COARSE_LAST_SETTLED_MM],
             "last_level_passes": LAST_LEVEL_PASSES,
             "restart_step_mm": RESTART_STEP_MM,
             "interpolation": self.interpolation.value,
@@ -878,9 +875,8 @@ def register_rigid(
             r = _level_method(settings, fixed, region, shrink, sigma, last=last, coarse=fine is not None,
                               first_step=2.0 if attempt == 0 else RESTART_STEP_MM)
             r.SetInitialTransform(current, inPlace=False)
-            if points is not None:  # see COARSE_SETTLED_WINDOW
-                _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW,
-                                   COARSE_LAST_SETTLED_MM if last else COARSE_SETTLED_MM)
+            if points is not None and last:  # see COARSE_SETTLED_WINDOW
+                _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW, COARSE_LAST_SETTLED_MM)
             out = r.Execute(fixed, fine if fine is not None and last else moving)
             iterations.append(r.GetOptimizerIteration())
             logger.debug("rigid level %d pass %d: %s after %d iterations", level, attempt, r.GetOptimizerStopConditionDescription(), iterations[-1])
