@@ -356,7 +356,8 @@ def test_coarse_level_stops_once_the_body_points_have_settled(steps, stops_after
                                       ("COARSE_SETTLED_WINDOW", "coarse_pet_last_level_settled"),
                                       ("COARSE_LAST_SETTLED_MM", "coarse_pet_last_level_settled")])
 def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
-    """The last level's second pass and the coarse path's last-level bins and samples are part of the recipe the settings hash covers."""
+    """The last level's second pass and the coarse path's last-level bins, samples and settled rule are part of the recipe
+    the settings hash covers."""
     before = AlignSettings().to_dict()
     monkeypatch.setattr(align, name, getattr(align, name) * 2)
     after = AlignSettings().to_dict()

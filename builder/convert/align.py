@@ -865,7 +865,8 @@ def register_rigid(
     # on 4 mm): see COARSE_PET_RECIPE. Realistic grids (PET 4 mm on 3-4 mm) take the path unchanged.
     coarse_axes = _coarse_axes(moving, fixed)
     fine = upsample_cubic2(moving, coarse_axes, bounded=True) if any(coarse_axes) else None
-    points = None if fine is None else _body_points(fixed, None if mask is None else sitk.GetArrayViewFromImage(mask) > 0, n=300)
+    body_arr = None if mask is None else sitk.GetArrayViewFromImage(mask)
+    points = None if fine is None else _body_points(fixed, body_arr, n=300)  # see COARSE_SETTLED_WINDOW
     iterations: list[int] = []
     for level, (shrink, sigma) in enumerate(levels):
         last = level == len(levels) - 1
