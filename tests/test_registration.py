@@ -210,27 +210,94 @@ def _foreign_errors(matrix, truth: dict) -> np.ndarray:
     return foreign_phantoms.lesion_residuals(np.asarray(matrix, float), truth)
 
 
-def test_convert_meets_tre_bounds_on_the_independent_generator(tmp_path_factory, foreign_seed) -> None:
-    """Two realistic exams of the independent generator (CT ~2 mm, 3 mm slices; PET ~4 mm, 6.5 mm
-    PSF), converted as `convert` runs them: the transform case.json records puts every lesion centre
-    within issue 20's bounds (mean at most 0.5 mm, worst lesion at most 1.0 mm, per exam)."""
-    from builder.convert import pipeline
-
+@pytest.fixture(scope="module")
+def foreign_medium(tmp_path_factory, foreign_seed) -> tuple[int, Path, list[dict]]:
+    """Two realistic exams of the independent generator (CT ~2 mm, 3 mm slices; PET ~4 mm, 6.5 mm PSF)."""
     source, truths = _foreign(tmp_path_factory, foreign_seed, "medium", limit=2)
     assert len(truths) == 2, [t["exam_id"] for t in truths]
+    return foreign_seed, source, truths
+
+
+def _convert_meets_the_realistic_bounds(tmp_path_factory, seed: int, source: Path, truths: list[dict]) -> None:
+    """Convert the exams as `convert` runs them: each keeps its rigid registration, and the transform
+    case.json records puts every lesion centre within issue 20's bounds (mean at most 0.5 mm, worst
+    lesion at most 1.0 mm, per exam)."""
+    from builder.convert import pipeline
+
     work = tmp_path_factory.mktemp("foreign_work")
     summary = pipeline.convert_cohort(source, work, workers=1, progress=False)
-    assert summary.n_converted == 2, (foreign_seed, summary.line())
+    assert summary.n_converted == len(truths), (seed, summary.line())
     ids = pipeline.read_id_map(work)
     for truth in truths:
         case = json.loads((work / "cases" / ids[truth["exam_id"]]["case_id"] / "case.json").read_text())
         alignment = case["alignment"]
         errors = _foreign_errors(alignment["transform"]["matrix"], truth)
         tre = np.linalg.norm(errors, axis=1)
-        what = (f"seed {foreign_seed} exam {truth['exam_id']} ({truth['variant']}): TRE per lesion "
+        what = (f"seed {seed} exam {truth['exam_id']} ({truth['variant']}): TRE per lesion "
                 f"{tre.round(3).tolist()} mm, mean residual xyz {errors.mean(0).round(3).tolist()} mm")
         assert alignment["method"] == Method.RIGID.value and alignment["improved"] is True, (what, alignment["decision"])
         assert tre.mean() <= 0.5 and tre.max() <= 1.0, what
+
+
+def test_convert_meets_tre_bounds_on_the_independent_generator(tmp_path_factory, foreign_medium) -> None:
+    """The two realistic exams of the seed drawn for this run, converted: see
+    :func:`_convert_meets_the_realistic_bounds`."""
+    _convert_meets_the_realistic_bounds(tmp_path_factory, *foreign_medium)
+
+
+@pytest.mark.slow
+def test_convert_keeps_the_registration_of_fmp3_of_seed_269172(tmp_path_factory) -> None:
+    """The exam that found the keep-or-reject metric's bias: FMP3 of seed 269172 (GE, scout and NAC
+    series beside it), whose scanner alignment is 4-6 mm off at its lesions, scored lower than the
+    registration (0.2 mm) until the metric's coarser region took whole blocks (:func:`align._evaluator`),
+    and convert kept the scanner's alignment."""
+    from lymphatlas_synth import foreign as foreign_phantoms
+
+    if foreign_phantoms.foreign_script() is None:
+        pytest.skip(foreign_phantoms.missing_reason())
+    source, truths = _foreign(tmp_path_factory, 269172, "medium", limit=2)
+    assert "FMP3" in [t["exam_id"] for t in truths]
+    _convert_meets_the_realistic_bounds(tmp_path_factory, 269172, source, truths)
+
+
+def _affine(matrix: np.ndarray) -> sitk.AffineTransform:
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(np.asarray(matrix, float)[:3, :3].ravel().tolist())
+    t.SetTranslation(np.asarray(matrix, float)[:3, 3].tolist())
+    return t
+
+
+def test_keep_or_reject_metric_has_its_optimum_at_the_truth(foreign_medium) -> None:
+    """The metric that decides whether a registration is kept (:func:`align._evaluator`, on its 2x
+    coarser grid for these exams) prefers the true transform to the scanner's alignment, and its optimum
+    along each axis, from a parabola through the truth and +-1.5 mm, lies within 0.8 mm of the truth.
+    Measured on 36 exams of 4 seeds: within 0.57 mm; with the region resampled by nearest neighbour
+    (half a fine voxel off) 0.2-3.5 mm off in y, over 0.8 mm on 30 of 36, and FMP3 of seed 269172
+    scored its scanner alignment (4-6 mm off) lower than the truth."""
+    seed, source, truths = foreign_medium
+    settings = AlignSettings()
+    for truth in truths:
+        ct, pet, body = _images(source, truth["exam_id"])
+        fixed, moving, mask = align._registration_images(ct, pet, body, settings.registration_spacing_mm)
+        assert np.prod(fixed.GetSize()) > align.EVALUATION_MAX_VOXELS  # the coarser grid is the one tested
+        true = np.asarray(truth["misalignment"]["ct_to_pet_lps"], float)
+        identity = sitk.Euler3DTransform()
+        identity.SetCenter(tuple(float(c) for c in align._bbox_corners(fixed, None).mean(0)))
+        region = align._overlap_mask(fixed, mask, moving, [identity, _affine(true)], settings.fov_margin_mm)
+        evaluate = align._evaluator(settings, fixed, moving, region)
+        at_truth, at_scanner = evaluate(_affine(true)), evaluate(identity)
+        what = f"seed {seed} exam {truth['exam_id']} ({truth['variant']})"
+        assert at_truth < at_scanner - align.MIN_RELATIVE_IMPROVEMENT * abs(at_scanner), (what, at_truth, at_scanner)
+        for axis in range(3):
+            values = []
+            for d in (-1.5, 1.5):
+                moved = true.copy()
+                moved[axis, 3] += d
+                values.append(evaluate(_affine(moved)))
+            curvature = values[0] + values[1] - 2 * at_truth
+            assert curvature > 0, (what, axis, values, at_truth)
+            optimum = 1.5 * (values[0] - values[1]) / (2 * curvature)
+            assert abs(optimum) <= 0.8, (what, "xyz"[axis], round(optimum, 3))
 
 
 def test_rigid_registration_meets_the_coarse_bound_on_the_independent_generator(tmp_path_factory, foreign_seed) -> None:

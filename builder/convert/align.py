@@ -1057,17 +1057,41 @@ def _evaluator(
     settings: AlignSettings, fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None
 ) -> Callable[[sitk.Transform], float]:
     """The keep-or-reject metric of a transform: Mattes MI over every voxel of the body (exact and
-    deterministic), on a grid twice as coarse once the image is large, to keep it ~0.2 s."""
+    deterministic), on a grid twice as coarse once the image is large, to keep it ~0.2 s.
+
+    On the coarser grid the region is the blocks that lie wholly inside ``mask`` (:func:`_blocks_inside`).
+    Its nearest-neighbour resampling put every coarse voxel centre, a corner shared by 8 fine voxels,
+    on the voxel ahead of it: the region moved by half a fine voxel (2 mm in-plane on a 3.9 mm grid)
+    against the CT, took in skin-and-air voxels on one side, and the metric's optimum moved towards
+    -x and -y. Measured on 9 realistic exams of the independent generator (seed 9047), the optimum
+    per axis lay 0.2-3.5 mm from the truth in y (1.5 mm median), 0.1-0.6 mm with whole blocks; on
+    FMP3 of seed 269172 the scanner's alignment, 4-6 mm off, scored lower than the truth, so convert
+    kept it."""
     e_fixed, e_mask = fixed, mask
     if np.prod(fixed.GetSize()) > EVALUATION_MAX_VOXELS:
-        e_fixed = sitk.BinShrink(fixed, [2, 2, 2])
-        if mask is not None:
-            e_mask = sitk.Resample(mask, e_fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        shrunk = sitk.BinShrink(fixed, [2, 2, 2])
+        inside = None if mask is None else _blocks_inside(mask, 2)
+        if inside is None or _n_sampled(shrunk, inside) >= MIN_MASK_VOXELS:
+            e_fixed, e_mask = shrunk, inside
 
     def evaluate(transform: sitk.Transform) -> float:
         return _evaluate(settings, e_fixed, moving, e_mask, transform)
 
     return evaluate
+
+
+def _blocks_inside(mask: sitk.Image, factor: int) -> sitk.Image:
+    """``mask`` on the grid :func:`sitk.BinShrink` makes with ``factor``: the voxels whose whole block of
+    factor**3 fine voxels lies inside ``mask``, so that the region keeps its centre
+    (see :func:`_evaluator`).
+
+    Example:
+        >>> m = sitk.GetImageFromArray(np.pad(np.ones((4, 4, 4), np.uint8), 2))
+        >>> int(sitk.GetArrayFromImage(_blocks_inside(m, 2)).sum())
+        8
+    """
+    mean = sitk.BinShrink(sitk.Cast(mask > 0, sitk.sitkFloat32), [factor] * 3)
+    return sitk.Cast(mean > 0.999, sitk.sitkUInt8)
 
 
 def _record_transform(
