@@ -305,6 +305,32 @@ def test_coarse_pet_iteration_cap_enters_the_settings_record(monkeypatch) -> Non
     assert before != after and {k for k in before if before[k] != after[k]} == {"coarse_pet_max_iterations"}
 
 
+def test_rotation_scales_are_the_squared_lever_arms_of_the_sampled_body() -> None:
+    """_body_scales: for a cylinder along z (radius 150 mm, 800 mm long) centred off the image's centre,
+    the rotation about z moves its farthest point 150 mm per radian and those about x and y
+    sqrt(150^2 + 400^2) mm; the scales are those squared (1 for the translations), whatever the image
+    around the body. The image's corners give other arms (about z: the in-plane corners, 354 mm)."""
+    spacing, size = 5.0, (101, 101, 201)
+    image = sitk.Image(*size, sitk.sitkUInt8)
+    image.SetSpacing((spacing,) * 3)
+    image.SetOrigin((-250.0, -250.0, -500.0))
+    z, y, x = np.meshgrid(*[np.arange(n) * spacing + o for n, o in zip(size[::-1], (-500.0, -250.0, -250.0))], indexing="ij")
+    centre = np.array([40.0, -30.0, 50.0])
+    body = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= 150.0 ** 2) & (np.abs(z - centre[2]) <= 400.0)
+    scales = align._body_scales(image, body, tuple(centre))
+    expected = [150.0 ** 2 + 400.0 ** 2] * 2 + [150.0 ** 2]
+    # the points lie on a sub-grid of the voxels (every 4th here, 20 mm): the farthest within a few % of the surface
+    np.testing.assert_allclose(np.sqrt(scales[:3]), np.sqrt(expected), rtol=0.05)
+    assert scales[3:] == [1.0, 1.0, 1.0]
+    corners = align._body_scales(image, None, tuple(centre))
+    assert np.sqrt(corners[2]) > 300.0  # the in-plane corners, not the body
+
+
+def test_optimizer_scales_enter_the_settings_record() -> None:
+    """Another way of scaling the optimiser's parameters converts every exam again."""
+    assert AlignSettings().to_dict()["optimizer_scales"] == "body-lever-arms"
+
+
 class _Walk:
     """A stand-in for a registration method whose optimiser takes ``steps`` (Euler 3D parameter increments),
     calling the iteration command after each, until the command stops it."""
