@@ -207,7 +207,7 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     cubic, every axis) and only the last level reads it, with the pyramid smoothed in millimetres; a
     4 mm PET (ratio 1.33, under UPSAMPLE_MIN_RATIO) is never upsampled and its levels smooth in voxels.
     On the coarse path the last level stops at COARSE_MAX_ITERATIONS (50), the others at the settings'
-    200, and its metric uses COARSE_LAST_LEVEL_BINS histogram bins and COARSE_LAST_LEVEL_POINTS samples (the others the
+    200, and starts with a COARSE_LAST_FIRST_STEP_MM first step (the others 2 mm), and its metric uses COARSE_LAST_LEVEL_BINS histogram bins and COARSE_LAST_LEVEL_POINTS samples (the others the
     settings' 64 bins and 100 k samples); the 4 mm path keeps 200 at every level and runs its last level a second time from the first's
     result, with a RESTART_STEP_MM first step (LAST_LEVEL_PASSES).
     Either way the known misalignment is recovered and the result is the same run to run."""
@@ -255,6 +255,13 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         return real_optimiser(self, **kwargs)
 
     settled, real_settled = [], align._stop_when_settled
+    scales, real_scales = [], sitk.ImageRegistrationMethod.SetOptimizerScales
+
+    def spy_scales(self, values):
+        scales.append(list(values))
+        return real_scales(self, values)
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetOptimizerScales", spy_scales)
 
     def spy_settled(r, center, points, window, mm):
         settled.append((window, mm, len(points)))
@@ -275,7 +282,8 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert upsampled == [(True, True, True)]
         assert executed == [native] * (levels - 1) + [half]
         assert physical == [True] * levels
-        assert optimiser == [(2.0, 200, 0.5)] * (levels - 1) + [(2.0, 50, 0.5)]
+        # the last level starts from the middle level's result: a smaller first step
+        assert optimiser == [(2.0, 200, 0.5)] * (levels - 1) + [(align.COARSE_LAST_FIRST_STEP_MM, 50, 0.5)]
         assert executed_bins == [64] * (levels - 1) + [align.COARSE_LAST_LEVEL_BINS]
         # the last level stops once settled, read from ~300 body points; the first levels run to their own stop
         assert [s[:2] for s in settled] == [(align.COARSE_SETTLED_WINDOW, align.COARSE_LAST_SETTLED_MM)]
@@ -288,6 +296,9 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert executed_bins == [64] * (levels + 1)
         assert settled == []  # the 4 mm path runs each level to its optimiser's own stop
         last_points = AlignSettings().final_sampling_points
+    # every level, every pass: the body's lever arms about the rotation centre (_body_scales)
+    body = align._body_scales(fixed, sitk.GetArrayViewFromImage(mask), found.GetCenter())
+    assert len(scales) == len(executed) and all(v == body for v in scales), (scales, body)
     fraction, voxels = executed_sampling[-1]  # the last level samples last_points of its region's voxels
     assert voxels > last_points and fraction == pytest.approx(last_points / voxels)
     errors = _node_errors(found, m)
@@ -380,10 +391,11 @@ def test_coarse_level_stops_once_the_body_points_have_settled(steps, stops_after
                                       ("COARSE_LAST_LEVEL_BINS", "coarse_pet_last_level_bins"),
                                       ("COARSE_LAST_LEVEL_POINTS", "coarse_pet_last_level_points"),
                                       ("COARSE_SETTLED_WINDOW", "coarse_pet_last_level_settled"),
-                                      ("COARSE_LAST_SETTLED_MM", "coarse_pet_last_level_settled")])
+                                      ("COARSE_LAST_SETTLED_MM", "coarse_pet_last_level_settled"),
+                                      ("COARSE_LAST_FIRST_STEP_MM", "coarse_pet_last_level_first_step_mm")])
 def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
-    """The last level's second pass and the coarse path's last-level bins, samples and settled rule are part of the recipe
-    the settings hash covers."""
+    """The last level's second pass and the coarse path's last-level bins, samples, settled rule and first step are part of
+    the recipe the settings hash covers."""
     before = AlignSettings().to_dict()
     monkeypatch.setattr(align, name, getattr(align, name) * 2)
     after = AlignSettings().to_dict()

@@ -147,6 +147,15 @@ COARSE_LAST_LEVEL_POINTS = 200_000
 # the 104 coarse exams end at 0.02-0.45 mm and 1.05x the previous recipe's CPU in total.)
 COARSE_SETTLED_WINDOW = 10
 COARSE_LAST_SETTLED_MM = 0.08
+# First step of the coarse path's last level, which starts from the middle level's result (the other levels
+# start at 2 mm). On the independent generator's small exams the sampling region is ~150-260 k voxels, so the
+# last level's 200 k samples read nearly all of it at ~70 ms per iteration, and from 2 mm it spent its first
+# iterations coming back: 2FSE of seed 2027 ran 20 iterations there (1.9 s in all, 1.6-1.8x the previous
+# recipe), 7S9J of 161803 34 (2.4 s, 1.7x); from 0.5 mm 13 and 21 (1.5 and 1.6 s), with the same or lower
+# error (0.07 -> 0.09, 0.10 -> 0.05 mm; 43ZR 0.25 -> 0.16, 6MVM 0.36 -> 0.37, project EX0001 of 8088
+# 0.11, the suite's EX0002 0.43). 0.25 mm did as well within noise. With the corner-based scales a
+# 0.5 mm first step had moved exams into other basins (EX0001 0.61, 43ZR 0.74 mm).
+COARSE_LAST_FIRST_STEP_MM = 0.5
 # Realistic and scanner grids (the path without a coarse PET): the last level runs twice, the second time
 # from the first's result with a first step of RESTART_STEP_MM instead of 2 mm (issue 20). The regular-step
 # optimiser halves its step at every reversal of the gradient; in the body's stiff rotations that happens
@@ -252,6 +261,7 @@ class AlignSettings:
             "coarse_pet_last_level_bins": COARSE_LAST_LEVEL_BINS,
             "coarse_pet_last_level_points": COARSE_LAST_LEVEL_POINTS,
             "coarse_pet_last_level_settled": [COARSE_SETTLED_WINDOW, COARSE_LAST_SETTLED_MM],
+            "coarse_pet_last_level_first_step_mm": COARSE_LAST_FIRST_STEP_MM,
             "last_level_passes": LAST_LEVEL_PASSES,
             "restart_step_mm": RESTART_STEP_MM,
             "interpolation": self.interpolation.value,
@@ -868,6 +878,14 @@ def _stop_when_settled(
     r.AddCommand(sitk.sitkIterationEvent, check)
 
 
+def _first_step(attempt: int, coarse_last: bool) -> float:
+    """The optimiser's first step (mm) at a level: 2 mm, less where the level starts from a result at its own
+    scale (RESTART_STEP_MM for the second pass, COARSE_LAST_FIRST_STEP_MM on the coarse path's last level)."""
+    if attempt:
+        return RESTART_STEP_MM
+    return COARSE_LAST_FIRST_STEP_MM if coarse_last else 2.0
+
+
 def register_rigid(
     fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, *, settings: AlignSettings
 ) -> sitk.Euler3DTransform:
@@ -904,7 +922,7 @@ def register_rigid(
         for attempt in range(passes):
             region = _overlap_mask(fixed, mask, moving, [current], settings.fov_margin_mm)
             r = _level_method(settings, fixed, region, shrink, sigma, last=last, coarse=fine is not None,
-                              first_step=2.0 if attempt == 0 else RESTART_STEP_MM, scales=scales)
+                              first_step=_first_step(attempt, last and fine is not None), scales=scales)
             r.SetInitialTransform(current, inPlace=False)
             if points is not None and last:  # see COARSE_SETTLED_WINDOW
                 _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW, COARSE_LAST_SETTLED_MM)
