@@ -285,9 +285,10 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         # the last level starts from the middle level's result: a smaller first step
         assert optimiser == [(2.0, 200, 0.5)] * (levels - 1) + [(align.COARSE_LAST_FIRST_STEP_MM, 50, 0.5)]
         assert executed_bins == [64] * (levels - 1) + [align.COARSE_LAST_LEVEL_BINS]
-        # the last level stops once settled, read from ~300 body points; the first levels run to their own stop
-        assert [s[:2] for s in settled] == [(align.COARSE_SETTLED_WINDOW, align.COARSE_LAST_SETTLED_MM)]
-        assert 250 <= settled[0][2] <= 350, settled
+        # every level stops once settled, read from ~300 body points (the last level at a smaller distance)
+        window = align.COARSE_SETTLED_WINDOW
+        assert [s[:2] for s in settled] == [(window, align.COARSE_SETTLED_MM)] * (levels - 1) + [(window, align.COARSE_LAST_SETTLED_MM)]
+        assert all(250 <= s[2] <= 350 for s in settled), settled
         last_points = align.COARSE_LAST_LEVEL_POINTS
     else:
         # the last level twice: the second pass from the first's result with a smaller first step
@@ -390,8 +391,9 @@ def test_coarse_level_stops_once_the_body_points_have_settled(steps, stops_after
 @pytest.mark.parametrize("name,key", [("LAST_LEVEL_PASSES", "last_level_passes"), ("RESTART_STEP_MM", "restart_step_mm"),
                                       ("COARSE_LAST_LEVEL_BINS", "coarse_pet_last_level_bins"),
                                       ("COARSE_LAST_LEVEL_POINTS", "coarse_pet_last_level_points"),
-                                      ("COARSE_SETTLED_WINDOW", "coarse_pet_last_level_settled"),
-                                      ("COARSE_LAST_SETTLED_MM", "coarse_pet_last_level_settled"),
+                                      ("COARSE_SETTLED_WINDOW", "coarse_pet_settled"),
+                                      ("COARSE_SETTLED_MM", "coarse_pet_settled"),
+                                      ("COARSE_LAST_SETTLED_MM", "coarse_pet_settled"),
                                       ("COARSE_LAST_FIRST_STEP_MM", "coarse_pet_last_level_first_step_mm")])
 def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
     """The last level's second pass and the coarse path's last-level bins, samples, settled rule and first step are part of

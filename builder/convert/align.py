@@ -103,7 +103,7 @@ MIN_MASK_VOXELS = 1000
 #   started from the truth, the independent generator's GGVL over 6 sample seeds 0.64 -> 0.46 mm).
 # Upsampling every level instead met the accuracy but the first level then ran to 130-200
 # iterations on an 8x larger image (up to 1.98x the time); here only the last level reads it.
-COARSE_PET_RECIPE = "physical-smoothing+upsampled-last-level+last-level-iteration-cap+last-level-settled-stop"
+COARSE_PET_RECIPE = "physical-smoothing+upsampled-last-level+last-level-iteration-cap+settled-stop"
 # Iterations of the coarse path's last level, the one on the upsampled PET (issue 20's time bound:
 # 1.5x the previous recipe per exam). Along the body's axis the metric is flat: once reversals in the
 # stiff rotations have halved the regular step to ~0.002 mm, the optimiser can crawl along z at that
@@ -143,9 +143,14 @@ COARSE_LAST_LEVEL_POINTS = 200_000
 # larger minimum step (0.01 mm at the last level: 43ZR 0.44 -> 0.57), a 0.5 mm first step at the last level
 # (EX0001 0.61, 43ZR 0.74), the moving image's gradient filter (43ZR 0.58), L-BFGS-B (ignores the scales; no
 # faster), fitting only the translation at the last level (43ZR 1.31 mm), a 6-iteration window (no faster).
-# (Measured with the optimiser scaled from the image's corners; with the body's lever arms, _body_scales,
-# the 104 coarse exams end at 0.02-0.45 mm and 1.05x the previous recipe's CPU in total.)
+# (Measured with the optimiser scaled from the image's corners.) With the body's lever arms (_body_scales) the
+# first levels take the rule too, at COARSE_SETTLED_MM: they still crawled, independent X2S8 of seed 555123
+# 151 iterations at the middle level (2.3 s, 1.54x the previous recipe over 3 runs), project EX0003 of 8088
+# 103 at the first (1.50x); with the rule 37 and 38 iterations (1.4 and 3.2 s) at the same error (0.15 ->
+# 0.16, 0.13 -> 0.14 mm), and the exams that had changed basin stay: the suite's EX0002 0.44 mm (0.43 without),
+# EX0001 of 8088 0.11, 43ZR 0.16.
 COARSE_SETTLED_WINDOW = 10
+COARSE_SETTLED_MM = 0.1
 COARSE_LAST_SETTLED_MM = 0.08
 # First step of the coarse path's last level, which starts from the middle level's result (the other levels
 # start at 2 mm). On the independent generator's small exams the sampling region is ~150-260 k voxels, so the
@@ -260,7 +265,7 @@ class AlignSettings:
             "coarse_pet_max_iterations": COARSE_MAX_ITERATIONS,
             "coarse_pet_last_level_bins": COARSE_LAST_LEVEL_BINS,
             "coarse_pet_last_level_points": COARSE_LAST_LEVEL_POINTS,
-            "coarse_pet_last_level_settled": [COARSE_SETTLED_WINDOW, COARSE_LAST_SETTLED_MM],
+            "coarse_pet_settled": [COARSE_SETTLED_WINDOW, COARSE_SETTLED_MM, COARSE_LAST_SETTLED_MM],
             "coarse_pet_last_level_first_step_mm": COARSE_LAST_FIRST_STEP_MM,
             "last_level_passes": LAST_LEVEL_PASSES,
             "restart_step_mm": RESTART_STEP_MM,
@@ -924,8 +929,9 @@ def register_rigid(
             r = _level_method(settings, fixed, region, shrink, sigma, last=last, coarse=fine is not None,
                               first_step=_first_step(attempt, last and fine is not None), scales=scales)
             r.SetInitialTransform(current, inPlace=False)
-            if points is not None and last:  # see COARSE_SETTLED_WINDOW
-                _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW, COARSE_LAST_SETTLED_MM)
+            if points is not None:  # see COARSE_SETTLED_WINDOW
+                settled_mm = COARSE_LAST_SETTLED_MM if last else COARSE_SETTLED_MM
+                _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW, settled_mm)
             out = r.Execute(fixed, fine if fine is not None and last else moving)
             iterations.append(r.GetOptimizerIteration())
             logger.debug("rigid level %d pass %d: %s after %d iterations", level, attempt, r.GetOptimizerStopConditionDescription(), iterations[-1])
