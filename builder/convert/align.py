@@ -128,9 +128,9 @@ COARSE_LAST_LEVEL_BINS = 128
 # the flat optimum was met (independent 43ZR of seed 161803: 0.62 mm with 100 k, 0.44 mm with 200 k;
 # 6MVM 0.53 -> 0.38, project EX0001 of seed 8088 0.57 -> 0.21). At most the sampling region's voxels.
 COARSE_LAST_LEVEL_POINTS = 200_000
-# The coarse path's last level (on the upsampled PET) stops once the transform has settled (issue 20's time
-# bound, 1.5x the previous recipe per exam): once ~300 body points moved on average less than
-# COARSE_LAST_SETTLED_MM over the last COARSE_SETTLED_WINDOW iterations. The regular-step optimiser halves its
+# The coarse path's levels stop once the transform has settled (issue 20's time bound, 1.5x the previous
+# recipe per exam): once ~300 body points moved on average less than COARSE_SETTLED_MM (the last level, on
+# the upsampled PET: COARSE_LAST_SETTLED_MM) over the last COARSE_SETTLED_WINDOW iterations. The regular-step optimiser halves its
 # step at each reversal of the gradient, and the stiff rotations reverse every other iteration, so within ~20
 # iterations its step is a few micrometres; it then walks the metric's flat directions (a rotation coupled
 # with a shift, the body's axis) at that step to the iteration cap, each iteration of this level costing
