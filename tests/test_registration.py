@@ -283,8 +283,7 @@ def test_keep_or_reject_metric_has_its_optimum_at_the_truth(foreign_medium) -> N
         fixed, moving, mask = align._registration_images(ct, pet, body, settings.registration_spacing_mm)
         assert np.prod(fixed.GetSize()) > align.EVALUATION_MAX_VOXELS  # the coarser grid is the one tested
         true = np.asarray(truth["misalignment"]["ct_to_pet_lps"], float)
-        identity = sitk.Euler3DTransform()
-        identity.SetCenter(tuple(float(c) for c in align._bbox_corners(fixed, None).mean(0)))
+        identity = align._scanner_alignment(fixed)
         region = align._overlap_mask(fixed, mask, moving, [identity, _affine(true)], settings.fov_margin_mm)
         evaluate = align._evaluator(settings, fixed, moving, region)
         at_truth, at_scanner = evaluate(_affine(true)), evaluate(identity)

@@ -130,25 +130,21 @@ COARSE_LAST_LEVEL_BINS = 128
 COARSE_LAST_LEVEL_POINTS = 200_000
 # The coarse path's levels stop once the transform has settled (issue 20's time bound, 1.5x the previous
 # recipe per exam): once ~300 body points moved on average less than COARSE_SETTLED_MM (the last level, on
-# the upsampled PET: COARSE_LAST_SETTLED_MM) over the last COARSE_SETTLED_WINDOW iterations. The regular-step optimiser halves its
-# step at each reversal of the gradient, and the stiff rotations reverse every other iteration, so within ~20
-# iterations its step is a few micrometres; it then walks the metric's flat directions (a rotation coupled
-# with a shift, the body's axis) at that step to the iteration cap, each iteration of this level costing
-# ~55 ms (200 k samples): independent 5YHE of seed 271828 ran 50 there (2.85 s; the previous recipe 1.32 s in
-# all). The first levels keep running to their own stop: the same rule there (0.1 mm) was faster still (78
-# exams at 1.10x the previous recipe's CPU, 1 over 1.5x) but left some exams in another basin, the suite's
-# project EX0002 of seed 31 (PET 8 mm, 8 mm PSF, short field of view) at 1.07 mm instead of 0.72 with its
-# first level stopped at 85 iterations; stopped at the middle level only, project EX0001 of seed 8088 ended
-# at 0.60 mm and independent 43ZR of 161803 at 0.59 (benchmarks/results/registration.md). Also not kept: a
-# larger minimum step (0.01 mm at the last level: 43ZR 0.44 -> 0.57), a 0.5 mm first step at the last level
-# (EX0001 0.61, 43ZR 0.74), the moving image's gradient filter (43ZR 0.58), L-BFGS-B (ignores the scales; no
-# faster), fitting only the translation at the last level (43ZR 1.31 mm), a 6-iteration window (no faster).
-# (Measured with the optimiser scaled from the image's corners.) With the body's lever arms (_body_scales) the
-# first levels take the rule too, at COARSE_SETTLED_MM: they still crawled, independent X2S8 of seed 555123
-# 151 iterations at the middle level (2.3 s, 1.54x the previous recipe over 3 runs), project EX0003 of 8088
-# 103 at the first (1.50x); with the rule 37 and 38 iterations (1.4 and 3.2 s) at the same error (0.15 ->
-# 0.16, 0.13 -> 0.14 mm), and the exams that had changed basin stay: the suite's EX0002 0.44 mm (0.43 without),
-# EX0001 of 8088 0.11, 43ZR 0.16.
+# the upsampled PET: COARSE_LAST_SETTLED_MM) over the last COARSE_SETTLED_WINDOW iterations. The regular-step
+# optimiser halves its step at each reversal of the gradient, and the stiff rotations reverse every other
+# iteration, so within ~20 iterations its step is a few micrometres; it then walks the metric's flat directions
+# (a rotation coupled with a shift, the body's axis) at that step to the iteration cap, each iteration of the
+# last level costing ~55 ms (200 k samples): independent 5YHE of seed 271828 ran 50 there (2.85 s; the previous
+# recipe 1.32 s in all). The first levels crawl too: independent X2S8 of seed 555123 ran 151 iterations at its
+# middle level (2.3 s, 1.54x the previous recipe over 3 runs), project EX0003 of 8088 103 at its first (1.50x);
+# with the rule 37 and 38 (1.4 and 3.2 s) at the same error (0.15 -> 0.16, 0.13 -> 0.14 mm).
+# With the optimiser scaled from the image's corners (before _body_scales) the rule at the first levels had
+# left some exams in another basin (the suite's project EX0002 of seed 31 at 1.07 mm instead of 0.72; at the
+# middle level only, project EX0001 of 8088 0.60 mm, 43ZR of 161803 0.59), so only the last level took it;
+# with the body's lever arms they stay (EX0002 0.44 mm, 0.43 without the rule there; EX0001 0.11, 43ZR 0.16).
+# Not kept (corner scales): a larger minimum step (0.01 mm at the last level: 43ZR 0.44 -> 0.57), the moving
+# image's gradient filter (43ZR 0.58), L-BFGS-B (ignores the scales; no faster), fitting only the translation
+# at the last level (43ZR 1.31 mm), a 6-iteration window (no faster).
 COARSE_SETTLED_WINDOW = 10
 COARSE_SETTLED_MM = 0.1
 COARSE_LAST_SETTLED_MM = 0.08
@@ -884,8 +880,8 @@ def _stop_when_settled(
 
 
 def _first_step(attempt: int, coarse_last: bool) -> float:
-    """The optimiser's first step (mm) at a level: 2 mm, less where the level starts from a result at its own
-    scale (RESTART_STEP_MM for the second pass, COARSE_LAST_FIRST_STEP_MM on the coarse path's last level)."""
+    """The optimiser's first step (mm) at a level: 2 mm, less where the level starts from a result already near
+    its optimum (RESTART_STEP_MM for the second pass, COARSE_LAST_FIRST_STEP_MM on the coarse path's last level)."""
     if attempt:
         return RESTART_STEP_MM
     return COARSE_LAST_FIRST_STEP_MM if coarse_last else 2.0
@@ -1059,6 +1055,13 @@ def align_pet(
     return AlignResult(pet_on_ct=pet_on_ct, transform=transform, record=record, timings_s=timings)
 
 
+def _scanner_alignment(fixed: sitk.Image) -> sitk.Euler3DTransform:
+    """The scanner's own alignment as the keep-or-reject metric scores it: the identity, centred on ``fixed``."""
+    identity = sitk.Euler3DTransform()
+    identity.SetCenter(tuple(float(c) for c in _bbox_corners(fixed, None).mean(0)))
+    return identity
+
+
 def _register(
     ct: sitk.Image, pet_suv: sitk.Image, body: sitk.Image | None, settings: AlignSettings, record: dict,
     timings: dict[str, float],
@@ -1067,8 +1070,7 @@ def _register(
     where it improves the metric over the scanner's alignment; the metrics go into ``record``."""
     t0 = time.perf_counter()
     fixed, moving, mask = _registration_images(ct, pet_suv, body, settings.registration_spacing_mm)
-    identity = sitk.Euler3DTransform()
-    identity.SetCenter(tuple(float(c) for c in _bbox_corners(fixed, None).mean(0)))
+    identity = _scanner_alignment(fixed)
     timings["register_prepare"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rigid = register_rigid(fixed, moving, mask, settings=settings)
