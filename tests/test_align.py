@@ -208,8 +208,7 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
     4 mm PET (ratio 1.33, under UPSAMPLE_MIN_RATIO) is never upsampled and its levels smooth in voxels.
     On the coarse path the last level stops at COARSE_MAX_ITERATIONS (50), the others at the settings'
     200, and starts with a COARSE_LAST_FIRST_STEP_MM first step (the others 2 mm), and its metric uses COARSE_LAST_LEVEL_BINS histogram bins and COARSE_LAST_LEVEL_POINTS samples (the others the
-    settings' 64 bins and 100 k samples); the 4 mm path keeps 200 at every level and runs its last level a second time from the first's
-    result, with a RESTART_STEP_MM first step (LAST_LEVEL_PASSES).
+    settings' 64 bins and 100 k samples); the 4 mm path keeps 200 at every level, each run once from a 2 mm first step.
     Either way the known misalignment is recovered and the result is the same run to run."""
     m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
     n = int(round(336 / pet_mm))
@@ -291,13 +290,13 @@ def test_coarse_pet_registers_its_last_level_on_the_upsampled_pet(ct, monkeypatc
         assert all(250 <= s[2] <= 350 for s in settled), settled
         last_points = align.COARSE_LAST_LEVEL_POINTS
     else:
-        # the last level twice: the second pass from the first's result with a smaller first step
-        assert upsampled == [] and executed == [native] * (levels + 1) and physical == []
-        assert optimiser == [(2.0, 200, 0.5)] * levels + [(align.RESTART_STEP_MM, 200, 0.5)]
-        assert executed_bins == [64] * (levels + 1)
+        # each level once, from a 2 mm first step
+        assert upsampled == [] and executed == [native] * levels and physical == []
+        assert optimiser == [(2.0, 200, 0.5)] * levels
+        assert executed_bins == [64] * levels
         assert settled == []  # the 4 mm path runs each level to its optimiser's own stop
         last_points = AlignSettings().final_sampling_points
-    # every level, every pass: the body's lever arms about the rotation centre (_body_scales)
+    # every level: the body's lever arms about the rotation centre (_body_scales)
     body = align._body_scales(fixed, sitk.GetArrayViewFromImage(mask), found.GetCenter())
     assert len(scales) == len(executed) and all(v == body for v in scales), (scales, body)
     fraction, voxels = executed_sampling[-1]  # the last level samples last_points of its region's voxels
@@ -388,36 +387,19 @@ def test_coarse_level_stops_once_the_body_points_have_settled(steps, stops_after
     assert walk.run() == (stops_after or len(steps)) and walk.stopped == (stops_after is not None)
 
 
-@pytest.mark.parametrize("name,key", [("LAST_LEVEL_PASSES", "last_level_passes"), ("RESTART_STEP_MM", "restart_step_mm"),
-                                      ("COARSE_LAST_LEVEL_BINS", "coarse_pet_last_level_bins"),
+@pytest.mark.parametrize("name,key", [("COARSE_LAST_LEVEL_BINS", "coarse_pet_last_level_bins"),
                                       ("COARSE_LAST_LEVEL_POINTS", "coarse_pet_last_level_points"),
                                       ("COARSE_SETTLED_WINDOW", "coarse_pet_settled"),
                                       ("COARSE_SETTLED_MM", "coarse_pet_settled"),
                                       ("COARSE_LAST_SETTLED_MM", "coarse_pet_settled"),
                                       ("COARSE_LAST_FIRST_STEP_MM", "coarse_pet_last_level_first_step_mm")])
-def test_last_level_restart_enters_the_settings_record(monkeypatch, name, key) -> None:
-    """The last level's second pass and the coarse path's last-level bins, samples, settled rule and first step are part of
+def test_coarse_recipe_enters_the_settings_record(monkeypatch, name, key) -> None:
+    """The coarse path's last-level bins, samples, settled rule and first step are part of
     the recipe the settings hash covers."""
     before = AlignSettings().to_dict()
     monkeypatch.setattr(align, name, getattr(align, name) * 2)
     after = AlignSettings().to_dict()
     assert {k for k in before if before[k] != after[k]} == {key}
-
-
-@pytest.mark.parametrize("order", ["truth-first", "truth-second"])
-def test_last_level_keeps_the_pass_with_the_lower_full_metric(ct, order) -> None:
-    """Of the last level's two passes, the one nearer the truth (lower Mattes MI over every voxel of the
-    region) is kept, whichever pass found it; a 0.5 degree rotation about z and 0.5 mm along z
-    (what the first pass was seen to stop short by) is told apart."""
-    m = align.transform_matrix(euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0)))
-    pet = make_pet(m)
-    fixed, moving, mask = align._registration_images(ct, pet, body_image(ct), align.REGISTRATION_SPACING_MM)
-    truth = euler((1.0, -1.0, 1.5), (5.0, -3.0, 4.0))
-    off = euler((1.0, -1.0, 2.0), (5.0, -3.0, 4.5))
-    region = align._overlap_mask(fixed, mask, moving, [truth], align.FOV_MARGIN_MM)
-    pair = (truth, off) if order == "truth-first" else (off, truth)
-    kept = align._lower_metric(AlignSettings(), fixed, moving, region, *pair)
-    assert kept is pair[0 if order == "truth-first" else 1]
 
 
 def test_deformable_on_records_bspline_and_never_worsens(ct) -> None:

@@ -157,21 +157,15 @@ COARSE_LAST_SETTLED_MM = 0.08
 # 0.11, the suite's EX0002 0.43). 0.25 mm did as well within noise. With the corner-based scales a
 # 0.5 mm first step had moved exams into other basins (EX0001 0.61, 43ZR 0.74 mm).
 COARSE_LAST_FIRST_STEP_MM = 0.5
-# Realistic and scanner grids (the path without a coarse PET): the last level runs twice, the second time
-# from the first's result with a first step of RESTART_STEP_MM instead of 2 mm (issue 20). The regular-step
-# optimiser halves its step at every reversal of the gradient; in the body's stiff rotations that happens
-# every other iteration, so from 2 mm it reaches the minimum step within ~20 iterations, before the slow
-# rotation about the body's axis has converged. Measured on project EX0006 of seed 9046 (CT 2 x 3 mm, PET
-# 4 mm, short field of view): stopped 0.58 degrees short about z (0.74 mm mean TRE, though the metric was
-# lower at the truth); the second pass, 34 iterations, reached 0.37 mm. The optimiser reads the metric from
-# a grid of samples whose noise makes shallow optima: on project EX0002 of seed 7310 (scanner sizes) the
-# second pass went from 0.26 to 0.52 mm, to a point with a higher metric over every voxel. So the pass kept
-# is the one with the lower keep-or-reject metric (_lower_metric: every voxel of the region, on a 2x coarser
-# grid once the image is large). The coarse path does not take it:
-# there it moved project exams of seed 8088 by 0.2-0.3 mm the wrong way (EX0004 0.41 -> 0.68 mm) and cost
-# 1.3x (benchmarks/results/registration.md).
-LAST_LEVEL_PASSES = 2
-RESTART_STEP_MM = 0.25
+# Every level runs once. The realistic and scanner grids' last level used to run a second time, from the first
+# pass's result with a 0.25 mm first step, keeping the pass with the lower keep-or-reject metric: with
+# SimpleITK's scales from the image corners the regular step collapsed on the stiff rotations before the
+# rotation about the body's axis converged (project EX0006 of seed 9046 stopped 0.58 degrees short, 0.74 mm).
+# With the body's lever arms as scales (_body_scales) the second pass no longer changed the result: 33
+# realistic exams of both generators (seeds 90213, 5151, 9046 project, 90212 independent), one pass against
+# two in turns on the same images, mean TRE per cohort within 0.003 mm, at 0.68-0.80x the CPU time; it had
+# put "pet_2mm_short_fov" exams of the independent generator (PET 2 mm slices) at up to 1.54x the recipe
+# before issue 20 (JP5Z of seed 90318, 3 runs) (benchmarks/results/registration.md).
 
 
 class Deformable(str, enum.Enum):
@@ -263,8 +257,6 @@ class AlignSettings:
             "coarse_pet_last_level_points": COARSE_LAST_LEVEL_POINTS,
             "coarse_pet_settled": [COARSE_SETTLED_WINDOW, COARSE_SETTLED_MM, COARSE_LAST_SETTLED_MM],
             "coarse_pet_last_level_first_step_mm": COARSE_LAST_FIRST_STEP_MM,
-            "last_level_passes": LAST_LEVEL_PASSES,
-            "restart_step_mm": RESTART_STEP_MM,
             "interpolation": self.interpolation.value,
         }
 
@@ -879,11 +871,9 @@ def _stop_when_settled(
     r.AddCommand(sitk.sitkIterationEvent, check)
 
 
-def _first_step(attempt: int, coarse_last: bool) -> float:
-    """The optimiser's first step (mm) at a level: 2 mm, less where the level starts from a result already near
-    its optimum (RESTART_STEP_MM for the second pass, COARSE_LAST_FIRST_STEP_MM on the coarse path's last level)."""
-    if attempt:
-        return RESTART_STEP_MM
+def _first_step(coarse_last: bool) -> float:
+    """The optimiser's first step (mm) at a level: 2 mm, COARSE_LAST_FIRST_STEP_MM on the coarse path's last level,
+    which starts from a result already near its optimum."""
     return COARSE_LAST_FIRST_STEP_MM if coarse_last else 2.0
 
 
@@ -919,40 +909,22 @@ def register_rigid(
     iterations: list[int] = []
     for level, (shrink, sigma) in enumerate(levels):
         last = level == len(levels) - 1
-        passes = LAST_LEVEL_PASSES if last and fine is None else 1
-        for attempt in range(passes):
-            region = _overlap_mask(fixed, mask, moving, [current], settings.fov_margin_mm)
-            r = _level_method(settings, fixed, region, shrink, sigma, last=last, coarse=fine is not None,
-                              first_step=_first_step(attempt, last and fine is not None), scales=scales)
-            r.SetInitialTransform(current, inPlace=False)
-            if points is not None:  # see COARSE_SETTLED_WINDOW
-                settled_mm = COARSE_LAST_SETTLED_MM if last else COARSE_SETTLED_MM
-                _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW, settled_mm)
-            out = r.Execute(fixed, fine if fine is not None and last else moving)
-            iterations.append(r.GetOptimizerIteration())
-            logger.debug("rigid level %d pass %d: %s after %d iterations", level, attempt, r.GetOptimizerStopConditionDescription(), iterations[-1])
-            # Execute returns a CompositeTransform wrapping the Euler transform.
-            if isinstance(out, sitk.CompositeTransform):
-                out = out.GetNthTransform(0)
-            previous, current = current, sitk.Euler3DTransform(out)
-            if attempt:
-                current = _lower_metric(settings, fixed, moving, region, previous, current)
+        region = _overlap_mask(fixed, mask, moving, [current], settings.fov_margin_mm)
+        r = _level_method(settings, fixed, region, shrink, sigma, last=last, coarse=fine is not None,
+                          first_step=_first_step(last and fine is not None), scales=scales)
+        r.SetInitialTransform(current, inPlace=False)
+        if points is not None:  # see COARSE_SETTLED_WINDOW
+            settled_mm = COARSE_LAST_SETTLED_MM if last else COARSE_SETTLED_MM
+            _stop_when_settled(r, current.GetCenter(), points, COARSE_SETTLED_WINDOW, settled_mm)
+        out = r.Execute(fixed, fine if fine is not None and last else moving)
+        iterations.append(r.GetOptimizerIteration())
+        logger.debug("rigid level %d: %s after %d iterations", level, r.GetOptimizerStopConditionDescription(), iterations[-1])
+        # Execute returns a CompositeTransform wrapping the Euler transform.
+        if isinstance(out, sitk.CompositeTransform):
+            out = out.GetNthTransform(0)
+        current = sitk.Euler3DTransform(out)
     logger.debug("rigid registration iterations per level: %s", iterations)
     return current
-
-
-def _lower_metric(
-    settings: AlignSettings, fixed: sitk.Image, moving: sitk.Image, region: sitk.Image | None,
-    first: sitk.Euler3DTransform, second: sitk.Euler3DTransform,
-) -> sitk.Euler3DTransform:
-    """Of the last level's two passes, the one with the lower keep-or-reject metric (:func:`_evaluator`:
-    every voxel of ``region``, on a 2x coarser grid once large), ``first`` on a tie: the optimiser reads
-    its metric from a grid of samples, whose noise can leave the second pass in a nearby worse optimum
-    (see LAST_LEVEL_PASSES)."""
-    evaluate = _evaluator(settings, fixed, moving, region)
-    values = [evaluate(first), evaluate(second)]
-    logger.debug("last level: metric %.6f after the first pass, %.6f after the second", *values)
-    return second if values[1] < values[0] else first
 
 
 def register_bspline(
