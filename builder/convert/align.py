@@ -799,7 +799,7 @@ def _level_method(
     settings: AlignSettings, fixed: sitk.Image, region: sitk.Image | None, shrink: int, sigma: float, *,
     last: bool, coarse: bool, first_step: float, scales: list[float],
 ) -> sitk.ImageRegistrationMethod:
-    """The registration method of one rigid level (one pass): its samples and histogram bins (COARSE_LAST_LEVEL_BINS
+    """The registration method of one rigid level: its samples and histogram bins (COARSE_LAST_LEVEL_BINS
     and _POINTS at the coarse path's last level), smoothing (in millimetres on the coarse path, see
     COARSE_PET_RECIPE) and regular-step optimiser (capped on the coarse path's last level)."""
     if coarse and last:  # see COARSE_LAST_LEVEL_BINS
